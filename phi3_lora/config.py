@@ -1,0 +1,433 @@
+"""`RunConfig`: the single source of truth for every knob of a run.
+
+UI widgets, YAML keys and CLI flags map one-to-one onto the fields below. Field names
+follow the libraries they feed: `LoraSettings` uses peft's `LoraConfig` names,
+`TrainSettings` uses transformers' `TrainingArguments` / trl's `SFTConfig` names, so the
+Phi-3 cookbook's `training_config` / `peft_config` dicts load unchanged (`from_recipe`).
+
+Every field has a default and a `help` text (shown by `--help`, the UI and the YAML dump).
+Checks live in `__post_init__` and raise `UserError` with a message that says how to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from phi3_lora.errors import UserError
+
+Auto = Literal["auto"]
+BoolOrAuto = Union[bool, Auto]
+
+PRESET_NAMES = ("cookbook", "quick-cpu", "quality-gpu")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LORA_BIAS = ("none", "all", "lora_only")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+FUSED_SLICES = ("q", "k", "v", "gate", "up")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (our per-field docstring)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_auto_bool(value: Any, name: str) -> None:
+    _check(value == "auto" or isinstance(value, bool), f"{name} must be true, false or \"auto\"; got {value!r}.")
+
+
+@dataclass
+class ModelSettings:
+    """Which base model to load and how."""
+
+    name: str = _f("auto", "Base model: 'auto' (Phi-3-mini on a GPU with Hub access, else the embedded "
+                           "SmolLM2), a Hub id such as microsoft/Phi-3-mini-4k-instruct, a local folder, "
+                           "or 'embedded: SmolLM2-135M-Instruct'.")
+    load_in_4bit: bool = _f(True, "QLoRA: load the frozen base weights in 4-bit NF4 (about 4x less memory, "
+                                  "somewhat slower per step). False loads 16-bit weights (plain LoRA).")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 (QLoRA paper) or fp4.")
+    bnb_4bit_use_double_quant: bool = _f(True, "Quantise the 4-bit scales too (saves ~0.4 bit/param).")
+    dtype: str = _f("auto", "Compute dtype: auto (bfloat16 where supported, float16 on older GPUs, "
+                            "float32 on CPU), bfloat16, float16 or float32.")
+    attn_implementation: str = _f("auto", "Attention kernel: auto, sdpa, eager, flash_attention_2, flex_attention.")
+    chat_template: str | None = _f(None, "Path to a Jinja chat template with {% generation %} markers; "
+                                         "empty uses the model's training template.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name and self.name.strip()), "model.name is empty: give 'auto', a Hub id or a local folder.")
+        _check(self.bnb_4bit_quant_type in ("nf4", "fp4"),
+               f"model.bnb_4bit_quant_type must be nf4 or fp4; got {self.bnb_4bit_quant_type!r}.")
+        _check(self.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}.")
+        _check(self.attn_implementation in ATTENTION,
+               f"model.attn_implementation must be one of {', '.join(ATTENTION)}; got {self.attn_implementation!r}.")
+
+
+@dataclass
+class LoraSettings:
+    """The adapter: peft `LoraConfig` field names."""
+
+    r: int = _f(16, "LoRA rank. Trainable parameters grow linearly with it; 8-64 is usual.")
+    lora_alpha: float = _f(32, "LoRA scaling numerator (update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input, 0-0.5.")
+    target_modules: Union[str, list[str]] = _f(
+        "all-linear", "Layers to adapt: 'all-linear' or a list of module names from the model "
+                      "(Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj; Llama-style: q_proj, k_proj, "
+                      "v_proj, o_proj, gate_proj, up_proj, down_proj; embed_tokens for the embedding).")
+    fused_slices: list[str] = _f([], "Adapt only these slices of Phi-3's fused layers: any of q, k, v "
+                                     "(inside qkv_proj) and gate, up (inside gate_up_proj). Empty adapts "
+                                     "fused layers whole.")
+    bias: str = _f("none", "Which biases train: none, all, or lora_only.")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (better at low rank, ~1.5-2x slower step).")
+    use_rslora: bool = _f(False, "rsLoRA: scale by alpha/sqrt(r), which keeps high ranks stable.")
+    modules_to_save: list[str] | None = _f(None, "Modules trained in full and saved with the adapter "
+                                                 "(e.g. lm_head). Costs memory and adapter size.")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.r, int) and 1 <= self.r <= 1024, f"lora.r must be an integer 1-1024; got {self.r!r}.")
+        _check(self.lora_alpha > 0, f"lora.lora_alpha must be positive; got {self.lora_alpha!r}.")
+        _check(0 <= self.lora_dropout < 1, f"lora.lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
+        _check(self.bias in LORA_BIAS, f"lora.bias must be one of {', '.join(LORA_BIAS)}; got {self.bias!r}.")
+        if isinstance(self.target_modules, str):
+            _check(bool(self.target_modules.strip()), "lora.target_modules is empty: use 'all-linear' or list names.")
+            if self.target_modules != "all-linear":
+                self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        else:
+            _check(len(self.target_modules) > 0,
+                   "lora.target_modules is an empty list: pick at least one layer or use 'all-linear'.")
+        bad = [s for s in self.fused_slices if s not in FUSED_SLICES]
+        _check(not bad, f"lora.fused_slices has unknown slice(s) {bad}; choose from {', '.join(FUSED_SLICES)}.")
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation: transformers `TrainingArguments` / trl `SFTConfig` field names."""
+
+    learning_rate: float = _f(2e-4, "Peak learning rate. LoRA usually wants 1e-4 to 3e-4.")
+    num_train_epochs: float = _f(1.0, "Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimiser steps; -1 uses num_train_epochs.")
+    per_device_train_batch_size: int = _f(4, "Rows per device per step.")
+    per_device_eval_batch_size: int = _f(4, "Rows per device per eval step.")
+    gradient_accumulation_steps: int = _f(1, "Steps whose gradients add up before one optimiser update.")
+    gradient_checkpointing: BoolOrAuto = _f("auto", "Recompute activations in the backward pass: ~30% slower, "
+                                                    "much less memory. auto turns it on only when the memory "
+                                                    "budget needs it.")
+    max_length: int = _f(2048, "Tokens per conversation; longer ones are truncated (and counted).")
+    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    optim: str = _f("auto", "Optimizer: auto (fused AdamW on GPU, AdamW on CPU) or any TrainingArguments.optim.")
+    seed: int = _f(42, "Random seed for the split, the LoRA init and data order.")
+    logging_steps: int = _f(1, "Log loss every N steps.")
+    eval_steps: int | None = _f(None, "Evaluate every N steps; empty evaluates once at the end.")
+    save_steps: int = _f(50, "Write a checkpoint every N steps (what Resume continues from).")
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints per run.")
+    assistant_only_loss: bool = _f(True, "Train only on assistant tokens (system and user turns are masked).")
+    packing: BoolOrAuto = _f("auto", "Pack rows into full sequences without padding (padding-free). auto: on "
+                                     "for CUDA, off on CPU.")
+    use_liger_kernel: BoolOrAuto = _f("auto", "Liger Triton kernels (fused RMSNorm/RoPE/SwiGLU/cross-entropy). "
+                                              "auto: on when installed and on CUDA.")
+    memory_budget_gb: float | None = _f(None, "GPU memory the run may use; empty means the whole GPU. Drives "
+                                              "the automatic choices above.")
+    num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.learning_rate < 1, f"train.learning_rate must be in (0, 1); got {self.learning_rate!r}.")
+        _check(self.num_train_epochs > 0 or self.max_steps > 0,
+               "Set train.num_train_epochs > 0 or train.max_steps > 0: the run would train for zero steps.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"train.{name} must be a whole number >= 1; got {value!r}.")
+        _check(isinstance(self.max_length, int) and 16 <= self.max_length <= 131072,
+               f"train.max_length must be 16-131072 tokens; got {self.max_length!r}.")
+        _check(self.lr_scheduler_type in SCHEDULERS,
+               f"train.lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler_type!r}.")
+        _check(0 <= self.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}.")
+        _check(self.eval_steps is None or self.eval_steps >= 1,
+               f"train.eval_steps must be empty or >= 1; got {self.eval_steps!r}.")
+        _check(self.max_grad_norm > 0, f"train.max_grad_norm must be positive; got {self.max_grad_norm!r}.")
+        for name in ("gradient_checkpointing", "packing", "use_liger_kernel"):
+            _check_auto_bool(getattr(self, name), f"train.{name}")
+        _check(self.memory_budget_gb is None or self.memory_budget_gb > 0,
+               f"train.memory_budget_gb must be empty or positive; got {self.memory_budget_gb!r}.")
+        _check(self.num_processes == "auto" or (isinstance(self.num_processes, int) and self.num_processes >= 1),
+               f"train.num_processes must be 'auto' or >= 1; got {self.num_processes!r}.")
+
+
+@dataclass
+class DataSettings:
+    """Where the conversations come from and how they are read."""
+
+    source: str = _f("", "A .jsonl/.json/.csv/.parquet file, or a Hub dataset id (user/name).")
+    format: str = _f("auto", "Row format: auto, messages (OpenAI), sharegpt, alpaca or prompt_completion.")
+    mapping: dict[str, str] = _f({}, "Column mapping for non-standard names, e.g. {messages: dialog} or "
+                                     "{prompt: question, completion: answer}; role names too, e.g. "
+                                     "{role.human: user}.")
+    hub_split: str = _f("train", "Split to read from a Hub dataset.")
+    eval_fraction: float = _f(0.1, "Share of rows held out for eval loss and the Compare tab's examples.")
+    on_invalid: str = _f("drop", "Bad rows: drop (and report each) or refuse (stop on the first report).")
+    max_rows: int | None = _f(None, "Use at most this many rows (after validation); empty uses all.")
+
+    def __post_init__(self) -> None:
+        _check(self.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}; got {self.format!r}.")
+        _check(0 <= self.eval_fraction < 0.9, f"data.eval_fraction must be in [0, 0.9); got {self.eval_fraction!r}.")
+        _check(self.on_invalid in ("drop", "refuse"), f"data.on_invalid must be drop or refuse; got {self.on_invalid!r}.")
+        _check(self.max_rows is None or self.max_rows >= 1, f"data.max_rows must be empty or >= 1; got {self.max_rows!r}.")
+
+
+SECTIONS: dict[str, type] = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
+                             "data": DataSettings}
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run: model, adapter, optimisation and data."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+    def replace(self, **sections: dict[str, Any]) -> "RunConfig":
+        """A copy with some fields changed: `cfg.replace(train={"max_steps": 10})`."""
+        data = self.to_dict()
+        for section, values in sections.items():
+            if section == "preset":
+                data["preset"] = values
+                continue
+            if section not in SECTIONS:
+                raise UserError(f"Unknown config section {section!r}; use one of {', '.join(SECTIONS)}.")
+            data[section].update(values)
+        return from_dict(data)
+
+
+def help_text(cls: type, name: str) -> str:
+    """The per-field docstring of `cls.name`."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)
+
+
+def from_dict(data: dict[str, Any] | None) -> RunConfig:
+    """Build a `RunConfig` from nested dicts (YAML); unknown keys are an error that names them."""
+    data = dict(data or {})
+    preset = data.pop("preset", None)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"Unknown config section(s) {unknown}; a config has {', '.join(SECTIONS)} (and preset).")
+    built: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        values = data.get(section) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"Config section {section!r} must be a mapping of field: value; got {values!r}.")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(values) - known)
+        if bad:
+            raise UserError(f"Unknown field(s) {bad} in {section!r}; valid fields: {', '.join(sorted(known))}.")
+        try:
+            built[section] = cls(**_coerce(cls, values))
+        except TypeError as exc:  # wrong value types that dataclasses cannot take
+            raise UserError(f"Bad value in {section!r}: {exc}.") from None
+    return RunConfig(**built, preset=preset)
+
+
+def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML and form values arrive as strings or floats; turn them into the field's type."""
+    out: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(cls)}
+    for key, value in values.items():
+        t = str(types[key])
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null") and "None" in t:
+            value = None
+        elif isinstance(value, str) and ("Auto" in t or "bool" in t) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        elif isinstance(value, str) and t.startswith("int") and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        elif isinstance(value, str) and t.startswith("float"):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{cls.__name__}.{key} must be a number; got {value!r}.") from None
+        elif isinstance(value, float) and t.startswith("int") and value.is_integer():
+            value = int(value)
+        elif isinstance(value, float) and "int" in t and "float" not in t and "Auto" in t and value.is_integer():
+            value = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and t.startswith("float"):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def dump_yaml(config: RunConfig) -> str:
+    """YAML with a comment line per field saying what it does (torchtune-style)."""
+    lines = ["# phi3_lora run config. Every key is documented; `python -m phi3_lora train --config FILE`."]
+    if config.preset:
+        lines.append(f"preset: {config.preset}")
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        obj = getattr(config, section)
+        for f in fields(cls):
+            value = yaml.safe_dump({f.name: getattr(obj, f.name)}, default_flow_style=True, width=10_000,
+                                   sort_keys=False).strip()[1:-1]
+            lines.append(f"  # {f.metadata.get('help', '')}")
+            lines.append(f"  {value}")
+    return "\n".join(lines) + "\n"
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist.", hint="Check the path, or write one with "
+                        "`python -m phi3_lora train --print-config > run.yaml`.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping with model/lora/train/data sections.")
+    return from_dict(data)
+
+
+def save_yaml(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(dump_yaml(config), encoding="utf-8")
+
+
+# --- presets -----------------------------------------------------------------------------------
+
+COOKBOOK_WARNING = ("The cookbook's learning rate 5e-6 is low for LoRA (it is a full-fine-tuning value): "
+                    "expect little change in a short run; 1e-4 to 2e-4 is usual for LoRA.")
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Phi-3-mini model card, sample_finetune.py (training_config / peft_config), max_seq_length 2048.
+    "cookbook": {
+        "model": {"load_in_4bit": True},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "bias": "none", "target_modules": "all-linear",
+                 "modules_to_save": None, "fused_slices": []},
+        "train": {"learning_rate": 5e-6, "lr_scheduler_type": "cosine", "warmup_ratio": 0.2, "num_train_epochs": 1,
+                  "max_steps": -1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "gradient_checkpointing": True, "max_length": 2048, "seed": 0,
+                  "logging_steps": 20, "save_steps": 100, "save_total_limit": 1},
+    },
+    # A few minutes on a 2-core CPU with the embedded 135M model.
+    "quick-cpu": {
+        "model": {"name": "embedded: SmolLM2-135M-Instruct", "load_in_4bit": False},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"learning_rate": 1e-3, "lr_scheduler_type": "constant_with_warmup", "warmup_ratio": 0.05,
+                  "num_train_epochs": 3, "max_steps": -1, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "max_length": 256,
+                  "logging_steps": 1, "save_steps": 25, "save_total_limit": 2, "seed": 42},
+    },
+    # Phi-3-mini QLoRA on a 24 GB GPU: higher rank, a LoRA learning rate, packing.
+    "quality-gpu": {
+        "model": {"load_in_4bit": True},
+        "lora": {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "target_modules": "all-linear",
+                 "use_rslora": False},
+        "train": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "num_train_epochs": 2,
+                  "max_steps": -1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+                  "gradient_checkpointing": "auto", "max_length": 2048, "packing": "auto",
+                  "use_liger_kernel": "auto", "save_steps": 100, "save_total_limit": 2, "seed": 42},
+    },
+}
+
+
+def preset(name: str, base: RunConfig | None = None) -> RunConfig:
+    """`base` (or the defaults) with the named preset's values applied."""
+    if name not in PRESETS:
+        raise UserError(f"Unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}.")
+    cfg = (base or RunConfig()).replace(**PRESETS[name])
+    cfg.preset = name
+    return cfg
+
+
+def preset_warnings(config: RunConfig) -> list[str]:
+    """Advice about a config that is valid but probably not what the user wants."""
+    notes = []
+    if config.train.learning_rate <= 1e-5:
+        notes.append(COOKBOOK_WARNING if math.isclose(config.train.learning_rate, 5e-6)
+                     else f"learning_rate {config.train.learning_rate:g} is low for LoRA; 1e-4 to 2e-4 is usual.")
+    if config.lora.lora_alpha / config.lora.r > 8 and not config.lora.use_rslora:
+        notes.append("lora_alpha / r is above 8: updates are scaled up a lot; consider a lower alpha or rsLoRA.")
+    return notes
+
+
+# --- the Phi-3 cookbook's dicts ------------------------------------------------------------------
+
+# Keys of the recipe's dicts that have no effect here, and why; they are accepted and reported.
+_RECIPE_IGNORED = {
+    "bf16": "dtype is chosen from the hardware (model.dtype=auto)",
+    "fp16": "dtype is chosen from the hardware (model.dtype=auto)",
+    "do_eval": "eval runs when the data has an eval split (data.eval_fraction)",
+    "log_level": "the run log is always written",
+    "logging_strategy": "logging is by steps (train.logging_steps)",
+    "output_dir": "each run writes to runs/<id>/",
+    "overwrite_output_dir": "runs never overwrite each other",
+    "remove_unused_columns": "handled by the trainer",
+    "gradient_checkpointing_kwargs": "non-reentrant checkpointing is always used",
+    "task_type": "always CAUSAL_LM",
+    "save_strategy": "saving is by steps (train.save_steps)",
+    "eval_strategy": "eval is by steps (train.eval_steps)",
+    "evaluation_strategy": "eval is by steps (train.eval_steps)",
+    "report_to": "events go to runs/<id>/events.jsonl",
+}
+_RECIPE_RENAMED = {"max_seq_length": "max_length"}
+
+
+def from_recipe(training_config: dict[str, Any], peft_config: dict[str, Any], *,
+                max_seq_length: int | None = 2048, model: str | dict[str, Any] = "auto",
+                data: dict[str, Any] | None = None) -> tuple[RunConfig, list[str]]:
+    """Load the cookbook's `training_config` and `peft_config` dicts unchanged.
+
+    Returns the config and one note per recipe key that has no effect here (with why).
+    `max_seq_length` is the SFTTrainer argument of the recipe (2048 in sample_finetune.py).
+    """
+    train_names = {f.name for f in fields(TrainSettings)}
+    lora_names = {f.name for f in fields(LoraSettings)}
+    train: dict[str, Any] = {}
+    lora: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in training_config.items():
+        key = _RECIPE_RENAMED.get(key, key)
+        if key in train_names:
+            train[key] = value
+        elif key in _RECIPE_IGNORED:
+            notes.append(f"training_config[{key!r}] ignored: {_RECIPE_IGNORED[key]}.")
+        else:
+            raise UserError(f"training_config key {key!r} is not supported; supported keys: "
+                            f"{', '.join(sorted(train_names | set(_RECIPE_IGNORED)))}.")
+    for key, value in peft_config.items():
+        if key in lora_names:
+            lora[key] = value
+        elif key in _RECIPE_IGNORED:
+            notes.append(f"peft_config[{key!r}] ignored: {_RECIPE_IGNORED[key]}.")
+        else:
+            raise UserError(f"peft_config key {key!r} is not supported; supported keys: "
+                            f"{', '.join(sorted(lora_names | {'task_type'}))}.")
+    if max_seq_length is not None and "max_length" not in train:
+        train["max_length"] = max_seq_length
+    if "gradient_checkpointing" not in train:
+        train["gradient_checkpointing"] = False
+    model_section = {"name": model} if isinstance(model, str) else dict(model)
+    cfg = from_dict({"model": model_section, "lora": lora, "train": train, "data": data or {}})
+    return cfg, notes
