@@ -1,0 +1,146 @@
+"""The run's diary on disk: `runs/<id>/events.jsonl`, and the status read back from it.
+
+The training process appends one JSON object per line; the UI and CLI only read. Because
+state lives on disk, a closed tab, a second browser or a restarted app see the same run.
+
+Event types: start, log, eval, checkpoint, end (status finished|stopped), error (reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+PID_FILE = "pid"
+
+OOM_REASON = ("failed: out of memory. Lower per_device_train_batch_size or max_length, turn on "
+              "gradient_checkpointing, or enable QLoRA (model.load_in_4bit).")
+
+
+def append_event(run_dir: Path, type: str, **fields: Any) -> dict[str, Any]:
+    """Append one event; a single write() of one line so readers never see half an event."""
+    event = {"t": round(time.time(), 3), "type": type, **fields}
+    line = json.dumps(event, default=_jsonable) + "\n"
+    fd = os.open(Path(run_dir) / EVENTS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+    return event
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """All complete events; a torn last line (process killed mid-write) is skipped."""
+    path = Path(run_dir) / EVENTS_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) still answers kill(0).
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def read_pid(run_dir: Path) -> int | None:
+    try:
+        return int((Path(run_dir) / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class RunStatus:
+    """What a person needs to know about a run, derived from its events and its process."""
+
+    state: str  # queued | running | finished | stopped | failed | interrupted
+    reason: str = ""
+    step: int = 0
+    max_steps: int = 0
+    loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+    started: float | None = None
+    last_checkpoint: str | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+
+def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> RunStatus:
+    """Pure: fold the events into a status. A run whose process is gone without an end is interrupted."""
+    status = RunStatus(state="queued")
+    for ev in events:
+        kind = ev.get("type")
+        status.step = int(ev.get("step", status.step) or status.step)
+        status.max_steps = int(ev.get("max_steps", status.max_steps) or status.max_steps)
+        if kind == "start":
+            status.state, status.started = "running", ev.get("t")
+            status.reason = ""
+        elif kind == "log" and ev.get("loss") is not None:
+            status.loss = float(ev["loss"])
+            status.losses.append((status.step, status.loss))
+            status.tokens_per_second = ev.get("tokens_per_second", status.tokens_per_second)
+            status.eta_seconds = ev.get("eta_seconds")
+        elif kind == "eval" and ev.get("eval_loss") is not None:
+            status.eval_loss = float(ev["eval_loss"])
+            status.eval_losses.append((status.step, status.eval_loss))
+        elif kind == "checkpoint":
+            status.last_checkpoint = ev.get("path")
+        elif kind == "end":
+            status.state, status.eta_seconds = ev.get("status", "finished"), 0
+        elif kind == "error":
+            status.state, status.reason = "failed", ev.get("reason", "failed")
+        elif kind == "resume":
+            status.state = "queued"
+    if status.state in ("queued", "running") and not process_alive:
+        if events:
+            status.state = "interrupted"
+            status.reason = ("interrupted: the training process ended without finishing (killed, crashed or "
+                             "the machine restarted). Resume continues from the last checkpoint.")
+        else:
+            status.state = "failed"
+            status.reason = "failed: the training process exited before it started; see train.log."
+    return status
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    return status_from_events(read_events(run_dir), pid_alive(read_pid(run_dir)))

@@ -1,0 +1,259 @@
+"""Start, stop, resume and find training runs; each run is its own process.
+
+Training never runs inside the app: `start_run` launches the same CLI a user runs
+(`python -m phi3_lora train --config runs/<id>/config.yaml --run-dir runs/<id>`) in a new
+process session, so Stop can end the whole process group, an OOM or crash leaves the app up,
+and the run outlives a closed tab or a restarted app. All state is on disk:
+
+    runs/.active.json   {"run_id", "pid"} of the one run allowed per machine
+    runs/<id>/pid       the training process (group leader)
+    runs/<id>/train.log its stdout + stderr
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from phi3_lora import events
+from phi3_lora.config import RunConfig, load_yaml, save_yaml
+from phi3_lora.errors import UserError
+
+ACTIVE = ".active.json"
+LOCK = ".lock"
+LOG = "train.log"
+STOP_GRACE_SECONDS = 20.0
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    run_dir: Path
+    status: events.RunStatus
+    model: str
+    created: float
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("PHI3_LORA_RUNS", "runs")).resolve()
+
+
+@contextmanager
+def _locked(runs_dir: Path) -> Iterator[None]:
+    """Serialise check-and-start across threads and processes (five Start clicks at once)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(runs_dir / LOCK, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def active_run(runs_dir: Path) -> str | None:
+    """The run id whose process is alive, or None (a stale record is ignored)."""
+    try:
+        record = json.loads((Path(runs_dir) / ACTIVE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("run_id") if events.pid_alive(record.get("pid")) else None
+
+
+def _busy_error(runs_dir: Path, run_id: str) -> UserError:
+    st = events.run_status(Path(runs_dir) / run_id)
+    where = f" at step {st.step}/{st.max_steps}" if st.max_steps else ""
+    return UserError(f"A training run is already going on this machine: {run_id}{where}.",
+                     hint="Wait for it to finish or press Stop on it; one run trains at a time.")
+
+
+def new_run_id(config: RunConfig, now: float | None = None) -> str:
+    """Sortable and readable: 20261128-171502-smollm2-135m-instruct."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now or time.time()))
+    slug = re.sub(r"[^a-z0-9]+", "-", config.model.name.split("/")[-1].split(":")[-1].lower()).strip("-")[:32]
+    return f"{stamp}-{slug or 'run'}"
+
+
+def train_command(config_path: Path, run_dir: Path, resume: bool, num_processes: int = 1) -> list[str]:
+    """The child's argv: the CLI, or `accelerate launch` of it when several GPUs train."""
+    tail = ["-m", "phi3_lora", "train", "--config", str(config_path), "--run-dir", str(run_dir)]
+    if resume:
+        tail.append("--resume")
+    if num_processes > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+                "--multi_gpu", *tail]
+    return [sys.executable, *tail]
+
+
+def check_disk(runs_dir: Path, need_bytes: int) -> None:
+    free = shutil.disk_usage(runs_dir).free
+    if free < need_bytes:
+        raise UserError(f"Only {free / 2**30:.1f} GiB free on the disk holding {runs_dir}; this run's checkpoints "
+                        f"need about {need_bytes / 2**30:.1f} GiB.",
+                        hint="Free some space (delete old runs) or lower train.save_total_limit.")
+
+
+def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: int = 256 * 2**20,
+              check_data: bool = True) -> str:
+    """Validate, then launch a run in the background; returns its id. Busy machine -> UserError."""
+    runs_dir = Path(runs_dir or default_runs_dir())
+    if check_data:
+        from phi3_lora import data
+
+        data.load_data(config.data)  # bad data is refused here, before any process starts
+    with _locked(runs_dir):
+        busy = active_run(runs_dir)
+        if busy:
+            raise _busy_error(runs_dir, busy)
+        check_disk(runs_dir, need_bytes)
+        run_id = new_run_id(config)
+        while (runs_dir / run_id).exists():
+            run_id += "-b"
+        run_dir = runs_dir / run_id
+        run_dir.mkdir(parents=True)
+        save_yaml(config, run_dir / "config.yaml")
+        _spawn(runs_dir, run_id, resume=False, num_processes=_num_processes(config))
+    return run_id
+
+
+def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
+    runs_dir = Path(runs_dir or default_runs_dir())
+    run_dir = _existing_run(runs_dir, run_id)
+    status = events.run_status(run_dir)
+    if status.state == "finished":
+        raise UserError(f"Run {run_id} already finished; start a new run to train more.")
+    with _locked(runs_dir):
+        busy = active_run(runs_dir)
+        if busy:
+            raise _busy_error(runs_dir, busy)
+        events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps)
+        _spawn(runs_dir, run_id, resume=True, num_processes=_num_processes(load_yaml(run_dir / "config.yaml")))
+    return run_id
+
+
+def _num_processes(config: RunConfig) -> int:
+    n = config.train.num_processes
+    if n != "auto":
+        return int(n)
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # torch not importable here means no GPU either
+        return 1
+
+
+def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int) -> subprocess.Popen:
+    run_dir = runs_dir / run_id
+    cmd = train_command(run_dir / "config.yaml", run_dir, resume, num_processes)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(run_dir / LOG, "ab")
+    log.write(f"$ {' '.join(cmd)}\n".encode())
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env, cwd=os.getcwd())
+    log.close()
+    (run_dir / events.PID_FILE).write_text(str(proc.pid))
+    tmp = runs_dir / f"{ACTIVE}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
+    os.replace(tmp, runs_dir / ACTIVE)
+    # Reap the child when it exits so it does not linger as a zombie.
+    threading.Thread(target=proc.wait, daemon=True, name=f"reap-{run_id}").start()
+    return proc
+
+
+def stop_run(run_id: str, runs_dir: Path | None = None, grace: float = STOP_GRACE_SECONDS) -> events.RunStatus:
+    """SIGTERM (the run saves a checkpoint and exits), then SIGKILL after `grace` seconds."""
+    runs_dir = Path(runs_dir or default_runs_dir())
+    run_dir = _existing_run(runs_dir, run_id)
+    pid = events.read_pid(run_dir)
+    if not events.pid_alive(pid):
+        return events.run_status(run_dir)
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline and events.pid_alive(pid):
+        time.sleep(0.2)
+    if events.pid_alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+        for _ in range(50):
+            if not events.pid_alive(pid):
+                break
+            time.sleep(0.1)
+    status = events.run_status(run_dir)
+    if status.state in ("interrupted", "running", "queued"):
+        events.append_event(run_dir, "end", status="stopped", step=status.step, max_steps=status.max_steps,
+                            reason="stopped by you; Resume continues from the last checkpoint")
+        status = events.run_status(run_dir)
+    return status
+
+
+def _signal_group(pid: int | None, sig: int) -> None:
+    if not pid:
+        return
+    try:
+        os.killpg(pid, sig)  # the child leads its own session, so this reaches every rank / helper
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _existing_run(runs_dir: Path, run_id: str) -> Path:
+    if not run_id or "/" in run_id or run_id.startswith(".") or not (runs_dir / run_id / "config.yaml").exists():
+        raise UserError(f"There is no run called {run_id!r} in {runs_dir}.", hint="Pick one from the list of runs.")
+    return runs_dir / run_id
+
+
+def list_runs(runs_dir: Path | None = None) -> list[RunInfo]:
+    """Every run, newest first."""
+    runs_dir = Path(runs_dir or default_runs_dir())
+    if not runs_dir.exists():
+        return []
+    infos = []
+    for cfg in runs_dir.glob("*/config.yaml"):
+        run_dir = cfg.parent
+        if run_dir.name.startswith("."):
+            continue
+        try:
+            model = load_yaml(cfg).model.name
+        except UserError:
+            model = "?"
+        infos.append(RunInfo(run_dir.name, run_dir, events.run_status(run_dir), model, cfg.stat().st_mtime))
+    return sorted(infos, key=lambda r: r.run_id, reverse=True)
+
+
+def log_tail(run_id: str, runs_dir: Path | None = None, lines: int = 40) -> str:
+    runs_dir = Path(runs_dir or default_runs_dir())
+    path = _existing_run(runs_dir, run_id) / LOG
+    if not path.exists():
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 64_000))
+        text = fh.read().decode("utf-8", errors="replace")
+    # tqdm redraws with \r; keep only the last state of each line
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+
+
+def wait_for(run_id: str, runs_dir: Path | None = None, timeout: float = 600.0,
+             poll: float = 0.5) -> events.RunStatus:
+    """Block until the run is no longer active (for the CLI and tests)."""
+    runs_dir = Path(runs_dir or default_runs_dir())
+    deadline = time.time() + timeout
+    while True:
+        status = events.run_status(runs_dir / run_id)
+        if not status.active or time.time() > deadline:
+            return status
+        time.sleep(poll)

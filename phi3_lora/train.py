@@ -1,0 +1,307 @@
+"""Build trl's SFTTrainer from a `RunConfig` and run it: the only place that trains.
+
+Everything a run produces goes under its folder (see docs/architecture.md):
+config.yaml, events.jsonl, eval_rows.jsonl, checkpoints/checkpoint-N/ (written atomically),
+adapter/ (the final adapter, written atomically) and train.log (written by jobs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi3_lora import events
+from phi3_lora.config import RunConfig, save_yaml
+from phi3_lora.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+EVAL_ROWS = "eval_rows.jsonl"
+RESOLVED = "resolved.json"  # the model "auto" became, and why
+STAGING = ".staging"
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | stopped
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    adapter_dir: Path | None
+    seconds: float
+
+
+class StopRequested(Exception):
+    """SIGTERM arrived before the training loop started: nothing to save."""
+
+
+@dataclass
+class ResolvedOptions:
+    """`auto` fields of TrainSettings decided for this machine (pure; see `resolve_options`)."""
+
+    device: str
+    gradient_checkpointing: bool
+    packing: bool
+    use_liger_kernel: bool
+    optim: str
+    bf16: bool
+    fp16: bool
+
+
+def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool) -> ResolvedOptions:
+    """Decide every `auto` knob from the device; the GPU speed work refines this in one place."""
+    t = config.train
+    on_cuda = device == "cuda"
+    gc = t.gradient_checkpointing if t.gradient_checkpointing != "auto" else on_cuda
+    # Padding-free packing needs an attention path that keeps packed rows apart; only CUDA has one here.
+    packing = t.packing if t.packing != "auto" else False
+    liger = t.use_liger_kernel if t.use_liger_kernel != "auto" else (on_cuda and liger_installed)
+    optim = t.optim if t.optim != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch")
+    return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
+                           use_liger_kernel=bool(liger), optim=optim,
+                           bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16")
+
+
+def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """The SFTConfig arguments for a run (pure, so tests can check the mapping)."""
+    t = config.train
+    eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=opts.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if opts.gradient_checkpointing else None,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=opts.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        max_length=t.max_length,
+        assistant_only_loss=t.assistant_only_loss,
+        packing=opts.packing,
+        use_liger_kernel=opts.use_liger_kernel,
+        bf16=opts.bf16,
+        fp16=opts.fp16,
+        use_cpu=opts.device == "cpu",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=not os.isatty(2),
+        dataloader_pin_memory=opts.device == "cuda",
+    )
+
+
+def lora_config(config: RunConfig, target_modules: list[str]) -> Any:
+    from peft import LoraConfig
+
+    lo = config.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
+                      target_modules=target_modules, bias=lo.bias, use_dora=lo.use_dora,
+                      use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM")
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+_stop_flag = {"requested": False, "in_loop": False}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _stop_flag["requested"] = True
+    if not _stop_flag["in_loop"]:
+        raise StopRequested()
+
+
+def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
+    """Train, writing events and checkpoints into `run_dir`. Errors are recorded as events, then raised."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        save_yaml(config, run_dir / "config.yaml")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(config, run_dir, resume)
+    except StopRequested:
+        events.append_event(run_dir, "end", status="stopped", reason="stopped before training began")
+        return TrainResult("stopped", 0, None, None, None, 0.0)
+    except UserError as exc:
+        events.append_event(run_dir, "error", reason=f"failed: {exc}")
+        raise
+    except BaseException as exc:
+        if is_out_of_memory(exc):
+            events.append_event(run_dir, "error", reason=events.OOM_REASON, detail=str(exc)[:500])
+            raise UserError(events.OOM_REASON) from exc
+        events.append_event(run_dir, "error", reason=f"failed: {type(exc).__name__}: {str(exc)[:500]}")
+        raise
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+
+
+def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
+    import dataclasses
+
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    from phi3_lora import data as data_mod
+    from phi3_lora import models
+    from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback
+
+    started = time.time()
+    set_seed(config.train.seed)
+    _clean_staging(run_dir / CHECKPOINTS)
+
+    loaded = data_mod.load_data(config.data)
+    rows = loaded.rows[: config.data.max_rows] if config.data.max_rows else loaded.rows
+    train_rows, eval_rows = data_mod.split_rows(rows, config.data.eval_fraction, config.train.seed)
+    _write_jsonl_atomic(run_dir / EVAL_ROWS, eval_rows)
+
+    model_name, reason = models.resolve_name(config.model.name)
+    (run_dir / RESOLVED).write_text(json.dumps({"model": model_name, "reason": reason}), encoding="utf-8")
+    tokenizer = models.load_tokenizer(model_name, config.model.chat_template)
+    model = models.load_model(dataclasses.replace(config.model, name=model_name))
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    dtype_name = str(models.resolve_dtype(config.model.dtype, device)).replace("torch.", "")
+    opts = resolve_options(config, device, dtype_name, liger_installed=_liger_installed())
+    model = attach_lora(model, config, opts)
+
+    args = SFTConfig(**sft_config_kwargs(config, opts, run_dir / CHECKPOINTS, has_eval=bool(eval_rows)))
+    callback = EventsCallback(run_dir, stop_flag=_stop_flag)
+    trainer = AtomicCheckpointTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        callbacks=[callback])
+    dropped = drop_untrainable_rows(trainer)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        events.append_event(run_dir, "note", message="no complete checkpoint found: starting from step 0")
+    callback.start_fields = dict(
+        model=model_name, model_reason=reason, device=device, dtype=dtype_name, train_rows=len(trainer.train_dataset),
+        eval_rows=len(eval_rows), dropped_rows=len(loaded.problems), untrainable_rows=dropped,
+        trainable_params=trainable, total_params=total, resumed_from=str(checkpoint) if checkpoint else None,
+        options=vars(opts), data_warnings=loaded.warnings)
+
+    _stop_flag["in_loop"] = True
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        _stop_flag["in_loop"] = False
+    stopped = _stop_flag["requested"]
+
+    eval_loss = None
+    if eval_rows and not stopped:
+        metrics = trainer.evaluate()
+        eval_loss = metrics.get("eval_loss")
+    final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
+    adapter_dir = None
+    if not stopped:
+        summary = dict(model=model_name, steps=trainer.state.global_step, final_loss=final_loss, eval_loss=eval_loss,
+                       eval_perplexity=math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+                       trainable_params=trainable, total_params=total, seconds=round(time.time() - started, 1),
+                       train_rows=len(trainer.train_dataset), eval_rows=len(eval_rows))
+        resolved = config.replace(model={"name": model_name})
+        adapter_dir = save_adapter_atomic(trainer.model, tokenizer, resolved, summary, run_dir / ADAPTER)
+    status = "stopped" if stopped else "finished"
+    events.append_event(run_dir, "end", status=status, step=trainer.state.global_step, loss=final_loss,
+                        eval_loss=eval_loss, adapter=str(adapter_dir) if adapter_dir else None,
+                        seconds=round(time.time() - started, 1))
+    return TrainResult(status, trainer.state.global_step, final_loss, eval_loss, adapter_dir, time.time() - started)
+
+
+def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
+    """Wrap the base model with a fresh LoRA adapter (peft), preparing 4-bit weights for training."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from phi3_lora import models
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=opts.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif opts.gradient_checkpointing:
+        model.enable_input_require_grads()
+    targets = models.resolve_target_modules(model, config.lora.target_modules)
+    return get_peft_model(model, lora_config(config, targets))
+
+
+def drop_untrainable_rows(trainer: Any) -> int:
+    """Rows whose assistant tokens all fall past max_length would add zero-loss batches: drop them."""
+    ds = trainer.train_dataset
+    if "labels" not in ds.column_names:
+        return 0
+    keep = ds.filter(lambda ex: any(label != -100 for label in ex["labels"]))
+    if len(keep) == 0:
+        raise UserError("No token would be trained: every conversation's assistant turns fall past max_length "
+                        "(or assistant_only_loss masks everything).",
+                        hint="Raise train.max_length, shorten the system/user turns, or check the data.")
+    trainer.train_dataset = keep
+    return len(ds) - len(keep)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (complete = renamed into place with its trainer state)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    for p in folder.glob("checkpoint-*") if folder.exists() else []:
+        suffix = p.name.split("-", 1)[1]
+        if suffix.isdigit() and (p / "trainer_state.json").exists():
+            found.append((int(suffix), p))
+    return max(found)[1] if found else None
+
+
+def save_adapter_atomic(model: Any, tokenizer: Any, config: RunConfig, summary: dict[str, Any], dest: Path) -> Path:
+    """adapter/ with safetensors weights, config, tokenizer + chat template and the run summary; all or nothing."""
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_yaml(config, tmp / "config.yaml")
+    (tmp / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _clean_staging(checkpoints: Path) -> None:
+    """A save cut short by a kill leaves only the staging folder, never a checkpoint-N: remove it."""
+    shutil.rmtree(checkpoints / STAGING, ignore_errors=True)
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None

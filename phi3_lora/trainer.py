@@ -1,0 +1,104 @@
+"""trl's SFTTrainer with two additions: atomic checkpoints and an events diary.
+
+transformers writes `checkpoint-N/` in place, file by file, so a kill during a save leaves a
+folder that looks like a checkpoint but is not one. We save into `checkpoints/.staging/` and
+rename into place; a rename is atomic, so `checkpoint-N/` is complete or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from phi3_lora import events
+
+STAGING = ".staging"
+
+
+class AtomicCheckpointTrainer(SFTTrainer):
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        final_root = self.args.output_dir
+        staging_root = os.path.join(final_root, STAGING)
+        name = f"checkpoint-{self.state.global_step}"
+        shutil.rmtree(staging_root, ignore_errors=True)
+        os.makedirs(staging_root, exist_ok=True)
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        if self.args.should_save:
+            final = os.path.join(final_root, name)
+            shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            self._rotate_checkpoints(use_mtime=False, output_dir=final_root)
+
+
+class EventsCallback(TrainerCallback):
+    """Appends start / log / eval / checkpoint events; turns a SIGTERM into save-and-stop."""
+
+    def __init__(self, run_dir: Path, stop_flag: dict[str, bool]) -> None:
+        self.run_dir = Path(run_dir)
+        self.stop_flag = stop_flag
+        self.start_fields: dict[str, Any] = {}
+        self._t0 = 0.0
+        self._step0 = 0
+        self._tokens0 = 0
+        self._last = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
+
+    def _is_main(self, state: Any) -> bool:
+        return bool(getattr(state, "is_world_process_zero", True))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0 = time.time()
+        self._step0 = state.global_step
+        self._tokens0 = state.num_input_tokens_seen
+        self._last = (self._t0, state.num_input_tokens_seen)
+        if self._is_main(state):
+            events.append_event(self.run_dir, "start", step=state.global_step, max_steps=state.max_steps,
+                                epochs=args.num_train_epochs, **self.start_fields)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stop_flag.get("requested"):
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not self._is_main(state) or not logs:
+            return
+        now = time.time()
+        tokens = state.num_input_tokens_seen
+        last_t, last_tokens = self._last
+        self._last = (now, tokens)
+        done = state.global_step - self._step0
+        eta = (now - self._t0) / done * (state.max_steps - state.global_step) if done > 0 else None
+        if "loss" not in logs:  # eval metrics arrive here too; on_evaluate records those
+            return
+        events.append_event(
+            self.run_dir, "log", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
+            loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+            tokens_seen=tokens, tokens_per_second=(tokens - last_tokens) / (now - last_t) if now > last_t else None,
+            eta_seconds=eta, elapsed_seconds=now - self._t0)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        if not self._is_main(state) or not metrics or "eval_loss" not in metrics:
+            return
+        import math
+
+        loss = float(metrics["eval_loss"])
+        events.append_event(self.run_dir, "eval", step=state.global_step, max_steps=state.max_steps,
+                            eval_loss=loss, perplexity=math.exp(loss) if loss < 50 else None)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._is_main(state):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            events.append_event(self.run_dir, "checkpoint", step=state.global_step, max_steps=state.max_steps,
+                                path=str(path))
