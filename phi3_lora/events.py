@@ -115,6 +115,9 @@ def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> Run
         if kind == "start":
             status.state, status.started = "running", ev.get("t")
             status.reason = ""
+            # A resumed run replays the steps after its checkpoint: keep one point per step.
+            status.losses = [p for p in status.losses if p[0] <= status.step]
+            status.eval_losses = [p for p in status.eval_losses if p[0] <= status.step]
         elif kind == "log" and ev.get("loss") is not None:
             status.loss = float(ev["loss"])
             status.losses.append((status.step, status.loss))

@@ -1,0 +1,35 @@
+"""`python -m phi3_lora export`: the CLI face of phi3_lora.export."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from phi3_lora import export
+
+    if not (args.zip or args.merge or args.push):
+        print("nothing to do: pass --zip DIR, --merge DIR and/or --push REPO_ID")
+        return 2
+    if args.zip:
+        print(f"adapter bundle: {export.adapter_zip(args.adapter, args.zip)}")
+    if args.merge:
+        print(f"merged model: {export.merge_adapter(args.adapter, args.merge)}")
+    if args.push:
+        url = export.push_to_hub(args.adapter, args.push, args.token, merged=args.push_merged,
+                                 private=not args.public)
+        print(f"pushed: {url}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("export", help="Bundle the adapter as a zip, merge it into the base, or push it to the Hub.")
+    p.add_argument("--adapter", required=True, help="A run folder (runs/<id>), a checkpoint or an adapter folder.")
+    p.add_argument("--zip", metavar="DIR", help="Write <run>-adapter.zip into DIR.")
+    p.add_argument("--merge", metavar="DIR", help="Write a merged 16-bit model folder to DIR.")
+    p.add_argument("--push", metavar="REPO_ID", help="Push to this Hub model repo (your-name/model-name).")
+    p.add_argument("--push-merged", dest="push_merged", action="store_true", help="Push the merged model instead.")
+    p.add_argument("--public", action="store_true", help="Make the Hub repo public (default: private).")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,94 @@
+"""RunConfig: YAML round trip, checks with fixable messages, presets, the cookbook dicts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from phi3_lora import config as c
+from phi3_lora.errors import UserError
+
+# Verbatim from the Phi-3 model card's sample_finetune.py.
+COOKBOOK_TRAINING = {
+    "bf16": True, "do_eval": False, "learning_rate": 5.0e-06, "log_level": "info", "logging_steps": 20,
+    "logging_strategy": "steps", "lr_scheduler_type": "cosine", "num_train_epochs": 1, "max_steps": -1,
+    "output_dir": "./checkpoint_dir", "overwrite_output_dir": True, "per_device_eval_batch_size": 4,
+    "per_device_train_batch_size": 4, "remove_unused_columns": True, "save_steps": 100, "save_total_limit": 1,
+    "seed": 0, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "gradient_accumulation_steps": 1, "warmup_ratio": 0.2,
+}
+COOKBOOK_PEFT = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM",
+                 "target_modules": "all-linear", "modules_to_save": None}
+
+
+def test_yaml_round_trip_keeps_every_field(tmp_path):
+    cfg = c.preset("quality-gpu").replace(lora={"target_modules": ["qkv_proj", "o_proj"], "use_dora": True},
+                                          data={"mapping": {"prompt": "question"}})
+    c.save_yaml(cfg, tmp_path / "run.yaml")
+    assert c.load_yaml(tmp_path / "run.yaml") == cfg
+
+
+def test_yaml_documents_each_field():
+    text = c.RunConfig().to_yaml()
+    assert "# LoRA rank." in text and "learning_rate: 0.0002" in text
+
+
+@pytest.mark.parametrize("section, values, words", [
+    ("lora", {"r": 0}, "lora.r"),
+    ("lora", {"bias": "some"}, "none, all, lora_only"),
+    ("train", {"learning_rate": 3}, "learning_rate"),
+    ("train", {"num_train_epochs": 0, "max_steps": -1}, "zero steps"),
+    ("train", {"packing": "maybe"}, "auto"),
+    ("data", {"on_invalid": "ignore"}, "drop or refuse"),
+    ("model", {"dtype": "int3"}, "bfloat16"),
+])
+def test_bad_values_name_the_field_and_the_fix(section, values, words):
+    with pytest.raises(UserError, match=words):
+        c.RunConfig().replace(**{section: values})
+
+
+def test_unknown_keys_are_listed():
+    with pytest.raises(UserError, match="learning_rat"):
+        c.from_dict({"train": {"learning_rat": 1e-4}})
+    with pytest.raises(UserError, match="optimizer"):
+        c.from_dict({"optimizer": {}})
+
+
+def test_form_strings_are_coerced():
+    cfg = c.from_dict({"train": {"learning_rate": "1e-4", "max_steps": "10", "eval_steps": "", "packing": "true"},
+                       "lora": {"target_modules": "q_proj, v_proj"}})
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.max_steps == 10 and cfg.train.eval_steps is None
+    assert cfg.train.packing is True and cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_cookbook_dicts_load_unchanged_and_equal_the_preset():
+    cfg, notes = c.from_recipe(COOKBOOK_TRAINING, COOKBOOK_PEFT, max_seq_length=2048)
+    preset = c.preset("cookbook")
+    assert cfg.train == preset.train and cfg.lora == preset.lora
+    assert cfg.train.learning_rate == 5e-6 and cfg.train.warmup_ratio == 0.2 and cfg.train.max_length == 2048
+    assert any("output_dir" in n for n in notes) and any("task_type" in n for n in notes)
+
+
+def test_cookbook_warns_about_its_learning_rate():
+    assert any("5e-6 is low for LoRA" in w for w in c.preset_warnings(c.preset("cookbook")))
+    assert c.preset_warnings(c.preset("quick-cpu")) == []
+
+
+def test_unknown_recipe_key_is_refused():
+    with pytest.raises(UserError, match="deepspeed"):
+        c.from_recipe({"deepspeed": "ds.json"}, {})
+
+
+def test_every_field_has_help():
+    for cls in c.SECTIONS.values():
+        for f in c.fields(cls):
+            assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help"
+
+
+def test_yaml_file_errors_are_user_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        c.load_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="does not exist"):
+        c.load_yaml(tmp_path / "missing.yaml")
+    assert yaml.safe_load(c.dump_yaml(c.RunConfig()))["lora"]["r"] == 16

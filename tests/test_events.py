@@ -1,0 +1,57 @@
+"""events.jsonl folding into a status: what the UI and CLI show about a run."""
+
+from __future__ import annotations
+
+import os
+
+from phi3_lora import events
+
+
+def test_a_run_that_ended_is_finished_with_its_curve(tmp_path):
+    events.append_event(tmp_path, "start", step=0, max_steps=4)
+    for step, loss in [(1, 2.0), (2, 1.5)]:
+        events.append_event(tmp_path, "log", step=step, max_steps=4, loss=loss, tokens_per_second=100.0)
+    events.append_event(tmp_path, "eval", step=2, max_steps=4, eval_loss=1.7)
+    events.append_event(tmp_path, "end", status="finished", step=4, max_steps=4)
+    st = events.status_from_events(events.read_events(tmp_path), process_alive=False)
+    assert st.state == "finished" and st.losses == [(1, 2.0), (2, 1.5)] and st.eval_losses == [(2, 1.7)]
+    assert st.progress == 1.0 and not st.active
+
+
+def test_a_dead_process_without_an_end_is_interrupted(tmp_path):
+    events.append_event(tmp_path, "start", step=0, max_steps=10)
+    events.append_event(tmp_path, "log", step=3, max_steps=10, loss=1.0)
+    assert events.status_from_events(events.read_events(tmp_path), process_alive=True).state == "running"
+    st = events.status_from_events(events.read_events(tmp_path), process_alive=False)
+    assert st.state == "interrupted" and "Resume" in st.reason
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    events.append_event(tmp_path, "start", step=0, max_steps=10)
+    with open(tmp_path / events.EVENTS_FILE, "a") as fh:
+        fh.write('{"t": 1, "type": "lo')  # killed mid-write
+    assert [e["type"] for e in events.read_events(tmp_path)] == ["start"]
+
+
+def test_errors_carry_their_reason(tmp_path):
+    events.append_event(tmp_path, "start", step=0, max_steps=10)
+    events.append_event(tmp_path, "error", reason=events.OOM_REASON)
+    st = events.run_status(tmp_path)
+    assert st.state == "failed" and "out of memory" in st.reason and "batch" in st.reason
+
+
+def test_pid_alive_sees_our_own_process_and_not_a_dead_one():
+    assert events.pid_alive(os.getpid())
+    assert not events.pid_alive(None)
+    assert not events.pid_alive(2**22 + 12345)
+
+
+def test_a_resumed_run_keeps_one_loss_point_per_step(tmp_path):
+    events.append_event(tmp_path, "start", step=0, max_steps=6)
+    for step in (1, 2, 3):
+        events.append_event(tmp_path, "log", step=step, max_steps=6, loss=float(step))
+    events.append_event(tmp_path, "resume", step=3, max_steps=6)
+    events.append_event(tmp_path, "start", step=2, max_steps=6, resumed_from="checkpoint-2")
+    events.append_event(tmp_path, "log", step=3, max_steps=6, loss=30.0)
+    st = events.run_status(tmp_path)
+    assert st.losses == [(1, 1.0), (2, 2.0), (3, 30.0)]
