@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
 
 from phi3_lora import events
@@ -38,7 +39,8 @@ class AtomicCheckpointTrainer(SFTTrainer):
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
             os.replace(os.path.join(staging_root, name), final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            self._rotate_checkpoints(use_mtime=False, output_dir=final_root)
+            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
 
 class EventsCallback(TrainerCallback):
