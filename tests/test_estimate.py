@@ -1,0 +1,82 @@
+"""The memory estimate is pure arithmetic: check its parts move the right way and its LoRA count matches peft."""
+
+from __future__ import annotations
+
+import pytest
+
+from phi3_lora.config import RunConfig, preset
+from phi3_lora.estimate import describe, estimate_memory, lora_parameter_count, model_shape
+
+PHI3_MINI = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192,
+             "vocab_size": 32064, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "tie_word_embeddings": False}
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+              "vocab_size": 1000, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+TINY_PHI3 = {"model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+             "vocab_size": 1000, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False,
+             "pad_token_id": 0}
+
+
+def cfg(**sections) -> RunConfig:
+    return RunConfig().replace(**sections)
+
+
+def test_phi3_mini_total_parameters_match_the_model_card() -> None:
+    assert model_shape(PHI3_MINI).total_params == pytest.approx(3.82e9, rel=0.01)
+
+
+def test_qlora_weights_are_about_a_quarter_of_16_bit() -> None:
+    q = estimate_memory(PHI3_MINI, cfg(model={"load_in_4bit": True}))
+    f = estimate_memory(PHI3_MINI, cfg(model={"load_in_4bit": False}))
+    assert 0.25 < q.weights_gib / f.weights_gib < 0.35
+    assert 1.8 < q.weights_gib < 2.6  # Phi-3-mini in NF4 is ~2.2 GiB
+    assert q.total_gib < f.total_gib
+
+
+def test_gradient_checkpointing_cuts_activations() -> None:
+    on = estimate_memory(PHI3_MINI, cfg(train={"gradient_checkpointing": True}))
+    off = estimate_memory(PHI3_MINI, cfg(train={"gradient_checkpointing": False}))
+    assert on.activations_gib < off.activations_gib / 3
+    assert any("checkpointing" in n for n in off.notes)
+
+
+def test_activations_scale_with_batch_and_length() -> None:
+    small = estimate_memory(PHI3_MINI, cfg(train={"per_device_train_batch_size": 1, "max_length": 512}))
+    big = estimate_memory(PHI3_MINI, cfg(train={"per_device_train_batch_size": 2, "max_length": 1024}))
+    assert big.activations_gib == pytest.approx(4 * small.activations_gib, rel=1e-6)
+
+
+def test_adam_states_cost_16_bytes_per_trainable_parameter() -> None:
+    est = estimate_memory(PHI3_MINI, cfg(lora={"r": 16}))
+    assert est.adapter_gib * 2**30 == pytest.approx(est.trainable_params * 16)
+    assert est.trainable_params == pytest.approx(25_165_824)  # r=16 all-linear on Phi-3-mini, as peft reports
+    assert 0.5 < est.trainable_percent < 1.0
+
+
+def test_cpu_counts_full_weights_and_says_why() -> None:
+    est = estimate_memory(PHI3_MINI, cfg(model={"load_in_4bit": True}), device="cpu")
+    assert est.weights_gib > 13  # fp32
+    assert any("CUDA" in n for n in est.notes)
+    assert "RAM" in describe(est)
+
+
+@pytest.mark.parametrize("config_dict", [TINY_LLAMA, TINY_PHI3], ids=["llama", "phi3"])
+@pytest.mark.parametrize("lora", [{"r": 8}, {"r": 4, "use_dora": True}, {"r": 8, "target_modules": "o_proj,down_proj"}])
+def test_lora_count_matches_peft(config_dict: dict, lora: dict) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = cfg(lora=lora)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
+    peft_model = get_peft_model(model, LoraConfig(r=config.lora.r, target_modules=config.lora.target_modules,
+                                                  use_dora=config.lora.use_dora, task_type="CAUSAL_LM"))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert lora_parameter_count(model_shape(config_dict), config) == trainable
+
+
+def test_presets_give_plausible_totals() -> None:
+    assert estimate_memory(PHI3_MINI, preset("quality-gpu")).total_gib < 24  # fits the 24 GB GPU it is named for
+    cookbook = estimate_memory(PHI3_MINI, preset("cookbook"))
+    assert cookbook.gradient_checkpointing and cookbook.total_gib < 16
