@@ -1,0 +1,96 @@
+"""Real training runs on tiny models: QLoRA train -> save -> reload -> generate, and the guards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from phi3_lora import events, train
+from phi3_lora.config import RunConfig
+from phi3_lora.errors import UserError
+from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
+
+
+def write_rows(path: Path, n: int = 16, answer: str = "My name is Quillon.") -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: who are you?"},
+                          {"role": "assistant", "content": answer}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_config(model_dir: Path, data: Path, **train_overrides) -> RunConfig:
+    return RunConfig().replace(
+        model={"name": str(model_dir), "load_in_4bit": True},
+        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        train={"max_steps": 6, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "save_steps": 3,
+               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 64, "eval_steps": 3,
+               **train_overrides},
+        data={"source": str(data), "eval_fraction": 0.2})
+
+
+def test_qlora_train_save_reload_generate_on_tiny_phi3(tmp_path, tiny_phi3_dir):
+    cfg = tiny_config(tiny_phi3_dir, write_rows(tmp_path / "d.jsonl"))
+    result = train.run(cfg, tmp_path / "run")
+    assert result.status == "finished" and result.steps == 6
+
+    adapter = tmp_path / "run" / "adapter"
+    files = {p.name for p in adapter.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "chat_template.jinja", "run_summary.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files), files
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert any("qkv_proj.lora_A" in k for k in weights) and any("gate_up_proj.lora_B" in k for k in weights)
+    assert any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k), "lora_B never moved"
+
+    st = events.run_status(tmp_path / "run")
+    assert st.state == "finished" and len(st.losses) == 6 and st.eval_losses
+    assert st.losses[-1][1] < st.losses[0][1], st.losses  # it learned the one answer
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["checkpoint-3", "checkpoint-6"]
+
+    ref = locate_adapter(tmp_path / "run")
+    assert ref.model_name == str(tiny_phi3_dir) and ref.load_in_4bit
+    engine = ChatEngine(ref.model_name, ref.adapter_dir, load_in_4bit=True)
+    greedy = GenerationSettings(temperature=0, max_new_tokens=8)
+    history = [{"role": "user", "content": "Question 99: who are you?"}]
+    base, tuned = list(engine.stream_pair(history, history, greedy))[-1]
+    assert tuned != base
+    # Adapter off equals the base side of the pair, adapter on equals the tuned side: one copy of the weights.
+    assert engine.answer(history, adapter=False, settings=greedy) == base
+    assert engine.answer(history, adapter=True, settings=greedy) == tuned
+
+
+def test_16bit_lora_on_tiny_llama_writes_events_with_throughput(tmp_path, tiny_llama_dir):
+    cfg = tiny_config(tiny_llama_dir, write_rows(tmp_path / "d.jsonl"), max_steps=3, eval_steps=None)
+    cfg = cfg.replace(model={"load_in_4bit": False}, lora={"target_modules": ["q_proj", "v_proj"]})
+    train.run(cfg, tmp_path / "run")
+    evs = events.read_events(tmp_path / "run")
+    start = next(e for e in evs if e["type"] == "start")
+    assert start["trainable_params"] > 0 and start["device"] == "cpu" and start["max_steps"] == 3
+    logs = [e for e in evs if e["type"] == "log"]
+    assert len(logs) == 3 and all(e["tokens_per_second"] and e["tokens_per_second"] > 0 for e in logs[1:])
+    assert evs[-1]["type"] == "end" and evs[-1]["status"] == "finished"
+    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any("q_proj" in k for k in weights) and not any("o_proj" in k for k in weights)
+
+
+def test_refuses_when_no_token_would_be_trained(tmp_path, tiny_phi3_dir):
+    long_user = "word " * 200  # the assistant turn starts past max_length in every row
+    rows = [{"messages": [{"role": "user", "content": long_user + str(i)},
+                          {"role": "assistant", "content": "ok"}]} for i in range(8)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tiny_phi3_dir, data, max_length=32)
+    with pytest.raises(UserError, match="No token would be trained"):
+        train.run(cfg, tmp_path / "run")
+    st = events.run_status(tmp_path / "run")
+    assert st.state == "failed" and "max_length" in st.reason
+
+
+def test_bad_data_fails_the_run_with_the_data_message(tmp_path, tiny_phi3_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')  # no assistant turn anywhere
+    with pytest.raises(UserError):
+        train.run(tiny_config(tiny_phi3_dir, data), tmp_path / "run")
+    assert events.run_status(tmp_path / "run").state == "failed"
