@@ -1,0 +1,127 @@
+"""Background runs as real child processes: one at a time, Stop, Resume, kill -9, re-attach."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from phi3_lora import events, jobs, train
+from phi3_lora.config import RunConfig
+from phi3_lora.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+
+def slow_config(model_dir: Path, tmp_path: Path, max_steps: int = 400, save_steps: int = 5) -> RunConfig:
+    rows = [{"messages": [{"role": "user", "content": f"Tell me fact {i}."},
+                          {"role": "assistant", "content": f"Fact {i} is that {i} comes after {i - 1}."}]}
+            for i in range(32)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return RunConfig().replace(
+        model={"name": str(model_dir), "load_in_4bit": False},
+        lora={"r": 4, "lora_alpha": 8},
+        train={"max_steps": max_steps, "save_steps": save_steps, "save_total_limit": 2, "learning_rate": 1e-3,
+               "per_device_train_batch_size": 2, "max_length": 64, "logging_steps": 1},
+        data={"source": str(data), "eval_fraction": 0.0})
+
+
+def wait_until(predicate, timeout: float = 120.0, poll: float = 0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("condition not met in time")
+
+
+def test_stop_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_phi3_dir):
+    runs = tmp_path / "runs"
+    cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=1000)
+    run_id = jobs.start_run(cfg, runs)
+    assert jobs.active_run(runs) == run_id
+    wait_until(lambda: events.run_status(runs / run_id).step >= 3)
+
+    # One run per machine: a second Start is refused with what is running.
+    with pytest.raises(UserError, match=f"already going.*{run_id}"):
+        jobs.start_run(cfg, runs)
+
+    pid = events.read_pid(runs / run_id)
+    t0 = time.time()
+    st = jobs.stop_run(run_id, runs)
+    assert time.time() - t0 < 30 and not events.pid_alive(pid)
+    assert st.state == "stopped" and jobs.active_run(runs) is None
+    ckpt = train.last_checkpoint(runs / run_id)
+    assert ckpt is not None, "Stop must save a checkpoint even when save_steps was not reached"
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert stopped_at >= 3
+
+    # The checkpoint is a loadable adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir), str(ckpt))
+
+    # Resume with fewer steps left so the test ends quickly.
+    cfg_path = runs / run_id / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("max_steps: 400", f"max_steps: {stopped_at + 4}"))
+    jobs.resume_run(run_id, runs)
+    st = jobs.wait_for(run_id, runs, timeout=180)
+    assert st.state == "finished", (st, jobs.log_tail(run_id, runs))
+    start_events = [e for e in events.read_events(runs / run_id) if e["type"] == "start"]
+    assert start_events[-1]["resumed_from"].endswith(f"checkpoint-{stopped_at}")
+    assert start_events[-1]["step"] == stopped_at
+    assert (runs / run_id / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_kill_9_is_interrupted_and_resume_loses_at_most_one_save_interval(tmp_path, tiny_phi3_dir):
+    runs = tmp_path / "runs"
+    save_steps = 4
+    cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=save_steps)
+    run_id = jobs.start_run(cfg, runs)
+    wait_until(lambda: train.last_checkpoint(runs / run_id) is not None
+               and events.run_status(runs / run_id).step >= 2 * save_steps + 1)
+    pid = events.read_pid(runs / run_id)
+    os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not events.pid_alive(pid))
+    st = events.run_status(runs / run_id)
+    assert st.state == "interrupted" and "Resume" in st.reason
+    killed_at = st.step
+    ckpt_step = int(train.last_checkpoint(runs / run_id).name.split("-")[1])
+    assert killed_at - ckpt_step <= save_steps
+
+    # A restarted app (a fresh look at the folder) sees the same run and no active one.
+    assert [r.run_id for r in jobs.list_runs(runs)] == [run_id] and jobs.active_run(runs) is None
+
+    cfg_path = runs / run_id / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("max_steps: 400", f"max_steps: {ckpt_step + 2}"))
+    jobs.resume_run(run_id, runs)
+    st = jobs.wait_for(run_id, runs, timeout=180)
+    assert st.state == "finished" and st.step == ckpt_step + 2, jobs.log_tail(run_id, runs)
+
+
+def test_staging_left_by_a_kill_during_save_is_never_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    half = run_dir / "checkpoints" / ".staging" / "checkpoint-8"
+    half.mkdir(parents=True)
+    (half / "adapter_model.safetensors").write_bytes(b"partial")
+    good = run_dir / "checkpoints" / "checkpoint-4"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text("{}")
+    assert train.last_checkpoint(run_dir) == good
+    train._clean_staging(run_dir / "checkpoints")
+    assert not (run_dir / "checkpoints" / ".staging").exists()
+
+
+def test_launch_command_is_the_cli_or_accelerate():
+    one = jobs.train_command(Path("r/config.yaml"), Path("r"), resume=True)
+    assert one[1:] == ["-m", "phi3_lora", "train", "--config", "r/config.yaml", "--run-dir", "r", "--resume"]
+    two = jobs.train_command(Path("r/config.yaml"), Path("r"), resume=False, num_processes=2)
+    assert two[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and "2" in two
+    assert two[-6:] == ["phi3_lora", "train", "--config", "r/config.yaml", "--run-dir", "r"]
