@@ -157,7 +157,7 @@ def _num_processes(config: RunConfig) -> int:
 def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int) -> subprocess.Popen:
     run_dir = runs_dir / run_id
     cmd = train_command(run_dir / "config.yaml", run_dir, resume, num_processes)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PHI3_LORA_JOB": run_id}
     log = open(run_dir / LOG, "ab")
     log.write(f"$ {' '.join(cmd)}\n".encode())
     log.flush()

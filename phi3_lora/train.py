@@ -136,6 +136,8 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         save_yaml(config, run_dir / "config.yaml")
+    if not os.environ.get("PHI3_LORA_JOB"):  # a foreground CLI run; jobs records its child's pid itself
+        (run_dir / events.PID_FILE).write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(config, run_dir, resume)
