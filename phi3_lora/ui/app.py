@@ -1,0 +1,93 @@
+"""`build_app(runs_dir, default_model=...) -> gr.Blocks`: the five tabs wired together, and `launch`."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from phi3_lora import models
+from phi3_lora.ui import compare, dataset, export_tab, settings, train_tab
+from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
+
+DATA_KEYS = ["data.source", "data.format", "data.mapping", "data.eval_fraction"]
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", radius_size="md")
+
+
+def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
+              options: AppOptions | None = None) -> gr.Blocks:
+    """The whole app. Nothing heavy happens here or on page load: models load on first use."""
+    options = options or AppOptions(runs_dir=Path(runs_dir or "runs"), default_model=default_model)
+    options.runs_dir.mkdir(parents=True, exist_ok=True)
+    state = AppState(options)
+    state.default_name, state.default_reason = models.resolve_name(options.default_model)
+    if options.default_model.strip().lower() != "auto":
+        state.default_reason = "it was chosen with --model"
+
+    with gr.Blocks(title="phi3_lora — fine-tune a chat model on your data", fill_width=False) as demo:
+        gr.HTML(f"<div class='p3-header'><h1>phi3_lora</h1><p>Fine-tune a chat model with LoRA / QLoRA on your own "
+                f"conversations, then compare the base and tuned answers side by side. Default model here: "
+                f"<b>{html.escape(state.default_name)}</b> ({html.escape(state.default_reason)}).</p></div>")
+        if options.storage_warning:
+            gr.HTML(notice("warn", options.storage_warning))
+        with gr.Tabs():
+            with gr.Tab("1 · Dataset", id="dataset"):
+                ds = dataset.build(state)
+            with gr.Tab("2 · Model & LoRA", id="settings"):
+                st = settings.build(state)
+            with gr.Tab("3 · Train", id="train"):
+                tr = train_tab.build(state)
+            with gr.Tab("4 · Compare", id="compare") as compare_page:
+                cp = compare.build(state)
+            with gr.Tab("5 · Export", id="export") as export_page:
+                ex = export_tab.build(state)
+
+        settings.wire(st, state, demo)
+        keys = st.keys
+        setting_widgets = [st.fields[k] for k in keys]
+        config_inputs = setting_widgets + [st.preset, ds.source, ds.format, ds.mapping, ds.eval_fraction]
+
+        def build_config(*values: Any):
+            n = len(keys)
+            vals, preset_name = list(values[:n]), values[n]
+            source, fmt, table, fraction = values[n + 1:]
+            info = settings.model_info(vals[keys.index("model.name")])
+            return settings.config_from_values(keys + DATA_KEYS, vals + [
+                (source or "").strip(), fmt, dataset.mapping_from_table(table), fraction], info.linear_names,
+                preset_name)
+
+        @user_errors
+        def on_show_config(*values: Any) -> tuple[Any, Any]:
+            config = build_config(*values)
+            return (gr.update(value=config.to_yaml(), visible=True),
+                    gr.update(value=settings.cli_text(config), visible=True))
+
+        st.show_config.click(on_show_config, config_inputs, [st.yaml_code, st.cli_code], api_name="show_config")
+        dataset.wire(ds, state, st.fields["model.name"], st.fields["train.max_length"], st.fields["train.seed"])
+        train_tab.wire(tr, state, config_inputs, build_config)
+        compare.wire(cp, state)
+        export_tab.wire(ex, state)
+        compare_page.select(cp.on_refresh, cp.source, cp.source, api_name="open_compare")
+        export_page.select(ex.on_refresh, ex.source, ex.source, api_name="open_export")
+
+        @user_errors
+        def on_load() -> list[Any]:
+            return tr.on_load() + [cp.on_refresh(None), ex.on_refresh(None)]
+
+        demo.load(on_load, None, tr.outputs + [cp.source, ex.source], api_name="load_page")
+    demo.phi3_options = options  # read by launch()
+    demo.phi3_state = state
+    return demo
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
+    """Queue limits, upload limit, theme and CSS (gradio 6 takes theme/css in launch), then serve."""
+    options: AppOptions = getattr(demo, "phi3_options", AppOptions())
+    demo.queue(default_concurrency_limit=options.concurrency_limit, max_size=options.queue_max_size)
+    return demo.launch(server_name=host, server_port=port, share=share, auth=auth, quiet=quiet,
+                       prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
+                       allowed_paths=[str(options.runs_dir)], theme=THEME, css=CSS, show_error=False,
+                       footer_links=["api", "settings"])

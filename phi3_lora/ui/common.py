@@ -1,0 +1,121 @@
+"""What every tab shares: the app's options, its long-lived state, and turning UserError into gr.Error."""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from phi3_lora.errors import UserError
+
+log = logging.getLogger("phi3_lora.ui")
+
+
+@dataclass
+class AppOptions:
+    """Every switch of the app in one place (the Space build adds its flags here)."""
+
+    runs_dir: Path = Path("runs")
+    default_model: str = "auto"          # "auto" resolves to Phi-3-mini on a GPU with the Hub, else embedded
+    max_file_size: str = "200mb"         # uploads above this are refused by Gradio before they reach us
+    queue_max_size: int = 32             # waiting events beyond this are refused ("too busy")
+    concurrency_limit: int = 2           # events of one kind running at once (the machine has few cores)
+    poll_seconds: float = 1.0            # how often the Train tab reads the run folder
+    sample_dataset: Path = Path(__file__).resolve().parents[2] / "data" / "sample_chat.jsonl"
+    demo_mode: bool = False              # Space: show everything, refuse to train (set by the Space build)
+    storage_warning: str | None = None   # Space without persistent storage: said at the top of the page
+
+    def __post_init__(self) -> None:
+        self.runs_dir = Path(self.runs_dir).resolve()
+
+
+@dataclass
+class AppState:
+    """Long-lived objects shared by all sessions: the loaded chat engines (one per base model + 4-bit)."""
+
+    options: AppOptions
+    engines: dict[tuple[str, bool], Any] = field(default_factory=dict)
+    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    default_reason: str = ""
+    default_name: str = ""
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show a UserError as a gr.Error with its hint; any other exception as a short gr.Error (logged in full)."""
+
+    def convert(exc: BaseException) -> BaseException:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, UserError):
+            text = exc.message + (f" {exc.hint}" if exc.hint else "")
+            return gr.Error(text, title="Cannot do that")
+        log.exception("unexpected error in %s", fn.__name__)
+        return gr.Error(f"Something went wrong ({type(exc).__name__}: {str(exc)[:300]}). The app is still running; "
+                        "see the terminal for details.", title="Unexpected error")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise convert(exc) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise convert(exc) from None
+    return wrapper
+
+
+def help_md(text: str) -> str:
+    return f"<span class='p3-help'>{html.escape(text)}</span>"
+
+
+def notice(kind: str, text: str) -> str:
+    """A coloured box (kind: info | warn | error | ok) as HTML."""
+    return f"<div class='p3-note p3-{kind}'>{html.escape(text)}</div>"
+
+
+def message_text(content: Any) -> str:
+    """Chatbot message content (a string, or gradio 6's list of parts) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(c) for c in content)
+    return "" if content is None else str(content)
+
+
+CSS = """
+.p3-help { color: var(--body-text-color-subdued); font-size: 0.85em; }
+.p3-note { border-radius: 8px; padding: 8px 12px; margin: 4px 0; font-size: 0.92em; }
+.p3-info { background: #eef4ff; border: 1px solid #bcd0f7; color: #1d3a6e; }
+.p3-ok { background: #ecf8ef; border: 1px solid #a9dcb5; color: #1b4d2a; }
+.p3-warn { background: #fff7e6; border: 1px solid #f3d08a; color: #6b4a00; }
+.p3-error { background: #fdecec; border: 1px solid #f1aaaa; color: #7a1c1c; }
+.p3-header h1 { margin-bottom: 0; }
+.p3-tokens { font-family: ui-monospace, monospace; font-size: 0.85em; white-space: pre-wrap; line-height: 1.6;
+             border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 10px; max-height: 320px;
+             overflow-y: auto; }
+.p3-trained { background: #c9f2d3; color: #0d3b1a; border-bottom: 2px solid #2e9d4d; }
+.p3-masked { background: #eceff3; color: #6b7280; }
+.p3-legend span { padding: 1px 6px; border-radius: 4px; margin-right: 8px; font-size: 0.85em; }
+.p3-progress { width: 100%; background: var(--background-fill-secondary); border-radius: 8px; height: 22px;
+               overflow: hidden; border: 1px solid var(--border-color-primary); }
+.p3-progress > div { height: 100%; background: linear-gradient(90deg, #4f7cf7, #7aa2ff); transition: width .4s; }
+.p3-stats { display: flex; gap: 18px; flex-wrap: wrap; margin-top: 6px; font-size: 0.92em; }
+.p3-stats b { font-variant-numeric: tabular-nums; }
+.p3-reference { border-left: 4px solid #7aa2ff; padding-left: 10px; }
+"""

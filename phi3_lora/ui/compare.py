@@ -1,0 +1,194 @@
+"""Tab 4, Compare: base and tuned answers stream side by side from one loaded copy of the weights.
+
+One ChatEngine per (base model, 4-bit) lives in the app; picking another run of the same base
+swaps the adapter (`set_adapter`) instead of loading the weights again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from phi3_lora import events, jobs
+from phi3_lora.errors import UserError
+from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
+
+
+@dataclass
+class CompareTab:
+    source: gr.Dropdown
+    refresh: gr.Button
+    temperature: gr.Slider
+    top_p: gr.Slider
+    max_new_tokens: gr.Slider
+    seed: gr.Number
+    base_chat: gr.Chatbot
+    tuned_chat: gr.Chatbot
+    prompt: gr.Textbox
+    send: gr.Button
+    example: gr.Button
+    clear: gr.Button
+    reference: gr.Markdown
+    status: gr.HTML
+
+
+def build(state: AppState) -> CompareTab:
+    gr.Markdown("## Compare base and tuned\nThe same prompt and the same sampling settings go to the base model "
+                "and to the base + your adapter. Each side keeps its own conversation.")
+    with gr.Row(equal_height=True):
+        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, info="A finished run (its final adapter) or one of its "
+                                                                "checkpoints.")
+        refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
+    with gr.Accordion("Generation settings (shared by both sides)", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature", info="0 = greedy (deterministic).")
+            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", info="Nucleus sampling cut-off.")
+            max_new_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens",
+                                       info="Length limit of each answer.")
+            seed = gr.Number(0, precision=0, label="Seed", info="Same seed on both sides.")
+    status = gr.HTML()
+    with gr.Row(equal_height=True):
+        base_chat = gr.Chatbot(label="Base model", height=380, elem_id="p3-base-chat",
+                               placeholder="The base model's answers appear here.")
+        tuned_chat = gr.Chatbot(label="Tuned (base + adapter)", height=380, elem_id="p3-tuned-chat",
+                                placeholder="The tuned model's answers appear here.")
+    reference = gr.Markdown(visible=False, elem_classes=["p3-reference"])
+    with gr.Row(equal_height=True):
+        prompt = gr.Textbox(placeholder="Ask both models something… (Enter sends)", show_label=False, scale=6,
+                            lines=1, max_lines=6, elem_id="p3-prompt")
+        send = gr.Button("Send", variant="primary", scale=1)
+    with gr.Row():
+        example = gr.Button("Held-out example", size="sm")
+        clear = gr.Button("Clear both chats", size="sm")
+    gr.HTML(help_md("Held-out example: a conversation from the run's eval split (never trained on); its "
+                    "reference answer is shown under the chats. The model loads on the first message."))
+    return CompareTab(source, refresh, temperature, top_p, max_new_tokens, seed, base_chat, tuned_chat, prompt,
+                      send, example, clear, reference, status)
+
+
+def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
+    """Runs with a final adapter, then each complete checkpoint (value: path relative to runs_dir)."""
+    from phi3_lora.train import ADAPTER, CHECKPOINTS
+
+    out = []
+    for info in jobs.list_runs(runs_dir):
+        if (info.run_dir / ADAPTER / "adapter_config.json").exists():
+            out.append((f"{info.run_id} · final adapter ({info.status.state})", info.run_id))
+        ckpts = sorted((info.run_dir / CHECKPOINTS).glob("checkpoint-*"),
+                       key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else 0)
+        for ck in reversed(ckpts):
+            if (ck / "adapter_config.json").exists():
+                out.append((f"{info.run_id} · {ck.name}", f"{info.run_id}/{CHECKPOINTS}/{ck.name}"))
+    return out
+
+
+def resolve_source(runs_dir: Path, value: str | None) -> Path:
+    if not value:
+        raise UserError("No adapter chosen.", hint="Pick a finished run or a checkpoint (train one in the Train tab).")
+    path = (runs_dir / value).resolve()
+    if runs_dir.resolve() not in path.parents or not path.exists():
+        raise UserError(f"{value} is not a run or checkpoint in {runs_dir}.", hint="Refresh the list and pick again.")
+    return path
+
+
+def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None) -> Any:
+    """The app's engine for this adapter's base model, created once, with this adapter attached."""
+    from phi3_lora.generate import ChatEngine, locate_adapter
+
+    ref = locate_adapter(path)
+    key = (ref.model_name, bool(ref.load_in_4bit))
+    with state.engine_lock:
+        engine = state.engines.get(key)
+        if engine is None:
+            if progress is not None:
+                progress(0.1, desc=f"Loading {ref.model_name} (first use only)…")
+            engine = ChatEngine(ref.model_name, None, load_in_4bit=ref.load_in_4bit)
+            state.engines[key] = engine
+        if engine.adapter_dir is None or Path(engine.adapter_dir).resolve() != Path(ref.adapter_dir).resolve():
+            if progress is not None:
+                progress(0.7, desc="Attaching the adapter…")
+            engine.set_adapter(ref.adapter_dir)
+    return engine
+
+
+def _history(chat: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": message_text(m.get("content"))} for m in chat or []
+            if m.get("role") in ("user", "assistant", "system")]
+
+
+def eval_example(runs_dir: Path, value: str | None, index: int | None = None) -> tuple[str, str, int]:
+    """(prompt, reference answer, index) from the run's held-out rows."""
+    from phi3_lora.train import EVAL_ROWS
+
+    path = resolve_source(runs_dir, value)
+    run_dir = path if (path / "config.yaml").exists() else next(p for p in path.parents if (p / "config.yaml").exists())
+    file = run_dir / EVAL_ROWS
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if file.exists() else []
+    if not rows:
+        raise UserError("This run has no held-out rows.", hint="Set an eval split above 0 in the Dataset tab for the "
+                                                                "next run.")
+    i = random.randrange(len(rows)) if index is None else index % len(rows)
+    msgs = rows[i]["messages"] if isinstance(rows[i], dict) and "messages" in rows[i] else rows[i]
+    user = next((m["content"] for m in msgs if m["role"] == "user"), "")
+    answer = next((m["content"] for m in msgs if m["role"] == "assistant"), "")
+    return user, answer, i
+
+
+def wire(tab: CompareTab, state: AppState) -> None:
+    runs_dir = state.options.runs_dir
+
+    def on_refresh(current: str | None) -> Any:
+        choices = adapter_choices(runs_dir)
+        values = [c[1] for c in choices]
+        return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+
+    @user_errors
+    def on_send(prompt: str, source: str | None, temperature: float, top_p: float, max_new: float, seed: Any,
+                base_chat: list | None, tuned_chat: list | None,
+                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
+        from phi3_lora.generate import GenerationSettings
+
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise UserError("The prompt is empty.", hint="Type a question, or press \"Held-out example\".")
+        settings = GenerationSettings(temperature=float(temperature), top_p=float(top_p),
+                                      max_new_tokens=int(max_new), seed=int(seed or 0))
+        path = resolve_source(runs_dir, source)
+        base_hist = _history(base_chat) + [{"role": "user", "content": prompt}]
+        tuned_hist = _history(tuned_chat) + [{"role": "user", "content": prompt}]
+        shown_base = base_hist + [{"role": "assistant", "content": ""}]
+        shown_tuned = tuned_hist + [{"role": "assistant", "content": ""}]
+        yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…")
+        engine = get_engine(state, path, progress)
+        label = f"{engine.model_name} + {source}"
+        for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
+            shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
+            yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…")
+        yield shown_base, shown_tuned, gr.skip(), notice("ok", f"{label}: done (temperature {settings.temperature:g}, "
+                                                               f"top-p {settings.top_p:g}, seed {settings.seed}).")
+
+    @user_errors
+    def on_example(source: str | None) -> tuple[str, Any]:
+        user, answer, i = eval_example(runs_dir, source)
+        return user, gr.update(value=f"**Reference answer** (held-out row {i + 1}):\n\n{answer}", visible=True)
+
+    inputs = [tab.prompt, tab.source, tab.temperature, tab.top_p, tab.max_new_tokens, tab.seed, tab.base_chat,
+              tab.tuned_chat]
+    outputs = [tab.base_chat, tab.tuned_chat, tab.prompt, tab.status]
+    gr.on([tab.send.click, tab.prompt.submit], on_send, inputs, outputs, api_name="compare",
+          concurrency_id="generate", concurrency_limit=1)
+    tab.example.click(on_example, tab.source, [tab.prompt, tab.reference], api_name="heldout_example")
+    tab.clear.click(lambda: ([], [], gr.update(visible=False), ""), None,
+                    [tab.base_chat, tab.tuned_chat, tab.reference, tab.status], api_name="clear_chats")
+    tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_adapters")
+    tab.on_refresh = on_refresh
+
+
+def finished(runs_dir: Path, run_id: str) -> bool:
+    return events.run_status(runs_dir / run_id).state == "finished"

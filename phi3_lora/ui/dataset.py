@@ -1,0 +1,280 @@
+"""Tab 1, Dataset: upload (or sample, or Hub id), format + column mapping, problems, preview, stats, trained tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from phi3_lora import config as cfgmod
+from phi3_lora import data, models
+from phi3_lora.errors import UserError
+from phi3_lora.formats import COLUMNS, MESSAGE_KEYS
+from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+
+MAPPING_HEADERS = ["field the format expects", "column in your data"]
+PROBLEM_HEADERS = ["file", "where", "field", "what is wrong / what to do"]
+PREVIEW_HEADERS = ["#", "turns", "system", "first user message", "first assistant answer"]
+UPLOADS = ".uploads"
+
+
+@dataclass
+class DatasetTab:
+    upload: gr.File
+    sample: gr.Button
+    source: gr.Textbox
+    format: gr.Dropdown
+    mapping: gr.Dataframe
+    eval_fraction: gr.Slider
+    validate: gr.Button
+    summary: gr.HTML
+    problems: gr.Dataframe
+    preview: gr.Dataframe
+    stats: gr.HTML
+    histogram: gr.Plot
+    example: gr.Number
+    tokens: gr.HTML
+    rows: gr.State
+
+
+def build(state: AppState) -> DatasetTab:
+    gr.Markdown("## Your chat data\nUpload conversations (JSONL, JSON, CSV or Parquet) in OpenAI *messages*, "
+                "ShareGPT, Alpaca or prompt/completion form, give a Hub dataset id, or start with the sample.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            upload = gr.File(label="Upload a dataset file", file_types=[".jsonl", ".json", ".csv", ".parquet"],
+                             height=120)
+            with gr.Row():
+                sample = gr.Button("Use the sample dataset", variant="primary", scale=1)
+                validate = gr.Button("Validate", variant="secondary", scale=1)
+            gr.HTML(help_md("The sample has 48 short conversations that teach the assistant its name, "
+                            "\"Quillon\" — a quick way to see a difference after a few minutes of training."))
+            source = gr.Textbox(label="Data source", placeholder="a file path, or a Hub dataset id such as user/name",
+                                info="Filled by the upload or the sample button; type a Hub id and press Validate.")
+        with gr.Column(scale=2):
+            fmt = gr.Dropdown(list(cfgmod.DATA_FORMATS), value="auto", label="Format",
+                              info="auto detects it; pick one to override the guess.")
+            mapping = gr.Dataframe(headers=MAPPING_HEADERS, datatype=["str", "str"], column_count=2,
+                                   row_count=1, interactive=True, label="Column mapping",
+                                   static_columns=[0], max_height=220)
+            gr.HTML(help_md("Right column: the name your data uses for each field (edit it, then Validate). "
+                            "Role names map too: add a row role.human → user."))
+            eval_fraction = gr.Slider(0, 0.5, value=0.1, step=0.01, label="Eval split",
+                                      info=cfgmod.help_text(cfgmod.DataSettings, "eval_fraction"))
+    summary = gr.HTML(notice("info", "No data yet: upload a file or press \"Use the sample dataset\"."))
+    problems = gr.Dataframe(headers=PROBLEM_HEADERS, label="Problems (rows that will be skipped)",
+                            interactive=False, visible=False, wrap=True, max_height=260)
+    preview = gr.Dataframe(headers=PREVIEW_HEADERS, label="Preview (first 50 usable rows)", interactive=False,
+                           wrap=True, max_height=320)
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Token lengths")
+            stats = gr.HTML()
+            histogram = gr.Plot(label="Token length per conversation vs. max length", show_label=False)
+        with gr.Column():
+            gr.Markdown("### What the model trains on")
+            example = gr.Number(1, precision=0, minimum=1, label="Example row",
+                                info="Which usable row to render through the model's real chat template.")
+            tokens = gr.HTML()
+    rows = gr.State([])
+    return DatasetTab(upload, sample, source, fmt, mapping, eval_fraction, validate, summary, problems, preview,
+                      stats, histogram, example, tokens, rows)
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+def mapping_from_table(table: Any) -> dict[str, str]:
+    """The table's edited rows -> DataSettings.mapping (identity rows are left out)."""
+    if table is None:
+        return {}
+    records = table.values.tolist() if isinstance(table, pd.DataFrame) else (table.get("data") if isinstance(
+        table, dict) else table)
+    out = {}
+    for row in records or []:
+        if len(row) < 2:
+            continue
+        key, value = str(row[0] or "").strip(), str(row[1] or "").strip()
+        if key and value and key != value:
+            out[key] = value
+    return out
+
+
+def mapping_table(fmt: str, columns: list[str], mapping: dict[str, str]) -> pd.DataFrame:
+    wanted = list(COLUMNS.get(fmt, ())) + (list(MESSAGE_KEYS) if fmt == "messages" else [])
+    rows = [[f, mapping.get(f, f if f in columns or f in MESSAGE_KEYS else "")] for f in wanted]
+    rows += [[k, v] for k, v in mapping.items() if k not in wanted]
+    return pd.DataFrame(rows or [["", ""]], columns=MAPPING_HEADERS)
+
+
+def _short(text: str, n: int = 140) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def preview_frame(rows: list[dict[str, Any]], limit: int = 50) -> pd.DataFrame:
+    out = []
+    for i, row in enumerate(rows[:limit], 1):
+        msgs = row["messages"]
+        first = {m["role"]: m["content"] for m in reversed(msgs)}
+        out.append([i, len(msgs), _short(first.get("system", ""), 60), _short(first.get("user", "")),
+                    _short(first.get("assistant", ""))])
+    return pd.DataFrame(out, columns=PREVIEW_HEADERS)
+
+
+def tokens_html(pieces: list[tuple[str, bool]]) -> str:
+    """Trained (assistant) tokens green, masked ones grey, with a legend."""
+    legend = ("<div class='p3-legend'><span class='p3-trained'>trained on (assistant)</span>"
+              "<span class='p3-masked'>masked (system, user, template)</span></div>")
+    body = "".join(f"<span class='{'p3-trained' if t else 'p3-masked'}'>{html.escape(text)}</span>"
+                   for text, t in pieces)
+    return f"{legend}<div class='p3-tokens' id='p3-token-preview'>{body}</div>"
+
+
+def histogram_figure(lengths: list[int], max_length: int) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.8), dpi=100)
+    bins = data.histogram_bins(lengths, bins=24)
+    ax.bar([b.start for b in bins], [b.count for b in bins], width=[b.end - b.start for b in bins], align="edge",
+           color="#7aa2ff", edgecolor="#4f7cf7")
+    ax.axvline(max_length, color="#d9534f", linestyle="--", linewidth=1.5, label=f"max length {max_length}")
+    ax.set_xlabel("tokens per conversation")
+    ax.set_ylabel("conversations")
+    ax.legend(loc="upper right", frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+@lru_cache(maxsize=4)
+def tokenizer_for(name: str) -> Any:
+    return models.load_tokenizer(models.resolve_name(name)[0])
+
+
+def keep_upload(path: str, runs_dir: Path) -> str:
+    """Copy an upload next to the runs (Gradio's temp files may be cleaned; a run must be able to re-read it)."""
+    src = Path(path)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:10]
+    dest = runs_dir / UPLOADS / f"{digest}-{src.name}"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(dest.suffix + ".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    return str(dest)
+
+
+def _columns(source: str) -> list[str]:
+    try:
+        raw = data.read_records(source)
+    except Exception:
+        return []
+    seen: dict[str, None] = {}
+    for _, rec in raw.records[:50]:
+        if isinstance(rec, dict):
+            seen.update(dict.fromkeys(map(str, rec)))
+    return list(seen)
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+def validate(source: str, fmt: str, table: Any, eval_fraction: float, model_name: str, max_length: Any,
+             seed: Any) -> tuple[Any, ...]:
+    """Load + validate; every output of the tab. Errors go into the summary box (and a toast)."""
+    source = (source or "").strip()
+    if not source:
+        raise UserError("No data source yet.", hint="Upload a file, press \"Use the sample dataset\", or type a "
+                                                   "Hub dataset id and press Validate.")
+    mapping = mapping_from_table(table)
+    settings = cfgmod.DataSettings(source=source, format=fmt, mapping=mapping, eval_fraction=float(eval_fraction))
+    loaded = data.load_data(settings)
+    columns = _columns(source)
+    max_length = int(max_length or 2048)
+    train_rows, eval_rows = data.split_rows(loaded.rows, settings.eval_fraction, int(seed or 0))
+    parts = [notice("ok", f"{Path(loaded.source).name}: format {loaded.format} "
+                          f"({'detected' if fmt == 'auto' else 'as chosen'}), {len(loaded.rows)} usable of "
+                          f"{loaded.total_rows} rows → {len(train_rows)} train / {len(eval_rows)} eval.")]
+    parts += [notice("warn", w) for w in loaded.warnings]
+    problems = pd.DataFrame([[Path(p.source).name, p.location, p.field, p.message] for p in loaded.problems],
+                            columns=PROBLEM_HEADERS)
+    stats_html, fig, tokens, slider = _stats(loaded.rows, model_name, max_length)
+    return ("\n".join(parts), gr.update(value=problems, visible=bool(loaded.problems)), preview_frame(loaded.rows),
+            stats_html, fig, slider, tokens, loaded.rows, mapping_table(loaded.format, columns, mapping))
+
+
+def _stats(rows: list[dict[str, Any]], model_name: str, max_length: int) -> tuple[str, Any, str, Any]:
+    try:
+        tok = tokenizer_for(model_name)
+    except UserError as exc:
+        msg = notice("warn", f"Token stats need the model's tokenizer: {exc.message}")
+        return msg, None, msg, gr.update(maximum=max(1, len(rows)), value=1)
+    st = data.compute_stats(rows, tok, max_length)
+    lengths = st.token_lengths
+    html_parts = [f"<div class='p3-stats'><span>rows <b>{st.rows}</b></span><span>turns/row "
+                  f"<b>{st.mean_turns:.1f}</b></span><span>tokens <b>{st.total_tokens:,}</b></span>"
+                  f"<span>trained tokens <b>{st.trained_tokens if st.trained_tokens is not None else 'all'}</b></span>"
+                  f"<span>median length <b>{sorted(lengths)[len(lengths) // 2]}</b></span>"
+                  f"<span>longest <b>{max(lengths)}</b></span><span>over max length <b>{st.truncated}</b></span></div>"]
+    html_parts += [notice("warn", w) for w in st.warnings]
+    tokens = tokens_html(data.trained_token_mask(tok, rows[0]["messages"], max_length))
+    return ("\n".join(html_parts), histogram_figure(lengths, max_length), tokens,
+            gr.update(maximum=max(1, len(rows)), value=1))
+
+
+def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: gr.Number, seed: gr.Number) -> None:
+    outputs = [tab.summary, tab.problems, tab.preview, tab.stats, tab.histogram, tab.example, tab.tokens, tab.rows,
+               tab.mapping]
+    inputs = [tab.source, tab.format, tab.mapping, tab.eval_fraction, model_name, max_length, seed]
+
+    @user_errors
+    def on_validate(*args: Any) -> tuple[Any, ...]:
+        try:
+            return validate(*args)
+        except UserError as exc:
+            gr.Warning(exc.message)
+            fmt = args[1] if args[1] != "auto" else "messages"
+            return (notice("error", exc.message + (f" {exc.hint}" if exc.hint else "")), gr.update(visible=False),
+                    None, "", None, gr.update(), "", [], mapping_table(fmt, _columns(args[0] or ""),
+                                                                        mapping_from_table(args[2])))
+
+    def on_upload(file: str | None) -> str:
+        return keep_upload(file, state.options.runs_dir) if file else gr.skip()
+
+    def on_sample() -> tuple[str, pd.DataFrame]:
+        return str(state.options.sample_dataset), pd.DataFrame([["", ""]], columns=MAPPING_HEADERS)
+
+    @user_errors
+    def on_example(rows: list[dict[str, Any]], index: float, name: str, max_len: Any) -> str:
+        if not rows:
+            return ""
+        i = min(max(int(index or 1), 1), len(rows)) - 1
+        return tokens_html(data.trained_token_mask(tokenizer_for(name), rows[i]["messages"], int(max_len or 2048)))
+
+    def on_eval_fraction(rows: list[dict[str, Any]], fraction: float, seed_value: Any, summary: str) -> str:
+        if not rows:
+            return gr.skip()
+        tr, ev = data.split_rows(rows, float(fraction), int(seed_value or 0))
+        return notice("ok", f"{len(rows)} usable rows → {len(tr)} train / {len(ev)} eval (eval split "
+                            f"{float(fraction):.0%}).")
+
+    tab.upload.upload(on_upload, tab.upload, tab.source, api_name="upload_dataset").success(
+        on_validate, inputs, outputs, api_name="validate_after_upload")
+    tab.sample.click(on_sample, None, [tab.source, tab.mapping], api_name="use_sample").success(
+        on_validate, inputs, outputs, api_name="validate_sample")
+    tab.validate.click(on_validate, inputs, outputs, api_name="validate")
+    tab.source.submit(on_validate, inputs, outputs, api_name="validate_source")
+    tab.example.submit(on_example, [tab.rows, tab.example, model_name, max_length], tab.tokens,
+                        api_name="render_example")
+    tab.eval_fraction.release(on_eval_fraction, [tab.rows, tab.eval_fraction, seed, tab.summary], tab.summary,
+                              api_name="eval_split")

@@ -1,0 +1,138 @@
+"""Tab 5, Export: the adapter as a zip, a merged 16-bit model, or a push to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from phi3_lora.errors import UserError
+from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.compare import adapter_choices, resolve_source
+
+MERGED_ZIP_LIMIT = 3 * 2**30  # above this a merged model is saved to disk only (a browser download would be huge)
+
+
+@dataclass
+class ExportTab:
+    source: gr.Dropdown
+    refresh: gr.Button
+    zip_button: gr.Button
+    zip_file: gr.File
+    merge_button: gr.Button
+    merge_dir: gr.Textbox
+    merge_file: gr.File
+    merge_status: gr.HTML
+    repo_id: gr.Textbox
+    token: gr.Textbox
+    what: gr.Radio
+    private: gr.Checkbox
+    push_button: gr.Button
+    push_status: gr.HTML
+
+
+def _export():
+    try:
+        from phi3_lora import export
+    except ImportError as exc:  # keeps the tab wired while export.py is being written
+        raise UserError(f"Export is not available in this build ({exc}).", hint="Update phi3_lora.") from None
+    return export
+
+
+def build(state: AppState) -> ExportTab:
+    gr.Markdown("## Export\nTake your adapter with you: a small zip for peft, a standalone merged model, or a "
+                "Hub repository.")
+    with gr.Row(equal_height=True):
+        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, info="A finished run or one of its checkpoints.")
+        refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### 1. Adapter zip")
+            gr.HTML(help_md("adapter_model.safetensors + adapter_config.json + tokenizer and chat template + a model "
+                            "card. Load it with peft's PeftModel.from_pretrained(base, folder)."))
+            zip_button = gr.Button("Build adapter zip", variant="primary")
+            zip_file = gr.File(label="Download", interactive=False)
+        with gr.Column():
+            gr.Markdown("### 2. Merged model (16-bit)")
+            gr.HTML(help_md("Folds the adapter into a 16-bit copy of the base (never into 4-bit weights) and saves "
+                            "a plain transformers folder. Needs the base weights in memory."))
+            merge_dir = gr.Textbox(label="Save to folder", placeholder="empty = runs/<id>/merged",
+                                   info="A folder on this machine; written atomically.")
+            merge_button = gr.Button("Merge and save", variant="secondary")
+            merge_status = gr.HTML()
+            merge_file = gr.File(label="Download (zip, small models only)", interactive=False, visible=False)
+        with gr.Column():
+            gr.Markdown("### 3. Push to the Hub")
+            repo_id = gr.Textbox(label="Repo id", placeholder="your-name/my-adapter", info="Created if missing.")
+            token = gr.Textbox(label="Hugging Face token", type="password", placeholder="hf_… (or set HF_TOKEN)",
+                               info="Needs write access; used for this push only, never stored.")
+            with gr.Row():
+                what = gr.Radio([("adapter", "adapter"), ("merged model", "merged")], value="adapter", label="Push")
+                private = gr.Checkbox(True, label="Private repo")
+            push_button = gr.Button("Push", variant="secondary")
+            push_status = gr.HTML()
+    return ExportTab(source, refresh, zip_button, zip_file, merge_button, merge_dir, merge_file, merge_status,
+                     repo_id, token, what, private, push_button, push_status)
+
+
+def _run_dir(path: Path) -> Path:
+    return path if (path / "config.yaml").exists() else next(
+        (p for p in path.parents if (p / "config.yaml").exists()), path)
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def wire(tab: ExportTab, state: AppState) -> None:
+    runs_dir = state.options.runs_dir
+
+    @user_errors
+    def on_zip(source: str | None, progress: gr.Progress = gr.Progress()) -> str:
+        path = resolve_source(runs_dir, source)
+        progress(0.2, desc="Zipping the adapter…")
+        return str(_export().adapter_zip(path, _run_dir(path) / "export"))
+
+    @user_errors
+    def on_merge(source: str | None, folder: str, progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
+        if state.options.demo_mode:
+            raise UserError("Merging is switched off in this demo.", hint="Download the adapter zip instead.")
+        path = resolve_source(runs_dir, source)
+        out = Path(folder).expanduser() if (folder or "").strip() else _run_dir(path) / "merged"
+        progress(0.1, desc="Loading the base in 16-bit and merging (this takes a while)…")
+        merged = _export().merge_adapter(path, out)
+        size = _folder_size(merged)
+        message = notice("ok", f"Merged model saved to {merged} ({size / 2**30:.2f} GiB, safetensors).")
+        if size > MERGED_ZIP_LIMIT:
+            return message + help_md("Too large to download through the browser; copy the folder instead."), \
+                gr.update(visible=False)
+        progress(0.8, desc="Zipping for download…")
+        archive = shutil.make_archive(str(merged.parent / f"{merged.name}-download"), "zip", merged.parent,
+                                      merged.name)
+        return message, gr.update(value=archive, visible=True)
+
+    @user_errors
+    def on_push(source: str | None, repo_id: str, token: str, what: str, private: bool,
+                progress: gr.Progress = gr.Progress()) -> str:
+        if state.options.demo_mode and what == "merged":
+            raise UserError("Merging is switched off in this demo.", hint="Push the adapter instead.")
+        path = resolve_source(runs_dir, source)
+        progress(0.1, desc="Pushing to the Hub…")
+        url = _export().push_to_hub(path, repo_id, token or None, merged=what == "merged", private=bool(private))
+        return notice("ok", f"Pushed: {url}")
+
+    def on_refresh(current: str | None) -> Any:
+        choices = adapter_choices(runs_dir)
+        values = [c[1] for c in choices]
+        return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+
+    tab.zip_button.click(on_zip, tab.source, tab.zip_file, api_name="export_zip")
+    tab.merge_button.click(on_merge, [tab.source, tab.merge_dir], [tab.merge_status, tab.merge_file],
+                           api_name="export_merged", concurrency_id="generate", concurrency_limit=1)
+    tab.push_button.click(on_push, [tab.source, tab.repo_id, tab.token, tab.what, tab.private], tab.push_status,
+                          api_name="push_to_hub")
+    tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_export_adapters")
+    tab.on_refresh = on_refresh

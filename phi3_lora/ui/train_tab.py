@@ -1,0 +1,218 @@
+"""Tab 3, Train: start / stop / resume a background run and watch it live from its folder on disk.
+
+The run is a child process (phi3_lora.jobs); this tab only reads `runs/<id>/events.jsonl` and
+`train.log` on a ~1 s timer, so a refresh, a second browser or a restarted app shows the same run.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from phi3_lora import events, jobs
+from phi3_lora.errors import UserError
+from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+
+STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": "warn", "failed": "error",
+              "interrupted": "warn"}
+
+
+@dataclass
+class TrainTab:
+    runs: gr.Dropdown
+    refresh: gr.Button
+    start: gr.Button
+    stop: gr.Button
+    resume: gr.Button
+    status: gr.HTML
+    progress: gr.HTML
+    plot: gr.LinePlot
+    log: gr.Textbox
+    timer: gr.Timer
+    seen: gr.State
+
+
+def build(state: AppState) -> TrainTab:
+    gr.Markdown("## Train\nStart runs the training as a background process on this machine (one at a time). "
+                "Progress is read from the run folder, so you can close the tab or open it elsewhere.")
+    if state.options.demo_mode:
+        gr.HTML(notice("warn", "This is a demo: training is switched off here. Run the app on your own machine "
+                               "to train."))
+    with gr.Row(equal_height=True):
+        start = gr.Button("Start training", variant="primary", scale=2)
+        stop = gr.Button("Stop", variant="stop", scale=1)
+        resume = gr.Button("Resume", variant="secondary", scale=1)
+    with gr.Row(equal_height=True):
+        runs = gr.Dropdown([], label="Run", info="The active run is picked on page load, else the newest. "
+                                                "Past runs stay here.", scale=5, allow_custom_value=True)
+        refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
+    status = gr.HTML(notice("info", "No run yet: prepare a dataset, check the settings, then press Start."))
+    progress = gr.HTML(_progress_html(None))
+    plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": [], "series": []}), x="step", y="loss", color="series",
+                       title="Loss", x_title="step", y_title="loss", height=300,
+                       color_map={"train": "#4f7cf7", "eval": "#e8590c"})
+    log = gr.Textbox(label="Training log (last lines)", lines=10, max_lines=10, interactive=False, autoscroll=True)
+    gr.HTML(help_md("Stop asks the run to save a checkpoint and exit; Resume continues from the newest checkpoint."))
+    timer = gr.Timer(state.options.poll_seconds)
+    seen = gr.State("")
+    return TrainTab(runs, refresh, start, stop, resume, status, progress, plot, log, timer, seen)
+
+
+# --- rendering (pure) -------------------------------------------------------------------------------
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
+def _progress_html(st: events.RunStatus | None) -> str:
+    pct = 100 * st.progress if st else 0
+    if st is None:
+        cells = ["step <b>0 / –</b>"]
+    else:
+        cells = [f"step <b>{st.step} / {st.max_steps or '–'}</b>", f"<b>{pct:.0f}%</b>",
+                 f"ETA <b>{_duration(st.eta_seconds) if st.active else '–'}</b>",
+                 f"tokens/s <b>{st.tokens_per_second:,.0f}</b>" if st.tokens_per_second else "tokens/s <b>–</b>",
+                 f"loss <b>{st.loss:.4f}</b>" if st.loss is not None else "loss <b>–</b>",
+                 f"eval loss <b>{st.eval_loss:.4f}</b>" if st.eval_loss is not None else "eval loss <b>–</b>"]
+    return (f"<div class='p3-progress' id='p3-progress'><div style='width:{pct:.1f}%'></div></div>"
+            f"<div class='p3-stats' id='p3-progress-stats'>{''.join(f'<span>{c}</span>' for c in cells)}</div>")
+
+
+def status_html(run_id: str, st: events.RunStatus) -> str:
+    text = {"queued": "starting (loading the model and data)…", "running": "training",
+            "finished": "finished — compare it in the Compare tab, export it in Export",
+            "stopped": "stopped — Resume continues from the last checkpoint",
+            "interrupted": "interrupted", "failed": "failed"}[st.state]
+    body = f"<b>{html.escape(run_id)}</b>: {text}"
+    if st.reason and st.reason not in text:
+        body += f"<br>{html.escape(st.reason)}"
+    if st.last_checkpoint and st.state in ("stopped", "interrupted", "failed"):
+        body += f"<br>last checkpoint: {html.escape(str(st.last_checkpoint))}"
+    return f"<div class='p3-note p3-{STATE_KIND.get(st.state, 'info')}' id='p3-run-status'>{body}</div>"
+
+
+def loss_frame(st: events.RunStatus) -> pd.DataFrame:
+    rows = [(s, v, "train") for s, v in st.losses] + [(s, v, "eval") for s, v in st.eval_losses]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def run_choices(runs_dir: Any) -> list[tuple[str, str]]:
+    out = []
+    for info in jobs.list_runs(runs_dir):
+        st = info.status
+        out.append((f"{info.run_id} · {st.state} · step {st.step}/{st.max_steps or '?'}", info.run_id))
+    return out
+
+
+def initial_run(runs_dir: Any) -> str | None:
+    """The active run, else the newest one, else None."""
+    active = jobs.active_run(runs_dir)
+    if active:
+        return active
+    runs = jobs.list_runs(runs_dir)
+    return runs[0].run_id if runs else None
+
+
+# --- events -----------------------------------------------------------------------------------------
+
+def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Component], build_config: Any) -> None:
+    runs_dir = state.options.runs_dir
+    view = [tab.status, tab.progress, tab.plot, tab.log, tab.seen]
+
+    def render(run_id: str | None, seen: str) -> list[Any]:
+        if not run_id:
+            return [gr.skip()] * 4 + [seen]
+        if "/" in run_id or not (runs_dir / run_id / "config.yaml").exists():
+            raise UserError(f"There is no run called {run_id!r}.", hint="Pick one from the list of runs.")
+        st = events.run_status(runs_dir / run_id)
+        n_events = len(st.losses) + len(st.eval_losses)
+        key = f"{run_id}|{st.state}|{st.step}|{n_events}|{st.last_checkpoint}"
+        if key == seen and not st.active:
+            return [gr.skip()] * 5
+        try:
+            log = jobs.log_tail(run_id, runs_dir, lines=40)
+        except UserError:
+            log = ""
+        if key == seen:
+            return [gr.skip(), gr.skip(), gr.skip(), log, key]
+        plot = loss_frame(st)
+        return [status_html(run_id, st), _progress_html(st), plot, log, key]
+
+    def runs_update(selected: str | None) -> Any:
+        choices = run_choices(runs_dir)
+        ids = [c[1] for c in choices]
+        return gr.update(choices=choices, value=selected if selected in ids else (ids[0] if ids else None))
+
+    @user_errors
+    def on_load() -> list[Any]:
+        run_id = initial_run(runs_dir)
+        return [runs_update(run_id)] + render(run_id, "")
+
+    @user_errors
+    def on_start(*values: Any) -> list[Any]:
+        if state.options.demo_mode:
+            raise UserError("Training is switched off in this demo.", hint="Run the app on your own machine.")
+        config = build_config(*values)
+        if not config.data.source:
+            raise UserError("No dataset chosen.", hint="Go to the Dataset tab: upload a file or press "
+                                                       "\"Use the sample dataset\".")
+        run_id = jobs.start_run(config, runs_dir)
+        gr.Info(f"Started {run_id}.")
+        return [runs_update(run_id)] + render(run_id, "")
+
+    @user_errors
+    def on_stop(run_id: str | None) -> list[Any]:
+        if not run_id:
+            raise UserError("No run selected.", hint="Pick the run to stop from the list.")
+        if not events.run_status(runs_dir / run_id).active:
+            raise UserError(f"{run_id} is not running.", hint="Only a running run can be stopped.")
+        st = jobs.stop_run(run_id, runs_dir)
+        gr.Info(f"Stopped {run_id} at step {st.step}.")
+        return [runs_update(run_id)] + render(run_id, "")
+
+    @user_errors
+    def on_resume(run_id: str | None) -> list[Any]:
+        if not run_id:
+            raise UserError("No run selected.", hint="Pick a stopped or interrupted run from the list.")
+        if state.options.demo_mode:
+            raise UserError("Training is switched off in this demo.")
+        jobs.resume_run(run_id, runs_dir)
+        time.sleep(0.2)
+        gr.Info(f"Resumed {run_id}.")
+        return [runs_update(run_id)] + render(run_id, "")
+
+    @user_errors
+    def on_select(run_id: str | None) -> list[Any]:
+        return render(run_id, "")
+
+    @user_errors
+    def on_tick(run_id: str | None, seen: str) -> list[Any]:
+        return render(run_id, seen)
+
+    outputs = [tab.runs] + view
+    tab.start.click(on_start, config_inputs, outputs, api_name="start_training", concurrency_id="jobs",
+                    concurrency_limit=1)
+    tab.stop.click(on_stop, tab.runs, outputs, api_name="stop_training", concurrency_id="jobs")
+    tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")
+    tab.refresh.click(lambda r: [runs_update(r)] + render(r, ""), tab.runs, outputs, api_name="list_runs")
+    tab.runs.input(on_select, tab.runs, view, api_name="select_run")
+    tab.timer.tick(on_tick, [tab.runs, tab.seen], view, api_name="poll_run", show_progress="hidden",
+                   queue=False)
+    tab.on_load = on_load
+    tab.outputs = outputs
+
+
+def run_state(runs_dir: Any, run_id: str) -> dict[str, Any]:
+    """A plain summary for API clients and tests."""
+    st = events.run_status(runs_dir / run_id)
+    return {"run_id": run_id, "state": st.state, "step": st.step, "max_steps": st.max_steps, "loss": st.loss,
+            "reason": st.reason}
