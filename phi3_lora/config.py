@@ -28,7 +28,7 @@ PRESET_NAMES = ("cookbook", "quick-cpu", "quality-gpu")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 LORA_BIAS = ("none", "all", "lora_only")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTENTION = ("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 FUSED_SLICES = ("q", "k", "v", "gate", "up")
 
@@ -62,7 +62,9 @@ class ModelSettings:
     bnb_4bit_use_double_quant: bool = _f(True, "Quantise the 4-bit scales too (saves ~0.4 bit/param).")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 where supported, float16 on older GPUs, "
                             "float32 on CPU), bfloat16, float16 or float32.")
-    attn_implementation: str = _f("auto", "Attention kernel: auto, sdpa, eager, flash_attention_2, flex_attention.")
+    attn_implementation: str = _f("auto", "Attention kernel: auto (sdpa_varlen for training on CUDA when PyTorch has "
+                                          "its varlen kernel, else sdpa), sdpa, sdpa_varlen (SDPA plus a varlen "
+                                          "kernel for packed rows), eager, flash_attention_2, flex_attention.")
     chat_template: str | None = _f(None, "Path to a Jinja chat template with {% generation %} markers; "
                                          "empty uses the model's training template.")
 
@@ -137,11 +139,15 @@ class TrainSettings:
     save_total_limit: int = _f(2, "Keep at most this many checkpoints per run.")
     assistant_only_loss: bool = _f(True, "Train only on assistant tokens (system and user turns are masked).")
     packing: BoolOrAuto = _f("auto", "Pack rows into full sequences without padding (padding-free). auto: on "
-                                     "for CUDA, off on CPU.")
+                                     "for CUDA with an attention path that keeps packed rows apart (sdpa_varlen, "
+                                     "flash, flex), off on CPU.")
     use_liger_kernel: BoolOrAuto = _f("auto", "Liger Triton kernels (fused RMSNorm/RoPE/SwiGLU/cross-entropy). "
                                               "auto: on when installed and on CUDA.")
     memory_budget_gb: float | None = _f(None, "GPU memory the run may use; empty means the whole GPU. Drives "
                                               "the automatic choices above.")
+    fp32_upcast: BoolOrAuto = _f("auto", "QLoRA: cast norms and embeddings to float32 (peft's "
+                                         "prepare_model_for_kbit_training). auto: off in bfloat16 (it only adds "
+                                         "casts and memory there), on in float16/float32.")
     num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.")
 
     def __post_init__(self) -> None:
@@ -160,7 +166,7 @@ class TrainSettings:
         _check(self.eval_steps is None or self.eval_steps >= 1,
                f"train.eval_steps must be empty or >= 1; got {self.eval_steps!r}.")
         _check(self.max_grad_norm > 0, f"train.max_grad_norm must be positive; got {self.max_grad_norm!r}.")
-        for name in ("gradient_checkpointing", "packing", "use_liger_kernel"):
+        for name in ("gradient_checkpointing", "packing", "use_liger_kernel", "fp32_upcast"):
             _check_auto_bool(getattr(self, name), f"train.{name}")
         _check(self.memory_budget_gb is None or self.memory_budget_gb > 0,
                f"train.memory_budget_gb must be empty or positive; got {self.memory_budget_gb!r}.")

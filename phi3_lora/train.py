@@ -53,20 +53,68 @@ class ResolvedOptions:
     optim: str
     bf16: bool
     fp16: bool
+    attn_implementation: str = "sdpa"
+    checkpointed_layers: int | None = None  # with gradient_checkpointing: how many decoder layers; None = all
+    fp32_upcast: bool = True  # peft's prepare_model_for_kbit_training (fp32 norms/embeddings) for 4-bit bases
 
 
-def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool) -> ResolvedOptions:
-    """Decide every `auto` knob from the device; the GPU speed work refines this in one place."""
+# Activation bytes per token and decoder layer that backward keeps, in units of the compute dtype's
+# size, as `a * hidden + b * intermediate`; measured on an H200 (bench/train_speed.py, calibration rows).
+ACT_HIDDEN, ACT_INTERMEDIATE = 17, 6
+PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool, *,
+                    varlen_available: bool = False, model_config: Any = None,
+                    gpu_memory_gb: float | None = None) -> ResolvedOptions:
+    """Decide every `auto` knob from the device, the model's shape and the memory budget (pure)."""
     t = config.train
     on_cuda = device == "cuda"
-    gc = t.gradient_checkpointing if t.gradient_checkpointing != "auto" else on_cuda
-    # Padding-free packing needs an attention path that keeps packed rows apart; only CUDA has one here.
-    packing = t.packing if t.packing != "auto" else False
+    attn = config.model.attn_implementation
+    if attn == "auto":
+        attn = "sdpa_varlen" if on_cuda and varlen_available else "sdpa"
+    # Padding-free packing needs an attention path that keeps packed rows apart without a dense mask.
+    packing = t.packing if t.packing != "auto" else (on_cuda and attn in PACKED_ATTENTION)
     liger = t.use_liger_kernel if t.use_liger_kernel != "auto" else (on_cuda and liger_installed)
     optim = t.optim if t.optim != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch")
+    # peft's kbit preparation casts norms and embeddings to fp32: in bf16 that only adds casts and memory.
+    upcast = t.fp32_upcast if t.fp32_upcast != "auto" else dtype_name != "bfloat16"
+    layers: int | None = None
+    if t.gradient_checkpointing != "auto":
+        gc = bool(t.gradient_checkpointing)
+    elif not on_cuda or model_config is None:
+        gc = on_cuda
+    else:
+        budget = t.memory_budget_gb or gpu_memory_gb
+        layers = checkpointed_layers(model_config, config, budget, dtype_name) if budget else None
+        gc = layers != 0
+        layers = None if not gc or layers == _num_layers(model_config) else layers
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
-                           bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16")
+                           bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
+                           attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast))
+
+
+def _num_layers(model_config: Any) -> int:
+    from phi3_lora.estimate import model_shape
+
+    return model_shape(model_config).num_layers
+
+
+def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str) -> int:
+    """The fewest decoder layers to checkpoint so that a step fits `budget_gb` (all of them if none fits)."""
+    from phi3_lora.estimate import GIB, estimate_memory, model_shape
+
+    shape = model_shape(model_config)
+    always_on = config.replace(train={"gradient_checkpointing": True})
+    base = estimate_memory(model_config, always_on, device="cuda").total_gib  # every layer checkpointed
+    nbytes = 4 if dtype_name == "float32" else 2
+    tokens = config.train.per_device_train_batch_size * config.train.max_length
+    per_layer = tokens * nbytes * (ACT_HIDDEN * shape.hidden_size + ACT_INTERMEDIATE * shape.intermediate_size
+                                   - shape.hidden_size) / GIB  # what one un-checkpointed layer adds
+    spare = 0.9 * budget_gb - base
+    free = max(0, min(shape.num_layers, int(spare // per_layer))) if per_layer > 0 else shape.num_layers
+    return shape.num_layers - free
 
 
 def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -99,6 +147,7 @@ def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path
         max_length=t.max_length,
         assistant_only_loss=t.assistant_only_loss,
         packing=opts.packing,
+        padding_free=opts.packing,
         use_liger_kernel=opts.use_liger_kernel,
         bf16=opts.bf16,
         fp16=opts.fp16,
@@ -161,42 +210,80 @@ def is_out_of_memory(exc: BaseException) -> bool:
         s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
-def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
+@dataclass
+class Built:
+    """A trainer ready to train, and what `run` records about it."""
+
+    trainer: Any
+    callback: Any
+    opts: ResolvedOptions
+    model_name: str
+    reason: str
+    device: str
+    dtype_name: str
+    loaded: Any
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+
+
+def build(config: RunConfig, output_dir: Path) -> Built:
+    """Data, model, LoRA and trl's trainer exactly as a run uses them (the bench times this same object)."""
     import dataclasses
 
     from datasets import Dataset
-    from transformers import set_seed
+    from transformers import AutoConfig, set_seed
     from trl import SFTConfig
 
     from phi3_lora import data as data_mod
     from phi3_lora import models
-    from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback
+    from phi3_lora.packed_attention import cuda_varlen_available
+    from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback, PartialCheckpointing
 
-    started = time.time()
     set_seed(config.train.seed)
-    _clean_staging(run_dir / CHECKPOINTS)
-
     loaded = data_mod.load_data(config.data)
     rows = loaded.rows[: config.data.max_rows] if config.data.max_rows else loaded.rows
     train_rows, eval_rows = data_mod.split_rows(rows, config.data.eval_fraction, config.train.seed)
-    _write_jsonl_atomic(run_dir / EVAL_ROWS, eval_rows)
 
     model_name, reason = models.resolve_name(config.model.name)
-    (run_dir / RESOLVED).write_text(json.dumps({"model": model_name, "reason": reason}), encoding="utf-8")
     tokenizer = models.load_tokenizer(model_name, config.model.chat_template)
-    model = models.load_model(dataclasses.replace(config.model, name=model_name))
-    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    device = "cuda" if models.cuda_available() else "cpu"
     dtype_name = str(models.resolve_dtype(config.model.dtype, device)).replace("torch.", "")
-    opts = resolve_options(config, device, dtype_name, liger_installed=_liger_installed())
+    model_config = AutoConfig.from_pretrained(models.local_path(model_name), trust_remote_code=False)
+    opts = resolve_options(config, device, dtype_name, liger_installed=_liger_installed(),
+                           varlen_available=cuda_varlen_available(), model_config=model_config,
+                           gpu_memory_gb=_gpu_memory_gb() if device == "cuda" else None)
+    model = models.load_model(dataclasses.replace(config.model, name=model_name,
+                                                  attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
 
-    args = SFTConfig(**sft_config_kwargs(config, opts, run_dir / CHECKPOINTS, has_eval=bool(eval_rows)))
-    callback = EventsCallback(run_dir, stop_flag=_stop_flag)
+    args = SFTConfig(**sft_config_kwargs(config, opts, Path(output_dir) / CHECKPOINTS, has_eval=bool(eval_rows)))
+    callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)
+    callbacks = [callback]
+    if opts.gradient_checkpointing and opts.checkpointed_layers is not None:
+        callbacks.append(PartialCheckpointing(opts.checkpointed_layers))
     trainer = AtomicCheckpointTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        callbacks=[callback])
+        callbacks=callbacks)
+    return Built(trainer, callback, opts, model_name, reason, device, dtype_name, loaded, train_rows, eval_rows)
+
+
+def _gpu_memory_gb() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+
+
+def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
+    started = time.time()
+    _clean_staging(run_dir / CHECKPOINTS)
+    built = build(config, run_dir)
+    trainer, callback, opts, loaded = built.trainer, built.callback, built.opts, built.loaded
+    model_name, reason, device, dtype_name = built.model_name, built.reason, built.device, built.dtype_name
+    eval_rows, tokenizer = built.eval_rows, built.trainer.processing_class
+    _write_jsonl_atomic(run_dir / EVAL_ROWS, eval_rows)
+    (run_dir / RESOLVED).write_text(json.dumps({"model": model_name, "reason": reason}), encoding="utf-8")
     dropped = drop_untrainable_rows(trainer)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     checkpoint = last_checkpoint(run_dir) if resume else None
@@ -241,7 +328,8 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
 
     from phi3_lora import models
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
+    four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
+    if four_bit and opts.fp32_upcast:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=opts.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})

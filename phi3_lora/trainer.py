@@ -104,3 +104,23 @@ class EventsCallback(TrainerCallback):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             events.append_event(self.run_dir, "checkpoint", step=state.global_step, max_steps=state.max_steps,
                                 path=str(path))
+
+
+class PartialCheckpointing(TrainerCallback):
+    """Keep gradient checkpointing on only the first `layers` decoder layers (what the memory budget needs).
+
+    Trainer switches checkpointing on for every layer just before `on_train_begin`; transformers checks a
+    per-layer flag (`GradientCheckpointingLayer.gradient_checkpointing`), so the rest are switched back off here.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < self.layers

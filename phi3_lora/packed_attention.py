@@ -1,0 +1,127 @@
+"""Attention for padding-free packed batches: each packed sequence sees only itself.
+
+trl's padding-free collator flattens a batch into one row and passes the sequence boundaries
+(`cu_seq_lens_q`, `max_length_q`) down to the attention layers. transformers' `sdpa` path turns
+that row into a dense block-diagonal mask, which drops SDPA off its flash kernel (measured about
+half the tokens/s of full rows on an H200). FlashAttention-2 has a varlen kernel but no wheel for
+our torch; PyTorch ships its own (`torch.nn.attention.varlen.varlen_attn`, flash-based, CUDA).
+transformers lets a project register an attention function (`AttentionInterface`), so this module
+registers one, `sdpa_varlen`, that
+
+- calls `varlen_attn` with the boundaries on CUDA,
+- runs plain SDPA once per packed sequence on CPU (the same function, slower),
+- is plain SDPA for everything else (padded batches, full rows, generation).
+
+Our own code because no maintained library offers this path for our torch: flash-attn and the
+Hub `kernels` need a compiled wheel or a download that a training machine may not have.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+NAME = "sdpa_varlen"
+
+
+@lru_cache(maxsize=1)
+def _varlen() -> tuple[Any, frozenset[str]] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def cuda_varlen_available() -> bool:
+    """PyTorch has a varlen attention kernel and a CUDA GPU to run it."""
+    return _varlen() is not None and torch.cuda.is_available()
+
+
+def register() -> str:
+    """Make `attn_implementation="sdpa_varlen"` known to transformers (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*args: Any, **kwargs: Any) -> Any:
+        # No 2-D padding mask: full rows or a packed row; the boundaries travel as cu_seq_lens instead of a
+        # dense block-diagonal mask. With padding, SDPA's own mask.
+        if kwargs.get("attention_mask") is None:
+            return None
+        return sdpa_mask(*args, **kwargs)
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, mask)
+    return NAME
+
+
+def _boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens of one row of position ids: a new sequence starts wherever the position does not step by 1."""
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
+    edges = torch.tensor([0, pos.numel()], device=pos.device)
+    return torch.cat([edges[:1], starts, edges[1:]]).to(torch.int32)
+
+
+def _per_sequence_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
+                       scaling: float | None) -> torch.Tensor:
+    """(H, T, D) tensors; causal SDPA within each [cu[i], cu[i+1]) slice. The reference path (CPU)."""
+    if k.shape[0] != q.shape[0]:  # grouped-query attention
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0)
+    parts = [torch.nn.functional.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True,
+                                                              scale=scaling)
+             for a, b in zip(cu[:-1], cu[1:])]
+    return torch.cat(parts, dim=1)  # (H, T, D)
+
+
+def _cuda_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                 scaling: float | None) -> torch.Tensor:
+    """(T, H, D) tensors through PyTorch's flash varlen kernel, causal."""
+    fn, params = _varlen()
+    kwargs: dict[str, Any] = {"scale": scaling}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention contract: (B, H, S, D) in, ((B, S, H, D), None) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, _, q_len, _ = query.shape
+    packed = (attention_mask is None and q_len == key.shape[2] and q_len > 1 and dropout == 0.0
+              and (kwargs.get("cu_seq_lens_q") is not None or kwargs.get("position_ids") is not None))
+    if not packed:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    cu = kwargs.get("cu_seq_lens_q")
+    rows = []
+    for b in range(batch):
+        if cu is None or batch > 1:  # no boundaries from the collator: read them off the position ids
+            pos = kwargs["position_ids"]
+            row_cu = _boundaries(pos[b if pos.shape[0] > 1 else 0])
+            max_len = int(row_cu.diff().max())
+        else:
+            row_cu, max_len = cu.to(torch.int32), kwargs.get("max_length_q")
+            max_len = int(max_len) if max_len is not None else int(row_cu.diff().max())
+        if query.is_cuda and _varlen() is not None:
+            out = _cuda_varlen(query[b].transpose(0, 1).contiguous(), key[b].transpose(0, 1).contiguous(),
+                               value[b].transpose(0, 1).contiguous(), row_cu, max_len, scaling)  # (T, H, D)
+        else:
+            out = _per_sequence_sdpa(query[b], key[b], value[b], row_cu.tolist(), scaling).transpose(0, 1)
+        rows.append(out)
+    return torch.stack(rows, dim=0), None
