@@ -1,24 +1,48 @@
 """`python app.py`: serve the phi3_lora app on http://127.0.0.1:7860 (flags: --host --port --share --auth
---model --runs-dir). Works offline on the embedded model; models load on first use, so the page is fast."""
+--model --runs-dir --demo). Works offline on the embedded model; models load on first use, so the page is fast.
+On a Hugging Face Space it also reads the Space's environment (phi3_lora.spaces): storage, ZeroGPU, OAuth."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from phi3_lora import spaces
+
+# Before anything imports huggingface_hub (it reads HF_HOME once): on a Space with persistent storage the
+# Hub cache goes to /data, so base models survive a restart.
+SPACE = spaces.detect()
+spaces.apply_environment(SPACE)
 
 from phi3_lora.ui import AppOptions, build_app, launch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="The phi3_lora web app: dataset, settings, training, compare, export.")
-    p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface).")
-    p.add_argument("--port", type=int, default=7860, help="Port to serve on.")
-    p.add_argument("--share", action="store_true", help="Also ask Gradio for a temporary public link.")
+    # Spaces (and Docker images) say where to listen through Gradio's own variables.
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="Interface to listen on (0.0.0.0 for every interface).")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                   help="Port to serve on.")
+    p.add_argument("--share", action="store_true", help="Also ask Gradio for a temporary public link (ignored on "
+                                                       "a Space, which is already public).")
     p.add_argument("--auth", metavar="USER:PASS", help="Require this user name and password.")
     p.add_argument("--model", default="auto", help="Default base model: auto, a Hub id, a local folder, or "
                                                    "'embedded: SmolLM2-135M-Instruct'.")
-    p.add_argument("--runs-dir", dest="runs_dir", default="runs", help="Where run folders are kept.")
+    p.add_argument("--runs-dir", dest="runs_dir", default="runs", help="Where run folders are kept (on a Space "
+                                                                     "with persistent storage: /data/phi3_lora/runs).")
+    p.add_argument("--demo", action="store_true", help="Demo mode: training is refused (also PHI3_LORA_DEMO_MODE=1); "
+                                                      "Compare works with published adapters.")
     return p.parse_args(argv)
+
+
+def app_options(runs_dir: str = "runs", model: str = "auto", demo: bool = False) -> AppOptions:
+    """The app's options, with what the Space (if any) decides: storage, demo mode, login, default model."""
+    demo_mode = spaces.demo_mode(flag=demo)
+    return AppOptions(runs_dir=spaces.runs_dir(SPACE, runs_dir), default_model=spaces.default_model(SPACE, model),
+                      demo_mode=demo_mode, storage_warning=spaces.storage_warning(SPACE), space_env=SPACE,
+                      login_required=spaces.login_required(SPACE, demo_mode))
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -33,7 +57,13 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     auth = parse_auth(args.auth)
-    demo = build_app(options=AppOptions(runs_dir=args.runs_dir, default_model=args.model))
+    args.share, note = spaces.share_decision(SPACE, args.share)
+    if note:
+        print(note, flush=True)  # stdout is the Space's log
+    options = app_options(args.runs_dir, args.model, args.demo)
+    if options.storage_warning:
+        print(f"Warning: {options.storage_warning}", flush=True)
+    demo = build_app(options=options)
     try:
         _, local_url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, auth=auth,
                                          prevent_thread_lock=True)
@@ -56,4 +86,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 else:
-    demo = build_app()
+    demo = build_app(options=app_options())

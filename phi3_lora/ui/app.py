@@ -32,6 +32,8 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
                 f"<b>{html.escape(state.default_name)}</b> ({html.escape(state.default_reason)}).</p></div>")
         if options.storage_warning:
             gr.HTML(notice("warn", options.storage_warning))
+        if options.login_required:  # a Space with hf_oauth: training is per signed-in Hugging Face user
+            gr.LoginButton()
         with gr.Tabs():
             with gr.Tab("1 · Dataset", id="dataset"):
                 ds = dataset.build(state)

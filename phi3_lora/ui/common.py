@@ -14,6 +14,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from phi3_lora.errors import UserError
+from phi3_lora.spaces import SpaceEnv, training_refusal
 
 log = logging.getLogger("phi3_lora.ui")
 
@@ -31,6 +32,13 @@ class AppOptions:
     sample_dataset: Path = Path(__file__).resolve().parents[2] / "data" / "sample_chat.jsonl"
     demo_mode: bool = False              # Space: show everything, refuse to train (set by the Space build)
     storage_warning: str | None = None   # Space without persistent storage: said at the top of the page
+    space_env: SpaceEnv = field(default_factory=SpaceEnv)  # what phi3_lora.spaces detected (empty off Spaces)
+    login_required: bool = False         # Space with hf_oauth: Sign in with Hugging Face before training
+
+    @property
+    def training_refusal(self) -> str | None:
+        """Why Start/Resume refuse here (demo mode, ZeroGPU), or None."""
+        return training_refusal(self.space_env, self.demo_mode)
 
     def __post_init__(self) -> None:
         self.runs_dir = Path(self.runs_dir).resolve()

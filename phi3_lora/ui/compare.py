@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from phi3_lora import events, jobs
+from phi3_lora import events, jobs, spaces
 from phi3_lora.errors import UserError
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
 
@@ -41,8 +41,9 @@ def build(state: AppState) -> CompareTab:
     gr.Markdown("## Compare base and tuned\nThe same prompt and the same sampling settings go to the base model "
                 "and to the base + your adapter. Each side keeps its own conversation.")
     with gr.Row(equal_height=True):
-        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, info="A finished run (its final adapter) or one of its "
-                                                                "checkpoints.")
+        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True,
+                             info="A finished run (its final adapter) or one of its checkpoints, or type the Hub "
+                                  "repo id of a published adapter (owner/name).")
         refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
     with gr.Accordion("Generation settings (shared by both sides)", open=False):
         with gr.Row():
@@ -96,11 +97,20 @@ def resolve_source(runs_dir: Path, value: str | None) -> Path:
     return path
 
 
+def resolve_adapter(runs_dir: Path, value: str | None) -> Path:
+    """A run or checkpoint of runs_dir, else an adapter published on the Hub (owner/name), downloaded once."""
+    value = (value or "").strip()
+    if value and not (runs_dir / value).exists() and spaces.is_hub_repo_id(value):
+        return spaces.download_adapter(value)
+    return resolve_source(runs_dir, value)
+
+
 def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None) -> Any:
     """The app's engine for this adapter's base model, created once, with this adapter attached."""
     from phi3_lora.generate import ChatEngine, locate_adapter
 
     ref = locate_adapter(path)
+    ref.model_name = spaces.portable_model_name(ref.model_name)  # trained offline, opened on a Space
     key = (ref.model_name, bool(ref.load_in_4bit))
     with state.engine_lock:
         engine = state.engines.get(key)
@@ -146,7 +156,8 @@ def wire(tab: CompareTab, state: AppState) -> None:
     def on_refresh(current: str | None) -> Any:
         choices = adapter_choices(runs_dir)
         values = [c[1] for c in choices]
-        return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+        keep = current in values or spaces.is_hub_repo_id(current or "")  # a typed Hub id stays picked
+        return gr.update(choices=choices, value=current if keep else (values[0] if values else None))
 
     @user_errors
     def on_send(prompt: str, source: str | None, temperature: float, top_p: float, max_new: float, seed: Any,
@@ -159,7 +170,7 @@ def wire(tab: CompareTab, state: AppState) -> None:
             raise UserError("The prompt is empty.", hint="Type a question, or press \"Held-out example\".")
         settings = GenerationSettings(temperature=float(temperature), top_p=float(top_p),
                                       max_new_tokens=int(max_new), seed=int(seed or 0))
-        path = resolve_source(runs_dir, source)
+        path = resolve_adapter(runs_dir, source)
         base_hist = _history(base_chat) + [{"role": "user", "content": prompt}]
         tuned_hist = _history(tuned_chat) + [{"role": "user", "content": prompt}]
         shown_base = base_hist + [{"role": "assistant", "content": ""}]
@@ -181,7 +192,9 @@ def wire(tab: CompareTab, state: AppState) -> None:
     inputs = [tab.prompt, tab.source, tab.temperature, tab.top_p, tab.max_new_tokens, tab.seed, tab.base_chat,
               tab.tuned_chat]
     outputs = [tab.base_chat, tab.tuned_chat, tab.prompt, tab.status]
-    gr.on([tab.send.click, tab.prompt.submit], on_send, inputs, outputs, api_name="compare",
+    # On ZeroGPU the GPU exists only inside a spaces.GPU call; elsewhere this returns on_send unchanged.
+    send = spaces.gpu(on_send, state.options.space_env)
+    gr.on([tab.send.click, tab.prompt.submit], send, inputs, outputs, api_name="compare",
           concurrency_id="generate", concurrency_limit=1)
     tab.example.click(on_example, tab.source, [tab.prompt, tab.reference], api_name="heldout_example")
     tab.clear.click(lambda: ([], [], gr.update(visible=False), ""), None,

@@ -16,6 +16,7 @@ import pandas as pd
 
 from phi3_lora import events, jobs
 from phi3_lora.errors import UserError
+from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 
 STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": "warn", "failed": "error",
@@ -40,9 +41,10 @@ class TrainTab:
 def build(state: AppState) -> TrainTab:
     gr.Markdown("## Train\nStart runs the training as a background process on this machine (one at a time). "
                 "Progress is read from the run folder, so you can close the tab or open it elsewhere.")
-    if state.options.demo_mode:
-        gr.HTML(notice("warn", "This is a demo: training is switched off here. Run the app on your own machine "
-                               "to train."))
+    if state.options.training_refusal:
+        gr.HTML(notice("warn", state.options.training_refusal))
+    elif state.options.login_required:
+        gr.HTML(notice("info", f"{LOGIN_MESSAGE} Use the button at the top of the page."))
     with gr.Row(equal_height=True):
         start = gr.Button("Start training", variant="primary", scale=2)
         stop = gr.Button("Stop", variant="stop", scale=1)
@@ -159,8 +161,8 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
 
     @user_errors
     def on_start(*values: Any) -> list[Any]:
-        if state.options.demo_mode:
-            raise UserError("Training is switched off in this demo.", hint="Run the app on your own machine.")
+        if state.options.training_refusal:
+            raise UserError(state.options.training_refusal)
         config = build_config(*values)
         if not config.data.source:
             raise UserError("No dataset chosen.", hint="Go to the Dataset tab: upload a file or press "
@@ -183,8 +185,8 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     def on_resume(run_id: str | None) -> list[Any]:
         if not run_id:
             raise UserError("No run selected.", hint="Pick a stopped or interrupted run from the list.")
-        if state.options.demo_mode:
-            raise UserError("Training is switched off in this demo.")
+        if state.options.training_refusal:
+            raise UserError(state.options.training_refusal)
         jobs.resume_run(run_id, runs_dir)
         time.sleep(0.2)
         gr.Info(f"Resumed {run_id}.")
@@ -198,8 +200,16 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     def on_tick(run_id: str | None, seen: str) -> list[Any]:
         return render(run_id, seen)
 
+    @user_errors
+    def on_start_signed_in(profile: gr.OAuthProfile | None, *values: Any) -> list[Any]:
+        # Only wired on a Space with hf_oauth: gradio fills `profile` from the session (None = signed out).
+        if profile is None and not state.options.training_refusal:
+            raise UserError(LOGIN_MESSAGE, hint="Press \"Sign in with Hugging Face\" at the top of the page.")
+        return on_start(*values)
+
     outputs = [tab.runs] + view
-    tab.start.click(on_start, config_inputs, outputs, api_name="start_training", concurrency_id="jobs",
+    start_fn = on_start_signed_in if state.options.login_required else on_start
+    tab.start.click(start_fn, config_inputs, outputs, api_name="start_training", concurrency_id="jobs",
                     concurrency_limit=1)
     tab.stop.click(on_stop, tab.runs, outputs, api_name="stop_training", concurrency_id="jobs")
     tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")
