@@ -61,7 +61,7 @@ class ModelSettings:
     bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 (QLoRA paper) or fp4.")
     bnb_4bit_use_double_quant: bool = _f(True, "Quantise the 4-bit scales too (saves ~0.4 bit/param).")
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 where supported, float16 on older GPUs, "
-                            "float32 on CPU), bfloat16, float16 or float32.")
+                            "bfloat16 on CPUs with native bf16 instructions, else float32), bfloat16, float16 or float32.")
     attn_implementation: str = _f("auto", "Attention kernel: auto (sdpa_varlen for training on CUDA when PyTorch has "
                                           "its varlen kernel, else sdpa), sdpa, sdpa_varlen (SDPA plus a varlen "
                                           "kernel for packed rows), eager, flash_attention_2, flex_attention.")
