@@ -142,7 +142,7 @@ def test_train_refuse_second_reattach_compare_export(server) -> None:
         time.sleep(0.5)
     assert st.state == "finished", st.reason
     print(f"\n[timing] Start -> first loss point (tiny model): {first_loss:.1f} s; whole run {time.time() - t0:.1f} s")
-    status_html = c.predict(run_id, "", api_name="/poll_run")[0]
+    status_html = c.predict(run_id, "", api_name="/poll_run")[1]
     assert "finished" in status_html
 
     assert val(c.predict(None, api_name="/list_adapters")) == run_id

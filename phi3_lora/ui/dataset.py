@@ -70,9 +70,10 @@ def build(state: AppState) -> DatasetTab:
                                       info=cfgmod.help_text(cfgmod.DataSettings, "eval_fraction"))
     summary = gr.HTML(notice("info", "No data yet: upload a file or press \"Use the sample dataset\"."))
     problems = gr.Dataframe(headers=PROBLEM_HEADERS, label="Problems (rows that will be skipped)",
-                            interactive=False, visible=False, wrap=True, max_height=260)
+                            interactive=False, visible=False, wrap=True, max_height=260,
+                            column_widths=["15%", "10%", "20%", "55%"])
     preview = gr.Dataframe(headers=PREVIEW_HEADERS, label="Preview (first 50 usable rows)", interactive=False,
-                           wrap=True, max_height=320)
+                           wrap=True, max_height=320, column_widths=["5%", "8%", "17%", "35%", "35%"])
     with gr.Row(equal_height=False):
         with gr.Column():
             gr.Markdown("### Token lengths")

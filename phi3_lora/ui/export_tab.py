@@ -54,7 +54,7 @@ def build(state: AppState) -> ExportTab:
             gr.HTML(help_md("adapter_model.safetensors + adapter_config.json + tokenizer and chat template + a model "
                             "card. Load it with peft's PeftModel.from_pretrained(base, folder)."))
             zip_button = gr.Button("Build adapter zip", variant="primary")
-            zip_file = gr.File(label="Download", interactive=False)
+            zip_file = gr.File(label="Download", interactive=False, elem_id="p3-zip-file")
         with gr.Column():
             gr.Markdown("### 2. Merged model (16-bit)")
             gr.HTML(help_md("Folds the adapter into a 16-bit copy of the base (never into 4-bit weights) and saves "

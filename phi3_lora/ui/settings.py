@@ -117,7 +117,7 @@ def build(state: AppState) -> SettingsTab:
             preset_notes = gr.HTML()
         with gr.Column(scale=2):
             gr.Markdown("### Memory and size")
-            estimate_box = gr.HTML(estimate_html(d, info) if info else "")
+            estimate_box = gr.HTML(estimate_html(d, info) if info else "", elem_id="p3-estimate")
     with gr.Row(equal_height=False):
         with gr.Column():
             gr.Markdown("### LoRA adapter")
@@ -183,8 +183,8 @@ def build(state: AppState) -> SettingsTab:
     gr.Markdown("### Reproduce from the command line")
     show_config = gr.Button("Show config (YAML + CLI)", variant="secondary")
     with gr.Row():
-        yaml_code = gr.Code(language="yaml", label="run.yaml", interactive=False, visible=False)
-        cli_code = gr.Code(language="shell", label="Equivalent CLI", interactive=False, visible=False)
+        yaml_code = gr.Code(language="yaml", label="run.yaml", interactive=False, visible=False, max_lines=22)
+        cli_code = gr.Code(language="shell", label="Equivalent CLI", interactive=False, visible=False, max_lines=22)
     gr.HTML(help_md("Save the YAML as run.yaml and run the first command, or use the flags form directly."))
     return SettingsTab(f, preset, preset_notes, model_note, estimate_box, show_config, yaml_code, cli_code)
 

@@ -55,7 +55,7 @@ def build(state: AppState) -> TrainTab:
         refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
     status = gr.HTML(notice("info", "No run yet: prepare a dataset, check the settings, then press Start."))
     progress = gr.HTML(_progress_html(None))
-    plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": [], "series": []}), x="step", y="loss", color="series",
+    plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series",
                        title="Loss", x_title="step", y_title="loss", height=300,
                        color_map={"train": "#4f7cf7", "eval": "#e8590c"})
     log = gr.Textbox(label="Training log (last lines)", lines=10, max_lines=10, interactive=False, autoscroll=True)
@@ -102,9 +102,12 @@ def status_html(run_id: str, st: events.RunStatus) -> str:
     return f"<div class='p3-note p3-{STATE_KIND.get(st.state, 'info')}' id='p3-run-status'>{body}</div>"
 
 
-def loss_frame(st: events.RunStatus) -> pd.DataFrame:
-    rows = [(s, v, "train") for s, v in st.losses] + [(s, v, "eval") for s, v in st.eval_losses]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+def loss_frame(st: events.RunStatus | None) -> pd.DataFrame:
+    """step, loss, series (train | eval); typed even when empty so the plot's colour scale stays nominal."""
+    rows = [] if st is None else ([(s, v, "train") for s, v in st.losses] + [(s, v, "eval") for s, v in st.eval_losses])
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="object")})
 
 
 def run_choices(runs_dir: Any) -> list[tuple[str, str]]:
@@ -198,7 +201,10 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
 
     @user_errors
     def on_tick(run_id: str | None, seen: str) -> list[Any]:
-        return render(run_id, seen)
+        out = render(run_id, seen)
+        new_key = out[-1] if isinstance(out[-1], str) else seen
+        changed = new_key.split("|")[:2] != (seen or "").split("|")[:2]  # another run or another state
+        return [runs_update(run_id) if changed and run_id else gr.skip()] + out
 
     @user_errors
     def on_start_signed_in(profile: gr.OAuthProfile | None, *values: Any) -> list[Any]:
@@ -215,7 +221,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")
     tab.refresh.click(lambda r: [runs_update(r)] + render(r, ""), tab.runs, outputs, api_name="list_runs")
     tab.runs.input(on_select, tab.runs, view, api_name="select_run")
-    tab.timer.tick(on_tick, [tab.runs, tab.seen], view, api_name="poll_run", show_progress="hidden",
+    tab.timer.tick(on_tick, [tab.runs, tab.seen], [tab.runs] + view, api_name="poll_run", show_progress="hidden",
                    queue=False)
     tab.on_load = on_load
     tab.outputs = outputs

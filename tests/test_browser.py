@@ -1,0 +1,125 @@
+"""A real browser (Debian's chromium via Playwright) walks sample data -> settings -> train -> compare -> export.
+
+Screenshots of every tab go to test-output/screenshots/ (or $PHI3_LORA_TEST_OUTPUT/screenshots/).
+Skipped without /usr/bin/chromium unless PHI3_LORA_REQUIRE_BROWSER=1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def screenshots_dir() -> Path:
+    root = Path(os.environ.get("PHI3_LORA_TEST_OUTPUT", Path(__file__).resolve().parents[1] / "test-output"))
+    folder = root / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("PHI3_LORA_REQUIRE_BROWSER") == "1":
+            pytest.fail("PHI3_LORA_REQUIRE_BROWSER=1 but /usr/bin/chromium is missing "
+                        "(apt-get install -y chromium chromium-driver).")
+        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium chromium-driver)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
+    from phi3_lora import jobs
+    from phi3_lora.ui import build_app, launch
+
+    runs = tmp_path_factory.mktemp("browser_runs")
+    demo = build_app(runs, default_model=str(tiny_llama_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, _ = launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    yield url
+    if jobs.active_run(runs):
+        jobs.stop_run(jobs.active_run(runs), runs, grace=5)
+    demo.close()
+
+
+def set_number(page, label: str, value: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_walk_through_the_app(browser, app_url: str) -> None:
+    shots = screenshots_dir()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    t0 = time.time()
+    page.goto(app_url, wait_until="domcontentloaded")
+    dom = time.time() - t0
+    page.wait_for_load_state("load")
+    loaded = time.time() - t0
+    # Not "networkidle": the Train tab's 1 s timer keeps the network busy by design.
+    page.get_by_text("Your chat data").wait_for()
+    rendered = time.time() - t0
+    print(f"\n[timing] page load: DOMContentLoaded {dom:.2f} s, load {loaded:.2f} s, app rendered {rendered:.2f} s")
+
+    # 1. Dataset: one button and go.
+    page.get_by_role("button", name="Use the sample dataset").click()
+    page.get_by_text("48 usable of 48 rows").wait_for(timeout=60_000)
+    page.locator("#p3-token-preview .p3-trained").first.wait_for()
+    assert "Quillon" in page.locator("#p3-token-preview").inner_text()
+    page.screenshot(path=str(shots / "1-dataset.png"), full_page=True)
+
+    # 2. Settings: a short, strong run for the tiny model.
+    page.get_by_role("tab", name="2 · Model & LoRA").click()
+    set_number(page, "Max steps", "8")
+    set_number(page, "Learning rate", "0.01")
+    set_number(page, "Max length (tokens)", "128")
+    page.locator("#p3-estimate").get_by_text("Trainable parameters").wait_for()
+    page.get_by_role("button", name="Show config (YAML + CLI)").click()
+    page.get_by_text("python -m phi3_lora train --config run.yaml").first.wait_for()
+    page.screenshot(path=str(shots / "2-settings.png"), full_page=True)
+
+    # 3. Train: start, watch the curve, wait for the end.
+    page.get_by_role("tab", name="3 · Train").click()
+    t_start = time.time()
+    page.get_by_role("button", name="Start training").click()
+    page.locator("#p3-run-status").get_by_text("training").or_(
+        page.locator("#p3-run-status").get_by_text("finished")).first.wait_for(timeout=120_000)
+    page.locator("#p3-run-status").get_by_text("finished").wait_for(timeout=300_000)
+    print(f"[timing] browser: Start -> finished (tiny model, 8 steps) {time.time() - t_start:.1f} s")
+    assert "8 / 8" in page.locator("#p3-progress-stats").inner_text()
+    page.screenshot(path=str(shots / "3-train.png"), full_page=True)
+
+    # 4. Compare: the adapter is preselected; both panes answer.
+    page.get_by_role("tab", name="4 · Compare").click()
+    page.get_by_role("button", name="Held-out example").click()
+    page.get_by_text("Reference answer").wait_for(timeout=30_000)
+    page.locator("#p3-prompt textarea").fill("What is your name?")
+    page.get_by_role("button", name="Send", exact=True).click()
+    page.get_by_text("done (temperature").wait_for(timeout=180_000)
+    base = page.locator("#p3-base-chat").inner_text()
+    tuned = page.locator("#p3-tuned-chat").inner_text()
+    assert "What is your name?" in base and "What is your name?" in tuned
+    page.screenshot(path=str(shots / "4-compare.png"), full_page=True)
+
+    # 5. Export.
+    page.get_by_role("tab", name="5 · Export").click()
+    page.get_by_role("button", name="Build adapter zip").click()
+    page.locator("#p3-zip-file").get_by_text("adapter.zip").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(shots / "5-export.png"), full_page=True)
+    page.close()
