@@ -334,3 +334,29 @@ def test_hub_repo_ids_are_told_apart_from_runs_and_paths() -> None:
     assert spaces.is_hub_repo_id("alice/quillon-adapter")
     for not_id in ("20261128-165012-ab12", "run/checkpoints/checkpoint-5", "./adapter", "/data/x", "a/../b", ""):
         assert not spaces.is_hub_repo_id(not_id), not_id
+
+
+def test_compare_names_a_hub_adapter_it_cannot_fetch_offline(tmp_path: Path) -> None:
+    from phi3_lora.errors import UserError
+    from phi3_lora.ui.compare import resolve_adapter
+
+    (tmp_path / "alice" / "local").mkdir(parents=True)  # a local folder wins over a Hub id of the same shape
+    assert resolve_adapter(tmp_path, "alice/local") == (tmp_path / "alice" / "local").resolve()
+    with pytest.raises(UserError, match="Could not download the adapter someone/quillon-adapter"):
+        resolve_adapter(tmp_path, "someone/quillon-adapter")  # the tests force the Hub offline
+    with pytest.raises(UserError, match="is not a run or checkpoint"):
+        resolve_adapter(tmp_path, "../elsewhere")
+
+
+def test_zero_gpu_wraps_compare_in_spaces_gpu_when_the_package_is_there(tmp_path: Path, monkeypatch) -> None:
+    import importlib.machinery
+    import types
+
+    calls: list[int] = []
+    fake = types.ModuleType("spaces")
+    fake.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
+    fake.GPU = lambda duration: (calls.append(duration), lambda fn: ("wrapped", fn))[1]
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    zero = spaces.detect({"SPACE_ID": "a/b", "SPACES_ZERO_GPU": "true"}, data_dir=tmp_path)
+    assert spaces.gpu(len, zero, duration=90) == ("wrapped", len) and calls == [90]
+    assert spaces.gpu(len, spaces.SpaceEnv()) is len  # dedicated GPU or no Space: never wrapped
