@@ -20,6 +20,9 @@ PID_FILE = "pid"
 
 OOM_REASON = ("failed: out of memory. Lower per_device_train_batch_size or max_length, turn on "
               "gradient_checkpointing, or enable QLoRA (model.load_in_4bit).")
+DISK_FULL_REASON = ("failed: disk full (no space left on the disk holding the run folder). Free some space "
+                    "(delete old runs or exports) or lower train.save_total_limit, then press Resume: it continues "
+                    "from the last complete checkpoint, which the failed save left intact.")
 
 
 def append_event(run_dir: Path, type: str, **fields: Any) -> dict[str, Any]:

@@ -125,6 +125,7 @@ class ChatEngine:
             if not (adapter_dir / "adapter_config.json").exists():
                 raise UserError(f"{adapter_dir} holds no adapter (adapter_config.json is missing).",
                                 hint="Pick a finished run or one of its checkpoints.")
+            require_safetensors(adapter_dir)
             if isinstance(self.model, PeftModel):
                 if TUNED in self.model.peft_config:
                     self.model.delete_adapter(TUNED)
@@ -222,6 +223,23 @@ class ChatEngine:
         yield last
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def require_safetensors(adapter_dir: Path) -> None:
+    """Adapters load from safetensors only: a pickled adapter_model.bin could run code when unpickled."""
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / ADAPTER_WEIGHTS).exists():
+        return
+    pickles = sorted(p.name for p in adapter_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickles:
+        raise UserError(f"{adapter_dir} has its weights only as {', '.join(pickles)} (a pickle file); phi3_lora loads "
+                        f"adapters only from {ADAPTER_WEIGHTS}, because unpickling a file can run code.",
+                        hint="Convert it where you trust the file: load it with peft and call "
+                             "save_pretrained(folder, safe_serialization=True), then use that folder.")
+    raise UserError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}.", hint="Pick a finished run or one of its checkpoints.")
+
+
 @dataclass
 class AdapterRef:
     """Where an adapter is and which base model it belongs to."""
@@ -248,6 +266,7 @@ def locate_adapter(path: str | Path) -> AdapterRef:
     else:
         raise UserError(f"{path} holds no adapter yet (no adapter/ and no complete checkpoint).",
                         hint="Wait for the run to save a checkpoint, or pick a finished run.")
+    require_safetensors(adapter)
     import json
 
     for run_dir in (adapter.parent, adapter.parent.parent):

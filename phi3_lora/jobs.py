@@ -96,22 +96,60 @@ def train_command(config_path: Path, run_dir: Path, resume: bool, num_processes:
     return [sys.executable, *tail]
 
 
+# What one checkpoint holds besides the LoRA weights and AdamW state: tokenizer files (up to ~10 MB for large
+# vocabularies), trainer / RNG / scheduler state. The margin covers logs, events and not filling a disk to the byte.
+CHECKPOINT_OVERHEAD_BYTES = 32 * 2**20
+DISK_MARGIN_BYTES = 128 * 2**20
+FALLBACK_TRAINABLE_PARAMS = 32_000_000  # ~Phi-3-mini with r=16 on every linear layer, when the model can't be read
+
+
+def disk_needed(trainable_params: int, save_total_limit: int) -> int:
+    """Bytes a run's folder can grow to (pure): each checkpoint holds the adapter (fp32) and AdamW's two moments
+    (fp32), plus overhead; save_total_limit of them are kept and one more exists while the next is written,
+    before the oldest is rotated away; then the final adapter and a margin."""
+    adapter = 4 * trainable_params
+    checkpoint = adapter + 8 * trainable_params + CHECKPOINT_OVERHEAD_BYTES
+    return checkpoint * (save_total_limit + 1) + adapter + CHECKPOINT_OVERHEAD_BYTES + DISK_MARGIN_BYTES
+
+
+def trainable_params_for(config: RunConfig) -> int:
+    """LoRA parameters of this run from the model's config alone (no weights loaded); a safe guess if unreadable."""
+    try:
+        from transformers import AutoConfig
+
+        from phi3_lora import models
+
+        name, _ = models.resolve_name(config.model.name)
+        model_config = AutoConfig.from_pretrained(models.local_path(name), trust_remote_code=False)
+        return models.count_lora_parameters(model_config, config.lora)[0]
+    except Exception:  # offline Hub id, odd architecture: the training process reports those itself
+        return FALLBACK_TRAINABLE_PARAMS
+
+
 def check_disk(runs_dir: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(runs_dir).free
     if free < need_bytes:
-        raise UserError(f"Only {free / 2**30:.1f} GiB free on the disk holding {runs_dir}; this run's checkpoints "
-                        f"need about {need_bytes / 2**30:.1f} GiB.",
-                        hint="Free some space (delete old runs) or lower train.save_total_limit.")
+        raise UserError(f"Not enough disk space to start: {_size(free)} free on the disk holding {runs_dir}; this "
+                        f"run's checkpoints need about {_size(need_bytes)}.",
+                        hint="Free some space (delete old runs or exports) or lower train.save_total_limit.")
 
 
-def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: int = 256 * 2**20,
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: int | None = None,
               check_data: bool = True) -> str:
-    """Validate, then launch a run in the background; returns its id. Busy machine -> UserError."""
+    """Validate, then launch a run in the background; returns its id. Busy machine or full disk -> UserError.
+
+    need_bytes: free disk space required; None estimates it from the model and LoRA settings (`disk_needed`)."""
     runs_dir = Path(runs_dir or default_runs_dir())
     if check_data:
         from phi3_lora import data
 
         data.load_data(config.data)  # bad data is refused here, before any process starts
+    if need_bytes is None:
+        need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
     with _locked(runs_dir):
         busy = active_run(runs_dir)
         if busy:
@@ -133,12 +171,15 @@ def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
     status = events.run_status(run_dir)
     if status.state == "finished":
         raise UserError(f"Run {run_id} already finished; start a new run to train more.")
+    config = load_yaml(run_dir / "config.yaml")
+    need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
     with _locked(runs_dir):
         busy = active_run(runs_dir)
         if busy:
             raise _busy_error(runs_dir, busy)
+        check_disk(runs_dir, need_bytes)
         events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps)
-        _spawn(runs_dir, run_id, resume=True, num_processes=_num_processes(load_yaml(run_dir / "config.yaml")))
+        _spawn(runs_dir, run_id, resume=True, num_processes=_num_processes(config))
     return run_id
 
 

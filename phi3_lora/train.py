@@ -7,6 +7,7 @@ adapter/ (the final adapter, written atomically) and train.log (written by jobs)
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -197,17 +198,69 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
         events.append_event(run_dir, "error", reason=f"failed: {exc}")
         raise
     except BaseException as exc:
+        if is_disk_full(exc):
+            _record_error(run_dir, events.DISK_FULL_REASON, str(exc)[:500])
+            raise UserError(events.DISK_FULL_REASON) from exc
         if is_out_of_memory(exc):
-            events.append_event(run_dir, "error", reason=events.OOM_REASON, detail=str(exc)[:500])
+            _record_error(run_dir, events.OOM_REASON, str(exc)[:500])
             raise UserError(events.OOM_REASON) from exc
-        events.append_event(run_dir, "error", reason=f"failed: {type(exc).__name__}: {str(exc)[:500]}")
+        _record_error(run_dir, f"failed: {type(exc).__name__}: {str(exc)[:500]}")
         raise
 
 
+def _record_error(run_dir: Path, reason: str, detail: str | None = None) -> None:
+    """The error event; if even that cannot be written (a full disk), the run reads as interrupted instead."""
+    try:
+        events.append_event(run_dir, "error", reason=reason, **({"detail": detail} if detail else {}))
+    except OSError as exc:
+        print(f"could not record the error in events.jsonl ({exc}): {reason}", flush=True)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 10:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+    for e in _causes(exc):
+        text = str(e).lower()
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
+                s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")):
+            return True
+    return False
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, raised as OSError by Python or as text by safetensors' Rust writer ("StorageFull")."""
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if "no space left on device" in text or "storagefull" in text or "disk quota exceeded" in text:
+            return True
+    return False
+
+
+MEMORY_LIMIT_ENV = "PHI3_LORA_MEMORY_LIMIT_MB"  # tests only: force an out-of-memory in the training loop
+
+
+def apply_memory_limit() -> int | None:
+    """With $PHI3_LORA_MEMORY_LIMIT_MB set, cap this process's address space (RLIMIT_AS) at what it has mapped
+    now plus that many MB, so the training loop's first big allocation fails like a real OOM. Returns the cap."""
+    value = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if not value:
+        return None
+    import resource
+
+    with open("/proc/self/statm", encoding="ascii") as fh:
+        mapped = int(fh.read().split()[0]) * resource.getpagesize()
+    cap = mapped + int(float(value) * 2**20)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return cap
 
 
 @dataclass
@@ -296,6 +349,7 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
         options=vars(opts), data_warnings=loaded.warnings)
 
     _stop_flag["in_loop"] = True
+    apply_memory_limit()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:

@@ -20,6 +20,7 @@ from trl import SFTTrainer
 from phi3_lora import events
 
 STAGING = ".staging"
+SLOW_SAVE_ENV = "PHI3_LORA_TEST_SLOW_SAVE_SECONDS"  # tests only: pause inside each checkpoint save
 
 
 class AtomicCheckpointTrainer(SFTTrainer):
@@ -32,6 +33,11 @@ class AtomicCheckpointTrainer(SFTTrainer):
         self.args.output_dir = staging_root
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException:
+            # A failed save (disk full) must not keep its partial files: they hold space the error event needs,
+            # and the previous checkpoint-N, untouched, stays the one Resume uses.
+            shutil.rmtree(staging_root, ignore_errors=True)
+            raise
         finally:
             self.args.output_dir = final_root
         if self.args.should_save:
@@ -41,6 +47,14 @@ class AtomicCheckpointTrainer(SFTTrainer):
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Tests widen the window between the adapter and the optimizer state to kill a save half-way.
+        delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        super()._save_optimizer_and_scheduler(output_dir)
 
 
 class EventsCallback(TrainerCallback):
