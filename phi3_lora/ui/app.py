@@ -89,7 +89,11 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
     """Queue limits, upload limit, theme and CSS (gradio 6 takes theme/css in launch), then serve."""
     options: AppOptions = getattr(demo, "phi3_options", AppOptions())
     demo.queue(default_concurrency_limit=options.concurrency_limit, max_size=options.queue_max_size)
+    # Served files: Gradio's own upload/cache folders and our export folder only. The runs folder (configs,
+    # events, checkpoints, kept uploads, .active.json) is blocked outright; the blocklist wins over everything.
+    exports = export_tab.export_root(options.runs_dir)
+    exports.mkdir(parents=True, exist_ok=True)
     return demo.launch(server_name=host, server_port=port, share=share, auth=auth, quiet=quiet,
                        prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
-                       allowed_paths=[str(options.runs_dir)], theme=THEME, css=CSS, show_error=False,
-                       footer_links=["api", "settings"])
+                       allowed_paths=[str(exports)], blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
+                       show_error=False, footer_links=["api", "settings"])

@@ -78,6 +78,12 @@ def build(state: AppState) -> ExportTab:
                      repo_id, token, what, private, push_button, push_status)
 
 
+def export_root(runs_dir: Path) -> Path:
+    """Where downloads are built: a sibling of the runs folder, the only app folder the web server may serve
+    (the runs folder itself is blocked; see ui.app.launch)."""
+    return Path(runs_dir).parent / f"{Path(runs_dir).name}-exports"
+
+
 def _run_dir(path: Path) -> Path:
     return path if (path / "config.yaml").exists() else next(
         (p for p in path.parents if (p / "config.yaml").exists()), path)
@@ -94,7 +100,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
     def on_zip(source: str | None, progress: gr.Progress = gr.Progress()) -> str:
         path = resolve_source(runs_dir, source)
         progress(0.2, desc="Zipping the adapter…")
-        return str(_export().adapter_zip(path, _run_dir(path) / "export"))
+        return str(_export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name))
 
     @user_errors
     def on_merge(source: str | None, folder: str, progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
@@ -110,8 +116,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return message + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.8, desc="Zipping for download…")
-        archive = shutil.make_archive(str(merged.parent / f"{merged.name}-download"), "zip", merged.parent,
-                                      merged.name)
+        archive = shutil.make_archive(str(export_root(runs_dir) / _run_dir(path).name / f"{merged.name}-download"),
+                                      "zip", merged.parent, merged.name)
         return message, gr.update(value=archive, visible=True)
 
     @user_errors
