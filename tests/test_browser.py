@@ -7,6 +7,7 @@ Skipped without /usr/bin/chromium unless PHI3_LORA_REQUIRE_BROWSER=1.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -118,8 +119,14 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.screenshot(path=str(shots / "4-compare.png"), full_page=True)
 
     # 5. Export.
+    from playwright.sync_api import expect
+
     page.get_by_role("tab", name="5 · Export").click()
+    expect(page.locator("#p3-export-source input")).to_have_value(re.compile("final adapter"), timeout=30_000)
     page.get_by_role("button", name="Build adapter zip").click()
-    page.locator("#p3-zip-file").get_by_text("adapter.zip").first.wait_for(timeout=60_000)
+    try:
+        page.locator("#p3-zip-file").get_by_text(re.compile(r"\.zip")).first.wait_for(timeout=60_000)
+    finally:
+        page.screenshot(path=str(shots / "5-export.png"), full_page=True)
     page.screenshot(path=str(shots / "5-export.png"), full_page=True)
     page.close()

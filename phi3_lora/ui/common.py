@@ -125,5 +125,6 @@ CSS = """
 .p3-progress > div { height: 100%; background: linear-gradient(90deg, #4f7cf7, #7aa2ff); transition: width .4s; }
 .p3-stats { display: flex; gap: 18px; flex-wrap: wrap; margin-top: 6px; font-size: 0.92em; }
 .p3-stats b { font-variant-numeric: tabular-nums; }
+.p3-refresh-row { align-items: center !important; }
 .p3-reference { border-left: 4px solid #7aa2ff; padding-left: 10px; }
 """

@@ -45,9 +45,10 @@ def _export():
 def build(state: AppState) -> ExportTab:
     gr.Markdown("## Export\nTake your adapter with you: a small zip for peft, a standalone merged model, or a "
                 "Hub repository.")
-    with gr.Row(equal_height=True):
-        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, info="A finished run or one of its checkpoints.")
-        refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
+    with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
+        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, elem_id="p3-export-source",
+                             info="A finished run or one of its checkpoints.")
+        refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
     with gr.Row(equal_height=False):
         with gr.Column():
             gr.Markdown("### 1. Adapter zip")

@@ -32,7 +32,7 @@ class TrainTab:
     resume: gr.Button
     status: gr.HTML
     progress: gr.HTML
-    plot: gr.LinePlot
+    plot: gr.Plot
     log: gr.Textbox
     timer: gr.Timer
     seen: gr.State
@@ -49,16 +49,14 @@ def build(state: AppState) -> TrainTab:
         start = gr.Button("Start training", variant="primary", scale=2)
         stop = gr.Button("Stop", variant="stop", scale=1)
         resume = gr.Button("Resume", variant="secondary", scale=1)
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
         runs = gr.Dropdown([], label="Run", info="The active run is picked on page load, else the newest. "
                                                 "Past runs stay here.", scale=5, allow_custom_value=True)
-        refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
+        refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
     status = gr.HTML(notice("info", "No run yet: prepare a dataset, check the settings, then press Start."))
     progress = gr.HTML(_progress_html(None))
-    plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series",
-                       title="Loss", x_title="step", y_title="loss", height=300,
-                       color_map={"train": "#4f7cf7", "eval": "#e8590c"})
-    log = gr.Textbox(label="Training log (last lines)", lines=10, max_lines=10, interactive=False, autoscroll=True)
+    plot = gr.Plot(loss_figure(None), label="Loss", show_label=False, elem_id="p3-loss-plot")
+    log = gr.Textbox(label="Training log (last lines)", lines=12, max_lines=12, interactive=False, autoscroll=True)
     gr.HTML(help_md("Stop asks the run to save a checkpoint and exit; Resume continues from the newest checkpoint."))
     timer = gr.Timer(state.options.poll_seconds)
     seen = gr.State("")
@@ -110,6 +108,33 @@ def loss_frame(st: events.RunStatus | None) -> pd.DataFrame:
                          "series": pd.Series([r[2] for r in rows], dtype="object")})
 
 
+def loss_figure(st: events.RunStatus | None) -> Any:
+    """Train loss as a line, eval loss as markers (matplotlib: it renders the same in every browser)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.0), dpi=100)
+    if st is not None and st.losses:
+        ax.plot(*zip(*st.losses), color="#4f7cf7", linewidth=1.8, marker="o" if len(st.losses) < 30 else None,
+                markersize=3, label="train loss")
+    if st is not None and st.eval_losses:
+        ax.plot(*zip(*st.eval_losses), color="#e8590c", linewidth=1.5, marker="s", markersize=5, label="eval loss")
+    if st is None or not (st.losses or st.eval_losses):
+        ax.text(0.5, 0.5, "the loss curve appears here after the first logged step", ha="center", va="center",
+                transform=ax.transAxes, color="#888")
+    else:
+        ax.legend(frameon=False, loc="upper right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
 def run_choices(runs_dir: Any) -> list[tuple[str, str]]:
     out = []
     for info in jobs.list_runs(runs_dir):
@@ -144,12 +169,12 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         if key == seen and not st.active:
             return [gr.skip()] * 5
         try:
-            log = jobs.log_tail(run_id, runs_dir, lines=40)
+            log = jobs.log_tail(run_id, runs_dir, lines=12)
         except UserError:
             log = ""
         if key == seen:
             return [gr.skip(), gr.skip(), gr.skip(), log, key]
-        plot = loss_frame(st)
+        plot = loss_figure(st)
         return [status_html(run_id, st), _progress_html(st), plot, log, key]
 
     def runs_update(selected: str | None) -> Any:
