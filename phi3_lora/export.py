@@ -97,18 +97,16 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
     import torch
     from peft import PeftModel
 
-    from phi3_lora import models
+    from phi3_lora import fused, models
     from phi3_lora.config import ModelSettings
 
     ref = locate_adapter(run_or_adapter)
     out_dir = Path(out_dir)
     # Merging into 4-bit weights would round the update away; always merge into 16-bit (fp32 on CPU).
     base = models.load_model(ModelSettings(name=ref.model_name, load_in_4bit=False, dtype=dtype))
+    fused.prepare_base(base, ref.adapter_dir)  # a lora.fused_slices adapter needs Phi-3's fused layers split
     model = PeftModel.from_pretrained(base, str(ref.adapter_dir))
-    merged = model.merge_and_unload()
-    unfuse = getattr(models, "restore_fused_layers", None)  # fused-slice adapters put Phi-3's layout back
-    if unfuse is not None:
-        merged = unfuse(merged)
+    merged = fused.restore_fused_layers(model.merge_and_unload())  # back to the stock fused layout
     tokenizer = models.load_tokenizer(ref.model_name)
     if (ref.adapter_dir / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer

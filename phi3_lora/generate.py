@@ -126,6 +126,7 @@ class ChatEngine:
                 raise UserError(f"{adapter_dir} holds no adapter (adapter_config.json is missing).",
                                 hint="Pick a finished run or one of its checkpoints.")
             require_safetensors(adapter_dir)
+            self._match_layout(adapter_dir)
             if isinstance(self.model, PeftModel):
                 if TUNED in self.model.peft_config:
                     self.model.delete_adapter(TUNED)
@@ -136,6 +137,21 @@ class ChatEngine:
                                                        is_trainable=False)
             self.model.eval()
             self.adapter_dir = adapter_dir
+
+    def _match_layout(self, adapter_dir: Path) -> None:
+        """Split the base's fused layers the way the adapter was trained (lora.fused_slices), or put them back."""
+        from peft import PeftModel
+
+        from phi3_lora import fused
+
+        needed = fused.split_needed(adapter_dir)
+        if set(needed) == set(fused.split_groups(self.base)):
+            return
+        if isinstance(self.model, PeftModel):  # another layout: drop the old adapter's LoRA layers first
+            self.base = self.model.unload()
+            self.model = self.base
+        fused.restore_fused_layers(self.base)
+        fused.split_fused_layers(self.base, needed)
 
     def _inputs(self, histories: list[Messages]) -> dict[str, Any]:
         texts = [self.tokenizer.apply_chat_template(h, add_generation_prompt=True, tokenize=False)

@@ -485,8 +485,10 @@ def count_lora_parameters(model_or_config: nn.Module | PretrainedConfig, lora: L
 
     Counts LoRA A/B (and DoRA magnitudes), trained biases and modules_to_save copies; total adds
     them to the base model. A 4-bit model is counted from its config (packed weights hide shapes).
-    lora.fused_slices is not reflected: fused layers are counted whole.
+    lora.fused_slices counts each chosen slice of a fused layer as its own Linear (see phi3_lora.fused).
     """
+    from phi3_lora import fused
+
     model = model_or_config
     quantized = isinstance(model, nn.Module) and getattr(model.config, "quantization_config", None) is not None
     if not isinstance(model, nn.Module) or quantized:
@@ -494,10 +496,19 @@ def count_lora_parameters(model_or_config: nn.Module | PretrainedConfig, lora: L
         cfg = config.to_dict()
         cfg.pop("quantization_config", None)
         model = _meta_model(json.dumps(cfg, sort_keys=True, default=str))
-    targets = resolve_target_modules(model, lora.target_modules)
+    plan = fused.plan(model, lora)
+    targets = plan.targets
     total = sum(p.numel() for p in model.parameters())
     trainable = extra = 0
     for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in plan.split and isinstance(module, nn.Linear):  # split before peft: each chosen slice is a Linear
+            for name, rows in fused.slice_sizes(model.config, leaf).items():
+                if fused.child_name(name) in targets:
+                    trainable += lora.r * (module.in_features + rows) + (rows if lora.use_dora else 0)
+                    if lora.bias == "lora_only" and module.bias is not None:
+                        trainable += rows
+            continue
         if not _matches(path, targets):
             continue
         if isinstance(module, nn.Linear):

@@ -380,8 +380,10 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     """Wrap the base model with a fresh LoRA adapter (peft), preparing 4-bit weights for training."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from phi3_lora import models
+    from phi3_lora import fused
 
+    plan = fused.plan(model, config.lora)  # lora.fused_slices: split Phi-3's fused layers so peft sees q/k/v
+    fused.split_fused_layers(model, plan.split)
     four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
     if four_bit and opts.fp32_upcast:
         model = prepare_model_for_kbit_training(
@@ -389,8 +391,7 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif opts.gradient_checkpointing:
         model.enable_input_require_grads()
-    targets = models.resolve_target_modules(model, config.lora.target_modules)
-    return get_peft_model(model, lora_config(config, targets))
+    return get_peft_model(model, lora_config(config, plan.targets))
 
 
 def drop_untrainable_rows(trainer: Any) -> int:
