@@ -337,7 +337,7 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
     eval_rows, tokenizer = built.eval_rows, built.trainer.processing_class
     _write_jsonl_atomic(run_dir / EVAL_ROWS, eval_rows)
     (run_dir / RESOLVED).write_text(json.dumps({"model": model_name, "reason": reason}), encoding="utf-8")
-    dropped = drop_untrainable_rows(trainer)
+    dropped = untrainable_rows(built)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -392,6 +392,13 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     elif opts.gradient_checkpointing:
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(config, plan.targets))
+
+
+def untrainable_rows(built: Built) -> int:
+    """Rows that train no token (assistant turns wholly past max_length), removed before the first step and
+    counted for the start event: trl drops them itself when it truncates; drop_untrainable_rows catches the rest."""
+    dropped = drop_untrainable_rows(built.trainer)
+    return dropped if built.opts.packing else len(built.train_rows) - len(built.trainer.train_dataset)
 
 
 def drop_untrainable_rows(trainer: Any) -> int:

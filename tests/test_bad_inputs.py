@@ -1,8 +1,10 @@
-"""Bad data, library side: each case gives a precise report (file, line/row, field, what to do), never a traceback."""
+"""Bad data, library side: each case gives a precise report (file, line/row, field, what to do), never a traceback.
+
+The shared cases in tests/bad_cases.py run here through phi3_lora.data and in tests/test_app_bad_inputs.py through
+the app's upload endpoint; the tests below them pin the details of each message."""
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import json
@@ -18,14 +20,7 @@ from phi3_lora.config import DataSettings
 from phi3_lora.data import LoadedData, Problem, load_data
 from phi3_lora.errors import UserError
 
-USER = {"role": "user", "content": "What is your name?"}
-ASSISTANT = {"role": "assistant", "content": "I am Quillon."}
-GOOD = {"messages": [USER, ASSISTANT]}
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from bad_cases import ASSISTANT, CASES, GOOD, MAX_LENGTH, USER, Case, write_csv, write_jsonl
 
 
 def load(path: Path, **kw) -> LoadedData:
@@ -165,12 +160,6 @@ def test_50_mb_single_line_is_refused_quickly(tmp_path):
 
 
 # --- CSV ------------------------------------------------------------------------------------------
-
-def write_csv(path: Path, rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
-    return path
-
 
 def test_csv_newlines_inside_quoted_fields_keep_spreadsheet_row_numbers(tmp_path):
     path = write_csv(tmp_path / "a.csv", [["prompt", "completion"], ["line one\nline two", "ok\nfine"],
@@ -324,3 +313,50 @@ def test_refuse_mode_stops_at_the_first_bad_row(tmp_path):
     (tmp_path / "r2.jsonl").write_text(json.dumps(GOOD) + "\nnot json\n" + json.dumps({"messages": [USER]}) + "\n")
     assert refused(tmp_path / "r2.jsonl", on_invalid="refuse").startswith("r2.jsonl, line 2, (row)")
     assert len(load(path).rows) == 1  # drop mode keeps the good row
+
+
+# --- the shared cases (tests/bad_cases.py), library side ------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_shared_case_library_side(tmp_path, case: Case):
+    path = case.build(tmp_path)
+    if case.kind == "refused":
+        message = refused(path)
+        for word in case.words:
+            assert word in message, (word, message)
+        return
+    data = load(path)
+    if case.kind == "problem":
+        assert len(data.rows) >= 1, "the good row is kept"
+        matching = [p for p in data.problems if p.location == case.location and p.field == case.field]
+        assert matching, [str(p) for p in data.problems]
+        text = str(matching[0])
+        assert text.startswith(f"{path.name}, {case.location}, {case.field}: ")
+        for word in case.words:
+            assert word in text, (word, text)
+    else:
+        assert len(data.rows) == case.rows and not data.problems, [str(p) for p in data.problems]
+        for word in case.words:
+            assert any(word in w for w in data.warnings), (word, data.warnings)
+
+
+def test_conversations_longer_than_max_length_are_counted_not_failed(tmp_path, tiny_llama_dir):
+    """Over-long rows load fine, the stats count them as truncated, and a row whose assistant turn falls wholly
+    past max_length is dropped and counted before training, never failing a run half-way."""
+    from phi3_lora import models, train
+    from phi3_lora.config import RunConfig
+    from phi3_lora.data import compute_stats
+
+    long_user = {"messages": [{"role": "user", "content": "Tell me a long story. " * 60}, ASSISTANT]}
+    rows = [GOOD, long_user] + [{"messages": [USER, {"role": "assistant", "content": f"Answer {i}."}]}
+                                for i in range(4)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    data = load(path)
+    assert len(data.rows) == 6 and not data.problems
+    st = compute_stats(data.rows, models.load_tokenizer(str(tiny_llama_dir)), MAX_LENGTH)
+    assert st.truncated == 1 and st.untrained_rows == 1 and any("teach nothing" in w for w in st.warnings)
+    cfg = RunConfig().replace(model={"name": str(tiny_llama_dir), "load_in_4bit": False}, lora={"r": 2},
+                              train={"max_steps": 1, "max_length": MAX_LENGTH, "per_device_train_batch_size": 2},
+                              data={"source": str(path), "eval_fraction": 0.0})
+    built = train.build(cfg, tmp_path / "run")
+    assert train.untrainable_rows(built) == 1 and len(built.trainer.train_dataset) == 5  # counted in the start event
