@@ -89,8 +89,12 @@ class LoraSettings:
                       "(Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj; Llama-style: q_proj, k_proj, "
                       "v_proj, o_proj, gate_proj, up_proj, down_proj; embed_tokens for the embedding).")
     fused_slices: list[str] = _f([], "Adapt only these slices of Phi-3's fused layers: any of q, k, v "
-                                     "(inside qkv_proj) and gate, up (inside gate_up_proj). Empty adapts "
-                                     "fused layers whole.")
+                                     "(inside qkv_proj) and gate, up (inside gate_up_proj). A fused layer with "
+                                     "a chosen slice is split into separate Linears and only the chosen slices "
+                                     "get LoRA, replacing that layer in target_modules; other layers follow "
+                                     "target_modules ([qkv_proj] + [q, v] = q and v only; all-linear + [q, v] = "
+                                     "q, v, o_proj, gate_up_proj, down_proj). Empty adapts fused layers whole. "
+                                     "Llama-style models: name q_proj, v_proj in target_modules instead.")
     bias: str = _f("none", "Which biases train: none, all, or lora_only.")
     use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (better at low rank, ~1.5-2x slower step).")
     use_rslora: bool = _f(False, "rsLoRA: scale by alpha/sqrt(r), which keeps high ranks stable.")
