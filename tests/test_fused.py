@@ -174,3 +174,17 @@ def test_chat_engine_swaps_between_split_and_whole_layer_adapters(tmp_path: Path
     settings = GenerationSettings(temperature=0, max_new_tokens=3)
     history = [{"role": "user", "content": "Hi"}]
     assert engine.answer(history, adapter=True, settings=settings) == engine.answer(history, False, settings)
+
+
+def test_settings_tab_counts_the_slice_selection_live(tiny_phi3_dir: Path) -> None:
+    from phi3_lora.ui import settings
+
+    info = settings.model_info(str(tiny_phi3_dir))
+    assert info.fused and "embed_tokens" in info.targets and "fused_slices" not in info.targets
+    keys = ["model.name", "lora.r", "lora.target_modules", "lora.fused_slices", "lora.modules_to_save"]
+    config = settings.config_from_values(keys, [str(tiny_phi3_dir), 4, ["qkv_proj"], ["q", "v"], "lm_head"],
+                                         info.linear_names)
+    assert config.lora.fused_slices == ["q", "v"] and config.lora.modules_to_save == ["lm_head"]
+    trainable = models.count_lora_parameters(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir).config, config.lora)[0]
+    assert f"<b>{trainable:,}</b>" in settings.estimate_html(config, info)
+    assert settings.values_from_config(config, keys[2:], info.linear_names) == [["qkv_proj"], ["q", "v"], "lm_head"]

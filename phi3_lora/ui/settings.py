@@ -44,6 +44,17 @@ class ModelInfo:
     config: dict[str, Any]
     linear_names: list[str]
     source: str          # where the sizes came from, said in the UI
+    embedding_names: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> list[str]:
+        """Target-module choices: the Linear layers, then the token embedding (LoRA on embed_tokens)."""
+        return self.linear_names + [n for n in self.embedding_names if n not in self.linear_names]
+
+    @property
+    def fused(self) -> bool:
+        """Phi-3-family: fused qkv_proj / gate_up_proj, so the slice checkboxes apply."""
+        return self.config.get("model_type") == "phi3"
 
 
 @lru_cache(maxsize=8)
@@ -67,7 +78,9 @@ def model_info(name: str) -> ModelInfo:
     clean = {k: v for k, v in config.items() if k != "quantization_config"}
     with torch.device("meta"):  # shapes only
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**clean))
-    return ModelInfo(resolved, clean, models.linear_module_names(model), source)
+    embeddings = tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                                     if isinstance(m, torch.nn.Embedding) and m is not model.get_output_embeddings()))
+    return ModelInfo(resolved, clean, models.linear_module_names(model), source, embeddings)
 
 
 @dataclass
@@ -99,6 +112,7 @@ def build(state: AppState) -> SettingsTab:
     except UserError:
         info = None
     names = info.linear_names if info else []
+    choices_t = info.targets if info else []
     M, L, T = cfgmod.ModelSettings, cfgmod.LoraSettings, cfgmod.TrainSettings
     f: dict[str, gr.components.Component] = {}
     choices = [(f"{e.label}{'  (needs a GPU)' if e.needs_gpu else ''}", e.name) for e in models.CATALOGUE]
@@ -127,10 +141,13 @@ def build(state: AppState) -> SettingsTab:
             f["lora.lora_alpha"] = gr.Number(d.lora.lora_alpha, label="Alpha", info=_help(L, "lora_alpha"))
             f["lora.lora_dropout"] = gr.Slider(0, 0.5, value=d.lora.lora_dropout, step=0.01, label="Dropout",
                                                info=_help(L, "lora_dropout"))
-            f["lora.target_modules"] = gr.CheckboxGroup(names, value=values_from_config(d, ["lora.target_modules"], names)[0],
+            f["lora.target_modules"] = gr.CheckboxGroup(choices_t, value=values_from_config(d, ["lora.target_modules"], names)[0],
                                                         label="Target modules",
-                                                        info="The chosen model's own Linear layers; all checked = "
-                                                             "'all-linear'.")
+                                                        info="The chosen model's own Linear layers (all checked = "
+                                                             "'all-linear') and embed_tokens for LoRA on the embedding.")
+            f["lora.fused_slices"] = gr.CheckboxGroup(list(cfgmod.FUSED_SLICES), value=d.lora.fused_slices,
+                                                      label="Slices of fused layers (Phi-3)", info=_help(L, "fused_slices"),
+                                                      visible=bool(info and info.fused))
             with gr.Row():
                 f["lora.use_dora"] = gr.Checkbox(d.lora.use_dora, label="DoRA", info=_help(L, "use_dora"))
                 f["lora.use_rslora"] = gr.Checkbox(d.lora.use_rslora, label="rsLoRA", info=_help(L, "use_rslora"))
@@ -173,6 +190,9 @@ def build(state: AppState) -> SettingsTab:
                                                    info=_help(M, "dtype"))
                     f["lora.bias"] = gr.Dropdown(list(cfgmod.LORA_BIAS), value=d.lora.bias, label="Bias",
                                                  info=_help(L, "bias"))
+                    f["lora.modules_to_save"] = gr.Textbox(", ".join(d.lora.modules_to_save or []),
+                                                           label="Modules trained in full", placeholder="e.g. lm_head",
+                                                           info=_help(L, "modules_to_save"))
                 with gr.Row():
                     f["train.weight_decay"] = gr.Number(d.train.weight_decay, label="Weight decay",
                                                         info=_help(T, "weight_decay"))
@@ -203,6 +223,8 @@ def config_from_values(keys: list[str], values: list[Any], all_targets: list[str
                 value = "all-linear"
         elif key == "train.eval_steps":
             value = None if not value else value
+        elif key == "lora.modules_to_save":
+            value = [m.strip() for m in (value or "").split(",") if m.strip()] or None
         elif key == "data.mapping":
             value = dict(value or {})
         elif value is None and key not in ("train.eval_steps",):
@@ -218,9 +240,12 @@ def values_from_config(config: cfgmod.RunConfig, keys: list[str], all_targets: l
         section, name = key.split(".", 1)
         value = getattr(getattr(config, section), name)
         if key == "lora.target_modules":
-            value = list(all_targets) if value == "all-linear" else [v for v in value if v in all_targets]
+            value = (list(all_targets) if value == "all-linear"
+                     else [v for v in value if v in all_targets or v == "embed_tokens"])
         elif key == "train.eval_steps":
             value = value or 0
+        elif key == "lora.modules_to_save":
+            value = ", ".join(value or [])
         out.append(value)
     return out
 
@@ -271,13 +296,15 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     keys = list(tab.fields)
     widgets = [tab.fields[k] for k in keys]
     targets = tab.fields["lora.target_modules"]
+    slices = tab.fields["lora.fused_slices"]
 
     @user_errors
-    def on_model(name: str, current: list[str]) -> tuple[Any, str]:
+    def on_model(name: str, current: list[str], chosen: list[str]) -> tuple[Any, Any, str]:
         info = model_info(name)
-        keep = [c for c in (current or []) if c in info.linear_names]
-        return (gr.update(choices=info.linear_names, value=keep if keep and len(keep) < len(current or [1, 1])
+        keep = [c for c in (current or []) if c in info.targets]
+        return (gr.update(choices=info.targets, value=keep if keep and len(keep) < len(current or [1, 1])
                           else info.linear_names),
+                gr.update(visible=info.fused, value=(chosen or []) if info.fused else []),
                 f"Default here: **{state.default_name}**, because {state.default_reason}. "
                 f"Selected: **{info.name}** ({len(info.linear_names)} kinds of Linear layer: "
                 f"{', '.join(info.linear_names)}).")
@@ -308,13 +335,15 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
             notes.append(notice("info", "This preset uses QLoRA (4-bit), which needs a CUDA GPU; on this machine "
                                         "untick QLoRA to train in 16/32-bit."))
         vals = values_from_config(config, keys, info.linear_names)
-        vals[keys.index("lora.target_modules")] = gr.update(choices=info.linear_names,
+        vals[keys.index("lora.fused_slices")] = gr.update(value=vals[keys.index("lora.fused_slices")] if info.fused
+                                                          else [], visible=info.fused)
+        vals[keys.index("lora.target_modules")] = gr.update(choices=info.targets,
                                                              value=vals[keys.index("lora.target_modules")])
         return vals + ["\n".join(notes) or notice("ok", f"Preset {name} applied.")]
 
     tab.on_change = on_change
     tab.keys = keys
-    tab.fields["model.name"].change(on_model, [tab.fields["model.name"], targets], [targets, tab.model_note],
+    tab.fields["model.name"].change(on_model, [tab.fields["model.name"], targets, slices], [targets, slices, tab.model_note],
                                     api_name="model_layers")
     gr.on([w.change for w in widgets], on_change, widgets + [tab.preset], tab.estimate, api_name="estimate",
           show_progress="hidden", trigger_mode="always_last")
