@@ -1,0 +1,253 @@
+"""Runs survive faults: kill -9 during a save, Stop releases the process, out of memory, a full disk, and an app
+restarted while a run trains. Each fault is injected for real (signals, RLIMIT_AS, a tiny tmpfs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_app_api import SAMPLE, free_port, start_args, val
+from test_jobs import slow_config, wait_until
+
+from phi3_lora import events, jobs, train
+from phi3_lora.errors import UserError
+from phi3_lora.trainer import SLOW_SAVE_ENV, STAGING
+
+pytestmark = pytest.mark.slow
+
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json")
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / train.CHECKPOINTS
+    return sorted((p for p in folder.glob("checkpoint-*")), key=step_of) if folder.exists() else []
+
+
+def assert_loadable(model_dir: Path, ckpt: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name in CHECKPOINT_FILES:
+        assert (ckpt / name).is_file(), f"{ckpt} lacks {name}"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(ckpt))
+
+
+# --- kill -9 during a save; Resume; Stop releases the process; save_total_limit --------------------------------
+
+def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypatch):
+    runs = tmp_path / "runs"
+    save_steps = 3
+    cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=save_steps)  # save_total_limit 2
+    monkeypatch.setenv(SLOW_SAVE_ENV, "4")  # each save pauses between the adapter and the optimizer state
+    run_id = jobs.start_run(cfg, runs)
+    run_dir = runs / run_id
+    first = wait_until(lambda: train.last_checkpoint(run_dir), timeout=180)
+    staging = run_dir / train.CHECKPOINTS / STAGING
+    half = wait_until(lambda: next(iter(staging.glob("checkpoint-*")), None), timeout=120, poll=0.05)
+    assert step_of(half) > step_of(first)
+    assert (half / "adapter_model.safetensors").exists() and not (half / "optimizer.pt").exists()  # half-written
+    pid = events.read_pid(run_dir)
+    os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: not events.pid_alive(pid), timeout=30)
+
+    st = events.run_status(run_dir)
+    assert st.state == "interrupted" and "Resume" in st.reason
+    assert not (run_dir / train.CHECKPOINTS / half.name).exists(), "a half-written save must never be a checkpoint"
+    newest = train.last_checkpoint(run_dir)
+    assert newest == first and st.step - step_of(newest) <= save_steps  # at most one save interval lost
+    assert_loadable(tiny_phi3_dir, newest)
+
+    # Resume continues from the newest complete checkpoint; the half-written staging folder is cleared.
+    monkeypatch.delenv(SLOW_SAVE_ENV)
+    jobs.resume_run(run_id, runs)
+    wait_until(lambda: events.run_status(run_dir).state == "running"
+               and events.run_status(run_dir).step >= step_of(newest) + 3 * save_steps + 1, timeout=180)
+    start = [e for e in events.read_events(run_dir) if e["type"] == "start"][-1]
+    assert start["resumed_from"].endswith(newest.name) and start["step"] == step_of(newest)
+    assert not staging.exists()
+
+    # Stop: the process is gone and its memory released (no /proc entry, not even a zombie) within 30 s.
+    pid = events.read_pid(run_dir)
+    t0 = time.time()
+    st = jobs.stop_run(run_id, runs)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=30 - (time.time() - t0), poll=0.1)
+    print(f"\n[faults] Stop -> process gone and reaped in {time.time() - t0:.1f} s")
+    assert time.time() - t0 < 30 and st.state == "stopped" and jobs.active_run(runs) is None
+    # save_total_limit=2: four or more saves happened, two are kept, the newest is loadable.
+    kept = complete_checkpoints(run_dir)
+    assert len(kept) == 2, kept
+    assert kept[-1] == train.last_checkpoint(run_dir) and step_of(kept[-1]) >= st.step - 1
+    assert_loadable(tiny_phi3_dir, kept[-1])
+
+
+# --- out of memory: forced with RLIMIT_AS, through the app ----------------------------------------------------
+
+def launch_app(runs: Path, model_dir: Path):
+    from gradio_client import Client
+
+    from phi3_lora.ui import build_app, launch
+
+    demo = build_app(runs, default_model=str(model_dir))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    return demo, Client(url, verbose=False)
+
+
+def test_out_of_memory_fails_clearly_and_the_app_keeps_serving(tmp_path, tiny_llama_dir, monkeypatch):
+    runs = tmp_path / "runs"
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "please explain " * 200},
+                          {"role": "assistant", "content": "Because " * 300}]} for i in range(32)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The child caps its address space at what it has mapped + 64 MB when the loop starts: a batch of 16 x 512
+    # tokens needs > 1.5 GB for the logits alone.
+    monkeypatch.setenv(train.MEMORY_LIMIT_ENV, "64")
+    demo, c = launch_app(runs, tiny_llama_dir)
+    try:
+        args = start_args(c, **{"Data source": str(data), "Max steps": 5, "Batch size": 16,
+                                "Max length (tokens)": 512})
+        run_id = val(c.predict(*args, api_name="/start_training")[0])
+        st = wait_until(lambda: (s := events.run_status(runs / run_id)).state in ("failed", "interrupted",
+                                                                                   "finished") and s, timeout=240)
+        assert st.state == "failed" and st.reason == events.OOM_REASON, (st, jobs.log_tail(run_id, runs))
+        assert "out of memory" in st.reason and "QLoRA" in st.reason and "per_device_train_batch_size" in st.reason
+        status_html = c.predict(run_id, api_name="/select_run")[0]
+        assert "failed" in status_html and "out of memory" in status_html and "QLoRA" in status_html
+        assert jobs.active_run(runs) is None
+        # The app keeps serving: other endpoints answer.
+        assert val(c.predict(api_name="/load_page")[0]) == run_id
+        assert c.predict(*args, api_name="/show_config")[0]
+    finally:
+        demo.close()
+
+
+# --- disk ----------------------------------------------------------------------------------------------------
+
+def test_disk_needed_is_adapter_plus_optimizer_per_checkpoint():
+    n = 1_000_000
+    per_ckpt = 12 * n + jobs.CHECKPOINT_OVERHEAD_BYTES
+    assert jobs.disk_needed(n, 2) == 3 * per_ckpt + 4 * n + jobs.CHECKPOINT_OVERHEAD_BYTES + jobs.DISK_MARGIN_BYTES
+    assert jobs.disk_needed(n, 5) - jobs.disk_needed(n, 2) == 3 * per_ckpt  # grows with save_total_limit
+    assert jobs.disk_needed(25_000_000, 2) > 2**30 > jobs.disk_needed(100_000, 1)
+
+
+def test_trainable_params_come_from_the_model_config(tiny_phi3_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from phi3_lora import models
+
+    cfg = slow_config(tiny_phi3_dir, tmp_path)
+    expected = models.count_lora_parameters(AutoConfig.from_pretrained(tiny_phi3_dir), cfg.lora)[0]
+    assert jobs.trainable_params_for(cfg) == expected > 0
+    missing = cfg.replace(model={"name": str(tmp_path / "no-such-model")})
+    assert jobs.trainable_params_for(missing) == jobs.FALLBACK_TRAINABLE_PARAMS
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real small filesystem (tmpfs, needs root); yields a function mounting one of a given size."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_start_is_refused_when_the_disk_is_too_small(tiny_disk, tiny_phi3_dir, tmp_path):
+    runs = tiny_disk("2m")
+    cfg = slow_config(tiny_phi3_dir, tmp_path)
+    with pytest.raises(UserError) as info:
+        jobs.start_run(cfg, runs)
+    message = str(info.value)
+    assert "Not enough disk space" in message and str(runs) in message and "save_total_limit" in message
+    assert jobs.active_run(runs) is None and not list(runs.glob("*/config.yaml"))
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """Fill the filesystem holding `folder`, then give back `leave` bytes."""
+    filler = folder / "filler.bin"
+    chunk = b"\0" * 2**20
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(chunk)
+                fh.flush()
+        except OSError:
+            pass
+    with open(filler, "r+b") as fh:
+        fh.truncate(max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_disk, tiny_phi3_dir, tmp_path):
+    runs = tiny_disk("64m")
+    cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=3)
+    run_id = jobs.start_run(cfg, runs, need_bytes=0)  # the start check is the other test; here the disk fills later
+    run_dir = runs / run_id
+    good = wait_until(lambda: train.last_checkpoint(run_dir), timeout=180)
+    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+    filler = fill(runs, leave=256 * 2**10)  # room for a few events, not for the next checkpoint's tokenizer files
+    st = wait_until(lambda: not (s := events.run_status(run_dir)).active and s, timeout=120)
+    assert st.state == "failed" and st.reason == events.DISK_FULL_REASON, (st, jobs.log_tail(run_id, runs))
+    assert "disk full" in st.reason and "Free some space" in st.reason and "Resume" in st.reason
+
+    # The previous checkpoint is intact and is still the one Resume would use; the failed save left nothing.
+    assert train.last_checkpoint(run_dir) == good
+    assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == before
+    assert not (run_dir / train.CHECKPOINTS / STAGING).exists()
+    assert_loadable(tiny_phi3_dir, good)
+    # Resume on the still-full disk is refused up front, saying why.
+    wait_until(lambda: jobs.active_run(runs) is None, timeout=60)  # the failed process has exited
+    with pytest.raises(UserError, match="Not enough disk space"):
+        jobs.resume_run(run_id, runs)
+    filler.unlink()
+    shutil.rmtree(run_dir)  # before the unmount
+
+
+# --- the app restarted while a run trains ----------------------------------------------------------------------
+
+def test_restarted_app_finds_the_running_run(tmp_path, tiny_llama_dir):
+    runs = tmp_path / "runs"
+    demo, c = launch_app(runs, tiny_llama_dir)
+    try:
+        args = start_args(c, **{"Data source": str(SAMPLE), "Max steps": 400, "Max length (tokens)": 128})
+        run_id = val(c.predict(*args, api_name="/start_training")[0])
+        wait_until(lambda: events.run_status(runs / run_id).state == "running", timeout=180)
+    finally:
+        demo.close()  # the app goes away; the run is its own process session and keeps training
+    pid = events.read_pid(runs / run_id)
+    step = events.run_status(runs / run_id).step
+    try:
+        assert events.pid_alive(pid)
+        demo2, c2 = launch_app(runs, tiny_llama_dir)
+        try:
+            loaded = c2.predict(api_name="/load_page")
+            assert val(loaded[0]) == run_id
+            assert "training" in loaded[1] or "starting" in loaded[1], loaded[1]
+            wait_until(lambda: events.run_status(runs / run_id).step > step, timeout=120)  # still training
+            out = c2.predict(run_id, api_name="/stop_training")  # and the new app can stop it
+            assert "stopped" in out[1]
+        finally:
+            demo2.close()
+    finally:
+        if events.pid_alive(pid):
+            jobs.stop_run(run_id, runs, grace=5)
