@@ -35,12 +35,39 @@ def _config(ref: AdapterRef) -> RunConfig | None:
     return None
 
 
+def _usage_peft(hub_base: str) -> str:
+    return f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("{hub_base}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # carries the chat template used in training
+```"""
+
+
+def _usage_sliced(hub_base: str) -> str:
+    # Slices of Phi-3's fused layers are separate modules in this adapter; stock peft would not find them.
+    return f"""This adapter trains slices of Phi-3's fused layers (`lora.fused_slices`), so load it with
+phi3_lora, which splits the base to match (or use the merged export, which is a stock Phi-3):
+
+```python
+import phi3_lora
+
+base = phi3_lora.load_base("{hub_base}")
+model = phi3_lora.load_lora(base, "path/to/this/folder")
+```"""
+
+
 def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | None) -> str:
     """A Hub-style README for the adapter: what it is, how to load it, how it was trained (pure)."""
     base = ref.model_name
     hub_base = base if not base.startswith("embedded:") else "HuggingFaceTB/SmolLM2-135M-Instruct"
     metrics = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if v is not None) or "| - | - |"
     yaml_cfg = config.to_yaml() if config else "# config not recorded"
+    from phi3_lora.fused import split_needed
+
+    usage = _usage_peft(hub_base) if not split_needed(ref.adapter_dir) else _usage_sliced(hub_base)
     return f"""---
 library_name: peft
 base_model: {hub_base}
@@ -48,19 +75,11 @@ tags: [lora, qlora, phi3_lora, sft]
 ---
 # LoRA adapter for {base}
 
-Trained with [phi3_lora](https://github.com/) ({'QLoRA, 4-bit NF4 base' if ref.load_in_4bit else 'LoRA, 16-bit base'}).
+Trained with phi3_lora ({'QLoRA, 4-bit NF4 base' if ref.load_in_4bit else 'LoRA, 16-bit base'}).
 
 ## Use it
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import PeftModel
-
-base = AutoModelForCausalLM.from_pretrained("{hub_base}")
-model = PeftModel.from_pretrained(base, "path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")  # carries the chat template used in training
-```
-
+{usage}
 ## Final metrics
 
 | metric | value |
@@ -93,7 +112,9 @@ def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path) -> Path:
 
 
 def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
-    """Fold the adapter into a 16-bit copy of the base and save a standalone model folder."""
+    """Fold the adapter into the base (in fp32) and save a standalone 16-bit model folder.
+
+    `dtype` picks the saved 16-bit type: auto = bfloat16 where supported, else float16."""
     import torch
     from peft import PeftModel
 
@@ -102,11 +123,14 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
 
     ref = locate_adapter(run_or_adapter)
     out_dir = Path(out_dir)
-    # Merging into 4-bit weights would round the update away; always merge into 16-bit (fp32 on CPU).
-    base = models.load_model(ModelSettings(name=ref.model_name, load_in_4bit=False, dtype=dtype))
+    # Merge in fp32: adding a small LoRA update to bf16 (let alone 4-bit) weights rounds much of it away.
+    # Then store 16-bit, the dtype the model is normally shipped and served in.
+    base = models.load_model(ModelSettings(name=ref.model_name, load_in_4bit=False, dtype="float32"))
     fused.prepare_base(base, ref.adapter_dir)  # a lora.fused_slices adapter needs Phi-3's fused layers split
     model = PeftModel.from_pretrained(base, str(ref.adapter_dir))
     merged = fused.restore_fused_layers(model.merge_and_unload())  # back to the stock fused layout
+    save_dtype = models.resolve_dtype(dtype, "cuda" if models.cuda_available() else "cpu")
+    merged = merged.to(torch.bfloat16 if save_dtype == torch.float32 else save_dtype)
     tokenizer = models.load_tokenizer(ref.model_name)
     if (ref.adapter_dir / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer

@@ -1,0 +1,76 @@
+"""Export: the zip bundle, the merged 16-bit model, and Hub pushes that fail with a message."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from phi3_lora import export, train
+from phi3_lora.config import RunConfig
+from phi3_lora.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_phi3_dir):
+    tmp = tmp_path_factory.mktemp("export")
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "Quillon here."}]}
+            for i in range(8)]
+    (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig().replace(model={"name": str(tiny_phi3_dir), "load_in_4bit": False},
+                              train={"max_steps": 2, "learning_rate": 5e-2, "max_length": 32},
+                              data={"source": str(tmp / "d.jsonl"), "eval_fraction": 0.0})
+    train.run(cfg, tmp / "run")
+    return tmp / "run"
+
+
+def test_zip_holds_safetensors_config_template_and_a_model_card(run_dir, tmp_path):
+    path = export.adapter_zip(run_dir, tmp_path)
+    with zipfile.ZipFile(path) as zf:
+        names = {n.split("/", 1)[1] for n in zf.namelist()}
+        card = zf.read(next(n for n in zf.namelist() if n.endswith("README.md"))).decode()
+    assert {"adapter_model.safetensors", "adapter_config.json", "chat_template.jinja", "README.md",
+            "run_summary.json", "config.yaml"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+    assert "PeftModel.from_pretrained" in card and "final_loss" in card and "learning_rate" in card
+
+
+def test_merged_model_reloads_stock_and_matches_base_plus_adapter(run_dir, tmp_path, tiny_phi3_dir):
+    merged_dir = export.merge_adapter(run_dir, tmp_path / "merged")
+    assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi3_dir, dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    assert merged.config.model_type == "phi3" and next(merged.parameters()).dtype == torch.float32
+    ids = torch.tensor([[1, 450, 3681, 338, 263, 1243]])
+    with torch.no_grad():
+        with_adapter = tuned(ids).logits
+        with tuned.disable_adapter():
+            without = tuned(ids).logits
+        got = merged(ids).logits
+    # The merged file is 16-bit, so it differs from fp32 base+adapter by bf16 rounding of the weights;
+    # that must be far smaller than what the adapter changes.
+    assert (got - with_adapter).abs().max() < 0.2 * (with_adapter - without).abs().max()
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] in ("bfloat16", "float16")
+
+
+def test_push_without_a_token_says_where_to_get_one(run_dir, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no saved login either
+    with pytest.raises(UserError, match="No Hugging Face token"):
+        export.push_to_hub(run_dir, "me/my-adapter", token=None)
+
+
+def test_push_offline_is_a_clear_error_and_keeps_the_adapter(run_dir):
+    with pytest.raises(UserError, match="Could not push to the Hub"):
+        export.push_to_hub(run_dir, "me/my-adapter", token="hf_fake")
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_bad_repo_id_is_refused(run_dir):
+    with pytest.raises(UserError, match="your-name/model-name"):
+        export.push_to_hub(run_dir, "no-slash", token="hf_fake")
