@@ -82,6 +82,9 @@ def _cuda_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
                  scaling: float | None) -> torch.Tensor:
     """(T, H, D) tensors through PyTorch's flash varlen kernel, causal."""
     fn, params = _varlen()
+    dtype = q.dtype
+    if dtype not in (torch.float16, torch.bfloat16):  # the flash kernel takes 16-bit only (fp32-upcast runs)
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     kwargs: dict[str, Any] = {"scale": scaling}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)
@@ -93,7 +96,7 @@ def _cuda_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
         else:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs).to(dtype)
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
