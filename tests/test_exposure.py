@@ -1,0 +1,208 @@
+"""Exposure: what the web server hands out, what we unpickle, and who may train.
+
+- Gradio's file routes serve uploads and our exports only: the runs folder (configs, events, checkpoints, kept
+  uploads, dotfiles), system files and traversal tricks (encoded, double-encoded, backslash, case) are refused.
+- Weights load from safetensors only: no torch.load / pickle / trust_remote_code / shell=True in our code, and an
+  adapter folder holding only adapter_model.bin is refused with a clear message.
+- --auth gates the API: without credentials a client gets nothing; with them it can start a run.
+(The Space login gate is tested in tests/test_spaces.py.)
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+import pytest
+from test_app_api import SAMPLE, free_port, start_args, val
+
+from phi3_lora import events, jobs
+from phi3_lora.config import RunConfig, save_yaml
+from phi3_lora.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ID = "20260101-000000-tiny"
+
+
+def make_adapter_run(runs: Path, model_dir: Path, run_id: str = RUN_ID) -> Path:
+    """A finished run folder as train.run leaves it (config, events, adapter, one checkpoint), with a random LoRA
+    adapter: no training needed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from phi3_lora import models
+
+    run_dir = runs / run_id
+    adapter = run_dir / "adapter"
+    cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False}, lora={"r": 2},
+                              data={"source": str(SAMPLE)})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(adapter, safe_serialization=True)
+    models.load_tokenizer(str(model_dir)).save_pretrained(adapter)
+    save_yaml(cfg, run_dir / "config.yaml")
+    save_yaml(cfg, adapter / "config.yaml")
+    (adapter / "run_summary.json").write_text(json.dumps({"steps": 1}))
+    (run_dir / "resolved.json").write_text(json.dumps({"model": str(model_dir), "reason": "test"}))
+    ckpt = run_dir / "checkpoints" / "checkpoint-1"
+    model.save_pretrained(ckpt, safe_serialization=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    events.append_event(run_dir, "start", step=0, max_steps=1)
+    events.append_event(run_dir, "end", status="finished", step=1, max_steps=1)
+    (run_dir / "train.log").write_text("secret log\n")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
+    from phi3_lora.ui import build_app, launch
+
+    runs = tmp_path_factory.mktemp("runs")
+    make_adapter_run(runs, tiny_llama_dir)
+    (runs / ".uploads").mkdir()
+    (runs / ".uploads" / "abc-kept.jsonl").write_text("{}\n")
+    (runs / ".active.json").write_text(json.dumps({"run_id": RUN_ID, "pid": 1}))
+    demo = build_app(runs, default_model=str(tiny_llama_dir))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url, runs
+    demo.close()
+
+
+def get(url: str, raw_path: str) -> tuple[int, bytes]:
+    """GET with the path sent byte for byte (no client-side normalising of .. or %-escapes)."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request("GET", raw_path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_only_uploads_and_exports_are_downloadable(server) -> None:
+    import httpx
+    from gradio_client import Client
+
+    from phi3_lora.ui.export_tab import export_root
+
+    url, runs = server
+    run = runs / RUN_ID
+    exports = export_root(runs)
+
+    # Allowed: a file the user uploaded, and the app's own export.
+    upload = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("mine.jsonl", b'{"a": 1}\n')})
+    uploaded = upload.json()[0]
+    assert get(url, "/gradio_api/file=" + quote(uploaded)) == (200, b'{"a": 1}\n')
+    Client(url, verbose=False).predict(RUN_ID, api_name="/export_zip")
+    (zip_path,) = exports.glob(f"{RUN_ID}/*.zip")
+    status, body = get(url, "/gradio_api/file=" + quote(str(zip_path)))
+    assert status == 200 and body[:2] == b"PK"
+
+    secret_files = [run / "events.jsonl", run / "config.yaml", run / "train.log", run / "resolved.json",
+                    run / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors",
+                    run / "adapter" / "adapter_model.safetensors", runs / ".active.json",
+                    runs / ".uploads" / "abc-kept.jsonl", ROOT / ".git" / "config", ROOT / "README.md"]
+    for f in secret_files:
+        assert f.exists(), f
+    rel = f"{runs.name}/{RUN_ID}/events.jsonl"
+    attempts = [
+        "/gradio_api/file=/etc/passwd", "/file=/etc/passwd", "/gradio_api/file=/proc/self/environ",
+        "/gradio_api/file=%2Fetc%2Fpasswd", "/gradio_api/file=%2fetc%2fpasswd", "/gradio_api/file=/ETC/PASSWD",
+        "/gradio_api/file=../../../../../../etc/passwd", "/gradio_api/file=%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/gradio_api/file=%252e%252e/%252e%252e/etc/passwd", "/gradio_api/file=..%5c..%5c..%5cetc%5cpasswd",
+        "/gradio_api/file=.git/config", "/gradio_api/file=README.md", "/gradio_api/file=~/.bashrc",
+        f"/gradio_api/file={exports}/../{rel}", f"/gradio_api/file={exports}/%2e%2e/{rel}",
+        f"/gradio_api/file={exports}/%2E%2E%2F{quote(rel, safe='')}", f"/gradio_api/file={exports}/..%5c{rel}",
+        f"/gradio_api/file={exports}/%252e%252e/{rel}", f"/gradio_api/file={str(run).upper()}/EVENTS.JSONL",
+        f"/gradio_api/file={quote(str(uploaded))}/../../../etc/passwd",
+        f"/file={run}/events.jsonl",
+    ] + [f"/gradio_api/file={quote(str(f))}" for f in secret_files] + [f"/gradio_api/file={f}" for f in secret_files]
+    served = []
+    for path in attempts:
+        status, body = get(url, path)
+        if status < 400 or b"root:" in body or b"secret log" in body:
+            served.append((path, status))
+    assert not served, served
+    print(f"\n[exposure] {len(attempts)} file requests refused; 2 allowed (an upload, an export)")
+
+
+def test_no_pickle_loading_remote_code_or_shell_in_our_code() -> None:
+    banned = {r"\btorch\.load\(": "torch.load", r"\bpickle\.loads?\(": "pickle.load", r"\bdill\.": "dill",
+              r"\bjoblib\.load\(": "joblib.load", r"trust_remote_code\s*=\s*True": "trust_remote_code=True",
+              r"shell\s*=\s*True": "shell=True", r"weights_only\s*=\s*False": "weights_only=False",
+              r"\bos\.system\(": "os.system", r"(?<![\w.])eval\(": "eval("}
+    files = [ROOT / "app.py", *sorted((ROOT / "phi3_lora").rglob("*.py")), *sorted((ROOT / "spaces_config").rglob("*.py"))]
+    assert len(files) > 10
+    found = []
+    for f in files:
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for pattern, name in banned.items():
+                if re.search(pattern, code):
+                    found.append(f"{f.relative_to(ROOT)}:{n}: {name}")
+    assert not found, found
+
+
+def test_adapter_with_only_a_pickle_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from phi3_lora import export
+    from phi3_lora.generate import ChatEngine, locate_adapter
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_llama_dir),
+                                                            "peft_type": "LORA", "r": 2}))
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    for attempt in (lambda: locate_adapter(folder), lambda: export.adapter_zip(folder, tmp_path / "out"),
+                    lambda: ChatEngine(str(tiny_llama_dir)).set_adapter(folder)):
+        with pytest.raises(UserError) as info:
+            attempt()
+        message = str(info.value)
+        assert "adapter_model.bin" in message and "adapter_model.safetensors" in message and "pickle" in message
+    # The same inside a run folder's checkpoint.
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.bin"):
+        (ckpt / name).write_bytes((folder / name).read_bytes())
+    (ckpt / "trainer_state.json").write_text("{}")
+    with pytest.raises(UserError, match="adapter_model.bin"):
+        locate_adapter(run)
+
+
+@pytest.mark.slow
+def test_auth_gates_the_api_and_training(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    import httpx
+    from gradio_client import Client
+
+    from phi3_lora.ui import build_app, launch
+
+    runs = tmp_path / "runs"
+    demo = build_app(runs, default_model=str(tiny_llama_dir))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, auth=("alice", "s3cret"))
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False)  # no credentials: not even the API description
+        with pytest.raises(Exception):
+            Client(url, auth=("alice", "wrong"), verbose=False)
+        base = url.rstrip("/")
+        for method, path in (("post", "/gradio_api/call/start_training"), ("post", "/gradio_api/queue/join"),
+                             ("get", "/config"), ("get", "/gradio_api/info"), ("post", "/gradio_api/upload")):
+            r = httpx.request(method.upper(), base + path, json={"data": []} if path.endswith("training") else None)
+            assert r.status_code in (401, 403), (path, r.status_code)
+        assert jobs.active_run(runs) is None and not list(runs.glob("*/config.yaml"))
+
+        c = Client(url, auth=("alice", "s3cret"), verbose=False)
+        args = start_args(c, **{"Data source": str(SAMPLE), "Max steps": 400, "Max length (tokens)": 128})
+        run_id = val(c.predict(*args, api_name="/start_training")[0])
+        assert jobs.active_run(runs) == run_id
+        jobs.stop_run(run_id, runs, grace=10)
+    finally:
+        active = jobs.active_run(runs)
+        if active:
+            jobs.stop_run(active, runs, grace=5)
+        demo.close()
