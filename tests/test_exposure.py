@@ -206,3 +206,14 @@ def test_auth_gates_the_api_and_training(tmp_path: Path, tiny_llama_dir: Path) -
         if active:
             jobs.stop_run(active, runs, grace=5)
         demo.close()
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/tmp/elsewhere", "~/x", ".hidden", "a/b", "adapter", "x" * 80])
+def test_merge_from_the_web_writes_only_inside_the_run(name, tmp_path):
+    from phi3_lora.errors import UserError
+    from phi3_lora.ui.export_tab import merge_destination
+
+    with pytest.raises(UserError, match="folder name"):
+        merge_destination(tmp_path / "run", name)
+    assert merge_destination(tmp_path / "run", "") == tmp_path / "run" / "merged"
+    assert merge_destination(tmp_path / "run", "merged-v2") == tmp_path / "run" / "merged-v2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,9 @@ def build(state: AppState) -> ExportTab:
             gr.Markdown("### 2. Merged model (16-bit)")
             gr.HTML(help_md("Folds the adapter into a 16-bit copy of the base (never into 4-bit weights) and saves "
                             "a plain transformers folder. Needs the base weights in memory."))
-            merge_dir = gr.Textbox(label="Save to folder", placeholder="empty = runs/<id>/merged",
-                                   info="A folder on this machine; written atomically.")
+            merge_dir = gr.Textbox(label="Folder name", placeholder="merged",
+                                   info="Saved as runs/<id>/<name> on this machine, written atomically. "
+                                        "(The CLI's export --merge takes any path.)")
             merge_button = gr.Button("Merge and save", variant="secondary")
             merge_status = gr.HTML()
             merge_file = gr.File(label="Download (zip, small models only)", interactive=False, visible=False)
@@ -90,6 +92,19 @@ def _run_dir(path: Path) -> Path:
         (p for p in path.parents if (p / "config.yaml").exists()), path)
 
 
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def merge_destination(run_dir: Path, name: str | None) -> Path:
+    """A web visitor names a folder inside the run, never a path: a shared link must not write anywhere."""
+    name = (name or "").strip() or "merged"
+    if not _FOLDER_NAME.match(name) or name in ("adapter", "checkpoints"):
+        raise UserError(f"{name!r} is not a usable folder name.",
+                        hint="Use letters, digits, '.', '_' or '-' (not adapter or checkpoints); "
+                             "it is saved inside the run's folder.")
+    return run_dir / name
+
+
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -108,7 +123,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
         if state.options.demo_mode:
             raise UserError("Merging is switched off in this demo.", hint="Download the adapter zip instead.")
         path = resolve_source(runs_dir, source)
-        out = Path(folder).expanduser() if (folder or "").strip() else _run_dir(path) / "merged"
+        out = merge_destination(_run_dir(path), folder)
         progress(0.1, desc="Loading the base in 16-bit and merging (this takes a while)…")
         merged = _export().merge_adapter(path, out)
         size = _folder_size(merged)
