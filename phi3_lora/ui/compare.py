@@ -54,9 +54,9 @@ def build(state: AppState) -> CompareTab:
             seed = gr.Number(0, precision=0, label="Seed", info="Same seed on both sides.")
     status = gr.HTML()
     with gr.Row(equal_height=True):
-        base_chat = gr.Chatbot(label="Base model", height=380, elem_id="p3-base-chat",
+        base_chat = gr.Chatbot(label="Base model", height=520, elem_id="p3-base-chat",
                                placeholder="The base model's answers appear here.")
-        tuned_chat = gr.Chatbot(label="Tuned (base + adapter)", height=380, elem_id="p3-tuned-chat",
+        tuned_chat = gr.Chatbot(label="Tuned (base + adapter)", height=520, elem_id="p3-tuned-chat",
                                 placeholder="The tuned model's answers appear here.")
     reference = gr.Markdown(visible=False, elem_classes=["p3-reference"])
     with gr.Row(equal_height=True):

@@ -136,7 +136,7 @@ def build(state: AppState) -> SettingsTab:
         with gr.Column():
             gr.Markdown("### LoRA adapter")
             f["model.load_in_4bit"] = gr.Checkbox(d.model.load_in_4bit, label="QLoRA: load the base in 4-bit",
-                                                  info=_help(M, "load_in_4bit") + " Needs a CUDA GPU.")
+                                                  info=_help(M, "load_in_4bit") + " Works on CPU too, but 4-bit pays off on a GPU.")
             f["lora.r"] = gr.Slider(1, 256, value=d.lora.r, step=1, label="Rank r", info=_help(L, "r"))
             f["lora.lora_alpha"] = gr.Number(d.lora.lora_alpha, label="Alpha", info=_help(L, "lora_alpha"))
             f["lora.lora_dropout"] = gr.Slider(0, 0.5, value=d.lora.lora_dropout, step=0.01, label="Dropout",
@@ -332,8 +332,8 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
             info = model_info(config.model.name)
         notes = [notice("warn", n) for n in cfgmod.preset_warnings(config)]
         if config.model.load_in_4bit and not models.cuda_available():
-            notes.append(notice("info", "This preset uses QLoRA (4-bit), which needs a CUDA GPU; on this machine "
-                                        "untick QLoRA to train in 16/32-bit."))
+            notes.append(notice("info", "This preset uses QLoRA (4-bit). Without a GPU it still runs, "
+                                        "but slower than 16-bit; untick QLoRA for speed on this machine."))
         vals = values_from_config(config, keys, info.linear_names)
         vals[keys.index("lora.fused_slices")] = gr.update(value=vals[keys.index("lora.fused_slices")] if info.fused
                                                           else [], visible=info.fused)
