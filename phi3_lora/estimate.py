@@ -148,10 +148,8 @@ def estimate_memory(model_config: Any, config: RunConfig, *, device: str = "cuda
     shape = model_shape(model_config)
     t = config.train
     act_bytes = _dtype_bytes(config, device)
-    four_bit = config.model.load_in_4bit and device == "cuda"  # bitsandbytes 4-bit is a GPU path
+    four_bit = config.model.load_in_4bit  # bitsandbytes stores NF4 on the CPU as well as on CUDA
     notes: list[str] = []
-    if config.model.load_in_4bit and device != "cuda":
-        notes.append("4-bit loading needs a CUDA GPU; on this machine the weights are counted at full size.")
 
     if four_bit:
         weights = shape.block_linear_params * NF4_BITS / 8 + shape.other_params * 2
