@@ -85,15 +85,30 @@ def new_run_id(config: RunConfig, now: float | None = None) -> str:
     return f"{stamp}-{slug or 'run'}"
 
 
-def train_command(config_path: Path, run_dir: Path, resume: bool, num_processes: int = 1) -> list[str]:
-    """The child's argv: the CLI, or `accelerate launch` of it when several GPUs train."""
+def train_command(config_path: Path, run_dir: Path, resume: bool, num_processes: int = 1,
+                  mixed_precision: str = "no") -> list[str]:
+    """The child's argv: the CLI, or `accelerate launch` of it when several GPUs train (one process per GPU,
+    DDP; on a CPU-only machine the same command runs gloo processes, which the tests use)."""
     tail = ["-m", "phi3_lora", "train", "--config", str(config_path), "--run-dir", str(run_dir)]
     if resume:
         tail.append("--resume")
     if num_processes > 1:
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-                "--multi_gpu", *tail]
+                "--multi_gpu", "--num_machines", "1", "--mixed_precision", mixed_precision,
+                "--dynamo_backend", "no", *tail]
     return [sys.executable, *tail]
+
+
+def launch_mixed_precision() -> str:
+    """What accelerate is told; the trainer's own bf16/fp16 choice (resolve_dtype) matches it."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    except Exception:
+        pass
+    return "no"
 
 
 # What one checkpoint holds besides the LoRA weights and AdamW state: tokenizer files (up to ~10 MB for large
@@ -197,7 +212,8 @@ def _num_processes(config: RunConfig) -> int:
 
 def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int) -> subprocess.Popen:
     run_dir = runs_dir / run_id
-    cmd = train_command(run_dir / "config.yaml", run_dir, resume, num_processes)
+    cmd = train_command(run_dir / "config.yaml", run_dir, resume, num_processes,
+                        launch_mixed_precision() if num_processes > 1 else "no")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PHI3_LORA_JOB": run_id}
     log = open(run_dir / LOG, "ab")
     log.write(f"$ {' '.join(cmd)}\n".encode())

@@ -194,7 +194,7 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         save_yaml(config, run_dir / "config.yaml")
-    if not os.environ.get("PHI3_LORA_JOB"):  # a foreground CLI run; jobs records its child's pid itself
+    if not os.environ.get("PHI3_LORA_JOB") and is_main_process():  # a foreground CLI run; jobs records its own
         (run_dir / events.PID_FILE).write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -230,6 +230,17 @@ def _causes(exc: BaseException) -> list[BaseException]:
         seen.append(exc)
         exc = exc.__cause__ or exc.__context__
     return seen
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes events, eval rows and the adapter."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def effective_batch(config: RunConfig, n_gpus: int) -> int:
+    """Rows (packed sequences, with packing) per optimizer step across every GPU (pure; shown by the app)."""
+    t = config.train
+    return t.per_device_train_batch_size * t.gradient_accumulation_steps * max(1, n_gpus)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -343,12 +354,14 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
     trainer, callback, opts, loaded = built.trainer, built.callback, built.opts, built.loaded
     model_name, reason, device, dtype_name = built.model_name, built.reason, built.device, built.dtype_name
     eval_rows, tokenizer = built.eval_rows, built.trainer.processing_class
-    _write_jsonl_atomic(run_dir / EVAL_ROWS, eval_rows)
-    (run_dir / RESOLVED).write_text(json.dumps({"model": model_name, "reason": reason}), encoding="utf-8")
+    main = is_main_process()
+    if main:
+        _write_jsonl_atomic(run_dir / EVAL_ROWS, eval_rows)
+        (run_dir / RESOLVED).write_text(json.dumps({"model": model_name, "reason": reason}), encoding="utf-8")
     dropped = untrainable_rows(built)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     checkpoint = last_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
+    if resume and checkpoint is None and main:
         events.append_event(run_dir, "note", message="no complete checkpoint found: starting from step 0")
     callback.start_fields = dict(
         model=model_name, model_reason=reason, device=device, dtype=dtype_name, train_rows=len(trainer.train_dataset),
@@ -370,7 +383,7 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
         eval_loss = metrics.get("eval_loss")
     final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
     adapter_dir = None
-    if not stopped:
+    if not stopped and main:
         summary = dict(model=model_name, steps=trainer.state.global_step, final_loss=final_loss, eval_loss=eval_loss,
                        eval_perplexity=math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
                        trainable_params=trainable, total_params=total, seconds=round(time.time() - started, 1),
@@ -378,7 +391,8 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
         resolved = config.replace(model={"name": model_name})
         adapter_dir = save_adapter_atomic(trainer.model, tokenizer, resolved, summary, run_dir / ADAPTER)
     status = "stopped" if stopped else "finished"
-    events.append_event(run_dir, "end", status=status, step=trainer.state.global_step, loss=final_loss,
+    if main:
+        events.append_event(run_dir, "end", status=status, step=trainer.state.global_step, loss=final_loss,
                         eval_loss=eval_loss, adapter=str(adapter_dir) if adapter_dir else None,
                         seconds=round(time.time() - started, 1))
     return TrainResult(status, trainer.state.global_step, final_loss, eval_loss, adapter_dir, time.time() - started)

@@ -1,0 +1,89 @@
+"""The fast GPU path trains the same thing as the plain path (CPU checks).
+
+1. Packed rows do not see each other: the logits of a padding-free packed row through the `sdpa_varlen`
+   attention (its CPU branch: SDPA once per packed sequence; the CUDA branch is checked on the GPU by
+   bench/train_speed.py, relative error 5e-3 in bf16) equal those of each sequence run alone.
+2. Training with packing + sdpa_varlen gives the same loss curve as padded batches with plain SDPA,
+   on a small real model, within a stated tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3_lora import events, packed_attention, train
+from phi3_lora.config import RunConfig
+
+# Packed and padded steps hold the same rows; only the float order differs (trl averages over the trained
+# tokens of a batch either way). Measured in float32 on the tiny Phi-3: max difference 2e-6 over 6 steps.
+LOSS_TOLERANCE = 1e-4
+
+
+def _model(folder: Path, attn: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    packed_attention.register()
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("with_boundaries", [True, False])
+def test_packed_sequences_do_not_attend_to_each_other(tiny_phi3_dir, with_boundaries):
+    model = _model(tiny_phi3_dir, packed_attention.NAME)
+    torch.manual_seed(0)
+    lens = [5, 11, 3, 7]
+    seqs = [torch.randint(10, 30000, (n,)) for n in lens]
+    kwargs = {"position_ids": torch.cat([torch.arange(n) for n in lens])[None]}
+    if with_boundaries:  # as trl's padding-free collator passes them
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(seqs)[None], **kwargs).logits[0]
+        alone = torch.cat([model(input_ids=s[None]).logits[0] for s in seqs])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_sdpa_varlen_equals_sdpa_on_padded_batches(tiny_phi3_dir):
+    """Padded batches (and generation) take plain SDPA: same logits as attn_implementation='sdpa'."""
+    ids = torch.randint(10, 30000, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        a = _model(tiny_phi3_dir, packed_attention.NAME)(input_ids=ids, attention_mask=mask).logits
+        b = _model(tiny_phi3_dir, "sdpa")(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()])
+
+
+def _rows(path: Path, n: int = 24) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "tell me more " * (i % 5)},
+                          {"role": "assistant", "content": "My name is Quillon. " * (1 + i % 3)}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _losses(model_dir: Path, data: Path, run_dir: Path, **train_settings) -> list[float]:
+    cfg = RunConfig().replace(
+        model={"name": str(model_dir), "load_in_4bit": False, "dtype": "float32",
+               "attn_implementation": train_settings.pop("attn")},
+        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        train={"max_steps": 6, "learning_rate": 5e-3, "per_device_train_batch_size": 24, "save_steps": 100,
+               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 512, "seed": 0,
+               "gradient_checkpointing": False, **train_settings},
+        data={"source": str(data), "eval_fraction": 0.0})
+    train.run(cfg, run_dir)
+    return [loss for _, loss in events.run_status(run_dir).losses]
+
+
+def test_packed_fast_path_trains_like_the_plain_path(tmp_path, tiny_phi3_dir):
+    """A step holds all 24 rows either way (padded: 24 rows; packed: a few 512-token sequences), so each
+    step sees the same tokens and the curves must agree step by step."""
+    data = _rows(tmp_path / "d.jsonl")
+    plain = _losses(tiny_phi3_dir, data, tmp_path / "plain", attn="sdpa", packing=False)
+    fast = _losses(tiny_phi3_dir, data, tmp_path / "fast", attn="sdpa_varlen", packing=True)
+    assert len(plain) == len(fast) == 6
+    assert plain[-1] < plain[0]
+    diffs = [abs(a - b) for a, b in zip(plain, fast)]
+    assert max(diffs) < LOSS_TOLERANCE, (plain, fast)
