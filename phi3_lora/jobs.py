@@ -176,7 +176,7 @@ def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: in
         run_dir = runs_dir / run_id
         run_dir.mkdir(parents=True)
         save_yaml(config, run_dir / "config.yaml")
-        _spawn(runs_dir, run_id, resume=False, num_processes=_num_processes(config))
+        _spawn(runs_dir, run_id, resume=False, num_processes=num_processes(config))
     return run_id
 
 
@@ -194,11 +194,12 @@ def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
             raise _busy_error(runs_dir, busy)
         check_disk(runs_dir, need_bytes)
         events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps)
-        _spawn(runs_dir, run_id, resume=True, num_processes=_num_processes(config))
+        _spawn(runs_dir, run_id, resume=True, num_processes=num_processes(config))
     return run_id
 
 
-def _num_processes(config: RunConfig) -> int:
+def num_processes(config: RunConfig) -> int:
+    """Training processes for this config: one per visible GPU unless train.num_processes says otherwise."""
     n = config.train.num_processes
     if n != "auto":
         return int(n)

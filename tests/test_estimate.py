@@ -81,3 +81,12 @@ def test_presets_give_plausible_totals() -> None:
     assert estimate_memory(PHI3_MINI, preset("quality-gpu")).total_gib < 24  # fits the 24 GB GPU it is named for
     cookbook = estimate_memory(PHI3_MINI, preset("cookbook"))
     assert cookbook.gradient_checkpointing and cookbook.total_gib < 16
+
+
+def test_settings_show_the_global_batch() -> None:
+    from phi3_lora import train
+    from phi3_lora.ui.settings import batch_line
+
+    config = cfg(train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
+    assert train.effective_batch(config, 2) == 16 and train.effective_batch(config, 0) == 8
+    assert "<b>8</b> rows per optimizer step" in batch_line(config)  # this machine: CPU, one process

@@ -264,6 +264,19 @@ def cli_text(config: cfgmod.RunConfig) -> str:
             "# the same run as flags\npython -m phi3_lora train \\\n    " + " \\\n    ".join(flags or ["--print-config"]))
 
 
+def batch_line(config: cfgmod.RunConfig) -> str:
+    """GPUs used and the global batch they add up to (what the learning rate actually sees)."""
+    from phi3_lora import jobs, train
+
+    n = jobs.num_processes(config)
+    t = config.train
+    where = f"{n} GPU{'s' if n > 1 else ''} ({'DDP through accelerate' if n > 1 else 'one process'})" \
+        if models.cuda_available() else "CPU, one process"
+    return (f"Training on {where}: global batch = {t.per_device_train_batch_size} per device × "
+            f"{t.gradient_accumulation_steps} accumulation × {max(n, 1) if models.cuda_available() else 1} = "
+            f"<b>{train.effective_batch(config, n if models.cuda_available() else 1)}</b> rows per optimizer step.")
+
+
 def estimate_html(config: cfgmod.RunConfig, info: ModelInfo) -> str:
     try:
         trainable, total = models.count_lora_parameters(
@@ -278,7 +291,8 @@ def estimate_html(config: cfgmod.RunConfig, info: ModelInfo) -> str:
     trainable = trainable if trainable is not None else gpu.trainable_params
     lines = [f"<div class='p3-stats'><span>Trainable parameters <b>{trainable:,}</b></span>"
              f"<span>of <b>{total:,}</b></span><span><b>{100 * trainable / max(total, 1):.3f}%</b></span></div>",
-             notice("info", "On a GPU: " + estimate.describe(gpu) + ".")]
+             notice("info", "On a GPU: " + estimate.describe(gpu) + "."),
+             help_md(batch_line(config))]
     if not cuda:
         cpu = estimate.estimate_memory(info.config, config, device="cpu", trainable_params=trainable)
         lines.append(notice("info", "On this machine (no GPU): " + estimate.describe(cpu) + "."))
