@@ -166,10 +166,7 @@ def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: in
     if need_bytes is None:
         need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
     with _locked(runs_dir):
-        busy = active_run(runs_dir)
-        if busy:
-            raise _busy_error(runs_dir, busy)
-        check_disk(runs_dir, need_bytes)
+        _check_free(runs_dir, need_bytes)
         run_id = new_run_id(config)
         while (runs_dir / run_id).exists():
             run_id += "-b"
@@ -178,6 +175,14 @@ def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: in
         save_yaml(config, run_dir / "config.yaml")
         _spawn(runs_dir, run_id, resume=False, num_processes=num_processes(config))
     return run_id
+
+
+def _check_free(runs_dir: Path, need_bytes: int) -> None:
+    """Under the lock: the machine has no other active run and the disk has room for this one."""
+    busy = active_run(runs_dir)
+    if busy:
+        raise _busy_error(runs_dir, busy)
+    check_disk(runs_dir, need_bytes)
 
 
 def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
@@ -189,10 +194,7 @@ def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
     config = load_yaml(run_dir / "config.yaml")
     need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
     with _locked(runs_dir):
-        busy = active_run(runs_dir)
-        if busy:
-            raise _busy_error(runs_dir, busy)
-        check_disk(runs_dir, need_bytes)
+        _check_free(runs_dir, need_bytes)
         events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps)
         _spawn(runs_dir, run_id, resume=True, num_processes=num_processes(config))
     return run_id

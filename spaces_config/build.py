@@ -208,19 +208,14 @@ def _hub_offline() -> bool:
 
 
 def resolve_token(token: str | None = None) -> str:
-    token = (token or "").strip() or os.environ.get("HF_TOKEN", "").strip()
-    if not token:
-        try:
-            from huggingface_hub import get_token
+    """The library's token lookup (argument, HF_TOKEN, saved login), with the builder's own error type."""
+    from phi3_lora.errors import UserError
+    from phi3_lora.export import resolve_token as library_resolve_token
 
-            token = get_token() or ""
-        except Exception:  # an unreadable saved login is the same as none
-            token = ""
-    if not token:
-        raise BuildError("No Hugging Face token: pushing a Space needs one with write access. Set HF_TOKEN "
-                         "(a token from https://huggingface.co/settings/tokens) or run `hf auth login`, then "
-                         "run the same command again.")
-    return token
+    try:
+        return library_resolve_token(token)
+    except UserError as exc:
+        raise BuildError(f"{exc} Or run `hf auth login`, then run the same command again.") from None
 
 
 def push(folder: Path, repo_id: str, *, token: str | None = None, private: bool = False,
