@@ -111,10 +111,20 @@ def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path) -> Path:
     return dest
 
 
+def merged_dtype(setting: str, cuda: bool) -> Any:
+    """The dtype a merged model is saved in (pure)."""
+    import torch
+
+    if setting != "auto":
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
+    return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
 def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
     """Fold the adapter into the base (in fp32) and save a standalone 16-bit model folder.
 
-    `dtype` picks the saved 16-bit type: auto = bfloat16 where supported, else float16."""
+    `dtype`: auto = bfloat16 (float16 on GPUs without bf16); bfloat16 / float16 / float32 as asked
+    (float32 keeps the exact merge, twice the size)."""
     import torch
     from peft import PeftModel
 
@@ -129,8 +139,7 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
     fused.prepare_base(base, ref.adapter_dir)  # a lora.fused_slices adapter needs Phi-3's fused layers split
     model = PeftModel.from_pretrained(base, str(ref.adapter_dir))
     merged = fused.restore_fused_layers(model.merge_and_unload())  # back to the stock fused layout
-    save_dtype = models.resolve_dtype(dtype, "cuda" if models.cuda_available() else "cpu")
-    merged = merged.to(torch.bfloat16 if save_dtype == torch.float32 else save_dtype)
+    merged = merged.to(merged_dtype(dtype, models.cuda_available()))
     tokenizer = models.load_tokenizer(ref.model_name)
     if (ref.adapter_dir / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer

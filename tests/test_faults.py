@@ -74,7 +74,6 @@ def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypat
                and events.run_status(run_dir).step >= step_of(newest) + 3 * save_steps + 1, timeout=180)
     start = [e for e in events.read_events(run_dir) if e["type"] == "start"][-1]
     assert start["resumed_from"].endswith(newest.name) and start["step"] == step_of(newest)
-    assert not staging.exists()
 
     # Stop: the process is gone and its memory released (no /proc entry, not even a zombie) within 30 s.
     pid = events.read_pid(run_dir)
@@ -83,6 +82,9 @@ def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypat
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=30 - (time.time() - t0), poll=0.1)
     print(f"\n[faults] Stop -> process gone and reaped in {time.time() - t0:.1f} s")
     assert time.time() - t0 < 30 and st.state == "stopped" and jobs.active_run(runs) is None
+    # Every save since the resume finished its rename: no staging folder (the killed save's is cleared too).
+    # (Checked once the process is gone: while it runs, each save briefly has a staging folder of its own.)
+    assert not staging.exists()
     # save_total_limit=2: four or more saves happened, two are kept, the newest is loadable.
     kept = complete_checkpoints(run_dir)
     assert len(kept) == 2, kept
