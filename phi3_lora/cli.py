@@ -93,6 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / jobs.new_run_id(config)
     print(f"run folder: {run_dir}", file=sys.stderr)
+    train.pin_single_gpu()  # before anything starts CUDA
     result = train.run(config, run_dir, resume=args.resume)
     print(f"{result.status} after {result.steps} steps in {result.seconds:.0f} s; final loss "
           f"{_fmt(result.final_loss)}, eval loss {_fmt(result.eval_loss)}; adapter: {result.adapter_dir or '-'}")

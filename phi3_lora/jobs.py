@@ -234,20 +234,31 @@ def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int) -> sub
 
 
 def stop_run(run_id: str, runs_dir: Path | None = None, grace: float = STOP_GRACE_SECONDS) -> events.RunStatus:
-    """SIGTERM (the run saves a checkpoint and exits), then SIGKILL after `grace` seconds."""
+    """SIGTERM (the run saves a checkpoint and exits), then SIGKILL after `grace` seconds.
+
+    Several GPUs: torchrun (inside `accelerate launch`) starts each rank in its own session, so the launcher's
+    process group holds only the launcher; it forwards SIGTERM to the ranks. The ranks are found (as the
+    launcher's descendants) before any signal, so a SIGKILL reaches them too and Stop returns only once every
+    rank is gone, never leaving one holding a GPU."""
     runs_dir = Path(runs_dir or default_runs_dir())
     run_dir = _existing_run(runs_dir, run_id)
     pid = events.read_pid(run_dir)
     if not events.pid_alive(pid):
         return events.run_status(run_dir)
+    tree = [pid, *descendants(pid)]
+
+    def alive() -> bool:
+        return any(events.pid_alive(p) for p in tree)
+
     _signal_group(pid, signal.SIGTERM)
     deadline = time.time() + grace
-    while time.time() < deadline and events.pid_alive(pid):
+    while time.time() < deadline and alive():
         time.sleep(0.2)
-    if events.pid_alive(pid):
-        _signal_group(pid, signal.SIGKILL)
+    if alive():
+        for p in tree:
+            _signal_group(p, signal.SIGKILL)
         for _ in range(50):
-            if not events.pid_alive(pid):
+            if not alive():
                 break
             time.sleep(0.1)
     status = events.run_status(run_dir)
@@ -258,16 +269,43 @@ def stop_run(run_id: str, runs_dir: Path | None = None, grace: float = STOP_GRAC
     return status
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (read from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
 def _signal_group(pid: int | None, sig: int) -> None:
+    """Signal the process group `pid` leads, else `pid` alone; never this process's own group."""
     if not pid:
         return
     try:
-        os.killpg(pid, sig)  # the child leads its own session, so this reaches every rank / helper
+        if os.getpgid(pid) == pid and pid != os.getpgrp():
+            os.killpg(pid, sig)  # the child leads its own session: every helper of it (and a rank's dataloaders)
+            return
     except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+        pass
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _existing_run(runs_dir: Path, run_id: str) -> Path:

@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, MutableMapping
 
 from phi3_lora import events
 from phi3_lora.config import RunConfig, save_yaml
@@ -200,7 +200,8 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
     try:
         return _run(config, run_dir, resume)
     except StopRequested:
-        events.append_event(run_dir, "end", status="stopped", reason="stopped before training began")
+        if is_main_process():
+            events.append_event(run_dir, "end", status="stopped", reason="stopped before training began")
         return TrainResult("stopped", 0, None, None, None, 0.0)
     except UserError as exc:
         events.append_event(run_dir, "error", reason=f"failed: {exc}")
@@ -235,6 +236,21 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def is_main_process() -> bool:
     """Rank 0 (or a single process): the one that writes events, eval rows and the adapter."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def pin_single_gpu(env: MutableMapping[str, str] | None = None) -> str | None:
+    """A single training process (not one rank of several) uses one GPU; seeing several, Trainer would wrap the
+    model in nn.DataParallel, which trl refuses ("does not support nn.DataParallel"): `num_processes: 1` on a
+    2-GPU machine failed so. Keep the first visible GPU. Must run before CUDA starts; returns what it set."""
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" in env or int(env.get("WORLD_SIZE", "1") or 1) > 1:
+        return None
+    current = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in current.split(",") if d.strip()] if current is not None else ["0", "1"]
+    if len(ids) <= 1:
+        return None
+    env["CUDA_VISIBLE_DEVICES"] = ids[0]
+    return ids[0]
 
 
 def effective_batch(config: RunConfig, n_gpus: int) -> int:

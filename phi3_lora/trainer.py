@@ -25,22 +25,30 @@ SLOW_SAVE_ENV = "PHI3_LORA_TEST_SLOW_SAVE_SECONDS"  # tests only: pause inside e
 
 class AtomicCheckpointTrainer(SFTTrainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # Several ranks: only rank 0 (should_save) makes, renames and removes the staging folder; the others write
+        # only their rng_state_<rank>.pth into it. Barriers keep a late rank from deleting rank 0's half-written
+        # files, and rank 0 from renaming the folder before every rank's RNG state is in it.
         final_root = self.args.output_dir
         staging_root = os.path.join(final_root, STAGING)
         name = f"checkpoint-{self.state.global_step}"
-        shutil.rmtree(staging_root, ignore_errors=True)
-        os.makedirs(staging_root, exist_ok=True)
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            os.makedirs(staging_root, exist_ok=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = staging_root
         try:
             super()._save_checkpoint(model, trial)
         except BaseException:
             # A failed save (disk full) must not keep its partial files: they hold space the error event needs,
             # and the previous checkpoint-N, untouched, stays the one Resume uses.
-            shutil.rmtree(staging_root, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging_root, ignore_errors=True)
             raise
         finally:
             self.args.output_dir = final_root
-        if self.args.should_save:
+        self.accelerator.wait_for_everyone()
+        if main:
             final = os.path.join(final_root, name)
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
             os.replace(os.path.join(staging_root, name), final)
@@ -48,13 +56,26 @@ class AtomicCheckpointTrainer(SFTTrainer):
             rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
-
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # Tests widen the window between the adapter and the optimizer state to kill a save half-way.
         delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
         if delay:
             time.sleep(delay)
         super()._save_optimizer_and_scheduler(output_dir)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is set on any process of the run (one tiny all-reduce when several ranks train)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class EventsCallback(TrainerCallback):
@@ -82,7 +103,10 @@ class EventsCallback(TrainerCallback):
                                 epochs=args.num_train_epochs, **self.start_fields)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.stop_flag.get("requested"):
+        # Every rank must stop at the same step: a rank that stopped alone would leave the others waiting in the
+        # next step's gradient all-reduce. A SIGTERM can land between two ranks' checks, so they agree here.
+        if any_rank(bool(self.stop_flag.get("requested"))):
+            self.stop_flag["requested"] = True
             control.should_save = True
             control.should_training_stop = True
 
