@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--per-device", type=int, default=4, help="Per-device batch on the several-GPU run.")
+    p.add_argument("--one-per-device", type=int, default=None,
+                   help="Per-device batch of the 1-GPU run; default gpus x per-device (same global batch). "
+                        "Set it to --per-device for weak scaling (same work per GPU).")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="Logged steps left out of tokens/s.")
     p.add_argument("--rows", type=int, default=2000, help="Conversations in the chat-length mix.")
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print("model ready", report["model_seconds"], flush=True)
 
     if "one" not in args.skip:
-        cfg = make_config(model_dir, data, 1, g * b, args.steps, 10**6, 0.0)
+        cfg = make_config(model_dir, data, 1, args.one_per_device or g * b, args.steps, 10**6, 0.0)
         run_id, r, extra = run_to_end(cfg, runs, 600)
         r.update(throughput(r, args.warmup))
         report["one_gpu"], logs["one_gpu"] = r, extra["log"]
