@@ -72,8 +72,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
         name, reason = models.resolve_name(args.model)
         tok = models.load_tokenizer(name)
         st = data.compute_stats(loaded.rows, tok, args.max_length)
-        print(f"tokens ({name}): {st.describe() if hasattr(st, 'describe') else st}")
+        print(f"tokens ({name}, {reason}):")
+        print(format_stats(st))
     return 0
+
+
+def format_stats(st: Any, width: int = 40) -> str:
+    """Token statistics and a text histogram against max length (pure)."""
+    from statistics import median
+
+    from phi3_lora.data import histogram_bins
+
+    lengths = st.token_lengths
+    lines = [f"  rows {st.rows}, turns/row {st.mean_turns:.1f}, tokens {st.total_tokens:,}"
+             + (f", trained (assistant) tokens {st.trained_tokens:,}" if st.trained_tokens is not None else ""),
+             f"  length median {median(lengths) if lengths else 0:.0f}, longest {max(lengths, default=0)}, "
+             f"max_length {st.max_length}: {st.truncated} row(s) would be truncated, "
+             f"{st.untrained_rows} would train on nothing"]
+    bins = histogram_bins(lengths, bins=10)
+    top = max((b.count for b in bins), default=1)
+    for b in bins:
+        bar = "#" * max(1 if b.count else 0, round(width * b.count / top))
+        over = "  > max_length" if b.start >= st.max_length else ""
+        lines.append(f"  {b.start:>6}-{b.end - 1:<6} {b.count:>5} {bar}{over}")
+    lines += [f"  warning: {w}" for w in st.warnings]
+    return "\n".join(lines)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
