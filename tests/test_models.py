@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from phi3_lora import models
+from phi3_lora import embedded, models
 from phi3_lora.config import LoraSettings, ModelSettings
 from phi3_lora.errors import UserError
 
@@ -66,14 +66,14 @@ def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: P
         time.sleep(0.3)  # long enough for a second caller to arrive while the first converts
         return AutoModelForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
 
-    monkeypatch.setattr(models, "_load_gguf", load)
+    monkeypatch.setattr(embedded, "_load_gguf", load)
     return calls
 
 
 def test_conversion_failure_leaves_no_folder(fake_gguf: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
     cache = models.cache_dir()
     cache.mkdir(parents=True)
-    stale = cache / f".{models._embedded_folder_name()}.tmp-killed"  # what a killed process leaves
+    stale = cache / f".{embedded._embedded_folder_name()}.tmp-killed"  # what a killed process leaves
     stale.mkdir()
     seen: list[bool] = []
 
