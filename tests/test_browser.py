@@ -108,19 +108,29 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
 
     # 4. Compare: the adapter is preselected; both panes answer.
     page.get_by_role("tab", name="4 · Compare").click()
+    from playwright.sync_api import expect
+
+    # Turn 1: a held-out question from the eval split, with its reference answer shown.
     page.get_by_role("button", name="Held-out example").click()
     page.get_by_text("Reference answer").wait_for(timeout=30_000)
-    page.locator("#p3-prompt textarea").fill("What is your name?")
+    prompt = page.locator("#p3-prompt textarea")
+    expect(prompt).not_to_have_value("", timeout=30_000)
+    question = prompt.input_value()
     page.get_by_role("button", name="Send", exact=True).click()
+    page.get_by_text("done (temperature").wait_for(timeout=180_000)
+    expect(prompt).to_have_value("", timeout=30_000)  # sent: the box is cleared for the next turn
+    # Turn 2: typed; each pane keeps its own conversation, so both questions are in both panes.
+    prompt.fill("What is your name?")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(page.locator("#p3-base-chat")).to_contain_text("What is your name?", timeout=180_000)
     page.get_by_text("done (temperature").wait_for(timeout=180_000)
     base = page.locator("#p3-base-chat").inner_text()
     tuned = page.locator("#p3-tuned-chat").inner_text()
-    assert "What is your name?" in base and "What is your name?" in tuned
+    for text in (base, tuned):
+        assert question in text and "What is your name?" in text
     page.screenshot(path=str(shots / "4-compare.png"), full_page=True)
 
     # 5. Export.
-    from playwright.sync_api import expect
-
     page.get_by_role("tab", name="5 · Export").click()
     expect(page.locator("#p3-export-source input")).to_have_value(re.compile("final adapter"), timeout=30_000)
     page.get_by_role("button", name="Build adapter zip").click()

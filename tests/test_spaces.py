@@ -47,7 +47,7 @@ def test_front_matter_parses_and_uses_only_keys_spaces_know(space_dir: Path) -> 
     assert build.check_front_matter(meta) == []
     assert meta["sdk"] == "gradio"
     pinned = next(line.split("==")[1].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-                  if line.startswith("gradio=="))
+                  if line.startswith(("gradio==", "gradio[oauth]==")))
     assert meta["sdk_version"] == pinned  # one number: read from requirements.txt, not written twice
     assert (space_dir / meta["app_file"]).is_file()
     assert meta["suggested_hardware"] in build.VALID_HARDWARE
