@@ -354,6 +354,10 @@ def build(config: RunConfig, output_dir: Path) -> Built:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         callbacks=callbacks)
+    if args.disable_tqdm:  # EventsCallback writes readable log lines; transformers' printer would repeat them as dicts
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     return Built(trainer, callback, opts, model_name, reason, device, dtype_name, loaded, train_rows, eval_rows)
 
 
@@ -395,8 +399,12 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
 
     eval_loss = None
     if eval_rows and not stopped:
-        metrics = trainer.evaluate()
-        eval_loss = metrics.get("eval_loss")
+        # The last periodic eval may already have been at the final step: reuse it rather than repeat it.
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        if last is not None and last.get("step") == trainer.state.global_step:
+            eval_loss = last["eval_loss"]
+        else:
+            eval_loss = trainer.evaluate().get("eval_loss")
     final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
     adapter_dir = None
     if not stopped and main:

@@ -78,6 +78,18 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def log_line(event: dict[str, Any]) -> str:
+    """One line of the run log for a `log` event (pure)."""
+    parts = [f"step {event['step']}/{event['max_steps']}", f"loss {event['loss']:.4f}"]
+    if event.get("learning_rate") is not None:
+        parts.append(f"lr {event['learning_rate']:.2e}")
+    if event.get("tokens_per_second"):
+        parts.append(f"{event['tokens_per_second']:.0f} tok/s")
+    if event.get("eta_seconds") is not None:
+        parts.append(f"eta {event['eta_seconds']:.0f} s")
+    return "  ".join(parts)
+
+
 class EventsCallback(TrainerCallback):
     """Appends start / log / eval / checkpoint events; turns a SIGTERM into save-and-stop."""
 
@@ -121,11 +133,13 @@ class EventsCallback(TrainerCallback):
         eta = (now - self._t0) / done * (state.max_steps - state.global_step) if done > 0 else None
         if "loss" not in logs:  # eval metrics arrive here too; on_evaluate records those
             return
-        events.append_event(
+        event = events.append_event(
             self.run_dir, "log", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch,
             loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
             tokens_seen=tokens, tokens_per_second=(tokens - last_tokens) / (now - last_t) if now > last_t else None,
             eta_seconds=eta, elapsed_seconds=now - self._t0)
+        if args.disable_tqdm:  # a log file (the app's train.log): one readable line per log, not a dict
+            print(log_line(event), flush=True)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
                     **kwargs: Any) -> None:
@@ -136,6 +150,9 @@ class EventsCallback(TrainerCallback):
         loss = float(metrics["eval_loss"])
         events.append_event(self.run_dir, "eval", step=state.global_step, max_steps=state.max_steps,
                             eval_loss=loss, perplexity=math.exp(loss) if loss < 50 else None)
+        if args.disable_tqdm:
+            print(f"step {state.global_step}/{state.max_steps}  eval loss {loss:.4f}", flush=True)
+
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._is_main(state):

@@ -12,6 +12,7 @@ from phi3_lora import events, train
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
 from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
+from phi3_lora.trainer import log_line
 
 
 def write_rows(path: Path, n: int = 16, answer: str = "My name is Quillon.") -> Path:
@@ -45,7 +46,10 @@ def test_qlora_train_save_reload_generate_on_tiny_phi3(tmp_path, tiny_phi3_dir):
     assert any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k), "lora_B never moved"
 
     st = events.run_status(tmp_path / "run")
-    assert st.state == "finished" and len(st.losses) == 6 and st.eval_losses
+    assert st.state == "finished" and len(st.losses) == 6
+    assert [step for step, _ in st.eval_losses] == [3, 6]  # the final eval reuses step 6's, not a repeat
+    first = next(e for e in events.read_events(tmp_path / "run") if e["type"] == "log")
+    assert log_line(first).startswith("step 1/6  loss ") and "tok/s" in log_line(first)
     assert st.losses[-1][1] < st.losses[0][1], st.losses  # it learned the one answer
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["checkpoint-3", "checkpoint-6"]
 

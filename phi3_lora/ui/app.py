@@ -29,7 +29,7 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
     with gr.Blocks(title="phi3_lora — fine-tune a chat model on your data", fill_width=False) as demo:
         gr.HTML(f"<div class='p3-header'><h1>phi3_lora</h1><p>Fine-tune a chat model with LoRA / QLoRA on your own "
                 f"conversations, then compare the base and tuned answers side by side. Default model here: "
-                f"<b>{html.escape(state.default_name)}</b> ({html.escape(state.default_reason)}).</p></div>")
+                f"<b>{html.escape(state.default_name)}</b>: {html.escape(state.default_reason)}.</p></div>")
         if options.storage_warning:
             gr.HTML(notice("warn", options.storage_warning))
         if options.login_required:  # a Space with hf_oauth: training is per signed-in Hugging Face user
