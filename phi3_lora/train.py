@@ -21,6 +21,8 @@ from typing import Any, MutableMapping
 from phi3_lora import events
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
+from phi3_lora.options import (PACKED_ATTENTION, ResolvedOptions, checkpointed_layers,  # noqa: F401 (re-exported)
+                               effective_batch, resolve_options, sft_config_kwargs)
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -41,131 +43,6 @@ class TrainResult:
 
 class StopRequested(Exception):
     """SIGTERM arrived before the training loop started: nothing to save."""
-
-
-@dataclass
-class ResolvedOptions:
-    """`auto` fields of TrainSettings decided for this machine (pure; see `resolve_options`)."""
-
-    device: str
-    gradient_checkpointing: bool
-    packing: bool
-    use_liger_kernel: bool
-    optim: str
-    bf16: bool
-    fp16: bool
-    attn_implementation: str = "sdpa"
-    checkpointed_layers: int | None = None  # with gradient_checkpointing: how many decoder layers; None = all
-    fp32_upcast: bool = True  # peft's prepare_model_for_kbit_training (fp32 norms/embeddings) for 4-bit bases
-
-
-# Activation bytes per token and decoder layer that backward keeps, in units of the compute dtype's
-# size, as `a * hidden + b * intermediate`. Measured on an H200 (bench/train_speed.py, Phi-3-mini shape,
-# Liger on, LoRA dropout 0.05): each layer left un-checkpointed added 0.88 GiB at 8170 tokens/step,
-# 58k units/token, against 98k in estimate.py's textbook count (Liger's RMSNorm/SwiGLU keep less).
-# Without Liger a layer added 1.1 GiB (same bench, ablation rows): 1.25x.
-ACT_HIDDEN, ACT_INTERMEDIATE = 10, 3.75
-NO_LIGER_FACTOR = 1.25
-PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool, *,
-                    varlen_available: bool = False, model_config: Any = None,
-                    gpu_memory_gb: float | None = None) -> ResolvedOptions:
-    """Decide every `auto` knob from the device, the model's shape and the memory budget (pure)."""
-    t = config.train
-    on_cuda = device == "cuda"
-    attn = config.model.attn_implementation
-    if attn == "auto":
-        attn = "sdpa_varlen" if on_cuda and varlen_available else "sdpa"
-    # Padding-free packing needs an attention path that keeps packed rows apart without a dense mask.
-    packing = t.packing if t.packing != "auto" else (on_cuda and attn in PACKED_ATTENTION)
-    liger = t.use_liger_kernel if t.use_liger_kernel != "auto" else (on_cuda and liger_installed)
-    optim = t.optim if t.optim != "auto" else ("adamw_torch_fused" if on_cuda else "adamw_torch")
-    # peft's kbit preparation casts norms and embeddings to fp32: in bf16 that only adds casts and memory.
-    upcast = t.fp32_upcast if t.fp32_upcast != "auto" else dtype_name != "bfloat16"
-    layers: int | None = None
-    if t.gradient_checkpointing != "auto":
-        gc = bool(t.gradient_checkpointing)
-    elif not on_cuda or model_config is None:
-        gc = on_cuda
-    else:
-        budget = t.memory_budget_gb or gpu_memory_gb
-        layers = checkpointed_layers(model_config, config, budget, dtype_name, liger) if budget else None
-        gc = layers != 0
-        layers = None if not gc or layers == _num_layers(model_config) else layers
-    return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
-                           use_liger_kernel=bool(liger), optim=optim,
-                           bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
-                           attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast))
-
-
-def _num_layers(model_config: Any) -> int:
-    from phi3_lora.estimate import model_shape
-
-    return model_shape(model_config).num_layers
-
-
-def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                        liger: bool = True) -> int:
-    """The fewest decoder layers to checkpoint so that a step fits `budget_gb` (all of them if none fits)."""
-    from phi3_lora.estimate import GIB, estimate_memory, model_shape
-
-    shape = model_shape(model_config)
-    always_on = config.replace(train={"gradient_checkpointing": True})
-    tokens = config.train.per_device_train_batch_size * config.train.max_length
-    # Every layer checkpointed; trl computes the loss in chunks, so no full fp32 logits (estimate.py counts them).
-    base = (estimate_memory(model_config, always_on, device="cuda").total_gib
-            - tokens * shape.vocab_size * 8 / GIB)
-    nbytes = 4 if dtype_name == "float32" else 2
-    per_layer = tokens * nbytes * (ACT_HIDDEN * shape.hidden_size + ACT_INTERMEDIATE * shape.intermediate_size
-                                   - shape.hidden_size) / GIB  # what one un-checkpointed layer adds
-    per_layer *= 1.0 if liger else NO_LIGER_FACTOR
-    spare = 0.9 * budget_gb - base
-    free = max(0, min(shape.num_layers, int(spare // per_layer))) if per_layer > 0 else shape.num_layers
-    return shape.num_layers - free
-
-
-def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:
-    """The SFTConfig arguments for a run (pure, so tests can check the mapping)."""
-    t = config.train
-    eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
-    return dict(
-        output_dir=str(output_dir),
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=opts.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if opts.gradient_checkpointing else None,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=opts.optim,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if eval_every else "no",
-        eval_steps=eval_every,
-        max_length=t.max_length,
-        assistant_only_loss=t.assistant_only_loss,
-        packing=opts.packing,
-        padding_free=opts.packing,
-        use_liger_kernel=opts.use_liger_kernel,
-        bf16=opts.bf16,
-        fp16=opts.fp16,
-        use_cpu=opts.device == "cpu",
-        report_to="none",
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=not os.isatty(2),
-        dataloader_pin_memory=opts.device == "cuda",
-    )
 
 
 def lora_config(config: RunConfig, target_modules: list[str]) -> Any:
@@ -251,12 +128,6 @@ def pin_single_gpu(env: MutableMapping[str, str] | None = None) -> str | None:
         return None
     env["CUDA_VISIBLE_DEVICES"] = ids[0]
     return ids[0]
-
-
-def effective_batch(config: RunConfig, n_gpus: int) -> int:
-    """Rows (packed sequences, with packing) per optimizer step across every GPU (pure; shown by the app)."""
-    t = config.train
-    return t.per_device_train_batch_size * t.gradient_accumulation_steps * max(1, n_gpus)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
