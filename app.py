@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     if options.storage_warning:
         print(f"Warning: {options.storage_warning}", flush=True)
     demo = build_app(options=options)
+    from phi3_lora.models import resolve_name
+
+    name, reason = resolve_name(options.default_model)
+    print(f"Default model: {name}: {reason}. Runs are kept in {options.runs_dir}.", flush=True)
     try:
         _, local_url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, auth=auth,
                                          prevent_thread_lock=True)

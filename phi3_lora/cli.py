@@ -115,7 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"started {run_id} in the background; follow it with: python -m phi3_lora runs --watch {run_id}")
         return 0
     run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / jobs.new_run_id(config)
-    print(f"run folder: {run_dir}", file=sys.stderr)
+    from phi3_lora.models import resolve_name
+
+    name, reason = resolve_name(config.model.name)
+    print(f"model: {name}: {reason}\nrun folder: {run_dir}", file=sys.stderr)
     train.pin_single_gpu()  # before anything starts CUDA
     result = train.run(config, run_dir, resume=args.resume)
     print(f"{result.status} after {result.steps} steps in {result.seconds:.0f} s; final loss "
