@@ -44,19 +44,7 @@ def test_effective_batch():
 
 @pytest.mark.slow
 def test_two_process_cpu_run_writes_one_set_of_events(tmp_path, tiny_phi3_dir):
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": "My name is Quillon."}]} for i in range(16)]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = RunConfig().replace(
-        model={"name": str(tiny_phi3_dir), "load_in_4bit": False},
-        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        train={"max_steps": 4, "learning_rate": 1e-2, "per_device_train_batch_size": 2, "save_steps": 2,
-               "warmup_ratio": 0.0, "max_length": 64, "num_processes": 2},
-        data={"source": str(data), "eval_fraction": 0.0})
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    save_yaml(cfg, run_dir / "config.yaml")
+    run_dir = _two_rank_run_dir(tmp_path, tiny_phi3_dir, max_steps=4, save_steps=2)
     cmd = jobs.train_command(run_dir / "config.yaml", run_dir, resume=False, num_processes=2)
     env = {**os.environ, "PHI3_LORA_JOB": "test", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
