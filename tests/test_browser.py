@@ -110,9 +110,11 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.get_by_role("tab", name="4 · Compare").click()
     from playwright.sync_api import expect
 
+    # The tab lists the finished run's adapter when it opens; wait for it before asking for an example.
+    expect(page.locator("#p3-compare-source input")).to_have_value(re.compile("final adapter"), timeout=30_000)
     # Turn 1: a held-out question from the eval split, with its reference answer shown.
     page.get_by_role("button", name="Held-out example").click()
-    page.get_by_text("Reference answer").wait_for(timeout=30_000)
+    page.get_by_text("Reference answer", exact=True).wait_for(timeout=30_000)
     prompt = page.locator("#p3-prompt textarea")
     expect(prompt).not_to_have_value("", timeout=30_000)
     question = prompt.input_value()

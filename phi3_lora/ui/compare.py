@@ -41,7 +41,7 @@ def build(state: AppState) -> CompareTab:
     gr.Markdown("## Compare base and tuned\nThe same prompt and the same sampling settings go to the base model "
                 "and to the base + your adapter. Each side keeps its own conversation.")
     with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
-        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True,
+        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, elem_id="p3-compare-source",
                              info="A finished run (its final adapter) or one of its checkpoints, or type the Hub "
                                   "repo id of a published adapter (owner/name).")
         refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
