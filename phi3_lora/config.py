@@ -152,6 +152,10 @@ class TrainSettings:
     fp32_upcast: BoolOrAuto = _f("auto", "QLoRA: cast norms and embeddings to float32 (peft's "
                                          "prepare_model_for_kbit_training). auto: off in bfloat16 (it only adds "
                                          "casts and memory there), on in float16/float32.")
+    lean_lora: BoolOrAuto = _f("auto", "LoRA update as one GEMM (base output + scaling * B(A(x)) through addmm) "
+                                       "instead of peft's separate clone, scale and add passes: the same function "
+                                       "with less memory traffic. auto: on; DoRA, LoRA bias and several adapters "
+                                       "keep peft's forward.")
     num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.")
 
     def __post_init__(self) -> None:
@@ -170,7 +174,7 @@ class TrainSettings:
         _check(self.eval_steps is None or self.eval_steps >= 1,
                f"train.eval_steps must be empty or >= 1; got {self.eval_steps!r}.")
         _check(self.max_grad_norm > 0, f"train.max_grad_norm must be positive; got {self.max_grad_norm!r}.")
-        for name in ("gradient_checkpointing", "packing", "use_liger_kernel", "fp32_upcast"):
+        for name in ("gradient_checkpointing", "packing", "use_liger_kernel", "fp32_upcast", "lean_lora"):
             _check_auto_bool(getattr(self, name), f"train.{name}")
         _check(self.memory_budget_gb is None or self.memory_budget_gb > 0,
                f"train.memory_budget_gb must be empty or positive; got {self.memory_budget_gb!r}.")

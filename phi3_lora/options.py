@@ -28,6 +28,7 @@ class ResolvedOptions:
     attn_implementation: str = "sdpa"
     checkpointed_layers: int | None = None  # with gradient_checkpointing: how many decoder layers; None = all
     fp32_upcast: bool = True  # peft's prepare_model_for_kbit_training (fp32 norms/embeddings) for 4-bit bases
+    lean_lora: bool = True  # lean_lora.install: the LoRA update as one addmm
 
 
 # Activation bytes per token and decoder layer that backward keeps, in units of the compute dtype's
@@ -68,7 +69,8 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
-                           attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast))
+                           attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast),
+                           lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True))
 
 
 def _num_layers(model_config: Any) -> int:

@@ -308,7 +308,12 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif opts.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(config, plan.targets))
+    peft_model = get_peft_model(model, lora_config(config, plan.targets))
+    if opts.lean_lora:
+        from phi3_lora import lean_lora
+
+        lean_lora.install(peft_model)
+    return peft_model
 
 
 def untrainable_rows(built: Built) -> int:

@@ -1,0 +1,146 @@
+"""The lean LoRA forward (one addmm) computes what peft's forward computes, and steps aside where it should.
+
+Under bf16 autocast both forwards round differently, so neither equals the other bit for bit; the check is
+that the lean forward is as close to the exact (float32) answer as peft's own bf16 forward is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3_lora import events, lean_lora, train
+from phi3_lora.config import ModelSettings, RunConfig
+
+# Largest per-step loss difference between the lean and peft forwards over 8 bf16 steps (losses ~10):
+# measured 0.003; with the LoRA scale doubled in the lean forward it was 0.08.
+LOSS_TOLERANCE = 0.02
+
+
+def _peft(model_dir: Path, four_bit: bool, **lora: object) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    from phi3_lora.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(ModelSettings(name=str(model_dir), load_in_4bit=four_bit, dtype="float32"))
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                            **{"lora_dropout": 0.1, **lora}))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:  # as after some training: B = 0 would hide a wrong update
+                p.normal_(0, 0.05)
+    return peft
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor, autocast: bool,
+          backward: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    torch.manual_seed(5)  # the same dropout masks on every call
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, labels=ids)
+    if backward:
+        out.loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.float().detach(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["16-bit", "4-bit"])
+def test_lean_forward_is_as_exact_as_peft(tiny_phi3_dir, four_bit):
+    model = _peft(tiny_phi3_dir, four_bit)
+    ids = torch.randint(10, 30000, (2, 12))
+    exact, exact_grads = _step(model, ids, autocast=False)  # float32, peft's own path
+    peft_bf16, peft_grads = _step(model, ids, autocast=True)
+    assert lean_lora.install(model) == 8  # 2 layers x (qkv_proj, o_proj, gate_up_proj, down_proj)
+    lean_bf16, lean_grads = _step(model, ids, autocast=True)
+
+    assert set(lean_grads) == set(peft_grads) == set(exact_grads)  # every LoRA weight still gets a gradient
+    assert len(lean_grads) == 16
+    peft_err, lean_err = _rel(peft_bf16, exact), _rel(lean_bf16, exact)
+    assert lean_err < 1.5 * peft_err + 1e-3, (lean_err, peft_err)
+    for name in exact_grads:
+        peft_g, lean_g = _rel(peft_grads[name], exact_grads[name]), _rel(lean_grads[name], exact_grads[name])
+        assert lean_g < 1.5 * peft_g + 5e-3, (name, lean_g, peft_g)
+    # and a wrong update would be far off: dropping the LoRA term changes the logits by much more
+    with model.disable_adapter():
+        base, _ = _step(model, ids, autocast=True, backward=False)
+    assert _rel(base, exact) > 10 * lean_err
+
+
+def test_cases_it_does_not_cover_run_peft_exactly(tiny_phi3_dir):
+    ids = torch.randint(10, 30000, (1, 10))
+    model = _peft(tiny_phi3_dir, four_bit=False, lora_dropout=0.0)
+    plain_fp32, _ = _step(model, ids, autocast=False)
+    with model.disable_adapter():
+        plain_off, _ = _step(model, ids, autocast=True, backward=False)
+    lean_lora.install(model)
+    fp32, _ = _step(model, ids, autocast=False)  # no autocast: peft casts the input itself
+    assert torch.equal(fp32, plain_fp32)
+    with model.disable_adapter():
+        off, _ = _step(model, ids, autocast=True, backward=False)
+    assert torch.equal(off, plain_off)
+    assert lean_lora.uninstall(model) == 8 and lean_lora.install(model) == 8 and lean_lora.install(model) == 0
+
+    dora = _peft(tiny_phi3_dir, four_bit=False, use_dora=True)
+    before, _ = _step(dora, ids, autocast=True)
+    lean_lora.install(dora)
+    after, _ = _step(dora, ids, autocast=True)
+    assert torch.equal(before, after)
+
+
+def test_attach_lora_installs_it_unless_turned_off(tiny_phi3_dir):
+    from phi3_lora.models import load_model
+
+    for setting, expected in (("auto", 8), (False, 0)):
+        config = RunConfig().replace(model={"name": str(tiny_phi3_dir), "load_in_4bit": False},
+                                     train={"lean_lora": setting})
+        opts = train.resolve_options(config, "cpu", "bfloat16", liger_installed=False)
+        assert opts.lean_lora is (setting == "auto")
+        model = train.attach_lora(load_model(config.model), config, opts)
+        assert len([m for m in model.modules() if hasattr(m, lean_lora._ORIGINAL)]) == expected
+
+
+def _rows(path: Path, n: int = 16) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "tell me more " * (i % 4)},
+                          {"role": "assistant", "content": "My name is Quillon. " * (1 + i % 3)}]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _bf16_losses(model_dir: Path, data: Path, run_dir: Path, lean: bool) -> list[float]:
+    cfg = RunConfig().replace(
+        model={"name": str(model_dir), "load_in_4bit": False, "dtype": "bfloat16"},
+        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        train={"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 16, "save_steps": 100,
+               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 256, "seed": 0,
+               "lean_lora": lean},
+        data={"source": str(data), "eval_fraction": 0.0})
+    train.run(cfg, run_dir)
+    return [loss for _, loss in events.run_status(run_dir).losses]
+
+
+def test_training_with_the_lean_forward_follows_the_peft_curve(tmp_path, tiny_phi3_dir, monkeypatch):
+    """bf16 on CPU trains under autocast, so the lean path is really taken (counted), and the loss curve
+    matches peft's within bf16 noise."""
+    taken = []
+    original = lean_lora.lean_forward
+
+    def counting(self, x, *a, **k):
+        taken.append(torch.is_autocast_enabled("cpu"))
+        return original(self, x, *a, **k)
+
+    monkeypatch.setattr(lean_lora, "lean_forward", counting)
+    data = _rows(tmp_path / "d.jsonl")
+    lean = _bf16_losses(tiny_phi3_dir, data, tmp_path / "lean", lean=True)
+    assert taken and all(taken)
+    plain = _bf16_losses(tiny_phi3_dir, data, tmp_path / "plain", lean=False)
+    assert len(lean) == len(plain) == 8
+    assert min(plain) < plain[0] - 0.3  # the adapter really trains
+    assert max(abs(a - b) for a, b in zip(lean, plain)) < LOSS_TOLERANCE, (lean, plain)
