@@ -127,4 +127,4 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         else:
             out = _per_sequence_sdpa(query[b], key[b], value[b], row_cu.tolist(), scaling).transpose(0, 1)
         rows.append(out)
-    return torch.stack(rows, dim=0), None
+    return (rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows, dim=0)), None  # one row: no copy
