@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
@@ -89,14 +89,41 @@ ABLATIONS = [
     Row("ablate: engine QLoRA full, no checkpointing, no Liger (calibration)", "engine", "full",
         overrides={"train": {"gradient_checkpointing": False, "use_liger_kernel": False}},
         recipe_ref="recipe QLoRA full rows"),
+    Row("ablate: engine QLoRA full rows, 24 GiB, peft's LoRA forward (no lean_lora)", "engine", "full", budget_gb=24,
+        overrides={"train": {"lean_lora": False}}, recipe_ref="recipe QLoRA full rows"),
+    Row("ablate: engine QLoRA mix, 24 GiB, peft's LoRA forward (no lean_lora)", "engine", "mix", budget_gb=24,
+        overrides={"train": {"lean_lora": False}}, recipe_ref="recipe QLoRA mix packed"),
+    Row("ablate: engine QLoRA full rows, whole GPU (no checkpointing)", "engine", "full",
+        recipe_ref="recipe QLoRA full rows"),
 ]
 
 
-def ordered_rows(names: list[str] | None, which: str = "main") -> list[Row]:
-    ablations = ABLATIONS if which in ("ablations", "all") else []
-    main = which in ("main", "all")
-    rows = ([r for r in RECIPE if not r.liger] if main else []) + ablations + (
-        [r for r in RECIPE if r.liger] + ENGINE if main else [])
+# Batch split (micro-batches with gradient accumulation, same optimizer batch) instead of recomputing layers.
+_FULL24 = dict(budget_gb=24, recipe_ref="recipe QLoRA full rows")
+EXPLORE = [
+    Row("explore: engine QLoRA full, 24 GiB, micro 2 x 2", "engine", "full", **_FULL24,
+        overrides={"train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}}),
+    Row("explore: engine QLoRA full, 24 GiB, micro 1 x 4", "engine", "full", **_FULL24,
+        overrides={"train": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}}),
+]
+
+
+def ordered_rows(names: list[str] | None, which: str | list[str] = "main") -> list[Row]:
+    """Rows of the chosen sets, in run order: everything without Liger first (Liger patches transformers'
+    classes for the rest of the process), then Liger recipe rows, engine rows, and the Liger-on ablations."""
+    sets = {which} if isinstance(which, str) else set(which)
+    if "all" in sets:
+        sets |= {"main", "ablations"}
+    main = "main" in sets
+    ablations = (ABLATIONS if "ablations" in sets
+                 else [r for r in ABLATIONS if "lean_lora" in r.name or "whole GPU" in r.name] if "lean" in sets
+                 else [])
+    early = [r for r in ablations if (r.kind == "recipe" and not r.liger)
+             or r.overrides.get("train", {}).get("use_liger_kernel") is False]
+    late = [r for r in ablations if r not in early]
+    rows = (([r for r in RECIPE if not r.liger] if main else []) + early
+            + ([r for r in RECIPE if r.liger] + ENGINE if main else []) + late
+            + (EXPLORE if "explore" in sets else []))
     if names:
         rows = [r for r in rows if any(n.lower() in r.name.lower() for n in names)]
     return rows
@@ -255,7 +282,8 @@ def run_engine(row: Row, model_dir: Path, data: Path, steps: int, out_dir: Path)
 
     cfg = RunConfig().replace(
         model={"name": str(model_dir), "load_in_4bit": row.four_bit, **row.overrides.get("model", {})},
-        lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+              **row.overrides.get("lora", {})},
         train={"max_steps": steps, "max_length": 2048, "per_device_train_batch_size": 4, "learning_rate": 1e-4,
                "save_steps": 10**6, "logging_steps": 10**6, "memory_budget_gb": row.budget_gb, "seed": 0,
                "warmup_ratio": 0.0, **row.overrides.get("train", {})},
@@ -278,6 +306,63 @@ def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int, warmup
                   mfu=result["tokens_per_s"] * FLOP_PER_TOKEN / PEAK_FLOPS, wall_s=time.time() - started,
                   recipe_ref=row.recipe_ref, budget_gb=row.budget_gb)
     return result
+
+
+def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, out: Path) -> str:
+    """One optimizer step of `row` under torch.profiler: CUDA kernels by total time, plus a grouped summary."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    class _Prof(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == warmup:
+                torch.cuda.synchronize()
+                prof.__enter__()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == warmup + 1:
+                torch.cuda.synchronize()
+                prof.__exit__(None, None, None)
+
+    _free()
+    with tempfile.TemporaryDirectory() as tmp:
+        build = run_recipe if row.kind == "recipe" else run_engine
+        trainer, _ = build(row, model_dir, data[row.data], warmup + 1, Path(tmp))
+        trainer.add_callback(_Prof())
+        trainer.train()
+        del trainer
+    _free()
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    groups: dict[str, float] = {}
+    for e in events:
+        key = kernel_group(e.key)
+        groups[key] = groups.get(key, 0.0) + e.self_device_time_total
+    lines = [f"profile of one step: {row.name}; GPU kernel time {total / 1e3:.1f} ms", "", "group | ms | share"]
+    lines += [f"{k} | {v / 1e3:.1f} | {v / total:.1%}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+    lines += ["", prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)]
+    text = "\n".join(lines)
+    out.write_text(text, encoding="utf-8")
+    return text
+
+
+def kernel_group(name: str) -> str:
+    """A coarse bucket for a CUDA kernel's name (GEMM, attention, dequantise, copies, elementwise, ...)."""
+    n = name.lower()
+    for key, words in (("attention", ("flash", "fmha", "attention")), ("dequant 4-bit", ("dequant",)),
+                       ("dropout", ("dropout", "bernoulli")), ("optimizer", ("adam", "multi_tensor")),
+                       ("copy/cast", ("copy", "memcpy", "cast")),
+                       ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "fill")),
+                       ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul")),
+                       ("liger/triton", ("liger", "triton", "rms_norm", "swiglu", "rope"))):
+        if any(w in n for w in words):
+            return key
+    return "other"
 
 
 # --- correctness on the GPU: the packed path keeps sequences apart --------------------------------
@@ -504,6 +589,11 @@ def gpu_main(args: argparse.Namespace) -> int:
             print(label, report["gen"][label], flush=True)
             dump()
     print(table(report["rows"]))
+    for i, name in enumerate(args.profile or []):
+        rows = [r for r in ordered_rows(None, ["all", "explore"]) if name.lower() in r.name.lower()]
+        if rows:
+            print(profile_step(rows[0], model_dir, data, args.warmup, Path(args.json).with_suffix(f".profile{i}.txt")),
+                  flush=True)
     if args.markdown:
         v = report["versions"]
         body = (f"## GPU training speed ({v['gpu']})\n\n{report['date']}; "
@@ -513,7 +603,7 @@ def gpu_main(args: argparse.Namespace) -> int:
                 f"alone): {report.get('packed_check')}.\n\n" + table(report["rows"])
                 + ("\n\n### Generation (ChatEngine, greedy, 128 new tokens)\n\n" + gen_table(report["gen"])
                    if report["gen"] else ""))
-        title = f"GPU training speed ({v['gpu']}){', ablations' if args.set == 'ablations' else ''}"
+        title = f"GPU training speed ({v['gpu']}){', ablations' if args.set == ['ablations'] else ''}"
         write_markdown(Path(args.markdown), title, body.replace(f"## GPU training speed ({v['gpu']})", f"## {title}", 1))
     return 0
 
@@ -538,12 +628,13 @@ def cpu_main(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="Measure the embedded model on this machine's CPU.")
     p.add_argument("--rows", nargs="*", help="Only rows whose name contains one of these words.")
-    p.add_argument("--set", default="main", choices=("main", "ablations", "all"),
+    p.add_argument("--set", default=["main"], nargs="+", choices=("main", "ablations", "lean", "all", "explore"),
                    help="main: recipe and engine rows (one run, so ratios compare like with like); "
                         "ablations: the engine with one technique turned back at a time.")
     p.add_argument("--steps", type=int, default=5, help="Timed steps per row.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     p.add_argument("--cpu-steps", type=int, default=3)
+    p.add_argument("--profile", nargs="*", help="Profile one step of the first row whose name contains each word.")
     p.add_argument("--gen", action="store_true", help="Also time generation (GPU).")
     p.add_argument("--no-check", action="store_true", help="Skip the packed-attention check on the GPU.")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "phi3_lora_bench"))
