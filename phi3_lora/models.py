@@ -1,4 +1,4 @@
-"""Which base model, and how to load it: catalogue, default, tokenizer + template, LoRA targets.
+"""Which base model, and how to load it: catalogue, default, tokenizer + template (LoRA targets: targets.py).
 
 Side effects (device/dtype choice, the one-time GGUF conversion, downloads) live in the
 `load_*` functions and `embedded_model_dir`; everything that only looks at names, shapes
@@ -8,7 +8,6 @@ or templates is a pure function.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -20,14 +19,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
-from phi3_lora.config import LoraSettings, ModelSettings
+from phi3_lora.config import ModelSettings
 from phi3_lora.embedded import (EMBEDDED_NAME, SOURCE_FILE, cache_dir, embedded_gguf_path,  # noqa: F401
                                 embedded_model_dir, is_embedded)
 from phi3_lora.errors import UserError
+from phi3_lora.targets import (count_lora_parameters, linear_module_names, module_groups,  # noqa: F401 (re-exported)
+                               resolve_target_modules)
 
 log = logging.getLogger(__name__)
 
@@ -301,138 +301,6 @@ def training_chat_template(tokenizer: PreTrainedTokenizerBase, family: str | Non
         if _renders_like(tokenizer, template, chatml):
             return chatml
     raise no_template
-
-
-# --- LoRA target modules -------------------------------------------------------------------------
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    return getter() if callable(getter) else None
-
-
-def _linear_paths(model: nn.Module) -> list[str]:
-    """Full paths of Linear layers (bitsandbytes Linear4bit/8bitLt subclass nn.Linear), head excluded."""
-    head = _output_head(model)
-    paths = []
-    for path, module in model.named_modules():
-        parts = path.split(".")
-        if not isinstance(module, nn.Linear) or module is head or any(p.startswith("lora_") for p in parts):
-            continue
-        path = ".".join(p for p in parts if p != "base_layer")  # a LoRA-wrapped layer keeps its name
-        if path.rsplit(".", 1)[-1] != "lm_head":
-            paths.append(path)
-    return paths
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Unique leaf names of the model's Linear layers, in model order, without the output head."""
-    return list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in _linear_paths(model)))
-
-
-def _embedding_names(model: nn.Module) -> list[str]:
-    return list(dict.fromkeys(p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Embedding)))
-
-
-def module_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Linear leaf names by block, for UI checkboxes: {"attention": [...], "mlp": [...], "other": [...]}."""
-    groups: dict[str, list[str]] = {"attention": [], "mlp": [], "other": []}
-    for path in _linear_paths(model):
-        parents = path.lower().split(".")[:-1]
-        group = ("attention" if any("attn" in p or "attention" in p for p in parents)
-                 else "mlp" if any(k in p for p in parents for k in ("mlp", "feed_forward", "ffn", "expert"))
-                 else "other")
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf not in groups[group]:
-            groups[group].append(leaf)
-    return groups
-
-
-_HINTS = {
-    ("phi3", "q_proj"): "Phi-3 fuses q/k/v into qkv_proj; use qkv_proj, or lora.fused_slices for q/k/v slices.",
-    ("phi3", "gate_proj"): "Phi-3 fuses gate/up into gate_up_proj; use gate_up_proj, or lora.fused_slices for "
-                           "gate/up slices.",
-    ("llama", "qkv_proj"): "This model keeps q_proj, k_proj and v_proj separate (qkv_proj is Phi-3's fused name).",
-    ("llama", "gate_up_proj"): "This model keeps gate_proj and up_proj separate (gate_up_proj is Phi-3's name).",
-}
-_ALIASES = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-
-
-def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
-    """'all-linear' -> every Linear leaf name; a list is checked against the model's own names."""
-    linear = linear_module_names(model)
-    if target == "all-linear":
-        return linear
-    names = [target] if isinstance(target, str) else list(target)
-    valid = linear + _embedding_names(model)
-    paths = set(_linear_paths(model)) | {p for p, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    bad = [n for n in names if n not in valid and not any(p.endswith("." + n) or p == n for p in paths)]
-    if bad:
-        family = model_family(model)
-        hints = [_HINTS[(family, _ALIASES.get(b, b))] for b in bad if (family, _ALIASES.get(b, b)) in _HINTS]
-        if any(b.rsplit(".", 1)[-1] == "lm_head" for b in bad):
-            hints.append("The output head is not a LoRA target here; use lora.modules_to_save: [lm_head] to train it.")
-        raise UserError(f"lora.target_modules has name(s) this model does not have: {', '.join(bad)}. "
-                        f"Valid: {', '.join(valid)} (or 'all-linear').", hint=" ".join(dict.fromkeys(hints)) or None)
-    return names
-
-
-def _matches(path: str, names: list[str]) -> bool:
-    """peft's rule: a target matches a module whose full name equals it or ends with '.' + it."""
-    return any(path == n or path.endswith("." + n) for n in names)
-
-
-@lru_cache(maxsize=4)
-def _meta_model(config_json: str) -> nn.Module:
-    config = AutoConfig.for_model(**json.loads(config_json))
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        return AutoModelForCausalLM.from_config(config)
-
-
-def count_lora_parameters(model_or_config: nn.Module | PretrainedConfig, lora: LoraSettings) -> tuple[int, int]:
-    """(trainable, total) parameters that peft would report, from module shapes alone.
-
-    Counts LoRA A/B (and DoRA magnitudes), trained biases and modules_to_save copies; total adds
-    them to the base model. A 4-bit model is counted from its config (packed weights hide shapes).
-    lora.fused_slices counts each chosen slice of a fused layer as its own Linear (see phi3_lora.fused).
-    """
-    from phi3_lora import fused
-
-    model = model_or_config
-    quantized = isinstance(model, nn.Module) and getattr(model.config, "quantization_config", None) is not None
-    if not isinstance(model, nn.Module) or quantized:
-        config = model.config if isinstance(model, nn.Module) else model
-        cfg = config.to_dict()
-        cfg.pop("quantization_config", None)
-        model = _meta_model(json.dumps(cfg, sort_keys=True, default=str))
-    plan = fused.plan(model, lora)
-    targets = plan.targets
-    total = sum(p.numel() for p in model.parameters())
-    trainable = extra = 0
-    for path, module in model.named_modules():
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf in plan.split and isinstance(module, nn.Linear):  # split before peft: each chosen slice is a Linear
-            for name, rows in fused.slice_sizes(model.config, leaf).items():
-                if fused.child_name(name) in targets:
-                    trainable += lora.r * (module.in_features + rows) + (rows if lora.use_dora else 0)
-                    if lora.bias == "lora_only" and module.bias is not None:
-                        trainable += rows
-            continue
-        if not _matches(path, targets):
-            continue
-        if isinstance(module, nn.Linear):
-            trainable += lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
-            if lora.bias == "lora_only" and module.bias is not None:
-                trainable += module.bias.numel()
-        elif isinstance(module, nn.Embedding):
-            trainable += lora.r * (module.num_embeddings + module.embedding_dim) + (
-                module.embedding_dim if lora.use_dora else 0)
-    lora_params = trainable
-    if lora.bias == "all":
-        trainable += sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
-    for path, module in model.named_modules():
-        if lora.modules_to_save and _matches(path, lora.modules_to_save):
-            extra += sum(p.numel() for p in module.parameters())
-    return trainable + extra, total + lora_params + extra
 
 
 # --- tiny random models for tests ----------------------------------------------------------------
