@@ -53,7 +53,9 @@ def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypat
     run_dir = runs / run_id
     first = wait_until(lambda: train.last_checkpoint(run_dir), timeout=180)
     staging = run_dir / train.CHECKPOINTS / STAGING
-    half = wait_until(lambda: next(iter(staging.glob("checkpoint-*")), None), timeout=120, poll=0.05)
+    # the staging folder appears before its first file is written: wait for the adapter, then kill in the pause
+    half = wait_until(lambda: next((p for p in staging.glob("checkpoint-*")
+                                    if (p / "adapter_model.safetensors").exists()), None), timeout=120, poll=0.05)
     assert step_of(half) > step_of(first)
     assert (half / "adapter_model.safetensors").exists() and not (half / "optimizer.pt").exists()  # half-written
     pid = events.read_pid(run_dir)
