@@ -71,6 +71,21 @@ def active_run(runs_dir: Path) -> str | None:
     return record.get("run_id") if events.pid_alive(record.get("pid")) else None
 
 
+ENDED = ("finished", "stopped", "failed")
+EXIT_GRACE_S = 20.0  # a run whose diary says it ended may still be exiting (freeing memory, closing files)
+
+
+def _active_unless_ending(runs_dir: Path, grace_s: float = EXIT_GRACE_S) -> str | None:
+    """`active_run`, but a run that has already written its end is given `grace_s` to exit, so Start pressed
+    right after a run finishes starts the next one instead of reporting the old one as still going."""
+    deadline = time.monotonic() + grace_s
+    while (busy := active_run(runs_dir)) and time.monotonic() < deadline:
+        if events.run_status(Path(runs_dir) / busy).state not in ENDED:
+            return busy
+        time.sleep(0.2)
+    return busy
+
+
 def _busy_error(runs_dir: Path, run_id: str) -> UserError:
     st = events.run_status(Path(runs_dir) / run_id)
     where = f" at step {st.step}/{st.max_steps}" if st.max_steps else ""
@@ -179,7 +194,7 @@ def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: in
 
 def _check_free(runs_dir: Path, need_bytes: int) -> None:
     """Under the lock: the machine has no other active run and the disk has room for this one."""
-    busy = active_run(runs_dir)
+    busy = _active_unless_ending(runs_dir)
     if busy:
         raise _busy_error(runs_dir, busy)
     check_disk(runs_dir, need_bytes)

@@ -125,3 +125,43 @@ def test_launch_command_is_the_cli_or_accelerate():
     two = jobs.train_command(Path("r/config.yaml"), Path("r"), resume=False, num_processes=2)
     assert two[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and "2" in two
     assert two[-6:] == ["phi3_lora", "train", "--config", "r/config.yaml", "--run-dir", "r"]
+
+
+def _fake_active(runs: Path, run_id: str, ended: bool, seconds: float):
+    """A run folder whose diary says started (and maybe ended), held by a live process for `seconds`."""
+    import subprocess
+    import sys
+
+    run_dir = runs / run_id
+    run_dir.mkdir(parents=True)
+    events.append_event(run_dir, "start", step=0, max_steps=8)
+    if ended:
+        events.append_event(run_dir, "end", status="finished", step=8)
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    (run_dir / events.PID_FILE).write_text(str(proc.pid))
+    (runs / jobs.ACTIVE).write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
+    return proc
+
+
+def test_start_right_after_a_run_ends_waits_for_its_exit(tmp_path):
+    """The end event is written a moment before the process exits; Start in that moment must not be refused
+    (a fresh-clone CI run hit it: 'already going ... at step 8/8')."""
+    runs = tmp_path / "runs"
+    proc = _fake_active(runs, "old", ended=True, seconds=2)
+    t0 = time.monotonic()
+    jobs._check_free(runs, 0)  # no UserError: waited for the exit
+    assert 1.0 < time.monotonic() - t0 < jobs.EXIT_GRACE_S
+    proc.wait()
+
+
+def test_a_run_still_training_is_refused_at_once(tmp_path):
+    runs = tmp_path / "runs"
+    proc = _fake_active(runs, "live", ended=False, seconds=60)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match="already going on this machine: live at step 0/8"):
+            jobs._check_free(runs, 0)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        proc.kill()
+        proc.wait()
