@@ -207,9 +207,11 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_disk, tiny_p
     cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=3)
     run_id = jobs.start_run(cfg, runs, need_bytes=0)  # the start check is the other test; here the disk fills later
     run_dir = runs / run_id
-    good = wait_until(lambda: train.last_checkpoint(run_dir), timeout=180)
-    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+    wait_until(lambda: train.last_checkpoint(run_dir), timeout=180)
     filler = fill(runs, leave=256 * 2**10)  # room for a few events, not for the next checkpoint's tokenizer files
+    # The newest complete checkpoint once the disk is full (the run keeps saving every 3 steps while it fills).
+    good = train.last_checkpoint(run_dir)
+    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
     st = wait_until(lambda: not (s := events.run_status(run_dir)).active and s, timeout=120)
     assert st.state == "failed" and st.reason == events.DISK_FULL_REASON, (st, jobs.log_tail(run_id, runs))
     assert "disk full" in st.reason and "Free some space" in st.reason and "Resume" in st.reason
