@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,9 +131,6 @@ def test_launch_command_is_the_cli_or_accelerate():
 
 def _fake_active(runs: Path, run_id: str, ended: bool, seconds: float):
     """A run folder whose diary says started (and maybe ended), held by a live process for `seconds`."""
-    import subprocess
-    import sys
-
     run_dir = runs / run_id
     run_dir.mkdir(parents=True)
     events.append_event(run_dir, "start", step=0, max_steps=8)

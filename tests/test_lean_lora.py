@@ -6,17 +6,18 @@ that the lean forward is as close to the exact (float32) answer as peft's own bf
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from phi3_lora import events, lean_lora, train
+from test_fast_path import _losses, _rows
+
+from phi3_lora import lean_lora, train
 from phi3_lora.config import ModelSettings, RunConfig
 
 # Largest per-step loss difference between the lean and peft forwards over 8 bf16 steps (losses ~10):
-# measured 0.003; with the LoRA scale doubled in the lean forward it was 0.08.
+# measured 0.009; with the LoRA scale doubled in the lean forward it was 0.099.
 LOSS_TOLERANCE = 0.02
 
 
@@ -107,23 +108,9 @@ def test_attach_lora_installs_it_unless_turned_off(tiny_phi3_dir):
         assert len([m for m in model.modules() if hasattr(m, lean_lora._ORIGINAL)]) == expected
 
 
-def _rows(path: Path, n: int = 16) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "tell me more " * (i % 4)},
-                          {"role": "assistant", "content": "My name is Quillon. " * (1 + i % 3)}]} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _bf16_losses(model_dir: Path, data: Path, run_dir: Path, lean: bool) -> list[float]:
-    cfg = RunConfig().replace(
-        model={"name": str(model_dir), "load_in_4bit": False, "dtype": "bfloat16"},
-        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        train={"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 16, "save_steps": 100,
-               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 256, "seed": 0,
-               "lean_lora": lean},
-        data={"source": str(data), "eval_fraction": 0.0})
-    train.run(cfg, run_dir)
-    return [loss for _, loss in events.run_status(run_dir).losses]
+    return _losses(model_dir, data, run_dir, dtype="bfloat16", max_steps=8, learning_rate=1e-2,
+                   per_device_train_batch_size=16, max_length=256, lean_lora=lean)
 
 
 def test_training_with_the_lean_forward_follows_the_peft_curve(tmp_path, tiny_phi3_dir, monkeypatch):
@@ -137,7 +124,7 @@ def test_training_with_the_lean_forward_follows_the_peft_curve(tmp_path, tiny_ph
         return original(self, x, *a, **k)
 
     monkeypatch.setattr(lean_lora, "lean_forward", counting)
-    data = _rows(tmp_path / "d.jsonl")
+    data = _rows(tmp_path / "d.jsonl", n=16)
     lean = _bf16_losses(tiny_phi3_dir, data, tmp_path / "lean", lean=True)
     assert taken and all(taken)
     plain = _bf16_losses(tiny_phi3_dir, data, tmp_path / "plain", lean=False)
