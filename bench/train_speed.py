@@ -20,6 +20,7 @@ one process: rows with Liger kernels last, since Liger patches transformers' cla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -31,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
@@ -52,6 +53,7 @@ class Row:
     budget_gb: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # engine: extra train/model settings
     recipe_ref: str | None = None   # the recipe row this engine row is compared with
+    patch: dict[str, Any] = field(default_factory=dict)  # "module.attribute": value, set for this row only
 
 
 RECIPE = [
@@ -95,12 +97,20 @@ ABLATIONS = [
         overrides={"train": {"lean_lora": False}}, recipe_ref="recipe QLoRA mix packed"),
     Row("ablate: engine QLoRA full rows, whole GPU (no checkpointing)", "engine", "full",
         recipe_ref="recipe QLoRA full rows"),
+    Row("ablate: engine QLoRA full rows, 24 GiB, dropout's output and mask kept (no DropoutLoraA)", "engine", "full",
+        budget_gb=24, patch={"phi3_lora.lean_lora.DROPOUT_LORA_A": False}, recipe_ref="recipe QLoRA full rows"),
+    Row("ablate: engine QLoRA full rows, 24 GiB, SwiGLU output kept (no remake)", "engine", "full",
+        budget_gb=24, patch={"phi3_lora.lean_lora.REMAKE_INPUTS": False}, recipe_ref="recipe QLoRA full rows"),
 ]
 
 
 # Batch split (micro-batches with gradient accumulation, same optimizer batch) instead of recomputing layers.
 _FULL24 = dict(budget_gb=24, recipe_ref="recipe QLoRA full rows")
 EXPLORE = [
+    Row("explore: engine QLoRA full rows, all layers checkpointed", "engine", "full",
+        overrides={"train": {"gradient_checkpointing": True}}, recipe_ref="recipe QLoRA full rows"),
+    Row("explore: engine QLoRA full rows, 30 GiB", "engine", "full", budget_gb=30,
+        recipe_ref="recipe QLoRA full rows"),
     Row("explore: engine QLoRA full, 24 GiB, micro 2 x 2", "engine", "full", **_FULL24,
         overrides={"train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}}),
     Row("explore: engine QLoRA full, 24 GiB, micro 1 x 4", "engine", "full", **_FULL24,
@@ -116,7 +126,8 @@ def ordered_rows(names: list[str] | None, which: str | list[str] = "main") -> li
         sets |= {"main", "ablations"}
     main = "main" in sets
     ablations = (ABLATIONS if "ablations" in sets
-                 else [r for r in ABLATIONS if "lean_lora" in r.name or "whole GPU" in r.name] if "lean" in sets
+                 else [r for r in ABLATIONS if "lean_lora" in r.name or "whole GPU" in r.name or r.patch]
+                 if "lean" in sets
                  else [])
     early = [r for r in ablations if (r.kind == "recipe" and not r.liger)
              or r.overrides.get("train", {}).get("use_liger_kernel") is False]
@@ -293,10 +304,28 @@ def run_engine(row: Row, model_dir: Path, data: Path, steps: int, out_dir: Path)
     return built.trainer, opts
 
 
+@contextlib.contextmanager
+def patched(patch: dict[str, Any]) -> Iterator[None]:
+    """Set module attributes ("package.module.NAME": value) for the duration, then put the old values back."""
+    import importlib
+
+    saved = []
+    try:
+        for path, value in patch.items():
+            module, name = path.rsplit(".", 1)
+            target = importlib.import_module(module)
+            saved.append((target, name, getattr(target, name)))
+            setattr(target, name, value)
+        yield
+    finally:
+        for target, name, value in reversed(saved):
+            setattr(target, name, value)
+
+
 def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int, warmup: int) -> dict[str, Any]:
     _free()
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, patched(row.patch):
         build = run_recipe if row.kind == "recipe" else run_engine
         trainer, opts = build(row, model_dir, data[row.data], steps + warmup, Path(tmp))
         result = time_trainer(trainer, warmup)
@@ -389,6 +418,51 @@ def check_packed_gpu(model_dir: Path) -> dict[str, float]:
     del model
     _free()
     return {"packed_vs_alone_rel_err": rel, "max_abs": float((packed - alone).abs().max())}
+
+
+def check_dropout_lora_gpu() -> dict[str, float]:
+    """DropoutLoraA on CUDA in bf16 against nn.Dropout + the product it replaces, from the same RNG state:
+    the forward must be equal and the gradients equal up to bf16 rounding of the dropout scale."""
+    import torch
+
+    from phi3_lora.lean_lora import DropoutLoraA
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 2048, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(16, 3072, device="cuda", dtype=torch.bfloat16) * 0.02
+    g = torch.randn(4, 2048, 16, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, fn in (("lean", lambda a, b: DropoutLoraA.apply(a, b, 0.05, None)),
+                     ("plain", lambda a, b: torch.nn.functional.dropout(a, 0.05) @ b.t())):
+        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.manual_seed(7)
+        h = fn(a, b)
+        h.backward(g)
+        out[name] = (h.detach(), a.grad, b.grad, torch.randn(3, device="cuda"))  # and the RNG stream after
+    (h1, gx1, gw1, r1), (h2, gx2, gw2, r2) = out["lean"], out["plain"]
+    rel = lambda u, v: float((u.float() - v.float()).norm() / v.float().norm())  # noqa: E731
+    result = {"forward_equal": bool(torch.equal(h1, h2)), "grad_x_rel": rel(gx1, gx2), "grad_w_rel": rel(gw1, gw2),
+              "rng_after_equal": bool(torch.equal(r1, r2))}
+    try:  # the SwiGLU output remade from Liger's saved inputs: the same gradients, bit for bit
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        from phi3_lora.lean_lora import remake_source
+    except ImportError:
+        return result
+    gate_up = torch.randn(1, 8192, 2 * 8192, device="cuda", dtype=torch.bfloat16)
+    wd = torch.randn(16, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
+    grads = {}
+    for remake in (True, False):
+        gu, b = gate_up.clone().requires_grad_(), wd.clone().requires_grad_()
+        torch.manual_seed(7)
+        c = LigerSiLUMulFunction.apply(*gu.chunk(2, dim=-1))
+        source = remake_source(c) if remake else None
+        if remake and source is None:
+            return {**result, "remake": "not found"}
+        DropoutLoraA.apply(c, b, 0.05, source).sum().backward()
+        grads[remake] = (gu.grad, b.grad)
+    result["remake_grads_equal"] = all(torch.equal(u, v) for u, v in zip(grads[True], grads[False]))
+    return result
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -566,6 +640,11 @@ def gpu_main(args: argparse.Namespace) -> int:
         except Exception as exc:
             report["packed_check"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("packed check:", report["packed_check"], flush=True)
+        try:
+            report["dropout_lora_check"] = check_dropout_lora_gpu()
+        except Exception as exc:
+            report["dropout_lora_check"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print("DropoutLoraA check:", report["dropout_lora_check"], flush=True)
     for row in ordered_rows(args.rows, args.set):
         try:
             r = measure(row, model_dir, data, args.steps, args.warmup)
@@ -600,7 +679,8 @@ def gpu_main(args: argparse.Namespace) -> int:
                 + ", ".join(f"{k} {val}" for k, val in v.items() if k != "gpu")
                 + f". {args.steps} timed steps after {args.warmup} warm-up steps; batch 4, max length 2048, "
                 "LoRA r16 all-linear, dropout 0.05. Packed-path check (logits of a packed row vs each sequence "
-                f"alone): {report.get('packed_check')}.\n\n" + table(report["rows"])
+                f"alone): {report.get('packed_check')}. DropoutLoraA vs nn.Dropout + product on CUDA, same RNG state: "
+                f"{report.get('dropout_lora_check')}.\n\n" + table(report["rows"])
                 + ("\n\n### Generation (ChatEngine, greedy, 128 new tokens)\n\n" + gen_table(report["gen"])
                    if report["gen"] else ""))
         title = f"GPU training speed ({v['gpu']}){', ablations' if args.set == ['ablations'] else ''}"

@@ -211,6 +211,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     opts = resolve_options(config, device, dtype_name, liger_installed=_liger_installed(),
                            varlen_available=cuda_varlen_available(), model_config=model_config,
                            gpu_memory_gb=_gpu_memory_gb() if device == "cuda" else None)
+    if device == "cuda":
+        _expandable_segments()
     model = models.load_model(dataclasses.replace(config.model, name=model_name,
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
@@ -230,6 +232,19 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
         trainer.remove_callback(PrinterCallback)
     return Built(trainer, callback, opts, model_name, reason, device, dtype_name, loaded, train_rows, eval_rows)
+
+
+def _expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments instead of caching fixed blocks, unless the user configured it:
+    less memory is reserved but unused (fragmentation), which the memory budget's margin assumes."""
+    import torch
+
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # an older torch: the default allocator is still correct
+        pass
 
 
 def _gpu_memory_gb() -> float:

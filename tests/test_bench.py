@@ -22,9 +22,19 @@ def test_rows_without_liger_run_first_in_every_set():
 
 
 def test_lean_set_is_the_lean_ablations_and_the_budget_free_row():
-    names = [r.name for r in bench.ordered_rows(None, ["lean"])]
-    assert names and all("lean_lora" in n or "whole GPU" in n for n in names)
-    assert any(r.overrides.get("train", {}).get("lean_lora") is False for r in bench.ordered_rows(None, ["lean"]))
+    rows = bench.ordered_rows(None, ["lean"])
+    assert rows and all("lean_lora" in r.name or "whole GPU" in r.name or r.patch for r in rows)
+    assert any(r.overrides.get("train", {}).get("lean_lora") is False for r in rows)
+    assert any(r.patch == {"phi3_lora.lean_lora.DROPOUT_LORA_A": False} for r in rows)
+    assert any(r.patch == {"phi3_lora.lean_lora.REMAKE_INPUTS": False} for r in rows)
+
+
+def test_a_row_patch_is_set_for_the_row_and_put_back():
+    from phi3_lora import lean_lora
+
+    with bench.patched({"phi3_lora.lean_lora.REMAKE_INPUTS": False}):
+        assert lean_lora.REMAKE_INPUTS is False
+    assert lean_lora.REMAKE_INPUTS is True
 
 
 def test_kernel_groups():

@@ -131,3 +131,97 @@ def test_training_with_the_lean_forward_follows_the_peft_curve(tmp_path, tiny_ph
     assert len(lean) == len(plain) == 8
     assert min(plain) < plain[0] - 0.3  # the adapter really trains
     assert max(abs(a - b) for a, b in zip(lean, plain)) < LOSS_TOLERANCE, (lean, plain)
+
+
+def _dropout_then_product(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.nn.functional.dropout(x, p) @ w.t()
+
+
+def _grads_after(fn, x: torch.Tensor, w: torch.Tensor, seed: int = 7):
+    """Output, input gradients and the next random number after forward + backward from `seed`."""
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = fn(x, w)
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    return out.detach(), x.grad, w.grad, torch.rand(3)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.0])
+def test_dropout_lora_a_is_dropout_then_the_product_exactly(p):
+    """It keeps less for the backward pass, but computes the same thing: same mask, same gradients, and the
+    random stream after it is where nn.Dropout leaves it."""
+    x, w = torch.randn(2, 6, 32), torch.randn(4, 32)
+    lean = _grads_after(lambda a, b: lean_lora.DropoutLoraA.apply(a, b, p, None), x, w)
+    plain = _grads_after(lambda a, b: _dropout_then_product(a, b, p), x, w)
+    for got, want in zip(lean, plain):
+        assert torch.equal(got, want)
+    if p:  # the mask really is random: another seed gives another output
+        other = _grads_after(lambda a, b: lean_lora.DropoutLoraA.apply(a, b, p, None), x, w, seed=8)
+        assert not torch.equal(other[0], lean[0])
+
+
+def test_dropout_lora_a_inside_activation_checkpointing_gives_the_same_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    x, w = torch.randn(2, 6, 32), torch.randn(4, 32)
+
+    def block(a, b):
+        return torch.tanh(lean_lora.DropoutLoraA.apply(torch.sin(a), b, 0.3, None))
+
+    plain = _grads_after(block, x, w)
+    checkpointed = _grads_after(lambda a, b: checkpoint(block, a, b, use_reentrant=False), x, w)
+    for got, want in zip(checkpointed, plain):
+        assert torch.equal(got, want)
+
+
+class _SiLUMul(torch.autograd.Function):
+    """A producer that keeps its inputs for its own backward, like Liger's SiLU-mul (which needs a GPU)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.nn.functional.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        s = torch.sigmoid(a)
+        return grad * b * s * (1 + a * (1 - s)), grad * a * s
+
+
+def _register_silu_mul(monkeypatch) -> None:
+    key = f"{_SiLUMul.__module__}.{_SiLUMul.__qualname__}"
+    monkeypatch.setitem(lean_lora.REMAKERS, key,
+                        lambda node: ((lambda a, b: torch.nn.functional.silu(a) * b), tuple(node.saved_tensors)))
+
+
+def test_an_input_its_producer_can_remake_is_not_kept_and_the_gradients_do_not_change(monkeypatch):
+    _register_silu_mul(monkeypatch)
+    gate_up, w = torch.randn(2, 6, 64), torch.randn(4, 32)
+    runs = {}
+    for remake in (True, False):
+        gu, b = gate_up.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.manual_seed(3)
+        c = _SiLUMul.apply(*gu.chunk(2, dim=-1))
+        source = lean_lora.remake_source(c) if remake else None
+        assert (source is not None) is remake
+        h = lean_lora.DropoutLoraA.apply(c, b, 0.3, source)
+        kept = {t.data_ptr() for t in h.grad_fn.saved_tensors}
+        producer = {t.data_ptr() for t in c.grad_fn.saved_tensors} | {b.data_ptr()}
+        runs[remake] = kept, producer, c.data_ptr()
+        h.sum().backward()
+        runs[remake] += (gu.grad, b.grad)
+    kept, producer, c_ptr = runs[True][:3]
+    assert kept <= producer  # nothing new: the product keeps only what the producer keeps anyway
+    assert runs[False][2] in runs[False][0]  # the plain product keeps the SwiGLU output itself
+    assert all(torch.equal(u, v) for u, v in zip(runs[True][3:], runs[False][3:]))
+
+
+def test_no_remaking_under_saved_tensor_hooks(monkeypatch):
+    """Activation checkpointing and offloading keep placeholders, not the producer's tensors."""
+    _register_silu_mul(monkeypatch)
+    c = _SiLUMul.apply(torch.randn(3, 4, requires_grad=True), torch.randn(3, 4))
+    assert lean_lora.remake_source(c) is not None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        c = _SiLUMul.apply(torch.randn(3, 4, requires_grad=True), torch.randn(3, 4))
+        assert lean_lora.remake_source(c) is None

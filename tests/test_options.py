@@ -1,0 +1,59 @@
+"""How many decoder layers the memory budget checkpoints, against what the H200 bench measured.
+
+bench/train_speed.py (docs/benchmarks.md, Phi-3-mini shape, QLoRA NF4 r16 all-linear, Liger, 4 x 2048 tokens):
+5.1 GiB allocated with every layer checkpointed, 23.0 GiB with none: 0.559 GiB per un-checkpointed layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from phi3_lora.config import RunConfig
+from phi3_lora.options import checkpointed_layers, resolve_options
+
+PHI3_MINI = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "intermediate_size": 8192, "vocab_size": 32064}
+MEASURED_ALL_CHECKPOINTED_GIB, MEASURED_PER_LAYER_GIB = 5.1, 0.559
+CUDA_CONTEXT_GIB = 0.6
+
+
+def _config(four_bit: bool = True) -> RunConfig:
+    return RunConfig().replace(model={"load_in_4bit": four_bit},
+                               lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+                               train={"max_length": 2048, "per_device_train_batch_size": 4})
+
+
+@pytest.mark.parametrize("budget", [16.0, 22.0, 24.0, 32.0])
+def test_the_chosen_layers_fit_the_budget_by_the_measured_figures(budget):
+    layers = checkpointed_layers(PHI3_MINI, _config(), budget, "bfloat16")
+    peak = MEASURED_ALL_CHECKPOINTED_GIB + (32 - layers) * MEASURED_PER_LAYER_GIB
+    assert peak + CUDA_CONTEXT_GIB <= budget
+    # and not far under it: at most 2.5 GiB left for the allocator's slack, evaluation and the estimate's error
+    assert peak + CUDA_CONTEXT_GIB > budget - 2.5 or layers == 0
+
+
+def test_24_gib_recomputes_only_a_few_layers_and_a_big_gpu_none():
+    assert checkpointed_layers(PHI3_MINI, _config(), 24.0, "bfloat16") <= 4
+    assert checkpointed_layers(PHI3_MINI, _config(), 80.0, "bfloat16") == 0
+    assert checkpointed_layers(PHI3_MINI, _config(), 6.0, "bfloat16") == 32  # nothing fits: all of them
+    counts = [checkpointed_layers(PHI3_MINI, _config(), b, "bfloat16") for b in range(8, 40, 2)]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_without_liger_or_in_16_bit_more_layers_are_recomputed():
+    qlora = checkpointed_layers(PHI3_MINI, _config(), 24.0, "bfloat16")
+    assert checkpointed_layers(PHI3_MINI, _config(), 24.0, "bfloat16", liger=False) > qlora
+    assert checkpointed_layers(PHI3_MINI, _config(four_bit=False), 24.0, "bfloat16") > qlora
+
+
+def test_resolve_options_turns_the_budget_into_a_layer_count_on_cuda_only():
+    config = _config().replace(train={"memory_budget_gb": 24.0})
+    cuda = resolve_options(config, "cuda", "bfloat16", liger_installed=True, varlen_available=True,
+                           model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    assert cuda.gradient_checkpointing and 0 < cuda.checkpointed_layers < 32
+    assert cuda.packing and cuda.use_liger_kernel and cuda.attn_implementation == "sdpa_varlen"
+    whole = resolve_options(_config(), "cuda", "bfloat16", liger_installed=True, varlen_available=True,
+                            model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    assert not whole.gradient_checkpointing  # no budget set: the GPU's own memory, where everything fits
+    cpu = resolve_options(config, "cpu", "bfloat16", liger_installed=False, model_config=PHI3_MINI)
+    assert not cpu.gradient_checkpointing and not cpu.packing and cpu.checkpointed_layers is None
