@@ -52,3 +52,10 @@ def test_kernel_groups():
         "something_else": "other",
     }
     assert {k: bench.kernel_group(k) for k in cases} == cases
+
+
+def test_rows_pick_by_substring_or_exact_name():
+    names = ["=engine QLoRA full rows, 24 GiB", "remake"]
+    picked = [r.name for r in bench.ordered_rows(names, ["main", "lean"])]
+    assert "engine QLoRA full rows, 24 GiB" in picked
+    assert all(n == "engine QLoRA full rows, 24 GiB" or "remake" in n for n in picked) and len(picked) == 2
