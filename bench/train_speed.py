@@ -117,6 +117,11 @@ EXPLORE = [
 ]
 
 
+def named(row: Row, name: str) -> bool:
+    """"=NAME" is that row only; anything else, every row whose name contains it (any case)."""
+    return row.name == name[1:] if name.startswith("=") else name.lower() in row.name.lower()
+
+
 def ordered_rows(names: list[str] | None, which: str | list[str] = "main") -> list[Row]:
     """Rows of the chosen sets, in run order: everything without Liger first (Liger patches transformers'
     classes for the rest of the process), then Liger recipe rows, engine rows, and the Liger-on ablations."""
@@ -134,9 +139,8 @@ def ordered_rows(names: list[str] | None, which: str | list[str] = "main") -> li
     rows = (([r for r in RECIPE if not r.liger] if main else []) + early
             + ([r for r in RECIPE if r.liger] + ENGINE if main else []) + late
             + (EXPLORE if "explore" in sets else []))
-    if names:  # "=name" picks that row only, anything else every row whose name contains it
-        rows = [r for r in rows if any(r.name == n[1:] if n.startswith("=") else n.lower() in r.name.lower()
-                                       for n in names)]
+    if names:
+        rows = [r for r in rows if any(named(r, n) for n in names)]
     return rows
 
 
@@ -728,28 +732,21 @@ def gpu_main(args: argparse.Namespace) -> int:
         report["rows"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "options"}, default=str), flush=True)
         dump()
-    if args.gen:
+    measures = ([("gen", lambda d, a, b: time_generation(str(d), a, b))] if args.gen else []) + (
+        [("gen_explore", explore_generation)] if args.gen_explore else [])
+    for key, measure_gen in measures:
         for four_bit in (True, False):
             label = f"Phi-3-mini shape, {'QLoRA 4-bit' if four_bit else '16-bit'}"
             try:
                 adapter = save_random_adapter(model_dir, work / f"adapter-{int(four_bit)}", four_bit)
-                report["gen"][label] = time_generation(str(model_dir), adapter, four_bit)
+                report.setdefault(key, {})[label] = measure_gen(model_dir, adapter, four_bit)
             except Exception as exc:
-                report["gen"][label] = [{"error": f"{type(exc).__name__}: {exc}"}]
-            print(label, report["gen"][label], flush=True)
-            dump()
-    if args.gen_explore:
-        for four_bit in (False, True):
-            label = f"{'QLoRA 4-bit' if four_bit else '16-bit'}"
-            try:
-                adapter = save_random_adapter(model_dir, work / f"adapter-x{int(four_bit)}", four_bit)
-                report.setdefault("gen_explore", {})[label] = explore_generation(model_dir, adapter, four_bit)
-            except Exception as exc:
-                report.setdefault("gen_explore", {})[label] = [{"error": f"{type(exc).__name__}: {exc}"}]
+                report.setdefault(key, {})[label] = [{"error": f"{type(exc).__name__}: {exc}"}]
+            print(key, label, report[key][label], flush=True)
             dump()
     print(table(report["rows"]))
     for i, name in enumerate(args.profile or []):
-        rows = [r for r in ordered_rows(None, ["all", "explore"]) if name.lower() in r.name.lower()]
+        rows = [r for r in ordered_rows(None, ["all", "explore"]) if named(r, name)]
         if rows:
             print(profile_step(rows[0], model_dir, data, args.warmup, Path(args.json).with_suffix(f".profile{i}.txt")),
                   flush=True)
