@@ -157,7 +157,8 @@ def _lora_a(self: Any, name: str, x: torch.Tensor) -> torch.Tensor:
     a, drop = self.lora_A[name], self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     plain = type(a) is nn.Linear and a.bias is None and not _hooked(a) and not _hooked(drop)
-    if not (DROPOUT_LORA_A and plain and 0.0 <= p < 1.0):
+    # the RNG state saved and restored is the CUDA or CPU generator's: other devices keep nn.Dropout
+    if not (DROPOUT_LORA_A and plain and 0.0 <= p < 1.0 and x.device.type in ("cuda", "cpu")):
         return a(drop(x))
     x = x.to(torch.get_autocast_dtype(x.device.type))
     return DropoutLoraA.apply(x, a.weight.to(x.dtype), p, remake_source(x) if REMAKE_INPUTS else None)

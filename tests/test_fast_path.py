@@ -69,7 +69,7 @@ def _losses(model_dir: Path, data: Path, run_dir: Path, dtype: str = "float32", 
     cfg = RunConfig().replace(
         model={"name": str(model_dir), "load_in_4bit": False, "dtype": dtype,
                "attn_implementation": train_settings.pop("attn", "sdpa")},
-        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, **train_settings.pop("lora", {})},
         train={"max_steps": 6, "learning_rate": 5e-3, "per_device_train_batch_size": 24, "save_steps": 100,
                "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 512, "seed": 0,
                "gradient_checkpointing": False, **train_settings},

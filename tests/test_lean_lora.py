@@ -108,9 +108,9 @@ def test_attach_lora_installs_it_unless_turned_off(tiny_phi3_dir):
         assert len([m for m in model.modules() if hasattr(m, lean_lora._ORIGINAL)]) == expected
 
 
-def _bf16_losses(model_dir: Path, data: Path, run_dir: Path, lean: bool) -> list[float]:
+def _bf16_losses(model_dir: Path, data: Path, run_dir: Path, lean: bool, **lora: object) -> list[float]:
     return _losses(model_dir, data, run_dir, dtype="bfloat16", max_steps=8, learning_rate=1e-2,
-                   per_device_train_batch_size=16, max_length=256, lean_lora=lean)
+                   per_device_train_batch_size=16, max_length=256, lean_lora=lean, lora=lora)
 
 
 def test_training_with_the_lean_forward_follows_the_peft_curve(tmp_path, tiny_phi3_dir, monkeypatch):
@@ -225,3 +225,16 @@ def test_no_remaking_under_saved_tensor_hooks(monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         c = _SiLUMul.apply(torch.randn(3, 4, requires_grad=True), torch.randn(3, 4))
         assert lean_lora.remake_source(c) is None
+
+
+def test_training_with_lora_dropout_keeps_the_curve_when_the_mask_is_regenerated(tmp_path, tiny_phi3_dir,
+                                                                                  monkeypatch):
+    """Dropout 0.2 through the real trainer: DropoutLoraA (mask regenerated in backward) against nn.Dropout's
+    kept mask, same seed. The masks are the same draws, so the curves differ only by bf16 rounding."""
+    data = _rows(tmp_path / "d.jsonl", n=16)
+    regenerated = _bf16_losses(tiny_phi3_dir, data, tmp_path / "regen", lean=True, lora_dropout=0.2)
+    monkeypatch.setattr(lean_lora, "DROPOUT_LORA_A", False)
+    kept = _bf16_losses(tiny_phi3_dir, data, tmp_path / "kept", lean=True, lora_dropout=0.2)
+    assert len(regenerated) == len(kept) == 8
+    assert min(kept) < kept[0] - 0.3
+    assert max(abs(a - b) for a, b in zip(regenerated, kept)) < LOSS_TOLERANCE, (regenerated, kept)
