@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
@@ -101,7 +101,6 @@ ABLATIONS = [
         budget_gb=24, patch={"phi3_lora.lean_lora.DROPOUT_LORA_A": False}, recipe_ref="recipe QLoRA full rows"),
     Row("ablate: engine QLoRA full rows, 24 GiB, SwiGLU output kept (no remake)", "engine", "full",
         budget_gb=24, patch={"phi3_lora.lean_lora.REMAKE_INPUTS": False}, recipe_ref="recipe QLoRA full rows"),
-
 ]
 
 
@@ -308,22 +307,14 @@ def run_engine(row: Row, model_dir: Path, data: Path, steps: int, out_dir: Path)
     return built.trainer, opts
 
 
-@contextlib.contextmanager
-def patched(patch: dict[str, Any]) -> Iterator[None]:
+def patched(patch: dict[str, Any]) -> contextlib.ExitStack:
     """Set module attributes ("package.module.NAME": value) for the duration, then put the old values back."""
-    import importlib
+    from unittest import mock
 
-    saved = []
-    try:
-        for path, value in patch.items():
-            module, name = path.rsplit(".", 1)
-            target = importlib.import_module(module)
-            saved.append((target, name, getattr(target, name)))
-            setattr(target, name, value)
-        yield
-    finally:
-        for target, name, value in reversed(saved):
-            setattr(target, name, value)
+    stack = contextlib.ExitStack()
+    for target, value in patch.items():
+        stack.enter_context(mock.patch(target, value))
+    return stack
 
 
 def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int, warmup: int) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class DropoutLoraA(torch.autograd.Function):
 
 
 def _lora_a(self: Any, name: str, x: torch.Tensor) -> torch.Tensor:
-    """lora_A(dropout(x)), through `DropoutLoraA` unless something hooks the modules."""
+    """lora_A(dropout(x)), through `DropoutLoraA` for a plain, unhooked nn.Linear on CUDA or CPU."""
     a, drop = self.lora_A[name], self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     plain = type(a) is nn.Linear and a.bias is None and not _hooked(a) and not _hooked(drop)
