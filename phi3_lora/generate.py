@@ -90,20 +90,40 @@ class _PairStreamer:
 
 
 class ChatEngine:
-    """One base model, optionally with an adapter, for chat and side-by-side comparison."""
+    """One base model, optionally with an adapter, for chat and side-by-side comparison.
 
-    def __init__(self, model_name: str, adapter_dir: str | Path | None = None, load_in_4bit: bool = False) -> None:
+    What "base" means here is exactly the untouched base: an adapter that trained biases (lora.bias all or
+    lora_only) overwrites bias tensors of the base itself, which disable_adapter() does not undo, so the engine
+    keeps the pristine biases and swaps them in for every base-side answer. The prompt is rendered with the chat
+    template saved beside the adapter (the one training used), and a 4-bit base is loaded with the run's own
+    bitsandbytes settings (`model_settings`, read from the run when not given).
+    """
+
+    def __init__(self, model_name: str, adapter_dir: str | Path | None = None, load_in_4bit: bool = False,
+                 *, model_settings: Any = None) -> None:
         from phi3_lora import models
         from phi3_lora.config import ModelSettings
 
         self.model_name, self.reason = models.resolve_name(model_name)
+        if model_settings is not None:  # given: exactly these settings
+            four_bit = model_settings.load_in_4bit
+        else:  # the run's quantisation and dtype, with 4-bit on or off as asked
+            four_bit = load_in_4bit
+            model_settings = (_run_model_settings(Path(adapter_dir)) if adapter_dir is not None else None) \
+                or ModelSettings()
+        self.settings = ModelSettings(name=self.model_name, load_in_4bit=four_bit, dtype=model_settings.dtype,
+                                      bnb_4bit_quant_type=model_settings.bnb_4bit_quant_type,
+                                      bnb_4bit_use_double_quant=model_settings.bnb_4bit_use_double_quant)
         self.tokenizer = models.load_tokenizer(self.model_name)
-        self.base = models.load_model(ModelSettings(name=self.model_name, load_in_4bit=load_in_4bit))
+        self._default_template = self.tokenizer.chat_template
+        self.base = models.load_model(self.settings)
         self.base.eval()
         self.model: Any = self.base
         self.adapter_dir: Path | None = None
         self.stop_ids = stop_token_ids(self.tokenizer)
         self._lock = threading.Lock()  # the adapter switch is model-wide state: one generation at a time
+        self._pristine = _bias_snapshot(self.base)  # the base's own biases, before any adapter wrote into them
+        self._tuned_biases: dict[str, Any] = {}  # biases the current adapter trained (bias all / lora_only)
         if adapter_dir:
             self.set_adapter(adapter_dir)
 
@@ -117,15 +137,21 @@ class ChatEngine:
 
         with self._lock:
             if adapter_dir is None:
-                if self.has_adapter:
-                    self.model.delete_adapter(TUNED)
+                self._put_biases(self._pristine)
+                self._tuned_biases = {}
+                if isinstance(self.model, PeftModel):  # unload, not delete_adapter: an adapter-less PeftModel
+                    self.base = self.model.unload()     # still routes generate() to the deleted adapter
+                    self.model = self.base
                 self.adapter_dir = None
+                self.tokenizer.chat_template = self._default_template
                 return
             adapter_dir = Path(adapter_dir)
             if not (adapter_dir / "adapter_config.json").exists():
                 raise UserError(f"{adapter_dir} holds no adapter (adapter_config.json is missing).",
                                 hint="Pick a finished run or one of its checkpoints.")
             require_safetensors(adapter_dir)
+            self._put_biases(self._pristine)  # the previous adapter's trained biases must not leak into this one
+            self._tuned_biases = {}
             self._match_layout(adapter_dir)
             if isinstance(self.model, PeftModel):
                 if TUNED in self.model.peft_config:
@@ -137,6 +163,67 @@ class ChatEngine:
                                                        is_trainable=False)
             self.model.eval()
             self.adapter_dir = adapter_dir
+            now = _bias_snapshot(self.model)
+            self._tuned_biases = {k: v for k, v in now.items()
+                                  if k in self._pristine and not _same(v, self._pristine[k])}
+            self.tokenizer.chat_template = adapter_chat_template(adapter_dir) or self._default_template
+
+    def _put_biases(self, values: dict[str, Any]) -> None:
+        if not values:
+            return
+        import torch
+
+        params = _bias_params(self.model)
+        with torch.no_grad():
+            for name, value in values.items():
+                if name in params:
+                    params[name].copy_(value)
+
+    @contextlib.contextmanager
+    def _adapter_off(self) -> Iterator[None]:
+        """The untouched base: adapter layers off and the base's own biases back in place."""
+        if not self.has_adapter:
+            yield
+            return
+        self._put_biases({k: self._pristine[k] for k in self._tuned_biases})
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            self._put_biases(self._tuned_biases)
+
+    def prompt_ids(self, history: Messages) -> list[int]:
+        """The token ids a history is answered from (chat template + generation prompt), as generation uses them."""
+        return self._inputs([history])["input_ids"][0].tolist()
+
+    def forward_logits(self, input_ids: list[int], adapter: bool) -> Any:
+        """Logits [len(input_ids), vocab] (float32, CPU) of one sequence, tuned or exactly the base."""
+        import torch
+
+        if adapter and not self.has_adapter:
+            raise UserError("No adapter is loaded: pick a finished run first.")
+        device = next(self.base.parameters()).device
+        ids = torch.tensor([input_ids], device=device)
+        with self._lock, torch.inference_mode():
+            ctx = contextlib.nullcontext() if adapter else self._adapter_off()
+            with ctx:
+                return self.model(input_ids=ids).logits[0].float().cpu()
+
+    def greedy_ids(self, history: Messages, adapter: bool, max_new_tokens: int) -> list[int]:
+        """The greedy answer's token ids (without the stop token): what stream() shows at temperature 0."""
+        import torch
+
+        if adapter and not self.has_adapter:
+            raise UserError("No adapter is loaded: pick a finished run first.")
+        inputs = self._inputs([history])
+        with self._lock, torch.inference_mode():
+            ctx = contextlib.nullcontext() if adapter else self._adapter_off()
+            with ctx:
+                out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                          eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        stop = next((i for i, t in enumerate(new) if t in self.stop_ids), len(new))
+        return new[:stop]
 
     def _match_layout(self, adapter_dir: Path) -> None:
         """Split the base's fused layers the way the adapter was trained (lora.fused_slices), or put them back."""
@@ -166,8 +253,10 @@ class ChatEngine:
         return {k: v.to(device) for k, v in enc.items()}
 
     def _can_mix(self) -> bool:
+        """One batch for both sides works only when the adapter lives in its own layers: DoRA cannot be routed
+        per row, and trained biases sit in the base's own tensors, shared by both rows."""
         cfg = getattr(self.model, "peft_config", {}).get(TUNED)
-        return cfg is not None and not getattr(cfg, "use_dora", False)
+        return cfg is not None and not getattr(cfg, "use_dora", False) and not self._tuned_biases
 
     def stream_pair(self, base_history: Messages, tuned_history: Messages,
                     settings: GenerationSettings) -> Iterator[tuple[str, str]]:
@@ -217,7 +306,7 @@ class ChatEngine:
             try:
                 with self._lock, torch.inference_mode():
                     torch.manual_seed(settings.seed)
-                    ctx = (self.model.disable_adapter() if disable and adapter_names is None and self.has_adapter
+                    ctx = (self._adapter_off() if disable and adapter_names is None
                            else contextlib.nullcontext())
                     with ctx:
                         self.model.generate(**kwargs)
@@ -255,6 +344,51 @@ def require_safetensors(adapter_dir: Path) -> None:
     raise UserError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}.", hint="Pick a finished run or one of its checkpoints.")
 
 
+def _canonical(name: str) -> str:
+    """A parameter's name in the bare base model, whether or not peft wraps it."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def _bias_params(model: Any) -> dict[str, Any]:
+    return {_canonical(n): p for n, p in model.named_parameters()
+            if n.endswith("bias") and ".modules_to_save." not in n and "lora_" not in n}
+
+
+def _bias_snapshot(model: Any) -> dict[str, Any]:
+    return {n: p.detach().clone() for n, p in _bias_params(model).items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def adapter_chat_template(adapter_dir: Path) -> str | None:
+    """The chat template training used, saved beside the adapter (chat_template.jinja or tokenizer_config.json)."""
+    adapter_dir = Path(adapter_dir)
+    jinja = adapter_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = adapter_dir / "tokenizer_config.json"
+    if config.is_file():
+        import json
+
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def _run_model_settings(adapter_dir: Path) -> Any:
+    """The run's ModelSettings (4-bit type, double quant, dtype) for an adapter folder, or None."""
+    try:
+        return locate_adapter(adapter_dir).settings
+    except UserError:
+        return None
+
+
 @dataclass
 class AdapterRef:
     """Where an adapter is and which base model it belongs to."""
@@ -262,6 +396,7 @@ class AdapterRef:
     adapter_dir: Path
     model_name: str
     load_in_4bit: bool
+    settings: Any = None  # the run's ModelSettings (quantisation, dtype) when the run recorded them
 
 
 def locate_adapter(path: str | Path) -> AdapterRef:
@@ -287,9 +422,10 @@ def locate_adapter(path: str | Path) -> AdapterRef:
     for run_dir in (adapter.parent, adapter.parent.parent):
         if (run_dir / RESOLVED).exists() and (run_dir / "config.yaml").exists():
             name = json.loads((run_dir / RESOLVED).read_text())["model"]
-            return AdapterRef(adapter, name, load_yaml(run_dir / "config.yaml").model.load_in_4bit)
+            model = load_yaml(run_dir / "config.yaml").model
+            return AdapterRef(adapter, name, model.load_in_4bit, model)
     if (adapter / "config.yaml").exists():
         cfg = load_yaml(adapter / "config.yaml")
-        return AdapterRef(adapter, cfg.model.name, cfg.model.load_in_4bit)
+        return AdapterRef(adapter, cfg.model.name, cfg.model.load_in_4bit, cfg.model)
     base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or "auto"
     return AdapterRef(adapter, base, False)

@@ -1,6 +1,6 @@
 """Tab 4, Compare: base and tuned answers stream side by side from one loaded copy of the weights.
 
-One ChatEngine per (base model, 4-bit) lives in the app; picking another run of the same base
+One ChatEngine per (base model, quantisation, dtype) lives in the app; picking another run of the same base
 swaps the adapter (`set_adapter`) instead of loading the weights again.
 """
 
@@ -111,19 +111,30 @@ def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None)
 
     ref = locate_adapter(path)
     ref.model_name = spaces.portable_model_name(ref.model_name)  # trained offline, opened on a Space
-    key = (ref.model_name, bool(ref.load_in_4bit))
+    settings = engine_settings(ref)
+    key = (ref.model_name, settings.load_in_4bit, settings.bnb_4bit_quant_type, settings.bnb_4bit_use_double_quant,
+           settings.dtype)
     with state.engine_lock:
         engine = state.engines.get(key)
         if engine is None:
             if progress is not None:
                 progress(0.1, desc=f"Loading {ref.model_name} (first use only)…")
-            engine = ChatEngine(ref.model_name, None, load_in_4bit=ref.load_in_4bit)
+            engine = ChatEngine(ref.model_name, None, model_settings=settings)
             state.engines[key] = engine
         if engine.adapter_dir is None or Path(engine.adapter_dir).resolve() != Path(ref.adapter_dir).resolve():
             if progress is not None:
                 progress(0.7, desc="Attaching the adapter…")
             engine.set_adapter(ref.adapter_dir)
     return engine
+
+
+def engine_settings(ref: Any) -> Any:
+    """The run's model settings (4-bit type, double quant, dtype), so Compare loads the base as it was trained."""
+    from phi3_lora.config import ModelSettings
+
+    if ref.settings is not None:
+        return ModelSettings(**{**vars(ref.settings), "name": ref.model_name})
+    return ModelSettings(name=ref.model_name, load_in_4bit=bool(ref.load_in_4bit))
 
 
 def _history(chat: list[dict[str, Any]] | None) -> list[dict[str, str]]:
