@@ -9,6 +9,7 @@ import os
 import sys
 
 from phi3_lora import spaces
+from phi3_lora.runs import default_runs_dir
 
 # Before anything imports huggingface_hub (it reads HF_HOME once): on a Space with persistent storage the
 # Hub cache goes to /data, so base models survive a restart.
@@ -30,17 +31,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auth", metavar="USER:PASS", help="Require this user name and password.")
     p.add_argument("--model", default="auto", help="Default base model: auto, a Hub id, a local folder, or "
                                                    "'embedded: SmolLM2-135M-Instruct'.")
-    p.add_argument("--runs-dir", dest="runs_dir", default="runs", help="Where run folders are kept (on a Space "
-                                                                     "with persistent storage: /data/phi3_lora/runs).")
+    p.add_argument("--runs-dir", dest="runs_dir", default=None, help="Where run folders are kept (default: "
+                   "$PHI3_LORA_RUNS, else ./runs; on a Space with persistent storage: /data/phi3_lora/runs).")
     p.add_argument("--demo", action="store_true", help="Demo mode: training is refused (also PHI3_LORA_DEMO_MODE=1); "
                                                       "Compare works with published adapters.")
     return p.parse_args(argv)
 
 
-def app_options(runs_dir: str = "runs", model: str = "auto", demo: bool = False) -> AppOptions:
+def app_options(runs_dir: str | None = None, model: str = "auto", demo: bool = False) -> AppOptions:
     """The app's options, with what the Space (if any) decides: storage, demo mode, login, default model."""
     demo_mode = spaces.demo_mode(flag=demo)
-    return AppOptions(runs_dir=spaces.runs_dir(SPACE, runs_dir), default_model=spaces.default_model(SPACE, model),
+    return AppOptions(runs_dir=spaces.runs_dir(SPACE, runs_dir or default_runs_dir()), default_model=spaces.default_model(SPACE, model),
                       demo_mode=demo_mode, storage_warning=spaces.storage_warning(SPACE), space_env=SPACE,
                       login_required=spaces.login_required(SPACE, demo_mode))
 

@@ -154,7 +154,8 @@ def run_to_end(cfg: Any, runs: Path, timeout: float) -> tuple[str, dict[str, Any
 
 
 def stop_mid_run(cfg: Any, runs: Path, after_step: int, timeout: float) -> dict[str, Any]:
-    from phi3_lora import events, jobs, train
+    from phi3_lora import events, jobs
+    from phi3_lora.runs import RunDir, pid_alive
 
     out: dict[str, Any] = {}
     with GpuSampler() as sampler:
@@ -164,17 +165,17 @@ def stop_mid_run(cfg: Any, runs: Path, after_step: int, timeout: float) -> dict[
             if not events.run_status(runs / run_id).active:
                 break
             time.sleep(0.5)
-        pid = events.read_pid(runs / run_id)
+        pid = RunDir(runs / run_id).read_process().pid
         tree = [pid, *jobs.descendants(pid)] if pid else []
         out["before"] = [proc_info(p) for p in tree]
         out["step_at_signal"] = events.run_status(runs / run_id).step
         t0 = time.time()
         st = jobs.stop_run(run_id, runs)
         out["stop_seconds"] = time.time() - t0
-        out["alive_after"] = [p for p in tree if events.pid_alive(p)]
+        out["alive_after"] = [p for p in tree if pid_alive(p)]
         time.sleep(2)
         out["gpu_apps_after"] = smi("pid,gpu_uuid,used_memory")
-    ck = train.last_checkpoint(runs / run_id)
+    ck = RunDir(runs / run_id).last_checkpoint()
     out.update(state=st.state, checkpoint=str(ck) if ck else None,
                checkpoint_files=sorted(p.name for p in ck.iterdir()) if ck else [],
                run=read_run(runs / run_id), gpu_procs=sampler.summary(), log=train_log_tail(runs / run_id, 60),

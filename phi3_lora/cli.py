@@ -99,6 +99,15 @@ def format_stats(st: Any, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+RUNS_DIR_HELP = "Where run folders go (default: $PHI3_LORA_RUNS, else ./runs)."
+
+
+def _runs_dir(args: argparse.Namespace) -> Path:
+    from phi3_lora.runs import default_runs_dir
+
+    return Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from phi3_lora import jobs, train
 
@@ -111,10 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not config.data.source:
         raise UserError("No data given.", hint="Pass --data FILE (or data.source in the YAML).")
     if args.background:
-        run_id = jobs.start_run(config, Path(args.runs_dir))
+        run_id = jobs.start_run(config, _runs_dir(args))
         print(f"started {run_id} in the background; follow it with: python -m phi3_lora runs --watch {run_id}")
         return 0
-    run_dir = Path(args.run_dir) if args.run_dir else Path(args.runs_dir) / jobs.new_run_id(config)
+    run_dir = Path(args.run_dir) if args.run_dir else _runs_dir(args) / jobs.new_run_id(config)
     from phi3_lora.models import resolve_name
 
     name, reason = resolve_name(config.model.name)
@@ -196,8 +205,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from phi3_lora import jobs
 
     if args.watch:
-        return _watch(args.watch, Path(args.runs_dir))
-    for info in jobs.list_runs(Path(args.runs_dir)):
+        return _watch(args.watch, _runs_dir(args))
+    for info in jobs.list_runs(_runs_dir(args)):
         st = info.status
         print(f"{info.run_id:40} {st.state:12} step {st.step}/{st.max_steps}  loss {_fmt(st.loss)}  {st.reason}")
     return 0
@@ -220,7 +229,7 @@ def _watch(run_id: str, runs_dir: Path) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from phi3_lora import jobs
 
-    st = jobs.stop_run(args.run_id, Path(args.runs_dir))
+    st = jobs.stop_run(args.run_id, _runs_dir(args))
     print(f"{args.run_id}: {st.state} at step {st.step}")
     return 0
 
@@ -228,7 +237,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from phi3_lora import jobs
 
-    jobs.resume_run(args.run_id, Path(args.runs_dir))
+    jobs.resume_run(args.run_id, _runs_dir(args))
     print(f"resumed {args.run_id} in the background")
     return 0
 
@@ -265,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=cfgmod.PRESET_NAMES, help="Start from a preset.")
     p.add_argument("--data", help="Shortcut for --data.source.")
     p.add_argument("--model", help="Shortcut for --model.name.")
-    p.add_argument("--runs-dir", dest="runs_dir", default="runs", help="Where run folders go.")
+    p.add_argument("--runs-dir", dest="runs_dir", default=None, help=RUNS_DIR_HELP)
     p.add_argument("--run-dir", dest="run_dir", help="Exact run folder (used by the app's background jobs).")
     p.add_argument("--resume", action="store_true", help="Continue from the run folder's newest checkpoint.")
     p.add_argument("--background", action="store_true", help="Start as a background job, as the app does.")
@@ -285,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("runs", help="List runs and their state, or --watch one.")
-    p.add_argument("--runs-dir", dest="runs_dir", default="runs")
+    p.add_argument("--runs-dir", dest="runs_dir", default=None, help=RUNS_DIR_HELP)
     p.add_argument("--watch", metavar="RUN_ID")
     p.set_defaults(func=cmd_runs)
 
@@ -293,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("resume", cmd_resume, "Resume a stopped or interrupted run from its checkpoint.")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_id")
-        p.add_argument("--runs-dir", dest="runs_dir", default="runs")
+        p.add_argument("--runs-dir", dest="runs_dir", default=None, help=RUNS_DIR_HELP)
         p.set_defaults(func=func)
 
     for extra in EXTRA_COMMANDS:

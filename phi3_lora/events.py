@@ -1,4 +1,4 @@
-"""The run's diary on disk: `runs/<id>/events.jsonl`, and the status read back from it.
+"""The run's diary on disk: `<run>/events.jsonl` (runs.RunDir.events), and the status read back from it.
 
 The training process appends one JSON object per line; the UI and CLI only read. Because
 state lives on disk, a closed tab, a second browser or a restarted app see the same run.
@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
-PID_FILE = "pid"
+from phi3_lora.runs import RunDir
 
 OOM_REASON = ("failed: out of memory. Lower per_device_train_batch_size or max_length, turn on "
               "gradient_checkpointing, or enable QLoRA (model.load_in_4bit).")
@@ -29,7 +28,7 @@ def append_event(run_dir: Path, type: str, **fields: Any) -> dict[str, Any]:
     """Append one event; a single write() of one line so readers never see half an event."""
     event = {"t": round(time.time(), 3), "type": type, **fields}
     line = json.dumps(event, default=_jsonable) + "\n"
-    fd = os.open(Path(run_dir) / EVENTS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(RunDir(run_dir).events, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, line.encode("utf-8"))
     finally:
@@ -46,7 +45,7 @@ def _jsonable(value: Any) -> Any:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """All complete events; a torn last line (process killed mid-write) is skipped."""
-    path = Path(run_dir) / EVENTS_FILE
+    path = RunDir(run_dir).events
     if not path.exists():
         return []
     events = []
@@ -56,30 +55,6 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return events
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) still answers kill(0).
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def read_pid(run_dir: Path) -> int | None:
-    try:
-        return int((Path(run_dir) / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass
@@ -149,4 +124,4 @@ def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> Run
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    return status_from_events(read_events(run_dir), pid_alive(read_pid(run_dir)))
+    return status_from_events(read_events(run_dir), RunDir(run_dir).process_alive())

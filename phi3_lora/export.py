@@ -17,6 +17,7 @@ from typing import Any
 from phi3_lora.config import RunConfig, load_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.generate import AdapterRef, locate_adapter
+from phi3_lora.runs import RunDir, adapter_config_file
 
 # Files of an adapter folder that belong in a bundle (weights are safetensors only).
 BUNDLE_SUFFIXES = (".safetensors", ".json", ".jinja", ".yaml", ".model", ".txt", ".md")
@@ -28,11 +29,8 @@ def _summary(adapter_dir: Path) -> dict[str, Any]:
 
 
 def _config(ref: AdapterRef) -> RunConfig | None:
-    for candidate in (ref.adapter_dir / "config.yaml", ref.adapter_dir.parent / "config.yaml",
-                      ref.adapter_dir.parent.parent / "config.yaml"):
-        if candidate.exists():
-            return load_yaml(candidate)
-    return None
+    path = adapter_config_file(ref.adapter_dir)
+    return load_yaml(path) if path is not None else None
 
 
 def _usage_peft(hub_base: str) -> str:
@@ -98,7 +96,7 @@ def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path) -> Path:
     ref = locate_adapter(run_or_adapter)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_name = ref.adapter_dir.parent.name if ref.adapter_dir.name in ("adapter",) else ref.adapter_dir.name
+    run_name = ref.adapter_dir.parent.name if ref.adapter_dir.name == RunDir.ADAPTER else ref.adapter_dir.name
     dest = out_dir / f"{run_name}-adapter.zip"
     tmp = dest.with_suffix(".zip.tmp")
     card = model_card(ref, _summary(ref.adapter_dir), _config(ref))

@@ -401,31 +401,31 @@ class AdapterRef:
 
 def locate_adapter(path: str | Path) -> AdapterRef:
     """Accept a run folder (its final adapter, else its newest checkpoint), a checkpoint or an adapter folder."""
+    import json
+
     from phi3_lora.config import load_yaml
-    from phi3_lora.train import ADAPTER, RESOLVED, last_checkpoint
+    from phi3_lora.runs import RunDir, find_run
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist.", hint="Give a run folder such as runs/<id> or an adapter folder.")
-    if (path / ADAPTER / "adapter_config.json").exists():
-        adapter = path / ADAPTER
-    elif (path / "adapter_config.json").exists():
+    as_run = RunDir(path)
+    if as_run.has_adapter():
+        adapter = as_run.adapter
+    elif (path / RunDir.ADAPTER_CONFIG).exists():
         adapter = path
-    elif (ckpt := last_checkpoint(path)) is not None:
+    elif (ckpt := as_run.last_checkpoint()) is not None:
         adapter = ckpt
     else:
         raise UserError(f"{path} holds no adapter yet (no adapter/ and no complete checkpoint).",
                         hint="Wait for the run to save a checkpoint, or pick a finished run.")
     require_safetensors(adapter)
-    import json
-
-    for run_dir in (adapter.parent, adapter.parent.parent):
-        if (run_dir / RESOLVED).exists() and (run_dir / "config.yaml").exists():
-            name = json.loads((run_dir / RESOLVED).read_text())["model"]
-            model = load_yaml(run_dir / "config.yaml").model
-            return AdapterRef(adapter, name, model.load_in_4bit, model)
-    if (adapter / "config.yaml").exists():
-        cfg = load_yaml(adapter / "config.yaml")
+    run = find_run(adapter)
+    if run is not None and (name := run.resolved_model()) is not None:
+        model = load_yaml(run.config).model
+        return AdapterRef(adapter, name, model.load_in_4bit, model)
+    if (adapter / RunDir.CONFIG).exists():
+        cfg = load_yaml(adapter / RunDir.CONFIG)
         return AdapterRef(adapter, cfg.model.name, cfg.model.load_in_4bit, cfg.model)
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or "auto"
+    base = json.loads((adapter / RunDir.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or "auto"
     return AdapterRef(adapter, base, False)

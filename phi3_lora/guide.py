@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3_lora.errors import UserError
+from phi3_lora.runs import default_runs_dir
 
 log = logging.getLogger(__name__)
 CONFIG_KEY = "peft_config"  # safetensors metadata key holding the LoraConfig as JSON
@@ -46,7 +47,7 @@ def finetune(training_config: dict[str, Any], peft_config: dict[str, Any], *, da
                                     model=model_section, data=data_section)
     for note in notes:
         log.info(note)
-    run_dir = Path(run_dir) if run_dir else Path("runs") / time.strftime("guide-%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir) if run_dir else default_runs_dir() / time.strftime("guide-%Y%m%d-%H%M%S")
     return train.run(cfg, run_dir)
 
 

@@ -3,17 +3,13 @@
 Training never runs inside the app: `start_run` launches the same CLI a user runs
 (`python -m phi3_lora train --config runs/<id>/config.yaml --run-dir runs/<id>`) in a new
 process session, so Stop can end the whole process group, an OOM or crash leaves the app up,
-and the run outlives a closed tab or a restarted app. All state is on disk:
-
-    runs/.active.json   {"run_id", "pid"} of the one run allowed per machine
-    runs/<id>/pid       the training process (group leader)
-    runs/<id>/train.log its stdout + stderr
+and the run outlives a closed tab or a restarted app. All state is on disk, laid out by runs.py:
+the active run of the folder, each run's process record (pid, start time, a per-run token in the
+child's environment) and its train.log (the child's stdout + stderr).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import re
 import shutil
@@ -22,18 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from phi3_lora import events
+from phi3_lora import events, runs
 from phi3_lora.config import RunConfig, load_yaml, save_yaml
 from phi3_lora.errors import UserError
+from phi3_lora.runs import RunDir
 
-ACTIVE = ".active.json"
-LOCK = ".lock"
-LOG = "train.log"
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -46,29 +38,10 @@ class RunInfo:
     created: float
 
 
-def default_runs_dir() -> Path:
-    return Path(os.environ.get("PHI3_LORA_RUNS", "runs")).resolve()
-
-
-@contextmanager
-def _locked(runs_dir: Path) -> Iterator[None]:
-    """Serialise check-and-start across threads and processes (five Start clicks at once)."""
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    with open(runs_dir / LOCK, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def active_run(runs_dir: Path) -> str | None:
-    """The run id whose process is alive, or None (a stale record is ignored)."""
-    try:
-        record = json.loads((Path(runs_dir) / ACTIVE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record.get("run_id") if events.pid_alive(record.get("pid")) else None
+    """The run id whose process is alive and provably its own, or None (a stale record is ignored)."""
+    found = runs.read_active(runs_dir)
+    return found[0] if found and found[1].is_ours_and_alive() else None
 
 
 ENDED = ("finished", "stopped", "failed")
@@ -173,21 +146,21 @@ def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: in
     """Validate, then launch a run in the background; returns its id. Busy machine or full disk -> UserError.
 
     need_bytes: free disk space required; None estimates it from the model and LoRA settings (`disk_needed`)."""
-    runs_dir = Path(runs_dir or default_runs_dir())
+    runs_dir = Path(runs_dir or runs.default_runs_dir())
     if check_data:
         from phi3_lora import data
 
         data.load_data(config.data)  # bad data is refused here, before any process starts
     if need_bytes is None:
         need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
-    with _locked(runs_dir):
+    with runs.locked(runs_dir):
         _check_free(runs_dir, need_bytes)
         run_id = new_run_id(config)
         while (runs_dir / run_id).exists():
             run_id += "-b"
-        run_dir = runs_dir / run_id
-        run_dir.mkdir(parents=True)
-        save_yaml(config, run_dir / "config.yaml")
+        run = RunDir(runs_dir / run_id)
+        run.path.mkdir(parents=True)
+        save_yaml(config, run.config)
         _spawn(runs_dir, run_id, resume=False, num_processes=num_processes(config))
     return run_id
 
@@ -201,14 +174,14 @@ def _check_free(runs_dir: Path, need_bytes: int) -> None:
 
 
 def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
-    runs_dir = Path(runs_dir or default_runs_dir())
-    run_dir = _existing_run(runs_dir, run_id)
+    runs_dir = Path(runs_dir or runs.default_runs_dir())
+    run_dir = runs.run_in(runs_dir, run_id).path
     status = events.run_status(run_dir)
     if status.state == "finished":
         raise UserError(f"Run {run_id} already finished; start a new run to train more.")
-    config = load_yaml(run_dir / "config.yaml")
+    config = load_yaml(RunDir(run_dir).config)
     need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
-    with _locked(runs_dir):
+    with runs.locked(runs_dir):
         _check_free(runs_dir, need_bytes)
         events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps)
         _spawn(runs_dir, run_id, resume=True, num_processes=num_processes(config))
@@ -229,20 +202,21 @@ def num_processes(config: RunConfig) -> int:
 
 
 def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int) -> subprocess.Popen:
-    run_dir = runs_dir / run_id
-    cmd = train_command(run_dir / "config.yaml", run_dir, resume, num_processes,
+    run = RunDir(runs_dir / run_id)
+    cmd = train_command(run.config, run.path, resume, num_processes,
                         launch_mixed_precision() if num_processes > 1 else "no")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PHI3_LORA_JOB": run_id}
-    log = open(run_dir / LOG, "ab")
+    token = runs.new_token()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PHI3_LORA_JOB": run_id, runs.TOKEN_ENV: token}
+    log = open(run.log, "ab")
     log.write(f"$ {' '.join(cmd)}\n".encode())
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=env, cwd=os.getcwd())
     log.close()
-    (run_dir / events.PID_FILE).write_text(str(proc.pid))
-    tmp = runs_dir / f"{ACTIVE}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
-    os.replace(tmp, runs_dir / ACTIVE)
+    # Popen returns once the child has exec'd, so its start time and environment (the token) are final.
+    record = runs.ProcessRecord.of(proc.pid, token)
+    run.write_process(record)
+    runs.write_active(runs_dir, run_id, record)
     # Reap the child when it exits so it does not linger as a zombie.
     threading.Thread(target=proc.wait, daemon=True, name=f"reap-{run_id}").start()
     return proc
@@ -255,15 +229,16 @@ def stop_run(run_id: str, runs_dir: Path | None = None, grace: float = STOP_GRAC
     process group holds only the launcher; it forwards SIGTERM to the ranks. The ranks are found (as the
     launcher's descendants) before any signal, so a SIGKILL reaches them too and Stop returns only once every
     rank is gone, never leaving one holding a GPU."""
-    runs_dir = Path(runs_dir or default_runs_dir())
-    run_dir = _existing_run(runs_dir, run_id)
-    pid = events.read_pid(run_dir)
-    if not events.pid_alive(pid):
+    runs_dir = Path(runs_dir or runs.default_runs_dir())
+    run_dir = runs.run_in(runs_dir, run_id).path
+    record = RunDir(run_dir).read_process()
+    if record is None or not record.is_ours_and_alive():  # gone, or its pid now belongs to another process
         return events.run_status(run_dir)
+    pid = record.pid
     tree = [pid, *descendants(pid)]
 
     def alive() -> bool:
-        return any(events.pid_alive(p) for p in tree)
+        return any(runs.pid_alive(p) for p in tree)
 
     _signal_group(pid, signal.SIGTERM)
     deadline = time.time() + grace
@@ -308,8 +283,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def _signal_group(pid: int | None, sig: int) -> None:
-    """Signal the process group `pid` leads, else `pid` alone; never this process's own group."""
-    if not pid:
+    """Signal the process group `pid` leads, else `pid` alone; never this process nor its own group."""
+    if not pid or pid <= 0 or pid == os.getpid():
         return
     try:
         if os.getpgid(pid) == pid and pid != os.getpgrp():
@@ -323,33 +298,21 @@ def _signal_group(pid: int | None, sig: int) -> None:
         pass
 
 
-def _existing_run(runs_dir: Path, run_id: str) -> Path:
-    if not run_id or "/" in run_id or run_id.startswith(".") or not (runs_dir / run_id / "config.yaml").exists():
-        raise UserError(f"There is no run called {run_id!r} in {runs_dir}.", hint="Pick one from the list of runs.")
-    return runs_dir / run_id
-
-
 def list_runs(runs_dir: Path | None = None) -> list[RunInfo]:
     """Every run, newest first."""
-    runs_dir = Path(runs_dir or default_runs_dir())
-    if not runs_dir.exists():
-        return []
     infos = []
-    for cfg in runs_dir.glob("*/config.yaml"):
-        run_dir = cfg.parent
-        if run_dir.name.startswith("."):
-            continue
+    for run in runs.run_dirs(runs_dir or runs.default_runs_dir()):
         try:
-            model = load_yaml(cfg).model.name
+            model = load_yaml(run.config).model.name
         except UserError:
             model = "?"
-        infos.append(RunInfo(run_dir.name, run_dir, events.run_status(run_dir), model, cfg.stat().st_mtime))
-    return sorted(infos, key=lambda r: r.run_id, reverse=True)
+        infos.append(RunInfo(run.run_id, run.path, events.run_status(run.path), model, run.config.stat().st_mtime))
+    return infos
 
 
 def log_tail(run_id: str, runs_dir: Path | None = None, lines: int = 40) -> str:
-    runs_dir = Path(runs_dir or default_runs_dir())
-    path = _existing_run(runs_dir, run_id) / LOG
+    runs_dir = Path(runs_dir or runs.default_runs_dir())
+    path = runs.run_in(runs_dir, run_id).log
     if not path.exists():
         return ""
     with open(path, "rb") as fh:
@@ -363,7 +326,7 @@ def log_tail(run_id: str, runs_dir: Path | None = None, lines: int = 40) -> str:
 def wait_for(run_id: str, runs_dir: Path | None = None, timeout: float = 600.0,
              poll: float = 0.5) -> events.RunStatus:
     """Block until the run is no longer active (for the CLI and tests)."""
-    runs_dir = Path(runs_dir or default_runs_dir())
+    runs_dir = Path(runs_dir or runs.default_runs_dir())
     deadline = time.time() + timeout
     while True:
         status = events.run_status(runs_dir / run_id)

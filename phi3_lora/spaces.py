@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 from phi3_lora.embedded import EMBEDDED_PACKAGE
+from phi3_lora.runs import DEFAULT_RUNS_DIR
 
 log = logging.getLogger("phi3_lora.spaces")
 
 DATA_DIR = Path("/data")                       # where Spaces mount persistent storage
-RUNS_SUBDIR = Path("phi3_lora") / "runs"       # runs and adapters under the storage
+RUNS_SUBDIR = Path("phi3_lora") / DEFAULT_RUNS_DIR      # runs and adapters under the storage
 HF_HOME_SUBDIR = Path(".huggingface")          # the Hub cache under the storage (models survive restarts)
 CACHE_SUBDIR = Path("phi3_lora") / "cache"     # our own cache (converted models) under the storage
 DEMO_ENV = "PHI3_LORA_DEMO_MODE"

@@ -1,8 +1,7 @@
 """Build trl's SFTTrainer from a `RunConfig` and run it: the only place that trains.
 
-Everything a run produces goes under its folder (see docs/architecture.md):
-config.yaml, events.jsonl, eval_rows.jsonl, checkpoints/checkpoint-N/ (written atomically),
-adapter/ (the final adapter, written atomically) and train.log (written by jobs).
+Everything a run produces goes under its folder, laid out by runs.RunDir: config, events, eval rows,
+checkpoints (written atomically), the final adapter (written atomically); jobs writes train.log.
 """
 
 from __future__ import annotations
@@ -18,17 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, MutableMapping
 
-from phi3_lora import events
+from phi3_lora import events, runs
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.options import (PACKED_ATTENTION, ResolvedOptions, checkpointed_layers,  # noqa: F401 (re-exported)
                                effective_batch, resolve_options, sft_config_kwargs)
-
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-EVAL_ROWS = "eval_rows.jsonl"
-RESOLVED = "resolved.json"  # the model "auto" became, and why
-STAGING = ".staging"
+from phi3_lora.runs import RunDir
 
 
 @dataclass
@@ -69,10 +63,11 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
     """Train, writing events and checkpoints into `run_dir`. Errors are recorded as events, then raised."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists():
-        save_yaml(config, run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    if not run.config.exists():
+        save_yaml(config, run.config)
     if not os.environ.get("PHI3_LORA_JOB") and is_main_process():  # a foreground CLI run; jobs records its own
-        (run_dir / events.PID_FILE).write_text(str(os.getpid()))
+        run.write_process(runs.ProcessRecord.of(os.getpid()))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(config, run_dir, resume)
@@ -217,7 +212,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
 
-    args = SFTConfig(**sft_config_kwargs(config, opts, Path(output_dir) / CHECKPOINTS, has_eval=bool(eval_rows)))
+    args = SFTConfig(**sft_config_kwargs(config, opts, RunDir(output_dir).checkpoints, has_eval=bool(eval_rows)))
     callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)
     callbacks = [callback]
     if opts.gradient_checkpointing and opts.checkpointed_layers is not None:
@@ -255,18 +250,19 @@ def _gpu_memory_gb() -> float:
 
 def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
     started = time.time()
-    _clean_staging(run_dir / CHECKPOINTS)
+    run = RunDir(run_dir)
+    shutil.rmtree(run.staging, ignore_errors=True)  # a save cut short by a kill leaves only this, never a checkpoint
     built = build(config, run_dir)
     trainer, callback, opts, loaded = built.trainer, built.callback, built.opts, built.loaded
     model_name, reason, device, dtype_name = built.model_name, built.reason, built.device, built.dtype_name
     eval_rows, tokenizer = built.eval_rows, built.trainer.processing_class
     main = is_main_process()
     if main:
-        _write_jsonl_atomic(run_dir / EVAL_ROWS, eval_rows)
-        (run_dir / RESOLVED).write_text(json.dumps({"model": model_name, "reason": reason}), encoding="utf-8")
+        _write_jsonl_atomic(run.eval_rows, eval_rows)
+        run.write_resolved(model_name, reason)
     dropped = untrainable_rows(built)
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    checkpoint = last_checkpoint(run_dir) if resume else None
+    checkpoint = run.last_checkpoint() if resume else None
     if resume and checkpoint is None and main:
         events.append_event(run_dir, "note", message="no complete checkpoint found: starting from step 0")
     callback.start_fields = dict(
@@ -299,7 +295,7 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
                        trainable_params=trainable, total_params=total, seconds=round(time.time() - started, 1),
                        train_rows=len(trainer.train_dataset), eval_rows=len(eval_rows))
         resolved = config.replace(model={"name": model_name})
-        adapter_dir = save_adapter_atomic(trainer.model, tokenizer, resolved, summary, run_dir / ADAPTER)
+        adapter_dir = save_adapter_atomic(trainer.model, tokenizer, resolved, summary, run.adapter)
     status = "stopped" if stopped else "finished"
     if main:
         events.append_event(run_dir, "end", status=status, step=trainer.state.global_step, loss=final_loss,
@@ -352,17 +348,6 @@ def drop_untrainable_rows(trainer: Any) -> int:
     return len(ds) - len(keep)
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (complete = renamed into place with its trainer state)."""
-    folder = Path(run_dir) / CHECKPOINTS
-    found = []
-    for p in folder.glob("checkpoint-*") if folder.exists() else []:
-        suffix = p.name.split("-", 1)[1]
-        if suffix.isdigit() and (p / "trainer_state.json").exists():
-            found.append((int(suffix), p))
-    return max(found)[1] if found else None
-
-
 def save_adapter_atomic(model: Any, tokenizer: Any, config: RunConfig, summary: dict[str, Any], dest: Path) -> Path:
     """adapter/ with safetensors weights, config, tokenizer + chat template and the run summary; all or nothing."""
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
@@ -383,11 +368,6 @@ def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _clean_staging(checkpoints: Path) -> None:
-    """A save cut short by a kill leaves only the staging folder, never a checkpoint-N: remove it."""
-    shutil.rmtree(checkpoints / STAGING, ignore_errors=True)
 
 
 def _liger_installed() -> bool:

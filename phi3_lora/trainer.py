@@ -17,9 +17,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
 
-from phi3_lora import events
-
-STAGING = ".staging"
+from phi3_lora import events, runs
+from phi3_lora.runs import RunDir
 SLOW_SAVE_ENV = "PHI3_LORA_TEST_SLOW_SAVE_SECONDS"  # tests only: pause inside each checkpoint save
 
 
@@ -29,8 +28,8 @@ class AtomicCheckpointTrainer(SFTTrainer):
         # only their rng_state_<rank>.pth into it. Barriers keep a late rank from deleting rank 0's half-written
         # files, and rank 0 from renaming the folder before every rank's RNG state is in it.
         final_root = self.args.output_dir
-        staging_root = os.path.join(final_root, STAGING)
-        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(final_root, RunDir.STAGING)
+        name = runs.checkpoint_name(self.state.global_step)
         main = self.args.should_save
         if main:
             shutil.rmtree(staging_root, ignore_errors=True)
@@ -156,7 +155,7 @@ class EventsCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._is_main(state):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            path = Path(args.output_dir) / runs.checkpoint_name(state.global_step)
             events.append_event(self.run_dir, "checkpoint", step=state.global_step, max_steps=state.max_steps,
                                 path=str(path))
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from phi3_lora import events, jobs
+from phi3_lora.runs import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +121,7 @@ def test_train_refuse_second_reattach_compare_export(server) -> None:
     t0 = time.time()
     first = c.predict(*args, api_name="/start_training")
     run_id = val(first[0])
-    assert run_id and (runs / run_id / "config.yaml").exists()
+    assert run_id and RunDir(runs / run_id).exists()
 
     # One job per machine: a second Start says what is running.
     with pytest.raises(AppError, match=re.escape(run_id)) as refused:

@@ -12,6 +12,7 @@ from bad_cases import CASES, GOOD, MAX_LENGTH, Case
 from test_app_api import NO_MAPPING, free_port, start_args, val
 
 from phi3_lora import jobs
+from phi3_lora.runs import run_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ def client(server):
 
 def nothing_trained(runs: Path) -> None:
     assert jobs.active_run(runs) is None
-    assert not list(runs.glob("*/config.yaml")), "no run folder may appear"
+    assert not run_dirs(runs), "no run folder may appear"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from phi3_lora import events
+from phi3_lora.runs import RunDir, pid_alive
 
 
 def test_a_run_that_ended_is_finished_with_its_curve(tmp_path):
@@ -28,7 +29,7 @@ def test_a_dead_process_without_an_end_is_interrupted(tmp_path):
 
 def test_a_torn_last_line_is_skipped(tmp_path):
     events.append_event(tmp_path, "start", step=0, max_steps=10)
-    with open(tmp_path / events.EVENTS_FILE, "a") as fh:
+    with open(RunDir(tmp_path).events, "a") as fh:
         fh.write('{"t": 1, "type": "lo')  # killed mid-write
     assert [e["type"] for e in events.read_events(tmp_path)] == ["start"]
 
@@ -41,9 +42,9 @@ def test_errors_carry_their_reason(tmp_path):
 
 
 def test_pid_alive_sees_our_own_process_and_not_a_dead_one():
-    assert events.pid_alive(os.getpid())
-    assert not events.pid_alive(None)
-    assert not events.pid_alive(2**22 + 12345)
+    assert pid_alive(os.getpid())
+    assert not pid_alive(None)
+    assert not pid_alive(2**22 + 12345)
 
 
 def test_a_resumed_run_keeps_one_loss_point_per_step(tmp_path):
@@ -51,7 +52,7 @@ def test_a_resumed_run_keeps_one_loss_point_per_step(tmp_path):
     for step in (1, 2, 3):
         events.append_event(tmp_path, "log", step=step, max_steps=6, loss=float(step))
     events.append_event(tmp_path, "resume", step=3, max_steps=6)
-    events.append_event(tmp_path, "start", step=2, max_steps=6, resumed_from="checkpoint-2")
+    events.append_event(tmp_path, "start", step=2, max_steps=6, resumed_from=str(RunDir(tmp_path).checkpoint(2)))
     events.append_event(tmp_path, "log", step=3, max_steps=6, loss=30.0)
     st = events.run_status(tmp_path)
     assert st.losses == [(1, 1.0), (2, 2.0), (3, 30.0)]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from phi3_lora import export, train
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
+from phi3_lora.runs import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_zip_holds_safetensors_config_template_and_a_model_card(run_dir, tmp_pat
         names = {n.split("/", 1)[1] for n in zf.namelist()}
         card = zf.read(next(n for n in zf.namelist() if n.endswith("README.md"))).decode()
     assert {"adapter_model.safetensors", "adapter_config.json", "chat_template.jinja", "README.md",
-            "run_summary.json", "config.yaml"} <= names
+            "run_summary.json", RunDir.CONFIG} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
     assert "PeftModel.from_pretrained" in card and "final_loss" in card and "learning_rate" in card
 
@@ -44,7 +45,7 @@ def test_merged_model_reloads_stock_and_matches_base_plus_adapter(run_dir, tmp_p
     assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_phi3_dir, dtype=torch.float32)
-    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    tuned = PeftModel.from_pretrained(base, str(RunDir(run_dir).adapter))
     assert merged.config.model_type == "phi3" and next(merged.parameters()).dtype == torch.float32
     ids = torch.tensor([[1, 450, 3681, 338, 263, 1243]])
     with torch.no_grad():
@@ -68,7 +69,7 @@ def test_push_without_a_token_says_where_to_get_one(run_dir, monkeypatch, tmp_pa
 def test_push_offline_is_a_clear_error_and_keeps_the_adapter(run_dir):
     with pytest.raises(UserError, match="Could not push to the Hub"):
         export.push_to_hub(run_dir, "me/my-adapter", token="hf_fake")
-    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert RunDir(run_dir).has_adapter()
 
 
 def test_bad_repo_id_is_refused(run_dir):

@@ -22,6 +22,7 @@ from test_app_api import SAMPLE, free_port, start_args, val
 from phi3_lora import events, jobs
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
+from phi3_lora.runs import ACTIVE, ProcessRecord, RunDir, run_dirs, write_active
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "20260101-000000-tiny"
@@ -35,24 +36,24 @@ def make_adapter_run(runs: Path, model_dir: Path, run_id: str = RUN_ID) -> Path:
 
     from phi3_lora import models
 
-    run_dir = runs / run_id
-    adapter = run_dir / "adapter"
+    run = RunDir(runs / run_id)
+    run_dir, adapter = run.path, run.adapter
     cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False}, lora={"r": 2},
                               data={"source": str(SAMPLE)})
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(adapter, safe_serialization=True)
     models.load_tokenizer(str(model_dir)).save_pretrained(adapter)
-    save_yaml(cfg, run_dir / "config.yaml")
-    save_yaml(cfg, adapter / "config.yaml")
+    save_yaml(cfg, run.config)
+    save_yaml(cfg, adapter / RunDir.CONFIG)
     (adapter / "run_summary.json").write_text(json.dumps({"steps": 1}))
-    (run_dir / "resolved.json").write_text(json.dumps({"model": str(model_dir), "reason": "test"}))
-    ckpt = run_dir / "checkpoints" / "checkpoint-1"
+    run.write_resolved(str(model_dir), "test")
+    ckpt = run.checkpoint(1)
     model.save_pretrained(ckpt, safe_serialization=True)
-    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / RunDir.TRAINER_STATE).write_text("{}")
     events.append_event(run_dir, "start", step=0, max_steps=1)
     events.append_event(run_dir, "end", status="finished", step=1, max_steps=1)
-    (run_dir / "train.log").write_text("secret log\n")
+    run.log.write_text("secret log\n")
     return run_dir
 
 
@@ -64,7 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     make_adapter_run(runs, tiny_llama_dir)
     (runs / ".uploads").mkdir()
     (runs / ".uploads" / "abc-kept.jsonl").write_text("{}\n")
-    (runs / ".active.json").write_text(json.dumps({"run_id": RUN_ID, "pid": 1}))
+    write_active(runs, RUN_ID, ProcessRecord.of(1))
     demo = build_app(runs, default_model=str(tiny_llama_dir))
     _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url, runs
@@ -103,13 +104,14 @@ def test_only_uploads_and_exports_are_downloadable(server) -> None:
     status, body = get(url, "/gradio_api/file=" + quote(str(zip_path)))
     assert status == 200 and body[:2] == b"PK"
 
-    secret_files = [run / "events.jsonl", run / "config.yaml", run / "train.log", run / "resolved.json",
-                    run / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors",
-                    run / "adapter" / "adapter_model.safetensors", runs / ".active.json",
+    layout = RunDir(run)
+    secret_files = [layout.events, layout.config, layout.log, layout.resolved,
+                    layout.checkpoint(1) / "adapter_model.safetensors",
+                    layout.adapter / "adapter_model.safetensors", runs / ACTIVE,
                     runs / ".uploads" / "abc-kept.jsonl", ROOT / ".git" / "config", ROOT / "README.md"]
     for f in secret_files:
         assert f.exists(), f
-    rel = f"{runs.name}/{RUN_ID}/events.jsonl"
+    rel = f"{runs.name}/{RUN_ID}/{RunDir.EVENTS}"
     attempts = [
         "/gradio_api/file=/etc/passwd", "/file=/etc/passwd", "/gradio_api/file=/proc/self/environ",
         "/gradio_api/file=%2Fetc%2Fpasswd", "/gradio_api/file=%2fetc%2fpasswd", "/gradio_api/file=/ETC/PASSWD",
@@ -165,11 +167,11 @@ def test_adapter_with_only_a_pickle_is_refused(tmp_path: Path, tiny_llama_dir: P
         assert "adapter_model.bin" in message and "adapter_model.safetensors" in message and "pickle" in message
     # The same inside a run folder's checkpoint.
     run = tmp_path / "run"
-    ckpt = run / "checkpoints" / "checkpoint-2"
+    ckpt = RunDir(run).checkpoint(2)
     ckpt.mkdir(parents=True)
     for name in ("adapter_config.json", "adapter_model.bin"):
         (ckpt / name).write_bytes((folder / name).read_bytes())
-    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / RunDir.TRAINER_STATE).write_text("{}")
     with pytest.raises(UserError, match="adapter_model.bin"):
         locate_adapter(run)
 
@@ -194,7 +196,7 @@ def test_auth_gates_the_api_and_training(tmp_path: Path, tiny_llama_dir: Path) -
                              ("get", "/config"), ("get", "/gradio_api/info"), ("post", "/gradio_api/upload")):
             r = httpx.request(method.upper(), base + path, json={"data": []} if path.endswith("training") else None)
             assert r.status_code in (401, 403), (path, r.status_code)
-        assert jobs.active_run(runs) is None and not list(runs.glob("*/config.yaml"))
+        assert jobs.active_run(runs) is None and not run_dirs(runs)
 
         c = Client(url, auth=("alice", "s3cret"), verbose=False)
         args = start_args(c, **{"Data source": str(SAMPLE), "Max steps": 400, "Max length (tokens)": 128})

@@ -15,9 +15,10 @@ import pytest
 from test_app_api import SAMPLE, free_port, start_args, val
 from test_jobs import slow_config, wait_until
 
-from phi3_lora import events, jobs, train
+from phi3_lora import events, jobs
 from phi3_lora.errors import UserError
-from phi3_lora.trainer import SLOW_SAVE_ENV, STAGING
+from phi3_lora.runs import RunDir, parse_checkpoint_step, pid_alive, run_dirs
+from phi3_lora.trainer import SLOW_SAVE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +26,11 @@ CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimiz
 
 
 def step_of(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
+    return parse_checkpoint_step(path.name)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / train.CHECKPOINTS
-    return sorted((p for p in folder.glob("checkpoint-*")), key=step_of) if folder.exists() else []
+    return [p for _, p in RunDir(run_dir).checkpoint_dirs()]
 
 
 def assert_loadable(model_dir: Path, ckpt: Path) -> None:
@@ -51,21 +51,21 @@ def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypat
     monkeypatch.setenv(SLOW_SAVE_ENV, "4")  # each save pauses between the adapter and the optimizer state
     run_id = jobs.start_run(cfg, runs)
     run_dir = runs / run_id
-    first = wait_until(lambda: train.last_checkpoint(run_dir), timeout=180)
-    staging = run_dir / train.CHECKPOINTS / STAGING
+    first = wait_until(lambda: RunDir(run_dir).last_checkpoint(), timeout=180)
+    staging = RunDir(run_dir).staging
     # the staging folder appears before its first file is written: wait for the adapter, then kill in the pause
     half = wait_until(lambda: next((p for p in staging.glob("checkpoint-*")
                                     if (p / "adapter_model.safetensors").exists()), None), timeout=120, poll=0.05)
     assert step_of(half) > step_of(first)
     assert (half / "adapter_model.safetensors").exists() and not (half / "optimizer.pt").exists()  # half-written
-    pid = events.read_pid(run_dir)
+    pid = RunDir(run_dir).read_process().pid
     os.killpg(pid, signal.SIGKILL)
-    wait_until(lambda: not events.pid_alive(pid), timeout=30)
+    wait_until(lambda: not pid_alive(pid), timeout=30)
 
     st = events.run_status(run_dir)
     assert st.state == "interrupted" and "Resume" in st.reason
-    assert not (run_dir / train.CHECKPOINTS / half.name).exists(), "a half-written save must never be a checkpoint"
-    newest = train.last_checkpoint(run_dir)
+    assert not (RunDir(run_dir).checkpoints / half.name).exists(), "a half-written save must never be a checkpoint"
+    newest = RunDir(run_dir).last_checkpoint()
     assert newest == first and st.step - step_of(newest) <= save_steps  # at most one save interval lost
     assert_loadable(tiny_phi3_dir, newest)
 
@@ -78,7 +78,7 @@ def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypat
     assert start["resumed_from"].endswith(newest.name) and start["step"] == step_of(newest)
 
     # Stop: the process is gone and its memory released (no /proc entry, not even a zombie) within 30 s.
-    pid = events.read_pid(run_dir)
+    pid = RunDir(run_dir).read_process().pid
     t0 = time.time()
     st = jobs.stop_run(run_id, runs)
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=30 - (time.time() - t0), poll=0.1)
@@ -90,7 +90,7 @@ def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypat
     # save_total_limit=2: four or more saves happened, two are kept, the newest is loadable.
     kept = complete_checkpoints(run_dir)
     assert len(kept) == 2, kept
-    assert kept[-1] == train.last_checkpoint(run_dir) and step_of(kept[-1]) >= st.step - 1
+    assert kept[-1] == RunDir(run_dir).last_checkpoint() and step_of(kept[-1]) >= st.step - 1
     assert_loadable(tiny_phi3_dir, kept[-1])
 
 
@@ -183,7 +183,7 @@ def test_start_is_refused_when_the_disk_is_too_small(tiny_disk, tiny_phi3_dir, t
         jobs.start_run(cfg, runs)
     message = str(info.value)
     assert "Not enough disk space" in message and str(runs) in message and "save_total_limit" in message
-    assert jobs.active_run(runs) is None and not list(runs.glob("*/config.yaml"))
+    assert jobs.active_run(runs) is None and not run_dirs(runs)
 
 
 def fill(folder: Path, leave: int) -> Path:
@@ -207,19 +207,19 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_disk, tiny_p
     cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=3)
     run_id = jobs.start_run(cfg, runs, need_bytes=0)  # the start check is the other test; here the disk fills later
     run_dir = runs / run_id
-    wait_until(lambda: train.last_checkpoint(run_dir), timeout=180)
+    wait_until(lambda: RunDir(run_dir).last_checkpoint(), timeout=180)
     filler = fill(runs, leave=256 * 2**10)  # room for a few events, not for the next checkpoint's tokenizer files
     # The newest complete checkpoint once the disk is full (the run keeps saving every 3 steps while it fills).
-    good = train.last_checkpoint(run_dir)
+    good = RunDir(run_dir).last_checkpoint()
     before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
     st = wait_until(lambda: not (s := events.run_status(run_dir)).active and s, timeout=120)
     assert st.state == "failed" and st.reason == events.DISK_FULL_REASON, (st, jobs.log_tail(run_id, runs))
     assert "disk full" in st.reason and "Free some space" in st.reason and "Resume" in st.reason
 
     # The previous checkpoint is intact and is still the one Resume would use; the failed save left nothing.
-    assert train.last_checkpoint(run_dir) == good
+    assert RunDir(run_dir).last_checkpoint() == good
     assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == before
-    assert not (run_dir / train.CHECKPOINTS / STAGING).exists()
+    assert not (RunDir(run_dir).staging).exists()
     assert_loadable(tiny_phi3_dir, good)
     # Resume on the still-full disk is refused up front, saying why.
     wait_until(lambda: jobs.active_run(runs) is None, timeout=60)  # the failed process has exited
@@ -240,10 +240,10 @@ def test_restarted_app_finds_the_running_run(tmp_path, tiny_llama_dir):
         wait_until(lambda: events.run_status(runs / run_id).state == "running", timeout=180)
     finally:
         demo.close()  # the app goes away; the run is its own process session and keeps training
-    pid = events.read_pid(runs / run_id)
+    pid = RunDir(runs / run_id).read_process().pid
     step = events.run_status(runs / run_id).step
     try:
-        assert events.pid_alive(pid)
+        assert pid_alive(pid)
         demo2, c2 = launch_app(runs, tiny_llama_dir)
         try:
             loaded = c2.predict(api_name="/load_page")
@@ -255,5 +255,5 @@ def test_restarted_app_finds_the_running_run(tmp_path, tiny_llama_dir):
         finally:
             demo2.close()
     finally:
-        if events.pid_alive(pid):
+        if pid_alive(pid):
             jobs.stop_run(run_id, runs, grace=5)

@@ -14,6 +14,7 @@ from phi3_lora import export, fused, guide, models, train
 from phi3_lora.config import LoraSettings, ModelSettings, RunConfig
 from phi3_lora.errors import UserError
 from phi3_lora.generate import ChatEngine, GenerationSettings
+from phi3_lora.runs import RunDir
 
 IDS = torch.tensor([[1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203],
                     [1, 22172, 29892, 920, 526, 366, 29973, 32007, 32001, 306, 626, 1781]])
@@ -140,7 +141,7 @@ def test_qlora_on_q_v_trains_loads_and_merges_to_a_stock_phi3(tmp_path: Path, ti
     assert any("qkv_proj.q_proj.lora_A" in k for k in weights) and any("qkv_proj.v_proj.lora_B" in k for k in weights)
     assert not any("k_proj.lora" in k or "gate" in k for k in weights)
     assert fused.split_needed(result.adapter_dir) == ("qkv_proj",)
-    assert fused.split_needed(tmp_path / "run" / "checkpoints" / "checkpoint-3") == ("qkv_proj",)
+    assert fused.split_needed(RunDir(tmp_path / "run").checkpoint(3)) == ("qkv_proj",)
 
     engine = ChatEngine(str(tiny_phi3_dir), result.adapter_dir, load_in_4bit=True)  # splits from the key layout
     assert fused.split_groups(engine.base) == ("qkv_proj",)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from phi3_lora import events, jobs, train
+from phi3_lora import events, jobs
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
+from phi3_lora.runs import (TOKEN_ENV, ProcessRecord, RunDir, checkpoint_name, parse_checkpoint_step, pid_alive,
+                            write_active)
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +56,14 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_phi3_dir):
     with pytest.raises(UserError, match=f"already going.*{run_id}"):
         jobs.start_run(cfg, runs)
 
-    pid = events.read_pid(runs / run_id)
+    pid = RunDir(runs / run_id).read_process().pid
     t0 = time.time()
     st = jobs.stop_run(run_id, runs)
-    assert time.time() - t0 < 30 and not events.pid_alive(pid)
+    assert time.time() - t0 < 30 and not pid_alive(pid)
     assert st.state == "stopped" and jobs.active_run(runs) is None
-    ckpt = train.last_checkpoint(runs / run_id)
+    ckpt = RunDir(runs / run_id).last_checkpoint()
     assert ckpt is not None, "Stop must save a checkpoint even when save_steps was not reached"
-    stopped_at = int(ckpt.name.split("-")[1])
+    stopped_at = parse_checkpoint_step(ckpt.name)
     assert stopped_at >= 3
 
     # The checkpoint is a loadable adapter.
@@ -71,15 +73,15 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_phi3_dir):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir), str(ckpt))
 
     # Resume with fewer steps left so the test ends quickly.
-    cfg_path = runs / run_id / "config.yaml"
+    cfg_path = RunDir(runs / run_id).config
     cfg_path.write_text(cfg_path.read_text().replace("max_steps: 400", f"max_steps: {stopped_at + 4}"))
     jobs.resume_run(run_id, runs)
     st = jobs.wait_for(run_id, runs, timeout=180)
     assert st.state == "finished", (st, jobs.log_tail(run_id, runs))
     start_events = [e for e in events.read_events(runs / run_id) if e["type"] == "start"]
-    assert start_events[-1]["resumed_from"].endswith(f"checkpoint-{stopped_at}")
+    assert start_events[-1]["resumed_from"] == str(ckpt)
     assert start_events[-1]["step"] == stopped_at
-    assert (runs / run_id / "adapter" / "adapter_model.safetensors").exists()
+    assert RunDir(runs / run_id).has_adapter()
 
 
 def test_kill_9_is_interrupted_and_resume_loses_at_most_one_save_interval(tmp_path, tiny_phi3_dir):
@@ -87,21 +89,21 @@ def test_kill_9_is_interrupted_and_resume_loses_at_most_one_save_interval(tmp_pa
     save_steps = 4
     cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=save_steps)
     run_id = jobs.start_run(cfg, runs)
-    wait_until(lambda: train.last_checkpoint(runs / run_id) is not None
+    wait_until(lambda: RunDir(runs / run_id).last_checkpoint() is not None
                and events.run_status(runs / run_id).step >= 2 * save_steps + 1)
-    pid = events.read_pid(runs / run_id)
+    pid = RunDir(runs / run_id).read_process().pid
     os.killpg(pid, signal.SIGKILL)
-    wait_until(lambda: not events.pid_alive(pid))
+    wait_until(lambda: not pid_alive(pid))
     st = events.run_status(runs / run_id)
     assert st.state == "interrupted" and "Resume" in st.reason
     killed_at = st.step
-    ckpt_step = int(train.last_checkpoint(runs / run_id).name.split("-")[1])
+    ckpt_step = parse_checkpoint_step(RunDir(runs / run_id).last_checkpoint().name)
     assert killed_at - ckpt_step <= save_steps
 
     # A restarted app (a fresh look at the folder) sees the same run and no active one.
     assert [r.run_id for r in jobs.list_runs(runs)] == [run_id] and jobs.active_run(runs) is None
 
-    cfg_path = runs / run_id / "config.yaml"
+    cfg_path = RunDir(runs / run_id).config
     cfg_path.write_text(cfg_path.read_text().replace("max_steps: 400", f"max_steps: {ckpt_step + 2}"))
     jobs.resume_run(run_id, runs)
     st = jobs.wait_for(run_id, runs, timeout=180)
@@ -109,16 +111,14 @@ def test_kill_9_is_interrupted_and_resume_loses_at_most_one_save_interval(tmp_pa
 
 
 def test_staging_left_by_a_kill_during_save_is_never_a_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    half = run_dir / "checkpoints" / ".staging" / "checkpoint-8"
+    run = RunDir(tmp_path / "run")
+    half = run.staging / checkpoint_name(8)
     half.mkdir(parents=True)
     (half / "adapter_model.safetensors").write_bytes(b"partial")
-    good = run_dir / "checkpoints" / "checkpoint-4"
+    good = run.checkpoint(4)
     good.mkdir(parents=True)
-    (good / "trainer_state.json").write_text("{}")
-    assert train.last_checkpoint(run_dir) == good
-    train._clean_staging(run_dir / "checkpoints")
-    assert not (run_dir / "checkpoints" / ".staging").exists()
+    (good / RunDir.TRAINER_STATE).write_text("{}")
+    assert run.last_checkpoint() == good
 
 
 def test_launch_command_is_the_cli_or_accelerate():
@@ -136,9 +136,12 @@ def _fake_active(runs: Path, run_id: str, ended: bool, seconds: float):
     events.append_event(run_dir, "start", step=0, max_steps=8)
     if ended:
         events.append_event(run_dir, "end", status="finished", step=8)
-    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
-    (run_dir / events.PID_FILE).write_text(str(proc.pid))
-    (runs / jobs.ACTIVE).write_text(json.dumps({"run_id": run_id, "pid": proc.pid}))
+    token = "fake-run"
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                            env={**os.environ, TOKEN_ENV: token})
+    record = ProcessRecord.of(proc.pid, token)
+    RunDir(run_dir).write_process(record)
+    write_active(runs, run_id, record)
     return proc
 
 

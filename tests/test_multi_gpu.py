@@ -19,10 +19,11 @@ import pytest
 
 from phi3_lora import events, jobs, train
 from phi3_lora.config import RunConfig, save_yaml
+from phi3_lora.runs import TOKEN_ENV, ProcessRecord, RunDir, pid_alive
 
 
 def test_launch_command_for_several_processes(tmp_path):
-    cmd = jobs.train_command(tmp_path / "config.yaml", tmp_path, resume=True, num_processes=4,
+    cmd = jobs.train_command(RunDir(tmp_path).config, tmp_path, resume=True, num_processes=4,
                              mixed_precision="bf16")
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     launch, tail = cmd[3:cmd.index("phi3_lora") - 1], cmd[cmd.index("phi3_lora") - 1:]
@@ -30,7 +31,7 @@ def test_launch_command_for_several_processes(tmp_path):
     assert launch[launch.index("--num_processes") + 1] == "4"
     assert launch[launch.index("--mixed_precision") + 1] == "bf16"
     assert launch[launch.index("--num_machines") + 1] == "1"
-    assert tail == ["-m", "phi3_lora", "train", "--config", str(tmp_path / "config.yaml"), "--run-dir",
+    assert tail == ["-m", "phi3_lora", "train", "--config", str(RunDir(tmp_path).config), "--run-dir",
                     str(tmp_path), "--resume"]
     assert jobs.train_command(tmp_path / "c.yaml", tmp_path, resume=False)[:3] == [sys.executable, "-m", "phi3_lora"]
 
@@ -45,7 +46,7 @@ def test_effective_batch():
 @pytest.mark.slow
 def test_two_process_cpu_run_writes_one_set_of_events(tmp_path, tiny_phi3_dir):
     run_dir = _two_rank_run_dir(tmp_path, tiny_phi3_dir, max_steps=4, save_steps=2)
-    cmd = jobs.train_command(run_dir / "config.yaml", run_dir, resume=False, num_processes=2)
+    cmd = jobs.train_command(RunDir(run_dir).config, run_dir, resume=False, num_processes=2)
     env = {**os.environ, "PHI3_LORA_JOB": "test", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,11 +54,12 @@ def test_two_process_cpu_run_writes_one_set_of_events(tmp_path, tiny_phi3_dir):
     assert kinds.count("start") == 1 and kinds.count("end") == 1, kinds
     assert kinds.count("log") == 4, kinds
     assert events.run_status(run_dir).state == "finished"
-    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    run = RunDir(run_dir)
+    assert run.has_adapter()
+    assert [step for step, _ in run.checkpoint_dirs()] == [2, 4] and not run.staging.exists()
     # Each rank's RNG state lands in the checkpoint (rank 0 renames the staging folder after every rank wrote).
     for step in (2, 4):
-        files = {p.name for p in (run_dir / "checkpoints" / f"checkpoint-{step}").iterdir()}
+        files = {p.name for p in run.checkpoint(step).iterdir()}
         assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= files, files
 
 
@@ -76,12 +78,13 @@ def test_stop_reaches_ranks_that_lead_their_own_session(tmp_path):
     runs = tmp_path / "runs"
     run_dir = runs / "r1"
     run_dir.mkdir(parents=True)
-    save_yaml(RunConfig(), run_dir / "config.yaml")
+    save_yaml(RunConfig(), RunDir(run_dir).config)
     rank_file = tmp_path / "rank.pid"
-    launcher = subprocess.Popen([sys.executable, str(script), str(rank_file)], start_new_session=True)
+    launcher = subprocess.Popen([sys.executable, str(script), str(rank_file)], start_new_session=True,
+                                env={**os.environ, TOKEN_ENV: "launcher"})
     rank_pid = None
     try:
-        (run_dir / events.PID_FILE).write_text(str(launcher.pid))
+        RunDir(run_dir).write_process(ProcessRecord.of(launcher.pid, "launcher"))
         deadline = time.time() + 60
         while not rank_file.exists() and time.time() < deadline:
             time.sleep(0.1)
@@ -89,11 +92,11 @@ def test_stop_reaches_ranks_that_lead_their_own_session(tmp_path):
         assert jobs.descendants(launcher.pid) == [rank_pid]
         threading.Thread(target=launcher.wait, daemon=True).start()
         jobs.stop_run("r1", runs, grace=1.0)
-        assert not events.pid_alive(launcher.pid)
-        assert not events.pid_alive(rank_pid), "a rank outlived Stop"
+        assert not pid_alive(launcher.pid)
+        assert not pid_alive(rank_pid), "a rank outlived Stop"
     finally:
         for pid in (launcher.pid, rank_pid):
-            if pid and events.pid_alive(pid):
+            if pid and pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -102,7 +105,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_ph
     """A SIGTERM seen by one rank only (it can land between two ranks' checks) stops all of them at one step,
     with one checkpoint holding every rank's RNG state, instead of leaving a rank alone in an all-reduce."""
     run_dir = _two_rank_run_dir(tmp_path, tiny_phi3_dir, max_steps=400, save_steps=1000)
-    cmd = jobs.train_command(run_dir / "config.yaml", run_dir, resume=False, num_processes=2)
+    cmd = jobs.train_command(RunDir(run_dir).config, run_dir, resume=False, num_processes=2)
     env = {**os.environ, "PHI3_LORA_JOB": "test", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=Path(__file__).parents[1])
@@ -120,11 +123,11 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_ph
     assert proc.returncode == 0, out[-4000:]
     st = events.run_status(run_dir)
     assert st.state == "stopped", out[-3000:]
-    ckpt = train.last_checkpoint(run_dir)
-    assert ckpt is not None and ckpt.name == f"checkpoint-{st.step}"
+    ckpt = RunDir(run_dir).last_checkpoint()
+    assert ckpt is not None and ckpt == RunDir(run_dir).checkpoint(st.step)
     files = {p.name for p in ckpt.iterdir()}
     assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= files, files
-    assert not (run_dir / "checkpoints" / ".staging").exists()
+    assert not RunDir(run_dir).staging.exists()
 
 
 def _env(pid: int) -> dict[str, str]:
@@ -149,7 +152,7 @@ def _two_rank_run_dir(tmp_path: Path, model_dir: Path, max_steps: int, save_step
         data={"source": str(data), "eval_fraction": 0.0})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save_yaml(cfg, run_dir / "config.yaml")
+    save_yaml(cfg, RunDir(run_dir).config)
     return run_dir
 
 

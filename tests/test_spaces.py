@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from phi3_lora import spaces
+from phi3_lora.runs import run_dirs
 from spaces_config import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +244,7 @@ def test_signed_out_user_cannot_start_training_when_login_is_on(tmp_path: Path, 
         client = Client(url, verbose=False)
         with pytest.raises(Exception, match=spaces.LOGIN_MESSAGE):
             client.predict(*_start_args(client), api_name="/start_training")
-        assert not list((tmp_path / "runs").glob("*/config.yaml"))  # nothing was started
+        assert not run_dirs(tmp_path / "runs")  # nothing was started
     finally:
         demo.close()
 

@@ -12,6 +12,7 @@ from phi3_lora import events, train
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
 from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
+from phi3_lora.runs import RunDir
 from phi3_lora.trainer import log_line
 
 
@@ -37,7 +38,7 @@ def test_qlora_train_save_reload_generate_on_tiny_phi3(tmp_path, tiny_phi3_dir):
     result = train.run(cfg, tmp_path / "run")
     assert result.status == "finished" and result.steps == 6
 
-    adapter = tmp_path / "run" / "adapter"
+    adapter = RunDir(tmp_path / "run").adapter
     files = {p.name for p in adapter.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "chat_template.jinja", "run_summary.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files), files
@@ -51,7 +52,7 @@ def test_qlora_train_save_reload_generate_on_tiny_phi3(tmp_path, tiny_phi3_dir):
     first = next(e for e in events.read_events(tmp_path / "run") if e["type"] == "log")
     assert log_line(first).startswith("step 1/6  loss ") and "tok/s" in log_line(first)
     assert st.losses[-1][1] < st.losses[0][1], st.losses  # it learned the one answer
-    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["checkpoint-3", "checkpoint-6"]
+    assert [step for step, _ in RunDir(tmp_path / "run").checkpoint_dirs()] == [3, 6]
 
     ref = locate_adapter(tmp_path / "run")
     assert ref.model_name == str(tiny_phi3_dir) and ref.load_in_4bit
@@ -75,7 +76,7 @@ def test_16bit_lora_on_tiny_llama_writes_events_with_throughput(tmp_path, tiny_l
     logs = [e for e in evs if e["type"] == "log"]
     assert len(logs) == 3 and all(e["tokens_per_second"] and e["tokens_per_second"] > 0 for e in logs[1:])
     assert evs[-1]["type"] == "end" and evs[-1]["status"] == "finished"
-    weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    weights = load_file(RunDir(tmp_path / "run").adapter / "adapter_model.safetensors")
     assert any("q_proj" in k for k in weights) and not any("o_proj" in k for k in weights)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 
 from phi3_lora import models
+from phi3_lora.runs import default_runs_dir
 from phi3_lora.ui import compare, dataset, export_tab, settings, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
 
@@ -19,7 +20,7 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", radius_size=
 def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
               options: AppOptions | None = None) -> gr.Blocks:
     """The whole app. Nothing heavy happens here or on page load: models load on first use."""
-    options = options or AppOptions(runs_dir=Path(runs_dir or "runs"), default_model=default_model)
+    options = options or AppOptions(runs_dir=Path(runs_dir or default_runs_dir()), default_model=default_model)
     options.runs_dir.mkdir(parents=True, exist_ok=True)
     state = AppState(options)
     state.default_name, state.default_reason = models.resolve_name(options.default_model)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from phi3_lora.errors import UserError
+from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
 
 log = logging.getLogger("phi3_lora.ui")
@@ -23,7 +24,7 @@ log = logging.getLogger("phi3_lora.ui")
 class AppOptions:
     """Every switch of the app in one place (the Space build adds its flags here)."""
 
-    runs_dir: Path = Path("runs")
+    runs_dir: Path = field(default_factory=default_runs_dir)
     default_model: str = "auto"          # "auto" resolves to Phi-3-mini on a GPU with the Hub, else embedded
     max_file_size: str = "200mb"         # uploads above this are refused by Gradio before they reach us
     queue_max_size: int = 32             # waiting events beyond this are refused ("too busy")

@@ -14,8 +14,9 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from phi3_lora import events, jobs, spaces
+from phi3_lora import jobs, spaces
 from phi3_lora.errors import UserError
+from phi3_lora.runs import RunDir, find_run
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
 
 
@@ -73,18 +74,14 @@ def build(state: AppState) -> CompareTab:
 
 
 def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
-    """Runs with a final adapter, then each complete checkpoint (value: path relative to runs_dir)."""
-    from phi3_lora.train import ADAPTER, CHECKPOINTS
-
+    """Runs with a final adapter, then each checkpoint holding an adapter (value: path relative to runs_dir)."""
     out = []
     for info in jobs.list_runs(runs_dir):
-        if (info.run_dir / ADAPTER / "adapter_config.json").exists():
+        run = RunDir(info.run_dir)
+        if run.has_adapter():
             out.append((f"{info.run_id} · final adapter ({info.status.state})", info.run_id))
-        ckpts = sorted((info.run_dir / CHECKPOINTS).glob("checkpoint-*"),
-                       key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else 0)
-        for ck in reversed(ckpts):
-            if (ck / "adapter_config.json").exists():
-                out.append((f"{info.run_id} · {ck.name}", f"{info.run_id}/{CHECKPOINTS}/{ck.name}"))
+        for _, ck in reversed(run.checkpoint_dirs(complete=False)):
+            out.append((f"{info.run_id} · {ck.name}", ck.relative_to(runs_dir).as_posix()))
     return out
 
 
@@ -144,13 +141,10 @@ def _history(chat: list[dict[str, Any]] | None) -> list[dict[str, str]]:
 
 def eval_example(runs_dir: Path, value: str | None, index: int | None = None) -> tuple[str, str, int]:
     """(prompt, reference answer, index) from the run's held-out rows."""
-    from phi3_lora.train import EVAL_ROWS
-
-    path = resolve_source(runs_dir, value)
-    run_dir = path if (path / "config.yaml").exists() else next(p for p in path.parents if (p / "config.yaml").exists())
-    file = run_dir / EVAL_ROWS
+    run = find_run(resolve_source(runs_dir, value))
+    file = run.eval_rows if run else None
     rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if file.exists() else []
+        if file and file.exists() else []
     if not rows:
         raise UserError("This run has no held-out rows.", hint="Set an eval split above 0 in the Dataset tab for the "
                                                                 "next run.")
@@ -213,6 +207,3 @@ def wire(tab: CompareTab, state: AppState) -> None:
     tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_adapters")
     tab.on_refresh = on_refresh
 
-
-def finished(runs_dir: Path, run_id: str) -> bool:
-    return events.run_status(runs_dir / run_id).state == "finished"

@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from phi3_lora.errors import UserError
+from phi3_lora.runs import find_run
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.compare import adapter_choices, resolve_source
 
@@ -88,8 +89,8 @@ def export_root(runs_dir: Path) -> Path:
 
 
 def _run_dir(path: Path) -> Path:
-    return path if (path / "config.yaml").exists() else next(
-        (p for p in path.parents if (p / "config.yaml").exists()), path)
+    run = find_run(path)
+    return run.path if run else path
 
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

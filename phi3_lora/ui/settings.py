@@ -266,7 +266,8 @@ def cli_text(config: cfgmod.RunConfig) -> str:
 
 def batch_line(config: cfgmod.RunConfig) -> str:
     """GPUs used and the global batch they add up to (what the learning rate actually sees)."""
-    from phi3_lora import jobs, train
+    from phi3_lora import jobs
+    from phi3_lora.options import effective_batch
 
     n = jobs.num_processes(config)
     t = config.train
@@ -274,7 +275,7 @@ def batch_line(config: cfgmod.RunConfig) -> str:
         if models.cuda_available() else "CPU, one process"
     return (f"Training on {where}: global batch = {t.per_device_train_batch_size} per device × "
             f"{t.gradient_accumulation_steps} accumulation × {max(n, 1) if models.cuda_available() else 1} = "
-            f"<b>{train.effective_batch(config, n if models.cuda_available() else 1)}</b> rows per optimizer step.")
+            f"<b>{effective_batch(config, n if models.cuda_available() else 1)}</b> rows per optimizer step.")
 
 
 def estimate_html(config: cfgmod.RunConfig, info: ModelInfo) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from phi3_lora import events, jobs
+from phi3_lora import events, jobs, runs
 from phi3_lora.errors import UserError
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
@@ -161,9 +161,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     def render(run_id: str | None, seen: str) -> list[Any]:
         if not run_id:
             return [gr.skip()] * 4 + [seen]
-        if "/" in run_id or not (runs_dir / run_id / "config.yaml").exists():
-            raise UserError(f"There is no run called {run_id!r}.", hint="Pick one from the list of runs.")
-        st = events.run_status(runs_dir / run_id)
+        st = events.run_status(runs.run_in(runs_dir, run_id).path)
         n_events = len(st.losses) + len(st.eval_losses)
         key = f"{run_id}|{st.state}|{st.step}|{n_events}|{st.last_checkpoint}"
         if key == seen and not st.active:

@@ -1,0 +1,344 @@
+"""The run folder: the one owner of its layout, of run ids and of the record of a run's process.
+
+    <runs>/.active.json              the one run allowed per machine: {"run_id", "process": {...}}
+    <runs>/.lock                     serialises check-and-start (jobs)
+    <runs>/<id>/config.yaml          the RunConfig it trains
+    <runs>/<id>/events.jsonl         the diary (events.py)
+    <runs>/<id>/train.log            the training process's stdout + stderr (jobs)
+    <runs>/<id>/pid                  what identifies its process: pid, start time, per-run token
+    <runs>/<id>/resolved.json        the model "auto" became, and why
+    <runs>/<id>/eval_rows.jsonl      the held-out rows (Compare's examples)
+    <runs>/<id>/checkpoints/checkpoint-N/   complete checkpoints (renamed into place from .staging/)
+    <runs>/<id>/adapter/             the final adapter, written atomically
+    <runs>/<id>/<name>/              merged exports made from the app
+
+Nothing here trains or signals; jobs.py and train.py act, this module only names and reads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+from phi3_lora.errors import UserError
+
+RUNS_ENV = "PHI3_LORA_RUNS"
+DEFAULT_RUNS_DIR = "runs"
+ACTIVE = ".active.json"
+LOCK = ".lock"
+TOKEN_ENV = "PHI3_LORA_RUN_TOKEN"  # set in the training process's environment: proves a pid is this run's
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def default_runs_dir() -> Path:
+    """Where run folders go unless told: $PHI3_LORA_RUNS, else ./runs (CLI, app and library alike)."""
+    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+
+
+def valid_run_id(run_id: object) -> bool:
+    """A plain folder name: letters, digits, '.', '_', '-', not hidden, no path separator (pure)."""
+    return isinstance(run_id, str) and bool(_RUN_ID.match(run_id)) and ".." not in run_id
+
+
+def parse_checkpoint_step(name: str) -> int | None:
+    """`checkpoint-12` -> 12; anything else -> None (pure)."""
+    m = _CHECKPOINT.match(name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+# --- the process of a run ---------------------------------------------------------------------------
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time in clock ticks since boot) from /proc/<pid>/stat, or None if gone.
+    Linux only, like the rest of jobs (fcntl, sessions); elsewhere no process can be proven a run's."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[2]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """The process exists and is not a zombie. Says nothing about whose process it is (see ProcessRecord)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] not in ("Z", "X")
+
+
+def process_start_time(pid: int) -> int | None:
+    stat = _proc_stat(pid)
+    return stat[2] if stat else None
+
+
+def _environ_has(pid: int, entry: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return entry.encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """What identifies a run's process: a pid alone is reused after a restart, so its start time (and, for
+    runs the app starts, a random token in the process's environment) must match too."""
+
+    pid: int
+    start_time: int | None
+    token: str | None = None
+
+    @classmethod
+    def of(cls, pid: int, token: str | None = None) -> "ProcessRecord":
+        return cls(pid, process_start_time(pid), token)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProcessRecord | None":
+        """The record, or None if unreadable. A bare pid (older versions) is read but can never be proven ours."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        if isinstance(data, int) and not isinstance(data, bool):
+            return cls(data, None, None)
+        if not isinstance(data, dict):
+            return None
+        pid, start, token = data.get("pid"), data.get("start_time"), data.get("token")
+        if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(start, (int, type(None))) \
+                or not isinstance(token, (str, type(None))):
+            return None
+        return cls(pid, start, token)
+
+    def to_json(self) -> str:
+        return json.dumps({"pid": self.pid, "start_time": self.start_time, "token": self.token})
+
+    def is_ours_and_alive(self) -> bool:
+        """The pid is alive and is still the process this record was written for. Never true for this very
+        process: whatever its pid file says, the app is not a training run of its own."""
+        if self.pid <= 0 or self.start_time is None or self.pid == os.getpid():
+            return False
+        stat = _proc_stat(self.pid)
+        if stat is None or stat[0] in ("Z", "X") or stat[2] != self.start_time:
+            return False
+        return self.token is None or _environ_has(self.pid, f"{TOKEN_ENV}={self.token}")
+
+
+def new_token() -> str:
+    return os.urandom(12).hex()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- one run folder ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of one run folder; reading helpers that never raise on a missing file."""
+
+    path: Path
+
+    CONFIG: ClassVar[str] = "config.yaml"
+    EVENTS: ClassVar[str] = "events.jsonl"
+    LOG: ClassVar[str] = "train.log"
+    PROCESS: ClassVar[str] = "pid"
+    RESOLVED: ClassVar[str] = "resolved.json"
+    EVAL_ROWS: ClassVar[str] = "eval_rows.jsonl"
+    CHECKPOINTS: ClassVar[str] = "checkpoints"
+    STAGING: ClassVar[str] = ".staging"
+    ADAPTER: ClassVar[str] = "adapter"
+    ADAPTER_CONFIG: ClassVar[str] = "adapter_config.json"  # peft's: marks a folder holding an adapter
+    TRAINER_STATE: ClassVar[str] = "trainer_state.json"    # transformers': marks a complete checkpoint
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def events(self) -> Path:
+        return self.path / self.EVENTS
+
+    @property
+    def log(self) -> Path:
+        return self.path / self.LOG
+
+    @property
+    def process_file(self) -> Path:
+        return self.path / self.PROCESS
+
+    @property
+    def resolved(self) -> Path:
+        return self.path / self.RESOLVED
+
+    @property
+    def eval_rows(self) -> Path:
+        return self.path / self.EVAL_ROWS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def staging(self) -> Path:
+        return self.checkpoints / self.STAGING
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / self.ADAPTER
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    def exists(self) -> bool:
+        """A run folder: it has its config and is not itself an adapter folder (adapter/ holds a config copy)."""
+        return self.config.is_file() and not (self.path / self.ADAPTER_CONFIG).exists()
+
+    @classmethod
+    def reserved_names(cls) -> frozenset[str]:
+        """Names inside a run folder that belong to the run (an export must not take one)."""
+        return frozenset({cls.CONFIG, cls.EVENTS, cls.LOG, cls.PROCESS, cls.RESOLVED, cls.EVAL_ROWS,
+                          cls.CHECKPOINTS, cls.ADAPTER, f"{cls.EVENTS}.tmp", f"{cls.EVAL_ROWS}.tmp"})
+
+    # checkpoints
+    def checkpoint_dirs(self, complete: bool = True) -> list[tuple[int, Path]]:
+        """(step, folder) of each checkpoint, oldest first. complete: with its trainer state (what Resume
+        needs); else every one holding an adapter (what Compare and Export can load)."""
+        marker = self.TRAINER_STATE if complete else self.ADAPTER_CONFIG
+        found = []
+        try:
+            entries = list(self.checkpoints.iterdir())
+        except OSError:
+            return []
+        for p in entries:
+            step = parse_checkpoint_step(p.name)
+            if step is not None and (p / marker).exists():
+                found.append((step, p))
+        return sorted(found)
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (complete = renamed into place with its trainer state)."""
+        found = self.checkpoint_dirs()
+        return found[-1][1] if found else None
+
+    def has_adapter(self) -> bool:
+        return (self.adapter / self.ADAPTER_CONFIG).exists()
+
+    # the process
+    def write_process(self, record: ProcessRecord) -> None:
+        _write_atomic(self.process_file, record.to_json())
+
+    def read_process(self) -> ProcessRecord | None:
+        try:
+            return ProcessRecord.from_json(self.process_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def process_alive(self) -> bool:
+        """Its recorded process is alive and provably the same process (pid reuse reads as not alive)."""
+        record = self.read_process()
+        return record is not None and record.is_ours_and_alive()
+
+    # what the run resolved
+    def write_resolved(self, model: str, reason: str) -> None:
+        _write_atomic(self.resolved, json.dumps({"model": model, "reason": reason}))
+
+    def resolved_model(self) -> str | None:
+        try:
+            model = json.loads(self.resolved.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return model if isinstance(model, str) and model else None
+
+
+def find_run(path: str | Path) -> RunDir | None:
+    """The run a folder belongs to: the run folder itself, its adapter/ or one of its checkpoints."""
+    path = Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        run = RunDir(candidate)
+        if run.exists():
+            return run
+    return None
+
+
+def adapter_config_file(adapter_dir: str | Path) -> Path | None:
+    """The RunConfig an adapter was trained with: its own copy (adapter/ has one), else its run's config."""
+    own = Path(adapter_dir) / RunDir.CONFIG
+    if own.is_file():
+        return own
+    run = find_run(adapter_dir)
+    return run.config if run else None
+
+
+def run_in(runs_dir: str | Path, run_id: str | None) -> RunDir:
+    """The existing run `run_id` of `runs_dir`, or a UserError that says there is none."""
+    if not valid_run_id(run_id) or not (run := RunDir(Path(runs_dir) / str(run_id))).exists():
+        raise UserError(f"There is no run called {run_id!r} in {runs_dir}.", hint="Pick one from the list of runs.")
+    return run
+
+
+def run_dirs(runs_dir: str | Path) -> list[RunDir]:
+    """Every run folder of `runs_dir`, newest id first (ids start with their start time)."""
+    try:
+        entries = list(Path(runs_dir).iterdir())
+    except OSError:
+        return []
+    found = [RunDir(p) for p in entries if valid_run_id(p.name) and RunDir(p).exists()]
+    return sorted(found, key=lambda r: r.run_id, reverse=True)
+
+
+# --- the active run of a runs folder ----------------------------------------------------------------
+
+def write_active(runs_dir: str | Path, run_id: str, record: ProcessRecord) -> None:
+    _write_atomic(Path(runs_dir) / ACTIVE, json.dumps({"run_id": run_id, "process": json.loads(record.to_json())}))
+
+
+def read_active(runs_dir: str | Path) -> tuple[str, ProcessRecord] | None:
+    """(run id, its process record) from .active.json, or None if absent or unreadable."""
+    try:
+        data = json.loads((Path(runs_dir) / ACTIVE).read_text(encoding="utf-8"))
+        run_id, record = data["run_id"], ProcessRecord.from_json(json.dumps(data["process"]))
+    except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError):
+        return None
+    return (run_id, record) if valid_run_id(run_id) and record is not None else None
+
+
+@contextmanager
+def locked(runs_dir: str | Path) -> Iterator[None]:
+    """Serialise check-and-start across threads and processes (five Start clicks at once)."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with open(runs_dir / LOCK, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
