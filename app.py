@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if note:
         print(note, flush=True)  # stdout is the Space's log
     options = app_options(args.runs_dir, args.model, args.demo)
+    options.shared = args.share  # a share link makes everyone on the web a visitor, even if the tunnel fails
     if options.storage_warning:
         print(f"Warning: {options.storage_warning}", flush=True)
     demo = build_app(options=options)

@@ -214,9 +214,10 @@ def is_hub_repo_id(text: str) -> bool:
         and ".." not in text
 
 
-def download_adapter(repo_id: str, token: str | None = None) -> Path:
+def download_adapter(repo_id: str, token: str | bool | None = None) -> Path:
     """A published adapter (a Hub model repo with adapter_config.json) as a local folder in the Hub cache.
-    Only safetensors weights and text files are fetched; never pickles."""
+    Only safetensors weights and text files are fetched; never pickles. `token`: None = the machine's login,
+    False = no token at all (a web visitor without a token of their own)."""
     from huggingface_hub import snapshot_download
 
     from phi3_lora.errors import UserError

@@ -8,10 +8,12 @@ from typing import Any
 
 import gradio as gr
 
-from phi3_lora import models
+from phi3_lora import access, models, uploads
+from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.ui import compare, dataset, export_tab, settings, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
+from phi3_lora.ui.guard import check_model, check_source, guarded, session_key
 
 DATA_KEYS = ["data.source", "data.format", "data.mapping", "data.eval_fraction"]
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", radius_size="md")
@@ -52,18 +54,22 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         setting_widgets = [st.fields[k] for k in keys]
         config_inputs = setting_widgets + [st.preset, ds.source, ds.format, ds.mapping, ds.eval_fraction]
 
-        def build_config(*values: Any):
+        def build_config(who: Requester, *values: Any):
+            """The run config from the widgets, after the access policy accepted its model and data source."""
             n = len(keys)
             vals, preset_name = list(values[:n]), values[n]
             source, fmt, table, fraction = values[n + 1:]
+            check_model(state, who, vals[keys.index("model.name")])
+            check_source(state, who, source)
             info = settings.model_info(vals[keys.index("model.name")])
             return settings.config_from_values(keys + DATA_KEYS, vals + [
                 (source or "").strip(), fmt, dataset.mapping_from_table(table), fraction], info.linear_names,
                 preset_name)
 
         @user_errors
-        def on_show_config(*values: Any) -> tuple[Any, Any]:
-            config = build_config(*values)
+        @guarded(state)
+        def on_show_config(who: Requester, *values: Any) -> tuple[Any, Any]:
+            config = build_config(who, *values)
             return (gr.update(value=config.to_yaml(), visible=True),
                     gr.update(value=settings.cli_text(config), visible=True))
 
@@ -80,15 +86,39 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
             return tr.on_load() + [cp.on_refresh(None), ex.on_refresh(None)]
 
         demo.load(on_load, None, tr.outputs + [cp.source, ex.source], api_name="load_page")
+
+        def on_unload(request: gr.Request) -> None:
+            uploads.drop_session(options.runs_dir, session_key(request))  # the page closed: its uploads go
+
+        demo.unload(on_unload)
     demo.phi3_options = options  # read by launch()
     demo.phi3_state = state
     return demo
+
+
+def hide_server_token() -> None:
+    """No request is the owner's here, so nothing in this process (nor the training runs it starts) may send the
+    machine's Hugging Face login implicitly: each Hub call passes the visitor's own token or none at all."""
+    import os
+
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"   # the training processes started from here
+    huggingface_hub.constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
            auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
     """Queue limits, upload limit, theme and CSS (gradio 6 takes theme/css in launch), then serve."""
     options: AppOptions = getattr(demo, "phi3_options", AppOptions())
+    state: AppState | None = getattr(demo, "phi3_state", None)
+    mode = access.ServerMode(host=host, shared=share or options.shared, auth=auth is not None,
+                             on_space=options.space_env.on_space, oauth=options.login_required,
+                             demo=options.demo_mode)
+    if state is not None:
+        state.mode = mode
+    if not mode.owner_at_the_machine:
+        hide_server_token()
     demo.queue(default_concurrency_limit=options.concurrency_limit, max_size=options.queue_max_size)
     # Served files: Gradio's own upload/cache folders and our export folder only. The runs folder (configs,
     # events, checkpoints, kept uploads, .active.json) is blocked outright; the blocklist wins over everything.

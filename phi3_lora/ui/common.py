@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from phi3_lora import access
 from phi3_lora.errors import UserError
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
@@ -35,6 +36,7 @@ class AppOptions:
     storage_warning: str | None = None   # Space without persistent storage: said at the top of the page
     space_env: SpaceEnv = field(default_factory=SpaceEnv)  # what phi3_lora.spaces detected (empty off Spaces)
     login_required: bool = False         # Space with hf_oauth: Sign in with Hugging Face before training
+    shared: bool = False                 # a share link was asked for: nobody on the web is the owner
 
     @property
     def training_refusal(self) -> str | None:
@@ -54,6 +56,10 @@ class AppState:
     engine_lock: threading.Lock = field(default_factory=threading.Lock)
     default_reason: str = ""
     default_name: str = ""
+    mode: access.ServerMode = access.UNLAUNCHED   # set by launch(): until then nobody is the owner
+
+    def __post_init__(self) -> None:
+        self.starters = access.RunStarters(self.options.runs_dir)
 
 
 def user_errors(fn: Callable) -> Callable:

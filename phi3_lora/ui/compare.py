@@ -14,10 +14,12 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from phi3_lora import jobs, spaces
+from phi3_lora import access, jobs, spaces
+from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, find_run
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
+from phi3_lora.ui.guard import check, check_model, guarded
 
 
 @dataclass
@@ -61,8 +63,8 @@ def build(state: AppState) -> CompareTab:
                                 placeholder="The tuned model's answers appear here.")
     reference = gr.Markdown(visible=False, elem_classes=["p3-reference"])
     with gr.Row(equal_height=True):
-        prompt = gr.Textbox(placeholder="Ask both models something… (Enter sends)", show_label=False, scale=6,
-                            lines=1, max_lines=6, elem_id="p3-prompt")
+        prompt = gr.Textbox(placeholder="Ask both models something… (Enter sends)", label="Prompt", show_label=False,
+                            scale=6, lines=1, max_lines=6, elem_id="p3-prompt")
         send = gr.Button("Send", variant="primary", scale=1)
     with gr.Row():
         example = gr.Button("Held-out example", size="sm")
@@ -94,11 +96,16 @@ def resolve_source(runs_dir: Path, value: str | None) -> Path:
     return path
 
 
-def resolve_adapter(runs_dir: Path, value: str | None) -> Path:
-    """A run or checkpoint of runs_dir, else an adapter published on the Hub (owner/name), downloaded once."""
+def is_hub_adapter(runs_dir: Path, value: str | None) -> bool:
     value = (value or "").strip()
-    if value and not (runs_dir / value).exists() and spaces.is_hub_repo_id(value):
-        return spaces.download_adapter(value)
+    return bool(value) and not (runs_dir / value).exists() and spaces.is_hub_repo_id(value)
+
+
+def resolve_adapter(runs_dir: Path, value: str | None, token: str | bool | None = None) -> Path:
+    """A run or checkpoint of runs_dir, else an adapter published on the Hub (owner/name), downloaded once with
+    `token` (access.hub_token: a visitor's own, or False for none)."""
+    if is_hub_adapter(runs_dir, value):
+        return spaces.download_adapter((value or "").strip(), token=token)
     return resolve_source(runs_dir, value)
 
 
@@ -165,17 +172,24 @@ def wire(tab: CompareTab, state: AppState) -> None:
         return gr.update(choices=choices, value=current if keep else (values[0] if values else None))
 
     @user_errors
-    def on_send(prompt: str, source: str | None, temperature: float, top_p: float, max_new: float, seed: Any,
-                base_chat: list | None, tuned_chat: list | None,
+    @guarded(state)
+    def on_send(who: Requester, prompt: str, source: str | None, temperature: float, top_p: float, max_new: float,
+                seed: Any, base_chat: list | None, tuned_chat: list | None,
                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         from phi3_lora.generate import GenerationSettings
 
+        hub = is_hub_adapter(runs_dir, source)
+        check(state, who, Action.COMPARE_HUB if hub else Action.COMPARE)
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("The prompt is empty.", hint="Type a question, or press \"Held-out example\".")
         settings = GenerationSettings(temperature=float(temperature), top_p=float(top_p),
                                       max_new_tokens=int(max_new), seed=int(seed or 0))
-        path = resolve_adapter(runs_dir, source)
+        path = resolve_adapter(runs_dir, source, token=access.hub_token(who, None))
+        if hub:  # a published adapter names its own base model: never a folder of this server for a visitor
+            from phi3_lora.generate import locate_adapter
+
+            check_model(state, who, locate_adapter(path).model_name)
         base_hist = _history(base_chat) + [{"role": "user", "content": prompt}]
         tuned_hist = _history(tuned_chat) + [{"role": "user", "content": prompt}]
         shown_base = base_hist + [{"role": "assistant", "content": ""}]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,15 +12,16 @@ import gradio as gr
 import pandas as pd
 
 from phi3_lora import config as cfgmod
-from phi3_lora import data, models
+from phi3_lora import data, models, uploads
+from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.formats import COLUMNS, MESSAGE_KEYS
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.guard import check, check_model, check_source, guarded
 
 MAPPING_HEADERS = ["field the format expects", "column in your data"]
 PROBLEM_HEADERS = ["file", "where", "field", "what is wrong / what to do"]
 PREVIEW_HEADERS = ["#", "turns", "system", "first user message", "first assistant answer"]
-UPLOADS = ".uploads"
 
 
 @dataclass
@@ -163,19 +162,6 @@ def tokenizer_for(name: str) -> Any:
     return models.load_tokenizer(models.resolve_name(name)[0])
 
 
-def keep_upload(path: str, runs_dir: Path) -> str:
-    """Copy an upload next to the runs (Gradio's temp files may be cleaned; a run must be able to re-read it)."""
-    src = Path(path)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:10]
-    dest = runs_dir / UPLOADS / f"{digest}-{src.name}"
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(dest.suffix + ".tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
-    return str(dest)
-
-
 def _columns(source: str) -> list[str]:
     try:
         raw = data.read_records(source)
@@ -239,7 +225,10 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
     inputs = [tab.source, tab.format, tab.mapping, tab.eval_fraction, model_name, max_length, seed]
 
     @user_errors
-    def on_validate(*args: Any) -> tuple[Any, ...]:
+    @guarded(state)
+    def on_validate(who: Requester, *args: Any) -> tuple[Any, ...]:
+        check_source(state, who, args[0])
+        check_model(state, who, args[4])
         try:
             return validate(*args)
         except UserError as exc:
@@ -249,14 +238,24 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
                     None, "", None, gr.update(), "", [], mapping_table(fmt, _columns(args[0] or ""),
                                                                         mapping_from_table(args[2])))
 
-    def on_upload(file: str | None) -> str:
-        return keep_upload(file, state.options.runs_dir) if file else gr.skip()
+    @user_errors
+    @guarded(state)
+    def on_upload(who: Requester, file: str | None) -> str:
+        if not file:
+            return gr.skip()
+        check(state, who, Action.UPLOAD)
+        if not who.session:
+            raise UserError("This upload came without a browser session.", hint="Reload the page and try again.")
+        uploads.sweep(state.options.runs_dir)
+        return str(uploads.store(file, state.options.runs_dir, who.session))
 
     def on_sample() -> tuple[str, pd.DataFrame]:
         return str(state.options.sample_dataset), pd.DataFrame([["", ""]], columns=MAPPING_HEADERS)
 
     @user_errors
-    def on_example(rows: list[dict[str, Any]], index: float, name: str, max_len: Any) -> str:
+    @guarded(state)
+    def on_example(who: Requester, rows: list[dict[str, Any]], index: float, name: str, max_len: Any) -> str:
+        check_model(state, who, name)
         if not rows:
             return ""
         i = min(max(int(index or 1), 1), len(rows)) - 1

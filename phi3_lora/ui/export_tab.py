@@ -10,9 +10,12 @@ from typing import Any
 
 import gradio as gr
 
+from phi3_lora import access
+from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.runs import find_run
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.guard import check, guarded
 from phi3_lora.ui.compare import adapter_choices, resolve_source
 
 MERGED_ZIP_LIMIT = 3 * 2**30  # above this a merged model is saved to disk only (a browser download would be huge)
@@ -71,8 +74,9 @@ def build(state: AppState) -> ExportTab:
         with gr.Column():
             gr.Markdown("### 3. Push to the Hub")
             repo_id = gr.Textbox(label="Repo id", placeholder="your-name/my-adapter", info="Created if missing.")
-            token = gr.Textbox(label="Hugging Face token", type="password", placeholder="hf_… (or set HF_TOKEN)",
-                               info="Needs write access; used for this push only, never stored.")
+            token = gr.Textbox(label="Hugging Face token", type="password", placeholder="hf_…",
+                               info="Needs write access; used for this push only, never stored or logged. Left empty, only "
+                                    "the owner at this machine pushes with its saved login.")
             with gr.Row():
                 what = gr.Radio([("adapter", "adapter"), ("merged model", "merged")], value="adapter", label="Push")
                 private = gr.Checkbox(True, label="Private repo")
@@ -114,15 +118,18 @@ def wire(tab: ExportTab, state: AppState) -> None:
     runs_dir = state.options.runs_dir
 
     @user_errors
-    def on_zip(source: str | None, progress: gr.Progress = gr.Progress()) -> str:
+    @guarded(state)
+    def on_zip(who: Requester, source: str | None, progress: gr.Progress = gr.Progress()) -> str:
+        check(state, who, Action.EXPORT_ZIP)
         path = resolve_source(runs_dir, source)
         progress(0.2, desc="Zipping the adapter…")
         return str(_export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name))
 
     @user_errors
-    def on_merge(source: str | None, folder: str, progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
-        if state.options.demo_mode:
-            raise UserError("Merging is switched off in this demo.", hint="Download the adapter zip instead.")
+    @guarded(state)
+    def on_merge(who: Requester, source: str | None, folder: str,
+                 progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
+        check(state, who, Action.MERGE)
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), folder)
         progress(0.1, desc="Loading the base in 16-bit and merging (this takes a while)…")
@@ -138,13 +145,20 @@ def wire(tab: ExportTab, state: AppState) -> None:
         return message, gr.update(value=archive, visible=True)
 
     @user_errors
-    def on_push(source: str | None, repo_id: str, token: str, what: str, private: bool,
+    @guarded(state)
+    def on_push(who: Requester, source: str | None, repo_id: str, token: str, what: str, private: bool,
                 progress: gr.Progress = gr.Progress()) -> str:
-        if state.options.demo_mode and what == "merged":
-            raise UserError("Merging is switched off in this demo.", hint="Push the adapter instead.")
+        check(state, who, Action.PUSH)
+        if what == "merged":
+            check(state, who, Action.MERGE)
+        hub_token = access.hub_token(who, token)
+        if hub_token is False:  # a visitor never pushes with the server's token
+            raise UserError("Pushing needs your own Hugging Face token with write access.",
+                            hint="Paste it in the token box (it is used for this push only, never stored), or "
+                                 "sign in with Hugging Face.")
         path = resolve_source(runs_dir, source)
         progress(0.1, desc="Pushing to the Hub…")
-        url = _export().push_to_hub(path, repo_id, token or None, merged=what == "merged", private=bool(private))
+        url = _export().push_to_hub(path, repo_id, hub_token, merged=what == "merged", private=bool(private))
         return notice("ok", f"Pushed: {url}")
 
     def on_refresh(current: str | None) -> Any:

@@ -17,7 +17,9 @@ import gradio as gr
 from phi3_lora import config as cfgmod
 from phi3_lora import estimate, models
 from phi3_lora.errors import UserError
+from phi3_lora.access import Requester
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.guard import check_model, guarded
 
 # Sizes of the catalogue's Hub models, so the estimate and the layer list work before (or without)
 # a download; a real config.json, when reachable or cached, always wins.
@@ -314,7 +316,9 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     slices = tab.fields["lora.fused_slices"]
 
     @user_errors
-    def on_model(name: str, current: list[str], chosen: list[str]) -> tuple[Any, Any, str]:
+    @guarded(state)
+    def on_model(who: Requester, name: str, current: list[str], chosen: list[str]) -> tuple[Any, Any, str]:
+        check_model(state, who, name)
         info = model_info(name)
         keep = [c for c in (current or []) if c in info.targets]
         return (gr.update(choices=info.targets, value=keep if keep and len(keep) < len(current or [1, 1])
@@ -324,9 +328,11 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
                 f"Selected: **{info.name}** ({len(info.linear_names)} kinds of Linear layer: "
                 f"{', '.join(info.linear_names)}).")
 
-    def on_change(*values: Any) -> str:
+    @guarded(state)
+    def on_change(who: Requester, *values: Any) -> str:
         *vals, preset_name = values
         try:
+            check_model(state, who, vals[keys.index("model.name")])
             info = model_info(vals[keys.index("model.name")])
             config = config_from_values(keys, vals, info.linear_names, preset_name)
         except UserError as exc:
@@ -334,7 +340,9 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
         return estimate_html(config, info)
 
     @user_errors
-    def on_preset(name: str, *values: Any) -> list[Any]:
+    @guarded(state)
+    def on_preset(who: Requester, name: str, *values: Any) -> list[Any]:
+        check_model(state, who, values[keys.index("model.name")])
         if name == NO_PRESET:
             return [gr.skip()] * len(keys) + [""]
         info = model_info(values[keys.index("model.name")])

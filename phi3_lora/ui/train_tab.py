@@ -14,10 +14,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from phi3_lora import events, jobs, runs
+from phi3_lora import events, jobs, runs, uploads
 from phi3_lora.errors import UserError
+from phi3_lora.access import Action, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.guard import check, check_source, guarded
 
 STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": "warn", "failed": "error",
               "interrupted": "warn"}
@@ -186,33 +188,48 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         return [runs_update(run_id)] + render(run_id, "")
 
     @user_errors
-    def on_start(*values: Any) -> list[Any]:
+    @guarded(state)
+    def on_start(who: Requester, *values: Any) -> list[Any]:
         if state.options.training_refusal:
             raise UserError(state.options.training_refusal)
-        config = build_config(*values)
+        check(state, who, Action.START)
+        config = build_config(who, *values)
         if not config.data.source:
             raise UserError("No dataset chosen.", hint="Go to the Dataset tab: upload a file or press "
                                                        "\"Use the sample dataset\".")
+        if check_source(state, who, config.data.source) is Action.READ_UPLOAD:  # outlives the session
+            config = config.replace(data={"source": str(uploads.keep_for_run(config.data.source, runs_dir))})
         run_id = jobs.start_run(config, runs_dir)
+        state.starters.record(run_id, who.identity)
         gr.Info(f"Started {run_id}.")
         return [runs_update(run_id)] + render(run_id, "")
 
+    def own_run(who: Requester, action: Action, run_id: str | None) -> None:
+        """The gate for actions on one run: before anything is read about the run."""
+        check(state, who, action, started_by=state.starters.get(run_id) if run_id else None)
+
     @user_errors
-    def on_stop(run_id: str | None) -> list[Any]:
+    @guarded(state)
+    def on_stop(who: Requester, run_id: str | None) -> list[Any]:
+        own_run(who, Action.STOP, run_id)
         if not run_id:
             raise UserError("No run selected.", hint="Pick the run to stop from the list.")
-        if not events.run_status(runs_dir / run_id).active:
+        runs.run_in(runs_dir, run_id)
+        if not events.run_status(runs.run_in(runs_dir, run_id).path).active:
             raise UserError(f"{run_id} is not running.", hint="Only a running run can be stopped.")
         st = jobs.stop_run(run_id, runs_dir)
         gr.Info(f"Stopped {run_id} at step {st.step}.")
         return [runs_update(run_id)] + render(run_id, "")
 
     @user_errors
-    def on_resume(run_id: str | None) -> list[Any]:
-        if not run_id:
-            raise UserError("No run selected.", hint="Pick a stopped or interrupted run from the list.")
+    @guarded(state)
+    def on_resume(who: Requester, run_id: str | None) -> list[Any]:
         if state.options.training_refusal:
             raise UserError(state.options.training_refusal)
+        own_run(who, Action.RESUME, run_id)
+        if not run_id:
+            raise UserError("No run selected.", hint="Pick a stopped or interrupted run from the list.")
+        runs.run_in(runs_dir, run_id)
         jobs.resume_run(run_id, runs_dir)
         time.sleep(0.2)
         gr.Info(f"Resumed {run_id}.")
@@ -229,16 +246,8 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         changed = new_key.split("|")[:2] != (seen or "").split("|")[:2]  # another run or another state
         return [runs_update(run_id) if changed and run_id else gr.skip()] + out
 
-    @user_errors
-    def on_start_signed_in(profile: gr.OAuthProfile | None, *values: Any) -> list[Any]:
-        # Only wired on a Space with hf_oauth: gradio fills `profile` from the session (None = signed out).
-        if profile is None and not state.options.training_refusal:
-            raise UserError(LOGIN_MESSAGE, hint="Press \"Sign in with Hugging Face\" at the top of the page.")
-        return on_start(*values)
-
     outputs = [tab.runs] + view
-    start_fn = on_start_signed_in if state.options.login_required else on_start
-    tab.start.click(start_fn, config_inputs, outputs, api_name="start_training", concurrency_id="jobs",
+    tab.start.click(on_start, config_inputs, outputs, api_name="start_training", concurrency_id="jobs",
                     concurrency_limit=1)
     tab.stop.click(on_stop, tab.runs, outputs, api_name="stop_training", concurrency_id="jobs")
     tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")

@@ -1,0 +1,319 @@
+"""Who may do what: the one access policy of the web app (no gradio here; phi3_lora.ui asks it).
+
+Three levels of requester:
+
+- owner: the CLI and the library, or the app bound to loopback with no share link, no --auth, not on a Space
+  and not in demo mode (only the person at the machine can reach it);
+- signed-in visitor: a user of --auth, or a Hugging Face user signed in on a Space with OAuth;
+- anonymous visitor: anyone else (demo mode, a share link or a LAN address without --auth, a signed-out
+  visitor of a Space).
+
+`POLICY` says, for every action, what each level may do; `ENDPOINTS` says which actions every named endpoint
+of the app can perform. Both are plain data, so one test enumerates them against the running app and the
+README's "Sharing safely" table is generated from them. Everything here is a pure function except the small
+ledger of who started which run (`RunStarters`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class Level(str, Enum):
+    OWNER = "owner"
+    SIGNED_IN = "signed-in visitor"
+    ANONYMOUS = "anonymous visitor"
+
+
+class Rule(str, Enum):
+    YES = "yes"
+    OWN = "own runs"   # only runs this requester started (the owner: every run)
+    NO = "no"
+
+
+class Action(str, Enum):
+    """What a request can do. `VIEW` covers everything that only reads the app's own pages and runs."""
+
+    VIEW = "look: pages, run lists, progress, estimates, configs"
+    UPLOAD = "upload a data file (quota per session, deleted when the session ends)"
+    READ_SAMPLE = "validate the bundled sample data"
+    READ_UPLOAD = "validate this session's upload"
+    READ_HUB_DATA = "validate a Hub dataset id"
+    READ_SERVER_PATH = "read a file or folder of the server by its path (data or base model)"
+    USE_HUB_MODEL = "use a Hub base model (settings, estimate)"
+    START = "start training"
+    RESUME = "resume a stopped run"
+    STOP = "stop a run"
+    DELETE = "delete a run"
+    COMPARE = "compare base and tuned answers with a run's adapter"
+    COMPARE_HUB = "compare with an adapter published on the Hub"
+    EXPORT_ZIP = "download an adapter zip"
+    MERGE = "merge an adapter into its base (16-bit copy on the server)"
+    PUSH = "push an adapter or merged model to the Hub (with the requester's own token)"
+    SERVER_TOKEN = "use the server's Hugging Face token (HF_TOKEN, saved login)"
+
+
+Y, OWN, N = Rule.YES, Rule.OWN, Rule.NO
+A = Action
+# action: (owner, signed-in visitor, anonymous visitor)
+POLICY: dict[Action, tuple[Rule, Rule, Rule]] = {
+    A.VIEW: (Y, Y, Y),
+    A.UPLOAD: (Y, Y, Y),
+    A.READ_SAMPLE: (Y, Y, Y),
+    A.READ_UPLOAD: (Y, Y, Y),
+    A.READ_HUB_DATA: (Y, Y, N),       # an unbounded download on the server: not for anyone at all
+    A.READ_SERVER_PATH: (Y, N, N),
+    A.USE_HUB_MODEL: (Y, Y, Y),
+    A.START: (Y, Y, N),
+    A.RESUME: (Y, OWN, N),
+    A.STOP: (Y, OWN, N),
+    A.DELETE: (Y, OWN, N),
+    A.COMPARE: (Y, Y, Y),
+    A.COMPARE_HUB: (Y, Y, Y),
+    A.EXPORT_ZIP: (Y, Y, Y),
+    A.MERGE: (Y, Y, N),
+    A.PUSH: (Y, Y, N),
+    A.SERVER_TOKEN: (Y, N, N),
+}
+# Switched off for every visitor in demo mode (a demo serves one machine to the whole internet).
+DEMO_OFF: frozenset[Action] = frozenset({A.START, A.RESUME, A.MERGE})
+LEVELS: tuple[Level, ...] = (Level.OWNER, Level.SIGNED_IN, Level.ANONYMOUS)
+
+# Every named endpoint of the app -> the actions it can perform (VIEW: only reads). A test lists the running
+# app's endpoints and fails on any endpoint missing here, so a new one cannot skip the gate. (The page's unload
+# handler, which deletes the session's own uploads, is private: no client can call it.)
+_MODEL = (A.USE_HUB_MODEL, A.READ_SERVER_PATH)
+_DATA = (A.READ_SAMPLE, A.READ_UPLOAD, A.READ_HUB_DATA, A.READ_SERVER_PATH, *_MODEL)
+ENDPOINTS: dict[str, tuple[Action, ...]] = {
+    # Settings: the model name may be a Hub id or a server folder
+    "model_layers": (A.VIEW, *_MODEL),
+    "estimate": (A.VIEW, *_MODEL),
+    "apply_preset": (A.VIEW, *_MODEL),
+    "show_config": (A.VIEW, *_MODEL),
+    # Dataset
+    "upload_dataset": (A.UPLOAD,),
+    "validate_after_upload": _DATA,
+    "use_sample": (A.VIEW,),
+    "validate_sample": _DATA,
+    "validate": _DATA,
+    "validate_source": _DATA,
+    "render_example": (A.VIEW, *_MODEL),
+    "eval_split": (A.VIEW,),
+    # Train
+    "start_training": (A.START, *_DATA),
+    "stop_training": (A.STOP,),
+    "resume_training": (A.RESUME,),
+    "list_runs": (A.VIEW,),
+    "select_run": (A.VIEW,),
+    "poll_run": (A.VIEW,),
+    # Compare
+    "compare": (A.COMPARE, A.COMPARE_HUB, *_MODEL),
+    "heldout_example": (A.VIEW,),
+    "clear_chats": (A.VIEW,),
+    "list_adapters": (A.VIEW,),
+    # Export
+    "export_zip": (A.EXPORT_ZIP,),
+    "export_merged": (A.MERGE,),
+    "push_to_hub": (A.PUSH, A.MERGE),
+    "list_export_adapters": (A.VIEW,),
+    # Page
+    "open_compare": (A.VIEW,),
+    "open_export": (A.VIEW,),
+    "load_page": (A.VIEW,),
+    # gradio's own, present with the Sign in with Hugging Face button only
+    "_check_login_status": (A.VIEW,),
+}
+OPTIONAL_ENDPOINTS = frozenset({"_check_login_status"})
+
+
+def rule(action: Action, level: Level, *, demo: bool = False) -> Rule:
+    """What `level` may do about `action` (demo mode switches DEMO_OFF actions off for visitors)."""
+    if demo and level is not Level.OWNER and action in DEMO_OFF:
+        return Rule.NO
+    return POLICY[action][LEVELS.index(level)]
+
+
+def gated(action: Action) -> bool:
+    """Some level (or demo mode) is refused this action."""
+    return action in DEMO_OFF or any(r is not Rule.YES for r in POLICY[action])
+
+
+# --- who is asking ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerMode:
+    """How the app was started: decides the level of a request that carries no sign-in."""
+
+    host: str = "127.0.0.1"
+    shared: bool = False       # a share link was asked for (even if the tunnel failed)
+    auth: bool = False         # --auth: every request carries a user name
+    on_space: bool = False
+    oauth: bool = False        # Space with hf_oauth: visitors may sign in with Hugging Face
+    demo: bool = False
+    launched: bool = True      # False until launch() saw host/share/auth: then nobody is owner
+
+    @property
+    def owner_at_the_machine(self) -> bool:
+        return (self.launched and self.host in LOOPBACK_HOSTS and not self.shared and not self.auth
+                and not self.on_space and not self.demo)
+
+
+UNLAUNCHED = ServerMode(launched=False)
+
+
+@dataclass(frozen=True)
+class Requester:
+    """The level and identity of one web request (identity: 'auth:alice', 'hf:bob', or None)."""
+
+    level: Level
+    identity: str | None = None
+    oauth_token: str | None = None   # the visitor's own Hub token from Sign in with Hugging Face
+    session: str | None = None       # a key of this browser session (its upload folder), if any
+
+    def __repr__(self) -> str:  # never print a token
+        return f"Requester({self.level.value}, {self.identity})"
+
+
+def requester(mode: ServerMode, username: str | None = None, oauth_user: str | None = None,
+              oauth_token: str | None = None) -> Requester:
+    """The level of a request: a --auth user or a Space OAuth user is a signed-in visitor; otherwise the owner
+    when the app can only be reached from this machine, else an anonymous visitor."""
+    if mode.auth and username:
+        return Requester(Level.SIGNED_IN, f"auth:{username}")
+    if mode.oauth and oauth_user:
+        return Requester(Level.SIGNED_IN, f"hf:{oauth_user}", oauth_token or None)
+    if mode.owner_at_the_machine:
+        return Requester(Level.OWNER, "owner")
+    return Requester(Level.ANONYMOUS)
+
+
+# --- decisions ------------------------------------------------------------------------------------------
+
+def _how_to_get_it(level: Level, mode: ServerMode) -> str:
+    if level is Level.SIGNED_IN or mode.demo:
+        return "Run phi3_lora on your own machine (or duplicate the Space) to do this."
+    if mode.oauth:
+        return "Sign in with Hugging Face first (the button at the top of the page)."
+    if mode.shared or mode.host not in LOOPBACK_HOSTS:
+        return ("Ask the person who shared this app to start it with --auth and give you a login, or run "
+                "phi3_lora on your own machine.")
+    return "Run phi3_lora on your own machine to do this."
+
+
+def refusal(action: Action, who: Requester, mode: ServerMode, *, started_by: str | None = None) -> str | None:
+    """None when `who` may do `action`, else the message that says why not and what to do instead.
+    `started_by`: for OWN rules, the identity that started the run concerned."""
+    r = rule(action, who.level, demo=mode.demo)
+    if r is Rule.YES or (r is Rule.OWN and who.identity is not None and started_by == who.identity):
+        return None
+    what = action.value.split(" (")[0]
+    if r is Rule.OWN:
+        return f"Not allowed: {who.level.value}s may {what} only for runs they started themselves."
+    if mode.demo and action in DEMO_OFF:
+        return f"Not allowed in this demo: {what}. {_how_to_get_it(who.level, mode)}"
+    article = "an" if who.level is Level.ANONYMOUS else "a"
+    return f"Not allowed for {article} {who.level.value} here: {what}. {_how_to_get_it(who.level, mode)}"
+
+
+def hub_token(who: Requester, typed: str | None) -> str | bool | None:
+    """The token a Hub call of this request may use: one typed in the form, else the visitor's own sign-in
+    token; the owner falls back to the server's login (None: huggingface_hub's default). Visitors without a
+    token of their own get False: huggingface_hub then sends no token at all."""
+    typed = (typed or "").strip()
+    if typed:
+        return typed
+    if who.oauth_token:
+        return who.oauth_token
+    return None if rule(A.SERVER_TOKEN, who.level) is Rule.YES else False
+
+
+# --- where data and models come from ---------------------------------------------------------------------
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a symlink loop is nobody's upload
+        return False
+
+
+def source_action(source: str, *, sample: Path, uploads: Path | None, is_hub_id: bool) -> Action:
+    """What reading this data source is: the bundled sample, this session's upload, a Hub dataset id or a
+    server path. `uploads`: this session's upload folder; `is_hub_id`: readers.is_hub_id(source) (what the
+    reader will do with it). Symlinks are resolved first, so a link out of the uploads is a server path."""
+    source = (source or "").strip()
+    if is_hub_id:
+        return A.READ_HUB_DATA
+    path = Path(source)
+    if path.is_absolute() and not path.is_symlink():
+        if path.resolve() == sample.resolve():
+            return A.READ_SAMPLE
+        if uploads is not None and _inside(path, uploads) and path.parent.resolve() == uploads.resolve():
+            return A.READ_UPLOAD
+    return A.READ_SERVER_PATH
+
+
+def model_action(name: str, *, known: set[str], is_path: bool) -> Action:
+    """A base model name from the web: a catalogue or app-default name and Hub ids are fine for anybody; a
+    folder of the server (anything that exists as a path, or looks like one) is the owner's."""
+    name = (name or "").strip()
+    if name in known or name.lower() == "auto":
+        return A.USE_HUB_MODEL
+    if is_path or name.startswith((".", "/", "~", "\\")) or name.count("/") > 1:
+        return A.READ_SERVER_PATH
+    return A.USE_HUB_MODEL
+
+
+# --- who started which run ------------------------------------------------------------------------------
+
+class RunStarters:
+    """runs/.starters.json: run id -> the identity that started it from the web (owner level: 'owner'), so a
+    signed-in visitor can stop and resume their own runs and nobody else's. Written atomically."""
+
+    FILE = ".starters.json"
+
+    def __init__(self, runs_dir: Path) -> None:
+        self.path = Path(runs_dir) / self.FILE
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def get(self, run_id: str) -> str | None:
+        return self._read().get(run_id)
+
+    def record(self, run_id: str, identity: str | None) -> None:
+        if identity is None:
+            return
+        with self._lock:
+            data = self._read()
+            data[run_id] = identity
+            tmp = self.path.with_name(f"{self.FILE}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+# --- the README table -----------------------------------------------------------------------------------
+
+def policy_table() -> str:
+    """The README's "Sharing safely" table, generated from POLICY (a test checks the README holds it)."""
+    head = "| action | owner | signed-in visitor | anonymous visitor |\n| --- | --- | --- | --- |"
+    rows = []
+    for action, rules in POLICY.items():
+        cells = [r.value + (" (not in demo)" if action in DEMO_OFF and lvl is not Level.OWNER and r is not Rule.NO
+                            else "") for lvl, r in zip(LEVELS, rules)]
+        rows.append(f"| {action.value} | " + " | ".join(cells) + " |")
+    return "\n".join([head, *rows])

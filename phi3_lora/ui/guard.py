@@ -1,0 +1,135 @@
+"""The web side of phi3_lora.access: who a gr.Request is, and a decorator that hands it to a handler.
+
+    @user_errors
+    @guarded(state)
+    def on_stop(who: Requester, run_id): ...      # gradio sees on_stop(request: gr.Request, run_id)
+
+`check` raises the policy's refusal as a UserError, so the page shows it like any other user error.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from phi3_lora import access
+from phi3_lora.access import Action, Requester
+from phi3_lora.errors import UserError
+
+
+def _oauth_info(request: Any) -> dict[str, Any] | None:
+    """The Sign in with Hugging Face session of this request (gradio keeps it under 'oauth_info')."""
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    session = scope.get("session") if isinstance(scope, dict) else None
+    info = session.get("oauth_info") if isinstance(session, dict) else None
+    if not isinstance(info, dict):
+        return None
+    expires = info.get("expires_at")
+    if isinstance(expires, (int, float)) and expires < time.time():
+        return None
+    return info
+
+
+def session_key(request: Any) -> str | None:
+    """A name for this browser session that does not reveal its hash (used for its upload folder)."""
+    session_hash = getattr(request, "session_hash", None)
+    if not session_hash:
+        return None
+    return hashlib.sha256(f"phi3_lora:{session_hash}".encode()).hexdigest()[:20]
+
+
+def requester_of(state: Any, request: Any) -> Requester:
+    """The policy's view of a request: level, identity and the visitor's own Hub token (if signed in)."""
+    mode: access.ServerMode = getattr(state, "mode", access.UNLAUNCHED)
+    username = getattr(request, "username", None) if request is not None else None
+    info = _oauth_info(request) if (request is not None and mode.oauth) else None
+    profile = (info or {}).get("userinfo") or {}
+    who = access.requester(mode, username=username, oauth_user=profile.get("preferred_username"),
+                           oauth_token=(info or {}).get("access_token"))
+    return Requester(who.level, who.identity, who.oauth_token, session_key(request) if request is not None else None)
+
+
+def check(state: Any, who: Requester, action: Action, *, started_by: str | None = None) -> None:
+    """Raise the policy's refusal (a UserError) unless `who` may do `action`."""
+    why = access.refusal(action, who, getattr(state, "mode", access.UNLAUNCHED), started_by=started_by)
+    if why:
+        raise UserError(why)
+
+
+def guarded(state: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give the handler the requester as its first argument; gradio fills a gr.Request in its place."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())[1:]
+        request_param = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
+        new_sig = sig.replace(parameters=[request_param, *params])
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(request: gr.Request, *args: Any, **kwargs: Any) -> Any:
+                yield from fn(requester_of(state, request), *args, **kwargs)
+            wrapper = gen_wrapper
+        else:
+            @functools.wraps(fn)
+            def plain_wrapper(request: gr.Request, *args: Any, **kwargs: Any) -> Any:
+                return fn(requester_of(state, request), *args, **kwargs)
+            wrapper = plain_wrapper
+        wrapper.__signature__ = new_sig  # type: ignore[attr-defined]
+        # gradio finds the gr.Request slot by type hint; the handler's own hints are strings it need not read.
+        wrapper.__annotations__ = {"request": gr.Request}
+        del wrapper.__wrapped__  # type: ignore[attr-defined]
+        return wrapper
+
+    return wrap
+
+
+def upload_dir(runs_dir: Path, who: Requester) -> Path | None:
+    """This session's upload folder (None without a session, e.g. a library call)."""
+    from phi3_lora.uploads import session_dir
+
+    return session_dir(runs_dir, who.session) if who.session else None
+
+
+def check_source(state: Any, who: Requester, source: str) -> Action:
+    """Gate a data source typed or sent from the web: this session's upload, the sample and Hub ids are fine
+    for visitors (Hub datasets: signed-in only); any other path of the server only for the owner."""
+    from phi3_lora.readers import is_hub_id
+
+    source = (source or "").strip()
+    if not source:
+        return Action.VIEW
+    action = access.source_action(source, sample=state.options.sample_dataset,
+                                  uploads=upload_dir(state.options.runs_dir, who), is_hub_id=is_hub_id(source))
+    check(state, who, action)
+    return action
+
+
+def known_models(state: Any) -> set[str]:
+    from phi3_lora import models
+
+    names = {e.name for e in models.CATALOGUE} | {models.EMBEDDED_NAME, state.default_name,
+                                                     state.options.default_model}
+    return {n for n in names if n}
+
+
+def check_model(state: Any, who: Requester, name: str | None) -> None:
+    """Gate a base model name from the web: catalogue names, the app's default and Hub ids for anybody; a
+    folder of the server only for the owner."""
+    from phi3_lora.models import is_embedded
+
+    name = (name or "").strip()
+    if not name or is_embedded(name):
+        return
+    try:
+        is_path = Path(name).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):
+        is_path = True
+    check(state, who, access.model_action(name, known=known_models(state), is_path=is_path))

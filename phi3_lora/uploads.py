@@ -1,0 +1,131 @@
+"""Data files uploaded through the web app: one folder per browser session, a quota, and clean-up.
+
+    runs/.uploads/sessions/<session key>/<digest>-<name>   this session's uploads; deleted when the session ends
+                                                          (the page is closed) or after MAX_AGE_S
+    runs/.uploads/kept/<digest>-<name>                    a copy taken when a run starts from an upload, so
+                                                          Resume can read it again after the session is gone
+
+Every copy is written to a temporary name and renamed; a failed copy (a full disk included) removes its
+temporary file and says so plainly. No gradio here: phi3_lora.ui.dataset calls it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from phi3_lora.errors import UserError
+
+UPLOADS = ".uploads"
+SESSIONS = "sessions"
+KEPT = "kept"
+SESSION_QUOTA_BYTES = 512 * 2**20     # one session's uploads together
+TOTAL_QUOTA_BYTES = 4 * 2**30         # every session's uploads together
+MAX_AGE_S = 6 * 3600                  # a session folder older than this is deleted (a closed tab may not say so)
+DISK_FULL = UserError("The server's disk is full, so the file could not be saved.",
+                      hint="Try again later, or ask the app's owner to free some space.")
+
+
+def root(runs_dir: Path) -> Path:
+    return Path(runs_dir) / UPLOADS
+
+
+def session_dir(runs_dir: Path, key: str) -> Path:
+    if not key or not key.isalnum():
+        raise ValueError(f"bad session key {key!r}")
+    return root(runs_dir) / SESSIONS / key
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+        except OSError:  # deleted while we counted
+            pass
+    return total
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
+def copy_atomic(src: Path, dest: Path) -> Path:
+    """Copy src to dest through a temporary file; on any failure the temporary file is removed, and a full disk
+    becomes a UserError that says so."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DISK_FULL from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def store(src: str | Path, runs_dir: Path, key: str, *, session_quota: int = SESSION_QUOTA_BYTES,
+          total_quota: int = TOTAL_QUOTA_BYTES) -> Path:
+    """Keep an uploaded file in this session's folder (Gradio's own temp files may be cleaned earlier)."""
+    src = Path(src)
+    size = src.stat().st_size
+    folder = session_dir(runs_dir, key)
+    dest = folder / f"{_digest(src)}-{src.name}"
+    if dest.exists():
+        return dest
+    used = folder_bytes(folder) if folder.exists() else 0
+    if used + size > session_quota:
+        raise UserError(f"This session has uploaded {_size(used)}; {src.name} ({_size(size)}) would pass the "
+                        f"limit of {_size(session_quota)} per session.",
+                        hint="Reload the page (that deletes this session's uploads) and upload again.")
+    if folder_bytes(root(runs_dir) / SESSIONS) + size > total_quota:
+        raise UserError("The server's space for uploads is full right now.",
+                        hint="Try again later: uploads are deleted when their session ends.")
+    return copy_atomic(src, dest)
+
+
+def keep_for_run(path: str | Path, runs_dir: Path) -> Path:
+    """A lasting copy of a session upload for a run that trains on it (Resume reads the data again)."""
+    path = Path(path)
+    return copy_atomic(path, root(runs_dir) / KEPT / path.name) if not (root(runs_dir) / KEPT / path.name).exists() \
+        else root(runs_dir) / KEPT / path.name
+
+
+def drop_session(runs_dir: Path, key: str | None) -> None:
+    """Delete a session's uploads (the page was closed)."""
+    if key:
+        shutil.rmtree(session_dir(runs_dir, key), ignore_errors=True)
+
+
+def sweep(runs_dir: Path, max_age_s: float = MAX_AGE_S, now: float | None = None) -> list[str]:
+    """Delete session folders untouched for max_age_s and temp files left by a crash; returns what went."""
+    now = time.time() if now is None else now
+    gone = []
+    sessions = root(runs_dir) / SESSIONS
+    if not sessions.is_dir():
+        return gone
+    for folder in sessions.iterdir():
+        try:
+            newest = max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.iterdir()])
+        except OSError:
+            continue
+        if now - newest > max_age_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder.name)
+    return gone

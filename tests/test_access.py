@@ -1,0 +1,357 @@
+"""The access policy (phi3_lora.access) and its gate on every endpoint of the running app.
+
+Pure part: levels from how the app was started, data sources and model names from the web, tokens.
+Served part (slow): the real app on a free port in each sharing mode (owner, --demo, a share link without
+auth, --auth, a Space with Sign in with Hugging Face, signed out). Every named endpoint of the API info must be
+classified in access.ENDPOINTS, and every gated action of every endpoint is tried, as an outsider would, at
+each level that may not use it: it must be refused with the policy's message and change nothing (issue 13,
+items 1-3: Stop and Resume past the gates, a server path such as /tmp/creds.csv read through Validate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from test_app_api import SAMPLE, free_port, val
+from test_exposure import RUN_ID, make_adapter_run
+
+from phi3_lora import access, events, spaces
+from phi3_lora.access import Action, Level, Requester, ServerMode
+
+A = Action
+ROOT = Path(__file__).resolve().parents[1]
+ACTIVE_ID = "20260101-000001-active"
+STOPPED_ID = "20260101-000002-stopped"
+ALICE_ID = "20260101-000003-alices"
+SECRET = "hunter2-d0n7-l34k"
+
+
+# --- the policy as data ------------------------------------------------------------------------------
+
+def test_every_action_has_a_rule_for_every_level_and_owner_may_do_everything() -> None:
+    assert set(access.POLICY) == set(Action)
+    for action in Action:
+        assert access.rule(action, Level.OWNER) is access.Rule.YES
+        assert access.rule(action, Level.ANONYMOUS) in (access.Rule.YES, access.Rule.NO)  # no identity to own
+    for endpoint, actions in access.ENDPOINTS.items():
+        assert actions and all(isinstance(a, Action) for a in actions), endpoint
+
+
+def test_levels_follow_how_the_app_was_started() -> None:
+    def level(**mode: Any) -> Level:
+        kw = {k: mode.pop(k) for k in ("username", "oauth_user") if k in mode}
+        return access.requester(ServerMode(**mode), **kw).level
+
+    assert level() is Level.OWNER                                       # python app.py, on loopback
+    assert level(host="localhost") is Level.OWNER
+    assert level(host="0.0.0.0") is Level.ANONYMOUS                     # the LAN, no --auth
+    assert level(shared=True) is Level.ANONYMOUS                        # --share, no --auth
+    assert level(demo=True) is Level.ANONYMOUS                          # --demo, even on loopback
+    assert level(on_space=True) is Level.ANONYMOUS                      # a public Space
+    assert level(on_space=True, oauth=True) is Level.ANONYMOUS          # signed out
+    assert level(on_space=True, oauth=True, oauth_user="bob") is Level.SIGNED_IN
+    assert level(oauth_user="bob") is Level.OWNER                       # no OAuth here: a session cannot claim it
+    assert level(auth=True, username="alice") is Level.SIGNED_IN        # --auth: never the owner
+    assert level(auth=True) is Level.ANONYMOUS
+    assert level(shared=True, auth=True, username="alice") is Level.SIGNED_IN
+    assert level(launched=False) is Level.ANONYMOUS                     # launched by something else: fail closed
+    assert access.requester(ServerMode(auth=True), username="alice").identity == "auth:alice"
+    assert "tok" not in repr(access.Requester(Level.SIGNED_IN, "hf:bob", "tok-secret"))
+
+
+def test_stop_and_resume_only_for_the_runs_a_visitor_started() -> None:
+    mode = ServerMode(auth=True)
+    alice = access.requester(mode, username="alice")
+    for action in (A.STOP, A.RESUME, A.DELETE):
+        assert access.refusal(action, alice, mode, started_by="auth:alice") is None
+        assert "only for runs they started" in access.refusal(action, alice, mode, started_by="auth:bob")
+        assert access.refusal(action, alice, mode, started_by=None)  # started before the ledger, by the CLI...
+    anonymous = Requester(Level.ANONYMOUS)
+    for mode in (ServerMode(demo=True), ServerMode(shared=True), ServerMode(on_space=True, oauth=True)):
+        for action in (A.START, A.STOP, A.RESUME, A.MERGE, A.PUSH, A.READ_SERVER_PATH, A.SERVER_TOKEN):
+            assert access.refusal(action, anonymous, mode, started_by=None)
+    demo = ServerMode(demo=True, auth=True)
+    signed = access.requester(demo, username="alice")
+    assert access.refusal(A.START, signed, demo) and access.refusal(A.MERGE, signed, demo)
+    assert access.refusal(A.PUSH, signed, demo) is None and access.refusal(A.COMPARE_HUB, signed, demo) is None
+
+
+def test_hub_token_is_the_visitors_own_or_none() -> None:
+    owner, anon = Requester(Level.OWNER, "owner"), Requester(Level.ANONYMOUS)
+    signed = Requester(Level.SIGNED_IN, "hf:bob", oauth_token="hf_bobs")
+    assert access.hub_token(owner, "") is None            # huggingface_hub's default: the machine's login
+    assert access.hub_token(owner, " hf_typed ") == "hf_typed"
+    assert access.hub_token(anon, "") is False            # False: send no token at all
+    assert access.hub_token(Requester(Level.SIGNED_IN, "auth:alice"), None) is False
+    assert access.hub_token(signed, "") == "hf_bobs"
+    assert access.hub_token(signed, "hf_typed") == "hf_typed"
+
+
+def test_data_sources_from_the_web(tmp_path: Path) -> None:
+    uploads = tmp_path / "runs" / ".uploads" / "sessions" / "abc"
+    uploads.mkdir(parents=True)
+    mine = uploads / "1234-mine.jsonl"
+    mine.write_text("{}\n")
+    creds = tmp_path / "creds.csv"
+    creds.write_text(f"user,password\nroot,{SECRET}\n")
+    (uploads / "link.csv").symlink_to(creds)
+    (tmp_path / "sample-link.jsonl").symlink_to(SAMPLE)
+    other = uploads.parent / "other"
+    other.mkdir()
+    (other / "theirs.jsonl").write_text("{}\n")
+
+    def kind(source: str, hub: bool = False) -> Action:
+        return access.source_action(source, sample=SAMPLE, uploads=uploads, is_hub_id=hub)
+
+    assert kind(str(SAMPLE)) is A.READ_SAMPLE
+    assert kind(str(mine)) is A.READ_UPLOAD
+    assert kind("someone/chat-data", hub=True) is A.READ_HUB_DATA
+    for attack in (str(creds), "~/creds.csv", "creds.csv", "data/sample_chat.jsonl", str(uploads / "link.csv"),
+                   str(tmp_path / "sample-link.jsonl"), f"{uploads}/../other/theirs.jsonl", str(other / "theirs.jsonl"),
+                   f"{uploads}/../../../creds.csv", "/etc/passwd", "/proc/self/environ", str(uploads)):
+        assert kind(attack) is A.READ_SERVER_PATH, attack
+    assert access.source_action(str(mine), sample=SAMPLE, uploads=None, is_hub_id=False) is A.READ_SERVER_PATH
+
+
+def test_model_names_from_the_web() -> None:
+    known = {"embedded: SmolLM2-135M-Instruct", "/srv/models/default"}
+    assert access.model_action("microsoft/Phi-3-mini-4k-instruct", known=known, is_path=False) is A.USE_HUB_MODEL
+    assert access.model_action("/srv/models/default", known=known, is_path=True) is A.USE_HUB_MODEL  # the app's
+    for attack, is_path in (("/root/private-model", False), ("~/models/x", False), ("./m", False), ("a/b/c", False),
+                            ("models", True), ("someone/model", True)):
+        assert access.model_action(attack, known=known, is_path=is_path) is A.READ_SERVER_PATH, attack
+
+
+# --- the running app -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[dict[str, Any]]:
+    """One runs folder: a finished run, a stopped one, and an 'active' one whose process is a sleep the test
+    owns (Stop must never reach it from a visitor), plus a creds.csv outside everything."""
+    runs = tmp_path_factory.mktemp("runs")
+    make_adapter_run(runs, tiny_llama_dir)
+    stopped = make_adapter_run(runs, tiny_llama_dir, STOPPED_ID)
+    (stopped / "events.jsonl").unlink()
+    events.append_event(stopped, "start", step=0, max_steps=50)
+    events.append_event(stopped, "end", status="stopped", step=1, max_steps=50, reason="stopped by you")
+    active = make_adapter_run(runs, tiny_llama_dir, ACTIVE_ID)
+    (active / "events.jsonl").unlink()
+    events.append_event(active, "start", step=0, max_steps=50)
+    sleeper = subprocess.Popen(["sleep", "900"], start_new_session=True)
+    (active / events.PID_FILE).write_text(str(sleeper.pid))
+    (runs / ".active.json").write_text(json.dumps({"run_id": ACTIVE_ID, "pid": sleeper.pid}))
+    starters = access.RunStarters(runs)
+    for run_id in (RUN_ID, STOPPED_ID, ACTIVE_ID):
+        starters.record(run_id, "owner")
+    secrets_dir = tmp_path_factory.mktemp("elsewhere")
+    creds = secrets_dir / "creds.csv"
+    creds.write_text(f"user,password\nroot,{SECRET}\n")
+    try:
+        yield {"runs": runs, "model": tiny_llama_dir, "sleeper": sleeper, "creds": creds}
+    finally:
+        if sleeper.poll() is None:
+            os.killpg(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
+
+
+@contextmanager
+def serve(world: dict[str, Any], auth: Any = None, **options: Any) -> Iterator[tuple[str, Any]]:
+    from phi3_lora.ui import AppOptions, build_app, launch
+
+    demo = build_app(options=AppOptions(runs_dir=world["runs"], default_model=str(world["model"]), **options))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, auth=auth)
+    try:
+        yield url, demo
+    finally:
+        demo.close()
+
+
+def endpoint_args(api: dict[str, Any], endpoint: str, **by_label: Any) -> list[Any]:
+    """An endpoint's inputs in order: each widget's default, replaced where its label is given."""
+    params = api["named_endpoints"][f"/{endpoint}"]["parameters"]
+    labels = [p.get("label") or "" for p in params]
+    missing = set(by_label) - set(labels)
+    assert not missing, f"/{endpoint} has no input labelled {missing}"
+    return [by_label[label] if label in by_label else p.get("parameter_default") for label, p in zip(labels, params)]
+
+
+# How an outsider reaches each gated action of each endpoint: (endpoint, action) -> the inputs (by widget label)
+# that make the endpoint attempt it. The test fails if ENDPOINTS gains a gated pair that has no attack here.
+def _data_attacks(endpoint: str) -> dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]]:
+    return {(endpoint, A.READ_SERVER_PATH): lambda w: {"Data source": str(w["creds"])},
+            (endpoint, A.READ_HUB_DATA): lambda w: {"Data source": "someone/private-chat-data"}}
+
+
+def _model_attack(endpoint: str, label: str = "Base model") -> dict[tuple[str, Action], Callable]:
+    return {(endpoint, A.READ_SERVER_PATH): lambda w: {label: str(w["creds"].parent)}}
+
+
+ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = {
+    **_model_attack("model_layers"), **_model_attack("estimate"), **_model_attack("apply_preset"),
+    **_model_attack("show_config"), **_model_attack("render_example"),
+    **_data_attacks("validate"), **_data_attacks("validate_source"), **_data_attacks("validate_sample"),
+    **_data_attacks("validate_after_upload"),
+    ("start_training", A.START): lambda w: {"Data source": str(SAMPLE), "Max steps": 2},
+    **_data_attacks("start_training"),
+    ("stop_training", A.STOP): lambda w: {"Run": ACTIVE_ID},
+    ("resume_training", A.RESUME): lambda w: {"Run": STOPPED_ID},
+    ("compare", A.READ_SERVER_PATH): lambda w: {"Adapter": "evil/adapter-on-a-server-model",
+                                                "Prompt": "What do you know?"},
+    ("export_merged", A.MERGE): lambda w: {"Adapter": RUN_ID, "Folder name": "merged-by-visitor"},
+    ("push_to_hub", A.PUSH): lambda w: {"Adapter": RUN_ID, "Repo id": "visitor/stolen", "Push": "adapter"},
+    ("push_to_hub", A.MERGE): lambda w: {"Adapter": RUN_ID, "Repo id": "visitor/stolen", "Push": "merged",
+                                         "Hugging Face token": "hf_visitors_own"},
+}
+# The model attack on the data endpoints and Start: a base model that is a folder of the server.
+for _e in ("validate", "validate_source", "validate_sample", "validate_after_upload", "start_training"):
+    ATTACKS[(_e, A.READ_SERVER_PATH, "model")] = lambda w: {"Base model": str(w["creds"].parent)}  # type: ignore
+
+
+def gated_pairs() -> set[tuple[str, Action]]:
+    return {(e, a) for e, actions in access.ENDPOINTS.items() for a in actions if access.gated(a)}
+
+
+def test_every_gated_action_of_every_endpoint_has_an_attack() -> None:
+    tried = {key[:2] for key in ATTACKS}
+    assert gated_pairs() <= tried, sorted(gated_pairs() - tried)
+
+
+def fake_hub_adapter(cache: Path, repo_id: str, base: str) -> None:
+    """A published adapter in the Hub cache, as snapshot_download leaves it (served offline from there)."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (snap / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": base, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj"]}))
+    (snap / "adapter_model.safetensors").write_bytes(b"")
+
+
+MODES = {
+    # name: (launch options, auth, the level a request of the test's client has, its identity)
+    "demo": ({"demo_mode": True}, None, Level.ANONYMOUS, None),
+    "share": ({"shared": True}, None, Level.ANONYMOUS, None),
+    "auth": ({}, [("alice", "pw-alice"), ("bob", "pw-bob")], Level.SIGNED_IN, "auth:alice"),
+    "space-signed-out": ({"space": True}, None, Level.ANONYMOUS, None),
+}
+
+
+def _refused(text: str, who: Requester, mode: ServerMode, actions: tuple[Action, ...], started_by: str | None,
+             options: Any) -> bool:
+    expected = [access.refusal(a, who, mode, started_by=started_by) for a in actions]
+    expected += [options.training_refusal] if options.training_refusal else []
+    return any(e and e in text for e in expected)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Gradio does not support OAuth features")
+@pytest.mark.parametrize("mode_name", list(MODES))
+def test_every_endpoint_is_classified_and_refuses_what_the_level_may_not_do(
+        mode_name: str, world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradio.oauth
+    import huggingface_hub.constants
+    from gradio_client import Client
+
+    options, auth, level, identity = MODES[mode_name]
+    if options.pop("space", False):
+        monkeypatch.setattr(gradio.oauth, "_get_mocked_oauth_info", lambda: {
+            "access_token": "hf_fake", "token_type": "bearer", "expires_in": 3600,
+            "userinfo": {"sub": "1", "name": "A", "preferred_username": "a", "profile": "", "picture": "",
+                         "website": ""}})
+        space = spaces.detect({"SPACE_ID": "a/b", "OAUTH_CLIENT_ID": "x"}, data_dir=tmp_path / "none")
+        options = {"space_env": space, "login_required": spaces.login_required(space, demo=False)}
+    # A published adapter whose base model is a folder of this server (served from the Hub cache, offline).
+    cache = tmp_path / "hub"
+    fake_hub_adapter(cache, "evil/adapter-on-a-server-model", str(world["creds"].parent))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    runs: Path = world["runs"]
+    before = sorted(p.name for p in runs.iterdir())
+
+    with serve(world, auth=auth, **options) as (url, demo):
+        state = demo.phi3_state
+        mode = state.mode
+        assert not mode.owner_at_the_machine
+        client = Client(url, auth=auth[0] if auth else None, verbose=False)
+        api = client.view_api(print_info=False, return_format="dict")
+        served = {name.lstrip("/") for name in api["named_endpoints"]}
+        unclassified, stale = served - set(access.ENDPOINTS), set(access.ENDPOINTS) - served - access.OPTIONAL_ENDPOINTS
+        assert not unclassified and not stale, ("unclassified endpoints", unclassified, "stale entries", stale)
+        who = Requester(level, identity)
+        tried = []
+        for key, make in ATTACKS.items():
+            endpoint, action = key[0], key[1]
+            run_id = make(world).get("Run")
+            started_by = state.starters.get(run_id) if run_id else None
+            if access.refusal(action, who, mode, started_by=started_by) is None:
+                continue  # this level may do it
+            args = endpoint_args(api, endpoint, **make(world))
+            try:
+                result = client.predict(*args, api_name=f"/{endpoint}")
+                text = json.dumps(result, default=str)
+            except Exception as exc:  # a gr.Error reaches the client as an exception with its message
+                text = str(exc)
+            assert _refused(text, who, mode, access.ENDPOINTS[endpoint], started_by, demo.phi3_options), \
+                (mode_name, key, text[:600])
+            assert SECRET not in text and "Traceback" not in text
+            tried.append(key)
+        assert tried, "no attack was refused: the test did not test anything"
+
+    # Nothing changed: no new run or merged folder, the 'active' run's process lives and was not told to stop,
+    # the stopped run was not resumed.
+    assert sorted(p.name for p in runs.iterdir() if p.name != ".uploads") == [b for b in before if b != ".uploads"]
+    assert world["sleeper"].poll() is None
+    assert events.run_status(runs / ACTIVE_ID).state == "running"
+    assert events.run_status(runs / STOPPED_ID).state == "stopped"
+    assert not (runs / RUN_ID / "merged-by-visitor").exists()
+    print(f"\n[access] {mode_name}: {len(tried)} attacks refused on {len({k[0] for k in tried})} endpoints")
+
+
+@pytest.mark.slow
+def test_owner_at_the_machine_may_read_a_server_path_and_a_signed_in_visitor_stops_only_their_run(
+        world: dict[str, Any]) -> None:
+    """The positive side of the gate: the owner's validate of a server path reads it (so the attacks above
+    reach the gate and are refused by it), and Alice may stop the run she started but not the owner's."""
+    from gradio_client import Client
+
+    with serve(world) as (url, demo):
+        assert demo.phi3_state.mode.owner_at_the_machine
+        client = Client(url, verbose=False)
+        api = client.view_api(print_info=False, return_format="dict")
+        summary = client.predict(*endpoint_args(api, "validate", **{"Data source": str(SAMPLE)}),
+                                 api_name="/validate")[0]
+        assert "usable" in summary
+
+    alice_run = make_adapter_run(world["runs"], world["model"], ALICE_ID)
+    (alice_run / "events.jsonl").unlink()
+    events.append_event(alice_run, "start", step=0, max_steps=50)
+    sleeper = subprocess.Popen(["sleep", "900"], start_new_session=True)
+    (alice_run / events.PID_FILE).write_text(str(sleeper.pid))
+    access.RunStarters(world["runs"]).record(ALICE_ID, "auth:alice")
+    try:
+        with serve(world, auth=[("alice", "pw-alice")]) as (url, demo):
+            client = Client(url, auth=("alice", "pw-alice"), verbose=False)
+            api = client.view_api(print_info=False, return_format="dict")
+            result = client.predict(*endpoint_args(api, "stop_training", Run=ALICE_ID), api_name="/stop_training")
+            assert ALICE_ID in json.dumps(result, default=str)
+            deadline = time.time() + 30
+            while sleeper.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert events.run_status(alice_run).state != "running"
+    finally:
+        if sleeper.poll() is None:
+            os.killpg(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
+        import shutil
+
+        shutil.rmtree(alice_run, ignore_errors=True)
