@@ -25,6 +25,7 @@ from test_exposure import RUN_ID, make_adapter_run
 
 from phi3_lora import access, events, spaces
 from phi3_lora.access import Action, Level, Requester, ServerMode
+from phi3_lora.runs import ProcessRecord, RunDir, write_active
 
 A = Action
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +147,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Ite
     (active / "events.jsonl").unlink()
     events.append_event(active, "start", step=0, max_steps=50)
     sleeper = subprocess.Popen(["sleep", "900"], start_new_session=True)
-    (active / events.PID_FILE).write_text(str(sleeper.pid))
-    (runs / ".active.json").write_text(json.dumps({"run_id": ACTIVE_ID, "pid": sleeper.pid}))
+    record = ProcessRecord.of(sleeper.pid)  # its start time proves it is this run's process
+    RunDir(active).write_process(record)
+    write_active(runs, ACTIVE_ID, record)
     starters = access.RunStarters(runs)
     for run_id in (RUN_ID, STOPPED_ID, ACTIVE_ID):
         starters.record(run_id, "owner")
@@ -336,7 +338,7 @@ def test_owner_at_the_machine_may_read_a_server_path_and_a_signed_in_visitor_sto
     (alice_run / "events.jsonl").unlink()
     events.append_event(alice_run, "start", step=0, max_steps=50)
     sleeper = subprocess.Popen(["sleep", "900"], start_new_session=True)
-    (alice_run / events.PID_FILE).write_text(str(sleeper.pid))
+    RunDir(alice_run).write_process(ProcessRecord.of(sleeper.pid))
     access.RunStarters(world["runs"]).record(ALICE_ID, "auth:alice")
     try:
         with serve(world, auth=[("alice", "pw-alice")]) as (url, demo):
