@@ -602,7 +602,7 @@ def explore_generation(model_dir: Path, adapter_dir: Path, four_bit: bool, new_t
 
 def cpu_figures(steps: int = 3) -> dict[str, Any]:
     """The embedded SmolLM2-135M on this machine: a training step and generation, briefly."""
-    from phi3_lora import models, train
+    from phi3_lora import embedded, train
     from phi3_lora.config import preset
 
     out: dict[str, Any] = {}
@@ -618,7 +618,7 @@ def cpu_figures(steps: int = 3) -> dict[str, Any]:
         adapter = Path(tmp) / "adapter"
         built.trainer.model.save_pretrained(adapter)
         del built
-        out["generation"] = time_generation(models.EMBEDDED_NAME, adapter, load_in_4bit=False, new_tokens=48,
+        out["generation"] = time_generation(embedded.EMBEDDED_NAME, adapter, load_in_4bit=False, new_tokens=48,
                                             repeats=1)
     return out
 

@@ -16,11 +16,10 @@ from typing import Any
 from phi3_lora.config import DataSettings
 from phi3_lora.errors import UserError
 from phi3_lora.formats import FORMATS, RowError, check_mapping, detect_format, normalise_record
-from phi3_lora.readers import MAX_FILE_BYTES, MAX_LINE_BYTES, Problem, RawRecords, read_records
+from phi3_lora.readers import Problem, RawRecords, read_records
 
-__all__ = ["MAX_FILE_BYTES", "MAX_LINE_BYTES", "Bin", "DataStats", "LoadedData", "Problem", "RawRecords",
-           "compute_stats", "detect_format", "drop_duplicates", "has_generation_markers", "histogram_bins",
-           "load_data", "normalise_record", "read_records", "split_rows", "trained_token_mask"]
+__all__ = ["Bin", "DataStats", "LoadedData", "compute_stats", "drop_duplicates", "has_generation_markers",
+           "histogram_bins", "load_data", "split_rows", "trained_token_mask"]
 
 
 @dataclass

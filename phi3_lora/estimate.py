@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from phi3_lora import families
 from phi3_lora.config import RunConfig
 
 GIB = 2**30
@@ -42,17 +43,13 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     tied_embeddings: bool
-    fused: bool = False  # Phi-3 layout: qkv_proj and gate_up_proj instead of q/k/v and gate/up
+    family: families.ModelFamily = families.OTHER  # the layout (fused or separate projections), biases
 
     @property
     def block_linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each Linear in one decoder block, under the model's own names."""
-        h, i, kv = self.hidden_size, self.intermediate_size, self.num_kv_heads * self.head_dim
-        q = self.num_heads * self.head_dim
-        if self.fused:
-            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return self.family.block_linear_shapes(self.hidden_size, self.intermediate_size,
+                                               self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
 
     @property
     def block_linear_params(self) -> int:
@@ -60,9 +57,11 @@ class ModelShape:
 
     @property
     def other_params(self) -> int:
-        """Embeddings, the output head (unless tied) and the norms: kept in 16-bit even with QLoRA."""
+        """Embeddings, the output head (unless tied), the norms and q/k/v biases: kept in 16-bit even with QLoRA."""
         emb = self.vocab_size * self.hidden_size
-        return emb * (1 if self.tied_embeddings else 2) + (2 * self.num_layers + 1) * self.hidden_size
+        biases = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.family.qkv_bias else 0
+        return (emb * (1 if self.tied_embeddings else 2) + (2 * self.num_layers + 1) * self.hidden_size
+                + self.num_layers * biases)
 
     @property
     def total_params(self) -> int:
@@ -94,7 +93,7 @@ def model_shape(model_config: Any) -> ModelShape:
         num_kv_heads=int(_get(cfg, "num_key_value_heads", default=heads)),
         head_dim=int(cfg.get("head_dim") or h // heads),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        fused=cfg.get("model_type") == "phi3",
+        family=families.family_of(cfg),
     )
 
 

@@ -18,42 +18,36 @@ be a second LoRA implementation), hence this module. How the two settings combin
 
 Marker for loaders: a split adapter's weight names carry the layout (`...qkv_proj.q_proj.lora_A.weight`);
 `split_needed` reads it from an adapter folder or a saved state dict, so checkpoints need no side file.
+Which fused layers a model has and how their rows split is the family's (phi3_lora.families); which of
+them to split for a LoraSettings is `targets.plan`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from phi3_lora.errors import UserError
-
-# fused leaf name -> its slices, in the order they sit in the fused weight's rows
-FUSED: dict[str, tuple[str, ...]] = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
-GROUP_OF: dict[str, str] = {s: fused for fused, slices in FUSED.items() for s in slices}
-_SPLIT_KEY = re.compile(r"(?:^|\.)(qkv_proj|gate_up_proj)\.(q|k|v|gate|up)_proj\.")
+from phi3_lora import families
+from phi3_lora.families import child_name
 
 
-def child_name(slice_name: str) -> str:
-    """q -> q_proj, gate -> gate_proj: the names Llama-style models use for the same projections."""
-    return f"{slice_name}_proj"
+def _split_key() -> re.Pattern[str]:
+    """`...<fused>.<slice>_proj.` in an adapter's weight names: the layout a split adapter was trained on."""
+    fused = families.all_fused()
+    slices = sorted({s for group in fused.values() for s in group})
+    return re.compile(rf"(?:^|\.)({'|'.join(map(re.escape, fused))})\.({'|'.join(slices)})_proj\.")
+
+
+_SPLIT_KEY = _split_key()
 
 
 def slice_sizes(config: Any, fused_name: str) -> dict[str, int]:
-    """Output rows of each slice, from the model config: q = heads*head_dim, k = v = kv_heads*head_dim
-    (grouped-query attention makes k/v smaller than q); gate = up = intermediate_size."""
-    if fused_name == "qkv_proj":
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
-    if fused_name == "gate_up_proj":
-        return {"gate": config.intermediate_size, "up": config.intermediate_size}
-    raise KeyError(fused_name)
+    """Output rows of each slice of `fused_name` in a model with this config (its family knows the layout)."""
+    return families.family_of(config).slice_sizes(config, fused_name)
 
 
 class FusedSlices(nn.Module):
@@ -67,46 +61,6 @@ class FusedSlices(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([getattr(self, n)(x) for n in self.slice_names], dim=-1)
-
-
-# --- which layers to split and what peft targets --------------------------------------------------
-
-@dataclass(frozen=True)
-class LoraPlan:
-    targets: list[str]        # peft target_modules (slice children named q_proj, v_proj, ...)
-    split: tuple[str, ...]    # fused leaf names to split before get_peft_model
-
-
-def fused_names(model: nn.Module) -> list[str]:
-    """Fused leaf names this model has, whole (Linear) or already split (FusedSlices)."""
-    found = []
-    for path, module in model.named_modules():
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf in FUSED and isinstance(module, (nn.Linear, FusedSlices)) and leaf not in found:
-            found.append(leaf)
-    return found
-
-
-def plan(model: nn.Module, lora: Any) -> LoraPlan:
-    """peft's target names and the fused layers to split for `lora` (a LoraSettings) on `model`."""
-    from phi3_lora import models
-
-    base = models.resolve_target_modules(model, lora.target_modules)
-    if not lora.fused_slices:
-        return LoraPlan(list(base), ())
-    have = fused_names(model)
-    groups = tuple(dict.fromkeys(GROUP_OF[s] for s in lora.fused_slices))
-    missing = [g for g in groups if g not in have]
-    if missing:
-        kind = getattr(getattr(model, "config", None), "model_type", "this model")
-        names = ", ".join(child_name(s) for s in lora.fused_slices)
-        raise UserError(f"lora.fused_slices is for models with fused layers (Phi-3's qkv_proj and gate_up_proj); "
-                        f"{kind} has no {' or '.join(missing)}.",
-                        hint=f"This model keeps the projections separate: put {names} in lora.target_modules "
-                             f"and leave lora.fused_slices empty.")
-    chosen = [child_name(s) for g in groups for s in FUSED[g] if s in lora.fused_slices]
-    targets = [t for t in base if t not in groups] + chosen
-    return LoraPlan(list(dict.fromkeys(targets)), groups)
 
 
 # --- split and restore ------------------------------------------------------------------------------

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from phi3_lora import families
 from phi3_lora.errors import UserError
 
 TUNED = "tuned"
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-END_TOKENS = ("<|end|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+END_TOKENS = families.end_tokens()  # every family's end-of-turn tokens
 
 Messages = list[dict[str, str]]
 

@@ -75,12 +75,12 @@ def add_lora(model: Any, peft_config: Any) -> Any:
     """
     from peft import get_peft_model
 
-    from phi3_lora import fused
+    from phi3_lora import fused, targets
     from phi3_lora.config import RunConfig
     from phi3_lora.train import lora_config
 
     lora = _lora_settings(peft_config)
-    plan = fused.plan(model, lora)
+    plan = targets.plan(model, lora)
     fused.split_fused_layers(model, plan.split)
     return get_peft_model(model, lora_config(RunConfig(lora=lora), plan.targets))
 

@@ -120,11 +120,11 @@ def trainable_params_for(config: RunConfig) -> int:
     try:
         from transformers import AutoConfig
 
-        from phi3_lora import models
+        from phi3_lora import models, targets
 
         name, _ = models.resolve_name(config.model.name)
         model_config = AutoConfig.from_pretrained(models.local_path(name), trust_remote_code=False)
-        return models.count_lora_parameters(model_config, config.lora)[0]
+        return targets.count_lora_parameters(model_config, config.lora)[0]
     except Exception:  # offline Hub id, odd architecture: the training process reports those itself
         return FALLBACK_TRAINABLE_PARAMS
 

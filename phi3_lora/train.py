@@ -20,8 +20,7 @@ from typing import Any, MutableMapping
 from phi3_lora import events, runs
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
-from phi3_lora.options import (PACKED_ATTENTION, ResolvedOptions, checkpointed_layers,  # noqa: F401 (re-exported)
-                               effective_batch, resolve_options, sft_config_kwargs)
+from phi3_lora.options import ResolvedOptions, resolve_options, sft_config_kwargs
 from phi3_lora.runs import RunDir
 
 
@@ -308,9 +307,9 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     """Wrap the base model with a fresh LoRA adapter (peft), preparing 4-bit weights for training."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from phi3_lora import fused
+    from phi3_lora import fused, targets
 
-    plan = fused.plan(model, config.lora)  # lora.fused_slices: split Phi-3's fused layers so peft sees q/k/v
+    plan = targets.plan(model, config.lora)  # lora.fused_slices: split Phi-3's fused layers so peft sees q/k/v
     fused.split_fused_layers(model, plan.split)
     four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
     if four_bit and opts.fp32_upcast:

@@ -23,7 +23,7 @@ def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer Phi3ForCausalLM (hidden 64, ~4.2M params, fused qkv_proj / gate_up_proj) with the real
     Phi-3 tokenizer (32064 tokens, <|end|>) and trl's Phi-3 training template, saved as a plain
     from_pretrained folder. Built once per session (~5 s); pass it as ModelSettings(name=str(tiny_phi3_dir))."""
-    from phi3_lora.models import build_tiny_phi3
+    from helpers.tiny_models import build_tiny_phi3
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny_phi3"), PHI3_TOKENIZER_GGUF)
 
 
@@ -31,7 +31,7 @@ def tiny_phi3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def embedded_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a safetensors folder in the phi3_lora cache ($PHI3_LORA_CACHE or
     ~/.cache/phi3_lora). The first call on a machine converts the GGUF (~20 s); later sessions reuse it."""
-    from phi3_lora.models import embedded_model_dir
+    from phi3_lora.embedded import embedded_model_dir
     return embedded_model_dir()
 
 
@@ -40,5 +40,13 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer LlamaForCausalLM (hidden 64, ~3.3M params, separate q/k/v and gate/up, tied embeddings)
     with the SmolLM2 tokenizer and its own ChatML template (49152 tokens, <|im_end|>; load_tokenizer gives it
     phi3_lora's chatml_training.jinja). Read from the embedded GGUF, so it needs no conversion; ~5 s per session."""
-    from phi3_lora.models import build_tiny_llama
+    from helpers.tiny_models import build_tiny_llama
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Qwen2ForCausalLM (hidden 64, q/k/v biases, 4 heads / 2 kv heads, tied embeddings) with the
+    SmolLM2 tokenizer and Qwen2.5's own chat template (default system prompt, <|im_end|>); ~5 s per session."""
+    from helpers.tiny_models import build_tiny_qwen2
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))

@@ -17,7 +17,8 @@ import pytest
 
 from phi3_lora import readers
 from phi3_lora.config import DataSettings
-from phi3_lora.data import LoadedData, Problem, load_data
+from phi3_lora.data import LoadedData, load_data
+from phi3_lora.readers import Problem
 from phi3_lora.errors import UserError
 
 from bad_cases import ASSISTANT, CASES, GOOD, MAX_LENGTH, USER, Case, write_csv, write_jsonl

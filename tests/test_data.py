@@ -14,14 +14,13 @@ from phi3_lora.data import (
     TRUNCATION_MARKER,
     LoadedData,
     compute_stats,
-    detect_format,
     histogram_bins,
     load_data,
-    normalise_record,
-    read_records,
     split_rows,
     trained_token_mask,
 )
+from phi3_lora.formats import detect_format, normalise_record
+from phi3_lora.readers import read_records
 from phi3_lora.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

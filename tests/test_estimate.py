@@ -84,9 +84,9 @@ def test_presets_give_plausible_totals() -> None:
 
 
 def test_settings_show_the_global_batch() -> None:
-    from phi3_lora import train
+    from phi3_lora import options
     from phi3_lora.ui.settings import batch_line
 
     config = cfg(train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
-    assert train.effective_batch(config, 2) == 16 and train.effective_batch(config, 0) == 8
+    assert options.effective_batch(config, 2) == 16 and options.effective_batch(config, 0) == 8
     assert "<b>8</b> rows per optimizer step" in batch_line(config)  # this machine: CPU, one process

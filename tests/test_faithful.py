@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3_lora import models, train
+from phi3_lora import embedded, models, train
 from phi3_lora.config import ModelSettings, RunConfig
 from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
 
@@ -23,7 +23,7 @@ def build_tiny_qwen2(folder: Path) -> Path:
     """A random 2-layer Qwen2ForCausalLM (hidden 64, q/k/v biases, untied) with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    gguf = models.embedded_gguf_path()
+    gguf = embedded.embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -147,10 +147,10 @@ def test_disk_needed_is_adapter_plus_optimizer_per_checkpoint():
 def test_trainable_params_come_from_the_model_config(tiny_phi3_dir, tmp_path):
     from transformers import AutoConfig
 
-    from phi3_lora import models
+    from phi3_lora import targets
 
     cfg = slow_config(tiny_phi3_dir, tmp_path)
-    expected = models.count_lora_parameters(AutoConfig.from_pretrained(tiny_phi3_dir), cfg.lora)[0]
+    expected = targets.count_lora_parameters(AutoConfig.from_pretrained(tiny_phi3_dir), cfg.lora)[0]
     assert jobs.trainable_params_for(cfg) == expected > 0
     missing = cfg.replace(model={"name": str(tmp_path / "no-such-model")})
     assert jobs.trainable_params_for(missing) == jobs.FALLBACK_TRAINABLE_PARAMS

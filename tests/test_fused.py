@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Phi3Config
 
-from phi3_lora import export, fused, guide, models, train
+from phi3_lora import export, families, fused, guide, models, targets, train
+from phi3_lora.targets import count_lora_parameters
 from phi3_lora.config import LoraSettings, ModelSettings, RunConfig
 from phi3_lora.errors import UserError
 from phi3_lora.generate import ChatEngine, GenerationSettings
@@ -38,7 +39,7 @@ def test_split_model_equals_fused_and_restores_to_stock(tiny) -> None:
     attn = tiny.model.layers[0].self_attn.qkv_proj
     assert isinstance(attn, fused.FusedSlices) and [attn.q_proj.out_features, attn.k_proj.out_features] == [64, 64]
     assert attn.q_proj.weight.data_ptr() != attn.k_proj.weight.data_ptr()  # separate storage
-    assert models.linear_module_names(tiny) == ["o_proj", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+    assert targets.linear_module_names(tiny) == ["o_proj", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
                                                 "down_proj"]
     assert torch.equal(logits(tiny), before)
     fused.restore_fused_layers(tiny)
@@ -95,18 +96,18 @@ SELECTIONS = [
 @pytest.mark.parametrize("targets,slices", SELECTIONS, ids=lambda v: str(v))
 def test_trainable_counts_match_peft_for_each_selection(tiny, targets, slices, use_dora: bool) -> None:
     lora = LoraSettings(r=4, target_modules=targets, fused_slices=slices, use_dora=use_dora)
-    counted = models.count_lora_parameters(tiny.config, lora)
+    counted = count_lora_parameters(tiny.config, lora)
     peft_model = guide.add_lora(AutoModelForCausalLM.from_config(tiny.config), lora)
     assert peft_model.get_nb_trainable_parameters() == counted
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
     assert {f"{s}_proj" for s in slices} <= adapted
-    unchosen = {f"{s}_proj" for g in fused.FUSED.values() for s in g if s not in slices}
+    unchosen = {f"{s}_proj" for g in families.PHI3.fused.values() for s in g if s not in slices}
     assert not adapted & unchosen and "qkv_proj" not in adapted
 
 
 def test_phi3_mini_counts_from_its_config() -> None:
     def count(targets, slices=()) -> int:
-        return models.count_lora_parameters(PHI3_MINI, LoraSettings(r=16, target_modules=targets,
+        return count_lora_parameters(PHI3_MINI, LoraSettings(r=16, target_modules=targets,
                                                                     fused_slices=list(slices)))[0]
 
     assert count("all-linear") == 25_165_824
@@ -119,7 +120,7 @@ def test_phi3_mini_counts_from_its_config() -> None:
 def test_fused_slices_on_a_model_without_fused_layers_is_a_user_error(tiny_llama_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     with pytest.raises(UserError) as err:
-        models.count_lora_parameters(model.config, LoraSettings(fused_slices=["q", "v"]))
+        count_lora_parameters(model.config, LoraSettings(fused_slices=["q", "v"]))
     assert "q_proj, v_proj" in str(err.value) and "target_modules" in str(err.value)
 
 
@@ -180,12 +181,12 @@ def test_chat_engine_swaps_between_split_and_whole_layer_adapters(tmp_path: Path
 def test_settings_tab_counts_the_slice_selection_live(tiny_phi3_dir: Path) -> None:
     from phi3_lora.ui import settings
 
-    info = settings.model_info(str(tiny_phi3_dir))
+    info = models.model_info(str(tiny_phi3_dir))
     assert info.fused and "embed_tokens" in info.targets and "fused_slices" not in info.targets
     keys = ["model.name", "lora.r", "lora.target_modules", "lora.fused_slices", "lora.modules_to_save"]
     config = settings.config_from_values(keys, [str(tiny_phi3_dir), 4, ["qkv_proj"], ["q", "v"], "lm_head"],
                                          info.linear_names)
     assert config.lora.fused_slices == ["q", "v"] and config.lora.modules_to_save == ["lm_head"]
-    trainable = models.count_lora_parameters(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir).config, config.lora)[0]
+    trainable = count_lora_parameters(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir).config, config.lora)[0]
     assert f"<b>{trainable:,}</b>" in settings.estimate_html(config, info)
     assert settings.values_from_config(config, keys[2:], info.linear_names) == [["qkv_proj"], ["q", "v"], "lm_head"]

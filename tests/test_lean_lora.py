@@ -13,7 +13,7 @@ import torch
 
 from test_fast_path import _losses, _rows
 
-from phi3_lora import lean_lora, train
+from phi3_lora import lean_lora, options, train
 from phi3_lora.config import ModelSettings, RunConfig
 
 # Largest per-step loss difference between the lean and peft forwards over 8 bf16 steps (losses ~10):
@@ -102,7 +102,7 @@ def test_attach_lora_installs_it_unless_turned_off(tiny_phi3_dir):
     for setting, expected in (("auto", 8), (False, 0)):
         config = RunConfig().replace(model={"name": str(tiny_phi3_dir), "load_in_4bit": False},
                                      train={"lean_lora": setting})
-        opts = train.resolve_options(config, "cpu", "bfloat16", liger_installed=False)
+        opts = options.resolve_options(config, "cpu", "bfloat16", liger_installed=False)
         assert opts.lean_lora is (setting == "auto")
         model = train.attach_lora(load_model(config.model), config, opts)
         assert len([m for m in model.modules() if hasattr(m, lean_lora._ORIGINAL)]) == expected

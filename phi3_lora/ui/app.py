@@ -61,7 +61,7 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
             source, fmt, table, fraction = values[n + 1:]
             check_model(state, who, vals[keys.index("model.name")])
             check_source(state, who, source)
-            info = settings.model_info(vals[keys.index("model.name")])
+            info = models.model_info(vals[keys.index("model.name")])
             return settings.config_from_values(keys + DATA_KEYS, vals + [
                 (source or "").strip(), fmt, dataset.mapping_from_table(table), fraction], info.linear_names,
                 preset_name)

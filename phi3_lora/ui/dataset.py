@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from phi3_lora import config as cfgmod
-from phi3_lora import data, models, uploads
+from phi3_lora import data, models, readers, uploads
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.formats import COLUMNS, MESSAGE_KEYS
@@ -164,7 +164,7 @@ def tokenizer_for(name: str) -> Any:
 
 def _columns(source: str) -> list[str]:
     try:
-        raw = data.read_records(source)
+        raw = readers.read_records(source)
     except Exception:
         return []
     seen: dict[str, None] = {}

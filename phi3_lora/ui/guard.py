@@ -114,8 +114,9 @@ def check_source(state: Any, who: Requester, source: str) -> Action:
 
 def known_models(state: Any) -> set[str]:
     from phi3_lora import models
+    from phi3_lora.embedded import EMBEDDED_NAME
 
-    names = {e.name for e in models.CATALOGUE} | {models.EMBEDDED_NAME, state.default_name,
+    names = {e.name for e in models.CATALOGUE} | {EMBEDDED_NAME, state.default_name,
                                                      state.options.default_model}
     return {n for n in names if n}
 

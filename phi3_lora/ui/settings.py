@@ -9,80 +9,19 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from typing import Any
 
 import gradio as gr
 
 from phi3_lora import config as cfgmod
-from phi3_lora import estimate, models
+from phi3_lora import estimate, models, options, targets
 from phi3_lora.errors import UserError
 from phi3_lora.access import Requester
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check_model, guarded
 
-# Sizes of the catalogue's Hub models, so the estimate and the layer list work before (or without)
-# a download; a real config.json, when reachable or cached, always wins.
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    models.PHI3_MINI: {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32,
-                       "intermediate_size": 8192, "vocab_size": 32064, "num_attention_heads": 32,
-                       "num_key_value_heads": 32, "tie_word_embeddings": False, "pad_token_id": 32000},
-    "microsoft/Phi-3.5-mini-instruct": {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32,
-                                        "intermediate_size": 8192, "vocab_size": 32064,
-                                        "num_attention_heads": 32, "num_key_value_heads": 32,
-                                        "tie_word_embeddings": False, "pad_token_id": 32000},
-    "Qwen/Qwen2.5-0.5B-Instruct": {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24,
-                                   "intermediate_size": 4864, "vocab_size": 151936, "num_attention_heads": 14,
-                                   "num_key_value_heads": 2, "tie_word_embeddings": True},
-}
-
 GC_CHOICES = [("auto (on for GPU)", "auto"), ("on", True), ("off", False)]
 NO_PRESET = "custom"
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    config: dict[str, Any]
-    linear_names: list[str]
-    source: str          # where the sizes came from, said in the UI
-    embedding_names: tuple[str, ...] = ()
-
-    @property
-    def targets(self) -> list[str]:
-        """Target-module choices: the Linear layers, then the token embedding (LoRA on embed_tokens)."""
-        return self.linear_names + [n for n in self.embedding_names if n not in self.linear_names]
-
-    @property
-    def fused(self) -> bool:
-        """Phi-3-family: fused qkv_proj / gate_up_proj, so the slice checkboxes apply."""
-        return self.config.get("model_type") == "phi3"
-
-
-@lru_cache(maxsize=8)
-def model_info(name: str) -> ModelInfo:
-    """The model's config.json and its Linear layer names, from a meta-device model (no weights loaded)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    resolved = models.resolve_name(name)[0]
-    try:
-        config = AutoConfig.from_pretrained(models.local_path(resolved)).to_dict()
-        source = "config.json"
-    except UserError:
-        raise
-    except Exception:
-        if resolved not in KNOWN_CONFIGS:
-            raise UserError(f"Cannot read the config of {resolved}: it is not a local folder and the Hugging Face "
-                            "Hub cannot be reached (or the id does not exist).",
-                            hint="Check the id, download the model once with Hub access, or pick a local folder.")
-        config, source = dict(KNOWN_CONFIGS[resolved]), "built-in sizes (the Hub is unreachable)"
-    clean = {k: v for k, v in config.items() if k != "quantization_config"}
-    with torch.device("meta"):  # shapes only
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**clean))
-    embeddings = tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p, m in model.named_modules()
-                                     if isinstance(m, torch.nn.Embedding) and m is not model.get_output_embeddings()))
-    return ModelInfo(resolved, clean, models.linear_module_names(model), source, embeddings)
 
 
 @dataclass
@@ -110,7 +49,7 @@ def initial_config(state: AppState) -> cfgmod.RunConfig:
 def build(state: AppState) -> SettingsTab:
     d = initial_config(state)
     try:
-        info: ModelInfo | None = model_info(d.model.name)
+        info: models.ModelInfo | None = models.model_info(d.model.name)
     except UserError:
         info = None
     names = info.linear_names if info else []
@@ -269,7 +208,6 @@ def cli_text(config: cfgmod.RunConfig) -> str:
 def batch_line(config: cfgmod.RunConfig) -> str:
     """GPUs used and the global batch they add up to (what the learning rate actually sees)."""
     from phi3_lora import jobs
-    from phi3_lora.options import effective_batch
 
     n = jobs.num_processes(config)
     t = config.train
@@ -277,12 +215,12 @@ def batch_line(config: cfgmod.RunConfig) -> str:
         if models.cuda_available() else "CPU, one process"
     return (f"Training on {where}: global batch = {t.per_device_train_batch_size} per device × "
             f"{t.gradient_accumulation_steps} accumulation × {max(n, 1) if models.cuda_available() else 1} = "
-            f"<b>{effective_batch(config, n if models.cuda_available() else 1)}</b> rows per optimizer step.")
+            f"<b>{options.effective_batch(config, n if models.cuda_available() else 1)}</b> rows per optimizer step.")
 
 
-def estimate_html(config: cfgmod.RunConfig, info: ModelInfo) -> str:
+def estimate_html(config: cfgmod.RunConfig, info: models.ModelInfo) -> str:
     try:
-        trainable, total = models.count_lora_parameters(
+        trainable, total = targets.count_lora_parameters(
             __import__("transformers").AutoConfig.for_model(**info.config), config.lora)
     except UserError as exc:
         return notice("error", exc.message + (f" {exc.hint}" if exc.hint else ""))
@@ -319,7 +257,7 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     @guarded(state)
     def on_model(who: Requester, name: str, current: list[str], chosen: list[str]) -> tuple[Any, Any, str]:
         check_model(state, who, name)
-        info = model_info(name)
+        info = models.model_info(name)
         keep = [c for c in (current or []) if c in info.targets]
         return (gr.update(choices=info.targets, value=keep if keep and len(keep) < len(current or [1, 1])
                           else info.linear_names),
@@ -333,7 +271,7 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
         *vals, preset_name = values
         try:
             check_model(state, who, vals[keys.index("model.name")])
-            info = model_info(vals[keys.index("model.name")])
+            info = models.model_info(vals[keys.index("model.name")])
             config = config_from_values(keys, vals, info.linear_names, preset_name)
         except UserError as exc:
             return notice("error", exc.message + (f" {exc.hint}" if exc.hint else ""))
@@ -345,14 +283,14 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
         check_model(state, who, values[keys.index("model.name")])
         if name == NO_PRESET:
             return [gr.skip()] * len(keys) + [""]
-        info = model_info(values[keys.index("model.name")])
+        info = models.model_info(values[keys.index("model.name")])
         try:
             base = config_from_values(keys, list(values), info.linear_names)
         except UserError:
             base = cfgmod.RunConfig()
         config = cfgmod.preset(name, base)
         if config.model.name != base.model.name:
-            info = model_info(config.model.name)
+            info = models.model_info(config.model.name)
         notes = [notice("warn", n) for n in cfgmod.preset_warnings(config)]
         if config.model.load_in_4bit and not models.cuda_available():
             notes.append(notice("info", "This preset uses QLoRA (4-bit). Without a GPU it still runs, "
