@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3_lora import embedded, models, train
+from phi3_lora import embedded, train
 from phi3_lora.config import ModelSettings, RunConfig
 from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
 
