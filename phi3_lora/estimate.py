@@ -6,14 +6,17 @@ No library answers "will this QLoRA run fit?" for a given rank, batch and length
 - weights: linear layers of the blocks at 4.127 bits/param with NF4 + double quant (the QLoRA
   paper's figure), everything else (embeddings, norms, head) at the compute dtype;
 - adapter: the LoRA parameters in float32 with their gradients and two AdamW moments (16 bytes/param);
-- activations: per layer and token, what the backward pass keeps (Korthikanti et al. 2022, with a
-  memory-efficient attention kernel so there is no seq^2 term, and a SwiGLU MLP): about
-  17*h + 6*i values; gradient checkpointing keeps only each layer's input (h values) plus one layer
-  recomputed at a time; plus the float32 logits and their gradient (b*s*vocab*8 bytes);
+- activations: per token, every layer's input (h values); each layer left un-checkpointed keeps
+  `act_hidden*h + act_intermediate*i` values (the model family's constants, measured on an H200; times
+  NO_LIGER_FACTOR without Liger's kernels); the backward's working set of one layer
+  (`recompute_hidden*h + recompute_intermediate*i`, Korthikanti et al. 2022); on the CPU the float32 logits
+  and their gradient (b*s*vocab*8 bytes; on CUDA trl's loss never holds them whole);
 - overhead: the CUDA context and allocator slack (none counted on CPU beyond the Python process).
 
-It is an estimate (within ~20% on Phi-3-mini and SmolLM2 in our runs), shown so a user can pick
-settings that fit before a run fails with an out-of-memory error.
+This is the one memory model: the trainer picks how many layers to recompute with it
+(`options.checkpointed_layers`), and the Settings tab shows the trainer's plan through it
+(`options.planned_memory`). On the bench's Phi-3-mini QLoRA run at a 24 GiB budget it gives 22.6 GiB
+(context included) for 21.2 GiB allocated (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -123,32 +126,42 @@ class MemoryEstimate:
     trainable_params: int
     total_params: int
     device: str
-    gradient_checkpointing: bool
+    recomputed_layers: int    # decoder layers under gradient checkpointing
+    num_layers: int
     notes: tuple[str, ...] = ()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.recomputed_layers > 0
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable_params / max(1, self.total_params)
 
 
-def _dtype_bytes(config: RunConfig, device: str) -> int:
-    setting = config.model.dtype
+def dtype_bytes(config: RunConfig, device: str, dtype_name: str | None = None) -> int:
+    """Bytes per activation value: 4 in float32 (the CPU's 'auto' without native bf16), else 2."""
+    setting = dtype_name or config.model.dtype
     if setting == "float32" or (setting == "auto" and device == "cpu"):
         return 4
     return 2
 
 
-def estimate_memory(model_config: Any, config: RunConfig, *, device: str = "cuda",
+def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: int, liger: bool,
+                    device: str = "cuda", dtype_name: str | None = None,
                     trainable_params: int | None = None) -> MemoryEstimate:
-    """Peak memory of a training step for `config` on `device` ("cuda" or "cpu").
+    """Peak memory of a training step for `config` on `device` ("cuda" or "cpu") with `recomputed_layers`
+    decoder layers checkpointed and Liger's kernels on or off: what options.resolve_options decided.
 
     `trainable_params` overrides the LoRA count (pass peft's exact figure when you have one).
     """
     shape = model_shape(model_config)
+    family = shape.family
     t = config.train
-    act_bytes = _dtype_bytes(config, device)
+    act_bytes = dtype_bytes(config, device, dtype_name)
     four_bit = config.model.load_in_4bit  # bitsandbytes stores NF4 on the CPU as well as on CUDA
-    notes: list[str] = []
+    layers = shape.num_layers
+    recomputed = max(0, min(layers, recomputed_layers))
 
     if four_bit:
         weights = shape.block_linear_params * NF4_BITS / 8 + shape.other_params * 2
@@ -157,25 +170,23 @@ def estimate_memory(model_config: Any, config: RunConfig, *, device: str = "cuda
     trainable = lora_parameter_count(shape, config) if trainable_params is None else trainable_params
     adapter = trainable * ADAM_BYTES_PER_PARAM
 
-    checkpointing = t.gradient_checkpointing is True or (t.gradient_checkpointing == "auto" and device == "cuda")
     tokens = t.per_device_train_batch_size * t.max_length
     h, i = shape.hidden_size, shape.intermediate_size
-    per_layer_full = (17 * h + 6 * i) * act_bytes          # bytes per token, everything the backward needs
-    if checkpointing:
-        activations = tokens * (shape.num_layers * h * act_bytes + per_layer_full)
-    else:
-        activations = tokens * shape.num_layers * per_layer_full
-    activations += tokens * shape.vocab_size * 8           # fp32 logits + their gradient
+    kept = (family.act_hidden * h + family.act_intermediate * i - h) * (1.0 if liger else families.NO_LIGER_FACTOR)
+    working = family.recompute_hidden * h + family.recompute_intermediate * i
+    activations = tokens * act_bytes * (layers * h + (layers - recomputed) * kept + working)
+    if device != "cuda":
+        activations += tokens * shape.vocab_size * 8           # fp32 logits + their gradient
     overhead = (CUDA_OVERHEAD_GIB if device == "cuda" else CPU_OVERHEAD_GIB) * GIB
     total = weights + adapter + activations + overhead
-    if not checkpointing and activations > weights:
+    notes: list[str] = []
+    if recomputed == 0 and activations > weights:
         notes.append("Activations dominate: gradient checkpointing would cut them to about "
-                     f"{(tokens * (shape.num_layers * h * act_bytes + per_layer_full)) / GIB:.1f} GiB "
-                     "(~30% slower steps).")
+                     f"{(activations - tokens * act_bytes * layers * kept) / GIB:.1f} GiB (~30% slower steps).")
     return MemoryEstimate(weights_gib=weights / GIB, adapter_gib=adapter / GIB, activations_gib=activations / GIB,
                           overhead_gib=overhead / GIB, total_gib=total / GIB, trainable_params=trainable,
                           total_params=shape.total_params + trainable, device=device,
-                          gradient_checkpointing=checkpointing, notes=tuple(notes))
+                          recomputed_layers=recomputed, num_layers=layers, notes=tuple(notes))
 
 
 def describe(est: MemoryEstimate) -> str:
@@ -183,5 +194,5 @@ def describe(est: MemoryEstimate) -> str:
     where = "GPU" if est.device == "cuda" else "RAM"
     return (f"~{est.total_gib:.1f} GiB of {where}: weights {est.weights_gib:.2f}, adapter + AdamW "
             f"{est.adapter_gib:.2f}, activations {est.activations_gib:.2f} "
-            f"({'with' if est.gradient_checkpointing else 'without'} gradient checkpointing), "
+            f"({est.recomputed_layers} of {est.num_layers} layers recomputed by gradient checkpointing), "
             f"overhead {est.overhead_gib:.1f}")

@@ -25,6 +25,9 @@ from typing import Any, Mapping
 # Families not measured on their own use these (the same decoder block: attention + SwiGLU MLP).
 ACT_HIDDEN, ACT_INTERMEDIATE = 7.75, 2
 NO_LIGER_FACTOR = 1.6
+# The backward pass's working set of one layer (a checkpointed layer's recomputed forward and the gradients in
+# flight): about 17h + 6i values per token (Korthikanti et al. 2022, memory-efficient attention, SwiGLU).
+RECOMPUTE_HIDDEN, RECOMPUTE_INTERMEDIATE = 17, 6
 
 PHI3_MINI = "microsoft/Phi-3-mini-4k-instruct"
 
@@ -63,6 +66,8 @@ class ModelFamily:
     qkv_bias: bool = False                          # q/k/v projections carry a bias (counted in the estimate)
     act_hidden: float = ACT_HIDDEN                  # activation constants of the memory plan (see above)
     act_intermediate: float = ACT_INTERMEDIATE
+    recompute_hidden: float = RECOMPUTE_HIDDEN      # the backward's working set of one layer (see above)
+    recompute_intermediate: float = RECOMPUTE_INTERMEDIATE
     known: tuple[KnownModel, ...] = ()
 
     def slice_sizes(self, config: Any, fused_name: str) -> dict[str, int]:

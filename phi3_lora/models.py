@@ -61,6 +61,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_memory_gb() -> float:
+    """Total memory of this process's GPU (the one LOCAL_RANK names under accelerate), in GiB."""
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
+
+
 def _hub_offline() -> bool:
     import huggingface_hub.constants as hc
     return bool(hc.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

@@ -6,13 +6,14 @@ checkpoint for the memory budget, optimizer, dtype flags) can be read and tested
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi3_lora import families
 from phi3_lora.config import RunConfig
+from phi3_lora.estimate import MemoryEstimate, estimate_memory, model_shape
 
 
 @dataclass
@@ -69,31 +70,41 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True))
 
 
-def _num_layers(model_config: Any) -> int:
-    from phi3_lora.estimate import model_shape
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
 
+
+def _num_layers(model_config: Any) -> int:
     return model_shape(model_config).num_layers
 
 
 def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
                         liger: bool = True) -> int:
-    """The fewest decoder layers to checkpoint so that a step fits `budget_gb` (all of them if none fits)."""
-    from phi3_lora.estimate import GIB, estimate_memory, model_shape
+    """The fewest decoder layers to checkpoint so that a step fits `budget_gb` (all of them if none fits),
+    by the one memory model (estimate.estimate_memory)."""
+    layers = _num_layers(model_config)
+    for recomputed in range(layers + 1):
+        peak = estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device="cuda",
+                               dtype_name=dtype_name)
+        if peak.total_gib <= BUDGET_SHARE * budget_gb:
+            return recomputed
+    return layers
 
-    shape = model_shape(model_config)
-    always_on = config.replace(train={"gradient_checkpointing": True})
-    tokens = config.train.per_device_train_batch_size * config.train.max_length
-    # Every layer checkpointed; trl computes the loss in chunks, so no full fp32 logits (estimate.py counts them).
-    base = (estimate_memory(model_config, always_on, device="cuda").total_gib
-            - tokens * shape.vocab_size * 8 / GIB)
-    nbytes = 4 if dtype_name == "float32" else 2
-    family = shape.family  # its measured activation constants (families.py says where they come from)
-    per_layer = tokens * nbytes * (family.act_hidden * shape.hidden_size + family.act_intermediate
-                                   * shape.intermediate_size - shape.hidden_size) / GIB  # one un-checkpointed layer
-    per_layer *= 1.0 if liger else families.NO_LIGER_FACTOR
-    spare = BUDGET_SHARE * budget_gb - base
-    free = max(0, min(shape.num_layers, int(spare // per_layer))) if per_layer > 0 else shape.num_layers
-    return shape.num_layers - free
+
+def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_installed: bool,
+                   gpu_memory_gb: float | None = None, trainable_params: int | None = None) -> MemoryEstimate:
+    """The peak memory of the run the trainer would plan on `device` (a GPU of `gpu_memory_gb`, or
+    train.memory_budget_gb): `resolve_options` decides checkpointing, layers and Liger, then the one memory
+    model counts it. What the Settings tab shows."""
+    dtype_name = config.model.dtype if config.model.dtype != "auto" else (
+        "bfloat16" if device == "cuda" else "float32")
+    opts = resolve_options(config, device, dtype_name, liger_installed, model_config=model_config,
+                           gpu_memory_gb=gpu_memory_gb)
+    layers = _num_layers(model_config)
+    recomputed = 0 if not opts.gradient_checkpointing else (
+        layers if opts.checkpointed_layers is None else opts.checkpointed_layers)
+    return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=opts.use_liger_kernel,
+                           device=device, dtype_name=dtype_name, trainable_params=trainable_params)
 
 
 def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, MutableMapping
 from phi3_lora import events, runs
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
-from phi3_lora.options import ResolvedOptions, resolve_options, sft_config_kwargs
+from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
 from phi3_lora.runs import RunDir
 
 
@@ -202,9 +202,9 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     device = "cuda" if models.cuda_available() else "cpu"
     dtype_name = str(models.resolve_dtype(config.model.dtype, device)).replace("torch.", "")
     model_config = AutoConfig.from_pretrained(models.local_path(model_name), trust_remote_code=False)
-    opts = resolve_options(config, device, dtype_name, liger_installed=_liger_installed(),
+    opts = resolve_options(config, device, dtype_name, liger_installed=liger_installed(),
                            varlen_available=cuda_varlen_available(), model_config=model_config,
-                           gpu_memory_gb=_gpu_memory_gb() if device == "cuda" else None)
+                           gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None)
     if device == "cuda":
         _expandable_segments()
     model = models.load_model(dataclasses.replace(config.model, name=model_name,
@@ -239,12 +239,6 @@ def _expandable_segments() -> None:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     except (AttributeError, RuntimeError):  # an older torch: the default allocator is still correct
         pass
-
-
-def _gpu_memory_gb() -> float:
-    import torch
-
-    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory / 2**30
 
 
 def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
@@ -368,8 +362,3 @@ def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
 
-
-def _liger_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None

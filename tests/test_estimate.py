@@ -6,6 +6,7 @@ import pytest
 
 from phi3_lora.config import RunConfig, preset
 from phi3_lora.estimate import describe, estimate_memory, lora_parameter_count, model_shape
+from phi3_lora.options import planned_memory, resolve_options
 
 PHI3_MINI = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192,
              "vocab_size": 32064, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -21,42 +22,52 @@ def cfg(**sections) -> RunConfig:
     return RunConfig().replace(**sections)
 
 
+def est(model_config: dict, config: RunConfig, recomputed: int = 32, device: str = "cuda", liger: bool = True):
+    return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device=device)
+
+
 def test_phi3_mini_total_parameters_match_the_model_card() -> None:
     assert model_shape(PHI3_MINI).total_params == pytest.approx(3.82e9, rel=0.01)
 
 
 def test_qlora_weights_are_about_a_quarter_of_16_bit() -> None:
-    q = estimate_memory(PHI3_MINI, cfg(model={"load_in_4bit": True}))
-    f = estimate_memory(PHI3_MINI, cfg(model={"load_in_4bit": False}))
+    q = est(PHI3_MINI, cfg(model={"load_in_4bit": True}))
+    f = est(PHI3_MINI, cfg(model={"load_in_4bit": False}))
     assert 0.25 < q.weights_gib / f.weights_gib < 0.35
     assert 1.8 < q.weights_gib < 2.6  # Phi-3-mini in NF4 is ~2.2 GiB
     assert q.total_gib < f.total_gib
 
 
 def test_gradient_checkpointing_cuts_activations() -> None:
-    on = estimate_memory(PHI3_MINI, cfg(train={"gradient_checkpointing": True}))
-    off = estimate_memory(PHI3_MINI, cfg(train={"gradient_checkpointing": False}))
-    assert on.activations_gib < off.activations_gib / 3
-    assert any("checkpointing" in n for n in off.notes)
+    on = est(PHI3_MINI, cfg(), recomputed=32)
+    off = est(PHI3_MINI, cfg(), recomputed=0)
+    some = est(PHI3_MINI, cfg(), recomputed=10)
+    assert on.activations_gib < some.activations_gib < off.activations_gib and on.activations_gib < off.activations_gib / 3
+    assert any("checkpointing" in n for n in off.notes) and "10 of 32 layers recomputed" in describe(some)
+    # each layer left un-checkpointed adds the same amount, the measured 0.559 GiB within 2% (tests/test_options.py)
+    per_layer = (off.total_gib - on.total_gib) / 32
+    assert per_layer == pytest.approx(0.559, rel=0.02)
+    assert est(PHI3_MINI, cfg(), recomputed=0, liger=False).total_gib > off.total_gib  # without Liger: more kept
 
 
 def test_activations_scale_with_batch_and_length() -> None:
-    small = estimate_memory(PHI3_MINI, cfg(train={"per_device_train_batch_size": 1, "max_length": 512}))
-    big = estimate_memory(PHI3_MINI, cfg(train={"per_device_train_batch_size": 2, "max_length": 1024}))
+    small = est(PHI3_MINI, cfg(train={"per_device_train_batch_size": 1, "max_length": 512}), recomputed=5)
+    big = est(PHI3_MINI, cfg(train={"per_device_train_batch_size": 2, "max_length": 1024}), recomputed=5)
     assert big.activations_gib == pytest.approx(4 * small.activations_gib, rel=1e-6)
 
 
 def test_adam_states_cost_16_bytes_per_trainable_parameter() -> None:
-    est = estimate_memory(PHI3_MINI, cfg(lora={"r": 16}))
-    assert est.adapter_gib * 2**30 == pytest.approx(est.trainable_params * 16)
-    assert est.trainable_params == pytest.approx(25_165_824)  # r=16 all-linear on Phi-3-mini, as peft reports
-    assert 0.5 < est.trainable_percent < 1.0
+    e = est(PHI3_MINI, cfg(lora={"r": 16}))
+    assert e.adapter_gib * 2**30 == pytest.approx(e.trainable_params * 16)
+    assert e.trainable_params == pytest.approx(25_165_824)  # r=16 all-linear on Phi-3-mini, as peft reports
+    assert 0.5 < e.trainable_percent < 1.0
 
 
 def test_cpu_counts_4bit_as_4bit_and_16bit_at_full_size() -> None:
     # bitsandbytes keeps NF4 weights on the CPU too, so QLoRA saves RAM there as it saves GPU memory.
-    four = estimate_memory(PHI3_MINI, cfg(model={"load_in_4bit": True}), device="cpu")
-    full = estimate_memory(PHI3_MINI, cfg(model={"load_in_4bit": False, "dtype": "float32"}), device="cpu")
+    four = est(PHI3_MINI, cfg(model={"load_in_4bit": True}), recomputed=0, device="cpu", liger=False)
+    full = est(PHI3_MINI, cfg(model={"load_in_4bit": False, "dtype": "float32"}), recomputed=0, device="cpu",
+               liger=False)
     assert four.weights_gib < 3 < 13 < full.weights_gib  # NF4 vs fp32
     assert "RAM" in describe(four)
 
@@ -78,9 +89,31 @@ def test_lora_count_matches_peft(config_dict: dict, lora: dict) -> None:
 
 
 def test_presets_give_plausible_totals() -> None:
-    assert estimate_memory(PHI3_MINI, preset("quality-gpu")).total_gib < 24  # fits the 24 GB GPU it is named for
-    cookbook = estimate_memory(PHI3_MINI, preset("cookbook"))
-    assert cookbook.gradient_checkpointing and cookbook.total_gib < 16
+    quality = planned_memory(PHI3_MINI, preset("quality-gpu"), "cuda", liger_installed=True, gpu_memory_gb=24)
+    assert quality.total_gib < 24  # the plan fits the 24 GB GPU the preset is named for
+    cookbook = planned_memory(PHI3_MINI, preset("cookbook"), "cuda", liger_installed=True, gpu_memory_gb=80)
+    assert cookbook.recomputed_layers == 32 and cookbook.total_gib < 16  # the recipe checkpoints every layer
+
+
+# The bench's Phi-3-mini QLoRA row (docs/benchmarks.md, "engine QLoRA full rows, 24 GiB"): r16 all-linear, dropout
+# 0.05, batch 4 x 2048 tokens, Liger, bf16: the trainer recomputed 3 layers and peaked at 21.2 GiB allocated.
+BENCH_CONFIG = RunConfig().replace(model={"load_in_4bit": True},
+                                   lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+                                   train={"max_length": 2048, "per_device_train_batch_size": 4, "memory_budget_gb": 24.0})
+BENCH_PEAK_GIB, BENCH_RECOMPUTED = 21.2, 3
+
+
+def test_the_estimate_is_the_trainers_plan_for_the_bench_run() -> None:
+    shown = planned_memory(PHI3_MINI, BENCH_CONFIG, "cuda", liger_installed=True, gpu_memory_gb=139.0)
+    trainer = resolve_options(BENCH_CONFIG, "cuda", "bfloat16", liger_installed=True, varlen_available=True,
+                              model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    assert shown.recomputed_layers == trainer.checkpointed_layers == BENCH_RECOMPUTED
+    assert shown.total_gib == pytest.approx(BENCH_PEAK_GIB, rel=0.10)
+    assert f"{BENCH_RECOMPUTED} of 32 layers recomputed" in describe(shown)
+    # and the plan follows the budget: a bigger one recomputes fewer layers, the estimate grows toward it
+    roomy = planned_memory(PHI3_MINI, BENCH_CONFIG.replace(train={"memory_budget_gb": 40.0}), "cuda",
+                           liger_installed=True)
+    assert roomy.recomputed_layers == 0 and shown.total_gib < roomy.total_gib <= 0.95 * 40
 
 
 def test_settings_show_the_global_batch() -> None:

@@ -227,15 +227,20 @@ def estimate_html(config: cfgmod.RunConfig, info: models.ModelInfo) -> str:
     except Exception:  # an architecture peft's count cannot read: fall back to our arithmetic
         trainable = total = None
     cuda = models.cuda_available()
-    gpu = estimate.estimate_memory(info.config, config, device="cuda", trainable_params=trainable)
+    liger = options.liger_installed()
+    # The trainer's own plan (checkpointed layers for the budget, Liger) counted by the one memory model.
+    gpu = options.planned_memory(info.config, config, "cuda", liger_installed=liger, trainable_params=trainable,
+                                 gpu_memory_gb=models.gpu_memory_gb() if cuda else None)
     total = total or gpu.total_params
     trainable = trainable if trainable is not None else gpu.trainable_params
+    budget = (f"a {config.train.memory_budget_gb:g} GiB budget" if config.train.memory_budget_gb
+              else "this GPU's memory" if cuda else "an unknown GPU size (set train.memory_budget_gb to plan for yours)")
     lines = [f"<div class='p3-stats'><span>Trainable parameters <b>{trainable:,}</b></span>"
              f"<span>of <b>{total:,}</b></span><span><b>{100 * trainable / max(total, 1):.3f}%</b></span></div>",
-             notice("info", "On a GPU: " + estimate.describe(gpu) + "."),
+             notice("info", f"On a GPU, planned for {budget}: " + estimate.describe(gpu) + "."),
              help_md(batch_line(config))]
     if not cuda:
-        cpu = estimate.estimate_memory(info.config, config, device="cpu", trainable_params=trainable)
+        cpu = options.planned_memory(info.config, config, "cpu", liger_installed=liger, trainable_params=trainable)
         lines.append(notice("info", "On this machine (no GPU): " + estimate.describe(cpu) + "."))
         notes = cpu.notes
     else:
