@@ -43,17 +43,58 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
+END_STATES = ("finished", "stopped", "failed")
+_INT_FIELDS = ("step", "max_steps")
+_NUMBER_FIELDS = ("t", "loss", "eval_loss", "tokens_per_second", "eta_seconds", "learning_rate", "epoch")
+_TEXT_FIELDS = ("status", "reason", "path", "message")
+
+
+class UnreadableEvents(ValueError):
+    """events.jsonl holds something no training process writes (a hand edit, another program, a bad disk)."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def event_problem(event: Any) -> str | None:
+    """Why a decoded line is not an event we could have written, or None (pure)."""
+    if not isinstance(event, dict):
+        return f"is not an event object ({json.dumps(event)[:40]})"
+    if not isinstance(event.get("type"), str):
+        return "has no event type"
+    for name in _INT_FIELDS:
+        if name in event and not (isinstance(event[name], int) and not isinstance(event[name], bool)):
+            return f"has {name} {event[name]!r}, not a whole number"
+    for name in _NUMBER_FIELDS:
+        if event.get(name) is not None and not _is_number(event[name]):
+            return f"has {name} {event[name]!r}, not a number"
+    for name in _TEXT_FIELDS:
+        if event.get(name) is not None and not isinstance(event[name], str):
+            return f"has {name} {json.dumps(event[name])[:40]}, not text"
+    if event["type"] == "end" and event.get("status", "finished") not in END_STATES:
+        return f"ends the run with an unknown status {event.get('status')!r}"
+    return None
+
+
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """All complete events; a torn last line (process killed mid-write) is skipped."""
+    """All complete events. A line that is not JSON is a write cut short by a kill (torn) and is skipped; a JSON
+    line that is no event raises UnreadableEvents naming it; an unreadable file raises OSError."""
     path = RunDir(run_dir).events
     if not path.exists():
         return []
     events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
             continue
+        except RecursionError:
+            raise UnreadableEvents(f"{RunDir.EVENTS} line {number} is nested too deeply") from None
+        problem = event_problem(event)
+        if problem:
+            raise UnreadableEvents(f"{RunDir.EVENTS} line {number} {problem}")
+        events.append(event)
     return events
 
 
@@ -61,7 +102,7 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 class RunStatus:
     """What a person needs to know about a run, derived from its events and its process."""
 
-    state: str  # queued | running | finished | stopped | failed | interrupted
+    state: str  # queued | running | finished | stopped | failed | interrupted | unreadable
     reason: str = ""
     step: int = 0
     max_steps: int = 0
@@ -124,4 +165,11 @@ def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> Run
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    return status_from_events(read_events(run_dir), RunDir(run_dir).process_alive())
+    """The status of a run; a diary that cannot be read gives state "unreadable" with the reason, never an error."""
+    try:
+        found = read_events(run_dir)
+    except (OSError, UnreadableEvents) as exc:
+        reason = str(exc) if isinstance(exc, UnreadableEvents) else \
+            f"{RunDir.EVENTS} cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
+        return RunStatus(state="unreadable", reason=f"unreadable: {reason}")
+    return status_from_events(found, RunDir(run_dir).process_alive())

@@ -36,6 +36,7 @@ class RunInfo:
     status: events.RunStatus
     model: str
     created: float
+    config_error: str | None = None  # why config.yaml cannot be read (the run is listed as unreadable)
 
 
 def active_run(runs_dir: Path) -> str | None:
@@ -179,6 +180,9 @@ def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
     status = events.run_status(run_dir)
     if status.state == "finished":
         raise UserError(f"Run {run_id} already finished; start a new run to train more.")
+    if status.state == "unreadable":
+        raise UserError(f"Run {run_id} cannot be resumed: {status.reason}.",
+                        hint="Start a new run (its folder can be deleted or repaired by hand).")
     config = load_yaml(RunDir(run_dir).config)
     need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
     with runs.locked(runs_dir):
@@ -299,15 +303,25 @@ def _signal_group(pid: int | None, sig: int) -> None:
 
 
 def list_runs(runs_dir: Path | None = None) -> list[RunInfo]:
-    """Every run, newest first."""
-    infos = []
-    for run in runs.run_dirs(runs_dir or runs.default_runs_dir()):
-        try:
-            model = load_yaml(run.config).model.name
-        except UserError:
-            model = "?"
-        infos.append(RunInfo(run.run_id, run.path, events.run_status(run.path), model, run.config.stat().st_mtime))
-    return infos
+    """Every run, newest first. A run whose folder cannot be read is listed as "unreadable: <reason>"; it never
+    hides the others."""
+    return [run_info(run) for run in runs.run_dirs(runs_dir or runs.default_runs_dir())]
+
+
+def run_info(run: RunDir) -> RunInfo:
+    status = events.run_status(run.path)  # never raises: an unreadable diary is a state
+    model, problem = "?", None
+    try:
+        model = load_yaml(run.config).model.name
+    except UserError as exc:
+        problem = exc.message.replace(str(run.config), RunDir.CONFIG)  # the list names the run already
+    try:
+        created = run.config.stat().st_mtime
+    except OSError:
+        created = 0.0
+    if problem and not status.active:
+        status = events.RunStatus(state="unreadable", reason=f"unreadable: {problem}")
+    return RunInfo(run.run_id, run.path, status, model, created, problem)
 
 
 def log_tail(run_id: str, runs_dir: Path | None = None, lines: int = 40) -> str:
@@ -315,10 +329,13 @@ def log_tail(run_id: str, runs_dir: Path | None = None, lines: int = 40) -> str:
     path = runs.run_in(runs_dir, run_id).log
     if not path.exists():
         return ""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, fh.tell() - 64_000))
-        text = fh.read().decode("utf-8", errors="replace")
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64_000))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError as exc:
+        return f"({RunDir.LOG} cannot be read: {exc.strerror or exc})"
     # tqdm redraws with \r; keep only the last state of each line
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 

@@ -12,7 +12,7 @@ import pytest
 from phi3_lora import cli
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
-from phi3_lora.runs import (RUNS_ENV, TOKEN_ENV, ProcessRecord, RunDir, adapter_config_file, default_runs_dir,
+from phi3_lora.runs import (ACTIVE, RUNS_ENV, TOKEN_ENV, ProcessRecord, RunDir, adapter_config_file, default_runs_dir,
                             find_run, parse_checkpoint_step, read_active, run_dirs, run_in, valid_run_id,
                             write_active)
 
@@ -103,3 +103,58 @@ def test_a_process_record_proves_identity(tmp_path):
     assert run.read_process() == ProcessRecord(proc.pid, None, None) and not run.process_alive()
     run.process_file.write_bytes(b"\xff\xfe garbage")
     assert run.read_process() is None and not run.process_alive()
+
+
+# --- one unreadable run never breaks the others (issue 13 item 6) ----------------------------------------------
+
+def test_every_corruption_is_one_unreadable_run_and_the_rest_lists(tmp_path):
+    from helpers.run_folders import corrupt_runs
+
+    from phi3_lora import events, jobs
+
+    expected = corrupt_runs(tmp_path)
+    healthy = make_run(tmp_path, "20260101-000000-healthy")
+    events.append_event(healthy.path, "start", step=0, max_steps=4)
+    events.append_event(healthy.path, "end", status="finished", step=4, max_steps=4)
+
+    infos = {info.run_id: info for info in jobs.list_runs(tmp_path)}
+    assert set(infos) == set(expected) | {healthy.run_id}
+    assert infos[healthy.run_id].status.state == "finished" and infos[healthy.run_id].config_error is None
+    for run_id, phrase in expected.items():
+        st = infos[run_id].status
+        assert st.state == "unreadable" and st.reason.startswith("unreadable: ") and phrase in st.reason, (run_id, st)
+        assert not st.active
+        with pytest.raises(UserError, match="cannot be resumed|unreadable|not UTF-8|wrong type|too deeply"):
+            jobs.resume_run(run_id, tmp_path)
+        assert isinstance(jobs.log_tail(run_id, tmp_path), str)
+    # What the app shows after a restart is the same fresh read of the folder.
+    assert jobs.active_run(tmp_path) is None
+    (tmp_path / ACTIVE).write_bytes(b"\xff{torn")
+    assert jobs.active_run(tmp_path) is None
+
+
+# --- a pid file never makes Stop signal a process that is not the run's (issue 13 item 4) ----------------------
+
+def test_stop_never_signals_a_reused_pid_nor_this_process(tmp_path):
+    from phi3_lora import events, jobs
+
+    run = make_run(tmp_path)
+    events.append_event(run.path, "start", step=0, max_steps=10)
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)  # an unrelated process, its own group
+    try:
+        true_start = ProcessRecord.of(sleeper.pid).start_time
+        forged = [str(sleeper.pid),                                              # the old bare-pid format
+                  ProcessRecord(sleeper.pid, true_start + 7, "run-token").to_json(),  # same pid, another process
+                  ProcessRecord(sleeper.pid, true_start, "run-token").to_json(),  # same process, not our token
+                  str(os.getpid()), ProcessRecord.of(os.getpid()).to_json()]      # this very process
+        for text in forged:
+            run.process_file.write_text(text)
+            write_active(tmp_path, run.run_id, run.read_process() or ProcessRecord(0, None))
+            assert jobs.active_run(tmp_path) is None
+            st = jobs.stop_run(run.run_id, tmp_path, grace=1)
+            assert st.state == "interrupted", (text, st)
+            assert sleeper.poll() is None, f"Stop signalled an unrelated process ({text})"
+        assert [e["type"] for e in events.read_events(run.path)] == ["start"]  # nothing recorded as stopped
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -79,6 +79,8 @@ def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
     """Runs with a final adapter, then each checkpoint holding an adapter (value: path relative to runs_dir)."""
     out = []
     for info in jobs.list_runs(runs_dir):
+        if info.config_error:  # its base model is unknown: nothing here can load it
+            continue
         run = RunDir(info.run_dir)
         if run.has_adapter():
             out.append((f"{info.run_id} · final adapter ({info.status.state})", info.run_id))

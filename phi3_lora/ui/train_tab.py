@@ -22,7 +22,7 @@ from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, check_source, guarded
 
 STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": "warn", "failed": "error",
-              "interrupted": "warn"}
+              "interrupted": "warn", "unreadable": "error"}
 
 
 @dataclass
@@ -93,7 +93,7 @@ def status_html(run_id: str, st: events.RunStatus) -> str:
     text = {"queued": "starting (loading the model and data)…", "running": "training",
             "finished": "finished — compare it in the Compare tab, export it in Export",
             "stopped": "stopped — Resume continues from the last checkpoint",
-            "interrupted": "interrupted", "failed": "failed"}[st.state]
+            "interrupted": "interrupted", "failed": "failed", "unreadable": "unreadable"}.get(st.state, st.state)
     body = f"<b>{html.escape(run_id)}</b>: {text}"
     if st.reason and st.reason not in text:
         body += f"<br>{html.escape(st.reason)}"
@@ -141,7 +141,8 @@ def run_choices(runs_dir: Any) -> list[tuple[str, str]]:
     out = []
     for info in jobs.list_runs(runs_dir):
         st = info.status
-        out.append((f"{info.run_id} · {st.state} · step {st.step}/{st.max_steps or '?'}", info.run_id))
+        what = st.reason[:120] if st.state == "unreadable" else f"{st.state} · step {st.step}/{st.max_steps or '?'}"
+        out.append((f"{info.run_id} · {what}", info.run_id))
     return out
 
 
@@ -163,7 +164,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     def render(run_id: str | None, seen: str) -> list[Any]:
         if not run_id:
             return [gr.skip()] * 4 + [seen]
-        st = events.run_status(runs.run_in(runs_dir, run_id).path)
+        st = jobs.run_info(runs.run_in(runs_dir, run_id)).status
         n_events = len(st.losses) + len(st.eval_losses)
         key = f"{run_id}|{st.state}|{st.step}|{n_events}|{st.last_checkpoint}"
         if key == seen and not st.active:
@@ -214,7 +215,6 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         own_run(who, Action.STOP, run_id)
         if not run_id:
             raise UserError("No run selected.", hint="Pick the run to stop from the list.")
-        runs.run_in(runs_dir, run_id)
         if not events.run_status(runs.run_in(runs_dir, run_id).path).active:
             raise UserError(f"{run_id} is not running.", hint="Only a running run can be stopped.")
         st = jobs.stop_run(run_id, runs_dir)
@@ -258,9 +258,3 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     tab.on_load = on_load
     tab.outputs = outputs
 
-
-def run_state(runs_dir: Any, run_id: str) -> dict[str, Any]:
-    """A plain summary for API clients and tests."""
-    st = events.run_status(runs_dir / run_id)
-    return {"run_id": run_id, "state": st.state, "step": st.step, "max_steps": st.max_steps, "loss": st.loss,
-            "reason": st.reason}
