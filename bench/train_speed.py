@@ -1,20 +1,24 @@
-"""Training and generation speed: the cookbook recipe vs our engine, on the same data, in one run.
+"""Training and generation speed: the cookbook recipe, our engine and Unsloth, on the same data and model.
 
-    python -m bench.train_speed                 # GPU: every row, writes docs/benchmarks.md
-    python -m bench.train_speed --cpu           # this machine: the embedded model, briefly
+    python -m bench.train_speed                 # GPU: the main rows, writes docs/benchmarks.md
+    python -m bench.train_speed --cpu           # this machine: the embedded model, briefly, with a recipe row
     python -m phi3_lora bench [--cpu]           # the same, through the app's CLI
 
 GPU rows use a Phi-3-mini-shaped model with random weights (transformers Phi3Config: hidden 3072,
-32 layers, 32 heads, intermediate 8192, vocab 32064) and the real Phi-3 tokenizer, so no download
-is needed. Data: full rows (every row cut at 2048 tokens) and a chat-length mix (lognormal token
-counts, median 300, mean 430). "Useful tokens" are non-padding tokens. MFU counts 16.2 GFLOP per
-trained token (forward + input gradients of a 3.8B model at 2048 context) against 790 TFLOP/s,
-the bf16 matrix rate measured on an H200.
+32 layers, 32 heads, intermediate 8192, vocab 32064) and the real Phi-3 tokenizer, built from
+tests/assets/ggml-vocab-phi-3.gguf on first use, so no download is needed. Data: full rows (every row cut
+at 2048 tokens) and a chat-length mix (lognormal token counts, median 300, mean 430). "Useful tokens" are
+non-padding tokens. MFU counts 16.2 GFLOP per trained token (forward + input gradients of a 3.8B model at
+2048 context) against 790 TFLOP/s, the bf16 matrix rate measured on an H200.
 
-Recipe rows build trl's SFTTrainer as the Phi-3 model card's sample_finetune.py does (peft_config
-handed to the trainer, which prepares the 4-bit model itself). Engine rows build the trainer through
-`phi3_lora.train.build`, the same function `python -m phi3_lora train` uses. Rows run in order in
-one process: rows with Liger kernels last, since Liger patches transformers' classes.
+Recipe rows build trl's SFTTrainer as the Phi-3 model card's sample_finetune.py does (peft_config handed to
+the trainer, which prepares the 4-bit model itself). Engine rows build the trainer through
+`phi3_lora.train.build`, the same function `python -m phi3_lora train` uses. Unsloth rows run
+bench/peer_unsloth.py with `--peer-path` put first on PYTHONPATH (Unsloth and its own pins, never a
+dependency of this project). Every row runs in a fresh process (so no row's patches or compiled kernels
+reach another, and the order does not matter), at the same learning rate (1e-4, constant, no warm-up),
+with the loss of every step kept, and is timed by bench/timing.py: warm-up until the step time settles,
+then the median step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
 PEAK_FLOPS = 790e12
 GIB = 2**30
+LEARNING_RATE = 1e-4  # every row, recipe, engine and peer alike, so their losses can be compared step by step
+SAME_LOSS_STEP, SAME_LOSS_TOLERANCE = 10, 0.01
+TOKENIZER_GGUF = ROOT / "tests" / "assets" / "ggml-vocab-phi-3.gguf"
 WORDS = ("the model learns a short answer from each turn of the chat while the adapter trains only a few "
          "matrices and the frozen weights stay in four bits on the card so memory is small").split()
 
@@ -45,75 +53,80 @@ WORDS = ("the model learns a short answer from each turn of the chat while the a
 @dataclass
 class Row:
     name: str
-    kind: str            # recipe | engine
+    kind: str            # recipe | engine | unsloth
     data: str            # full | mix
     four_bit: bool = True
     packing: bool = False
     liger: bool = False
     budget_gb: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # engine: extra train/model settings
-    recipe_ref: str | None = None   # the recipe row this engine row is compared with
+    recipe_ref: str | None = None   # the recipe row this row is compared with
     patch: dict[str, Any] = field(default_factory=dict)  # "module.attribute": value, set for this row only
+    peer: dict[str, Any] = field(default_factory=dict)  # unsloth: checkpointing ("unsloth" | "none" | N layers
+    # left un-checkpointed), model ("llama": the same weights with split q/k/v and gate/up, Unsloth's fast path)
 
 
+_FULL, _MIX = "recipe QLoRA full rows", "recipe QLoRA mix packed"
 RECIPE = [
-    Row("recipe QLoRA full rows", "recipe", "full"),
-    Row("recipe QLoRA mix padded", "recipe", "mix"),
-    Row("recipe QLoRA mix packed", "recipe", "mix", packing=True),
-    Row("recipe QLoRA mix packed + Liger", "recipe", "mix", packing=True, liger=True),
-    Row("recipe QLoRA full rows + Liger", "recipe", "full", liger=True),
+    Row(_FULL, "recipe", "full"),
+    Row(_MIX, "recipe", "mix", packing=True),
 ]
-ENGINE = [
-    Row("engine QLoRA mix, 24 GiB", "engine", "mix", budget_gb=24, recipe_ref="recipe QLoRA mix packed"),
-    Row("engine QLoRA full rows, 24 GiB", "engine", "full", budget_gb=24, recipe_ref="recipe QLoRA full rows"),
-    Row("engine LoRA-16 mix, 24 GiB", "engine", "mix", four_bit=False, budget_gb=24,
-        recipe_ref="recipe QLoRA mix packed"),
-    Row("engine LoRA-16 full rows, 24 GiB", "engine", "full", four_bit=False, budget_gb=24,
-        recipe_ref="recipe QLoRA full rows"),
-    Row("engine LoRA-16 mix, whole GPU", "engine", "mix", four_bit=False, recipe_ref="recipe QLoRA mix packed"),
-    Row("engine LoRA-16 full rows, whole GPU", "engine", "full", four_bit=False,
-        recipe_ref="recipe QLoRA full rows"),
-]
-# What each technique gives: the engine with one choice turned back (no Liger rows run before Liger ones).
+BUDGETS = [(8, "8 GiB"), (24, "24 GiB"), (None, "whole GPU")]
+# Unsloth has no memory budget: its rows are the checkpointing choice that fits each budget (all layers with
+# inputs offloaded fits 8 GiB; 16 layers left un-checkpointed peaked at 20.3 GiB in issue 19's run).
+UNSLOTH_AT = {8: {"checkpointing": "unsloth"}, 24: {"checkpointing": 16}, None: {"checkpointing": "none"}}
+ENGINE = [Row(f"engine QLoRA {d}, {label}", "engine", d, budget_gb=b, recipe_ref=_FULL if d == "full" else _MIX)
+          for b, label in BUDGETS for d in ("full", "mix")]
+PEER = [Row(f"unsloth QLoRA {d}, {label}", "unsloth", d, budget_gb=b, peer={**UNSLOTH_AT[b], "model": "phi3"},
+            recipe_ref=_FULL if d == "full" else _MIX)
+        for b, label in BUDGETS for d in ("full", "mix")]
+SIXTEEN = [Row(f"engine LoRA-16 full, {label}", "engine", "full", four_bit=False, budget_gb=b, recipe_ref=_FULL)
+           for b, label in BUDGETS[1:]]
+_OFF = "phi3_lora.options.OFFLOAD"
+# What each technique gives: the engine with one choice turned back.
 ABLATIONS = [
-    Row("recipe QLoRA full rows (again, not first in the process)", "recipe", "full"),
-    Row("ablate: engine QLoRA mix, packed sdpa mask (no varlen), no Liger", "engine", "mix", budget_gb=24,
-        overrides={"model": {"attn_implementation": "sdpa"}, "train": {"packing": True, "use_liger_kernel": False}},
-        recipe_ref="recipe QLoRA mix packed"),
-    Row("ablate: engine QLoRA mix, varlen, no Liger", "engine", "mix", budget_gb=24,
-        overrides={"train": {"use_liger_kernel": False}}, recipe_ref="recipe QLoRA mix packed"),
-    Row("ablate: engine QLoRA full, all layers checkpointed, no Liger", "engine", "full",
-        overrides={"train": {"gradient_checkpointing": True, "use_liger_kernel": False}},
-        recipe_ref="recipe QLoRA full rows"),
-    Row("ablate: engine QLoRA full, fp32 upcast, all checkpointed, no Liger", "engine", "full",
-        overrides={"train": {"gradient_checkpointing": True, "use_liger_kernel": False, "fp32_upcast": True}},
-        recipe_ref="recipe QLoRA full rows"),
-    Row("ablate: engine QLoRA full, no checkpointing, no Liger (calibration)", "engine", "full",
-        overrides={"train": {"gradient_checkpointing": False, "use_liger_kernel": False}},
-        recipe_ref="recipe QLoRA full rows"),
+    Row("ablate: engine QLoRA full, all layers checkpointed, plain", "engine", "full", recipe_ref=_FULL,
+        overrides={"train": {"gradient_checkpointing": True}}),
     Row("ablate: engine QLoRA full rows, 24 GiB, peft's LoRA forward (no lean_lora)", "engine", "full", budget_gb=24,
-        overrides={"train": {"lean_lora": False}}, recipe_ref="recipe QLoRA full rows"),
-    Row("ablate: engine QLoRA mix, 24 GiB, peft's LoRA forward (no lean_lora)", "engine", "mix", budget_gb=24,
-        overrides={"train": {"lean_lora": False}}, recipe_ref="recipe QLoRA mix packed"),
-    Row("ablate: engine QLoRA full rows, whole GPU (no checkpointing)", "engine", "full",
-        recipe_ref="recipe QLoRA full rows"),
-    Row("ablate: engine QLoRA full rows, 24 GiB, dropout's output and mask kept (no DropoutLoraA)", "engine", "full",
-        budget_gb=24, patch={"phi3_lora.lean_lora.DROPOUT_LORA_A": False}, recipe_ref="recipe QLoRA full rows"),
-    Row("ablate: engine QLoRA full rows, 24 GiB, SwiGLU output kept (no remake)", "engine", "full",
-        budget_gb=24, patch={"phi3_lora.lean_lora.REMAKE_INPUTS": False}, recipe_ref="recipe QLoRA full rows"),
+        overrides={"train": {"lean_lora": False}}, recipe_ref=_FULL),
+    Row("ablate: engine QLoRA full, no Liger, whole GPU", "engine", "full", recipe_ref=_FULL,
+        overrides={"train": {"use_liger_kernel": False}}),
+    Row("recipe QLoRA full rows + Liger", "recipe", "full", liger=True),
+    Row("recipe QLoRA mix padded", "recipe", "mix"),
 ]
-
-
-# Batch split (micro-batches with gradient accumulation, same optimizer batch) instead of recomputing layers.
-_FULL24 = dict(budget_gb=24, recipe_ref="recipe QLoRA full rows")
+_COMPILE = "phi3_lora.train.COMPILE_LAYERS"
+# Tried while tuning the host-memory plan (offload spacing), torch.compile and the peer's set-up.
 EXPLORE = [
-    Row("explore: engine QLoRA full rows, all layers checkpointed", "engine", "full",
-        overrides={"train": {"gradient_checkpointing": True}}, recipe_ref="recipe QLoRA full rows"),
-    Row("explore: engine QLoRA full, 24 GiB, micro 2 x 2", "engine", "full", **_FULL24,
-        overrides={"train": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}}),
-    Row("explore: engine QLoRA full, 24 GiB, micro 1 x 4", "engine", "full", **_FULL24,
-        overrides={"train": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}}),
+    Row("explore: engine QLoRA full, whole GPU, compiled layers, no Liger, peft's LoRA forward", "engine", "full",
+        patch={_COMPILE: True}, overrides={"train": {"use_liger_kernel": False, "lean_lora": False}},
+        recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, compiled layers", "engine", "full", patch={_COMPILE: True},
+        recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, compiled layers, no Liger, peft's LoRA forward", "engine", "full",
+        budget_gb=8, patch={_COMPILE: True}, overrides={"train": {"use_liger_kernel": False, "lean_lora": False}},
+        recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, host memory (offload every 3rd)", "engine", "full", budget_gb=8,
+        patch={_OFF: True}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, offload every 2nd", "engine", "full", budget_gb=8,
+        patch={_OFF: True, "phi3_lora.options.OFFLOAD_SPACING": 2}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, inputs only (no layer offloaded)", "engine", "full", budget_gb=8,
+        patch={_OFF: True, "phi3_lora.options.OFFLOAD_SPACING": 10**6}, recipe_ref=_FULL),
+    Row("explore: unsloth QLoRA full, whole GPU, Llama layout (its Llama fast path)", "unsloth", "full",
+        peer={"checkpointing": "none", "model": "llama"}, recipe_ref=_FULL),
+    Row("explore: unsloth QLoRA full, 8 GiB, Llama layout", "unsloth", "full",
+        peer={"checkpointing": "unsloth", "model": "llama"}, recipe_ref=_FULL),
+    Row("explore: unsloth QLoRA full, 24 GiB, Llama layout", "unsloth", "full",
+        peer={"checkpointing": 16, "model": "llama"}, recipe_ref=_FULL),
+    Row("explore: unsloth QLoRA full, 20 layers not checkpointed", "unsloth", "full",
+        peer={"checkpointing": 20, "model": "phi3"}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 12 GiB", "engine", "full", budget_gb=12, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 16 GiB", "engine", "full", budget_gb=16, recipe_ref=_FULL),
 ]
+SETS = {"main": RECIPE + ENGINE + PEER + SIXTEEN, "ablations": ABLATIONS, "explore": EXPLORE}
+
+
+def all_rows() -> list[Row]:
+    return [r for rows in SETS.values() for r in rows]
 
 
 def named(row: Row, name: str) -> bool:
@@ -122,25 +135,24 @@ def named(row: Row, name: str) -> bool:
 
 
 def ordered_rows(names: list[str] | None, which: str | list[str] = "main") -> list[Row]:
-    """Rows of the chosen sets, in run order: everything without Liger first (Liger patches transformers'
-    classes for the rest of the process), then Liger recipe rows, engine rows, and the Liger-on ablations."""
-    sets = {which} if isinstance(which, str) else set(which)
+    """Rows of the chosen sets ("all" = main + ablations), each once, optionally only those named."""
+    sets = [which] if isinstance(which, str) else list(which)
     if "all" in sets:
-        sets |= {"main", "ablations"}
-    main = "main" in sets
-    ablations = (ABLATIONS if "ablations" in sets
-                 else [r for r in ABLATIONS if "lean_lora" in r.name or "whole GPU" in r.name or r.patch]
-                 if "lean" in sets
-                 else [])
-    early = [r for r in ablations if (r.kind == "recipe" and not r.liger)
-             or r.overrides.get("train", {}).get("use_liger_kernel") is False]
-    late = [r for r in ablations if r not in early]
-    rows = (([r for r in RECIPE if not r.liger] if main else []) + early
-            + ([r for r in RECIPE if r.liger] + ENGINE if main else []) + late
-            + (EXPLORE if "explore" in sets else []))
+        sets = ["main", "ablations"] + [s for s in sets if s not in ("all", "main", "ablations")]
+    rows: list[Row] = []
+    for s in sets:
+        rows += [r for r in SETS[s] if r not in rows]
+    if names and all(n.startswith("=") for n in names):  # exact names: in the order given
+        return [r for n in names for r in rows if named(r, n)]
     if names:
         rows = [r for r in rows if any(named(r, n) for n in names)]
     return rows
+
+
+def run_order(rows: list[Row], repeat: int) -> list[Row]:
+    """Repeat 0 in the listed order, repeat 1 reversed, and so on: with every row in its own process the order
+    must not matter, and alternating it shows whether it does."""
+    return list(rows) if repeat % 2 == 0 else list(reversed(rows))
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -164,7 +176,27 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def bench_data(work: Path) -> dict[str, Path]:
+    """Enough rows for the longest warm-up plus the timed steps (4 rows of 2048 tokens a step)."""
+    return {"full": write_jsonl(chat_rows("full", 128), work / "full.jsonl"),
+            "mix": write_jsonl(chat_rows("mix", 1024), work / "mix.jsonl")}
+
+
 # --- the model ----------------------------------------------------------------------------------
+
+def ensure_tokenizer(folder: Path, gguf: Path = TOKENIZER_GGUF) -> Path:
+    """The Phi-3 tokenizer as a transformers folder, made once from the GGUF vocabulary in tests/assets."""
+    if (folder / "tokenizer_config.json").exists():
+        return folder
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    tok.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+    return folder
+
 
 def make_phi3_mini(folder: Path, tokenizer_dir: Path) -> Path:
     """Random-weight Phi-3-mini (3.8B) saved as safetensors, built on the GPU in bf16 (seconds, not minutes)."""
@@ -190,50 +222,68 @@ def make_phi3_mini(folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
-# --- timing ---------------------------------------------------------------------------------------
+def make_llama_copy(phi3_dir: Path, folder: Path) -> Path:
+    """The same weights as a Llama-layout model (q/k/v and gate/up split out of Phi-3's fused layers; Phi-3
+    is a Llama with fused projections): the layout Unsloth's own Phi-3 uploads use and its fast path needs."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
-class StepTimer:
-    """Times optimizer steps (synchronised) and counts useful tokens of each forward."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self.tokens, self._t, self._tok = warmup, [], [], 0.0, 0
-
-    def pre_hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids")
-        if module.training and ids is not None:
-            self._tok += int(mask.sum()) if mask is not None else ids.numel()
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class _CB(TrainerCallback):
-            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                _sync()
-                timer._t, timer._tok = time.perf_counter(), 0
-
-            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                _sync()
-                timer.times.append(time.perf_counter() - timer._t)
-                timer.tokens.append(timer._tok)
-
-        return _CB()
-
-    def result(self) -> dict[str, float]:
-        t, n = self.times[self.warmup:], self.tokens[self.warmup:]
-        return {"steps": len(t), "seconds": sum(t), "tokens": sum(n),
-                "tokens_per_s": sum(n) / sum(t) if t and sum(t) > 0 else float("nan"),
-                "tokens_per_step": sum(n) / max(1, len(n))}
+    src = AutoConfig.from_pretrained(phi3_dir)
+    cfg = LlamaConfig(vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,
+                      num_hidden_layers=src.num_hidden_layers, num_attention_heads=src.num_attention_heads,
+                      num_key_value_heads=src.num_key_value_heads, max_position_embeddings=src.max_position_embeddings,
+                      rms_norm_eps=src.rms_norm_eps, rope_theta=getattr(src, "rope_theta", 10000.0),
+                      bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
+                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
+                      dtype="bfloat16")
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(phi3_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    out: dict[str, torch.Tensor] = {}
+    q = src.num_attention_heads * (src.hidden_size // src.num_attention_heads)
+    kv = src.num_key_value_heads * (src.hidden_size // src.num_attention_heads)
+    for name, w in state.items():
+        if name.endswith("qkv_proj.weight"):
+            base = name[: -len("qkv_proj.weight")]
+            out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = (
+                t.contiguous() for t in w.split([q, kv, kv]))
+        elif name.endswith("gate_up_proj.weight"):
+            base = name[: -len("gate_up_proj.weight")]
+            gate, up = w.chunk(2, dim=0)  # Phi3MLP: gate, up = gate_up_proj(x).chunk(2)
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate.contiguous(), up.contiguous()
+        else:
+            out[name] = w
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(folder)
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(phi3_dir).save_pretrained(folder)
+    return folder
 
 
-def _sync() -> None:
+def host_link(gib: float = 1.0) -> dict[str, float]:
+    """Pinned host <-> GPU copy rates (GB/s), which decide how many layers' activations host memory can take."""
     import torch
 
-    if torch.cuda.is_available():
+    n = int(gib * GIB)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    out = {}
+    for label, dst, src in (("d2h_gb_s", host, dev), ("h2d_gb_s", dev, host)):
+        dst.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        out[label] = 3 * n / (time.perf_counter() - t0) / 1e9
+    del dev, host
+    return out
 
+
+# --- running one row ------------------------------------------------------------------------------
 
 def _free() -> None:
     import torch
@@ -244,27 +294,14 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def time_trainer(trainer: Any, warmup: int) -> dict[str, float]:
-    import torch
+def _sync() -> None:
+    from bench.timing import sync
 
-    timer = StepTimer(warmup)
-    trainer.add_callback(timer.callback())
-    handle = trainer.model.register_forward_pre_hook(timer.pre_hook, with_kwargs=True)
-    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-    out = timer.result()
-    if torch.cuda.is_available():
-        out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-        out["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-        out["leftover_gib"] = base / GIB
-    return out
+    sync()
 
 
 def run_recipe(row: Row, model_dir: Path, data: Path, steps: int, out_dir: Path) -> tuple[dict, dict]:
-    """sample_finetune.py's SFTTrainer set-up, with QLoRA NF4 and SDPA."""
+    """sample_finetune.py's SFTTrainer set-up, with QLoRA NF4 and SDPA (learning rate: LEARNING_RATE)."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -278,10 +315,10 @@ def run_recipe(row: Row, model_dir: Path, data: Path, steps: int, out_dir: Path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.unk_token
     tok.padding_side = "right"
-    args = SFTConfig(output_dir=str(out_dir), bf16=True, learning_rate=5e-6, lr_scheduler_type="cosine",
+    args = SFTConfig(output_dir=str(out_dir), bf16=True, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
                      max_steps=steps, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                      gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-                     warmup_steps=0.2, logging_steps=20, save_strategy="no", report_to="none", seed=0,
+                     warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", seed=0,
                      max_length=2048, packing=row.packing, use_liger_kernel=row.liger, disable_tqdm=True)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                       target_modules="all-linear", modules_to_save=None)
@@ -298,9 +335,11 @@ def run_engine(row: Row, model_dir: Path, data: Path, steps: int, out_dir: Path)
         model={"name": str(model_dir), "load_in_4bit": row.four_bit, **row.overrides.get("model", {})},
         lora={"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
               **row.overrides.get("lora", {})},
-        train={"max_steps": steps, "max_length": 2048, "per_device_train_batch_size": 4, "learning_rate": 1e-4,
-               "save_steps": 10**6, "logging_steps": 10**6, "memory_budget_gb": row.budget_gb, "seed": 0,
-               "warmup_ratio": 0.0, **row.overrides.get("train", {})},
+        train={"max_steps": steps, "max_length": 2048, "per_device_train_batch_size": 4,
+               "learning_rate": LEARNING_RATE, "lr_scheduler_type": "constant", "save_steps": 10**6,
+               "logging_steps": 1, "memory_budget_gb": row.budget_gb, "seed": 0, "warmup_ratio": 0.0,
+               "assistant_only_loss": False,  # the recipe trains on every token: the same loss on both sides
+               **row.overrides.get("train", {})},
         data={"source": str(data), "eval_fraction": 0.0})
     built = train.build(cfg, out_dir)
     opts = dict(vars(built.opts))
@@ -317,19 +356,94 @@ def patched(patch: dict[str, Any]) -> contextlib.ExitStack:
     return stack
 
 
-def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int, warmup: int) -> dict[str, Any]:
+def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int) -> dict[str, Any]:
+    """One recipe or engine row in this process."""
+    from bench.timing import SettleTimer, time_trainer
+
     _free()
     started = time.time()
+    timer = SettleTimer(steps, min_total=SAME_LOSS_STEP)
     with tempfile.TemporaryDirectory() as tmp, patched(row.patch):
         build = run_recipe if row.kind == "recipe" else run_engine
-        trainer, opts = build(row, model_dir, data[row.data], steps + warmup, Path(tmp))
-        result = time_trainer(trainer, warmup)
+        trainer, opts = build(row, model_dir, data[row.data], timer.max_steps(), Path(tmp))
+        result = time_trainer(trainer, timer)
+        copies = getattr(trainer.model, "_phi3_offload_copies", None)
+        if copies is not None:
+            result["host_copies_gib_per_step"] = copies.stored_bytes / GIB / max(1, len(timer.times))
         del trainer
     _free()
+    return finish(result, row, opts, started)
+
+
+def finish(result: dict[str, Any], row: Row, opts: dict[str, Any], started: float) -> dict[str, Any]:
     result.update(name=row.name, kind=row.kind, data=row.data, four_bit=row.four_bit, options=opts,
                   mfu=result["tokens_per_s"] * FLOP_PER_TOKEN / PEAK_FLOPS, wall_s=time.time() - started,
                   recipe_ref=row.recipe_ref, budget_gb=row.budget_gb)
     return result
+
+
+def measure_in_process(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run one row in a fresh Python process (the peer's with its own packages first on the path)."""
+    out = work / f"row-{os.getpid()}-{time.time_ns()}.json"
+    common = ["--workdir", str(work), "--steps", str(args.steps), "--row-json", str(out)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if row.kind == "unsloth":
+        cmd = [sys.executable, "-m", "bench.peer_unsloth", "--row", "=" + row.name, *common]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_path, str(ROOT), env.get("PYTHONPATH")) if p)
+        env.update(HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", TRANSFORMERS_OFFLINE="1")
+    else:
+        cmd = [sys.executable, "-m", "bench.train_speed", "--one-row", "=" + row.name, *common]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.row_timeout, check=False)  # noqa: S603
+    if proc.returncode == 0 and out.exists():
+        return json.loads(out.read_text(encoding="utf-8"))
+    return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": time.time() - started,
+            "error": f"row process exited {proc.returncode}"}
+
+
+def one_row_main(args: argparse.Namespace) -> int:
+    work = Path(args.workdir)
+    row = next(r for r in all_rows() if named(r, args.one_row))
+    model_dir = work / "phi3-mini-random"
+    data = {"full": work / "full.jsonl", "mix": work / "mix.jsonl"}
+    try:
+        result = measure(row, model_dir, data, args.steps)
+    except Exception as exc:  # noqa: BLE001 - a row that fails is a result too
+        import traceback
+
+        traceback.print_exc()
+        result = {"name": row.name, "kind": row.kind, "data": row.data, "error": f"{type(exc).__name__}: {exc}"}
+    Path(args.row_json).write_text(json.dumps(result, default=str), encoding="utf-8")
+    return 0
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per row over its repeats: the median repeat's figures, with every repeat's tok/s kept."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["name"], []).append(r)
+    out = []
+    for name, rs in by.items():
+        ok = [r for r in rs if "error" not in r and r.get("steps")]
+        if not ok:
+            out.append(rs[0])
+            continue
+        ok.sort(key=lambda r: r["tokens_per_s"])
+        mid = dict(ok[(len(ok) - 1) // 2])
+        mid["repeats_tok_s"] = [r["tokens_per_s"] for r in ok]
+        mid["peak_gib"] = max(r.get("peak_gib", 0) for r in ok)
+        mid["reserved_gib"] = max(r.get("reserved_gib", 0) for r in ok)
+        out.append(mid)
+    return out
+
+
+def same_loss(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float, bool] | None:
+    """(row's, reference's loss at SAME_LOSS_STEP, within SAME_LOSS_TOLERANCE) or None if either lacks it."""
+    i = SAME_LOSS_STEP - 1
+    a, b = (row.get("losses") or [])[i:i + 1], (ref.get("losses") or [])[i:i + 1]
+    if not a or not b or a[0] is None or b[0] is None:
+        return None
+    return a[0], b[0], abs(a[0] - b[0]) <= SAME_LOSS_TOLERANCE * abs(b[0])
 
 
 def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, out: Path) -> str:
@@ -598,68 +712,32 @@ def explore_generation(model_dir: Path, adapter_dir: Path, four_bit: bool, new_t
     return out
 
 
-# --- CPU figures ----------------------------------------------------------------------------------
-
-def cpu_figures(steps: int = 3) -> dict[str, Any]:
-    """The embedded SmolLM2-135M on this machine: a training step and generation, briefly."""
-    from phi3_lora import embedded, train
-    from phi3_lora.config import preset
-
-    out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = preset("quick-cpu").replace(train={"max_steps": steps + 1, "save_steps": 10**6,
-                                                 "logging_steps": 10**6},
-                                          data={"source": str(ROOT / "data" / "sample_chat.jsonl"),
-                                                "eval_fraction": 0.0})
-        built = train.build(cfg, Path(tmp))
-        res = time_trainer(built.trainer, warmup=1)
-        res["options"] = {k: v for k, v in vars(built.opts).items()}
-        out["train_step"] = res
-        adapter = Path(tmp) / "adapter"
-        built.trainer.model.save_pretrained(adapter)
-        del built
-        out["generation"] = time_generation(embedded.EMBEDDED_NAME, adapter, load_in_4bit=False, new_tokens=48,
-                                            repeats=1)
-    return out
-
-
-# --- the report -----------------------------------------------------------------------------------
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    import torch
-
-    v = {"python": platform.python_version()}
-    for p in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel"):
-        try:
-            v[p] = md.version(p)
-        except md.PackageNotFoundError:
-            v[p] = "-"
-    v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return v
-
-
 def table(results: list[dict[str, Any]]) -> str:
     by_name = {r["name"]: r for r in results if "tokens_per_s" in r}
-    lines = ["| row | useful tok/s | MFU | peak GiB (alloc / reserved) | tokens/step | vs recipe | options |",
-             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines = ["| row | useful tok/s (median step) | repeats' tok/s | steps' tok/s (min-max) | MFU | "
+             "peak GiB (alloc / reserved) | tokens/step | warm-up steps | vs recipe | "
+             f"step-{SAME_LOSS_STEP} loss (recipe) | options |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for r in results:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} | | | | | |")
+        if "error" in r or not r.get("steps"):
+            lines.append(f"| {r['name']} | failed: {str(r.get('error', 'no timed step'))[:120]} "
+                         "| | | | | | | | | |")
             continue
-        ratios = []
-        for ref in ([r["recipe_ref"]] if r.get("recipe_ref") else []) + (
-                ["recipe QLoRA mix packed + Liger"] if r["data"] == "mix" and r["kind"] == "engine" else []):
-            if ref in by_name:
-                ratios.append(f"{r['tokens_per_s'] / by_name[ref]['tokens_per_s']:.2f}x {ref.replace('recipe ', '')}")
+        ref = by_name.get(r.get("recipe_ref") or "")
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and ref is not r else "-"
+        check = same_loss(r, ref) if ref and ref is not r else None
+        own = (r.get("losses") or [])[SAME_LOSS_STEP - 1:SAME_LOSS_STEP]
+        loss = (f"{check[0]:.4f} ({check[1]:.4f}) {'same' if check[2] else 'DIFFERENT'}" if check else
+                f"{own[0]:.4f}" if own and own[0] is not None else "-")
         o = r.get("options", {})
         opt = ", ".join(f"{k}={v}" for k, v in o.items() if k in (
-            "attn_implementation", "packing", "use_liger_kernel", "gradient_checkpointing", "checkpointed_layers",
-            "fp32_upcast", "liger"))
-        lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.3f} | "
-                     f"{r.get('peak_gib', 0):.1f} / {r.get('reserved_gib', 0):.1f} | {r['tokens_per_step']:,.0f} | "
-                     f"{'; '.join(ratios) or '-'} | {opt} |")
+            "use_liger_kernel", "gradient_checkpointing", "checkpointed_layers", "layer_plan", "liger",
+            "checkpointing", "model", "lean_lora") and v not in ("", None))
+        reps = " / ".join(f"{x:,.0f}" for x in r.get("repeats_tok_s", [r["tokens_per_s"]]))
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {reps} | {r['step_tok_s_min']:,.0f}-"
+                     f"{r['step_tok_s_max']:,.0f} | {r['mfu']:.3f} | {r.get('peak_gib', 0):.2f} / "
+                     f"{r.get('reserved_gib', 0):.2f} | {r['tokens_per_step']:,.0f} | {r['warmup_steps']}"
+                     f"{'' if r.get('settled') else ' (not settled)'} | {ratio} | {loss} | {opt} |")
     return "\n".join(lines)
 
 
@@ -690,39 +768,46 @@ def write_markdown(path: Path, section: str, body: str) -> None:
 def gpu_main(args: argparse.Namespace) -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    tok_dir = Path(args.tokenizer)
+    tok_dir = ensure_tokenizer(Path(args.tokenizer))
     model_dir = make_phi3_mini(work / "phi3-mini-random", tok_dir)
-    data = {"full": write_jsonl(chat_rows("full", 256), work / "full.jsonl"),
-            "mix": write_jsonl(chat_rows("mix", 4096), work / "mix.jsonl")}
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "rows": [], "gen": {}}
+    rows = ordered_rows(args.rows, args.set)
+    if any(r.kind == "unsloth" and r.peer.get("model") == "llama" for r in rows):
+        make_llama_copy(model_dir, work / "llama-mini-random")
+    bench_data(work)
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "runs": [], "gen": {},
+                              "host_link": host_link(), "order": []}
+    print("host link:", report["host_link"], flush=True)
     log = Path(args.json)
 
     def dump() -> None:
+        report["rows"] = aggregate(report["runs"])
         log.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
 
     if not args.no_check:
-        try:
-            report["packed_check"] = check_packed_gpu(model_dir)
-        except Exception as exc:
-            report["packed_check"] = {"error": f"{type(exc).__name__}: {exc}"}
-        print("packed check:", report["packed_check"], flush=True)
-        try:
-            report["dropout_lora_check"] = check_dropout_lora_gpu()
-        except Exception as exc:
-            report["dropout_lora_check"] = {"error": f"{type(exc).__name__}: {exc}"}
-        print("DropoutLoraA check:", report["dropout_lora_check"], flush=True)
-    for row in ordered_rows(args.rows, args.set):
-        try:
-            r = measure(row, model_dir, data, args.steps, args.warmup)
-        except Exception as exc:
-            import traceback
-
-            traceback.print_exc()
-            r = {"name": row.name, "kind": row.kind, "data": row.data, "error": f"{type(exc).__name__}: {exc}"}
-            _free()
-        report["rows"].append(r)
-        print(json.dumps({k: v for k, v in r.items() if k != "options"}, default=str), flush=True)
-        dump()
+        for key, check in (("packed_check", lambda: check_packed_gpu(model_dir)),
+                           ("dropout_lora_check", check_dropout_lora_gpu)):
+            try:
+                report[key] = check()
+            except Exception as exc:  # noqa: BLE001
+                report[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(key, report[key], flush=True)
+        _free()
+    deadline = time.time() + args.time_budget if args.time_budget else None
+    for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
+        for row in run_order(rows, repeat):
+            if deadline and time.time() > deadline:
+                print("time budget spent: skipping", row.name, flush=True)
+                continue
+            r = measure_in_process(row, args, work)
+            r["repeat"] = repeat
+            report["runs"].append(r)
+            report["order"].append(row.name)
+            print(json.dumps({k: v for k, v in r.items() if k in (
+                "name", "tokens_per_s", "peak_gib", "tokens_per_step", "warmup_steps", "settled", "step_s_median",
+                "step_tok_s_min", "step_tok_s_max", "error", "wall_s", "host_copies_gib_per_step")}, default=str),
+                flush=True)
+            dump()
+    dump()
     measures = ([("gen", lambda d, a, b: time_generation(str(d), a, b))] if args.gen else []) + (
         [("gen_explore", explore_generation)] if args.gen_explore else [])
     for key, measure_gen in measures:
@@ -731,44 +816,144 @@ def gpu_main(args: argparse.Namespace) -> int:
             try:
                 adapter = save_random_adapter(model_dir, work / f"adapter-{int(four_bit)}", four_bit)
                 report.setdefault(key, {})[label] = measure_gen(model_dir, adapter, four_bit)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 report.setdefault(key, {})[label] = [{"error": f"{type(exc).__name__}: {exc}"}]
             print(key, label, report[key][label], flush=True)
             dump()
     print(table(report["rows"]))
     for i, name in enumerate(args.profile or []):
-        rows = [r for r in ordered_rows(None, ["all", "explore"]) if named(r, name)]
-        if rows:
-            print(profile_step(rows[0], model_dir, data, args.warmup, Path(args.json).with_suffix(f".profile{i}.txt")),
+        prow = [r for r in all_rows() if named(r, name) and r.kind != "unsloth"]
+        if prow:
+            data = {"full": work / "full.jsonl", "mix": work / "mix.jsonl"}
+            print(profile_step(prow[0], model_dir, data, 4, Path(args.json).with_suffix(f".profile{i}.txt")),
                   flush=True)
     if args.markdown:
-        v = report["versions"]
-        body = (f"## GPU training speed ({v['gpu']})\n\n{report['date']}; "
-                + ", ".join(f"{k} {val}" for k, val in v.items() if k != "gpu")
-                + f". {args.steps} timed steps after {args.warmup} warm-up steps; batch 4, max length 2048, "
-                "LoRA r16 all-linear, dropout 0.05. Packed-path check (logits of a packed row vs each sequence "
-                f"alone): {report.get('packed_check')}. DropoutLoraA vs nn.Dropout + product on CUDA, same RNG state: "
-                f"{report.get('dropout_lora_check')}.\n\n" + table(report["rows"])
-                + ("\n\n### Generation (ChatEngine, greedy, 128 new tokens)\n\n" + gen_table(report["gen"])
-                   if report["gen"] else ""))
-        title = f"GPU training speed ({v['gpu']}){', ablations' if args.set == ['ablations'] else ''}"
-        write_markdown(Path(args.markdown), title, body.replace(f"## GPU training speed ({v['gpu']})", f"## {title}", 1))
+        write_gpu_markdown(report, args)
     return 0
+
+
+def write_gpu_markdown(report: dict[str, Any], args: argparse.Namespace) -> None:
+    if True:
+        v = report["versions"]
+        title = f"GPU training speed ({v['gpu']})"
+        body = (f"## {title}\n\n{report['date']}; " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "gpu")
+                + f". Each row in its own process, {len({r.get('repeat') for r in report['runs']})} repeat(s) (order "
+                "reversed on odd repeats); "
+                f"{args.steps} timed steps after the warm-up settles; batch 4, max length 2048, LoRA r16 all-linear, "
+                f"dropout 0.05, learning rate {LEARNING_RATE} constant on every row. Host link (pinned): "
+                f"{report['host_link']}.\n\n" + table(report["rows"]))
+        write_markdown(Path(args.markdown), title, body)
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    """Several GPU runs' JSON (the same session's calls) as one table: every run of a row is a repeat."""
+    reports = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
+    report = dict(reports[0], runs=[r for rep in reports for r in rep["runs"]])
+    report["rows"] = aggregate(report["runs"])
+    Path(args.json).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    print(table(report["rows"]))
+    if args.markdown:
+        write_gpu_markdown(report, args)
+    return 0
+
+
+# --- CPU figures ----------------------------------------------------------------------------------
+
+def cpu_recipe_trainer(model_name: str, data: Path, steps: int, out_dir: Path, batch: int, length: int,
+                       lora: Any) -> Any:
+    """The plain trl recipe on the CPU: the model in bf16, peft_config handed to SFTTrainer, gradient
+    checkpointing as the cookbook sets it, and the quick-cpu preset's batch, length and LoRA."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from phi3_lora import models
+
+    path = models.local_path(model_name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    tok = models.load_tokenizer(model_name)
+    args = SFTConfig(output_dir=str(out_dir), bf16=True, use_cpu=True, learning_rate=LEARNING_RATE,
+                     lr_scheduler_type="constant", max_steps=steps, per_device_train_batch_size=batch,
+                     gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                     logging_steps=1, save_strategy="no", report_to="none", seed=0, max_length=length,
+                     packing=False, disable_tqdm=True)
+    peft = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules="all-linear")
+    return SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(data))["train"],
+                      processing_class=tok, peft_config=peft)
+
+
+def cpu_figures(steps: int = 3, generation: bool = True) -> dict[str, Any]:
+    """The embedded SmolLM2-135M on this machine: the plain recipe's and the engine's training step (same data,
+    batch and length), and generation, briefly."""
+    from bench.timing import SettleTimer, time_trainer
+    from phi3_lora import embedded, models, train
+    from phi3_lora.config import preset
+
+    out: dict[str, Any] = {}
+    data = ROOT / "data" / "sample_chat.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = preset("quick-cpu").replace(train={"max_steps": steps + 2, "save_steps": 10**6, "logging_steps": 1,
+                                                 "learning_rate": LEARNING_RATE, "lr_scheduler_type": "constant",
+                                                 "warmup_ratio": 0.0},
+                                          data={"source": str(data), "eval_fraction": 0.0})
+        timer = SettleTimer(steps, min_warmup=1, max_warmup=2)
+        recipe = cpu_recipe_trainer(embedded.EMBEDDED_NAME, data, timer.max_steps(), Path(tmp) / "recipe",
+                                    cfg.train.per_device_train_batch_size, cfg.train.max_length, cfg.lora)
+        out["recipe_step"] = time_trainer(recipe, timer)
+        del recipe
+        gc.collect()
+        built = train.build(cfg, Path(tmp))
+        timer = SettleTimer(steps, min_warmup=1, max_warmup=2)
+        res = time_trainer(built.trainer, timer)
+        res["options"] = {k: v for k, v in vars(built.opts).items()}
+        out["train_step"] = res
+        out["train_vs_recipe"] = res["tokens_per_s"] / out["recipe_step"]["tokens_per_s"]
+        adapter = Path(tmp) / "adapter"
+        built.trainer.model.save_pretrained(adapter)
+        del built
+        if generation:
+            out["generation"] = time_generation(embedded.EMBEDDED_NAME, adapter, load_in_4bit=False, new_tokens=48,
+                                                repeats=1)
+    return out
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import torch
+
+    v = {"python": platform.python_version()}
+    for p in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel"):
+        try:
+            v[p] = md.version(p)
+        except md.PackageNotFoundError:
+            v[p] = "-"
+    v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return v
 
 
 def cpu_main(args: argparse.Namespace) -> int:
     report = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "cpu": cpu_figures(args.cpu_steps)}
-    ts = report["cpu"]["train_step"]
-    print(f"CPU training step: {ts['tokens_per_s']:.0f} useful tokens/s ({ts['tokens_per_step']:.0f} tokens/step)")
+    ts, rs = report["cpu"]["train_step"], report["cpu"]["recipe_step"]
+    print(f"CPU training step: engine {ts['tokens_per_s']:.0f} useful tokens/s ({ts['tokens_per_step']:.0f} "
+          f"tokens/step), plain recipe {rs['tokens_per_s']:.0f} ({rs['tokens_per_step']:.0f} tokens/step): "
+          f"{report['cpu']['train_vs_recipe']:.2f}x")
     print(gen_table({"embedded SmolLM2-135M": report["cpu"]["generation"]}))
     if args.markdown:
         v = report["versions"]
         body = (f"## CPU ({os.cpu_count()} cores, embedded SmolLM2-135M-Instruct)\n\n{report['date']}; "
                 + ", ".join(f"{k} {val}" for k, val in v.items()) + "\n\n"
-                + f"Training step (quick-cpu preset, batch 4, max length 256, options {ts['options']}): "
-                  f"**{ts['tokens_per_s']:.0f} useful tokens/s**, {ts['tokens_per_step']:.0f} tokens/step "
-                  f"({ts['steps']} timed steps after 1 warm-up). Generation: the tuned side is the adapter of "
-                  "those few steps, so its answer may be short.\n\n"
+                + f"Training step (quick-cpu preset, batch 4, max length 256, learning rate {LEARNING_RATE}, median "
+                  f"of {ts['steps']} timed steps after the warm-up): engine **{ts['tokens_per_s']:.0f} useful "
+                  f"tokens/s** ({ts['tokens_per_step']:.0f} tokens/step, options {ts['options']}); the plain trl "
+                  f"recipe in the same run {rs['tokens_per_s']:.0f} ({rs['tokens_per_step']:.0f} tokens/step): "
+                  f"**{report['cpu']['train_vs_recipe']:.2f}x**. Generation: the tuned side is the adapter of those "
+                  "few steps, so its answer may be short.\n\n"
                 + gen_table({"embedded SmolLM2-135M": report["cpu"]["generation"]}))
         write_markdown(Path(args.markdown), f"CPU ({os.cpu_count()} cores, embedded SmolLM2-135M-Instruct)", body)
     Path(args.json).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
@@ -778,11 +963,17 @@ def cpu_main(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="Measure the embedded model on this machine's CPU.")
     p.add_argument("--rows", nargs="*", help="Only rows whose name contains one of these words ('=NAME': that row).")
-    p.add_argument("--set", default=["main"], nargs="+", choices=("main", "ablations", "lean", "all", "explore"),
-                   help="main: recipe and engine rows (one run, so ratios compare like with like); "
-                        "ablations: the engine with one technique turned back at a time.")
-    p.add_argument("--steps", type=int, default=5, help="Timed steps per row.")
-    p.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    p.add_argument("--set", default=["main"], nargs="+", choices=("main", "ablations", "all", "explore"),
+                   help="main: recipe, engine, Unsloth and 16-bit rows at each memory budget; ablations: the "
+                        "engine with one technique turned back; explore: tuning rows.")
+    p.add_argument("--steps", type=int, default=6, help="Timed steps per row (after the warm-up settles).")
+    p.add_argument("--repeats", type=int, default=2, help="Runs of the row list (odd ones in reverse order).")
+    p.add_argument("--first-repeat", type=int, default=0, help="Number the repeats from here (a later call).")
+    p.add_argument("--merge", nargs="+", help="Merge these GPU result files into one table (no GPU needed).")
+    p.add_argument("--time-budget", type=float, default=0, help="Skip rows once this many seconds have passed.")
+    p.add_argument("--row-timeout", type=float, default=900)
+    p.add_argument("--peer-path", default=os.environ.get("PEER_PYTHONPATH", ""),
+                   help="Folder with Unsloth and its pins, put first on PYTHONPATH for the Unsloth rows.")
     p.add_argument("--cpu-steps", type=int, default=3)
     p.add_argument("--profile", nargs="*", help="Profile one step of the first row whose name contains each word.")
     p.add_argument("--gen", action="store_true", help="Also time generation (GPU).")
@@ -791,13 +982,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="Skip the packed-attention check on the GPU.")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "phi3_lora_bench"))
     p.add_argument("--tokenizer", default=str(ROOT / ".bench" / "phi3_tokenizer"),
-                   help="Folder with the Phi-3 tokenizer (made from tests/assets/ggml-vocab-phi-3.gguf).")
+                   help="Folder with the Phi-3 tokenizer (made from tests/assets/ggml-vocab-phi-3.gguf if missing).")
     p.add_argument("--json", default="bench_results.json")
     p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="Write the table into this file ('' to skip).")
+    p.add_argument("--one-row", help=argparse.SUPPRESS)  # internal: run this row here, write --row-json
+    p.add_argument("--row-json", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.one_row:
+        return one_row_main(args)
+    if args.merge:
+        return merge_main(args)
     return cpu_main(args) if args.cpu else gpu_main(args)
 
 

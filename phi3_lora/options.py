@@ -31,16 +31,31 @@ class ResolvedOptions:
     checkpointed_layers: int | None = None  # with gradient_checkpointing: how many decoder layers; None = all
     fp32_upcast: bool = True  # peft's prepare_model_for_kbit_training (fp32 norms/embeddings) for 4-bit bases
     lean_lora: bool = True  # lean_lora.install: the LoRA update as one addmm
+    # One letter per decoder layer when a memory budget uses host memory (offload.py): K kept on the GPU,
+    # C checkpointed with its input in host memory, O not recomputed, its saved tensors in host memory.
+    # Empty: the first `checkpointed_layers` layers are checkpointed the plain way.
+    layer_plan: str = ""
 
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
 BUDGET_SHARE = 0.95
+# The memory model (estimate.estimate_memory) counts more than PyTorch allocates: 22.6 GiB counted vs 21.2
+# measured at 24 GiB with 3 layers recomputed (session 3), and issue 19's run (H200, QLoRA full rows) peaked at
+# 22.41 GiB with 1 layer recomputed at 24 GiB and 7.33 GiB with 27 at 8 GiB. The layer search subtracts this.
+ESTIMATE_OVER_GIB = 1.4
+# Host-memory offload under a memory budget (offload.py; CUDA, one process). A layer whose saved tensors go
+# to host memory needs the host link for about as long as OFFLOAD_SPACING layers take to compute, so only
+# every OFFLOAD_SPACING-th of the layers that do not fit is offloaded, the others are checkpointed with their
+# input in host memory. Measured slower than plain checkpointing on an H200 (docs/benchmarks.md, issue 19:
+# 12.5k vs 15.4k tok/s at 8 GiB), so off; the bench turns it on for its rows.
+OFFLOAD = False
+OFFLOAD_SPACING = 3
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool, *,
                     varlen_available: bool = False, model_config: Any = None,
-                    gpu_memory_gb: float | None = None) -> ResolvedOptions:
+                    gpu_memory_gb: float | None = None, offload_ok: bool = False) -> ResolvedOptions:
     """Decide every `auto` knob from the device, the model's shape and the memory budget (pure)."""
     t = config.train
     on_cuda = device == "cuda"
@@ -54,6 +69,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     # peft's kbit preparation casts norms and embeddings to fp32: in bf16 that only adds casts and memory.
     upcast = t.fp32_upcast if t.fp32_upcast != "auto" else dtype_name != "bfloat16"
     layers: int | None = None
+    plan = ""
     if t.gradient_checkpointing != "auto":
         gc = bool(t.gradient_checkpointing)
     elif not on_cuda or model_config is None:
@@ -61,13 +77,17 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     else:
         budget = t.memory_budget_gb or gpu_memory_gb
         layers = checkpointed_layers(model_config, config, budget, dtype_name, liger) if budget else None
+        if budget and t.memory_budget_gb and offload_ok and OFFLOAD and layers:
+            plan = layer_plan(model_config, config, budget, dtype_name, liger)
+            layers = plan.count("C") + plan.count("O") if plan else layers
         gc = layers != 0
         layers = None if not gc or layers == _num_layers(model_config) else layers
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
                            attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast),
-                           lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True))
+                           lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True),
+                           layer_plan=plan if gc else "")
 
 
 def liger_installed() -> bool:
@@ -86,9 +106,41 @@ def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, 
     for recomputed in range(layers + 1):
         peak = estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device="cuda",
                                dtype_name=dtype_name)
-        if peak.total_gib <= BUDGET_SHARE * budget_gb:
+        if peak.total_gib - ESTIMATE_OVER_GIB <= BUDGET_SHARE * budget_gb:
             return recomputed
     return layers
+
+
+def layer_plan(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str, liger: bool = True) -> str:
+    """The layer plan (see ResolvedOptions.layer_plan) with the fewest recomputed layers that fits `budget_gb`
+    using host memory, or "" when host memory would not recompute fewer layers than `checkpointed_layers`.
+
+    Checkpointed layers keep nothing on the GPU (their inputs wait in host memory), so more layers stay
+    un-checkpointed; offloaded layers keep nothing either, but while one is copied back for its backward
+    pass, it and the one prefetched after it are on the GPU: two layers of room are set aside for that.
+    Offloaded layers come first, one in every OFFLOAD_SPACING (so each copy overlaps the next layers'
+    compute), then the checkpointed ones; the kept layers are the last (the first the backward pass needs).
+    No ESTIMATE_OVER_GIB here: the copies in flight were not part of the runs it was measured on."""
+    n = _num_layers(model_config)
+    est = lambda k: estimate_memory(model_config, config, recomputed_layers=k, liger=liger,  # noqa: E731
+                                    device="cuda", dtype_name=dtype_name).total_gib
+    base, per_layer = est(n), est(n - 1) - est(n)
+    shape = model_shape(model_config)
+    tokens = config.train.per_device_train_batch_size * config.train.max_length
+    inp = tokens * (4 if dtype_name == "float32" else 2) * shape.hidden_size / 2**30
+    spare = BUDGET_SHARE * budget_gb - base + n * inp  # no checkpointed layer keeps its input on the GPU
+    plain = checkpointed_layers(model_config, config, budget_gb, dtype_name, liger)
+    best = ""
+    for reserve in (0, 2):  # with offloaded layers, room for two of them on the GPU
+        kept = max(0, min(n, int((spare - reserve * (per_layer + inp)) // (per_layer + inp))))
+        rest = n - kept
+        offloaded = rest // OFFLOAD_SPACING if reserve else 0
+        body = "".join("O" if offloaded and i % OFFLOAD_SPACING == 0 and i // OFFLOAD_SPACING < offloaded
+                       else "C" for i in range(rest))
+        plan = body + "K" * kept
+        if plan.count("K") + plan.count("O") > best.count("K") + best.count("O"):
+            best = plan
+    return best if n - best.count("K") - best.count("O") < plain else ""
 
 
 def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_installed: bool,

@@ -23,6 +23,9 @@ from phi3_lora.errors import UserError
 from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
 from phi3_lora.runs import RunDir
 
+# torch.compile on each decoder layer (CUDA): off; the bench turns it on for its measurement rows.
+COMPILE_LAYERS = False
+
 
 @dataclass
 class TrainResult:
@@ -190,7 +193,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     from phi3_lora import data as data_mod
     from phi3_lora import models
     from phi3_lora.packed_attention import cuda_varlen_available
-    from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback, PartialCheckpointing
+    from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback, LayerPlan, PartialCheckpointing
 
     set_seed(config.train.seed)
     loaded = data_mod.load_data(config.data)
@@ -204,17 +207,25 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     model_config = AutoConfig.from_pretrained(models.local_path(model_name), trust_remote_code=False)
     opts = resolve_options(config, device, dtype_name, liger_installed=liger_installed(),
                            varlen_available=cuda_varlen_available(), model_config=model_config,
-                           gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None)
+                           gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None,
+                           offload_ok=device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1)
     if device == "cuda":
         _expandable_segments()
     model = models.load_model(dataclasses.replace(config.model, name=model_name,
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
+    if COMPILE_LAYERS and device == "cuda":
+        from phi3_lora.offload import decoder_layers
+
+        for layer in decoder_layers(model):
+            layer.compile()
 
     args = SFTConfig(**sft_config_kwargs(config, opts, RunDir(output_dir).checkpoints, has_eval=bool(eval_rows)))
     callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)
     callbacks = [callback]
-    if opts.gradient_checkpointing and opts.checkpointed_layers is not None:
+    if opts.gradient_checkpointing and opts.layer_plan:
+        callbacks.append(LayerPlan(opts.layer_plan))
+    elif opts.gradient_checkpointing and opts.checkpointed_layers is not None:
         callbacks.append(PartialCheckpointing(opts.checkpointed_layers))
     trainer = AtomicCheckpointTrainer(
         model=model, args=args, processing_class=tokenizer,

@@ -178,3 +178,21 @@ class PartialCheckpointing(TrainerCallback):
         blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for i, block in enumerate(blocks):
             block.gradient_checkpointing = i < self.layers
+
+
+class LayerPlan(TrainerCallback):
+    """Put a memory budget's layer plan (options.ResolvedOptions.layer_plan: K kept, C checkpointed with its
+    input in host memory, O saved tensors in host memory) on the model, once Trainer switched checkpointing
+    on for every layer (just before `on_train_begin`)."""
+
+    def __init__(self, plan: str) -> None:
+        self.plan = plan
+        self.installed: dict[str, Any] | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or self.installed is not None:
+            return
+        from phi3_lora import offload
+
+        self.installed = offload.install(model, checkpointed=[i for i, c in enumerate(self.plan) if c == "C"],
+                                         offloaded=[i for i, c in enumerate(self.plan) if c == "O"])

@@ -1,40 +1,114 @@
-"""The GPU bench's pure parts: row order (Liger patches transformers for the rest of the process, so every row
-without Liger must run before the first row with it) and the kernel buckets of the profile summary."""
+"""The GPU bench's pure parts (row sets and order, the settle-then-time rule, the same-loss check, repeats) and
+the parts that run here: the tokenizer folder a fresh checkout builds from the GGUF in tests/assets, the Llama
+copy of a Phi-3 model that the Unsloth rows read (same function), and the kernel buckets of the profile."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+import torch
+
+from bench import timing
 from bench import train_speed as bench
 
 
-def _uses_liger(row: bench.Row) -> bool:
-    if row.kind == "recipe":
-        return row.liger
-    return row.overrides.get("train", {}).get("use_liger_kernel", "auto") is not False
+def test_main_set_has_engine_unsloth_and_recipe_at_every_budget():
+    rows = bench.ordered_rows(None, "main")
+    assert len({r.name for r in rows}) == len(rows)
+    for budget, _ in bench.BUDGETS:
+        for data in ("full", "mix"):
+            kinds = {r.kind for r in rows if r.budget_gb == budget and r.data == data and r.four_bit}
+            assert {"engine", "unsloth"} <= kinds, (budget, data)
+    assert {r.data for r in rows if r.kind == "recipe"} == {"full", "mix"}
+    refs = {r.name for r in rows if r.kind == "recipe"}
+    assert all(r.recipe_ref in refs for r in rows if r.kind != "recipe")
 
 
-def test_rows_without_liger_run_first_in_every_set():
-    for sets in (["main"], ["ablations"], ["main", "ablations"], ["all", "explore"], ["main", "lean"]):
-        rows = bench.ordered_rows(None, sets)
-        flags = [_uses_liger(r) for r in rows]
-        first = flags.index(True) if True in flags else len(flags)
-        assert all(flags[first:]), (sets, [r.name for r in rows])
-        assert len({r.name for r in rows}) == len(rows)
-
-
-def test_lean_set_is_the_lean_ablations_and_the_budget_free_row():
-    rows = bench.ordered_rows(None, ["lean"])
-    assert rows and all("lean_lora" in r.name or "whole GPU" in r.name or r.patch for r in rows)
-    assert any(r.overrides.get("train", {}).get("lean_lora") is False for r in rows)
-    assert any(r.patch == {"phi3_lora.lean_lora.DROPOUT_LORA_A": False} for r in rows)
-    assert any(r.patch == {"phi3_lora.lean_lora.REMAKE_INPUTS": False} for r in rows)
+def test_repeats_alternate_the_order_and_exact_names_keep_theirs():
+    rows = bench.ordered_rows(None, "main")
+    assert bench.run_order(rows, 0) == rows and bench.run_order(rows, 1) == rows[::-1]
+    names = ["=unsloth QLoRA full, 8 GiB", "=recipe QLoRA full rows"]
+    assert [r.name for r in bench.ordered_rows(names, ["all", "explore"])] == [n[1:] for n in names]
+    picked = [r.name for r in bench.ordered_rows(["compiled"], ["all", "explore"])]
+    assert picked and all("compiled" in n for n in picked)
 
 
 def test_a_row_patch_is_set_for_the_row_and_put_back():
-    from phi3_lora import lean_lora
+    from phi3_lora import options
 
-    with bench.patched({"phi3_lora.lean_lora.REMAKE_INPUTS": False}):
-        assert lean_lora.REMAKE_INPUTS is False
-    assert lean_lora.REMAKE_INPUTS is True
+    with bench.patched({"phi3_lora.options.OFFLOAD": True}):
+        assert options.OFFLOAD is True
+    assert options.OFFLOAD is False
+
+
+def _feed(timer: timing.SettleTimer, seconds: list[float], tokens: int = 100) -> int:
+    """Feed step times to the timer as the trainer would; returns how many steps ran before it said stop."""
+    for i, s in enumerate(seconds):
+        timer._t = timing.time.perf_counter() - s
+        timer._tok = tokens
+        if timer._step_end():
+            return i + 1
+    return len(seconds)
+
+
+def test_timer_waits_for_the_step_time_to_settle_then_times_the_median():
+    timer = timing.SettleTimer(steps=4, min_warmup=3, max_warmup=10, min_total=10)
+    # compilation in the first steps, then a steady 0.5 s with one stall
+    ran = _feed(timer, [9.0, 3.0, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 0.5, 0.5, 0.5, 0.5])
+    res = timer.result()
+    assert res["settled"] and res["warmup_steps"] == 6  # the 5th and 6th steps agreed with the one before
+    assert ran == 10  # 4 timed steps after 6 of warm-up
+    assert res["steps"] == 4 and res["step_s_median"] == pytest.approx(0.5, abs=0.01)
+    assert res["tokens_per_s"] == pytest.approx(200, rel=0.03)  # the stall does not move the median
+    assert res["step_tok_s_min"] < 60
+
+
+def test_timer_trains_at_least_min_total_steps():
+    timer = timing.SettleTimer(steps=2, min_warmup=1, max_warmup=5, min_total=10)
+    assert timer.max_steps() == 10
+    assert _feed(timer, [0.5] * 12) == 10 and timer.result()["steps"] == 8
+
+
+def test_timer_that_never_settles_says_so():
+    timer = timing.SettleTimer(steps=2, min_warmup=1, max_warmup=4)
+    _feed(timer, [1.0, 2.0, 1.0, 2.0, 1.0, 2.0])
+    assert timer.result()["settled"] is False and timer.result()["warmup_steps"] == 4
+
+
+def test_same_loss_check_and_repeats():
+    ref = {"losses": [10.0] * 9 + [8.00]}
+    assert bench.same_loss({"losses": [10.0] * 9 + [8.05]}, ref)[2]
+    assert not bench.same_loss({"losses": [10.0] * 9 + [8.2]}, ref)[2]
+    assert bench.same_loss({"losses": [10.0] * 5}, ref) is None
+    runs = [{"name": "a", "steps": 5, "tokens_per_s": t, "peak_gib": p} for t, p in ((100, 5.0), (120, 5.5), (90, 5.2))]
+    (agg,) = bench.aggregate(runs)
+    assert agg["tokens_per_s"] == 100 and agg["repeats_tok_s"] == [90, 100, 120] and agg["peak_gib"] == 5.5
+    table = bench.table([dict(agg, name="a", data="full", kind="engine", mfu=0.1, tokens_per_step=8192,
+                              step_tok_s_min=80, step_tok_s_max=130, warmup_steps=4, settled=True)])
+    assert "90 / 100 / 120" in table
+
+
+def test_fresh_checkout_builds_the_tokenizer_from_the_gguf(tmp_path):
+    folder = bench.ensure_tokenizer(tmp_path / "phi3_tokenizer")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) >= 32000 and tok.convert_tokens_to_ids("<|end|>") != tok.unk_token_id
+    assert bench.ensure_tokenizer(folder) == folder  # built once
+
+
+def test_llama_copy_is_the_same_function(tiny_phi3_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    llama_dir = bench.make_llama_copy(tiny_phi3_dir, tmp_path / "llama")
+    assert json.loads((llama_dir / "config.json").read_text())["model_type"] == "llama"
+    phi3 = AutoModelForCausalLM.from_pretrained(tiny_phi3_dir, dtype=torch.float32).eval()
+    llama = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    ids = torch.randint(10, 30000, (1, 16))
+    with torch.no_grad():
+        a, b = phi3(input_ids=ids).logits, llama(input_ids=ids).logits
+    assert float((a - b).abs().max()) < 1e-4
 
 
 def test_kernel_groups():
@@ -52,10 +126,3 @@ def test_kernel_groups():
         "something_else": "other",
     }
     assert {k: bench.kernel_group(k) for k in cases} == cases
-
-
-def test_rows_pick_by_substring_or_exact_name():
-    names = ["=engine QLoRA full rows, 24 GiB", "remake"]
-    picked = [r.name for r in bench.ordered_rows(names, ["main", "lean"])]
-    assert "engine QLoRA full rows, 24 GiB" in picked
-    assert all(n == "engine QLoRA full rows, 24 GiB" or "remake" in n for n in picked) and len(picked) == 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from phi3_lora.config import RunConfig
-from phi3_lora.options import checkpointed_layers, resolve_options
+from phi3_lora.options import checkpointed_layers, layer_plan, resolve_options
 
 PHI3_MINI = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 32, "intermediate_size": 8192, "vocab_size": 32064}
@@ -35,7 +35,7 @@ def test_the_chosen_layers_fit_the_budget_by_the_measured_figures(budget):
 def test_24_gib_recomputes_only_a_few_layers_and_a_big_gpu_none():
     assert checkpointed_layers(PHI3_MINI, _config(), 24.0, "bfloat16") <= 4
     assert checkpointed_layers(PHI3_MINI, _config(), 80.0, "bfloat16") == 0
-    assert checkpointed_layers(PHI3_MINI, _config(), 6.0, "bfloat16") == 32  # nothing fits: all of them
+    assert checkpointed_layers(PHI3_MINI, _config(), 5.0, "bfloat16") == 32  # nothing fits: all of them
     counts = [checkpointed_layers(PHI3_MINI, _config(), b, "bfloat16") for b in range(8, 40, 2)]
     assert counts == sorted(counts, reverse=True)
 
@@ -57,3 +57,36 @@ def test_resolve_options_turns_the_budget_into_a_layer_count_on_cuda_only():
     assert not whole.gradient_checkpointing  # no budget set: the GPU's own memory, where everything fits
     cpu = resolve_options(config, "cpu", "bfloat16", liger_installed=False, model_config=PHI3_MINI)
     assert not cpu.gradient_checkpointing and not cpu.packing and cpu.checkpointed_layers is None
+
+
+@pytest.mark.parametrize("budget", [8.0, 12.0, 16.0])
+def test_host_memory_plan_recomputes_fewer_layers_and_fits(budget):
+    """With layer inputs and some layers' activations in host memory (offload.py), fewer layers are recomputed,
+    and by the measured figures the kept layers, plus two offloaded ones being copied back, still fit."""
+    plan = layer_plan(PHI3_MINI, _config(), budget, "bfloat16")
+    plain = checkpointed_layers(PHI3_MINI, _config(), budget, "bfloat16")
+    assert len(plan) == 32 and set(plan) <= set("KCO")
+    assert plan.count("C") < plain
+    kept, offloaded = plan.count("K"), plan.count("O")
+    layer_input = 4 * 2048 * 3072 * 2 / 2**30
+    peak = (MEASURED_ALL_CHECKPOINTED_GIB - 32 * layer_input
+            + (kept + (2 if offloaded else 0)) * (MEASURED_PER_LAYER_GIB + layer_input))
+    assert peak + CUDA_CONTEXT_GIB <= budget
+    assert plan.endswith("K" * kept) and "O" not in plan[plan.index("K"):] if kept else True
+
+
+def test_resolve_options_uses_host_memory_only_when_allowed(monkeypatch):
+    from phi3_lora import options
+
+    config = _config().replace(train={"memory_budget_gb": 8.0})
+    kw = dict(liger_installed=True, varlen_available=True, model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    # off by default: it measured slower than plain checkpointing on an H200 (docs/benchmarks.md, issue 19)
+    assert resolve_options(config, "cuda", "bfloat16", offload_ok=True, **kw).layer_plan == ""
+    monkeypatch.setattr(options, "OFFLOAD", True)
+    lean = resolve_options(config, "cuda", "bfloat16", offload_ok=True, **kw)
+    assert lean.layer_plan and lean.gradient_checkpointing
+    assert lean.checkpointed_layers == lean.layer_plan.count("C") + lean.layer_plan.count("O")
+    plain = resolve_options(config, "cuda", "bfloat16", offload_ok=False, **kw)  # several processes
+    assert plain.layer_plan == "" and plain.checkpointed_layers > lean.layer_plan.count("C")
+    whole = resolve_options(_config(), "cuda", "bfloat16", offload_ok=True, **kw)
+    assert whole.layer_plan == "" and not whole.gradient_checkpointing
