@@ -17,7 +17,7 @@ from typing import Any
 from phi3_lora.config import RunConfig, load_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.generate import AdapterRef, locate_adapter
-from phi3_lora.runs import RunDir, adapter_config_file
+from phi3_lora.runs import RunDir, adapter_config_file, find_run
 
 # Files of an adapter folder that belong in a bundle (weights are safetensors only).
 BUNDLE_SUFFIXES = (".safetensors", ".json", ".jinja", ".yaml", ".model", ".txt", ".md")
@@ -131,6 +131,7 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
 
     ref = locate_adapter(run_or_adapter)
     out_dir = Path(out_dir)
+    check_merge_destination(out_dir)  # before the minutes of loading and merging
     # Merge in fp32: adding a small LoRA update to bf16 (let alone 4-bit) weights rounds much of it away.
     # Then store 16-bit, the dtype the model is normally shipped and served in.
     base = models.load_model(ModelSettings(name=ref.model_name, load_in_4bit=False, dtype="float32"))
@@ -145,15 +146,37 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
         tokenizer = AutoTokenizer.from_pretrained(str(ref.adapter_dir))
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with torch.no_grad():
-        merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(ref, _summary(ref.adapter_dir), _config(ref)).replace(
-        "# LoRA adapter for", "# Merged model (base + LoRA) from"), encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    try:
+        with torch.no_grad():
+            merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(ref, _summary(ref.adapter_dir), _config(ref)).replace(
+            "# LoRA adapter for", "# Merged model (base + LoRA) from"), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed merge (a full disk) must not keep gigabytes behind
+        from phi3_lora.train import is_disk_full
+
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise UserError(f"Not enough disk space to save the merged model in {out_dir.parent}.",
+                            hint="Free some space or merge to another disk (CLI: export --merge PATH).") from None
+        raise
     return out_dir
+
+
+def check_merge_destination(out_dir: Path) -> None:
+    """A merged model may replace an earlier merged model, never a file or a folder a run or adapter owns."""
+    out_dir = Path(out_dir)
+    run = find_run(out_dir.parent)
+    owned = (RunDir(out_dir).exists() or (out_dir / RunDir.ADAPTER_CONFIG).exists()
+             or (run is not None and out_dir.parent == run.path and out_dir.name in RunDir.reserved_names())
+             or (run is not None and out_dir.parent != run.path))  # inside a run's adapter/ or checkpoints/
+    if owned or (out_dir.exists() and not out_dir.is_dir()):
+        raise UserError(f"Cannot save a merged model as {out_dir}: that name belongs to "
+                        f"{'an existing file' if out_dir.is_file() else 'a run or an adapter'}.",
+                        hint="Pick another folder name, e.g. merged.")
 
 
 def resolve_token(token: str | None) -> str:
@@ -183,7 +206,8 @@ def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, mer
     ref = locate_adapter(run_or_adapter)
     folder = ref.adapter_dir
     if merged:
-        folder = merge_adapter(run_or_adapter, Path(work_dir or ref.adapter_dir.parent) / "merged")
+        run = find_run(ref.adapter_dir)
+        folder = merge_adapter(run_or_adapter, Path(work_dir or (run.path if run else ref.adapter_dir.parent)) / "merged")
     else:
         (folder / "README.md").write_text(model_card(ref, _summary(folder), _config(ref)), encoding="utf-8")
     api = HfApi(token=token)

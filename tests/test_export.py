@@ -75,3 +75,30 @@ def test_push_offline_is_a_clear_error_and_keeps_the_adapter(run_dir):
 def test_bad_repo_id_is_refused(run_dir):
     with pytest.raises(UserError, match="your-name/model-name"):
         export.push_to_hub(run_dir, "no-slash", token="hf_fake")
+
+
+# --- merged exports never take a run file's name, and a failed merge leaves no temp (issue 13 item 8) ----------
+
+@pytest.mark.parametrize("name", sorted(RunDir.reserved_names()))
+def test_the_app_refuses_a_merge_named_like_a_run_file(name, tmp_path):
+    from phi3_lora.ui.export_tab import merge_destination
+
+    with pytest.raises(UserError, match="not a usable folder name"):
+        merge_destination(tmp_path / "run", name)
+
+
+def test_merge_onto_a_run_file_is_refused_before_any_work(run_dir):
+    run = RunDir(run_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()}
+    for target in (run.log, run.config, run.events, run.adapter, run.checkpoints, run.checkpoint(2),
+                    run.adapter / "merged", run.path):
+        with pytest.raises(UserError, match="Cannot save a merged model"):
+            export.merge_adapter(run_dir, target)
+    assert {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()} == before  # nothing written, no temp
+
+
+def test_a_merge_that_fills_the_disk_removes_its_temp_folder(run_dir, tiny_disk):
+    disk = tiny_disk("2m")  # the tiny model's 16-bit weights alone are ~8 MB
+    with pytest.raises(UserError, match="Not enough disk space"):
+        export.merge_adapter(run_dir, disk / "merged")
+    assert list(disk.iterdir()) == [], "a failed merge left its files behind"

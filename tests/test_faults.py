@@ -156,26 +156,6 @@ def test_trainable_params_come_from_the_model_config(tiny_phi3_dir, tmp_path):
     assert jobs.trainable_params_for(missing) == jobs.FALLBACK_TRAINABLE_PARAMS
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real small filesystem (tmpfs, needs root); yields a function mounting one of a given size."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path:
-        folder = tmp_path / f"disk{len(mounted)}"
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in reversed(mounted):
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 def test_start_is_refused_when_the_disk_is_too_small(tiny_disk, tiny_phi3_dir, tmp_path):
     runs = tiny_disk("2m")
     cfg = slow_config(tiny_phi3_dir, tmp_path)

@@ -13,7 +13,7 @@ import gradio as gr
 from phi3_lora import access
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
-from phi3_lora.runs import find_run
+from phi3_lora.runs import RunDir, find_run
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
 from phi3_lora.ui.compare import adapter_choices, resolve_source
@@ -103,10 +103,11 @@ _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def merge_destination(run_dir: Path, name: str | None) -> Path:
     """A web visitor names a folder inside the run, never a path: a shared link must not write anywhere."""
     name = (name or "").strip() or "merged"
-    if not _FOLDER_NAME.match(name) or name in ("adapter", "checkpoints"):
+    if not _FOLDER_NAME.match(name) or name in RunDir.reserved_names():
         raise UserError(f"{name!r} is not a usable folder name.",
-                        hint="Use letters, digits, '.', '_' or '-' (not adapter or checkpoints); "
-                             "it is saved inside the run's folder.")
+                        hint="Use letters, digits, '.', '_' or '-', and not the name of one of the run's own "
+                             f"files ({', '.join(sorted(RunDir.reserved_names()))}); it is saved inside the "
+                             "run's folder.")
     return run_dir / name
 
 
