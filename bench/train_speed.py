@@ -839,7 +839,8 @@ def write_gpu_markdown(report: dict[str, Any], args: argparse.Namespace) -> None
         body = (f"## {title}\n\n{report['date']}; " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "gpu")
                 + f". Each row in its own process, {len({r.get('repeat') for r in report['runs']})} repeat(s) (order "
                 "reversed on odd repeats); "
-                f"{args.steps} timed steps after the warm-up settles; batch 4, max length 2048, LoRA r16 all-linear, "
+                f"{max((r.get('steps') or 0) for r in report['runs'])} timed steps after the warm-up settles (at least "
+                f"{SAME_LOSS_STEP} steps in all); batch 4, max length 2048, LoRA r16 all-linear, "
                 f"dropout 0.05, learning rate {LEARNING_RATE} constant on every row. Host link (pinned): "
                 f"{report['host_link']}.\n\n" + table(report["rows"]))
         write_markdown(Path(args.markdown), title, body)
