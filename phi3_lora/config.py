@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -45,6 +47,67 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false", list: "a list",
+               dict: "a mapping", type(None): "empty"}
+
+
+def _matches_type(value: Any, tp: Any) -> bool:
+    """Whether `value` fits the field annotation `tp` (pure; the annotations RunConfig uses)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches_type(value, arg) for arg in typing.get_args(tp))
+    if origin in (list, dict):
+        args = typing.get_args(tp)
+        if origin is list:
+            return isinstance(value, list) and all(_matches_type(v, args[0]) for v in value)
+        return isinstance(value, dict) and all(_matches_type(k, args[0]) and _matches_type(v, args[1])
+                                               for k, v in value.items())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_words(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_words(typing.get_args(tp)[0])}"
+    return _TYPE_WORDS.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_fields(section: Any) -> None:
+    """The one check every field of a settings section passes, driven by the schema: the value has the field's
+    type; a number is finite (NaN and infinity train garbage or crash); it lies within the bounds in the field's
+    metadata (gt, ge, lt, le). Per-field rules that bounds cannot say stay in each __post_init__."""
+    name = next((n for n, c in SECTIONS.items() if isinstance(section, c)), type(section).__name__)
+    hints = typing.get_type_hints(type(section))
+    for f in fields(section):
+        value, where = getattr(section, f.name), f"{name}.{f.name}"
+        if not _matches_type(value, hints[f.name]):
+            raise UserError(f"{where} must be {_type_words(hints[f.name])}; got {value!r}.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number; got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        bounds = {k: f.metadata[k] for k in ("gt", "ge", "lt", "le") if k in f.metadata}
+        tests = {"gt": value > bounds.get("gt", 0), "ge": value >= bounds.get("ge", 0),
+                 "lt": value < bounds.get("lt", 0), "le": value <= bounds.get("le", 0)}
+        failed = [k for k in bounds if not tests[k]]
+        if failed:
+            words = {"gt": "above", "ge": "at least", "lt": "below", "le": "at most"}
+            rule = " and ".join(f"{words[k]} {bounds[k]:,}" for k in bounds)
+            raise UserError(f"{where} must be {rule}; got {value!r}.")
+
+
 def _check_auto_bool(value: Any, name: str) -> None:
     _check(value == "auto" or isinstance(value, bool), f"{name} must be true, false or \"auto\"; got {value!r}.")
 
@@ -69,6 +132,7 @@ class ModelSettings:
                                          "empty uses the model's training template.")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check(bool(self.name and self.name.strip()), "model.name is empty: give 'auto', a Hub id or a local folder.")
         _check(self.bnb_4bit_quant_type in ("nf4", "fp4"),
                f"model.bnb_4bit_quant_type must be nf4 or fp4; got {self.bnb_4bit_quant_type!r}.")
@@ -82,7 +146,8 @@ class LoraSettings:
     """The adapter: peft `LoraConfig` field names."""
 
     r: int = _f(16, "LoRA rank. Trainable parameters grow linearly with it; 8-64 is usual.")
-    lora_alpha: float = _f(32, "LoRA scaling numerator (update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).")
+    lora_alpha: float = _f(32, "LoRA scaling numerator (update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).",
+                           gt=0)
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input, 0-0.5.")
     target_modules: Union[str, list[str]] = _f(
         "all-linear", "Layers to adapt: 'all-linear' or a list of module names from the model "
@@ -102,6 +167,7 @@ class LoraSettings:
                                                  "(e.g. lm_head). Costs memory and adapter size.")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check(isinstance(self.r, int) and 1 <= self.r <= 1024, f"lora.r must be an integer 1-1024; got {self.r!r}.")
         _check(self.lora_alpha > 0, f"lora.lora_alpha must be positive; got {self.lora_alpha!r}.")
         _check(0 <= self.lora_dropout < 1, f"lora.lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
@@ -122,7 +188,7 @@ class TrainSettings:
     """The optimisation: transformers `TrainingArguments` / trl `SFTConfig` field names."""
 
     learning_rate: float = _f(2e-4, "Peak learning rate. LoRA usually wants 1e-4 to 3e-4.")
-    num_train_epochs: float = _f(1.0, "Passes over the training split (ignored when max_steps > 0).")
+    num_train_epochs: float = _f(1.0, "Passes over the training split (ignored when max_steps > 0).", ge=0)
     max_steps: int = _f(-1, "Stop after this many optimiser steps; -1 uses num_train_epochs.")
     per_device_train_batch_size: int = _f(4, "Rows per device per step.")
     per_device_eval_batch_size: int = _f(4, "Rows per device per eval step.")
@@ -133,10 +199,10 @@ class TrainSettings:
     max_length: int = _f(2048, "Tokens per conversation; longer ones are truncated (and counted).")
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")
     warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.")
-    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.", ge=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     optim: str = _f("auto", "Optimizer: auto (fused AdamW on GPU, AdamW on CPU) or any TrainingArguments.optim.")
-    seed: int = _f(42, "Random seed for the split, the LoRA init and data order.")
+    seed: int = _f(42, "Random seed for the split, the LoRA init and data order.", ge=0, lt=2**32)
     logging_steps: int = _f(1, "Log loss every N steps.")
     eval_steps: int | None = _f(None, "Evaluate every N steps; empty evaluates once at the end.")
     save_steps: int = _f(50, "Write a checkpoint every N steps (what Resume continues from).")
@@ -161,6 +227,7 @@ class TrainSettings:
     num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check(0 < self.learning_rate < 1, f"train.learning_rate must be in (0, 1); got {self.learning_rate!r}.")
         _check(self.num_train_epochs > 0 or self.max_steps > 0,
                "Set train.num_train_epochs > 0 or train.max_steps > 0: the run would train for zero steps.")
@@ -199,6 +266,7 @@ class DataSettings:
     max_rows: int | None = _f(None, "Use at most this many rows (after validation); empty uses all.")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check(self.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}; got {self.format!r}.")
         _check(0 <= self.eval_fraction < 0.9, f"data.eval_fraction must be in [0, 0.9); got {self.eval_fraction!r}.")
         _check(self.on_invalid in ("drop", "refuse"), f"data.on_invalid must be drop or refuse; got {self.on_invalid!r}.")

@@ -125,8 +125,13 @@ def trainable_params_for(config: RunConfig) -> int:
 
         name, _ = models.resolve_name(config.model.name)
         model_config = AutoConfig.from_pretrained(models.local_path(name), trust_remote_code=False)
+    except Exception:  # offline Hub id, unreadable config: the training process reports those itself
+        return FALLBACK_TRAINABLE_PARAMS
+    try:
         return targets.count_lora_parameters(model_config, config.lora)[0]
-    except Exception:  # offline Hub id, odd architecture: the training process reports those itself
+    except UserError:  # target_modules / modules_to_save this model lacks: refused before any process starts
+        raise
+    except Exception:  # an architecture transformers cannot build on the meta device
         return FALLBACK_TRAINABLE_PARAMS
 
 

@@ -97,8 +97,20 @@ def fused_names(model: nn.Module) -> list[str]:
     return found
 
 
+def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
+    """Each lora.modules_to_save name must match a module of this model (peft would otherwise save nothing or
+    fail late, inside the training process)."""
+    paths = [p for p, _ in model.named_modules() if p]
+    bad = [n for n in names or [] if not any(_matches(p, [n]) for p in paths)]
+    if bad:
+        heads = [n for n in ("lm_head", "embed_tokens") if any(_matches(p, [n]) for p in paths)]
+        raise UserError(f"lora.modules_to_save has name(s) this model does not have: {', '.join(bad)}.",
+                        hint=f"Use module names of the model{' such as ' + ', '.join(heads) if heads else ''}.")
+
+
 def plan(model: nn.Module, lora: LoraSettings) -> LoraPlan:
     """peft's target names and the fused layers to split (see phi3_lora.fused) for `lora` on `model`."""
+    check_modules_to_save(model, lora.modules_to_save)
     base = resolve_target_modules(model, lora.target_modules)
     if not lora.fused_slices:
         return LoraPlan(list(base), ())

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
 from phi3_lora import config as c
+from phi3_lora.config import from_dict
 from phi3_lora.errors import UserError
 
 # Verbatim from the Phi-3 model card's sample_finetune.py.
@@ -92,3 +95,65 @@ def test_yaml_file_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         c.load_yaml(tmp_path / "missing.yaml")
     assert yaml.safe_load(c.dump_yaml(c.RunConfig()))["lora"]["r"] == 16
+
+
+# --- one generic check over the schema (issue 13 item 8) -------------------------------------------------------
+
+@pytest.mark.parametrize("section,values,phrase", [
+    ("lora", {"lora_alpha": "Infinity"}, "lora.lora_alpha must be a finite number"),
+    ("lora", {"lora_alpha": 0}, "lora.lora_alpha must be"),
+    ("train", {"seed": -1}, "train.seed must be at least 0 and below 4,294,967,296"),
+    ("train", {"seed": 2**32}, "train.seed must be at least 0"),
+    ("train", {"weight_decay": float("nan")}, "train.weight_decay must be a finite number"),
+    ("train", {"weight_decay": -0.01}, "train.weight_decay must be at least 0"),
+    ("train", {"num_train_epochs": "nan"}, "train.num_train_epochs must be a finite number"),
+    ("train", {"num_train_epochs": float("inf")}, "train.num_train_epochs must be a finite number"),
+    ("model", {"name": 5}, "model.name must be text"),
+    ("train", {"seed": {"a": 1}}, "train.seed must be a whole number"),
+    ("data", {"mapping": 5}, "data.mapping must be a mapping"),
+])
+def test_bad_numbers_and_types_are_refused(section, values, phrase):
+    with pytest.raises(UserError, match=re.escape(phrase)):
+        from_dict({section: values})
+
+
+def test_every_float_field_of_the_schema_refuses_nan_and_infinity():
+    import dataclasses
+    import typing
+
+    from phi3_lora.config import SECTIONS
+
+    checked = 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if "float" not in str(typing.get_type_hints(cls)[f.name]):
+                continue
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                with pytest.raises(UserError, match="finite"):
+                    from_dict({section: {f.name: bad}})
+            checked += 1
+    assert checked >= 8  # learning_rate, epochs, warmup, weight_decay, grad norm, alpha, dropout, budget, eval split
+
+
+def test_seed_bounds_are_inclusive_of_the_last_valid_value():
+    assert from_dict({"train": {"seed": 0}}).train.seed == 0
+    assert from_dict({"train": {"seed": 2**32 - 1}}).train.seed == 2**32 - 1
+
+
+def test_modules_to_save_is_checked_against_the_model(tiny_llama_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from phi3_lora import jobs
+    from phi3_lora.runs import run_dirs
+    from phi3_lora.targets import count_lora_parameters
+
+    model_config = AutoConfig.from_pretrained(tiny_llama_dir)
+    ok = from_dict({"lora": {"modules_to_save": ["lm_head"]}}).lora
+    assert count_lora_parameters(model_config, ok)[0] > 0
+    bad = from_dict({"model": {"name": str(tiny_llama_dir), "load_in_4bit": False},
+                     "lora": {"modules_to_save": ["lm_head", "score_head"]}, "data": {"source": "unused.jsonl"}})
+    with pytest.raises(UserError, match="modules_to_save has name.*score_head"):
+        count_lora_parameters(model_config, bad.lora)
+    with pytest.raises(UserError, match="score_head"):  # refused at Start, before any process or folder
+        jobs.start_run(bad, tmp_path, check_data=False)
+    assert run_dirs(tmp_path) == []
