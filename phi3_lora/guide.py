@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,14 @@ def finetune(training_config: dict[str, Any], peft_config: dict[str, Any], *, da
     data_section = {"source": str(data)} if isinstance(data, (str, Path)) else dict(data)
     cfg, notes = config.from_recipe(training_config, peft_config, max_seq_length=max_seq_length,
                                     model=model_section, data=data_section)
-    for note in notes:
-        log.info(note)
+    for note in notes:  # also in the run's train.log and events (train.run)
+        warnings.warn(note, RecipeWarning, stacklevel=2)
     run_dir = Path(run_dir) if run_dir else default_runs_dir() / time.strftime("guide-%Y%m%d-%H%M%S")
-    return train.run(cfg, run_dir)
+    return train.run(cfg, run_dir, notes=notes)
+
+
+class RecipeWarning(UserWarning):
+    """A key of the cookbook's dicts that phi3_lora ignores or replaces (the message says why)."""
 
 
 def load_base(name: str = "auto", *, load_in_4bit: bool | None = None, dtype: str = "auto") -> Any:

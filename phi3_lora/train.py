@@ -7,6 +7,7 @@ checkpoints (written atomically), the final adapter (written atomically); jobs w
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, MutableMapping
+from typing import Any, MutableMapping, Sequence
 
 from phi3_lora import events, runs
 from phi3_lora.config import RunConfig, save_yaml
@@ -61,8 +62,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         raise StopRequested()
 
 
-def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
-    """Train, writing events and checkpoints into `run_dir`. Errors are recorded as events, then raised."""
+def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[str] = ()) -> TrainResult:
+    """Train, writing events and checkpoints into `run_dir`. Errors are recorded as events, then raised.
+
+    `notes`: warnings about the settings (e.g. recipe keys finetune() ignored or replaced), recorded as
+    `warning` events and lines of train.log before training starts."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = RunDir(run_dir)
@@ -71,6 +75,8 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
     if not os.environ.get("PHI3_LORA_JOB") and is_main_process():  # a foreground CLI run; jobs records its own
         run.write_process(runs.ProcessRecord.of(os.getpid()))
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if is_main_process():
+        record_warnings(run_dir, notes)
     try:
         return _run(config, run_dir, resume)
     except StopRequested:
@@ -89,6 +95,16 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False) -> TrainResult:
             raise UserError(events.OOM_REASON) from exc
         _record_error(run_dir, f"failed: {type(exc).__name__}: {str(exc)[:500]}")
         raise
+
+
+def record_warnings(run_dir: Path, notes: Sequence[str]) -> None:
+    """Each warning as a `warning` event and a line of train.log (appended: a job's stdout goes there too)."""
+    if not notes:
+        return
+    with open(RunDir(run_dir).log, "a", encoding="utf-8") as log:
+        for note in notes:
+            events.append_event(run_dir, "warning", message=note)
+            log.write(f"warning: {note}\n")
 
 
 def _record_error(run_dir: Path, reason: str, detail: str | None = None) -> None:
@@ -291,12 +307,17 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
             eval_loss = last["eval_loss"]
         else:
             eval_loss = trainer.evaluate().get("eval_loss")
-    final_loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)
+    final_loss = final_train_loss(trainer.state.log_history)
     adapter_dir = None
     if not stopped and main:
+        this_attempt = round(time.time() - started, 1)
+        before = earlier_attempts(events.read_events(run_dir))
         summary = dict(model=model_name, steps=trainer.state.global_step, final_loss=final_loss, eval_loss=eval_loss,
                        eval_perplexity=math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
-                       trainable_params=trainable, total_params=total, seconds=round(time.time() - started, 1),
+                       trainable_params=trainable, total_params=total,
+                       seconds=round(before["seconds"] + this_attempt, 1), attempts=before["attempts"] + 1,
+                       steps_this_attempt=trainer.state.global_step - (checkpoint_step(checkpoint) or 0),
+                       seconds_this_attempt=this_attempt,
                        train_rows=len(trainer.train_dataset), eval_rows=len(eval_rows))
         resolved = config.replace(model={"name": model_name})
         adapter_dir = save_adapter_atomic(trainer.model, tokenizer, resolved, summary, run.adapter)
@@ -306,6 +327,28 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
                         eval_loss=eval_loss, adapter=str(adapter_dir) if adapter_dir else None,
                         seconds=round(time.time() - started, 1))
     return TrainResult(status, trainer.state.global_step, final_loss, eval_loss, adapter_dir, time.time() - started)
+
+
+def final_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The last logged training loss; when no step was logged (logging_steps > steps), the run's mean
+    `train_loss` that Trainer logs at the end."""
+    last = next((h["loss"] for h in reversed(log_history) if "loss" in h), None)
+    return last if last is not None else next((h["train_loss"] for h in reversed(log_history) if "train_loss" in h),
+                                              None)
+
+
+def checkpoint_step(checkpoint: Path | None) -> int | None:
+    return runs.parse_checkpoint_step(checkpoint.name) if checkpoint is not None else None
+
+
+def earlier_attempts(run_events: list[dict[str, Any]]) -> dict[str, float]:
+    """Training attempts before the current one (each begins with a `start` event) and their wall time, from
+    each start to that attempt's last event (pure). The current attempt's start is the last `start`."""
+    starts = [i for i, e in enumerate(run_events) if e.get("type") == "start"]
+    seconds = 0.0
+    for a, b in zip(starts, starts[1:]):
+        seconds += max(0.0, float(run_events[b - 1]["t"]) - float(run_events[a]["t"]))
+    return {"attempts": max(0, len(starts) - 1), "seconds": seconds}
 
 
 def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
@@ -324,6 +367,12 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     elif opts.gradient_checkpointing:
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(config, plan.targets))
+    # peft saves the whole base embedding matrix with every adapter whose targets name an embedding ("auto"),
+    # in case the vocabulary was resized; we never resize, and LoRA on embed_tokens keeps the base matrix frozen,
+    # so the adapter needs only its A/B (SmolLM2: 55.5 MB -> a few hundred kB). Trainer's checkpoints call
+    # save_pretrained without the flag, hence the default set on this instance.
+    peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
+                                                   save_embedding_layers=False)
     if opts.lean_lora:
         from phi3_lora import lean_lora
 
@@ -356,7 +405,8 @@ def save_adapter_atomic(model: Any, tokenizer: Any, config: RunConfig, summary: 
     """adapter/ with safetensors weights, config, tokenizer + chat template and the run summary; all or nothing."""
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+    _portable_base_name(tmp / "adapter_config.json", config.model.name)
     tokenizer.save_pretrained(tmp)
     save_yaml(config, tmp / "config.yaml")
     (tmp / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -366,6 +416,17 @@ def save_adapter_atomic(model: Any, tokenizer: Any, config: RunConfig, summary: 
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _portable_base_name(adapter_config: Path, model_name: str) -> None:
+    """base_model_name_or_path = the embedded model's Hub id instead of this machine's cache folder."""
+    from phi3_lora.embedded import HUB_ID, is_embedded
+
+    if not is_embedded(model_name):
+        return
+    cfg = json.loads(adapter_config.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = HUB_ID
+    adapter_config.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:

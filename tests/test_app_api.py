@@ -157,7 +157,8 @@ def test_train_refuse_second_reattach_compare_export(server) -> None:
     prompt, reference = c.predict(run_id, api_name="/heldout_example")
     assert prompt and "Reference answer" in val(reference)
 
-    zip_path = c.predict(run_id, api_name="/export_zip")
+    zip_path, zip_status = c.predict(run_id, api_name="/export_zip")
+    assert "verified: " in zip_status and "answers identical" in zip_status, zip_status  # the fresh-process check
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
         assert any(n.endswith("adapter_model.safetensors") for n in names)

@@ -15,6 +15,7 @@ import torch
 from phi3_lora import embedded, train
 from phi3_lora.config import ModelSettings, RunConfig
 from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
+from phi3_lora.runs import RunDir
 
 HISTORY = [{"role": "user", "content": "Who are you?"}]
 
@@ -73,7 +74,7 @@ def bias_runs(tmp_path_factory, qwen_dir) -> dict[str, Path]:
     out = {}
     for mode in ("none", "all", "lora_only"):
         train.run(quick_config(qwen_dir, data, lora={"bias": mode}), tmp / mode)
-        out[mode] = tmp / mode / "adapter"
+        out[mode] = RunDir(tmp / mode).adapter
     return out
 
 
@@ -154,7 +155,7 @@ def test_inference_prompt_is_the_training_prefix_with_a_custom_template(tmp_path
     built = train.build(cfg, tmp_path / "probe")
     trained_ids = built.trainer.train_dataset[0]["input_ids"]
     train.run(cfg, tmp_path / "run")
-    engine = ChatEngine(str(tiny_llama_dir), tmp_path / "run" / "adapter")
+    engine = ChatEngine(str(tiny_llama_dir), RunDir(tmp_path / "run").adapter)
     row = json.loads(data.read_text().splitlines()[0])["messages"]
     prompt = engine.prompt_ids(row[:1])
     assert trained_ids[:len(prompt)] == prompt

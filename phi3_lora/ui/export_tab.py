@@ -1,4 +1,5 @@
-"""Tab 5, Export: the adapter as a zip, a merged 16-bit model, or a push to the Hugging Face Hub."""
+"""Tab 5, Export: the adapter as a zip, a merged 16-bit model, or a push to the Hugging Face Hub; each shows
+whether a fresh process that loaded it answered the held-out prompts as the app does (phi3_lora.verify)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class ExportTab:
     refresh: gr.Button
     zip_button: gr.Button
     zip_file: gr.File
+    zip_status: gr.HTML
+    merge_base: gr.Radio
     merge_button: gr.Button
     merge_dir: gr.Textbox
     merge_file: gr.File
@@ -61,10 +64,16 @@ def build(state: AppState) -> ExportTab:
                             "card. Load it with peft's PeftModel.from_pretrained(base, folder)."))
             zip_button = gr.Button("Build adapter zip", variant="primary")
             zip_file = gr.File(label="Download", interactive=False, elem_id="p3-zip-file")
+            zip_status = gr.HTML(elem_id="p3-zip-status")
         with gr.Column():
             gr.Markdown("### 2. Merged model (16-bit)")
-            gr.HTML(help_md("Folds the adapter into a 16-bit copy of the base (never into 4-bit weights) and saves "
-                            "a plain transformers folder. Needs the base weights in memory."))
+            gr.HTML(help_md("Folds the adapter into the base in float32 and saves a plain 16-bit transformers "
+                            "folder. Needs the base weights in memory."))
+            merge_base = gr.Radio([("as trained (QLoRA: the dequantised 4-bit base)", "auto"),
+                                   ("original 16-bit base", "16bit")], value="auto", label="Merge into",
+                                  info="As trained reproduces what Compare showed. A QLoRA adapter merged into the "
+                                       "original 16-bit weights answers somewhat differently; the model card says "
+                                       "which base was used.")
             merge_dir = gr.Textbox(label="Folder name", placeholder="merged",
                                    info="Saved as runs/<id>/<name> on this machine, written atomically. "
                                         "(The CLI's export --merge takes any path.)")
@@ -82,7 +91,7 @@ def build(state: AppState) -> ExportTab:
                 private = gr.Checkbox(True, label="Private repo")
             push_button = gr.Button("Push", variant="secondary")
             push_status = gr.HTML()
-    return ExportTab(source, refresh, zip_button, zip_file, merge_button, merge_dir, merge_file, merge_status,
+    return ExportTab(source, refresh, zip_button, zip_file, zip_status, merge_base, merge_button, merge_dir, merge_file, merge_status,
                      repo_id, token, what, private, push_button, push_status)
 
 
@@ -111,6 +120,16 @@ def merge_destination(run_dir: Path, name: str | None) -> Path:
     return run_dir / name
 
 
+def verification_html(export_path: Path) -> str:
+    """The export's verification line (and what differed), from its verification.json."""
+    from phi3_lora import verify
+
+    result = verify.load(export_path)
+    if result is None:
+        return notice("warn", "Not verified.")
+    return notice("ok" if result.ok else "warn", result.line()) + "".join(notice("info", d) for d in result.differences)
+
+
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -120,23 +139,25 @@ def wire(tab: ExportTab, state: AppState) -> None:
 
     @user_errors
     @guarded(state)
-    def on_zip(who: Requester, source: str | None, progress: gr.Progress = gr.Progress()) -> str:
+    def on_zip(who: Requester, source: str | None, progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
         check(state, who, Action.EXPORT_ZIP)
         path = resolve_source(runs_dir, source)
-        progress(0.2, desc="Zipping the adapter…")
-        return str(_export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name))
+        progress(0.2, desc="Zipping the adapter, then loading it in a fresh process to verify it…")
+        zipped = _export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name)
+        return str(zipped), verification_html(zipped)
 
     @user_errors
     @guarded(state)
-    def on_merge(who: Requester, source: str | None, folder: str,
+    def on_merge(who: Requester, source: str | None, folder: str, base: str | None = "auto",
                  progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
         check(state, who, Action.MERGE)
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), folder)
-        progress(0.1, desc="Loading the base in 16-bit and merging (this takes a while)…")
-        merged = _export().merge_adapter(path, out)
+        progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
+        merged = _export().merge_adapter(path, out, base=base or "auto")
         size = _folder_size(merged)
-        message = notice("ok", f"Merged model saved to {merged} ({size / 2**30:.2f} GiB, safetensors).")
+        message = notice("ok", f"Merged model saved to {merged} ({size / 2**30:.2f} GiB, safetensors).") + \
+            verification_html(merged)
         if size > MERGED_ZIP_LIMIT:
             return message + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
@@ -167,8 +188,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
         values = [c[1] for c in choices]
         return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
 
-    tab.zip_button.click(on_zip, tab.source, tab.zip_file, api_name="export_zip")
-    tab.merge_button.click(on_merge, [tab.source, tab.merge_dir], [tab.merge_status, tab.merge_file],
+    tab.zip_button.click(on_zip, tab.source, [tab.zip_file, tab.zip_status], api_name="export_zip")
+    tab.merge_button.click(on_merge, [tab.source, tab.merge_dir, tab.merge_base], [tab.merge_status, tab.merge_file],
                            api_name="export_merged", concurrency_id="generate", concurrency_limit=1)
     tab.push_button.click(on_push, [tab.source, tab.repo_id, tab.token, tab.what, tab.private], tab.push_status,
                           api_name="push_to_hub")
