@@ -294,6 +294,8 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
         del merged, model, base_model
         _free_memory()  # the reference engine loads the base again
         result = verify_adapter_export(tmp, "merged", ref, engine) if verify else None
+        if result is not None:
+            result.loaded = result.loaded.replace(tmp.name, out_dir.name)
         into = merged_into_text(choice, ref)
         (tmp / "README.md").write_text(model_card(ref, _summary(ref.adapter_dir), _config(ref), result, into).replace(
             "# LoRA adapter for", "# Merged model (base + LoRA) from"), encoding="utf-8")

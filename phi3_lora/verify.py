@@ -51,6 +51,7 @@ class Reference:
     quantization: dict[str, Any] | None  # the run's 4-bit settings (a QLoRA adapter is loaded on them)
     source: str                     # "held-out" or "probe" (the run has no held-out rows)
     hub_alias: tuple[str, str] | None = None  # (Hub id, local folder): serve this base to the child offline
+    answer_pieces: list[list[str]] | None = None  # each answer token decoded alone (to show where answers part)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Verification:
             return f"NOT verified: {self.error}"
         if self.identical == self.total:
             return f"verified: {self.identical}/{self.total} {what} identical"
-        agree = f"token agreement {self.agreement:.3f}" if self.agreement is not None else "no token agreement"
+        agree = f"token agreement {self.agreement:.4f}" if self.agreement is not None else "no token agreement"
         if self.ok:
             return (f"verified within tolerance: {self.identical}/{self.total} {what} identical, {agree} "
                     f">= {TOLERANCE}")
@@ -125,6 +126,7 @@ def reference(ref: Any, engine: Any = None, limit: int = MAX_PROMPTS,
               max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
     """The app's greedy tuned answers for `ref` (an AdapterRef); `engine` reuses a loaded ChatEngine."""
     from phi3_lora import models
+    from phi3_lora.embedded import HUB_ID, embedded_model_dir, is_embedded
     from phi3_lora.generate import ChatEngine
 
     if engine is None:
@@ -142,12 +144,11 @@ def reference(ref: Any, engine: Any = None, limit: int = MAX_PROMPTS,
         quant = {"load_in_4bit": True, "bnb_4bit_quant_type": engine.settings.bnb_4bit_quant_type,
                  "bnb_4bit_use_double_quant": engine.settings.bnb_4bit_use_double_quant}
     alias = None
-    if models.is_embedded(engine.model_name):
-        from phi3_lora.embedded import HUB_ID
-
-        alias = (HUB_ID, str(models.embedded_model_dir()))
+    if is_embedded(engine.model_name):
+        alias = (HUB_ID, str(embedded_model_dir()))
+    pieces = [[engine.tokenizer.decode([t]) for t in answer] for answer in ids]
     return Reference(prompts, answers, ids, list(engine.stop_ids), max_new_tokens, dtype, device, quant, source,
-                     alias)
+                     alias, pieces)
 
 
 def _settings(ref: Any) -> Any:
@@ -223,11 +224,19 @@ def compare(kind: str, ref: Reference, result: dict[str, Any], seconds: float = 
             continue
         at = next((j for j, (a, b) in enumerate(zip(want, got["ids"])) if a != b), min(len(want), len(got["ids"])))
         prompt = ref.prompts[i][-1]["content"]
-        differences.append(f"#{i + 1} {prompt[:40]!r}: differs from token {at}; app {ref.answers[i][:60]!r}, "
-                           f"export {got['text'][:60]!r}")
+        differences.append(f"#{i + 1} {prompt[:40]!r}: differs from token {at} of {len(want)}; from there the app "
+                           f"says {_from(ref.answer_pieces[i] if ref.answer_pieces else None, ref.answers[i], at)!r}, "
+                           f"the export {_from(got.get('pieces'), got['text'], at)!r}")
     error = "the child process imported phi3_lora" if result.get("phi3_lora_imported") else None
     return Verification(kind, len(ref.prompts), identical, matches, positions, differences,
                         result.get("loaded", ""), ref.source, error, round(seconds, 1))
+
+
+def _from(pieces: list[str] | None, text: str, at: int, n: int = 8) -> str:
+    """The answer from token `at` on (a few tokens), or the text's start when the pieces are unknown (pure)."""
+    if pieces is None:
+        return text[:60]
+    return ("…" if at else "") + "".join(pieces[at:at + n]) + ("…" if len(pieces) > at + n else "")
 
 
 # --- where a verification is kept ------------------------------------------------------------------

@@ -85,7 +85,8 @@ def answer(model, tokenizer, messages: list, expected: list, spec: dict) -> dict
             start = enc["input_ids"].shape[1] - 1
             picks = logits[start:start + len(expected)].argmax(-1).tolist()
             matches, positions = sum(int(a == b) for a, b in zip(picks, expected)), len(expected)
-    return {"text": tokenizer.decode(ids, skip_special_tokens=True), "ids": ids, "agreement": [matches, positions]}
+    return {"text": tokenizer.decode(ids, skip_special_tokens=True), "ids": ids, "agreement": [matches, positions],
+            "pieces": [tokenizer.decode([t]) for t in ids]}
 
 
 def main(spec_path: str, out_path: str) -> int:

@@ -170,8 +170,8 @@ def test_verification_is_scored_from_the_childs_answers():
     assert verify.compare("merged", ref, same).line() == "verified: 2/2 held-out answers identical"
     off = {"answers": [{"text": "x q", "ids": [1, 5], "agreement": [1, 2]}, same["answers"][1]], "loaded": "m"}
     result = verify.compare("merged", ref, off)
-    assert result.line() == "NOT verified: 1/2 held-out answers identical, token agreement 0.667 < 0.99"
-    assert "differs from token 1" in result.differences[0]
+    assert result.line() == "NOT verified: 1/2 held-out answers identical, token agreement 0.6667 < 0.99"
+    assert "differs from token 1 of 2" in result.differences[0]
     assert not verify.compare("merged", ref, {**same, "phi3_lora_imported": True}).ok
 
 
