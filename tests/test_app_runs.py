@@ -77,7 +77,7 @@ def test_corrupt_runs_and_reused_pids_through_the_app(tmp_path, tiny_llama_dir):
                     polled = html.unescape(c.predict(run_id, "", api_name="/poll_run")[1])
                     assert "unreadable" in polled and phrase in polled, polled
                     assert "unreadable" in c.predict(run_id, api_name="/select_run")[0]
-                    with pytest.raises(Exception, match="cannot be resumed|not UTF-8|wrong type|deeply"):
+                    with pytest.raises(Exception, match="cannot be resumed|not UTF-8|must be text|deeply"):
                         c.predict(run_id, api_name="/resume_training")
 
                 # Pid reuse: an unrelated process and the app's own pid are never signalled.

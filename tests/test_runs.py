@@ -124,7 +124,7 @@ def test_every_corruption_is_one_unreadable_run_and_the_rest_lists(tmp_path):
         st = infos[run_id].status
         assert st.state == "unreadable" and st.reason.startswith("unreadable: ") and phrase in st.reason, (run_id, st)
         assert not st.active
-        with pytest.raises(UserError, match="cannot be resumed|unreadable|not UTF-8|wrong type|too deeply"):
+        with pytest.raises(UserError, match="cannot be resumed|unreadable|not UTF-8|must be text|too deeply"):
             jobs.resume_run(run_id, tmp_path)
         assert isinstance(jobs.log_tail(run_id, tmp_path), str)
     # What the app shows after a restart is the same fresh read of the folder.

@@ -35,7 +35,7 @@ def corrupt_runs(runs: Path) -> dict[str, str]:
 
     run = _run(runs, "20250101-000002-model-name-5")
     run.config.write_text("model: {name: 5}\n")
-    expected[run.run_id] = "wrong type"
+    expected[run.run_id] = "model.name must be text"
 
     run = _run(runs, "20250101-000003-deep-yaml")
     run.config.write_text("model: " + "[" * DEEP + "]" * DEEP + "\n")
