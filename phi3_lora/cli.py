@@ -316,7 +316,11 @@ EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 def main(argv: list[str] | None = None) -> int:
     _load_extra_commands()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):  # only a pass-through command (bench) takes them
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.func(args)
     except UserError as exc:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from phi3_lora import families
+from phi3_lora import families, versions
 from phi3_lora.families import child_name
 
 
@@ -94,6 +94,8 @@ def _4bit_codes(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.dt
 
     import bitsandbytes as bnb
 
+    if not versions.tested("fused_4bit_codes"):  # QuantState internals and a private function: re-quantise
+        return None
     data, state = linear.weight.data, linear.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         # bnb repacked it for CPU inference (codes reordered, scales unnested to bf16, transposed); its inverse

@@ -37,12 +37,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from phi3_lora import versions
+
 _ORIGINAL = "_peft_forward"
-# What the LoRA product keeps for the backward pass (bench/train_speed.py turns these off for its same-run
-# ablations): DropoutLoraA (x and the RNG state, not dropout's output and mask), and with it remaking x from
-# its producer's saved tensors where `REMAKERS` knows how.
-DROPOUT_LORA_A = True
-REMAKE_INPUTS = True
 
 
 def lora_linear_classes() -> tuple[type, ...]:
@@ -71,7 +68,8 @@ Remake = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]
 
 def _liger_swiglu(node: Any) -> Remake | None:
     """Liger's SiLU-mul keeps its inputs (gate, up) for its own backward: its output is one kernel away."""
-    if getattr(node, "dtensor_metadata", None) is not None or getattr(node, "down_multiplier", 1.0) != 1.0:
+    if (getattr(node, "dtensor_metadata", None) is not None or getattr(node, "down_multiplier", 1.0) != 1.0
+            or not versions.tested("liger_remake")):
         return None
     from liger_kernel.ops.swiglu import swiglu_forward
 
@@ -158,10 +156,10 @@ def _lora_a(self: Any, name: str, x: torch.Tensor) -> torch.Tensor:
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     plain = type(a) is nn.Linear and a.bias is None and not _hooked(a) and not _hooked(drop)
     # the RNG state saved and restored is the CUDA or CPU generator's: other devices keep nn.Dropout
-    if not (DROPOUT_LORA_A and plain and 0.0 <= p < 1.0 and x.device.type in ("cuda", "cpu")):
+    if not (plain and 0.0 <= p < 1.0 and x.device.type in ("cuda", "cpu")):
         return a(drop(x))
     x = x.to(torch.get_autocast_dtype(x.device.type))
-    return DropoutLoraA.apply(x, a.weight.to(x.dtype), p, remake_source(x) if REMAKE_INPUTS else None)
+    return DropoutLoraA.apply(x, a.weight.to(x.dtype), p, remake_source(x))
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -185,7 +183,11 @@ def lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
 
 
 def install(model: nn.Module) -> int:
-    """Give every peft LoRA Linear in `model` the lean forward (idempotent); returns how many layers changed."""
+    """Give every peft LoRA Linear in `model` the lean forward (idempotent); returns how many layers changed.
+
+    None with library versions it was not tested with (phi3_lora.versions): peft's own forward stays."""
+    if not versions.tested("lean_lora"):
+        return 0
     classes = lora_linear_classes()
     count = 0
     for module in model.modules():

@@ -199,8 +199,11 @@ def load_model(settings: ModelSettings, *, device: str | None = None) -> PreTrai
     dtype = resolve_dtype(settings.dtype, device)
     attn = "sdpa" if settings.attn_implementation == "auto" else settings.attn_implementation
     if attn == "sdpa_varlen":
-        from phi3_lora import packed_attention
-        packed_attention.register()
+        from phi3_lora import packed_attention, versions
+        if versions.tested(packed_attention.NAME):
+            packed_attention.register()
+        else:  # untested transformers/torch: the stock kernel (one warning says why)
+            attn = "sdpa"
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": _device_map(device), "trust_remote_code": False,
                               "attn_implementation": attn}
     if settings.load_in_4bit:

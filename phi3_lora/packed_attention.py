@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from phi3_lora import versions
+
 NAME = "sdpa_varlen"
 
 
@@ -37,8 +39,8 @@ def _varlen() -> tuple[Any, frozenset[str]] | None:
 
 
 def cuda_varlen_available() -> bool:
-    """PyTorch has a varlen attention kernel and a CUDA GPU to run it."""
-    return _varlen() is not None and torch.cuda.is_available()
+    """PyTorch has a varlen attention kernel, a CUDA GPU to run it, and versions this path was tested with."""
+    return _varlen() is not None and torch.cuda.is_available() and versions.tested(NAME)
 
 
 def register() -> str:

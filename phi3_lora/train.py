@@ -163,25 +163,6 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-MEMORY_LIMIT_ENV = "PHI3_LORA_MEMORY_LIMIT_MB"  # tests only: force an out-of-memory in the training loop
-
-
-def apply_memory_limit() -> int | None:
-    """With $PHI3_LORA_MEMORY_LIMIT_MB set, cap this process's address space (RLIMIT_AS) at what it has mapped
-    now plus that many MB, so the training loop's first big allocation fails like a real OOM. Returns the cap."""
-    value = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
-    if not value:
-        return None
-    import resource
-
-    with open("/proc/self/statm", encoding="ascii") as fh:
-        mapped = int(fh.read().split()[0]) * resource.getpagesize()
-    cap = mapped + int(float(value) * 2**20)
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    return cap
-
-
 @dataclass
 class Built:
     """A trainer ready to train, and what `run` records about it."""
@@ -292,7 +273,6 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
         options=vars(opts), data_warnings=loaded.warnings)
 
     _stop_flag["in_loop"] = True
-    apply_memory_limit()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:

@@ -19,7 +19,6 @@ from trl import SFTTrainer
 
 from phi3_lora import events, runs
 from phi3_lora.runs import RunDir
-SLOW_SAVE_ENV = "PHI3_LORA_TEST_SLOW_SAVE_SECONDS"  # tests only: pause inside each checkpoint save
 
 
 class AtomicCheckpointTrainer(SFTTrainer):
@@ -54,13 +53,6 @@ class AtomicCheckpointTrainer(SFTTrainer):
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # Tests widen the window between the adapter and the optimizer state to kill a save half-way.
-        delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
-        super()._save_optimizer_and_scheduler(output_dir)
 
 
 def any_rank(flag: bool) -> bool:

@@ -71,3 +71,12 @@ def tiny_disk(tmp_path):
     yield mount
     for folder in reversed(mounted):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def fault_hooks(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Child processes started by the test load tests/helpers/fault_plugin/sitecustomize.py, whose environment
+    variables (SLOW_SAVE_ENV, MEMORY_LIMIT_ENV) inject test-only faults into the training loop."""
+    plugin = Path(__file__).parent / "helpers" / "fault_plugin"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin), os.environ.get("PYTHONPATH")])))
+    return plugin

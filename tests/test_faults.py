@@ -18,7 +18,7 @@ from test_jobs import slow_config, wait_until
 from phi3_lora import events, jobs
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, parse_checkpoint_step, pid_alive, run_dirs
-from phi3_lora.trainer import SLOW_SAVE_ENV
+from helpers.fault_plugin.sitecustomize import MEMORY_LIMIT_ENV, SLOW_SAVE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def assert_loadable(model_dir: Path, ckpt: Path) -> None:
 
 # --- kill -9 during a save; Resume; Stop releases the process; save_total_limit --------------------------------
 
-def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypatch):
+def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypatch, fault_hooks):
     runs = tmp_path / "runs"
     save_steps = 3
     cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=save_steps)  # save_total_limit 2
@@ -106,7 +106,7 @@ def launch_app(runs: Path, model_dir: Path):
     return demo, Client(url, verbose=False)
 
 
-def test_out_of_memory_fails_clearly_and_the_app_keeps_serving(tmp_path, tiny_llama_dir, monkeypatch):
+def test_out_of_memory_fails_clearly_and_the_app_keeps_serving(tmp_path, tiny_llama_dir, monkeypatch, fault_hooks):
     runs = tmp_path / "runs"
     rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "please explain " * 200},
                           {"role": "assistant", "content": "Because " * 300}]} for i in range(32)]
@@ -114,7 +114,7 @@ def test_out_of_memory_fails_clearly_and_the_app_keeps_serving(tmp_path, tiny_ll
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # The child caps its address space at what it has mapped + 64 MB when the loop starts: a batch of 16 x 512
     # tokens needs > 1.5 GB for the logits alone.
-    monkeypatch.setenv(train.MEMORY_LIMIT_ENV, "64")
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "64")
     demo, c = launch_app(runs, tiny_llama_dir)
     try:
         args = start_args(c, **{"Data source": str(data), "Max steps": 5, "Batch size": 16,

@@ -1,0 +1,72 @@
+"""Version guards for the speed path: the parts that lean on other libraries' private APIs.
+
+`lean_lora` replaces peft's LoRA forward per instance and reads `torch._C._autograd`; its SwiGLU remake
+calls Liger's kernel internals; `packed_attention` registers with transformers' attention interfaces and
+calls PyTorch's varlen kernel; `fused` cuts 4-bit weights through bitsandbytes' QuantState and a private
+bitsandbytes function. Each was tested with the versions below (requirements.txt pins, and the H200
+bench's, docs/benchmarks.md). With any other installed version the feature falls back to the stock path
+(peft's forward, SDPA without packing, re-quantised slices), and one warning per process says which and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+log = logging.getLogger(__name__)
+
+# feature -> {distribution: versions it was tested with}
+TESTED: dict[str, dict[str, str]] = {
+    "lean_lora": {"torch": ">=2.11,<2.14", "peft": "==0.21.*"},
+    "liger_remake": {"liger-kernel": "==0.8.*"},
+    "sdpa_varlen": {"torch": ">=2.11,<2.14", "transformers": ">=5.17,<5.24"},
+    "fused_4bit_codes": {"bitsandbytes": "==0.50.*"},
+}
+STOCK_PATH = {
+    "lean_lora": "peft's own LoRA forward",
+    "liger_remake": "the LoRA input kept instead of remade",
+    "sdpa_varlen": "SDPA without packed rows",
+    "fused_4bit_codes": "4-bit slices re-quantised instead of cut",
+}
+
+
+def installed(dist: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _fits(dist: str, spec: str) -> bool:
+    found = installed(dist)
+    if found is None:  # not installed: the feature's own availability check decides
+        return True
+    try:
+        return Version(Version(found).public) in SpecifierSet(spec)  # 2.13.0+cpu is 2.13.0
+    except InvalidVersion:
+        return False
+
+
+@lru_cache(maxsize=1)
+def untested() -> dict[str, list[str]]:
+    """feature -> the 'dist installed (tested spec)' entries that do not match; warns once when any does not."""
+    found = {feature: [f"{d} {installed(d)} (tested {spec})" for d, spec in deps.items() if not _fits(d, spec)]
+             for feature, deps in TESTED.items()}
+    found = {f: why for f, why in found.items() if why}
+    if found:
+        parts = "; ".join(f"{STOCK_PATH[f]} ({', '.join(why)})" for f, why in found.items())
+        warnings.warn(f"phi3_lora's speed path was not tested with the installed versions, so it uses the stock "
+                      f"path: {parts}. Install the versions in requirements.txt for the faster path.",
+                      RuntimeWarning, stacklevel=2)
+    return found
+
+
+def tested(feature: str) -> bool:
+    """The installed libraries are ones `feature` was tested with (else: use the stock path)."""
+    return feature not in untested()
