@@ -72,13 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Default model: {name}: {reason}. Runs are kept in {options.runs_dir}.", flush=True)
     try:
         _, local_url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, auth=auth,
-                                         prevent_thread_lock=True)
+                                         prevent_thread_lock=True, quiet=True)
     except Exception as exc:  # a share tunnel that fails inside launch must not take the local app down
         if not args.share:
             raise
         print(f"No public link: {exc}. Serving locally only.", flush=True)
         _, local_url, share_url = launch(demo, host=args.host, port=args.port, share=False, auth=auth,
-                                         prevent_thread_lock=True)
+                                         prevent_thread_lock=True, quiet=True)
+    # Our own line instead of Gradio's (quiet=True): its hint says "set share=True in launch()"; here it is a flag.
+    print(f"Running on {local_url}" + ("" if args.share or SPACE.on_space else
+                                        "  (python app.py --share also asks for a temporary public link)"),
+          flush=True)
     if args.share:
         if share_url:
             print(f"Public link: {share_url}", flush=True)

@@ -97,6 +97,8 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "estimate": (A.VIEW, *_MODEL),
     "apply_preset": (A.VIEW, *_MODEL),
     "show_config": (A.VIEW, *_MODEL),
+    "time_estimate": (A.VIEW, *_DATA),        # reads the step times measured here; gates model and data source
+    "measure_step_time": (A.START, *_DATA),   # runs a few training steps on the server: as costly as a start
     # Dataset
     "upload_dataset": (A.UPLOAD,),
     "validate_after_upload": _DATA,
@@ -106,6 +108,7 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "validate_source": _DATA,
     "render_example": (A.VIEW, *_MODEL),
     "eval_split": (A.VIEW,),
+    "clear_upload": (A.VIEW,),                # only empties this page's source box
     # Train
     "start_training": (A.START, *_DATA),
     "stop_training": (A.STOP,),
@@ -113,6 +116,8 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "list_runs": (A.VIEW,),
     "select_run": (A.VIEW,),
     "poll_run": (A.VIEW,),
+    "overlay_choices": (A.VIEW,),
+    "overlay_runs": (A.VIEW,),                # loss curves: what poll_run shows, several runs at once
     # Compare
     "compare": (A.COMPARE, A.COMPARE_HUB, *_MODEL),
     "heldout_example": (A.VIEW,),

@@ -127,6 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from phi3_lora.models import resolve_name
 
     name, reason = resolve_name(config.model.name)
+    if config.preset and cfgmod.PRESETS.get(config.preset, {}).get("model", {}).get("name") == config.model.name:
+        reason = f"set by the {config.preset} preset"  # resolve_name would say "chosen by you"
     print(f"model: {name}: {reason}\nrun folder: {run_dir}", file=sys.stderr)
     train.pin_single_gpu()  # before anything starts CUDA
     result = train.run(config, run_dir, resume=args.resume)

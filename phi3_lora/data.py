@@ -173,12 +173,13 @@ def compute_stats(rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: in
     truncated = sum(n > max_length for n in lengths)
     warnings = []
     if truncated:
-        warnings.append(f"{truncated} of {len(rows)} conversations are longer than max_length {max_length} tokens "
-                        f"(longest {max(lengths)}); they train on their first {max_length} tokens only. Raise "
-                        "train.max_length to keep them whole.")
+        warnings.append(f"{truncated:,} of {len(rows):,} conversations are longer than the max length of "
+                        f"{max_length:,} tokens (longest {max(lengths):,}); they train on their first {max_length:,} "
+                        "tokens only. Raise 'Max length (tokens)' (train.max_length) to keep them whole.")
     if untrained:
-        warnings.append(f"{untrained} conversations have no assistant tokens within max_length {max_length}, so "
-                        "they teach nothing. Raise train.max_length or shorten their system/user turns.")
+        warnings.append(f"{untrained:,} conversations have no assistant tokens within the max length of "
+                        f"{max_length:,} tokens, so they teach nothing. Raise 'Max length (tokens)' (train.max_length) "
+                        "or shorten their system/user turns.")
     if not masks:
         warnings.append("The chat template has no {% generation %} markers, so assistant-only loss cannot be used.")
     return DataStats(rows=len(rows), turns=turns, mean_turns=turns / len(rows) if rows else 0.0,

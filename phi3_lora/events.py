@@ -133,7 +133,7 @@ def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> Run
         status.max_steps = int(ev.get("max_steps", status.max_steps) or status.max_steps)
         if kind == "start":
             status.state, status.started = "running", ev.get("t")
-            status.reason = ""
+            status.reason, status.eta_seconds = "", None  # a resumed run has no ETA until it logs a step
             # A resumed run replays the steps after its checkpoint: keep one point per step.
             status.losses = [p for p in status.losses if p[0] <= status.step]
             status.eval_losses = [p for p in status.eval_losses if p[0] <= status.step]
@@ -152,7 +152,7 @@ def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> Run
         elif kind == "error":
             status.state, status.reason = "failed", ev.get("reason", "failed")
         elif kind == "resume":
-            status.state = "queued"
+            status.state, status.eta_seconds = "queued", None
     if status.state in ("queued", "running") and not process_alive:
         if events:
             status.state = "interrupted"

@@ -61,9 +61,8 @@ def _active_unless_ending(runs_dir: Path, grace_s: float = EXIT_GRACE_S) -> str 
 
 
 def _busy_error(runs_dir: Path, run_id: str) -> UserError:
-    st = events.run_status(Path(runs_dir) / run_id)
-    where = f" at step {st.step}/{st.max_steps}" if st.max_steps else ""
-    return UserError(f"A training run is already going on this machine: {run_id}{where}.",
+    # No step number: a toast showing it would go stale beside the live progress bar.
+    return UserError(f"A training run is already going on this machine: {run_id}.",
                      hint="Wait for it to finish or press Stop on it; one run trains at a time.")
 
 
@@ -329,6 +328,9 @@ def run_info(run: RunDir) -> RunInfo:
     return RunInfo(run.run_id, run.path, status, model, created, problem)
 
 
+TQDM_LINE = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\d+(\.\d+)?\s*(it|examples)/s\]")
+
+
 def log_tail(run_id: str, runs_dir: Path | None = None, lines: int = 40) -> str:
     runs_dir = Path(runs_dir or runs.default_runs_dir())
     path = runs.run_in(runs_dir, run_id).log
@@ -341,8 +343,10 @@ def log_tail(run_id: str, runs_dir: Path | None = None, lines: int = 40) -> str:
             text = fh.read().decode("utf-8", errors="replace")
     except OSError as exc:
         return f"({RunDir.LOG} cannot be read: {exc.strerror or exc})"
-    # tqdm redraws with \r; keep only the last state of each line
-    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+    # tqdm redraws with \r: keep only the last state of each line, and drop progress bars (a run started before
+    # train.quiet_libraries, or a library it does not reach) so the tail is the run's own lines.
+    kept = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join([line for line in kept if not TQDM_LINE.search(line)][-lines:])
 
 
 def wait_for(run_id: str, runs_dir: Path | None = None, timeout: float = 600.0,

@@ -77,6 +77,8 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
     signal.signal(signal.SIGTERM, _on_sigterm)
     if is_main_process():
         record_warnings(run_dir, notes)
+    if not os.isatty(2):
+        quiet_libraries()
     try:
         return _run(config, run_dir, resume)
     except StopRequested:
@@ -105,6 +107,21 @@ def record_warnings(run_dir: Path, notes: Sequence[str]) -> None:
         for note in notes:
             events.append_event(run_dir, "warning", message=note)
             log.write(f"warning: {note}\n")
+
+
+def quiet_libraries() -> None:
+    """Writing to a log file (the app's train.log): EventsCallback prints one line per step, so the libraries'
+    progress bars ("Filter: 0%|...") and deprecation warnings would only bury those lines."""
+    import warnings
+
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _record_error(run_dir: Path, reason: str, detail: str | None = None) -> None:
@@ -306,6 +323,12 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
         events.append_event(run_dir, "end", status=status, step=trainer.state.global_step, loss=final_loss,
                         eval_loss=eval_loss, adapter=str(adapter_dir) if adapter_dir else None,
                         seconds=round(time.time() - started, 1))
+        try:  # the next run's time estimate starts from this run's measured step time
+            from phi3_lora import steptime
+
+            steptime.record_run(config, run_dir)
+        except OSError:
+            pass
     return TrainResult(status, trainer.state.global_step, final_loss, eval_loss, adapter_dir, time.time() - started)
 
 
@@ -376,7 +399,8 @@ def drop_untrainable_rows(trainer: Any) -> int:
     if len(keep) == 0:
         raise UserError("No token would be trained: every conversation's assistant turns fall past max_length "
                         "(or assistant_only_loss masks everything).",
-                        hint="Raise train.max_length, shorten the system/user turns, or check the data.")
+                        hint="Raise 'Max length (tokens)' (train.max_length), shorten the system/user turns, or check "
+                             "the data.")
     trainer.train_dataset = keep
     return len(ds) - len(keep)
 

@@ -147,7 +147,7 @@ def test_train_refuse_second_reattach_compare_export(server) -> None:
     assert "finished" in status_html
 
     assert val(c.predict(None, api_name="/list_adapters")) == run_id
-    base_chat, tuned_chat, prompt_left, status = c.predict(
+    base_chat, tuned_chat, prompt_left, status, _reference = c.predict(
         "What is your name?", run_id, 0.0, 0.9, 24, 0, [], [], api_name="/compare")
     base, tuned = base_chat[-1]["content"], tuned_chat[-1]["content"]
     base, tuned = (b if isinstance(b, str) else b[0]["text"] for b in (base, tuned))

@@ -217,7 +217,7 @@ def test_stats_count_turns_tokens_truncation_and_trained_tokens(tokenizer):
     stats = compute_stats(rows, tokenizer, max_length=64)
     assert stats.rows == 2 and stats.turns == 4 and stats.mean_turns == 2
     assert stats.token_lengths[0] < 64 < stats.token_lengths[1]
-    assert stats.truncated == 1 and any("longer than max_length 64" in w for w in stats.warnings)
+    assert stats.truncated == 1 and any("longer than the max length of 64 tokens" in w for w in stats.warnings)
     assert stats.total_tokens == stats.token_lengths[0] + 64
     # Trained tokens are the assistant's: fewer than the total, and capped by truncation.
     short = compute_stats([EXPECTED], tokenizer, max_length=64)

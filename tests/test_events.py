@@ -56,3 +56,16 @@ def test_a_resumed_run_keeps_one_loss_point_per_step(tmp_path):
     events.append_event(tmp_path, "log", step=3, max_steps=6, loss=30.0)
     st = events.run_status(tmp_path)
     assert st.losses == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_resumed_run_shows_no_eta_until_it_logs_again(tmp_path):
+    """The ended session's "end" set the ETA to 0; while resuming it must read as unknown, not "0s"."""
+    events.append_event(tmp_path, "start", step=0, max_steps=6)
+    events.append_event(tmp_path, "log", step=2, max_steps=6, loss=1.0, eta_seconds=40.0)
+    events.append_event(tmp_path, "end", status="stopped", step=2)
+    events.append_event(tmp_path, "resume", step=2, max_steps=6)
+    assert events.status_from_events(events.read_events(tmp_path), process_alive=True).eta_seconds is None
+    events.append_event(tmp_path, "start", step=2, max_steps=6)
+    assert events.status_from_events(events.read_events(tmp_path), process_alive=True).eta_seconds is None
+    events.append_event(tmp_path, "log", step=3, max_steps=6, loss=1.0, eta_seconds=30.0)
+    assert events.status_from_events(events.read_events(tmp_path), process_alive=True).eta_seconds == 30.0

@@ -54,7 +54,7 @@ def test_twenty_chats_and_five_starts_at_once(tmp_path: Path, tiny_llama_dir: Pa
         for k in range(CHATS_EACH):
             t0 = time.perf_counter()
             try:
-                base, tuned, _, status = c.predict(f"Client {i} asks question {k}: what is your name?", RUN_ID,
+                base, tuned, _, status, _ = c.predict(f"Client {i} asks question {k}: what is your name?", RUN_ID,
                                                    0.0, 0.9, 8, 0, [], [], api_name="/compare")
             except Exception as exc:  # any error is a failure here: AppError, HTTP 5xx, timeouts
                 with lock:

@@ -11,11 +11,22 @@ import gradio as gr
 from phi3_lora import access, models, uploads
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir
-from phi3_lora.ui import compare, dataset, export_tab, settings, train_tab
+from phi3_lora.ui import compare, dataset, export_tab, settings, timing, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
 from phi3_lora.ui.guard import check_model, check_source, guarded, session_key
 
 DATA_KEYS = ["data.source", "data.format", "data.mapping", "data.eval_fraction"]
+# The Column mapping table is an editable Dataframe, which also takes CSV files dropped on it ("Invalid file type");
+# Gradio has no switch for that, so the page swallows drag-and-drop over it before the table sees it.
+PAGE_JS = """() => {
+  const block = (e) => {
+    if (e.target instanceof Element && e.target.closest('#p3-mapping')) {
+      e.preventDefault(); e.stopPropagation();
+      if (e.dataTransfer) e.dataTransfer.dropEffect = 'none';
+    }
+  };
+  for (const kind of ['dragenter', 'dragover', 'drop']) window.addEventListener(kind, block, true);
+}"""
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", radius_size="md")
 
 
@@ -76,6 +87,8 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         st.show_config.click(on_show_config, config_inputs, [st.yaml_code, st.cli_code], api_name="show_config")
         dataset.wire(ds, state, st.fields["model.name"], st.fields["train.max_length"], st.fields["train.seed"])
         train_tab.wire(tr, state, config_inputs, build_config)
+        timing.wire(st.timing, state, config_inputs, build_config, ds.rows, st.preset,
+                    [w.change for w in setting_widgets] + [ds.eval_fraction.change, demo.load])
         compare.wire(cp, state)
         export_tab.wire(ex, state)
         compare_page.select(cp.on_refresh, cp.source, cp.source, api_name="open_compare")
@@ -127,4 +140,4 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
     return demo.launch(server_name=host, server_port=port, share=share, auth=auth, quiet=quiet,
                        prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
                        allowed_paths=[str(exports)], blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
-                       show_error=False, footer_links=["api", "settings"])
+                       show_error=False, footer_links=["api", "settings"], js=PAGE_JS)

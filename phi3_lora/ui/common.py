@@ -70,10 +70,11 @@ def user_errors(fn: Callable) -> Callable:
             return exc
         if isinstance(exc, UserError):
             text = exc.message + (f" {exc.hint}" if exc.hint else "")
-            return gr.Error(text, title="Cannot do that")
+            return gr.Error(text, title="Cannot do that", print_exception=False)  # handled: no console traceback
         log.exception("unexpected error in %s", fn.__name__)
         return gr.Error(f"Something went wrong ({type(exc).__name__}: {str(exc)[:300]}). The app is still running; "
-                        "see the terminal for details.", title="Unexpected error")
+                        "see the terminal for details.", title="Unexpected error",
+                        print_exception=False)  # log.exception above printed it once
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)

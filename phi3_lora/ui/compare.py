@@ -38,6 +38,7 @@ class CompareTab:
     clear: gr.Button
     reference: gr.Markdown
     status: gr.HTML
+    held_out: gr.State   # the held-out prompt whose reference answer is shown ("" when none)
 
 
 def build(state: AppState) -> CompareTab:
@@ -72,7 +73,7 @@ def build(state: AppState) -> CompareTab:
     gr.HTML(help_md("Held-out example: a conversation from the run's eval split (never trained on); its "
                     "reference answer is shown under the chats. The model loads on the first message."))
     return CompareTab(source, refresh, temperature, top_p, max_new_tokens, seed, base_chat, tuned_chat, prompt,
-                      send, example, clear, reference, status)
+                      send, example, clear, reference, status, gr.State(""))
 
 
 def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
@@ -176,7 +177,7 @@ def wire(tab: CompareTab, state: AppState) -> None:
     @user_errors
     @guarded(state)
     def on_send(who: Requester, prompt: str, source: str | None, temperature: float, top_p: float, max_new: float,
-                seed: Any, base_chat: list | None, tuned_chat: list | None,
+                seed: Any, base_chat: list | None, tuned_chat: list | None, held_out: str = "",
                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         from phi3_lora.generate import GenerationSettings
 
@@ -196,30 +197,33 @@ def wire(tab: CompareTab, state: AppState) -> None:
         tuned_hist = _history(tuned_chat) + [{"role": "user", "content": prompt}]
         shown_base = base_hist + [{"role": "assistant", "content": ""}]
         shown_tuned = tuned_hist + [{"role": "assistant", "content": ""}]
-        yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…")
+        # The reference answer belongs to the held-out prompt only; another prompt hides it.
+        reference = gr.skip() if prompt == (held_out or "").strip() else gr.update(visible=False)
+        yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…"), reference
         engine = get_engine(state, path, progress)
         label = f"{engine.model_name} + {source}"
         for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
             shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
-            yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…")
+            yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…"), gr.skip()
         yield shown_base, shown_tuned, gr.skip(), notice("ok", f"{label}: done (temperature {settings.temperature:g}, "
-                                                               f"top-p {settings.top_p:g}, seed {settings.seed}).")
+                                                               f"top-p {settings.top_p:g}, seed {settings.seed})."), \
+            gr.skip()
 
     @user_errors
-    def on_example(source: str | None) -> tuple[str, Any]:
+    def on_example(source: str | None) -> tuple[str, Any, str]:
         user, answer, i = eval_example(runs_dir, source)
-        return user, gr.update(value=f"**Reference answer** (held-out row {i + 1}):\n\n{answer}", visible=True)
+        return user, gr.update(value=f"**Reference answer** (held-out row {i + 1}):\n\n{answer}", visible=True), user
 
     inputs = [tab.prompt, tab.source, tab.temperature, tab.top_p, tab.max_new_tokens, tab.seed, tab.base_chat,
-              tab.tuned_chat]
-    outputs = [tab.base_chat, tab.tuned_chat, tab.prompt, tab.status]
+              tab.tuned_chat, tab.held_out]
+    outputs = [tab.base_chat, tab.tuned_chat, tab.prompt, tab.status, tab.reference]
     # On ZeroGPU the GPU exists only inside a spaces.GPU call; elsewhere this returns on_send unchanged.
     send = spaces.gpu(on_send, state.options.space_env)
     gr.on([tab.send.click, tab.prompt.submit], send, inputs, outputs, api_name="compare",
           concurrency_id="generate", concurrency_limit=1)
-    tab.example.click(on_example, tab.source, [tab.prompt, tab.reference], api_name="heldout_example")
-    tab.clear.click(lambda: ([], [], gr.update(visible=False), ""), None,
-                    [tab.base_chat, tab.tuned_chat, tab.reference, tab.status], api_name="clear_chats")
+    tab.example.click(on_example, tab.source, [tab.prompt, tab.reference, tab.held_out], api_name="heldout_example")
+    tab.clear.click(lambda: ([], [], gr.update(visible=False), "", ""), None,
+                    [tab.base_chat, tab.tuned_chat, tab.reference, tab.status, tab.held_out], api_name="clear_chats")
     tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_adapters")
     tab.on_refresh = on_refresh
 

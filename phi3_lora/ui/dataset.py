@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,7 @@ from phi3_lora.ui.guard import check, check_model, check_source, guarded
 MAPPING_HEADERS = ["field the format expects", "column in your data"]
 PROBLEM_HEADERS = ["file", "where", "field", "what is wrong / what to do"]
 PREVIEW_HEADERS = ["#", "turns", "system", "first user message", "first assistant answer"]
+NO_DATA = "No data yet: upload a file or press \"Use the sample dataset\"."
 
 
 @dataclass
@@ -62,12 +64,12 @@ def build(state: AppState) -> DatasetTab:
                               info="auto detects it; pick one to override the guess.")
             mapping = gr.Dataframe(headers=MAPPING_HEADERS, datatype=["str", "str"], column_count=2,
                                    row_count=1, interactive=True, label="Column mapping",
-                                   static_columns=[0], max_height=220)
+                                   static_columns=[0], max_height=220, elem_id="p3-mapping")
             gr.HTML(help_md("Right column: the name your data uses for each field (edit it, then Validate). "
                             "Role names map too: add a row role.human → user."))
             eval_fraction = gr.Slider(0, 0.5, value=0.1, step=0.01, label="Eval split",
                                       info=cfgmod.help_text(cfgmod.DataSettings, "eval_fraction"))
-    summary = gr.HTML(notice("info", "No data yet: upload a file or press \"Use the sample dataset\"."))
+    summary = gr.HTML(notice("info", NO_DATA))
     problems = gr.Dataframe(headers=PROBLEM_HEADERS, label="Problems (rows that will be skipped)",
                             interactive=False, visible=False, wrap=True, max_height=260,
                             column_widths=["15%", "10%", "20%", "55%"])
@@ -113,6 +115,14 @@ def mapping_table(fmt: str, columns: list[str], mapping: dict[str, str]) -> pd.D
     return pd.DataFrame(rows or [["", ""]], columns=MAPPING_HEADERS)
 
 
+def display_name(source: str) -> str:
+    """The name a user knows: a kept upload without its content-hash prefix (runs/.uploads/.../<hash>-name)."""
+    path = Path(source)
+    if uploads.UPLOADS in path.parts:
+        return re.sub(r"^[0-9a-f]{10}-", "", path.name)
+    return path.name if path.exists() else source
+
+
 def _short(text: str, n: int = 140) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -142,6 +152,7 @@ def histogram_figure(lengths: list[int], max_length: int) -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 2.8), dpi=100)
     bins = data.histogram_bins(lengths, bins=24)
@@ -150,6 +161,7 @@ def histogram_figure(lengths: list[int], max_length: int) -> Any:
     ax.axvline(max_length, color="#d9534f", linestyle="--", linewidth=1.5, label=f"max length {max_length}")
     ax.set_xlabel("tokens per conversation")
     ax.set_ylabel("conversations")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of conversations: no 0.5 ticks
     ax.legend(loc="upper right", frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
@@ -189,11 +201,11 @@ def validate(source: str, fmt: str, table: Any, eval_fraction: float, model_name
     columns = _columns(source)
     max_length = int(max_length or 2048)
     train_rows, eval_rows = data.split_rows(loaded.rows, settings.eval_fraction, int(seed or 0))
-    parts = [notice("ok", f"{Path(loaded.source).name}: format {loaded.format} "
-                          f"({'detected' if fmt == 'auto' else 'as chosen'}), {len(loaded.rows)} usable of "
-                          f"{loaded.total_rows} rows → {len(train_rows)} train / {len(eval_rows)} eval.")]
+    parts = [notice("ok", f"{display_name(loaded.source)}: format {loaded.format} "
+                          f"({'detected' if fmt == 'auto' else 'as chosen'}), {len(loaded.rows):,} usable of "
+                          f"{loaded.total_rows:,} rows → {len(train_rows):,} train / {len(eval_rows):,} eval.")]
     parts += [notice("warn", w) for w in loaded.warnings]
-    problems = pd.DataFrame([[Path(p.source).name, p.location, p.field, p.message] for p in loaded.problems],
+    problems = pd.DataFrame([[display_name(p.source), p.location, p.field, p.message] for p in loaded.problems],
                             columns=PROBLEM_HEADERS)
     stats_html, fig, tokens, slider = _stats(loaded.rows, model_name, max_length)
     return ("\n".join(parts), gr.update(value=problems, visible=bool(loaded.problems)), preview_frame(loaded.rows),
@@ -208,11 +220,13 @@ def _stats(rows: list[dict[str, Any]], model_name: str, max_length: int) -> tupl
         return msg, None, msg, gr.update(maximum=max(1, len(rows)), value=1)
     st = data.compute_stats(rows, tok, max_length)
     lengths = st.token_lengths
-    html_parts = [f"<div class='p3-stats'><span>rows <b>{st.rows}</b></span><span>turns/row "
+    trained = f"{st.trained_tokens:,}" if st.trained_tokens is not None else "all"
+    html_parts = [f"<div class='p3-stats'><span>rows <b>{st.rows:,}</b></span><span>turns/row "
                   f"<b>{st.mean_turns:.1f}</b></span><span>tokens <b>{st.total_tokens:,}</b></span>"
-                  f"<span>trained tokens <b>{st.trained_tokens if st.trained_tokens is not None else 'all'}</b></span>"
-                  f"<span>median length <b>{sorted(lengths)[len(lengths) // 2]}</b></span>"
-                  f"<span>longest <b>{max(lengths)}</b></span><span>over max length <b>{st.truncated}</b></span></div>"]
+                  f"<span>trained tokens <b>{trained}</b></span>"
+                  f"<span>median length <b>{sorted(lengths)[len(lengths) // 2]:,}</b></span>"
+                  f"<span>longest <b>{max(lengths):,}</b></span><span>over max length <b>{st.truncated:,}</b></span>"
+                  "</div>"]
     html_parts += [notice("warn", w) for w in st.warnings]
     tokens = tokens_html(data.trained_token_mask(tok, rows[0]["messages"], max_length))
     return ("\n".join(html_parts), histogram_figure(lengths, max_length), tokens,
@@ -265,9 +279,18 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
         if not rows:
             return gr.skip()
         tr, ev = data.split_rows(rows, float(fraction), int(seed_value or 0))
-        return notice("ok", f"{len(rows)} usable rows → {len(tr)} train / {len(ev)} eval (eval split "
+        return notice("ok", f"{len(rows):,} usable rows → {len(tr):,} train / {len(ev):,} eval (eval split "
                             f"{float(fraction):.0%}).")
 
+    def on_clear_upload(source: str) -> tuple[Any, ...]:
+        """The upload's × : a kept upload stops being the source (Start must not train on a file no longer shown);
+        a Hub id or the sample chosen since stays."""
+        if uploads.UPLOADS not in Path(source or "").parts:
+            return (gr.skip(),) * 4
+        return "", notice("info", NO_DATA), [], gr.update(value=None)
+
+    tab.upload.clear(on_clear_upload, tab.source, [tab.source, tab.summary, tab.rows, tab.preview],
+                     api_name="clear_upload")
     tab.upload.upload(on_upload, tab.upload, tab.source, api_name="upload_dataset").success(
         on_validate, inputs, outputs, api_name="validate_after_upload")
     tab.sample.click(on_sample, None, [tab.source, tab.mapping], api_name="use_sample").success(

@@ -162,7 +162,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return message + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.8, desc="Zipping for download…")
-        archive = shutil.make_archive(str(export_root(runs_dir) / _run_dir(path).name / f"{merged.name}-download"),
+        run_name = _run_dir(path).name  # named by run, like the adapter zip (<run>-adapter.zip)
+        archive = shutil.make_archive(str(export_root(runs_dir) / run_name / f"{run_name}-{merged.name}"),
                                       "zip", merged.parent, merged.name)
         return message, gr.update(value=archive, visible=True)
 

@@ -17,6 +17,7 @@ from phi3_lora import config as cfgmod
 from phi3_lora import estimate, models, options, targets
 from phi3_lora.errors import UserError
 from phi3_lora.access import Requester
+from phi3_lora.ui import timing
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check_model, guarded
 
@@ -67,12 +68,12 @@ def build(state: AppState) -> SettingsTab:
                                               "(owner/name) or a local folder with config.json.")
                 model_note = gr.Markdown(f"Default here: **{state.default_name}**, because {state.default_reason}.")
             preset = gr.Radio([NO_PRESET, *cfgmod.PRESET_NAMES], value=d.preset or NO_PRESET, label="Preset",
-                              info="cookbook = the Phi-3 model card's recipe; quick-cpu = minutes on a laptop CPU; "
-                                   "quality-gpu = Phi-3-mini QLoRA on a 24 GB GPU. Choosing one fills the widgets.")
+                              info=timing.PRESET_INFO)
             preset_notes = gr.HTML()
         with gr.Column(scale=2):
             gr.Markdown("### Memory and size")
             estimate_box = gr.HTML(estimate_html(d, info) if info else "", elem_id="p3-estimate")
+            time_box = timing.build()
     with gr.Row(equal_height=False):
         with gr.Column():
             gr.Markdown("### LoRA adapter")
@@ -147,7 +148,9 @@ def build(state: AppState) -> SettingsTab:
         yaml_code = gr.Code(language="yaml", label="run.yaml", interactive=False, visible=False, max_lines=22)
         cli_code = gr.Code(language="shell", label="Equivalent CLI", interactive=False, visible=False, max_lines=22)
     gr.HTML(help_md("Save the YAML as run.yaml and run the first command, or use the flags form directly."))
-    return SettingsTab(f, preset, preset_notes, model_note, estimate_box, show_config, yaml_code, cli_code)
+    tab = SettingsTab(f, preset, preset_notes, model_note, estimate_box, show_config, yaml_code, cli_code)
+    tab.timing = time_box
+    return tab
 
 
 # --- widgets <-> RunConfig ----------------------------------------------------------------------
@@ -189,6 +192,16 @@ def values_from_config(config: cfgmod.RunConfig, keys: list[str], all_targets: l
             value = ", ".join(value or [])
         out.append(value)
     return out
+
+
+def preset_matches(config: cfgmod.RunConfig, name: str) -> bool:
+    """Whether `config` still has every value the preset sets (the base model aside: a preset runs on any)."""
+    if name not in cfgmod.PRESETS:
+        return False
+    applied, current = cfgmod.preset(name, config).to_dict(), config.to_dict()
+    applied["model"]["name"] = current["model"]["name"]
+    applied.pop("preset"), current.pop("preset")
+    return applied == current
 
 
 def cli_text(config: cfgmod.RunConfig) -> str:
@@ -238,7 +251,7 @@ def estimate_html(config: cfgmod.RunConfig, info: models.ModelInfo) -> str:
     lines = [f"<div class='p3-stats'><span>Trainable parameters <b>{trainable:,}</b></span>"
              f"<span>of <b>{total:,}</b></span><span><b>{100 * trainable / max(total, 1):.3f}%</b></span></div>",
              notice("info", f"On a GPU, planned for {budget}: " + estimate.describe(gpu) + "."),
-             help_md(batch_line(config))]
+             f"<span class='p3-help'>{batch_line(config)}</span>"]  # batch_line's own <b>: not escaped
     if not cuda:
         cpu = options.planned_memory(info.config, config, "cpu", liger_installed=liger, trainable_params=trainable)
         lines.append(notice("info", "On this machine (no GPU): " + estimate.describe(cpu) + "."))
@@ -272,15 +285,17 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
                 f"{', '.join(info.linear_names)}).")
 
     @guarded(state)
-    def on_change(who: Requester, *values: Any) -> str:
+    def on_change(who: Requester, *values: Any) -> tuple[str, Any]:
         *vals, preset_name = values
         try:
             check_model(state, who, vals[keys.index("model.name")])
             info = models.model_info(vals[keys.index("model.name")])
             config = config_from_values(keys, vals, info.linear_names, preset_name)
         except UserError as exc:
-            return notice("error", exc.message + (f" {exc.hint}" if exc.hint else ""))
-        return estimate_html(config, info)
+            return notice("error", exc.message + (f" {exc.hint}" if exc.hint else "")), gr.skip()
+        # An edit that leaves the preset's values makes the run custom: the radio must not claim the preset.
+        still = preset_name == NO_PRESET or preset_matches(config, preset_name)
+        return estimate_html(config, info), gr.skip() if still else gr.update(value=NO_PRESET)
 
     @user_errors
     @guarded(state)
@@ -311,6 +326,7 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     tab.keys = keys
     tab.fields["model.name"].change(on_model, [tab.fields["model.name"], targets, slices], [targets, slices, tab.model_note],
                                     api_name="model_layers")
-    gr.on([w.change for w in widgets], on_change, widgets + [tab.preset], tab.estimate, api_name="estimate",
+    gr.on([w.change for w in widgets], on_change, widgets + [tab.preset], [tab.estimate, tab.preset],
+          api_name="estimate",
           show_progress="hidden", trigger_mode="always_last")
     tab.preset.select(on_preset, [tab.preset] + widgets, widgets + [tab.preset_notes], api_name="apply_preset")

@@ -38,6 +38,9 @@ class TrainTab:
     log: gr.Textbox
     timer: gr.Timer
     seen: gr.State
+    overlay_box: gr.Accordion
+    overlay_runs: gr.Dropdown
+    overlay_plot: gr.Plot
 
 
 def build(state: AppState) -> TrainTab:
@@ -60,9 +63,14 @@ def build(state: AppState) -> TrainTab:
     plot = gr.Plot(loss_figure(None), label="Loss", show_label=False, elem_id="p3-loss-plot")
     log = gr.Textbox(label="Training log (last lines)", lines=12, max_lines=12, interactive=False, autoscroll=True)
     gr.HTML(help_md("Stop asks the run to save a checkpoint and exit; Resume continues from the newest checkpoint."))
+    with gr.Accordion("Compare runs: loss curves together", open=False) as overlay_box:
+        overlay_runs = gr.Dropdown([], multiselect=True, label="Runs to overlay", elem_id="p3-overlay-runs",
+                                   info="Train loss as lines, eval loss as dashed lines with markers, one colour a run.")
+        overlay_plot = gr.Plot(overlay_figure({}), show_label=False, elem_id="p3-overlay-plot")
     timer = gr.Timer(state.options.poll_seconds)
     seen = gr.State("")
-    return TrainTab(runs, refresh, start, stop, resume, status, progress, plot, log, timer, seen)
+    return TrainTab(runs, refresh, start, stop, resume, status, progress, plot, log, timer, seen, overlay_box,
+                    overlay_runs, overlay_plot)
 
 
 # --- rendering (pure) -------------------------------------------------------------------------------
@@ -110,6 +118,15 @@ def loss_frame(st: events.RunStatus | None) -> pd.DataFrame:
                          "series": pd.Series([r[2] for r in rows], dtype="object")})
 
 
+def integer_steps(ax: Any, steps: list[int]) -> None:
+    """Whole-number step ticks; a curve of one or two steps gets a step of room each side (else 0.96-1.04)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if steps and max(steps) - min(steps) < 2:
+        ax.set_xlim(max(0, min(steps) - 1), max(steps) + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def loss_figure(st: events.RunStatus | None) -> Any:
     """Train loss as a line, eval loss as markers (matplotlib: it renders the same in every browser)."""
     import matplotlib
@@ -130,6 +147,40 @@ def loss_figure(st: events.RunStatus | None) -> Any:
         ax.legend(frameon=False, loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    integer_steps(ax, [x for x, _ in (st.losses + st.eval_losses)] if st else [])
+    ax.grid(alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def overlay_figure(curves: dict[str, events.RunStatus]) -> Any:
+    """Several runs' loss curves on one axis: a colour per run, train solid, eval dashed with markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2), dpi=100)
+    colours = plt.get_cmap("tab10").colors
+    steps: list[int] = []
+    for i, (run_id, st) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        if st.losses:
+            ax.plot(*zip(*st.losses), color=colour, linewidth=1.6, label=f"{run_id} train")
+        if st.eval_losses:
+            ax.plot(*zip(*st.eval_losses), color=colour, linewidth=1.2, linestyle="--", marker="s", markersize=4,
+                    label=f"{run_id} eval")
+        steps += [x for x, _ in st.losses + st.eval_losses]
+    if not steps:
+        ax.text(0.5, 0.5, "pick runs above to see their curves together", ha="center", va="center",
+                transform=ax.transAxes, color="#888")
+    else:
+        ax.legend(frameon=False, loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    integer_steps(ax, steps)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
@@ -141,7 +192,10 @@ def run_choices(runs_dir: Any) -> list[tuple[str, str]]:
     out = []
     for info in jobs.list_runs(runs_dir):
         st = info.status
-        what = st.reason[:120] if st.state == "unreadable" else f"{st.state} · step {st.step}/{st.max_steps or '?'}"
+        # A live run's step is left to the progress bar: the list is refreshed on state changes only, so a step
+        # count here would lag behind the bar.
+        where = "" if st.active else f" · step {st.step:,}/{st.max_steps:,}" if st.max_steps else ""
+        what = st.reason[:120] if st.state == "unreadable" else f"{st.state}{where}"
         out.append((f"{info.run_id} · {what}", info.run_id))
     return out
 
@@ -255,6 +309,20 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     tab.runs.input(on_select, tab.runs, view, api_name="select_run")
     tab.timer.tick(on_tick, [tab.runs, tab.seen], [tab.runs] + view, api_name="poll_run", show_progress="hidden",
                    queue=False)
+    def overlay_choices(chosen: list[str] | None) -> Any:
+        ids = [c[1] for c in run_choices(runs_dir)]
+        return gr.update(choices=ids, value=[r for r in (chosen or []) if r in ids])
+
+    @user_errors
+    def on_overlay(chosen: list[str] | None) -> Any:
+        ids = {c[1] for c in run_choices(runs_dir)}
+        bad = [r for r in chosen or [] if r not in ids]
+        if bad:
+            raise UserError(f"There is no run called {bad[0]!r}.", hint="Pick runs from the list.")
+        return overlay_figure({r: events.run_status(runs_dir / r) for r in chosen or []})
+
+    tab.overlay_box.expand(overlay_choices, tab.overlay_runs, tab.overlay_runs, api_name="overlay_choices")
+    tab.overlay_runs.change(on_overlay, tab.overlay_runs, tab.overlay_plot, api_name="overlay_runs")
     tab.on_load = on_load
     tab.outputs = outputs
 

@@ -1,0 +1,92 @@
+"""The time estimate beside the memory estimate: steps × measured seconds per step here (phi3_lora.steptime)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gradio as gr
+
+from phi3_lora import config as cfgmod
+from phi3_lora import data, jobs, steptime
+from phi3_lora.errors import UserError
+from phi3_lora.access import Action, Requester
+from phi3_lora.ui.common import AppState, notice, user_errors
+from phi3_lora.ui.guard import check, guarded
+
+PRESET_INFO = ("cookbook = the Phi-3 model card's recipe; quick-cpu = the embedded 135M model in 16-bit; "
+               "quality-gpu = Phi-3-mini QLoRA on a 24 GB GPU. Choosing one fills the widgets.")
+
+
+@dataclass
+class TimingBox:
+    html: gr.HTML
+    measure: gr.Button
+
+
+def build() -> TimingBox:
+    html = gr.HTML(elem_id="p3-time")
+    measure = gr.Button("Measure step time", size="sm", variant="secondary")
+    return TimingBox(html, measure)
+
+
+def train_rows(rows: list[dict[str, Any]] | None, fraction: Any, seed: int) -> int:
+    """Rows the run will train on (the same split as the run)."""
+    if not rows:
+        return 0
+    return len(data.split_rows(rows, float(fraction or 0), seed)[0])
+
+
+def preset_info(config: cfgmod.RunConfig, runs_dir: Any, n_rows: int) -> str:
+    """The preset radio's text with each preset's measured duration on this machine, where known."""
+    times = []
+    for name in cfgmod.PRESET_NAMES:
+        chosen = cfgmod.preset(name, config)  # as choosing it would set the widgets (quick-cpu names its model)
+        measured = steptime.lookup(runs_dir, chosen)
+        if measured and (n_rows or chosen.train.max_steps > 0):
+            total = steptime.planned_steps(chosen, n_rows) * measured.seconds_per_step(chosen)
+            times.append(f"{name} ≈ {steptime.duration(total)}")
+    where = f" Here, on this data: {', '.join(times)} (measured)." if times else ""
+    return PRESET_INFO + where
+
+
+def wire(box: TimingBox, state: AppState, config_inputs: list[Any], build_config: Callable[..., cfgmod.RunConfig],
+         rows: gr.State, preset: gr.Radio, triggers: list[Any]) -> None:
+    runs_dir = state.options.runs_dir
+
+    def render(config: cfgmod.RunConfig, row_list: list[dict[str, Any]] | None) -> tuple[str, Any]:
+        n = train_rows(row_list, config.data.eval_fraction, config.train.seed)
+        text = steptime.describe(config, steptime.lookup(runs_dir, config), n, jobs.num_processes(config))
+        return notice("info", text), gr.update(info=preset_info(config, runs_dir, n))
+
+    @guarded(state)
+    def on_change(who: Requester, *values: Any) -> tuple[str, Any]:
+        *config_values, row_list = values
+        try:
+            config = build_config(who, *config_values)
+        except UserError:
+            return gr.skip(), gr.skip()  # the memory estimate beside already says what is wrong
+        return render(config, row_list)
+
+    @user_errors
+    @guarded(state)
+    def on_measure(who: Requester, *values: Any) -> tuple[str, Any]:
+        *config_values, row_list = values
+        check(state, who, Action.START)  # a few real training steps on the server
+        if state.options.training_refusal:
+            raise UserError(state.options.training_refusal)
+        if jobs.active_run(runs_dir):
+            raise UserError("A run is training: a measurement now would be slow and wrong.",
+                            hint="Measure when it has ended; the running run's own step time is kept when it ends.")
+        config = build_config(who, *config_values)
+        if not config.data.source:  # time on the sample until the user has data
+            config = config.replace(data={"source": str(state.options.sample_dataset)})
+        steptime.measure(config, runs_dir)
+        return render(config, row_list)
+
+    inputs = config_inputs + [rows]
+    gr.on(triggers + [rows.change], on_change, inputs, [box.html, preset], api_name="time_estimate",
+          show_progress="hidden", trigger_mode="always_last")
+    box.measure.click(on_measure, inputs, [box.html, preset], api_name="measure_step_time",
+                      concurrency_id="jobs", concurrency_limit=1)
+    box.on_change = on_change

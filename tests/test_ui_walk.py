@@ -1,0 +1,131 @@
+"""Issue 16's walk through the HTTP API: nothing forgotten (clearing the upload clears the source), nothing
+stale (the preset radio, the time estimate), nothing noisy (the log tail, the upload's hashed name)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phi3_lora import config as cfgmod
+from phi3_lora import events, jobs, steptime
+from test_app_api import NO_MAPPING, SAMPLE, client, free_port, val
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
+    from phi3_lora.ui import build_app, launch
+
+    runs = tmp_path_factory.mktemp("walk_runs")
+    demo = build_app(runs, default_model=str(tiny_llama_dir))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url, runs, tiny_llama_dir
+    demo.close()
+
+
+def endpoint_args(c: Any, endpoint: str, **by_label: Any) -> list[Any]:
+    """An endpoint's inputs in order: each widget's default, replaced where its label is given."""
+    params = c.view_api(print_info=False, return_format="dict")["named_endpoints"][endpoint]["parameters"]
+    assert set(by_label) <= {p.get("label") for p in params}, by_label
+    return [by_label.get(p.get("label") or "", p.get("parameter_default")) for p in params]
+
+
+def test_the_upload_shows_its_own_name_and_its_x_clears_the_source(server) -> None:
+    from gradio_client import handle_file
+
+    url, runs, tiny = server
+    c = client(url)
+    source = c.predict(handle_file(str(SAMPLE)), api_name="/upload_dataset")
+    summary = c.predict(source, "auto", NO_MAPPING, 0.1, str(tiny), 256, 42, api_name="/validate")[0]
+    assert Path(source).name != "sample_chat.jsonl" and "sample_chat.jsonl: format messages" in summary
+    cleared, note, _preview = c.predict(source, api_name="/clear_upload")
+    assert cleared == "" and "No data yet" in note
+    # A source chosen after the upload (the sample, a Hub id) is not the upload's to clear.
+    assert c.predict(str(SAMPLE), api_name="/clear_upload")[0] == {"__type__": "update"}  # left as it is
+
+
+def test_an_edit_turns_the_preset_radio_to_custom(server) -> None:
+    url, _, _ = server
+    c = client(url)
+    _, kept = c.predict(*endpoint_args(c, "/estimate", Preset="quick-cpu"), api_name="/estimate")
+    assert kept == {"__type__": "update"}  # the preset's own values: the radio is left saying quick-cpu
+    estimate, custom = c.predict(*endpoint_args(c, "/estimate", Preset="quick-cpu", **{"Learning rate": 0.005}),
+                                 api_name="/estimate")
+    assert val(custom) == "custom" and "Trainable parameters" in estimate
+    assert "<b>" not in estimate.replace("<b>", "", estimate.count("<b>")) and "&lt;b&gt;" not in estimate
+
+
+def test_the_time_estimate_is_steps_times_the_step_time_measured_here(server) -> None:
+    url, runs, tiny = server
+    c = client(url)
+    args = endpoint_args(c, "/time_estimate", **{"Max steps": 40})
+    text, _ = c.predict(*args, api_name="/time_estimate")
+    assert "not measured yet" in text
+    config = cfgmod.from_dict(yaml_of(c, args))
+    steptime.record(runs, config, 1.5, "3 timed steps")
+    text, preset = c.predict(*args, api_name="/time_estimate")
+    assert "about 1 min 00 s for 40 steps × 1.50 s per step (3 timed steps" in text
+
+
+def yaml_of(c: Any, args: list[Any]) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(c.predict(*args, api_name="/show_config")[0]["value"])
+
+
+def test_overlay_draws_the_chosen_runs_and_refuses_unknown_ones(server) -> None:
+    from gradio_client.exceptions import AppError
+
+    url, runs, _ = server
+    for run_id, scale in (("20260101-000000-a", 1.0), ("20260101-000001-b", 2.0)):
+        run = runs / run_id
+        run.mkdir()
+        cfgmod.save_yaml(cfgmod.RunConfig(), run / "config.yaml")
+        events.append_event(run, "start", step=0, max_steps=2)
+        for step in (1, 2):
+            events.append_event(run, "log", step=step, max_steps=2, loss=scale * step)
+        events.append_event(run, "eval", step=2, max_steps=2, eval_loss=scale)
+        events.append_event(run, "end", status="finished", step=2)
+    c = client(url)
+    choices = val(c.predict([], api_name="/overlay_choices"))
+    assert choices is None or choices == []  # nothing chosen yet; the choices come with the update
+    assert c.predict(["20260101-000000-a", "20260101-000001-b"], api_name="/overlay_runs")
+    with pytest.raises(AppError, match="no run called|not in the list of choices"):
+        c.predict(["../etc"], api_name="/overlay_runs")
+
+
+def test_the_overlay_figure_has_a_train_and_an_eval_curve_per_run() -> None:
+    from phi3_lora.ui.train_tab import overlay_figure
+
+    a = events.RunStatus(state="finished", losses=[(1, 2.0), (2, 1.0)], eval_losses=[(2, 1.5)])
+    b = events.RunStatus(state="finished", losses=[(1, 3.0)])
+    fig = overlay_figure({"run-a": a, "run-b": b})
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["run-a train", "run-a eval", "run-b train"]
+
+
+def test_step_ticks_are_whole_numbers_even_for_one_point() -> None:
+    from phi3_lora.ui.dataset import histogram_figure
+    from phi3_lora.ui.train_tab import loss_figure
+
+    fig = loss_figure(events.RunStatus(state="running", losses=[(1, 2.0)]))
+    fig.canvas.draw()
+    assert all(float(t.get_text()).is_integer() for t in fig.axes[0].get_xticklabels() if t.get_text())
+    fig = histogram_figure([10, 20, 30], 64)
+    fig.canvas.draw()
+    assert all(float(t.get_text()).is_integer() for t in fig.axes[0].get_yticklabels() if t.get_text())
+
+
+def test_the_log_tail_is_the_runs_own_lines(tmp_path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    cfgmod.save_yaml(cfgmod.RunConfig(), run / "config.yaml")
+    (run / jobs.LOG).write_text(
+        "Filter:   0%|          | 0/43 [00:00<?, ? examples/s]\rFilter: 100%|██████████| 43/43 [00:00<00:00, "
+        "611.30 examples/s]\nLoading weights: 100%|██████████| 20/20 [00:00<00:00, 1482.32it/s]\n"
+        "step 1/4  loss 10.8438  lr 0.00e+00  29 tok/s  eta 24 s\nstep 4/4  eval loss 10.8522\n")
+    assert jobs.log_tail("r", tmp_path) == "step 1/4  loss 10.8438  lr 0.00e+00  29 tok/s  eta 24 s\n" \
+                                           "step 4/4  eval loss 10.8522"
