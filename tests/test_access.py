@@ -200,7 +200,8 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
     **_model_attack("model_layers"), **_model_attack("estimate"), **_model_attack("apply_preset"),
     **_model_attack("show_config"), **_model_attack("render_example"),
     **_data_attacks("validate"), **_data_attacks("validate_source"), **_data_attacks("validate_sample"),
-    **_data_attacks("validate_after_upload"),
+    **_data_attacks("validate_after_upload"), **_data_attacks("time_estimate"), **_data_attacks("measure_step_time"),
+    ("measure_step_time", A.START): lambda w: {"Data source": str(SAMPLE), "Max steps": 2},
     ("start_training", A.START): lambda w: {"Data source": str(SAMPLE), "Max steps": 2},
     **_data_attacks("start_training"),
     ("stop_training", A.STOP): lambda w: {"Run": ACTIVE_ID},
@@ -213,7 +214,8 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
                                          "Hugging Face token": "hf_visitors_own"},
 }
 # The model attack on the data endpoints and Start: a base model that is a folder of the server.
-for _e in ("validate", "validate_source", "validate_sample", "validate_after_upload", "start_training"):
+for _e in ("validate", "validate_source", "validate_sample", "validate_after_upload", "start_training",
+           "time_estimate", "measure_step_time"):
     ATTACKS[(_e, A.READ_SERVER_PATH, "model")] = lambda w: {"Base model": str(w["creds"].parent)}  # type: ignore
 
 

@@ -156,6 +156,10 @@ def test_train_refuse_second_reattach_compare_export(server) -> None:
 
     prompt, reference = c.predict(run_id, api_name="/heldout_example")
     assert prompt and "Reference answer" in val(reference)
+    # The reference stays for its own prompt and goes for any other (the session remembers which was held out).
+    assert c.predict(prompt, run_id, 0.0, 0.9, 8, 0, [], [], api_name="/compare")[4] == {"__type__": "update"}
+    hidden = c.predict("Something else?", run_id, 0.0, 0.9, 8, 0, [], [], api_name="/compare")[4]
+    assert hidden.get("visible") is False
 
     zip_path, zip_status = c.predict(run_id, api_name="/export_zip")
     assert "verified: " in zip_status and "answers identical" in zip_status, zip_status  # the fresh-process check

@@ -10,6 +10,7 @@ import pytest
 
 from phi3_lora import config as cfgmod
 from phi3_lora import events, jobs, steptime
+from phi3_lora.runs import RunDir
 from test_app_api import NO_MAPPING, SAMPLE, client, free_port, val
 
 pytestmark = pytest.mark.slow
@@ -123,7 +124,7 @@ def test_the_log_tail_is_the_runs_own_lines(tmp_path) -> None:
     run = tmp_path / "r"
     run.mkdir()
     cfgmod.save_yaml(cfgmod.RunConfig(), run / "config.yaml")
-    (run / jobs.LOG).write_text(
+    (run / RunDir.LOG).write_text(
         "Filter:   0%|          | 0/43 [00:00<?, ? examples/s]\rFilter: 100%|██████████| 43/43 [00:00<00:00, "
         "611.30 examples/s]\nLoading weights: 100%|██████████| 20/20 [00:00<00:00, 1482.32it/s]\n"
         "step 1/4  loss 10.8438  lr 0.00e+00  29 tok/s  eta 24 s\nstep 4/4  eval loss 10.8522\n")

@@ -204,10 +204,10 @@ def wire(tab: CompareTab, state: AppState) -> None:
         label = f"{engine.model_name} + {source}"
         for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
             shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
-            yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…"), gr.skip()
+            yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…"), reference
         yield shown_base, shown_tuned, gr.skip(), notice("ok", f"{label}: done (temperature {settings.temperature:g}, "
                                                                f"top-p {settings.top_p:g}, seed {settings.seed})."), \
-            gr.skip()
+            reference
 
     @user_errors
     def on_example(source: str | None) -> tuple[str, Any, str]:

@@ -64,8 +64,8 @@ def wire(box: TimingBox, state: AppState, config_inputs: list[Any], build_config
         *config_values, row_list = values
         try:
             config = build_config(who, *config_values)
-        except UserError:
-            return gr.skip(), gr.skip()  # the memory estimate beside already says what is wrong
+        except UserError as exc:  # a bad setting (the memory estimate says it too) or a refused model / source
+            return notice("error", exc.message + (f" {exc.hint}" if exc.hint else "")), gr.skip()
         return render(config, row_list)
 
     @user_errors
@@ -75,10 +75,10 @@ def wire(box: TimingBox, state: AppState, config_inputs: list[Any], build_config
         check(state, who, Action.START)  # a few real training steps on the server
         if state.options.training_refusal:
             raise UserError(state.options.training_refusal)
+        config = build_config(who, *config_values)  # the policy's model and data-source gates first
         if jobs.active_run(runs_dir):
             raise UserError("A run is training: a measurement now would be slow and wrong.",
                             hint="Measure when it has ended; the running run's own step time is kept when it ends.")
-        config = build_config(who, *config_values)
         if not config.data.source:  # time on the sample until the user has data
             config = config.replace(data={"source": str(state.options.sample_dataset)})
         steptime.measure(config, runs_dir)
