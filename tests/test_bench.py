@@ -126,3 +126,17 @@ def test_kernel_groups():
         "something_else": "other",
     }
     assert {k: bench.kernel_group(k) for k in cases} == cases
+
+
+def test_cpu_recipe_row_trains_and_is_timed(tiny_phi3_dir, tmp_path):
+    """`bench --cpu`'s plain-recipe row (trl's SFTTrainer with peft_config, as the cookbook) trains and is timed
+    by the same timer as the engine row, with its loss per step."""
+    from phi3_lora.config import preset
+
+    lora = preset("quick-cpu").lora
+    data = bench.write_jsonl(bench.chat_rows("mix", 16), tmp_path / "rows.jsonl")
+    timer = timing.SettleTimer(steps=1, min_warmup=1, max_warmup=1)
+    trainer = bench.cpu_recipe_trainer(str(tiny_phi3_dir), data, timer.max_steps(), tmp_path / "out", 2, 64, lora)
+    res = timing.time_trainer(trainer, timer)
+    assert res["steps"] == 1 and res["tokens_per_s"] > 0 and res["tokens_per_step"] > 0
+    assert len(res["losses"]) == 2 and all(loss is not None and loss > 0 for loss in res["losses"])
