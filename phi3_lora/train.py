@@ -229,8 +229,12 @@ def build(config: RunConfig, output_dir: Path) -> Built:
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
     if COMPILE_LAYERS and device == "cuda":
+        from phi3_lora import lean_lora
         from phi3_lora.offload import decoder_layers
 
+        # lean_lora's DropoutLoraA breaks the graph (RNG state get/set) and, compiled, gave other gradients than
+        # eager (CPU check, issue 19): compiled layers keep peft's forward.
+        lean_lora.uninstall(model)
         for layer in decoder_layers(model):
             layer.compile()
 
