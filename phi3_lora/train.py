@@ -233,7 +233,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
         from phi3_lora.offload import decoder_layers
 
         # lean_lora's DropoutLoraA breaks the graph (RNG state get/set) and, compiled, gave other gradients than
-        # eager (CPU check, issue 19): compiled layers keep peft's forward.
+        # eager with dropout on (CPU check, issue 19; masks or a fault, not separated): keep peft's forward.
         lean_lora.uninstall(model)
         for layer in decoder_layers(model):
             layer.compile()
