@@ -84,9 +84,10 @@ def fresh_base_logits(qwen_dir) -> torch.Tensor:
     return engine.forward_logits(engine.prompt_ids(HISTORY), adapter=False)
 
 
+@pytest.mark.slow
 def test_trained_biases_really_changed_the_base_tensors(bias_runs):
-    """The precondition of item 1: bias all / lora_only save biases of the base (k_proj's even for lora_only? no:
-    all trains every bias, lora_only only those of LoRA layers)."""
+    """The precondition of item 1: bias all trains every bias of the base (k_proj's too, a layer without LoRA),
+    lora_only those of the LoRA layers; both are saved with the adapter and written into the base on load."""
     from safetensors.torch import load_file
 
     saved = {mode: sorted(k for k in load_file(str(path / "adapter_model.safetensors")) if k.endswith("bias"))
@@ -96,6 +97,7 @@ def test_trained_biases_really_changed_the_base_tensors(bias_runs):
     assert saved["lora_only"] and not any("k_proj" in k for k in saved["lora_only"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "all", "lora_only"])
 def test_base_side_is_the_fresh_base_in_every_bias_mode(mode, bias_runs, qwen_dir, fresh_base_logits):
     engine = ChatEngine(str(qwen_dir), bias_runs[mode])
@@ -113,6 +115,7 @@ def test_base_side_is_the_fresh_base_in_every_bias_mode(mode, bias_runs, qwen_di
     assert base_text == fresh.answer(HISTORY, adapter=False, settings=settings)
 
 
+@pytest.mark.slow
 def test_adapter_switches_keep_the_base_the_base(bias_runs, qwen_dir, fresh_base_logits):
     engine = ChatEngine(str(qwen_dir), bias_runs["all"])
     ids = engine.prompt_ids(HISTORY)
@@ -126,6 +129,7 @@ def test_adapter_switches_keep_the_base_the_base(bias_runs, qwen_dir, fresh_base
     assert (engine.forward_logits(ids, adapter=False) - fresh_base_logits).abs().max().item() == 0.0
 
 
+@pytest.mark.slow
 def test_set_adapter_none_then_answer_with_the_base(bias_runs, qwen_dir):
     """Item 10: an adapter-less PeftModel raised KeyError: 'tuned' on the next base answer."""
     engine = ChatEngine(str(qwen_dir), bias_runs["none"])
@@ -146,6 +150,7 @@ CUSTOM_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+@pytest.mark.slow
 def test_inference_prompt_is_the_training_prefix_with_a_custom_template(tmp_path, tiny_llama_dir):
     """Item 2: training used the custom template (no default system prompt); Compare must render the same."""
     data = write_rows(tmp_path / "d.jsonl", n=4)
@@ -166,6 +171,7 @@ def test_inference_prompt_is_the_training_prefix_with_a_custom_template(tmp_path
     assert "SmolLM" in engine.tokenizer.decode(engine.prompt_ids(row[:1]))
 
 
+@pytest.mark.slow
 def test_compare_loads_4bit_with_the_runs_bitsandbytes_settings(tmp_path, tiny_llama_dir):
     """Item 3: a run trained with fp4, no double quant, is compared as fp4 without double quant."""
     pytest.importorskip("bitsandbytes")

@@ -60,6 +60,7 @@ def tied_qlora_run(tmp_path_factory, tiny_llama_dir) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_embedding_adapter_is_saved_without_the_full_matrix(tied_qlora_run):
     from safetensors import safe_open
 
@@ -72,6 +73,7 @@ def test_embedding_adapter_is_saved_without_the_full_matrix(tied_qlora_run):
         assert size < 2_000_000, size  # the full 49152 x 64 fp32 embedding alone is 12.6 MB
 
 
+@pytest.mark.slow
 def test_qlora_merge_into_the_trained_4bit_base_with_untied_embeddings(tied_qlora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -146,6 +148,7 @@ def test_zip_names_the_hub_base_verifies_itself_and_loads_after_the_cache_moved(
     assert "lora layers 60" in out.stdout and "phi3_lora imported False" in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 def test_a_broken_export_is_reported_not_verified(tied_qlora_run, tmp_path):
     """The verifier really loads the file: a zip whose weights are swapped for another run's fails."""
     ref = locate_adapter(tied_qlora_run)
@@ -177,6 +180,7 @@ def test_verification_is_scored_from_the_childs_answers():
 
 # --- 7: finetune() says what it ignores or replaces --------------------------------------------------------
 
+@pytest.mark.slow
 def test_recipe_keys_are_warnings_in_train_log_and_events(tmp_path, tiny_llama_dir):
     training_config = {"bf16": False, "do_eval": False, "learning_rate": 1e-3, "max_steps": 2, "logging_steps": 50,
                        "per_device_train_batch_size": 4, "report_to": "none", "output_dir": "./checkpoint_dir",
@@ -215,6 +219,7 @@ def test_recipe_precision_flags_follow_the_hardware():
 
 # --- 8: totals over every attempt of a resumed run ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_resumed_run_reports_steps_and_time_of_all_attempts(tmp_path, tiny_llama_dir):
     data = write_rows(tmp_path / "d.jsonl", 8)
     base = dict(model={"name": str(tiny_llama_dir), "load_in_4bit": False},
@@ -248,3 +253,21 @@ def test_openai_text_content_parts_are_accepted_and_other_parts_refused():
         normalise_record(image, "messages")
     assert err.value.field == "messages[0].content[1]" and "'image_url' content part" in str(err.value)
     assert "only text parts" in str(err.value)
+
+
+@pytest.mark.slow
+def test_gguf_kind_loads_with_the_transformers_gguf_loader(embedded_dir):
+    """The verifier's gguf loader (for a GGUF export): the embedded Q4_1 GGUF, read by transformers' GGUF loader
+    in the child, answers as the app's base answers (both are the same dequantised weights)."""
+    from phi3_lora.config import ModelSettings
+    from phi3_lora.embedded import EMBEDDED_NAME, embedded_gguf_path
+
+    engine = ChatEngine(EMBEDDED_NAME, model_settings=ModelSettings(name=EMBEDDED_NAME, load_in_4bit=False,
+                                                                    dtype="float32"))
+    prompts = [[{"role": "user", "content": "What is your name?"}]]
+    ids = [engine.greedy_ids(p, adapter=False, max_new_tokens=12) for p in prompts]
+    ref = verify.Reference(prompts, [engine.tokenizer.decode(i, skip_special_tokens=True) for i in ids], ids,
+                           engine.stop_ids, 12, "float32", "cpu", None, "probe")
+    result = verify.verify_export(embedded_gguf_path(), "gguf", ref)
+    print("gguf verification:", result.report())
+    assert result.ok and result.identical == 1 and "gguf_file=" in result.loaded
