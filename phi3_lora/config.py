@@ -225,6 +225,9 @@ class TrainSettings:
                                        "activation memory, so fewer layers need checkpointing. auto: on; DoRA, "
                                        "LoRA bias and several adapters keep peft's forward.")
     num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.")
+    report_to: list[str] = _f([], "Experiment trackers that also log the run (transformers' report_to): any of "
+                                  "tensorboard, trackio, wandb, mlflow; [] or none logs only to the run folder. "
+                                  "Each needs its package installed (the error says which pip line).")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -249,6 +252,9 @@ class TrainSettings:
                f"train.memory_budget_gb must be empty or positive; got {self.memory_budget_gb!r}.")
         _check(self.num_processes == "auto" or (isinstance(self.num_processes, int) and self.num_processes >= 1),
                f"train.num_processes must be 'auto' or >= 1; got {self.num_processes!r}.")
+        from phi3_lora.trackers import normalize
+
+        self.report_to = normalize(self.report_to)
 
 
 @dataclass
@@ -499,7 +505,6 @@ _RECIPE_IGNORED = {
     "save_strategy": "saving is by steps (train.save_steps)",
     "eval_strategy": "eval is by steps (train.eval_steps)",
     "evaluation_strategy": "eval is by steps (train.eval_steps)",
-    "report_to": "events go to runs/<id>/events.jsonl",
 }
 _RECIPE_RENAMED = {"max_seq_length": "max_length"}
 

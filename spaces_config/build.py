@@ -151,6 +151,18 @@ def check_front_matter(meta: dict[str, Any]) -> list[str]:
     return problems
 
 
+STORAGE_MOUNT = "/data"  # where phi3_lora/spaces.py looks for persistent storage
+
+
+def storage_volume(bucket_id: str) -> dict[str, Any]:
+    """The volume that mounts a Storage Bucket read-write at /data (huggingface_hub's Volume fields; pure).
+    Today's Spaces persist files this way (`hf spaces volumes set SPACE -v hf://buckets/OWNER/NAME:/data`);
+    the older persistent-storage upgrade (Settings tab, suggested_storage) mounts at /data as well."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*", bucket_id or ""):
+        raise BuildError(f"{bucket_id!r} is not a bucket id; use owner/name, e.g. your-name/phi3-lora-runs.")
+    return {"type": "bucket", "source": bucket_id, "mount_path": STORAGE_MOUNT, "read_only": False}
+
+
 def readme(meta: dict[str, Any], body: str) -> str:
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return f"---\n{header}---\n\n{body.lstrip()}"
@@ -219,8 +231,10 @@ def resolve_token(token: str | None = None) -> str:
 
 
 def push(folder: Path, repo_id: str, *, token: str | None = None, private: bool = False,
-         demo: bool = False) -> str:
-    """Create or update the Space from the assembled folder; returns its URL."""
+         demo: bool = False, bucket: str | None = None) -> str:
+    """Create or update the Space from the assembled folder; returns its URL. `bucket` (owner/name): create
+    that private Storage Bucket if missing and mount it at /data, so runs survive restarts."""
+    volume = storage_volume(bucket) if bucket else None
     if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*", repo_id or ""):
         raise BuildError(f"{repo_id!r} is not a Space id; use owner/name, e.g. your-name/phi3-lora.")
     if _hub_offline():
@@ -237,6 +251,13 @@ def push(folder: Path, repo_id: str, *, token: str | None = None, private: bool 
         api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=str(folder),
                           commit_message=f"phi3_lora Space build {time.strftime('%Y-%m-%d %H:%M')}",
                           ignore_patterns=[MARKER], delete_patterns=[f"{PACKAGE}/*"])
+        if volume is not None:
+            from huggingface_hub import Volume
+
+            step = f"create the bucket {bucket}"
+            api.create_bucket(volume["source"], private=True, exist_ok=True)
+            step = f"mount the bucket {bucket} at {STORAGE_MOUNT}"
+            api.set_space_volumes(repo_id, [Volume(**volume)])
         if demo:
             step = "set PHI3_LORA_DEMO_MODE"
             api.add_space_variable(repo_id, "PHI3_LORA_DEMO_MODE", "1",
@@ -259,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="store_true", help="With --push: create the Space private.")
     p.add_argument("--demo", action="store_true", help="With --push: set the Space variable PHI3_LORA_DEMO_MODE=1 "
                                                       "(training refused, Compare works).")
+    p.add_argument("--bucket", metavar="OWNER/NAME", help="With --push: create this private Storage Bucket (if "
+                   "missing) and mount it at /data, where the app keeps runs, adapters and the Hub cache.")
     p.add_argument("--no-oauth", dest="oauth", action="store_false",
                    help="Leave out Sign in with Hugging Face (hf_oauth) and gradio[oauth].")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
@@ -267,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = assemble(args.out_dir, oauth=args.oauth)
         print(f"Space folder: {folder}")
         if args.push:
-            print(f"Space: {push(folder, args.push, token=args.token, private=args.private, demo=args.demo)}")
+            print(f"Space: {push(folder, args.push, token=args.token, private=args.private, demo=args.demo, bucket=args.bucket)}")
+        elif args.bucket:
+            raise BuildError("--bucket needs --push OWNER/NAME (the Space to mount it in).")
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -361,3 +361,23 @@ def test_zero_gpu_wraps_compare_in_spaces_gpu_when_the_package_is_there(tmp_path
     zero = spaces.detect({"SPACE_ID": "a/b", "SPACES_ZERO_GPU": "true"}, data_dir=tmp_path)
     assert spaces.gpu(len, zero, duration=90) == ("wrapped", len) and calls == [90]
     assert spaces.gpu(len, spaces.SpaceEnv()) is len  # dedicated GPU or no Space: never wrapped
+
+
+def test_bucket_volume_mounts_read_write_at_data_where_the_app_looks() -> None:
+    from huggingface_hub import Volume
+
+    volume = Volume(**build.storage_volume("you/phi3-lora-runs")).to_dict()
+    assert volume["type"] == "bucket" and volume["source"] == "you/phi3-lora-runs"
+    assert volume["mountPath"] == str(spaces.DATA_DIR) == "/data" and not volume.get("readOnly")
+    with pytest.raises(build.BuildError, match="not a bucket id"):
+        build.storage_volume("no-slash")
+
+
+def test_bucket_without_push_exits_2(tmp_path: Path, capsys) -> None:
+    assert build.main([str(tmp_path / "space"), "--bucket", "you/runs"]) == 2
+    assert "--bucket needs --push" in capsys.readouterr().err
+
+
+def test_space_readme_says_how_runs_persist(space_dir: Path) -> None:
+    body = (space_dir / "README.md").read_text(encoding="utf-8")
+    assert "/data/phi3_lora/runs" in body and "hf spaces volumes set" in body and "hf://buckets/" in body

@@ -1,0 +1,171 @@
+"""GGUF export: written with the gguf package, read back by transformers' GGUF loader in a fresh process,
+for both architectures (Phi-3 with fused layers and the real Phi-3 tokenizer; Llama with the SmolLM2 tokenizer),
+f16 and q8_0; the Ollama template measured from the chat template; unsupported architectures refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from phi3_lora import export, gguf_bundle, gguf_export, ollama, train
+from phi3_lora.config import RunConfig
+from phi3_lora.errors import UserError
+from phi3_lora.gguf_verify import Q8_ARGMAX_AGREEMENT
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And {{ 3+3 }}?"}],
+]
+
+
+def _trained_run(tmp, model_dir):
+    rows = [{"messages": [{"role": "user", "content": f"Who are you, friend {i}?"},
+                          {"role": "assistant", "content": "Quillon here."}]} for i in range(10)]
+    (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False},
+                              train={"max_steps": 8, "learning_rate": 5e-2, "max_length": 96},
+                              data={"source": str(tmp / "d.jsonl"), "eval_fraction": 0.2})
+    train.run(cfg, tmp / "run")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def phi3_run(tmp_path_factory, tiny_phi3_dir):
+    tmp = tmp_path_factory.mktemp("gguf_phi3")
+    run = _trained_run(tmp, tiny_phi3_dir)
+    return run, export.merge_adapter(run, tmp / "merged")
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, tiny_llama_dir):
+    tmp = tmp_path_factory.mktemp("gguf_llama")
+    run = _trained_run(tmp, tiny_llama_dir)
+    return run, export.merge_adapter(run, tmp / "merged")
+
+
+def _metadata(path):
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items()
+              if not k.startswith("tokenizer.ggml.") or k.endswith(("model", "pre", "_id", "add_bos_token"))}
+    return fields, {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_phi3_round_trip(phi3_run, tmp_path, gguf_type):
+    run, merged = phi3_run
+    result = gguf_bundle.export_gguf(run, tmp_path / "gguf", gguf_type, merged_dir=merged)
+    check = result.check
+    print(f"phi3 {gguf_type}: {result.size_bytes} bytes; {check.summary()}")
+    assert check.passed, check.summary()
+    assert check.prompts == 2 and check.prompt_source == "2 held-out prompts"
+    assert check.same_prompt_tokens == check.prompts  # tokenizer + chat template survive the trip
+    if gguf_type == "f16":
+        assert check.same_answers == check.prompts and check.max_logit_diff <= check.logit_scale * 2 ** -7
+    else:
+        assert check.argmax_agreement >= Q8_ARGMAX_AGREEMENT
+    meta, tensors = _metadata(result.gguf)
+    assert meta["general.architecture"] == "phi3" and meta["tokenizer.ggml.model"] == "llama"
+    assert tensors["blk.0.attn_qkv.weight"] == gguf_type.upper() and tensors["blk.0.ffn_up.weight"] == gguf_type.upper()
+    assert tensors["blk.0.attn_norm.weight"] == "F32" and "output.weight" in tensors  # Phi-3 is untied
+    template = meta["tokenizer.chat_template"]
+    assert "<|assistant|>" in template and not re.search(r"\{%-?\s*(end)?generation", template)
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    assert meta["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<|end|>")
+    modelfile = (result.folder / "Modelfile").read_text()
+    assert f"FROM ./{result.gguf.name}" in modelfile and 'PARAMETER stop "<|end|>"' in modelfile
+    assert "ollama create run -f Modelfile" in result.commands["Ollama"]
+    assert json.loads((result.folder / "verification.json").read_text())["passed"] is True
+
+
+def test_llama_round_trip_through_the_cli(llama_run, tmp_path):
+    """`python -m phi3_lora export --gguf OUT --gguf-type q8_0`, as a user types it; then f16 from the library."""
+    run, merged = llama_run
+    out = tmp_path / "cli"
+    done = subprocess.run([sys.executable, "-m", "phi3_lora", "export", "--adapter", str(run), "--gguf", str(out),
+                           "--gguf-type", "q8_0"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verified: " in done.stdout and "ollama create run -f Modelfile" in done.stdout
+    q8 = json.loads((out / "verification.json").read_text())
+    meta, tensors = _metadata(out / "run-q8_0.gguf")
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert tensors["blk.0.attn_q.weight"] == "Q8_0" and "output.weight" not in tensors  # tied embeddings
+    assert q8["argmax_agreement"] >= Q8_ARGMAX_AGREEMENT and q8["same_prompt_tokens"] == q8["prompts"]
+
+    f16 = gguf_bundle.export_gguf(run, tmp_path / "f16", "f16", merged_dir=merged)
+    print(f"llama q8_0: {(out / 'run-q8_0.gguf').stat().st_size} bytes, argmax {q8['argmax_agreement']:.3f}; "
+          f"f16: {f16.size_bytes} bytes; {f16.check.summary()}")
+    assert f16.check.passed and f16.check.same_answers == f16.check.prompts
+    assert 'PARAMETER stop "<|im_end|>"' in (f16.folder / "Modelfile").read_text()
+
+
+def test_rope_permutation_is_what_transformers_reverses():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    weights = np.random.default_rng(0).standard_normal((4 * 16, 8)).astype(np.float32)
+    for heads, kv in ((4, 4), (8, 4)):
+        back = LlamaTensorProcessor()._reverse_permute_weights(gguf_export.permute_rope(weights, heads, kv), heads, kv)
+        assert np.array_equal(back, weights)
+        assert not np.array_equal(gguf_export.permute_rope(weights, heads, kv), weights)
+
+
+def test_unsupported_architecture_is_refused_by_name():
+    with pytest.raises(UserError, match="'gpt2'.*llama.*phi3"):
+        gguf_export.check_architecture({"model_type": "gpt2"})
+    with pytest.raises(UserError, match="yarn"):
+        gguf_export.check_architecture({"model_type": "llama", "rope_parameters": {"rope_type": "yarn"}})
+
+
+def test_unsupported_model_is_refused_before_merging(tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(base)
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base),
+                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="does not support the 'gpt2' architecture"):
+        gguf_bundle.export_gguf(tmp_path / "run", tmp_path / "out")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_phi3_dir", "tiny_llama_dir"])
+def test_ollama_template_renders_like_the_chat_template(fixture, request):
+    from phi3_lora.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(request.getfixturevalue(fixture)))
+    template = gguf_export.strip_generation_markers(tokenizer.chat_template)
+    render = lambda m: tokenizer.apply_chat_template(m, chat_template=template, tokenize=False,  # noqa: E731
+                                                     add_generation_prompt=True)
+    pieces = ollama.template_pieces(render, tuple(tokenizer.all_special_tokens))
+    for messages in CONVERSATIONS:
+        assert ollama.render_pieces(pieces, messages) == render(messages)
+    go = ollama.go_template(pieces)
+    assert '{{ "{{" }}' not in go and "{{ .Content }}" in go and "{{-" not in go
+    assert pieces.user_prefix in ("<|user|>\n", "<|im_start|>user\n")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_round_trip(embedded_dir, tmp_path):
+    """The embedded 135M SmolLM2 (Llama architecture, byte-level BPE 'smollm') as f16 and q8_0."""
+    from phi3_lora.embedded import EMBEDDED_NAME
+
+    prompts = [[{"role": "user", "content": "What is the capital of France?"}],
+               [{"role": "user", "content": "Write one sentence about cats."}]]
+    pre = gguf_bundle.embedded_pre(EMBEDDED_NAME)
+    assert pre == "smollm"
+    for gguf_type in ("f16", "q8_0"):
+        result = gguf_bundle.bundle_from_merged(embedded_dir, tmp_path / gguf_type, gguf_type, name="smollm2",
+                                                prompts=prompts, prompt_source="2 prompts", pre=pre)
+        print(f"SmolLM2-135M {gguf_type}: {result.size_bytes / 2**20:.1f} MiB; {result.check.summary()}")
+        assert result.check.passed, result.check.summary()
+        meta, _ = _metadata(result.gguf)
+        assert meta["tokenizer.ggml.pre"] == "smollm"
