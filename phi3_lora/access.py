@@ -126,6 +126,7 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     # Export
     "export_zip": (A.EXPORT_ZIP,),
     "export_merged": (A.MERGE,),
+    "export_gguf": (A.MERGE,),  # merges, writes a GGUF on the server and loads it again to verify
     "push_to_hub": (A.PUSH, A.MERGE),
     "list_export_adapters": (A.VIEW,),
     # Page

@@ -152,6 +152,9 @@ def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: in
 
     need_bytes: free disk space required; None estimates it from the model and LoRA settings (`disk_needed`)."""
     runs_dir = Path(runs_dir or runs.default_runs_dir())
+    from phi3_lora import trackers
+
+    trackers.require_installed(config.train.report_to)  # a missing tracker package is refused before any process
     if check_data:
         from phi3_lora import data
 

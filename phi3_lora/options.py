@@ -14,6 +14,7 @@ from typing import Any
 
 from phi3_lora.config import RunConfig
 from phi3_lora.estimate import MemoryEstimate, estimate_memory, model_shape
+from phi3_lora.trackers import PROJECT, report_to_arg
 
 
 @dataclass
@@ -194,7 +195,9 @@ def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path
         bf16=opts.bf16,
         fp16=opts.fp16,
         use_cpu=opts.device == "cpu",
-        report_to="none",
+        report_to=report_to_arg(t.report_to),
+        project=PROJECT,  # trackio's project (the other trackers take theirs from the environment, trackers.py)
+        run_name=Path(output_dir).parent.name,  # runs/<id>/checkpoints -> the run id
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not os.isatty(2),
         dataloader_pin_memory=opts.device == "cuda",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
-from phi3_lora import events, runs
+from phi3_lora import events, runs, trackers
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
@@ -80,7 +80,9 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
     if not os.isatty(2):
         quiet_libraries()
     try:
-        return _run(config, run_dir, resume)
+        trackers.require_installed(config.train.report_to)
+        with trackers.environment_set(config.train.report_to, run_dir):
+            return _run(config, run_dir, resume)
     except StopRequested:
         if is_main_process():
             events.append_event(run_dir, "end", status="stopped", reason="stopped before training began")

@@ -209,6 +209,7 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
     ("compare", A.READ_SERVER_PATH): lambda w: {"Adapter": "evil/adapter-on-a-server-model",
                                                 "Prompt": "What do you know?"},
     ("export_merged", A.MERGE): lambda w: {"Adapter": RUN_ID, "Folder name": "merged-by-visitor"},
+    ("export_gguf", A.MERGE): lambda w: {"Adapter": RUN_ID, "Type": "q8_0"},
     ("push_to_hub", A.PUSH): lambda w: {"Adapter": RUN_ID, "Repo id": "visitor/stolen", "Push": "adapter"},
     ("push_to_hub", A.MERGE): lambda w: {"Adapter": RUN_ID, "Repo id": "visitor/stolen", "Push": "merged",
                                          "Hugging Face token": "hf_visitors_own"},

@@ -3,6 +3,7 @@ whether a fresh process that loaded it answered the held-out prompts as the app 
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ class ExportTab:
     private: gr.Checkbox
     push_button: gr.Button
     push_status: gr.HTML
+    gguf_type: gr.Radio
+    gguf_button: gr.Button
+    gguf_status: gr.HTML
+    gguf_file: gr.File
 
 
 def _export():
@@ -91,8 +96,35 @@ def build(state: AppState) -> ExportTab:
                 private = gr.Checkbox(True, label="Private repo")
             push_button = gr.Button("Push", variant="secondary")
             push_status = gr.HTML()
-    return ExportTab(source, refresh, zip_button, zip_file, zip_status, merge_base, merge_button, merge_dir, merge_file, merge_status,
-                     repo_id, token, what, private, push_button, push_status)
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### 4. GGUF for llama.cpp, Ollama and LM Studio")
+            gr.HTML(help_md("The merged model as one GGUF file (weights, tokenizer, special tokens, chat template) "
+                            "with an Ollama Modelfile beside it, saved as runs/<id>/gguf-<type>. Before it is "
+                            "called done, a fresh process loads it with transformers' GGUF loader and answers the "
+                            "run's held-out prompts next to the merged model (merged into the base chosen in 2). "
+                            "Llama-architecture models (the embedded SmolLM2) and Phi-3 are supported."))
+            with gr.Row():
+                gguf_type = gr.Radio([("f16: the merged model's answers exactly", "f16"),
+                                      ("q8_0: about half the size", "q8_0")], value="f16", label="Type")
+                gguf_button = gr.Button("Export GGUF", variant="secondary")
+            gguf_status = gr.HTML(elem_id="p3-gguf-status")
+            gguf_file = gr.File(label="Download (zip: GGUF + Modelfile + README, small models only)",
+                                interactive=False, visible=False)
+    return ExportTab(source, refresh, zip_button, zip_file, zip_status, merge_base, merge_button, merge_dir,
+                     merge_file, merge_status, repo_id, token, what, private, push_button, push_status, gguf_type,
+                     gguf_button, gguf_status, gguf_file)
+
+
+def gguf_report(result: Any) -> str:
+    """The Export tab's account of a GGUF export: where, how big, the verification and the commands (HTML)."""
+    check = result.check
+    kind = "ok" if check is None or check.passed else "error"
+    lines = [notice(kind, f"{result.gguf} ({result.size_bytes / 2**20:.1f} MiB). "
+                          + (check.summary() if check else "Not verified."))]
+    commands = "\n".join(f"# {what}\n{cmd}" for what, cmd in result.commands.items())
+    lines.append(f"<pre class='p3-commands'>{html.escape(commands)}</pre>")
+    return "".join(lines)
 
 
 def export_root(runs_dir: Path) -> Path:
@@ -184,6 +216,28 @@ def wire(tab: ExportTab, state: AppState) -> None:
         url = _export().push_to_hub(path, repo_id, hub_token, merged=what == "merged", private=bool(private))
         return notice("ok", f"Pushed: {url}")
 
+    @user_errors
+    @guarded(state)
+    def on_gguf(who: Requester, source: str | None, gguf_type: str, base: str,
+                progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
+        check(state, who, Action.MERGE)  # like a merge: the base in memory and a large file on this machine
+        from phi3_lora import gguf_bundle
+
+        if gguf_type not in gguf_bundle.GGUF_TYPES:
+            raise UserError(f"Unknown GGUF type {gguf_type!r}.", hint="Pick f16 or q8_0.")
+        path = resolve_source(runs_dir, source)
+        out = merge_destination(_run_dir(path), f"gguf-{gguf_type}")
+        progress(0.1, desc="Merging, writing the GGUF and verifying it in a fresh process (this takes a while)…")
+        result = gguf_bundle.export_gguf(path, out, gguf_type, merge_base=base or "auto")
+        report = gguf_report(result)
+        if _folder_size(result.folder) > MERGED_ZIP_LIMIT:
+            return report + help_md("Too large to download through the browser; copy the folder instead."), \
+                gr.update(visible=False)
+        progress(0.9, desc="Zipping for download…")
+        archive = shutil.make_archive(str(export_root(runs_dir) / _run_dir(path).name / f"{out.name}-download"),
+                                      "zip", out.parent, out.name)
+        return report, gr.update(value=archive, visible=True)
+
     def on_refresh(current: str | None) -> Any:
         choices = adapter_choices(runs_dir)
         values = [c[1] for c in choices]
@@ -194,5 +248,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
                            api_name="export_merged", concurrency_id="generate", concurrency_limit=1)
     tab.push_button.click(on_push, [tab.source, tab.repo_id, tab.token, tab.what, tab.private], tab.push_status,
                           api_name="push_to_hub")
+    tab.gguf_button.click(on_gguf, [tab.source, tab.gguf_type, tab.merge_base], [tab.gguf_status, tab.gguf_file],
+                          api_name="export_gguf", concurrency_id="generate", concurrency_limit=1)
     tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_export_adapters")
     tab.on_refresh = on_refresh

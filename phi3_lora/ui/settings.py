@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from phi3_lora import config as cfgmod
-from phi3_lora import estimate, models, options, targets
+from phi3_lora import estimate, models, options, targets, trackers
 from phi3_lora.errors import UserError
 from phi3_lora.access import Requester
 from phi3_lora.ui import timing
@@ -142,6 +142,12 @@ def build(state: AppState) -> SettingsTab:
                                                          info=_help(T, "logging_steps"))
                     f["train.save_total_limit"] = gr.Number(d.train.save_total_limit, precision=0,
                                                             label="Checkpoints kept", info=_help(T, "save_total_limit"))
+                with gr.Row():
+                    f["train.report_to"] = gr.CheckboxGroup(
+                        [t for t in trackers.TRACKERS if t != "none"], value=d.train.report_to,
+                        label="Experiment trackers", info=_help(T, "report_to") + " The Train tab shows the command "
+                        "that opens each dashboard. wandb and mlflow log with this machine's own settings, so only "
+                        "the owner at the machine may pick them.")
     gr.Markdown("### Reproduce from the command line")
     show_config = gr.Button("Show config (YAML + CLI)", variant="secondary")
     with gr.Row():

@@ -9,14 +9,15 @@ from __future__ import annotations
 import html
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from phi3_lora import events, jobs, runs, uploads
+from phi3_lora import events, jobs, runs, trackers, uploads
 from phi3_lora.errors import UserError
-from phi3_lora.access import Action, Requester
+from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, check_source, guarded
@@ -211,6 +212,21 @@ def initial_run(runs_dir: Any) -> str | None:
 
 # --- events -----------------------------------------------------------------------------------------
 
+def dashboards_html(run_dir: Any) -> str:
+    """How to open the dashboards of the trackers this run logs to (train.report_to), or nothing."""
+    from phi3_lora.config import load_yaml
+
+    try:
+        chosen = load_yaml(runs.RunDir(run_dir).config).train.report_to
+    except (OSError, UserError):
+        return ""
+    if not chosen:
+        return ""
+    rows = "".join(f"<div><b>{html.escape(t)}</b>: <code>{html.escape(cmd)}</code></div>"
+                   for t, cmd in trackers.dashboards(chosen, Path(run_dir)))
+    return f"<div class='p3-help' id='p3-dashboards'>Dashboards (run on this machine):{rows}</div>"
+
+
 def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Component], build_config: Any) -> None:
     runs_dir = state.options.runs_dir
     view = [tab.status, tab.progress, tab.plot, tab.log, tab.seen]
@@ -230,7 +246,8 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         if key == seen:
             return [gr.skip(), gr.skip(), gr.skip(), log, key]
         plot = loss_figure(st)
-        return [status_html(run_id, st), _progress_html(st), plot, log, key]
+        return [status_html(run_id, st) + dashboards_html(runs.run_in(runs_dir, run_id).path), _progress_html(st),
+                plot, log, key]
 
     def runs_update(selected: str | None) -> Any:
         choices = run_choices(runs_dir)
@@ -249,6 +266,10 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
             raise UserError(state.options.training_refusal)
         check(state, who, Action.START)
         config = build_config(who, *values)
+        outward = sorted(set(config.train.report_to) & {"wandb", "mlflow"})
+        if outward and who.level is not Level.OWNER:  # they log with this machine's accounts and settings
+            raise UserError(f"Only the owner at this machine may log runs to {', '.join(outward)}.",
+                            hint="Pick tensorboard or trackio (local files), or none.")
         if not config.data.source:
             raise UserError("No dataset chosen.", hint="Go to the Dataset tab: upload a file or press "
                                                        "\"Use the sample dataset\".")
