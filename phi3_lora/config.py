@@ -225,7 +225,7 @@ class TrainSettings:
                                        "activation memory, so fewer layers need checkpointing. auto: on; DoRA, "
                                        "LoRA bias and several adapters keep peft's forward.")
     num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.")
-    report_to: list[str] = _f([], "Experiment trackers that also log the run (transformers' report_to): any of "
+    report_to: Union[str, list[str]] = _f([], "Experiment trackers that also log the run (transformers' report_to): any of "
                                   "tensorboard, trackio, wandb, mlflow; [] or none logs only to the run folder. "
                                   "Each needs its package installed (the error says which pip line).")
 

@@ -8,6 +8,10 @@ only judges the figures (pure):
 - f16 must give the merged model's answers, token for token, with logits within bf16 noise
   (max |difference| <= 2^-7 of the largest logit: a 16-bit float holds 8-11 bits of the value);
 - q8_0 must pick the merged model's next token (argmax) on >= 95% of the answer positions.
+
+phi3_lora.verify checks the merged model against the app's own answers (export --merge); this module checks
+the next link, GGUF against that merged model, where quantisation needs logit- and argmax-level thresholds
+rather than identical answers. The prompts are verify.held_out_prompts, the same ones.
 """
 
 from __future__ import annotations

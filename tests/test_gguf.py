@@ -41,14 +41,14 @@ def _trained_run(tmp, model_dir):
 def phi3_run(tmp_path_factory, tiny_phi3_dir):
     tmp = tmp_path_factory.mktemp("gguf_phi3")
     run = _trained_run(tmp, tiny_phi3_dir)
-    return run, export.merge_adapter(run, tmp / "merged")
+    return run, export.merge_adapter(run, tmp / "merged", verify=False)
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("gguf_llama")
     run = _trained_run(tmp, tiny_llama_dir)
-    return run, export.merge_adapter(run, tmp / "merged")
+    return run, export.merge_adapter(run, tmp / "merged", verify=False)
 
 
 def _metadata(path):
