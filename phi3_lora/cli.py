@@ -232,15 +232,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from phi3_lora import jobs
 
     st = jobs.stop_run(args.run_id, _runs_dir(args))
-    print(f"{args.run_id}: {st.state} at step {st.step}")
+    print(f"{args.run_id}: {st.state} at step {st.step}. {st.reason or st.resume_text}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from phi3_lora import jobs
 
+    from_step, checkpoint = jobs.resume_point(args.run_id, _runs_dir(args))
     jobs.resume_run(args.run_id, _runs_dir(args))
-    print(f"resumed {args.run_id} in the background")
+    print(f"resumed {args.run_id} in the background from step {from_step}"
+          + (f" ({checkpoint.name})" if checkpoint else ": it never saved a checkpoint"))
     return 0
 
 

@@ -44,8 +44,9 @@ def _jsonable(value: Any) -> Any:
 
 
 END_STATES = ("finished", "stopped", "failed")
-_INT_FIELDS = ("step", "max_steps")
-_NUMBER_FIELDS = ("t", "loss", "eval_loss", "tokens_per_second", "eta_seconds", "learning_rate", "epoch")
+_INT_FIELDS = ("step", "max_steps", "from_step")
+_NUMBER_FIELDS = ("t", "loss", "eval_loss", "tokens_per_second", "eta_seconds", "learning_rate", "epoch",
+                  "save_seconds", "grace_seconds")
 _TEXT_FIELDS = ("status", "reason", "path", "message")
 
 
@@ -114,6 +115,20 @@ class RunStatus:
     last_checkpoint: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)  # the step each Resume started from, in order
+
+    @property
+    def resume_step(self) -> int:
+        """The step Resume continues from: the newest checkpoint's, or 0 when the run never saved one."""
+        from phi3_lora.runs import parse_checkpoint_step
+
+        return (parse_checkpoint_step(Path(self.last_checkpoint).name) or 0) if self.last_checkpoint else 0
+
+    @property
+    def resume_text(self) -> str:
+        if self.last_checkpoint:
+            return f"Resume continues from step {self.resume_step} (its last checkpoint)"
+        return "no checkpoint was saved, so Resume starts again from step 0"
 
     @property
     def active(self) -> bool:
@@ -129,8 +144,8 @@ def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> Run
     status = RunStatus(state="queued")
     for ev in events:
         kind = ev.get("type")
-        status.step = int(ev.get("step", status.step) or status.step)
-        status.max_steps = int(ev.get("max_steps", status.max_steps) or status.max_steps)
+        status.step = ev["step"] if ev.get("step") is not None else status.step  # a resume from step 0 is step 0
+        status.max_steps = ev.get("max_steps") or status.max_steps
         if kind == "start":
             status.state, status.started = "running", ev.get("t")
             status.reason, status.eta_seconds = "", None  # a resumed run has no ETA until it logs a step
@@ -148,20 +163,62 @@ def status_from_events(events: list[dict[str, Any]], process_alive: bool) -> Run
         elif kind == "checkpoint":
             status.last_checkpoint = ev.get("path")
         elif kind == "end":
-            status.state, status.eta_seconds = ev.get("status", "finished"), 0
+            status.state, status.eta_seconds, status.reason = ev.get("status", "finished"), 0, ev.get("reason", "")
         elif kind == "error":
             status.state, status.reason = "failed", ev.get("reason", "failed")
         elif kind == "resume":
-            status.state, status.eta_seconds = "queued", None
+            status.state, status.reason, status.eta_seconds = "queued", "", None
+            status.step = ev["from_step"] if isinstance(ev.get("from_step"), int) else status.step
+            status.attempts.append(status.step)
+        elif kind == "stop" and status.state in ("queued", "running"):
+            status.reason = (f"stopping: waiting up to {ev.get('grace_seconds', 0):.0f} s for the step in progress "
+                             "to finish and a checkpoint to be saved")
     if status.state in ("queued", "running") and not process_alive:
         if events:
             status.state = "interrupted"
             status.reason = ("interrupted: the training process ended without finishing (killed, crashed or "
-                             "the machine restarted). Resume continues from the last checkpoint.")
+                             f"the machine restarted); {status.resume_text}.")
         else:
             status.state = "failed"
             status.reason = "failed: the training process exited before it started; see train.log."
     return status
+
+
+STOP_MARGIN_S = 5.0
+STOP_GRACE_MAX_S = 30 * 60.0
+
+
+def step_and_save_seconds(events: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """The slowest recent optimizer step and checkpoint save, in seconds (pure): steps timed from each log to the
+    next within one attempt (from its start event to its first log too), never across a restart."""
+    per_step: list[float] = []
+    previous: tuple[float, int] | None = None
+    for ev in events:
+        if ev.get("type") == "start" and "t" in ev:
+            previous = (ev["t"], ev.get("step", 0))
+        elif ev.get("type") == "log" and "t" in ev and "step" in ev:
+            if previous is not None and ev["step"] > previous[1]:
+                per_step.append((ev["t"] - previous[0]) / (ev["step"] - previous[1]))
+            previous = (ev["t"], ev["step"])
+        elif ev.get("type") in ("end", "error", "resume"):
+            previous = None
+    saves = [ev["save_seconds"] for ev in events if ev.get("type") == "checkpoint"
+             and isinstance(ev.get("save_seconds"), (int, float))]
+    return (max(per_step[-5:]) if per_step else None), (max(saves[-5:]) if saves else None)
+
+
+def stop_grace(events: list[dict[str, Any]], minimum: float, now: float) -> float:
+    """How long Stop waits for the run to finish its step and save (pure): the step in progress (at least as long
+    as it has run so far, at least as long as recent steps), then a save (as long as recent saves; before the first
+    one, as long as a step), with half again as margin; never below `minimum`, never above half an hour."""
+    if not any(ev.get("type") == "start" for ev in events):
+        return minimum  # still loading: a SIGTERM there ends the process at once
+    step, save = step_and_save_seconds(events)
+    last = max((ev["t"] for ev in events if ev.get("type") in ("start", "log", "checkpoint") and "t" in ev),
+               default=now)
+    step = max(step or 0.0, now - last)
+    save = save if save is not None else max(step, STOP_MARGIN_S)
+    return min(STOP_GRACE_MAX_S, max(minimum, 1.5 * (step + save) + STOP_MARGIN_S))
 
 
 def run_status(run_dir: Path) -> RunStatus:

@@ -194,7 +194,8 @@ def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
     need_bytes = disk_needed(trainable_params_for(config), config.train.save_total_limit)
     with runs.locked(runs_dir):
         _check_free(runs_dir, need_bytes)
-        events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps)
+        from_step, _ = resume_point(run_id, runs_dir)  # what the training process will find, said up front
+        events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps, from_step=from_step)
         _spawn(runs_dir, run_id, resume=True, num_processes=num_processes(config))
     return run_id
 
@@ -233,12 +234,15 @@ def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int) -> sub
     return proc
 
 
-def stop_run(run_id: str, runs_dir: Path | None = None, grace: float = STOP_GRACE_SECONDS) -> events.RunStatus:
-    """SIGTERM (the run saves a checkpoint and exits), then SIGKILL after `grace` seconds.
+def stop_run(run_id: str, runs_dir: Path | None = None, grace: float | None = None,
+             min_grace: float = STOP_GRACE_SECONDS) -> events.RunStatus:
+    """SIGTERM (the run finishes its step, saves a checkpoint and exits), then SIGKILL after the grace.
 
-    Several GPUs: torchrun (inside `accelerate launch`) starts each rank in its own session, so the launcher's
-    process group holds only the launcher; it forwards SIGTERM to the ranks. The ranks are found (as the
-    launcher's descendants) before any signal, so a SIGKILL reaches them too and Stop returns only once every
+    grace None adapts to the run: long enough for the step in progress and a save as measured from its events
+    (`events.stop_grace`), at least `min_grace`. A run killed without saving says so and from which step Resume
+    starts. Several GPUs: torchrun (inside `accelerate launch`) starts each rank in its own session, so the
+    launcher's process group holds only the launcher; it forwards SIGTERM to the ranks. The ranks are found (as
+    the launcher's descendants) before any signal, so a SIGKILL reaches them too and Stop returns only once every
     rank is gone, never leaving one holding a GPU."""
     runs_dir = Path(runs_dir or runs.default_runs_dir())
     run_dir = runs.run_in(runs_dir, run_id).path
@@ -251,11 +255,20 @@ def stop_run(run_id: str, runs_dir: Path | None = None, grace: float = STOP_GRAC
     def alive() -> bool:
         return any(runs.pid_alive(p) for p in tree)
 
+    try:
+        diary = events.read_events(run_dir)
+    except (OSError, events.UnreadableEvents):
+        diary = []
+    if grace is None:
+        grace = events.stop_grace(diary, min_grace, time.time())
+    step_s, save_s = events.step_and_save_seconds(diary)
+    events.append_event(run_dir, "stop", grace_seconds=round(grace, 1))
     _signal_group(pid, signal.SIGTERM)
     deadline = time.time() + grace
     while time.time() < deadline and alive():
         time.sleep(0.2)
-    if alive():
+    killed = alive()
+    if killed:
         for p in tree:
             _signal_group(p, signal.SIGKILL)
         for _ in range(50):
@@ -265,9 +278,29 @@ def stop_run(run_id: str, runs_dir: Path | None = None, grace: float = STOP_GRAC
     status = events.run_status(run_dir)
     if status.state in ("interrupted", "running", "queued"):
         events.append_event(run_dir, "end", status="stopped", step=status.step, max_steps=status.max_steps,
-                            reason="stopped by you; Resume continues from the last checkpoint")
+                            killed=killed, reason=_stop_reason(status, killed, grace, step_s, save_s))
         status = events.run_status(run_dir)
     return status
+
+
+def _stop_reason(status: events.RunStatus, killed: bool, grace: float, step_s: float | None,
+                 save_s: float | None) -> str:
+    """What a Stop that ended without the run's own checkpoint-and-exit did, plainly (pure)."""
+    if not killed:
+        return f"stopped by you; the process ended without saving at step {status.step}; {status.resume_text}."
+    pace = [f"a step takes about {step_s:.0f} s" if step_s else "", f"a save about {save_s:.0f} s" if save_s else ""]
+    pace_text = f" ({', '.join(p for p in pace if p)})" if any(pace) else ""
+    return (f"stopped by you and killed after waiting {grace:.0f} s: the step in progress{pace_text} did not "
+            f"finish, so no checkpoint was saved at step {status.step}; {status.resume_text}.")
+
+
+def resume_point(run_id: str, runs_dir: Path | None = None) -> tuple[int, Path | None]:
+    """(step, checkpoint) a Resume of this run would start from: its newest complete checkpoint, else step 0."""
+    run = runs.run_in(Path(runs_dir or runs.default_runs_dir()), run_id)
+    checkpoint = run.last_checkpoint()
+    if checkpoint is None:
+        return 0, None
+    return runs.parse_checkpoint_step(checkpoint.name) or 0, checkpoint
 
 
 def descendants(pid: int) -> list[int]:

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,65 @@ class RunDir:
         except (OSError, ValueError, AttributeError):
             return None
         return model if isinstance(model, str) and model else None
+
+
+# --- checkpoints held while a request reads them (Compare, Export) ---------------------------------------------
+
+PIN = ".pin"  # inside a checkpoint folder: readers hold a shared flock on it, rotation an exclusive one
+
+
+class CheckpointGone(Exception):
+    """The checkpoint was rotated away (or never completed) before it could be pinned."""
+
+
+@contextmanager
+def pin_checkpoint(folder: str | Path) -> Iterator[Path]:
+    """Keep a checkpoint folder on disk while a request uses it: the running job's rotation skips it until the
+    `with` block ends (or this process dies: the lock goes with it). Raises CheckpointGone if it is gone."""
+    folder = Path(folder)
+    try:
+        fh = open(folder / PIN, "a+")
+    except OSError:
+        raise CheckpointGone(str(folder)) from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)
+        if not (folder / RunDir.ADAPTER_CONFIG).exists():  # removed while we waited for the lock
+            raise CheckpointGone(str(folder))
+        yield folder
+
+
+def remove_unless_pinned(folder: Path) -> bool:
+    """Delete a checkpoint folder unless a request holds it; True when removed."""
+    try:
+        fh = open(folder / PIN, "a+")
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        return not folder.exists()
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        shutil.rmtree(folder, ignore_errors=True)  # under the lock: no reader can pin it half-deleted
+    return not folder.exists()
+
+
+def rotate_checkpoints(run: RunDir, keep: int | None, protect: str | Path | None = None) -> list[Path]:
+    """Keep the newest `keep` checkpoints (and `protect`, the best one); older ones are removed unless pinned
+    (a pinned one goes at a later rotation). Returns what was removed. (transformers' rotate_checkpoints, plus pins.)"""
+    if not keep or keep <= 0:
+        return []
+    try:
+        found = sorted((step, p) for p in run.checkpoints.iterdir()
+                       if (step := parse_checkpoint_step(p.name)) is not None and p.is_dir())
+    except OSError:
+        return []
+    protected = Path(protect).resolve() if protect else None
+    removed = []
+    for _, folder in found[:-keep]:
+        if folder.resolve() != protected and remove_unless_pinned(folder):
+            removed.append(folder)
+    return removed
 
 
 def find_run(path: str | Path) -> RunDir | None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
 
 from phi3_lora import events, runs
@@ -26,6 +25,7 @@ class AtomicCheckpointTrainer(SFTTrainer):
         # Several ranks: only rank 0 (should_save) makes, renames and removes the staging folder; the others write
         # only their rng_state_<rank>.pth into it. Barriers keep a late rank from deleting rank 0's half-written
         # files, and rank 0 from renaming the folder before every rank's RNG state is in it.
+        started = time.monotonic()
         final_root = self.args.output_dir
         staging_root = os.path.join(final_root, RunDir.STAGING)
         name = runs.checkpoint_name(self.state.global_step)
@@ -51,8 +51,12 @@ class AtomicCheckpointTrainer(SFTTrainer):
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
             os.replace(os.path.join(staging_root, name), final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            # Checkpoints a Compare or Export request holds (runs.pin_checkpoint) are skipped until released.
+            runs.rotate_checkpoints(RunDir(Path(final_root).parent), self.args.save_total_limit,
+                                    protect=self.state.best_model_checkpoint)
+        for callback in self.callback_handler.callbacks:  # the checkpoint event records it: Stop's grace uses it
+            if isinstance(callback, EventsCallback):
+                callback.save_seconds = time.monotonic() - started
 
 
 def any_rank(flag: bool) -> bool:
@@ -92,6 +96,7 @@ class EventsCallback(TrainerCallback):
         self._step0 = 0
         self._tokens0 = 0
         self._last = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
+        self.save_seconds: float | None = None  # how long the checkpoint save just before on_save took
 
     def _is_main(self, state: Any) -> bool:
         return bool(getattr(state, "is_world_process_zero", True))
@@ -149,7 +154,7 @@ class EventsCallback(TrainerCallback):
         if self._is_main(state):
             path = Path(args.output_dir) / runs.checkpoint_name(state.global_step)
             events.append_event(self.run_dir, "checkpoint", step=state.global_step, max_steps=state.max_steps,
-                                path=str(path))
+                                path=str(path), save_seconds=self.save_seconds)
 
 
 class PartialCheckpointing(TrainerCallback):

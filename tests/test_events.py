@@ -69,3 +69,33 @@ def test_a_resumed_run_shows_no_eta_until_it_logs_again(tmp_path):
     assert events.status_from_events(events.read_events(tmp_path), process_alive=True).eta_seconds is None
     events.append_event(tmp_path, "log", step=3, max_steps=6, loss=1.0, eta_seconds=30.0)
     assert events.status_from_events(events.read_events(tmp_path), process_alive=True).eta_seconds == 30.0
+
+
+def test_a_resume_from_step_0_is_a_new_attempt_not_a_continuation(tmp_path):
+    """Killed before any checkpoint, Resume starts again at step 0: the old attempt's curve must not be joined
+    to the new one (the start event's step 0 used to be ignored as falsy)."""
+    events.append_event(tmp_path, "start", step=0, max_steps=6)
+    for step in (1, 2, 3):
+        events.append_event(tmp_path, "log", step=step, max_steps=6, loss=float(step))
+    events.append_event(tmp_path, "end", status="stopped", step=3, max_steps=6, reason="killed")
+    st = events.run_status(tmp_path)
+    assert st.resume_text == "no checkpoint was saved, so Resume starts again from step 0"
+    events.append_event(tmp_path, "resume", step=3, max_steps=6, from_step=0)
+    events.append_event(tmp_path, "start", step=0, max_steps=6)
+    events.append_event(tmp_path, "log", step=1, max_steps=6, loss=10.0)
+    st = events.run_status(tmp_path)
+    assert st.losses == [(1, 10.0)] and st.attempts == [0] and st.step == 1
+
+
+def test_the_stop_grace_follows_measured_steps_and_saves():
+    t0 = 1000.0
+    start = {"t": t0, "type": "start", "step": 0}
+    assert events.stop_grace([], 20, t0) == 20  # still loading: SIGTERM ends it at once
+    fast = [start] + [{"t": t0 + s * 0.1, "type": "log", "step": s} for s in range(1, 6)]
+    assert events.stop_grace(fast, 20, t0 + 0.6) == 20  # quick steps: the minimum
+    slow = [start] + [{"t": t0 + s * 40.0, "type": "log", "step": s} for s in range(1, 4)]
+    assert events.step_and_save_seconds(slow) == (40.0, None)
+    assert events.stop_grace(slow, 20, t0 + 125) >= 40 + 40  # a 40 s step in progress, then a save
+    saved = slow + [{"t": t0 + 200, "type": "checkpoint", "step": 3, "save_seconds": 90.0}]
+    assert events.stop_grace(saved, 20, t0 + 201) >= 40 + 90
+    assert events.stop_grace(saved + [{"t": t0, "type": "log", "step": 9}], 20, t0 + 10**6) == events.STOP_GRACE_MAX_S

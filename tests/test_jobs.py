@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,3 +168,65 @@ def test_a_run_still_training_is_refused_at_once(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- Stop keeps its word when steps are slow (issue 13 item 7) -----------------------------------------------
+
+SLOW_STEPS = Path(__file__).parent / "helpers" / "slow_steps"
+
+
+def test_stop_waits_for_a_slow_step_and_a_kill_says_what_resume_does(tmp_path, tiny_phi3_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SLOW_STEPS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PHI3_LORA_TEST_STEP_SECONDS", "3")  # the training process's steps and saves are slow
+    monkeypatch.setenv("PHI3_LORA_TEST_SAVE_SECONDS", "2")
+    runs = tmp_path / "runs"
+    run_id = jobs.start_run(slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=1000), runs)
+    run = RunDir(runs / run_id)
+    wait_until(lambda: events.run_status(run.path).step >= 2, timeout=240)
+
+    # Stop with a fixed grace of 1 s would kill mid-step; the grace adapts to the measured 3 s steps instead.
+    st = jobs.stop_run(run_id, runs, min_grace=1)
+    grace = [e for e in events.read_events(run.path) if e["type"] == "stop"][-1]["grace_seconds"]
+    assert st.state == "stopped" and "killed" not in st.reason and grace > 3 + 2, (st, grace)
+    stopped_at = parse_checkpoint_step(run.last_checkpoint().name)
+    assert stopped_at == st.step and st.resume_text.startswith(f"Resume continues from step {stopped_at}")
+
+    # Resume says where it really starts; a Stop that must kill mid-step says so, and from where Resume goes on.
+    assert jobs.resume_point(run_id, runs) == (stopped_at, run.last_checkpoint())
+    jobs.resume_run(run_id, runs)
+    wait_until(lambda: (s := events.run_status(run.path)).state == "running" and s.step >= stopped_at + 1,
+               timeout=240)
+    st = jobs.stop_run(run_id, runs, grace=0.5)
+    assert st.state == "stopped" and "killed after waiting 0 s" in st.reason, st
+    assert f"no checkpoint was saved at step {st.step}" in st.reason and re.search(r"a step takes about \d+ s", st.reason)
+    assert f"Resume continues from step {stopped_at}" in st.reason
+    assert jobs.resume_point(run_id, runs)[0] == stopped_at
+    assert events.run_status(run.path).attempts == [stopped_at]
+
+
+def test_a_checkpoint_compare_holds_survives_the_running_jobs_rotation(tmp_path, tiny_phi3_dir):
+    """save_total_limit 1 and a save every step: Compare's checkpoint stays while its request runs (issue 13
+    item 8: 15 of 20 queued requests failed), and once gone the message names the newest one."""
+    from phi3_lora.generate import locate_adapter
+    from phi3_lora.ui.compare import adapter_choices, hold_checkpoint, resolve_source
+
+    runs = tmp_path / "runs"
+    cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=1)
+    cfg = cfg.replace(train={"save_total_limit": 1})
+    run_id = jobs.start_run(cfg, runs)
+    run = RunDir(runs / run_id)
+    try:
+        value = wait_until(lambda: next((v for _, v in adapter_choices(runs) if "checkpoint-" in v), None))
+        held = resolve_source(runs, value)
+        with hold_checkpoint(held):
+            step = parse_checkpoint_step(held.name)
+            wait_until(lambda: (last := run.last_checkpoint()) is not None
+                       and parse_checkpoint_step(last.name) >= step + 3)
+            assert held.exists(), "the running job rotated away a checkpoint a request holds"
+            ref = locate_adapter(held)  # still complete and loadable
+            assert ref.adapter_dir == held and (held / "adapter_model.safetensors").is_file()
+        wait_until(lambda: not held.exists())  # released: a later rotation removes it
+        with pytest.raises(UserError, match=rf"{held.name} is gone.*the newest now is {run_id} · checkpoint-\d+"):
+            resolve_source(runs, value)
+    finally:
+        jobs.stop_run(run_id, runs, grace=10)

@@ -158,3 +158,21 @@ def test_stop_never_signals_a_reused_pid_nor_this_process(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# --- a checkpoint in use is not rotated away (issue 13 item 8, Compare) ---------------------------------------
+
+def test_rotation_skips_a_pinned_checkpoint_until_it_is_released(tmp_path):
+    from phi3_lora.runs import CheckpointGone, pin_checkpoint, rotate_checkpoints
+
+    run = make_run(tmp_path)
+    for step in (1, 2, 3):
+        run.checkpoint(step).mkdir(parents=True)
+        (run.checkpoint(step) / RunDir.ADAPTER_CONFIG).write_text("{}")
+    with pin_checkpoint(run.checkpoint(1)):
+        assert rotate_checkpoints(run, keep=1) == [run.checkpoint(2)]
+        assert run.checkpoint(1).exists() and run.checkpoint(3).exists()
+    assert rotate_checkpoints(run, keep=1) == [run.checkpoint(1)]  # released: the next rotation removes it
+    with pytest.raises(CheckpointGone):
+        with pin_checkpoint(run.checkpoint(2)):
+            pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ import gradio as gr
 from phi3_lora import access, jobs, spaces
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
-from phi3_lora.runs import RunDir, find_run
+from phi3_lora.runs import CheckpointGone, RunDir, find_run, parse_checkpoint_step, pin_checkpoint
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
 from phi3_lora.ui.guard import check, check_model, guarded
 
@@ -95,8 +96,35 @@ def resolve_source(runs_dir: Path, value: str | None) -> Path:
         raise UserError("No adapter chosen.", hint="Pick a finished run or a checkpoint (train one in the Train tab).")
     path = (runs_dir / value).resolve()
     if runs_dir.resolve() not in path.parents or not path.exists():
+        if runs_dir.resolve() in path.parents:
+            _gone_checkpoint(path)
         raise UserError(f"{value} is not a run or checkpoint in {runs_dir}.", hint="Refresh the list and pick again.")
     return path
+
+
+def _gone_checkpoint(path: Path) -> None:
+    """A checkpoint the running job rotated away: say so and name the newest one (raises if `path` was one)."""
+    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
+        return
+    run = RunDir(path.parent.parent)
+    newer = [p for _, p in run.checkpoint_dirs(complete=False)]
+    newest = f"; the newest now is {run.run_id} · {newer[-1].name}" if newer else ""
+    raise UserError(f"{run.run_id} · {path.name} is gone: the running job keeps only its newest checkpoints and "
+                    f"removed it{newest}.", hint="Pick that one (↻ Refresh list), or the run's final adapter.")
+
+
+@contextmanager
+def hold_checkpoint(path: Path) -> Iterator[None]:
+    """While a request uses a checkpoint, the running job's rotation leaves it on disk (runs.pin_checkpoint)."""
+    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
+        yield
+        return
+    try:
+        with pin_checkpoint(path):
+            yield
+    except CheckpointGone:
+        _gone_checkpoint(path)
+        raise
 
 
 def is_hub_adapter(runs_dir: Path, value: str | None) -> bool:
@@ -199,12 +227,13 @@ def wire(tab: CompareTab, state: AppState) -> None:
         shown_tuned = tuned_hist + [{"role": "assistant", "content": ""}]
         # The reference answer belongs to the held-out prompt only; another prompt hides it.
         reference = gr.skip() if prompt == (held_out or "").strip() else gr.update(visible=False)
-        yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…"), reference
-        engine = get_engine(state, path, progress)
-        label = f"{engine.model_name} + {source}"
-        for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
-            shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
-            yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…"), reference
+        with hold_checkpoint(path):  # until this request ends, the running job does not rotate it away
+            yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…"), reference
+            engine = get_engine(state, path, progress)
+            label = f"{engine.model_name} + {source}"
+            for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
+                shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
+                yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…"), reference
         yield shown_base, shown_tuned, gr.skip(), notice("ok", f"{label}: done (temperature {settings.temperature:g}, "
                                                                f"top-p {settings.top_p:g}, seed {settings.seed})."), \
             reference

@@ -18,7 +18,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, find_run
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
-from phi3_lora.ui.compare import adapter_choices, resolve_source
+from phi3_lora.ui.compare import adapter_choices, hold_checkpoint, resolve_source
 
 MERGED_ZIP_LIMIT = 3 * 2**30  # above this a merged model is saved to disk only (a browser download would be huge)
 
@@ -175,7 +175,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
         check(state, who, Action.EXPORT_ZIP)
         path = resolve_source(runs_dir, source)
         progress(0.2, desc="Zipping the adapter, then loading it in a fresh process to verify it…")
-        zipped = _export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name)
+        with hold_checkpoint(path):  # the running job does not rotate it away meanwhile
+            zipped = _export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name)
         return str(zipped), verification_html(zipped)
 
     @user_errors
@@ -186,7 +187,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), folder)
         progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
-        merged = _export().merge_adapter(path, out, base=base or "auto")
+        with hold_checkpoint(path):
+            merged = _export().merge_adapter(path, out, base=base or "auto")
         size = _folder_size(merged)
         message = notice("ok", f"Merged model saved to {merged} ({size / 2**30:.2f} GiB, safetensors).") + \
             verification_html(merged)
@@ -213,7 +215,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
                                  "sign in with Hugging Face.")
         path = resolve_source(runs_dir, source)
         progress(0.1, desc="Pushing to the Hub…")
-        url = _export().push_to_hub(path, repo_id, hub_token, merged=what == "merged", private=bool(private))
+        with hold_checkpoint(path):
+            url = _export().push_to_hub(path, repo_id, hub_token, merged=what == "merged", private=bool(private))
         return notice("ok", f"Pushed: {url}")
 
     @user_errors

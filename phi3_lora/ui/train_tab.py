@@ -101,7 +101,7 @@ def _progress_html(st: events.RunStatus | None) -> str:
 def status_html(run_id: str, st: events.RunStatus) -> str:
     text = {"queued": "starting (loading the model and data)…", "running": "training",
             "finished": "finished — compare it in the Compare tab, export it in Export",
-            "stopped": "stopped — Resume continues from the last checkpoint",
+            "stopped": f"stopped — {st.resume_text}",
             "interrupted": "interrupted", "failed": "failed", "unreadable": "unreadable"}.get(st.state, st.state)
     body = f"<b>{html.escape(run_id)}</b>: {text}"
     if st.reason and st.reason not in text:
@@ -141,6 +141,8 @@ def loss_figure(st: events.RunStatus | None) -> Any:
                 markersize=3, label="train loss")
     if st is not None and st.eval_losses:
         ax.plot(*zip(*st.eval_losses), color="#e8590c", linewidth=1.5, marker="s", markersize=5, label="eval loss")
+    for number, step in enumerate(st.attempts if st is not None else [], start=2):  # never join attempts silently
+        ax.axvline(step, color="#999", linestyle="--", linewidth=1, label=f"attempt {number} from step {step}")
     if st is None or not (st.losses or st.eval_losses):
         ax.text(0.5, 0.5, "the loss curve appears here after the first logged step", ha="center", va="center",
                 transform=ax.transAxes, color="#888")
@@ -293,7 +295,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         if not events.run_status(runs.run_in(runs_dir, run_id).path).active:
             raise UserError(f"{run_id} is not running.", hint="Only a running run can be stopped.")
         st = jobs.stop_run(run_id, runs_dir)
-        gr.Info(f"Stopped {run_id} at step {st.step}.")
+        (gr.Warning if "killed" in st.reason else gr.Info)(f"Stopped {run_id} at step {st.step}. {st.resume_text}.")
         return [runs_update(run_id)] + render(run_id, "")
 
     @user_errors
@@ -305,9 +307,11 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         if not run_id:
             raise UserError("No run selected.", hint="Pick a stopped or interrupted run from the list.")
         runs.run_in(runs_dir, run_id)
+        from_step, checkpoint = jobs.resume_point(run_id, runs_dir)
         jobs.resume_run(run_id, runs_dir)
         time.sleep(0.2)
-        gr.Info(f"Resumed {run_id}.")
+        gr.Info(f"Resumed {run_id} from step {from_step} ({checkpoint.name})." if checkpoint else
+                f"Resumed {run_id} from step 0: it never saved a checkpoint, so training starts again.")
         return [runs_update(run_id)] + render(run_id, "")
 
     @user_errors
