@@ -33,6 +33,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION = ("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 FUSED_SLICES = ("q", "k", "v", "gate", "up")
+OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -108,6 +109,13 @@ def check_fields(section: Any) -> None:
             raise UserError(f"{where} must be {rule}; got {value!r}.")
 
 
+def field_bounds(f: Any) -> tuple[float | None, float | None]:
+    """(lowest, highest) a numeric field allows, from the same metadata check_fields enforces (either end may
+    be exclusive: gt/lt); None where unbounded. The Settings widgets take their ranges from here."""
+    m = f.metadata
+    return m.get("ge", m.get("gt")), m.get("le", m.get("lt"))
+
+
 def _check_auto_bool(value: Any, name: str) -> None:
     _check(value == "auto" or isinstance(value, bool), f"{name} must be true, false or \"auto\"; got {value!r}.")
 
@@ -118,18 +126,25 @@ class ModelSettings:
 
     name: str = _f("auto", "Base model: 'auto' (Phi-3-mini on a GPU with Hub access, else the embedded "
                            "SmolLM2), a Hub id such as microsoft/Phi-3-mini-4k-instruct, a local folder, "
-                           "or 'embedded: SmolLM2-135M-Instruct'.")
+                           "or 'embedded: SmolLM2-135M-Instruct'.",
+        label="Base model", widget="model")
     load_in_4bit: bool = _f(True, "QLoRA: load the frozen base weights in 4-bit NF4 (about 4x less memory, "
-                                  "somewhat slower per step). False loads 16-bit weights (plain LoRA).")
-    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 (QLoRA paper) or fp4.")
-    bnb_4bit_use_double_quant: bool = _f(True, "Quantise the 4-bit scales too (saves ~0.4 bit/param).")
+                                  "somewhat slower per step). False loads 16-bit weights (plain LoRA).",
+        label="QLoRA: load the base in 4-bit")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 (QLoRA paper) or fp4.",
+        label="4-bit type", choices=("nf4", "fp4"), advanced=True)
+    bnb_4bit_use_double_quant: bool = _f(True, "Quantise the 4-bit scales too (saves ~0.4 bit/param).",
+        label="Double quantisation", advanced=True)
     dtype: str = _f("auto", "Compute dtype: auto (bfloat16 where supported, float16 on older GPUs, "
-                            "bfloat16 on CPUs with native bf16 instructions, else float32), bfloat16, float16 or float32.")
+                            "bfloat16 on CPUs with native bf16 instructions, else float32), bfloat16, float16 or float32.",
+        label="Compute dtype", choices=DTYPES, advanced=True)
     attn_implementation: str = _f("auto", "Attention kernel: auto (sdpa_varlen for training on CUDA when PyTorch has "
                                           "its varlen kernel, else sdpa), sdpa, sdpa_varlen (SDPA plus a varlen "
-                                          "kernel for packed rows), eager, flash_attention_2, flex_attention.")
+                                          "kernel for packed rows), eager, flash_attention_2, flex_attention.",
+        label="Attention kernel", choices=ATTENTION, advanced=True)
     chat_template: str | None = _f(None, "Path to a Jinja chat template with {% generation %} markers; "
-                                         "empty uses the model's training template.")
+                                         "empty uses the model's training template.",
+        label="Chat template file", advanced=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -145,32 +160,39 @@ class ModelSettings:
 class LoraSettings:
     """The adapter: peft `LoraConfig` field names."""
 
-    r: int = _f(16, "LoRA rank. Trainable parameters grow linearly with it; 8-64 is usual.")
+    r: int = _f(16, "LoRA rank. Trainable parameters grow linearly with it; 8-64 is usual.",
+        label="Rank r", widget="slider", ge=1, le=1024, step=1)
     lora_alpha: float = _f(32, "LoRA scaling numerator (update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).",
-                           gt=0)
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input, 0-0.5.")
+                           gt=0,
+        label="Alpha")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input, 0-0.5.",
+        label="Dropout", widget="slider", ge=0, lt=1, step=0.01)
     target_modules: Union[str, list[str]] = _f(
         "all-linear", "Layers to adapt: 'all-linear' or a list of module names from the model "
                       "(Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj; Llama-style: q_proj, k_proj, "
-                      "v_proj, o_proj, gate_proj, up_proj, down_proj; embed_tokens for the embedding).")
+                      "v_proj, o_proj, gate_proj, up_proj, down_proj; embed_tokens for the embedding).",
+        label="Target modules", widget="targets")
     fused_slices: list[str] = _f([], "Adapt only these slices of Phi-3's fused layers: any of q, k, v "
                                      "(inside qkv_proj) and gate, up (inside gate_up_proj). A fused layer with "
                                      "a chosen slice is split into separate Linears and only the chosen slices "
                                      "get LoRA, replacing that layer in target_modules; other layers follow "
                                      "target_modules ([qkv_proj] + [q, v] = q and v only; all-linear + [q, v] = "
                                      "q, v, o_proj, gate_up_proj, down_proj). Empty adapts fused layers whole. "
-                                     "Llama-style models: name q_proj, v_proj in target_modules instead.")
-    bias: str = _f("none", "Which biases train: none, all, or lora_only.")
-    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (better at low rank, ~1.5-2x slower step).")
-    use_rslora: bool = _f(False, "rsLoRA: scale by alpha/sqrt(r), which keeps high ranks stable.")
+                                     "Llama-style models: name q_proj, v_proj in target_modules instead.",
+        label="Slices of fused layers (Phi-3)", widget="slices", choices=FUSED_SLICES)
+    bias: str = _f("none", "Which biases train: none, all, or lora_only.",
+        label="Bias", choices=LORA_BIAS, advanced=True)
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (better at low rank, ~1.5-2x slower step).",
+        label="DoRA")
+    use_rslora: bool = _f(False, "rsLoRA: scale by alpha/sqrt(r), which keeps high ranks stable.",
+        label="rsLoRA")
     modules_to_save: list[str] | None = _f(None, "Modules trained in full and saved with the adapter "
-                                                 "(e.g. lm_head). Costs memory and adapter size.")
+                                                 "(e.g. lm_head). Costs memory and adapter size.",
+        label="Modules trained in full", advanced=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
-        _check(isinstance(self.r, int) and 1 <= self.r <= 1024, f"lora.r must be an integer 1-1024; got {self.r!r}.")
         _check(self.lora_alpha > 0, f"lora.lora_alpha must be positive; got {self.lora_alpha!r}.")
-        _check(0 <= self.lora_dropout < 1, f"lora.lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
         _check(self.bias in LORA_BIAS, f"lora.bias must be one of {', '.join(LORA_BIAS)}; got {self.bias!r}.")
         if isinstance(self.target_modules, str):
             _check(bool(self.target_modules.strip()), "lora.target_modules is empty: use 'all-linear' or list names.")
@@ -187,71 +209,82 @@ class LoraSettings:
 class TrainSettings:
     """The optimisation: transformers `TrainingArguments` / trl `SFTConfig` field names."""
 
-    learning_rate: float = _f(2e-4, "Peak learning rate. LoRA usually wants 1e-4 to 3e-4.")
-    num_train_epochs: float = _f(1.0, "Passes over the training split (ignored when max_steps > 0).", ge=0)
-    max_steps: int = _f(-1, "Stop after this many optimiser steps; -1 uses num_train_epochs.")
-    per_device_train_batch_size: int = _f(4, "Rows per device per step.")
-    per_device_eval_batch_size: int = _f(4, "Rows per device per eval step.")
-    gradient_accumulation_steps: int = _f(1, "Steps whose gradients add up before one optimiser update.")
+    learning_rate: float = _f(2e-4, "Peak learning rate. LoRA usually wants 1e-4 to 3e-4.",
+        label="Learning rate", gt=0, lt=1)
+    num_train_epochs: float = _f(1.0, "Passes over the training split (ignored when max_steps > 0).", ge=0,
+        label="Epochs")
+    max_steps: int = _f(-1, "Stop after this many optimiser steps; -1 uses num_train_epochs.",
+        label="Max steps", ge=-1)
+    per_device_train_batch_size: int = _f(4, "Rows per device per step.",
+        label="Batch size", ge=1)
+    per_device_eval_batch_size: int = _f(4, "Rows per device per eval step.",
+        label="Eval batch size", ge=1, advanced=True)
+    gradient_accumulation_steps: int = _f(1, "Steps whose gradients add up before one optimiser update.",
+        label="Gradient accumulation", ge=1)
     gradient_checkpointing: BoolOrAuto = _f("auto", "Recompute activations in the backward pass: ~30% slower, "
                                                     "much less memory. auto turns it on only when the memory "
-                                                    "budget needs it.")
-    max_length: int = _f(2048, "Tokens per conversation; longer ones are truncated (and counted).")
-    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".")
-    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.")
-    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.", ge=0)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    optim: str = _f("auto", "Optimizer: auto (fused AdamW on GPU, AdamW on CPU) or any TrainingArguments.optim.")
-    seed: int = _f(42, "Random seed for the split, the LoRA init and data order.", ge=0, lt=2**32)
-    logging_steps: int = _f(1, "Log loss every N steps.")
-    eval_steps: int | None = _f(None, "Evaluate every N steps; empty evaluates once at the end.")
-    save_steps: int = _f(50, "Write a checkpoint every N steps (what Resume continues from).")
-    save_total_limit: int = _f(2, "Keep at most this many checkpoints per run.")
-    assistant_only_loss: bool = _f(True, "Train only on assistant tokens (system and user turns are masked).")
+                                                    "budget needs it.",
+        label="Gradient checkpointing")
+    max_length: int = _f(2048, "Tokens per conversation; longer ones are truncated (and counted).",
+        label="Max length (tokens)", ge=16, le=131072)
+    lr_scheduler_type: str = _f("cosine", "Learning-rate schedule: " + ", ".join(SCHEDULERS) + ".",
+        label="Scheduler", choices=SCHEDULERS)
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.",
+        label="Warmup ratio", widget="slider", ge=0, lt=1, step=0.01)
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA weights.", ge=0,
+        label="Weight decay", advanced=True)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.",
+        label="Max gradient norm", gt=0, advanced=True)
+    optim: str = _f("auto", "Optimizer: auto (fused AdamW on GPU, AdamW on CPU) or any TrainingArguments.optim.",
+        label="Optimizer", choices=OPTIMIZERS, custom=True, advanced=True)
+    seed: int = _f(42, "Random seed for the split, the LoRA init and data order.", ge=0, lt=2**32,
+        label="Seed")
+    logging_steps: int = _f(1, "Log loss every N steps.",
+        label="Log every N steps", ge=1, advanced=True)
+    eval_steps: int | None = _f(None, "Evaluate every N steps; empty evaluates once at the end.",
+        label="Eval every N steps", ge=1)
+    save_steps: int = _f(50, "Write a checkpoint every N steps (what Resume continues from).",
+        label="Checkpoint every N steps", ge=1)
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints per run.",
+        label="Checkpoints kept", ge=1, advanced=True)
+    assistant_only_loss: bool = _f(True, "Train only on assistant tokens (system and user turns are masked).",
+        label="Train on assistant tokens only", advanced=True)
     packing: BoolOrAuto = _f("auto", "Pack rows into full sequences without padding (padding-free). auto: on "
                                      "for CUDA with an attention path that keeps packed rows apart (sdpa_varlen, "
-                                     "flash, flex), off on CPU.")
+                                     "flash, flex), off on CPU.",
+        label="Packing", advanced=True)
     use_liger_kernel: BoolOrAuto = _f("auto", "Liger Triton kernels (fused RMSNorm/RoPE/SwiGLU/cross-entropy). "
-                                              "auto: on when installed and on CUDA.")
+                                              "auto: on when installed and on CUDA.",
+        label="Liger kernels", advanced=True)
     memory_budget_gb: float | None = _f(None, "GPU memory the run may use; empty means the whole GPU. Drives "
-                                              "the automatic choices above.")
+                                              "the automatic choices above.",
+        label="GPU memory budget (GiB)", gt=0)
     fp32_upcast: BoolOrAuto = _f("auto", "QLoRA: cast norms and embeddings to float32 (peft's "
                                          "prepare_model_for_kbit_training). auto: off in bfloat16 (it only adds "
-                                         "casts and memory there), on in float16/float32.")
+                                         "casts and memory there), on in float16/float32.",
+        label="fp32 upcast (QLoRA)", advanced=True)
     lean_lora: BoolOrAuto = _f("auto", "LoRA update as one GEMM (base output + scaling * B(A(x)) through addmm) "
                                        "instead of peft's separate clone, scale and add passes, keeping the LoRA "
                                        "input without dropout's copy and mask (regenerated in the backward pass): "
                                        "the same function with less memory traffic and up to a third less "
                                        "activation memory, so fewer layers need checkpointing. auto: on; DoRA, "
-                                       "LoRA bias and several adapters keep peft's forward.")
-    num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.")
+                                       "LoRA bias and several adapters keep peft's forward.",
+        label="Lean LoRA forward", advanced=True)
+    num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.",
+        label="GPUs (processes)", ge=1, choices=("auto", 1, 2, 4, 8), custom=True, advanced=True)
     report_to: Union[str, list[str]] = _f([], "Experiment trackers that also log the run (transformers' report_to): any of "
                                   "tensorboard, trackio, wandb, mlflow; [] or none logs only to the run folder. "
-                                  "Each needs its package installed (the error says which pip line).")
+                                  "Each needs its package installed (the error says which pip line).",
+        label="Experiment trackers", widget="trackers", advanced=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
-        _check(0 < self.learning_rate < 1, f"train.learning_rate must be in (0, 1); got {self.learning_rate!r}.")
         _check(self.num_train_epochs > 0 or self.max_steps > 0,
                "Set train.num_train_epochs > 0 or train.max_steps > 0: the run would train for zero steps.")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "save_total_limit"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"train.{name} must be a whole number >= 1; got {value!r}.")
-        _check(isinstance(self.max_length, int) and 16 <= self.max_length <= 131072,
-               f"train.max_length must be 16-131072 tokens; got {self.max_length!r}.")
         _check(self.lr_scheduler_type in SCHEDULERS,
                f"train.lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler_type!r}.")
-        _check(0 <= self.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}.")
-        _check(self.eval_steps is None or self.eval_steps >= 1,
-               f"train.eval_steps must be empty or >= 1; got {self.eval_steps!r}.")
-        _check(self.max_grad_norm > 0, f"train.max_grad_norm must be positive; got {self.max_grad_norm!r}.")
         for name in ("gradient_checkpointing", "packing", "use_liger_kernel", "fp32_upcast", "lean_lora"):
             _check_auto_bool(getattr(self, name), f"train.{name}")
-        _check(self.memory_budget_gb is None or self.memory_budget_gb > 0,
-               f"train.memory_budget_gb must be empty or positive; got {self.memory_budget_gb!r}.")
-        _check(self.num_processes == "auto" or (isinstance(self.num_processes, int) and self.num_processes >= 1),
-               f"train.num_processes must be 'auto' or >= 1; got {self.num_processes!r}.")
         from phi3_lora.trackers import normalize
 
         self.report_to = normalize(self.report_to)
@@ -261,22 +294,27 @@ class TrainSettings:
 class DataSettings:
     """Where the conversations come from and how they are read."""
 
-    source: str = _f("", "A .jsonl/.json/.csv/.parquet file, or a Hub dataset id (user/name).")
-    format: str = _f("auto", "Row format: auto, messages (OpenAI), sharegpt, alpaca or prompt_completion.")
+    source: str = _f("", "A .jsonl/.json/.csv/.parquet file, or a Hub dataset id (user/name).",
+        label="Data source", tab="dataset")
+    format: str = _f("auto", "Row format: auto, messages (OpenAI), sharegpt, alpaca or prompt_completion.",
+        label="Format", choices=DATA_FORMATS, tab="dataset")
     mapping: dict[str, str] = _f({}, "Column mapping for non-standard names, e.g. {messages: dialog} or "
                                      "{prompt: question, completion: answer}; role names too, e.g. "
-                                     "{role.human: user}.")
-    hub_split: str = _f("train", "Split to read from a Hub dataset.")
-    eval_fraction: float = _f(0.1, "Share of rows held out for eval loss and the Compare tab's examples.")
-    on_invalid: str = _f("drop", "Bad rows: drop (and report each) or refuse (stop on the first report).")
-    max_rows: int | None = _f(None, "Use at most this many rows (after validation); empty uses all.")
+                                     "{role.human: user}.",
+        label="Column mapping", tab="dataset")
+    hub_split: str = _f("train", "Split to read from a Hub dataset.",
+        label="Hub dataset split", advanced=True)
+    eval_fraction: float = _f(0.1, "Share of rows held out for eval loss and the Compare tab's examples.",
+        label="Eval split", widget="slider", ge=0, lt=0.9, step=0.01, tab="dataset")
+    on_invalid: str = _f("drop", "Bad rows: drop (and report each) or refuse (stop on the first report).",
+        label="Bad rows", choices=("drop", "refuse"), advanced=True)
+    max_rows: int | None = _f(None, "Use at most this many rows (after validation); empty uses all.",
+        label="Use at most N rows", ge=1, advanced=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
         _check(self.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}; got {self.format!r}.")
-        _check(0 <= self.eval_fraction < 0.9, f"data.eval_fraction must be in [0, 0.9); got {self.eval_fraction!r}.")
         _check(self.on_invalid in ("drop", "refuse"), f"data.on_invalid must be drop or refuse; got {self.on_invalid!r}.")
-        _check(self.max_rows is None or self.max_rows >= 1, f"data.max_rows must be empty or >= 1; got {self.max_rows!r}.")
 
 
 SECTIONS: dict[str, type] = {"model": ModelSettings, "lora": LoraSettings, "train": TrainSettings,
@@ -344,30 +382,47 @@ def from_dict(data: dict[str, Any] | None) -> RunConfig:
 
 
 def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """YAML and form values arrive as strings or floats; turn them into the field's type."""
-    out: dict[str, Any] = {}
-    types = {f.name: f.type for f in fields(cls)}
-    for key, value in values.items():
-        t = str(types[key])
-        if isinstance(value, str) and value.strip().lower() in ("", "none", "null") and "None" in t:
-            value = None
-        elif isinstance(value, str) and ("Auto" in t or "bool" in t) and value.strip().lower() in ("true", "false"):
-            value = value.strip().lower() == "true"
-        elif isinstance(value, str) and t.startswith("int") and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        elif isinstance(value, str) and t.startswith("float"):
+    """YAML, CLI and form values arrive as strings or floats; turn each into its field's type (from the
+    resolved annotations, typing.get_type_hints). What cannot be turned is left for check_fields to refuse."""
+    hints = typing.get_type_hints(cls)
+    return {key: coerce_value(value, hints[key]) for key, value in values.items()}
+
+
+_EMPTY = ("", "none", "null")
+
+
+def coerce_value(value: Any, tp: Any) -> Any:
+    """`value` as type `tp` where it can be read as one (pure): "3" -> 3 for int, 2 -> 2.0 for float,
+    "true" -> True for bool, "" -> None where None is allowed; a Union tries its members in order."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _EMPTY)):
+            return None
+        members = [a for a in args if a is not type(None)]
+        exact = next((a for a in members if _matches_type(value, a)), None)
+        if exact is not None:
+            return coerce_value(value, exact)
+        for member in members:
+            turned = coerce_value(value, member)
+            if _matches_type(turned, member):
+                return turned
+        return value
+    if tp is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if tp is int and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
             try:
-                value = float(value)
+                return float(value)
             except ValueError:
-                raise UserError(f"{cls.__name__}.{key} must be a number; got {value!r}.") from None
-        elif isinstance(value, float) and t.startswith("int") and value.is_integer():
-            value = int(value)
-        elif isinstance(value, float) and "int" in t and "float" not in t and "Auto" in t and value.is_integer():
-            value = int(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and t.startswith("float"):
-            value = float(value)
-        out[key] = value
-    return out
+                return value
+    return value
 
 
 def dump_yaml(config: RunConfig) -> str:

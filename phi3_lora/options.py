@@ -161,34 +161,27 @@ def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_i
 
 
 def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:
-    """The SFTConfig arguments for a run (pure, so tests can check the mapping)."""
+    """The SFTConfig arguments for a run (pure, so tests can check the mapping): every TrainSettings field that
+    SFTConfig has under the same name, by name, then what resolve_options decided and the fixed choices."""
+    import dataclasses
+
+    from trl import SFTConfig
+
     t = config.train
+    accepted = {f.name for f in dataclasses.fields(SFTConfig)}
+    by_name = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name in accepted}
     eval_every = t.eval_steps if (has_eval and t.eval_steps) else None
     return dict(
+        by_name,
         output_dir=str(output_dir),
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
         gradient_checkpointing=opts.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if opts.gradient_checkpointing else None,
-        lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
         optim=opts.optim,
-        seed=t.seed,
         data_seed=t.seed,
-        logging_steps=t.logging_steps,
         save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
-        max_length=t.max_length,
-        assistant_only_loss=t.assistant_only_loss,
         packing=opts.packing,
         padding_free=opts.packing,
         use_liger_kernel=opts.use_liger_kernel,

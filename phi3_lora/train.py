@@ -43,12 +43,14 @@ class StopRequested(Exception):
 
 
 def lora_config(config: RunConfig, target_modules: list[str]) -> Any:
+    """peft's LoraConfig from LoraSettings, field by name (the names are peft's), with the resolved targets."""
+    import dataclasses
+
     from peft import LoraConfig
 
-    lo = config.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
-                      target_modules=target_modules, bias=lo.bias, use_dora=lo.use_dora,
-                      use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM")
+    accepted = {f.name for f in dataclasses.fields(LoraConfig)}
+    by_name = {f.name: getattr(config.lora, f.name) for f in dataclasses.fields(config.lora) if f.name in accepted}
+    return LoraConfig(**{**by_name, "target_modules": target_modules, "task_type": "CAUSAL_LM"})
 
 
 # --- the run -------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def test_settings_tab_counts_the_slice_selection_live(tiny_phi3_dir: Path) -> No
     info = models.model_info(str(tiny_phi3_dir))
     assert info.fused and "embed_tokens" in info.targets and "fused_slices" not in info.targets
     keys = ["model.name", "lora.r", "lora.target_modules", "lora.fused_slices", "lora.modules_to_save"]
-    config = settings.config_from_values(keys, [str(tiny_phi3_dir), 4, ["qkv_proj"], ["q", "v"], "lm_head"],
+    config = settings.config_from_values(dict(zip(keys, [str(tiny_phi3_dir), 4, ["qkv_proj"], ["q", "v"], "lm_head"])),
                                          info.linear_names)
     assert config.lora.fused_slices == ["q", "v"] and config.lora.modules_to_save == ["lm_head"]
     trainable = count_lora_parameters(AutoModelForCausalLM.from_pretrained(tiny_phi3_dir).config, config.lora)[0]

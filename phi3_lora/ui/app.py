@@ -64,18 +64,20 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         keys = st.keys
         setting_widgets = [st.fields[k] for k in keys]
         config_inputs = setting_widgets + [st.preset, ds.source, ds.format, ds.mapping, ds.eval_fraction]
+        input_names = keys + ["preset", *DATA_KEYS]  # the field each input above feeds
 
         def build_config(who: Requester, *values: Any):
-            """The run config from the widgets, after the access policy accepted its model and data source."""
-            n = len(keys)
-            vals, preset_name = list(values[:n]), values[n]
-            source, fmt, table, fraction = values[n + 1:]
-            check_model(state, who, vals[keys.index("model.name")])
-            check_source(state, who, source)
-            info = models.model_info(vals[keys.index("model.name")])
-            return settings.config_from_values(keys + DATA_KEYS, vals + [
-                (source or "").strip(), fmt, dataset.mapping_from_table(table), fraction], info.linear_names,
-                preset_name)
+            """The run config from the widgets (keyed by field name), after the access policy accepted its model
+            and data source."""
+            given = dict(zip(input_names, values, strict=True))
+            table = given.pop("data.mapping")
+            preset_name = given.pop("preset")
+            given["data.source"] = (given["data.source"] or "").strip()
+            given["data.mapping"] = dataset.mapping_from_table(table)
+            check_model(state, who, given["model.name"])
+            check_source(state, who, given["data.source"])
+            info = models.model_info(given["model.name"])
+            return settings.config_from_values(given, info.linear_names, preset_name)
 
         @user_errors
         @guarded(state)

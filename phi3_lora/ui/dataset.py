@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -58,16 +58,19 @@ def build(state: AppState) -> DatasetTab:
             gr.HTML(help_md("The sample has 48 short conversations that teach the assistant its name, "
                             "\"Quillon\" — a quick way to see a difference after a few minutes of training."))
             source = gr.Textbox(label="Data source", placeholder="a file path, or a Hub dataset id such as user/name",
-                                info="Filled by the upload or the sample button; type a Hub id and press Validate.")
+                                info="Filled by the upload or the sample button; type a Hub id and press Validate.",
+                                elem_id="cfg-data-source")
         with gr.Column(scale=2):
             fmt = gr.Dropdown(list(cfgmod.DATA_FORMATS), value="auto", label="Format",
-                              info="auto detects it; pick one to override the guess.")
+                              info="auto detects it; pick one to override the guess.", elem_id="cfg-data-format")
             mapping = gr.Dataframe(headers=MAPPING_HEADERS, datatype=["str", "str"], column_count=2,
                                    row_count=1, interactive=True, label="Column mapping",
-                                   static_columns=[0], max_height=220, elem_id="p3-mapping")
+                                   static_columns=[0], max_height=220, elem_id="p3-mapping",
+                                   elem_classes=["cfg-data-mapping"])
             gr.HTML(help_md("Right column: the name your data uses for each field (edit it, then Validate). "
                             "Role names map too: add a row role.human → user."))
-            eval_fraction = gr.Slider(0, 0.5, value=0.1, step=0.01, label="Eval split",
+            low, high = cfgmod.field_bounds(next(f for f in fields(cfgmod.DataSettings) if f.name == "eval_fraction"))
+            eval_fraction = gr.Slider(low, high, value=0.1, step=0.01, label="Eval split", elem_id="cfg-data-eval_fraction",
                                       info=cfgmod.help_text(cfgmod.DataSettings, "eval_fraction"))
     summary = gr.HTML(notice("info", NO_DATA))
     problems = gr.Dataframe(headers=PROBLEM_HEADERS, label="Problems (rows that will be skipped)",

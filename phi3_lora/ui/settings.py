@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -21,13 +22,14 @@ from phi3_lora.ui import timing
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check_model, guarded
 
-GC_CHOICES = [("auto (on for GPU)", "auto"), ("on", True), ("off", False)]
+AUTO_CHOICES = [("auto", "auto"), ("on", True), ("off", False)]
 NO_PRESET = "custom"
+DATASET_TAB = "dataset"  # fields whose widgets live in the Dataset tab (metadata tab="dataset")
 
 
 @dataclass
 class SettingsTab:
-    fields: dict[str, gr.components.Component]   # "section.field" -> widget
+    fields: dict[str, gr.components.Component]   # "section.field" -> widget, every RunConfig field not in Dataset
     preset: gr.Radio
     preset_notes: gr.HTML
     model_note: gr.Markdown
@@ -35,10 +37,9 @@ class SettingsTab:
     show_config: gr.Button
     yaml_code: gr.Code
     cli_code: gr.Code
-
-
-def _help(cls: type, name: str) -> str:
-    return cfgmod.help_text(cls, name)
+    keys: list[str]                               # the order the widgets are passed to events in
+    timing: Any = None                            # ui.timing's box (the run-time estimate)
+    on_change: Any = None                         # set by wire: widget values -> the estimate's HTML
 
 
 def initial_config(state: AppState) -> cfgmod.RunConfig:
@@ -47,25 +48,92 @@ def initial_config(state: AppState) -> cfgmod.RunConfig:
     return cfgmod.preset(name).replace(model={"name": state.default_name}, preset=name)
 
 
+def schema() -> list[tuple[str, Any, Any]]:
+    """(section, dataclass field, resolved type) of every RunConfig field, in declaration order."""
+    out = []
+    for section, cls in cfgmod.SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out += [(section, f, hints[f.name]) for f in fields(cls)]
+    return out
+
+
+def elem_id(section: str, name: str) -> str:
+    return f"cfg-{section}-{name}"
+
+
+def _numeric(tp: Any) -> type | None:
+    """int or float for a (possibly optional) number field, else None."""
+    members = [a for a in (typing.get_args(tp) or (tp,)) if a is not type(None)]
+    return members[0] if len(members) == 1 and members[0] in (int, float) else None
+
+
+def widget(section: str, f: Any, tp: Any, value: Any, info: models.ModelInfo | None,
+           state: AppState) -> gr.components.Component:
+    """The widget of one RunConfig field, from its metadata: kind, label, choices and the checks' range."""
+    m = f.metadata
+    common = dict(label=m.get("label", f.name), info=m.get("help", ""), elem_id=elem_id(section, f.name))
+    kind = m.get("widget")
+    lo, hi = cfgmod.field_bounds(f)
+    if kind == "model":
+        choices = [(f"{e.label}{'  (needs a GPU)' if e.needs_gpu else ''}", e.name) for e in models.CATALOGUE]
+        return gr.Dropdown(choices, value=state.default_name, allow_custom_value=True, **{
+            **common, "info": "From the list, or type a Hub id (owner/name) or a local folder with config.json."})
+    if kind == "targets":
+        targets = info.targets if info else []
+        return gr.CheckboxGroup(targets, value=_targets_value(value, targets), **{
+            **common, "info": "The chosen model's own Linear layers (all checked = 'all-linear') and embed_tokens "
+                              "for LoRA on the embedding."})
+    if kind == "trackers":
+        return gr.CheckboxGroup([t for t in trackers.TRACKERS if t != "none"], value=value, **{
+            **common, "info": common["info"] + " The Train tab shows the command that opens each dashboard. wandb "
+                              "and mlflow log with this machine's own settings, so only the owner at the machine "
+                              "may pick them."})
+    if kind == "slices":
+        return gr.CheckboxGroup(list(m["choices"]), value=value, visible=bool(info and info.fused), **common)
+    if kind == "slider":
+        return gr.Slider(lo, hi, value=value, step=m.get("step", 1), **common)
+    if tp is bool:
+        return gr.Checkbox(value, **common)
+    if tp == cfgmod.BoolOrAuto:
+        return gr.Radio(AUTO_CHOICES, value=value, **common)
+    if "choices" in m:
+        custom = m.get("custom", False)
+        return gr.Dropdown([str(c) if custom else c for c in m["choices"]], value=str(value) if custom else value,
+                           allow_custom_value=custom, **common)
+    number = _numeric(tp)
+    if number is not None:
+        return gr.Number(value, precision=0 if number is int else None, minimum=lo, maximum=hi, **common)
+    if typing.get_origin(tp) is list or list in [typing.get_origin(a) for a in typing.get_args(tp)]:
+        return gr.Textbox(", ".join(value or []), placeholder="comma-separated names", **common)
+    return gr.Textbox("" if value is None else str(value), **common)
+
+
+def _targets_value(value: Any, targets: list[str]) -> list[str]:
+    return (list(targets) if value == "all-linear"
+            else [v for v in value if v in targets or v == "embed_tokens"])
+
+
 def build(state: AppState) -> SettingsTab:
     d = initial_config(state)
     try:
         info: models.ModelInfo | None = models.model_info(d.model.name)
     except UserError:
         info = None
-    names = info.linear_names if info else []
-    choices_t = info.targets if info else []
-    M, L, T = cfgmod.ModelSettings, cfgmod.LoraSettings, cfgmod.TrainSettings
     f: dict[str, gr.components.Component] = {}
-    choices = [(f"{e.label}{'  (needs a GPU)' if e.needs_gpu else ''}", e.name) for e in models.CATALOGUE]
+    own = [(s, fl, tp) for s, fl, tp in schema() if fl.metadata.get("tab") != DATASET_TAB]
+
+    def add(items: list[tuple[str, Any, Any]]) -> None:
+        for section, fl, tp in items:
+            f[f"{section}.{fl.name}"] = widget(section, fl, tp, getattr(getattr(d, section), fl.name), info, state)
+
+    basic = [x for x in own if not x[1].metadata.get("advanced")]
     gr.Markdown("## Model & LoRA settings\nPick a base model and a preset, then adjust any knob. The memory "
-                "estimate and the trainable-parameter count follow your choices.")
+                "estimate and the trainable-parameter count follow your choices. Every run setting is here; "
+                "the advanced ones are folded below.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             with gr.Group():
-                f["model.name"] = gr.Dropdown(choices, value=state.default_name, label="Base model",
-                                              allow_custom_value=True, info="From the list, or type a Hub id "
-                                              "(owner/name) or a local folder with config.json.")
+                add([x for x in basic if x[0] == "model" and x[1].name == "name"])
                 model_note = gr.Markdown(f"Default here: **{state.default_name}**, because {state.default_reason}.")
             preset = gr.Radio([NO_PRESET, *cfgmod.PRESET_NAMES], value=d.preset or NO_PRESET, label="Preset",
                               info=timing.PRESET_INFO)
@@ -77,107 +145,47 @@ def build(state: AppState) -> SettingsTab:
     with gr.Row(equal_height=False):
         with gr.Column():
             gr.Markdown("### LoRA adapter")
-            f["model.load_in_4bit"] = gr.Checkbox(d.model.load_in_4bit, label="QLoRA: load the base in 4-bit",
-                                                  info=_help(M, "load_in_4bit") + " Works on CPU too, but 4-bit pays off on a GPU.")
-            f["lora.r"] = gr.Slider(1, 256, value=d.lora.r, step=1, label="Rank r", info=_help(L, "r"))
-            f["lora.lora_alpha"] = gr.Number(d.lora.lora_alpha, label="Alpha", info=_help(L, "lora_alpha"))
-            f["lora.lora_dropout"] = gr.Slider(0, 0.5, value=d.lora.lora_dropout, step=0.01, label="Dropout",
-                                               info=_help(L, "lora_dropout"))
-            f["lora.target_modules"] = gr.CheckboxGroup(choices_t, value=values_from_config(d, ["lora.target_modules"], names)[0],
-                                                        label="Target modules",
-                                                        info="The chosen model's own Linear layers (all checked = "
-                                                             "'all-linear') and embed_tokens for LoRA on the embedding.")
-            f["lora.fused_slices"] = gr.CheckboxGroup(list(cfgmod.FUSED_SLICES), value=d.lora.fused_slices,
-                                                      label="Slices of fused layers (Phi-3)", info=_help(L, "fused_slices"),
-                                                      visible=bool(info and info.fused))
-            with gr.Row():
-                f["lora.use_dora"] = gr.Checkbox(d.lora.use_dora, label="DoRA", info=_help(L, "use_dora"))
-                f["lora.use_rslora"] = gr.Checkbox(d.lora.use_rslora, label="rsLoRA", info=_help(L, "use_rslora"))
+            add([x for x in basic if x[0] in ("model", "lora") and x[1].name != "name"])
         with gr.Column():
             gr.Markdown("### Training")
-            with gr.Row():
-                f["train.learning_rate"] = gr.Number(d.train.learning_rate, label="Learning rate",
-                                                     info=_help(T, "learning_rate"))
-                f["train.lr_scheduler_type"] = gr.Dropdown(list(cfgmod.SCHEDULERS), value=d.train.lr_scheduler_type,
-                                                           label="Scheduler", info="How the learning rate moves.")
-            with gr.Row():
-                f["train.num_train_epochs"] = gr.Number(d.train.num_train_epochs, label="Epochs",
-                                                        info=_help(T, "num_train_epochs"))
-                f["train.max_steps"] = gr.Number(d.train.max_steps, label="Max steps", precision=0,
-                                                 info=_help(T, "max_steps"))
-            with gr.Row():
-                f["train.per_device_train_batch_size"] = gr.Number(d.train.per_device_train_batch_size, precision=0,
-                                                                   label="Batch size",
-                                                                   info=_help(T, "per_device_train_batch_size"))
-                f["train.gradient_accumulation_steps"] = gr.Number(d.train.gradient_accumulation_steps, precision=0,
-                                                                   label="Gradient accumulation",
-                                                                   info=_help(T, "gradient_accumulation_steps"))
-            with gr.Row():
-                f["train.max_length"] = gr.Number(d.train.max_length, precision=0, label="Max length (tokens)",
-                                                  info=_help(T, "max_length"))
-                f["train.warmup_ratio"] = gr.Slider(0, 0.5, value=d.train.warmup_ratio, step=0.01,
-                                                    label="Warmup ratio", info=_help(T, "warmup_ratio"))
-            with gr.Row():
-                f["train.eval_steps"] = gr.Number(d.train.eval_steps or 0, precision=0, label="Eval every N steps",
-                                                  info="0 evaluates once at the end.")
-                f["train.save_steps"] = gr.Number(d.train.save_steps, precision=0, label="Checkpoint every N steps",
-                                                  info=_help(T, "save_steps"))
-            with gr.Row():
-                f["train.seed"] = gr.Number(d.train.seed, precision=0, label="Seed", info=_help(T, "seed"))
-                f["train.gradient_checkpointing"] = gr.Radio(GC_CHOICES, value=d.train.gradient_checkpointing, label="Gradient checkpointing",
-                                                             info="~30% slower steps, far less activation memory.")
-            with gr.Accordion("More", open=False):
+            add([x for x in basic if x[0] in ("train", "data")])
+    with gr.Accordion("Advanced settings", open=False):
+        for section, title in (("model", "Model loading"), ("lora", "Adapter"), ("train", "Optimisation and speed"),
+                               ("data", "Reading the data")):
+            items = [x for x in own if x[0] == section and x[1].metadata.get("advanced")]
+            if items:
+                gr.Markdown(f"#### {title}")
                 with gr.Row():
-                    f["model.dtype"] = gr.Dropdown(list(cfgmod.DTYPES), value=d.model.dtype, label="Compute dtype",
-                                                   info=_help(M, "dtype"))
-                    f["lora.bias"] = gr.Dropdown(list(cfgmod.LORA_BIAS), value=d.lora.bias, label="Bias",
-                                                 info=_help(L, "bias"))
-                    f["lora.modules_to_save"] = gr.Textbox(", ".join(d.lora.modules_to_save or []),
-                                                           label="Modules trained in full", placeholder="e.g. lm_head",
-                                                           info=_help(L, "modules_to_save"))
-                with gr.Row():
-                    f["train.weight_decay"] = gr.Number(d.train.weight_decay, label="Weight decay",
-                                                        info=_help(T, "weight_decay"))
-                    f["train.logging_steps"] = gr.Number(d.train.logging_steps, precision=0, label="Log every N steps",
-                                                         info=_help(T, "logging_steps"))
-                    f["train.save_total_limit"] = gr.Number(d.train.save_total_limit, precision=0,
-                                                            label="Checkpoints kept", info=_help(T, "save_total_limit"))
-                with gr.Row():
-                    f["train.report_to"] = gr.CheckboxGroup(
-                        [t for t in trackers.TRACKERS if t != "none"], value=d.train.report_to,
-                        label="Experiment trackers", info=_help(T, "report_to") + " The Train tab shows the command "
-                        "that opens each dashboard. wandb and mlflow log with this machine's own settings, so only "
-                        "the owner at the machine may pick them.")
+                    add(items)
     gr.Markdown("### Reproduce from the command line")
     show_config = gr.Button("Show config (YAML + CLI)", variant="secondary")
     with gr.Row():
         yaml_code = gr.Code(language="yaml", label="run.yaml", interactive=False, visible=False, max_lines=22)
         cli_code = gr.Code(language="shell", label="Equivalent CLI", interactive=False, visible=False, max_lines=22)
     gr.HTML(help_md("Save the YAML as run.yaml and run the first command, or use the flags form directly."))
-    tab = SettingsTab(f, preset, preset_notes, model_note, estimate_box, show_config, yaml_code, cli_code)
-    tab.timing = time_box
-    return tab
+    return SettingsTab(f, preset, preset_notes, model_note, estimate_box, show_config, yaml_code, cli_code, list(f),
+                       time_box)
 
 
 # --- widgets <-> RunConfig ----------------------------------------------------------------------
 
-def config_from_values(keys: list[str], values: list[Any], all_targets: list[str] | None = None,
+def config_from_values(values: dict[str, Any], all_targets: list[str] | None = None,
                        preset_name: str | None = None) -> cfgmod.RunConfig:
-    """The RunConfig for these widget values; config.from_dict's checks raise the UserErrors."""
+    """The RunConfig for widget values keyed "section.field"; config.from_dict's coercion and checks raise the
+    UserErrors. Only the widget forms that are not the field's own type are turned here."""
+    hints = {f"{s}.{fl.name}": tp for s, fl, tp in schema()}
     data: dict[str, Any] = {}
-    for key, value in zip(keys, values):
+    for key, value in values.items():
         section, name = key.split(".", 1)
+        tp = hints[key]
         if key == "lora.target_modules":
             value = list(value or [])
             if all_targets and value and set(value) == set(all_targets):
                 value = "all-linear"
-        elif key == "train.eval_steps":
-            value = None if not value else value
-        elif key == "lora.modules_to_save":
-            value = [m.strip() for m in (value or "").split(",") if m.strip()] or None
-        elif key == "data.mapping":
-            value = dict(value or {})
-        elif value is None and key not in ("train.eval_steps",):
+        elif isinstance(value, str) and (typing.get_origin(tp) is list
+                                         or list in [typing.get_origin(a) for a in typing.get_args(tp)]):
+            value = [m.strip() for m in value.split(",") if m.strip()] or None
+        elif value is None and type(None) not in typing.get_args(tp):
             raise UserError(f"{key} is empty; give it a value.")
         data.setdefault(section, {})[name] = value
     data["preset"] = preset_name if preset_name and preset_name != NO_PRESET else None
@@ -185,17 +193,21 @@ def config_from_values(keys: list[str], values: list[Any], all_targets: list[str
 
 
 def values_from_config(config: cfgmod.RunConfig, keys: list[str], all_targets: list[str]) -> list[Any]:
+    """Widget values for `keys`, in that order (the inverse of config_from_values)."""
+    hints = {f"{s}.{fl.name}": (fl, tp) for s, fl, tp in schema()}
     out = []
     for key in keys:
         section, name = key.split(".", 1)
         value = getattr(getattr(config, section), name)
+        fl, tp = hints[key]
         if key == "lora.target_modules":
-            value = (list(all_targets) if value == "all-linear"
-                     else [v for v in value if v in all_targets or v == "embed_tokens"])
-        elif key == "train.eval_steps":
-            value = value or 0
-        elif key == "lora.modules_to_save":
-            value = ", ".join(value or [])
+            value = _targets_value(value, all_targets)
+        elif fl.metadata.get("custom"):
+            value = str(value)
+        elif isinstance(value, list) and not fl.metadata.get("widget") and "choices" not in fl.metadata:
+            value = ", ".join(value)
+        elif value is None and _numeric(tp) is None:  # an empty text field
+            value = ""
         out.append(value)
     return out
 
@@ -272,8 +284,13 @@ def estimate_html(config: cfgmod.RunConfig, info: models.ModelInfo) -> str:
 # --- events ---------------------------------------------------------------------------------------
 
 def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
-    keys = list(tab.fields)
+    keys = tab.keys
     widgets = [tab.fields[k] for k in keys]
+
+    def named(values: Any) -> dict[str, Any]:
+        """The widgets' values (passed in `keys` order) keyed by field name."""
+        return dict(zip(keys, values, strict=True))
+
     targets = tab.fields["lora.target_modules"]
     slices = tab.fields["lora.fused_slices"]
 
@@ -293,10 +310,11 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     @guarded(state)
     def on_change(who: Requester, *values: Any) -> tuple[str, Any]:
         *vals, preset_name = values
+        given = named(vals)
         try:
-            check_model(state, who, vals[keys.index("model.name")])
-            info = models.model_info(vals[keys.index("model.name")])
-            config = config_from_values(keys, vals, info.linear_names, preset_name)
+            check_model(state, who, given["model.name"])
+            info = models.model_info(given["model.name"])
+            config = config_from_values(given, info.linear_names, preset_name)
         except UserError as exc:
             return notice("error", exc.message + (f" {exc.hint}" if exc.hint else "")), gr.skip()
         # An edit that leaves the preset's values makes the run custom: the radio must not claim the preset.
@@ -306,12 +324,13 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     @user_errors
     @guarded(state)
     def on_preset(who: Requester, name: str, *values: Any) -> list[Any]:
-        check_model(state, who, values[keys.index("model.name")])
+        given = named(values)
+        check_model(state, who, given["model.name"])
         if name == NO_PRESET:
             return [gr.skip()] * len(keys) + [""]
-        info = models.model_info(values[keys.index("model.name")])
+        info = models.model_info(given["model.name"])
         try:
-            base = config_from_values(keys, list(values), info.linear_names)
+            base = config_from_values(given, info.linear_names)
         except UserError:
             base = cfgmod.RunConfig()
         config = cfgmod.preset(name, base)
@@ -329,7 +348,6 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
         return vals + ["\n".join(notes) or notice("ok", f"Preset {name} applied.")]
 
     tab.on_change = on_change
-    tab.keys = keys
     tab.fields["model.name"].change(on_model, [tab.fields["model.name"], targets, slices], [targets, slices, tab.model_note],
                                     api_name="model_layers")
     gr.on([w.change for w in widgets], on_change, widgets + [tab.preset], [tab.estimate, tab.preset],
