@@ -106,8 +106,12 @@ def test_bad_setting_is_a_readable_error(server) -> None:
 
     url, runs, tiny = server
     c = client(url)
-    with pytest.raises(AppError, match="learning_rate must be in"):
+    # the widget's range is the check's (0, 1): the field refuses 3.0 itself, naming the bound
+    with pytest.raises(AppError, match="3.0 is greater than maximum value 1"):
         c.predict(*start_args(c, **{"Data source": str(SAMPLE), "Learning rate": 3.0}), api_name="/start_training")
+    # inside the widget's range but outside the check (the exclusive end): the config's own message
+    with pytest.raises(AppError, match="train.learning_rate must be above 0 and below 1"):
+        c.predict(*start_args(c, **{"Data source": str(SAMPLE), "Learning rate": 1.0}), api_name="/start_training")
 
 
 def test_train_refuse_second_reattach_compare_export(server) -> None:
