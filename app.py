@@ -16,7 +16,7 @@ from phi3_lora.runs import default_runs_dir
 SPACE = spaces.detect()
 spaces.apply_environment(SPACE)
 
-from phi3_lora.ui import AppOptions, build_app, launch
+from phi3_lora.ui import AppOptions, build_app, launch, login
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Port to serve on.")
     p.add_argument("--share", action="store_true", help="Also ask Gradio for a temporary public link (ignored on "
                                                        "a Space, which is already public).")
-    p.add_argument("--auth", metavar="USER:PASS", help="Require this user name and password.")
+    p.add_argument("--auth", metavar="USER:PASS", help="Require this user name and password (visible to other users "
+                                                       "of this machine in `ps`: prefer --auth-file or PHI3_LORA_AUTH).")
+    p.add_argument("--auth-file", dest="auth_file", metavar="FILE",
+                   help="Require a login from this file: one user:password per line (# comments allowed).")
     p.add_argument("--model", default="auto", help="Default base model: auto, a Hub id, a local folder, or "
                                                    "'embedded: SmolLM2-135M-Instruct'.")
     p.add_argument("--runs-dir", dest="runs_dir", default=None, help="Where run folders are kept (default: "
@@ -46,18 +49,17 @@ def app_options(runs_dir: str | None = None, model: str = "auto", demo: bool = F
                       login_required=spaces.login_required(SPACE, demo_mode))
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    if not text:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        sys.exit("error: --auth must look like user:password")
-    return user, password
+def parse_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--auth, else --auth-file, else $PHI3_LORA_AUTH (the file and the variable keep the password out of ps)."""
+    try:
+        return login.load_credentials(args.auth, args.auth_file)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    auth = parse_auth(args.auth)
+    auth = parse_auth(args)
     args.share, note = spaces.share_decision(SPACE, args.share)
     if note:
         print(note, flush=True)  # stdout is the Space's log

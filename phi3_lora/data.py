@@ -34,10 +34,11 @@ class LoadedData:
 
 # --- loading --------------------------------------------------------------------------------------
 
-def load_data(settings: DataSettings) -> LoadedData:
-    """Read, normalise and validate. Drops (and reports) bad rows; UserError if none are usable or on refuse."""
+def load_data(settings: DataSettings, token: str | bool | None = None) -> LoadedData:
+    """Read, normalise and validate. Drops (and reports) bad rows; UserError if none are usable or on refuse.
+    `token`: for a Hub dataset (readers.read_records)."""
     mapping = check_mapping(settings.mapping)
-    raw = read_records(settings.source, settings.hub_split)
+    raw = read_records(settings.source, settings.hub_split, token)
     if not raw.records and not raw.problems:
         raise UserError(f"{raw.source} holds no rows.", hint="Choose the file that holds your conversations.")
     fmt = settings.format if settings.format != "auto" else _detect(raw, mapping)

@@ -338,9 +338,13 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def resolve_token(token: str | None) -> str:
-    token = (token or "").strip() or os.environ.get("HF_TOKEN", "").strip()
-    if not token:
+def resolve_token(token: str | None, use_saved_login: bool = True) -> str:
+    """The token to push with: the one given, else (CLI and owner only) HF_TOKEN or the saved login. The web
+    app passes use_saved_login=False for every visitor: a visitor never pushes as the machine's owner."""
+    token = (token or "").strip()
+    if not token and use_saved_login:
+        token = os.environ.get("HF_TOKEN", "").strip()
+    if not token and use_saved_login:
         try:
             from huggingface_hub import get_token
 
@@ -349,19 +353,21 @@ def resolve_token(token: str | None) -> str:
             token = ""
     if not token:
         raise UserError("No Hugging Face token: pushing needs one with write access.",
-                        hint="Paste a token from huggingface.co/settings/tokens, or set HF_TOKEN.")
+                        hint="Paste a token from huggingface.co/settings/tokens" + (
+                            ", or set HF_TOKEN." if use_saved_login else "."))
     return token
 
 
 def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, merged: bool = False,
-                private: bool = True, work_dir: str | Path | None = None) -> str:
-    """Upload the adapter (or a merged model) to a Hub model repo; returns its URL."""
+                private: bool = True, work_dir: str | Path | None = None, use_saved_login: bool = True) -> str:
+    """Upload the adapter (or a merged model) to a Hub model repo; returns its URL. `use_saved_login=False`:
+    only `token` may be used (a web visitor's own)."""
     from huggingface_hub import HfApi
 
     repo_id = (repo_id or "").strip()
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise UserError(f"{repo_id!r} is not a Hub repo id.", hint="Use the form your-name/model-name.")
-    token = resolve_token(token)
+    token = resolve_token(token, use_saved_login)
     ref = locate_adapter(run_or_adapter)
     folder = ref.adapter_dir
     if merged:

@@ -69,13 +69,14 @@ def is_hub_id(source: str) -> bool:
             and Path(source).suffix.lower() not in SUPPORTED + ARCHIVES + _OTHER_FILE_TYPES)
 
 
-def read_records(source: str, hub_split: str = "train") -> RawRecords:
-    """Raw rows with their locations. UserError when the source as a whole is unusable."""
+def read_records(source: str, hub_split: str = "train", token: str | bool | None = None) -> RawRecords:
+    """Raw rows with their locations. UserError when the source as a whole is unusable. `token` is for a Hub
+    dataset: None = the machine's login, False = none (a web visitor without a token of their own)."""
     source = str(source).strip()
     if not source:
         raise UserError("No data given.", hint=f"Upload or name a file: {SUPPORTED_TEXT}.")
     if is_hub_id(source):
-        return _read_hub(source, hub_split)
+        return _read_hub(source, hub_split, token)
     path = Path(source).expanduser()
     if not path.is_file():
         raise UserError(f"{source} does not exist (or is not a file).",
@@ -328,11 +329,11 @@ def _read_parquet(path: Path) -> RawRecords:
     return RawRecords(path.name, "parquet", [(f"index {i}", row) for i, row in enumerate(rows)])
 
 
-def _read_hub(dataset_id: str, split: str) -> RawRecords:
+def _read_hub(dataset_id: str, split: str, token: str | bool | None = None) -> RawRecords:
     import datasets
 
     try:
-        ds = datasets.load_dataset(dataset_id, split=split)
+        ds = datasets.load_dataset(dataset_id, split=split, token=token)
     except ConnectionError:
         raise UserError(f"The Hugging Face Hub is unreachable, so the dataset {dataset_id} cannot be downloaded.",
                         hint="Upload the data as a file instead (" + SUPPORTED_TEXT.split(", or")[0] + "), "

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from phi3_lora import access, models, uploads
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir
-from phi3_lora.ui import compare, dataset, export_tab, settings, timing, train_tab
+from phi3_lora.ui import compare, dataset, export_tab, login, settings, timing, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
 from phi3_lora.ui.guard import check_model, check_source, guarded, session_key
 
@@ -123,11 +124,14 @@ def hide_server_token() -> None:
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
-           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False, quiet: bool = False) -> Any:
-    """Queue limits, upload limit, theme and CSS (gradio 6 takes theme/css in launch), then serve."""
+           auth: tuple[str, str] | list[tuple[str, str]] | None = None, prevent_thread_lock: bool = False,
+           quiet: bool = False) -> Any:
+    """Queue limits, upload limit, theme and CSS (gradio 6 takes theme/css in launch), then serve.
+    `auth`: one (user, password) or a list of them; checked by a login that slows down guessers."""
     options: AppOptions = getattr(demo, "phi3_options", AppOptions())
     state: AppState | None = getattr(demo, "phi3_state", None)
-    mode = access.ServerMode(host=host, shared=share or options.shared, auth=auth is not None,
+    credentials = [auth] if isinstance(auth, tuple) else list(auth or [])
+    mode = access.ServerMode(host=host, shared=share or options.shared, auth=bool(credentials),
                              on_space=options.space_env.on_space, oauth=options.login_required,
                              demo=options.demo_mode)
     if state is not None:
@@ -139,7 +143,9 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
     # events, checkpoints, kept uploads, .active.json) is blocked outright; the blocklist wins over everything.
     exports = export_tab.export_root(options.runs_dir)
     exports.mkdir(parents=True, exist_ok=True)
-    return demo.launch(server_name=host, server_port=port, share=share, auth=auth, quiet=quiet,
+    return demo.launch(server_name=host, server_port=port, share=share, quiet=quiet,
+                       auth=login.throttled_login(credentials) if credentials else None,
+                       app_kwargs={"middleware": [Middleware(login.ClientAddress)]},
                        prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
                        allowed_paths=[str(exports)], blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
                        show_error=False, footer_links=["api", "settings"], js=PAGE_JS)

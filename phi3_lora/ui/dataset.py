@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from phi3_lora import config as cfgmod
-from phi3_lora import data, models, readers, uploads
+from phi3_lora import access, data, models, readers, uploads
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.formats import COLUMNS, MESSAGE_KEYS
@@ -177,9 +177,9 @@ def tokenizer_for(name: str) -> Any:
     return models.load_tokenizer(models.resolve_name(name)[0])
 
 
-def _columns(source: str) -> list[str]:
+def _columns(source: str, token: str | bool | None = None) -> list[str]:
     try:
-        raw = readers.read_records(source)
+        raw = readers.read_records(source, token=token)
     except Exception:
         return []
     seen: dict[str, None] = {}
@@ -192,7 +192,7 @@ def _columns(source: str) -> list[str]:
 # --- events ---------------------------------------------------------------------------------------
 
 def validate(source: str, fmt: str, table: Any, eval_fraction: float, model_name: str, max_length: Any,
-             seed: Any) -> tuple[Any, ...]:
+             seed: Any, token: str | bool | None = None) -> tuple[Any, ...]:
     """Load + validate; every output of the tab. Errors go into the summary box (and a toast)."""
     source = (source or "").strip()
     if not source:
@@ -200,8 +200,8 @@ def validate(source: str, fmt: str, table: Any, eval_fraction: float, model_name
                                                    "Hub dataset id and press Validate.")
     mapping = mapping_from_table(table)
     settings = cfgmod.DataSettings(source=source, format=fmt, mapping=mapping, eval_fraction=float(eval_fraction))
-    loaded = data.load_data(settings)
-    columns = _columns(source)
+    loaded = data.load_data(settings, token=token)
+    columns = _columns(source, token)
     max_length = int(max_length or 2048)
     train_rows, eval_rows = data.split_rows(loaded.rows, settings.eval_fraction, int(seed or 0))
     parts = [notice("ok", f"{display_name(loaded.source)}: format {loaded.format} "
@@ -246,13 +246,14 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
     def on_validate(who: Requester, *args: Any) -> tuple[Any, ...]:
         check_source(state, who, args[0])
         check_model(state, who, args[4])
+        token = access.hub_token(who, None)
         try:
-            return validate(*args)
+            return validate(*args, token=token)
         except UserError as exc:
             gr.Warning(exc.message)
             fmt = args[1] if args[1] != "auto" else "messages"
             return (notice("error", exc.message + (f" {exc.hint}" if exc.hint else "")), gr.update(visible=False),
-                    None, "", None, gr.update(), "", [], mapping_table(fmt, _columns(args[0] or ""),
+                    None, "", None, gr.update(), "", [], mapping_table(fmt, _columns(args[0] or "", token),
                                                                         mapping_from_table(args[2])))
 
     @user_errors

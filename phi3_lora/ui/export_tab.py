@@ -216,7 +216,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
         path = resolve_source(runs_dir, source)
         progress(0.1, desc="Pushing to the Hub…")
         with hold_checkpoint(path):
-            url = _export().push_to_hub(path, repo_id, hub_token, merged=what == "merged", private=bool(private))
+            url = _export().push_to_hub(path, repo_id, hub_token or None, merged=what == "merged",
+                                        private=bool(private), use_saved_login=hub_token is None)
         return notice("ok", f"Pushed: {url}")
 
     @user_errors

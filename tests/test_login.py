@@ -1,0 +1,128 @@
+"""--auth logins slow down guessers (issue 13 item 8: 200 wrong passwords took 2.8 s), and the password can
+come from a file or an environment variable instead of the command line (where `ps` shows it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_app_api import free_port
+
+from phi3_lora.ui import login
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_credentials_from_flag_file_or_environment(tmp_path: Path) -> None:
+    file = tmp_path / "users.txt"
+    file.write_text("# who may log in\nalice:pa:ss word\n\nbob:x\n")
+    assert login.load_credentials("carol:c", str(file), {}) == [("carol", "c")]
+    assert login.load_credentials(None, str(file), {"PHI3_LORA_AUTH": "eve:e"}) == [("alice", "pa:ss word"),
+                                                                                  ("bob", "x")]
+    assert login.load_credentials(None, None, {"PHI3_LORA_AUTH": "eve:e"}) == [("eve", "e")]
+    assert login.load_credentials(None, None, {}) == []
+    for bad in ("nopassword", "user:", ":pass"):
+        (tmp_path / "bad.txt").write_text(bad + "\n")
+        with pytest.raises(ValueError, match="line 1"):
+            login.load_credentials(None, str(tmp_path / "bad.txt"), {})
+    with pytest.raises(ValueError, match="cannot read"):
+        login.load_credentials(None, str(tmp_path / "missing.txt"), {})
+
+
+def test_delay_doubles_after_the_free_failures_up_to_a_cap() -> None:
+    assert [login.delay_for(n, free=3, base=1, cap=30) for n in range(10)] == [0, 0, 0, 1, 2, 4, 8, 16, 30, 30]
+
+
+def test_app_py_reads_the_password_from_a_file_and_keeps_it_out_of_ps(tmp_path: Path) -> None:
+    """The started app.py's command line (what `ps` shows) holds no password; the login works."""
+    import httpx
+
+    file = tmp_path / "users.txt"
+    file.write_text("alice:a-long-passphrase\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir",
+                             str(tmp_path / "runs"), "--auth-file", str(file), "--model", "embedded"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert "a-long-passphrase" not in cmdline and "--auth-file" in cmdline
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(base + "/", timeout=5)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, "app.py exited"
+                time.sleep(1)
+        assert httpx.post(base + "/login", data={"username": "alice", "password": "wrong"}).status_code == 400
+        assert httpx.post(base + "/login", data={"username": "alice",
+                                                 "password": "a-long-passphrase"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def auth_app(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
+    from phi3_lora.ui import build_app, launch
+
+    demo = build_app(tmp_path_factory.mktemp("runs"), default_model=str(tiny_llama_dir))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, auth=("alice", "s3cret"))
+    yield demo, url.rstrip("/")
+    demo.close()
+
+
+def _login(base: str, password: str, user: str = "alice") -> tuple[int, float]:
+    import httpx
+
+    t0 = time.monotonic()
+    r = httpx.post(base + "/login", data={"username": user, "password": password}, timeout=120)
+    return r.status_code, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_wrong_passwords_slow_down_and_a_success_clears_the_count(auth_app) -> None:
+    _, base = auth_app
+    times = [_login(base, f"wrong-{i}") for i in range(6)]
+    assert [code for code, _ in times] == [400] * 6
+    waits = [round(t, 1) for _, t in times]
+    print(f"\n[login] 6 wrong passwords one after the other: {sum(t for _, t in times):.1f} s ({waits})")
+    assert sum(t for _, t in times[:3]) < 3 and times[3][1] >= 0.9 and times[4][1] >= 1.9 and times[5][1] >= 3.9
+    code, took = _login(base, "s3cret")  # the owner of the account waits too, then gets in
+    assert code == 200 and took >= 7.9
+    code, took = _login(base, "wrong-again")
+    assert code == 400 and took < 1.0  # the success cleared the count
+
+
+@pytest.mark.slow
+def test_200_guesses_at_once_do_not_get_in(auth_app) -> None:
+    """200 guesses sent at once from one client, the right one among them (it would get in within 2.8 s without
+    the throttle): at most a handful are checked, the rest are refused unchecked, and none gets in."""
+    import httpx
+
+    _, base = auth_app
+    codes: list[int] = []
+    start = time.monotonic()
+
+    def attempt(i: int) -> None:
+        password = "s3cret" if i == 100 else f"guess-{i}"
+        try:
+            codes.append(httpx.post(base + "/login", data={"username": "alice", "password": password},
+                                    timeout=15).status_code)
+        except httpx.HTTPError:  # still queued when the client gave up
+            codes.append(0)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    print(f"\n[login] 200 guesses at once: {codes.count(400)} refused, {codes.count(0)} still waiting at 15 s, "
+          f"{codes.count(200)} got in, in {elapsed:.1f} s")
+    assert 200 not in codes
