@@ -17,6 +17,7 @@ SPACE = spaces.detect()
 spaces.apply_environment(SPACE)
 
 from phi3_lora.ui import AppOptions, build_app, launch, login
+from phi3_lora.ui.common import configure_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +60,7 @@ def parse_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_logging()
     auth = parse_auth(args)
     args.share, note = spaces.share_decision(SPACE, args.share)
     if note:

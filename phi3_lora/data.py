@@ -10,7 +10,7 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from phi3_lora.config import DataSettings
@@ -30,6 +30,7 @@ class LoadedData:
     warnings: list[str]          # format guesses, duplicates, max_rows ...
     source: str
     total_rows: int              # rows seen in the source, good and bad
+    columns: list[str] = field(default_factory=list)  # the source's column / key names (first 50 rows)
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ def load_data(settings: DataSettings, token: str | bool | None = None) -> Loaded
     if settings.max_rows is not None and len(rows) > settings.max_rows:
         warnings.append(f"Using the first {settings.max_rows} of {len(rows)} valid rows (data.max_rows).")
         rows = rows[: settings.max_rows]
-    return LoadedData(rows, fmt, problems, warnings, raw.source, total)
+    columns = list(dict.fromkeys(str(k) for _, rec in raw.records[:50] if isinstance(rec, dict) for k in rec))
+    return LoadedData(rows, fmt, problems, warnings, raw.source, total, columns)
 
 
 def _detect(raw: RawRecords, mapping: dict[str, str]) -> str:

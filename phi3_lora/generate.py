@@ -35,6 +35,7 @@ class GenerationSettings:
     max_new_tokens: int = 256
     seed: int = 0
     repetition_penalty: float = 1.0
+    max_time: float | None = None    # seconds; generation stops there (transformers' MaxTimeCriteria)
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature <= 5:
@@ -45,11 +46,12 @@ class GenerationSettings:
             raise UserError(f"max_new_tokens must be 1-8192; got {self.max_new_tokens}.")
 
     def generate_kwargs(self) -> dict[str, Any]:
+        timing = {"max_time": self.max_time} if self.max_time else {}
         if self.temperature == 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens,
-                    "repetition_penalty": self.repetition_penalty}
+                    "repetition_penalty": self.repetition_penalty, **timing}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+                "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty, **timing}
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

@@ -360,3 +360,12 @@ def test_owner_at_the_machine_may_read_a_server_path_and_a_signed_in_visitor_sto
         import shutil
 
         shutil.rmtree(alice_run, ignore_errors=True)
+
+
+def test_readme_sharing_table_is_the_policy() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "## Sharing safely" in readme
+    start = readme.index("<!-- generated from phi3_lora/access.py")
+    end = readme.index("<!-- end of the generated table -->")
+    table = readme[start:end].split("\n", 1)[1].strip()
+    assert table == access.policy_table(), "README's table is stale: paste access.policy_table() into it"

@@ -41,7 +41,10 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
     if options.default_model.strip().lower() != "auto":
         state.default_reason = "it was chosen with --model"
 
-    with gr.Blocks(title="phi3_lora — fine-tune a chat model on your data", fill_width=False) as demo:
+    # Gradio's own copies of uploads and outputs: swept every 30 min, deleted after an hour (ours are kept in the
+    # session's upload folder; see phi3_lora.uploads).
+    with gr.Blocks(title="phi3_lora — fine-tune a chat model on your data", fill_width=False,
+                   delete_cache=(1800, 3600)) as demo:
         gr.HTML(f"<div class='p3-header'><h1>phi3_lora</h1><p>Fine-tune a chat model with LoRA / QLoRA on your own "
                 f"conversations, then compare the base and tuned answers side by side. Default model here: "
                 f"<b>{html.escape(state.default_name)}</b>: {html.escape(state.default_reason)}.</p></div>")

@@ -6,6 +6,7 @@ import functools
 import html
 import inspect
 import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from phi3_lora import access
+from phi3_lora import access, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
@@ -37,6 +38,11 @@ class AppOptions:
     space_env: SpaceEnv = field(default_factory=SpaceEnv)  # what phi3_lora.spaces detected (empty off Spaces)
     login_required: bool = False         # Space with hf_oauth: Sign in with Hugging Face before training
     shared: bool = False                 # a share link was asked for: nobody on the web is the owner
+    max_prompt_bytes: int = 16 * 1024    # one Compare message
+    max_chat_bytes: int = 64 * 1024      # a whole Compare conversation (each side)
+    max_generation_s: float = 120.0      # one Compare answer pair (also bounds how long Compare is busy)
+    upload_session_quota: int = uploads.SESSION_QUOTA_BYTES  # one browser session's uploads together
+    upload_total_quota: int = uploads.TOTAL_QUOTA_BYTES      # all sessions' uploads together
 
     @property
     def training_refusal(self) -> str | None:
@@ -62,19 +68,44 @@ class AppState:
         self.starters = access.RunStarters(self.options.runs_dir)
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Show a UserError as a gr.Error with its hint; any other exception as a short gr.Error (logged in full)."""
+def configure_logging() -> None:
+    """phi3_lora's own log lines (refusals, unexpected errors with their id) on stderr, once."""
+    logger = logging.getLogger("phi3_lora")
+    if not any(getattr(h, "phi3_lora", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.phi3_lora = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
-    def convert(exc: BaseException) -> BaseException:
-        if isinstance(exc, gr.Error):
-            return exc
-        if isinstance(exc, UserError):
-            text = exc.message + (f" {exc.hint}" if exc.hint else "")
-            return gr.Error(text, title="Cannot do that", print_exception=False)  # handled: no console traceback
-        log.exception("unexpected error in %s", fn.__name__)
-        return gr.Error(f"Something went wrong ({type(exc).__name__}: {str(exc)[:300]}). The app is still running; "
-                        "see the terminal for details.", title="Unexpected error",
-                        print_exception=False)  # log.exception above printed it once
+
+def error_id() -> str:
+    """A short id an unexpected error is logged and shown with, so a visitor can quote it to the owner."""
+    return secrets.token_hex(4)
+
+
+def to_gr_error(exc: BaseException, where: str) -> gr.Error:
+    """A user error: its message and hint, logged as one line. Anything else: one traceback in the log and, on
+    the page, only an id to quote (never the exception's text, which may name server paths)."""
+    if isinstance(exc, gr.Error):
+        exc.print_exception = False
+        log.info("%s: %s", where, exc.message)
+        return exc
+    if isinstance(exc, UserError):
+        text = exc.message + (f" {exc.hint}" if exc.hint else "")
+        log.info("%s: refused: %s", where, text)
+        return gr.Error(text, title="Cannot do that", print_exception=False)
+    eid = error_id()
+    log.error("%s: unexpected error %s", where, eid, exc_info=exc)
+    return gr.Error(f"Something went wrong on the server ({type(exc).__name__}, error id {eid}). The app is still "
+                    f"running; if it happens again, quote the id {eid} to the app's owner.",
+                    title="Unexpected error", print_exception=False)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show a UserError as a gr.Error with its hint (one log line, no traceback); any other exception as a short
+    error with an id (its traceback logged once under that id)."""
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -82,7 +113,7 @@ def user_errors(fn: Callable) -> Callable:
             try:
                 yield from fn(*args, **kwargs)
             except Exception as exc:
-                raise convert(exc) from None
+                raise to_gr_error(exc, fn.__name__) from None
         return gen_wrapper
 
     @functools.wraps(fn)
@@ -90,7 +121,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            raise convert(exc) from None
+            raise to_gr_error(exc, fn.__name__) from None
     return wrapper
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,32 @@ def engine_settings(ref: Any) -> Any:
     return ModelSettings(name=ref.model_name, load_in_4bit=bool(ref.load_in_4bit))
 
 
+def check_size(prompt: str, base: list[dict[str, str]], tuned: list[dict[str, str]], max_prompt: int,
+               max_chat: int) -> None:
+    """A prompt and a conversation a visitor may send: bounded in bytes before anything is tokenised."""
+    size = len(prompt.encode("utf-8", "replace"))
+    if size > max_prompt:
+        raise UserError(f"The prompt is {size:,} bytes; the limit is {max_prompt:,}.",
+                        hint="Shorten it: Compare is for questions and short conversations.")
+    for side in (base, tuned):
+        total = size + sum(len(m["content"].encode("utf-8", "replace")) for m in side)
+        if total > max_chat:
+            raise UserError(f"This conversation has grown to {total:,} bytes; the limit is {max_chat:,}.",
+                            hint="Press \"Clear both chats\" and ask again.")
+
+
+def check_context(engine: Any, base: list[dict[str, str]], tuned: list[dict[str, str]], max_new: int) -> None:
+    """The conversation plus the answer must fit in the model's context window."""
+    context = getattr(engine.base.config, "max_position_embeddings", None)
+    if not context:
+        return
+    longest = max(len(engine.prompt_ids(base)), len(engine.prompt_ids(tuned)))
+    if longest + max_new > context:
+        raise UserError(f"The conversation is {longest:,} tokens; with {max_new} new tokens it would not fit in "
+                        f"the model's context of {context:,} tokens.",
+                        hint="Press \"Clear both chats\", shorten the prompt or lower Max new tokens.")
+
+
 def _history(chat: list[dict[str, Any]] | None) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": message_text(m.get("content"))} for m in chat or []
             if m.get("role") in ("user", "assistant", "system")]
@@ -196,6 +223,7 @@ def eval_example(runs_dir: Path, value: str | None, index: int | None = None) ->
 def wire(tab: CompareTab, state: AppState) -> None:
     runs_dir = state.options.runs_dir
 
+    @user_errors
     def on_refresh(current: str | None) -> Any:
         choices = adapter_choices(runs_dir)
         values = [c[1] for c in choices]
@@ -214,8 +242,12 @@ def wire(tab: CompareTab, state: AppState) -> None:
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("The prompt is empty.", hint="Type a question, or press \"Held-out example\".")
+        options = state.options
+        check_size(prompt, _history(base_chat), _history(tuned_chat), options.max_prompt_bytes,
+                   options.max_chat_bytes)
         settings = GenerationSettings(temperature=float(temperature), top_p=float(top_p),
-                                      max_new_tokens=int(max_new), seed=int(seed or 0))
+                                      max_new_tokens=int(max_new), seed=int(seed or 0),
+                                      max_time=options.max_generation_s)
         path = resolve_adapter(runs_dir, source, token=access.hub_token(who, None))
         if hub:  # a published adapter names its own base model: never a folder of this server for a visitor
             from phi3_lora.generate import locate_adapter
@@ -230,13 +262,18 @@ def wire(tab: CompareTab, state: AppState) -> None:
         with hold_checkpoint(path):  # until this request ends, the running job does not rotate it away
             yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…"), reference
             engine = get_engine(state, path, progress)
+            check_context(engine, base_hist, tuned_hist, settings.max_new_tokens)
             label = f"{engine.model_name} + {source}"
+            started = time.monotonic()
             for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
                 shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
                 yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…"), reference
-        yield shown_base, shown_tuned, gr.skip(), notice("ok", f"{label}: done (temperature {settings.temperature:g}, "
-                                                               f"top-p {settings.top_p:g}, seed {settings.seed})."), \
-            reference
+        took = time.monotonic() - started
+        cut = (f" Generation reached the time limit of {settings.max_time:g} s, so an answer may be cut short."
+               if settings.max_time and took >= settings.max_time else "")
+        yield shown_base, shown_tuned, gr.skip(), notice("warn" if cut else "ok", (
+            f"{label}: done (temperature {settings.temperature:g}, top-p {settings.top_p:g}, seed {settings.seed})."
+            + cut)), reference
 
     @user_errors
     def on_example(source: str | None) -> tuple[str, Any, str]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import html
+import random
 import re
+import threading
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +28,15 @@ MAPPING_HEADERS = ["field the format expects", "column in your data"]
 PROBLEM_HEADERS = ["file", "where", "field", "what is wrong / what to do"]
 PREVIEW_HEADERS = ["#", "turns", "system", "first user message", "first assistant answer"]
 NO_DATA = "No data yet: upload a file or press \"Use the sample dataset\"."
+# What a session keeps of validated data: a preview for the example renderer and the row count. The full rows
+# are freed as soon as the answer is built (10 visitors validating 100 MB each must not keep 10 copies).
+KEEP_ROWS = 200
+NO_ROWS: dict[str, Any] = {"preview": [], "count": 0}
+# The cached tokenizers are shared by every session; rendering a chat template with generation markers is not
+# thread-safe in transformers ("AssistantTracker should not be reused"), so two validations take turns.
+TOKENIZER_LOCK = threading.Lock()
+STATS_ROWS = 5000        # token statistics from at most this many rows (a seeded sample)
+MAX_PROBLEMS_SHOWN = 500  # the problems table lists this many; the summary says how many there are
 
 
 @dataclass
@@ -88,7 +101,7 @@ def build(state: AppState) -> DatasetTab:
             example = gr.Number(1, precision=0, minimum=1, label="Example row",
                                 info="Which usable row to render through the model's real chat template.")
             tokens = gr.HTML()
-    rows = gr.State([])
+    rows = gr.State(NO_ROWS)
     return DatasetTab(upload, sample, source, fmt, mapping, eval_fraction, validate, summary, problems, preview,
                       stats, histogram, example, tokens, rows)
 
@@ -200,40 +213,79 @@ def validate(source: str, fmt: str, table: Any, eval_fraction: float, model_name
                                                    "Hub dataset id and press Validate.")
     mapping = mapping_from_table(table)
     settings = cfgmod.DataSettings(source=source, format=fmt, mapping=mapping, eval_fraction=float(eval_fraction))
-    loaded = data.load_data(settings, token=token)
-    columns = _columns(source, token)
-    max_length = int(max_length or 2048)
-    train_rows, eval_rows = data.split_rows(loaded.rows, settings.eval_fraction, int(seed or 0))
-    parts = [notice("ok", f"{display_name(loaded.source)}: format {loaded.format} "
-                          f"({'detected' if fmt == 'auto' else 'as chosen'}), {len(loaded.rows):,} usable of "
-                          f"{loaded.total_rows:,} rows → {len(train_rows):,} train / {len(eval_rows):,} eval.")]
-    parts += [notice("warn", w) for w in loaded.warnings]
-    problems = pd.DataFrame([[display_name(p.source), p.location, p.field, p.message] for p in loaded.problems],
-                            columns=PROBLEM_HEADERS)
-    stats_html, fig, tokens, slider = _stats(loaded.rows, model_name, max_length)
-    return ("\n".join(parts), gr.update(value=problems, visible=bool(loaded.problems)), preview_frame(loaded.rows),
-            stats_html, fig, slider, tokens, loaded.rows, mapping_table(loaded.format, columns, mapping))
+    try:
+        loaded = data.load_data(settings, token=token)
+        count = len(loaded.rows)
+        columns = loaded.columns
+        max_length = int(max_length or 2048)
+        n_train, n_eval = split_sizes(count, settings.eval_fraction, int(seed or 0))
+        parts = [notice("ok", f"{display_name(loaded.source)}: format {loaded.format} "
+                              f"({'detected' if fmt == 'auto' else 'as chosen'}), {count:,} usable of "
+                              f"{loaded.total_rows:,} rows → {n_train:,} train / {n_eval:,} eval.")]
+        parts += [notice("warn", w) for w in loaded.warnings]
+        shown = loaded.problems[:MAX_PROBLEMS_SHOWN]
+        problems = pd.DataFrame([[display_name(p.source), p.location, p.field, p.message] for p in shown],
+                                columns=PROBLEM_HEADERS)
+        if len(loaded.problems) > len(shown):
+            parts.append(notice("warn", f"The first {len(shown):,} of {len(loaded.problems):,} problems are listed."))
+        stats_html, fig, tokens, slider = _stats(stats_sample(loaded.rows), model_name, max_length, count,
+                                                 loaded.rows[0])
+        kept = {"preview": loaded.rows[:KEEP_ROWS], "count": count}  # all a session keeps of the data
+        return ("\n".join(parts), gr.update(value=problems, visible=bool(shown)), preview_frame(loaded.rows),
+                stats_html, fig, slider, tokens, kept, mapping_table(loaded.format, columns, mapping))
+    finally:
+        loaded = None  # the full rows go now, not when the session ends
+        release_memory()
 
 
-def _stats(rows: list[dict[str, Any]], model_name: str, max_length: int) -> tuple[str, Any, str, Any]:
+def split_sizes(count: int, eval_fraction: float, seed: int) -> tuple[int, int]:
+    """(train, eval) row counts of data.split_rows for `count` rows, without the rows."""
+    train, held = data.split_rows(range(count), eval_fraction, seed)
+    return len(train), len(held)
+
+
+def stats_sample(rows: list[dict[str, Any]], limit: int = STATS_ROWS) -> list[dict[str, Any]]:
+    """At most `limit` rows (a seeded random sample) for the token statistics: tokenising a million rows in a
+    web request would hold a core for minutes."""
+    return rows if len(rows) <= limit else random.Random(0).sample(rows, limit)
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system (glibc keeps freed small blocks otherwise, so a big validation
+    would leave the process that much larger for good)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _stats(rows: list[dict[str, Any]], model_name: str, max_length: int, count: int | None = None,
+           first: dict[str, Any] | None = None) -> tuple[str, Any, str, Any]:
+    count = len(rows) if count is None else count
     try:
         tok = tokenizer_for(model_name)
     except UserError as exc:
         msg = notice("warn", f"Token stats need the model's tokenizer: {exc.message}")
-        return msg, None, msg, gr.update(maximum=max(1, len(rows)), value=1)
-    st = data.compute_stats(rows, tok, max_length)
+        return msg, None, msg, gr.update(maximum=max(1, min(count, KEEP_ROWS)), value=1)
+    with TOKENIZER_LOCK:
+        st = data.compute_stats(rows, tok, max_length)
+        mask = data.trained_token_mask(tok, (first or rows[0])["messages"], max_length)
     lengths = st.token_lengths
     trained = f"{st.trained_tokens:,}" if st.trained_tokens is not None else "all"
-    html_parts = [f"<div class='p3-stats'><span>rows <b>{st.rows:,}</b></span><span>turns/row "
+    sampled = f" (token figures from a sample of {len(rows):,} of {count:,} rows)" if count > len(rows) else ""
+    html_parts = [f"<div class='p3-stats'><span>rows <b>{count:,}</b></span><span>turns/row "
                   f"<b>{st.mean_turns:.1f}</b></span><span>tokens <b>{st.total_tokens:,}</b></span>"
                   f"<span>trained tokens <b>{trained}</b></span>"
                   f"<span>median length <b>{sorted(lengths)[len(lengths) // 2]:,}</b></span>"
                   f"<span>longest <b>{max(lengths):,}</b></span><span>over max length <b>{st.truncated:,}</b></span>"
                   "</div>"]
     html_parts += [notice("warn", w) for w in st.warnings]
-    tokens = tokens_html(data.trained_token_mask(tok, rows[0]["messages"], max_length))
+    if sampled:
+        html_parts.append(help_md(sampled.strip(" ()").capitalize() + "."))
+    tokens = tokens_html(mask)
     return ("\n".join(html_parts), histogram_figure(lengths, max_length), tokens,
-            gr.update(maximum=max(1, len(rows)), value=1))
+            gr.update(maximum=max(1, min(count, KEEP_ROWS)), value=1))
 
 
 def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: gr.Number, seed: gr.Number) -> None:
@@ -253,8 +305,8 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
             gr.Warning(exc.message)
             fmt = args[1] if args[1] != "auto" else "messages"
             return (notice("error", exc.message + (f" {exc.hint}" if exc.hint else "")), gr.update(visible=False),
-                    None, "", None, gr.update(), "", [], mapping_table(fmt, _columns(args[0] or "", token),
-                                                                        mapping_from_table(args[2])))
+                    None, "", None, gr.update(), "", NO_ROWS, mapping_table(fmt, _columns(args[0] or "", token),
+                                                                             mapping_from_table(args[2])))
 
     @user_errors
     @guarded(state)
@@ -265,25 +317,34 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
         if not who.session:
             raise UserError("This upload came without a browser session.", hint="Reload the page and try again.")
         uploads.sweep(state.options.runs_dir)
-        return str(uploads.store(file, state.options.runs_dir, who.session))
+        options = state.options
+        return str(uploads.store(file, options.runs_dir, who.session, session_quota=options.upload_session_quota,
+                                 total_quota=options.upload_total_quota))
 
+    @user_errors
     def on_sample() -> tuple[str, pd.DataFrame]:
         return str(state.options.sample_dataset), pd.DataFrame([["", ""]], columns=MAPPING_HEADERS)
 
     @user_errors
     @guarded(state)
-    def on_example(who: Requester, rows: list[dict[str, Any]], index: float, name: str, max_len: Any) -> str:
+    def on_example(who: Requester, kept: dict[str, Any] | None, index: float, name: str, max_len: Any) -> str:
         check_model(state, who, name)
+        rows = (kept or NO_ROWS).get("preview") or []
         if not rows:
             return ""
         i = min(max(int(index or 1), 1), len(rows)) - 1
-        return tokens_html(data.trained_token_mask(tokenizer_for(name), rows[i]["messages"], int(max_len or 2048)))
+        tok = tokenizer_for(name)
+        with TOKENIZER_LOCK:
+            mask = data.trained_token_mask(tok, rows[i]["messages"], int(max_len or 2048))
+        return tokens_html(mask)
 
-    def on_eval_fraction(rows: list[dict[str, Any]], fraction: float, seed_value: Any, summary: str) -> str:
-        if not rows:
+    @user_errors
+    def on_eval_fraction(kept: dict[str, Any] | None, fraction: float, seed_value: Any, summary: str) -> str:
+        count = int((kept or NO_ROWS).get("count") or 0)
+        if not count:
             return gr.skip()
-        tr, ev = data.split_rows(rows, float(fraction), int(seed_value or 0))
-        return notice("ok", f"{len(rows):,} usable rows → {len(tr):,} train / {len(ev):,} eval (eval split "
+        n_train, n_eval = split_sizes(count, float(fraction), int(seed_value or 0))
+        return notice("ok", f"{count:,} usable rows → {n_train:,} train / {n_eval:,} eval (eval split "
                             f"{float(fraction):.0%}).")
 
     def on_clear_upload(source: str) -> tuple[Any, ...]:
@@ -291,7 +352,7 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
         a Hub id or the sample chosen since stays."""
         if uploads.UPLOADS not in Path(source or "").parts:
             return (gr.skip(),) * 4
-        return "", notice("info", NO_DATA), [], gr.update(value=None)
+        return "", notice("info", NO_DATA), NO_ROWS, gr.update(value=None)
 
     tab.upload.clear(on_clear_upload, tab.source, [tab.source, tab.summary, tab.rows, tab.preview],
                      api_name="clear_upload")

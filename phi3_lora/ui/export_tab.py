@@ -242,6 +242,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
                                       "zip", out.parent, out.name)
         return report, gr.update(value=archive, visible=True)
 
+    @user_errors
     def on_refresh(current: str | None) -> Any:
         choices = adapter_choices(runs_dir)
         values = [c[1] for c in choices]

@@ -307,6 +307,7 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
                 f"Selected: **{info.name}** ({len(info.linear_names)} kinds of Linear layer: "
                 f"{', '.join(info.linear_names)}).")
 
+    @user_errors
     @guarded(state)
     def on_change(who: Requester, *values: Any) -> tuple[str, Any]:
         *vals, preset_name = values

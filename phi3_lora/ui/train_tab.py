@@ -330,7 +330,11 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
                     concurrency_limit=1)
     tab.stop.click(on_stop, tab.runs, outputs, api_name="stop_training", concurrency_id="jobs")
     tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")
-    tab.refresh.click(lambda r: [runs_update(r)] + render(r, ""), tab.runs, outputs, api_name="list_runs")
+    @user_errors
+    def on_refresh(run_id: str | None) -> list[Any]:
+        return [runs_update(run_id)] + render(run_id, "")
+
+    tab.refresh.click(on_refresh, tab.runs, outputs, api_name="list_runs")
     tab.runs.input(on_select, tab.runs, view, api_name="select_run")
     tab.timer.tick(on_tick, [tab.runs, tab.seen], [tab.runs] + view, api_name="poll_run", show_progress="hidden",
                    queue=False)
