@@ -126,7 +126,7 @@ def test_a_full_disk_gives_a_clear_message_and_no_partial_file(tiny_disk, tmp_pa
 
 
 def test_validations_leave_no_copy_of_the_rows_behind(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """10 sessions each upload and validate a 20 MB file (200 MB of JSON, ~1.5 GB as Python rows): the app
+    """10 sessions each upload and validate a 10 MB file (100 MB of JSON, ~0.8 GB as Python rows): the app
     process keeps a 200-row preview per session, so its memory grows by far less than one copy of the rows.
     bench/web_memory.py gives the issue's figure (10 x 100 MB); the README has it."""
     import sys
@@ -134,7 +134,7 @@ def test_validations_leave_no_copy_of_the_rows_behind(tiny_llama_dir: Path, tmp_
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.web_memory import measure
 
-    result = measure(sessions=10, mb=20, model=str(tiny_llama_dir), workdir=tmp_path)
+    result = measure(sessions=10, mb=10, model=str(tiny_llama_dir), workdir=tmp_path)
     print(f"\n[bounds] validations: { {k: v for k, v in result.items() if k != 'answers'} }")
     assert result["validated"] == 10, result["answers"]
     assert result["growth_mib"] < 400, result
