@@ -19,7 +19,6 @@ import pytest
 from test_access import endpoint_args
 from test_app_api import free_port
 from test_exposure import RUN_ID, make_adapter_run
-from test_faults import tiny_disk  # noqa: F401  (a real small filesystem)
 
 from phi3_lora import uploads
 from phi3_lora.errors import UserError
@@ -113,7 +112,7 @@ def test_old_session_folders_are_swept(tmp_path: Path) -> None:
     assert uploads.sweep(tmp_path, max_age_s=3600, now=time.time() + 7200) == ["abc123"] and not folder.exists()
 
 
-def test_a_full_disk_gives_a_clear_message_and_no_partial_file(tiny_disk, tmp_path: Path) -> None:  # noqa: F811
+def test_a_full_disk_gives_a_clear_message_and_no_partial_file(tiny_disk, tmp_path: Path) -> None:
     runs = tiny_disk("1m")
     big = tmp_path / "big.jsonl"
     big.write_bytes(b'{"a": 1}\n' * 300_000)  # 2.7 MB
@@ -139,3 +138,33 @@ def test_validations_leave_no_copy_of_the_rows_behind(tiny_llama_dir: Path, tmp_
     assert result["validated"] == 10, result["answers"]
     assert result["growth_mib"] < 400, result
     assert result["uploads_held_before_close"] == 10 and result["uploads_left_after_close"] == 0
+
+
+# --- errors (issue 13 item 8, last part) ---------------------------------------------------------------------
+
+def test_a_user_error_is_one_log_line_and_an_unexpected_one_an_id(app, capfd, caplog) -> None:
+    """A refusal shows its message and logs one line, no traceback on the console; an unexpected error logs one
+    traceback and shows only an id to quote (not its text, which can name server paths)."""
+    import logging
+
+    from phi3_lora.ui.common import to_gr_error
+
+    url, _ = app
+    caplog.set_level(logging.INFO, logger="phi3_lora")
+    c = _client(url)
+    api = c.view_api(print_info=False, return_format="dict")
+    capfd.readouterr()
+    with pytest.raises(Exception, match="Not allowed for an anonymous visitor here: stop a run"):
+        c.predict(*endpoint_args(api, "stop_training", Run=RUN_ID), api_name="/stop_training")
+    time.sleep(0.5)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    lines = [r for r in caplog.records if "stop a run" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+
+    caplog.clear()
+    error = to_gr_error(ValueError("cannot read /srv/secret/creds.csv"), "on_something")
+    eid = error.message.split("error id ")[1][:8]
+    assert "/srv/secret" not in error.message and "ValueError" in error.message and not error.print_exception
+    (record,) = caplog.records
+    assert eid in record.getMessage() and record.exc_info is not None

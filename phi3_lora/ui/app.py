@@ -36,6 +36,7 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
     """The whole app. Nothing heavy happens here or on page load: models load on first use."""
     options = options or AppOptions(runs_dir=Path(runs_dir or default_runs_dir()), default_model=default_model)
     options.runs_dir.mkdir(parents=True, exist_ok=True)
+    uploads.sweep(options.runs_dir)  # sessions that ended while the app was down
     state = AppState(options)
     state.default_name, state.default_reason = models.resolve_name(options.default_model)
     if options.default_model.strip().lower() != "auto":
