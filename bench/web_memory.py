@@ -122,7 +122,7 @@ def measure(sessions: int = 10, mb: float = 100, model: str = "embedded: SmolLM2
         while time.monotonic() < deadline and uploads.exists() and any(uploads.rglob("*.jsonl")):
             time.sleep(1)
         left = sum(1 for _ in uploads.rglob("*.jsonl")) if uploads.exists() else 0
-        return {"sessions": sessions, "file_mb": mb, "rows": rows, "validated": sum(f"{rows} usable" in r for r in results),
+        return {"sessions": sessions, "file_mb": mb, "rows": rows, "validated": sum(f"{rows:,} usable" in r for r in results),
                 "idle_rss_mib": round(idle), "peak_rss_mib": round(peak), "after_rss_mib": round(after),
                 "growth_mib": round(after - idle), "seconds": round(took, 1), "uploads_held_before_close": held,
                 "uploads_left_after_close": left, "answers": [r[:300] for r in results]}
