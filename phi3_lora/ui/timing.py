@@ -30,11 +30,13 @@ def build() -> TimingBox:
     return TimingBox(html, measure)
 
 
-def train_rows(rows: list[dict[str, Any]] | None, fraction: Any, seed: int) -> int:
-    """Rows the run will train on (the same split as the run)."""
-    if not rows:
+def train_rows(rows: dict[str, Any] | list[dict[str, Any]] | None, fraction: Any, seed: int) -> int:
+    """Rows the run will train on (the same split as the run). `rows`: the Dataset tab's state, which keeps a
+    preview and the count (dataset.NO_ROWS), or a list of rows."""
+    count = int(rows.get("count") or 0) if isinstance(rows, dict) else len(rows or [])
+    if not count:
         return 0
-    return len(data.split_rows(rows, float(fraction or 0), seed)[0])
+    return len(data.split_rows(range(count), float(fraction or 0), seed)[0])
 
 
 def preset_info(config: cfgmod.RunConfig, runs_dir: Any, n_rows: int) -> str:
@@ -54,7 +56,7 @@ def wire(box: TimingBox, state: AppState, config_inputs: list[Any], build_config
          rows: gr.State, preset: gr.Radio, triggers: list[Any]) -> None:
     runs_dir = state.options.runs_dir
 
-    def render(config: cfgmod.RunConfig, row_list: list[dict[str, Any]] | None) -> tuple[str, Any]:
+    def render(config: cfgmod.RunConfig, row_list: Any) -> tuple[str, Any]:
         n = train_rows(row_list, config.data.eval_fraction, config.train.seed)
         text = steptime.describe(config, steptime.lookup(runs_dir, config), n, jobs.num_processes(config))
         return notice("info", text), gr.update(info=preset_info(config, runs_dir, n))
