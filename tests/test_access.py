@@ -140,7 +140,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Ite
     runs = tmp_path_factory.mktemp("runs")
     make_adapter_run(runs, tiny_llama_dir)
     stopped = make_adapter_run(runs, tiny_llama_dir, STOPPED_ID)
-    (stopped / "events.jsonl").unlink()
+    RunDir(stopped).events.unlink()
     events.append_event(stopped, "start", step=0, max_steps=50)
     events.append_event(stopped, "end", status="stopped", step=1, max_steps=50, reason="stopped by you")
     active = make_adapter_run(runs, tiny_llama_dir, ACTIVE_ID)
