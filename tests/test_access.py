@@ -144,7 +144,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Ite
     events.append_event(stopped, "start", step=0, max_steps=50)
     events.append_event(stopped, "end", status="stopped", step=1, max_steps=50, reason="stopped by you")
     active = make_adapter_run(runs, tiny_llama_dir, ACTIVE_ID)
-    (active / "events.jsonl").unlink()
+    RunDir(active).events.unlink()
     events.append_event(active, "start", step=0, max_steps=50)
     sleeper = subprocess.Popen(["sleep", "900"], start_new_session=True)
     record = ProcessRecord.of(sleeper.pid)  # its start time proves it is this run's process
@@ -338,7 +338,7 @@ def test_owner_at_the_machine_may_read_a_server_path_and_a_signed_in_visitor_sto
         assert "usable" in summary
 
     alice_run = make_adapter_run(world["runs"], world["model"], ALICE_ID)
-    (alice_run / "events.jsonl").unlink()
+    RunDir(alice_run).events.unlink()
     events.append_event(alice_run, "start", step=0, max_steps=50)
     sleeper = subprocess.Popen(["sleep", "900"], start_new_session=True)
     RunDir(alice_run).write_process(ProcessRecord.of(sleeper.pid))

@@ -17,6 +17,7 @@ import yaml
 from phi3_lora import jobs, trackers, train
 from phi3_lora.config import RunConfig, from_dict
 from phi3_lora.errors import UserError
+from phi3_lora.runs import RunDir
 
 
 def test_report_to_accepts_lists_names_and_none():
@@ -67,7 +68,7 @@ def test_tensorboard_and_trackio_log_the_runs_loss(tmp_path, tiny_llama_dir):
                            "--train.report_to", "[tensorboard,trackio]"],
                           capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    logged = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in RunDir(run_dir).events.read_text().splitlines()]
     losses = {e["step"]: e["loss"] for e in logged if e.get("type") == "log" and e.get("loss") is not None}
     assert len(losses) == 3, logged
 

@@ -84,7 +84,7 @@ def test_overlay_draws_the_chosen_runs_and_refuses_unknown_ones(server) -> None:
     for run_id, scale in (("20260101-000000-a", 1.0), ("20260101-000001-b", 2.0)):
         run = runs / run_id
         run.mkdir()
-        cfgmod.save_yaml(cfgmod.RunConfig(), run / "config.yaml")
+        cfgmod.save_yaml(cfgmod.RunConfig(), RunDir(run).config)
         events.append_event(run, "start", step=0, max_steps=2)
         for step in (1, 2):
             events.append_event(run, "log", step=step, max_steps=2, loss=scale * step)
@@ -123,7 +123,7 @@ def test_step_ticks_are_whole_numbers_even_for_one_point() -> None:
 def test_the_log_tail_is_the_runs_own_lines(tmp_path) -> None:
     run = tmp_path / "r"
     run.mkdir()
-    cfgmod.save_yaml(cfgmod.RunConfig(), run / "config.yaml")
+    cfgmod.save_yaml(cfgmod.RunConfig(), RunDir(run).config)
     (run / RunDir.LOG).write_text(
         "Filter:   0%|          | 0/43 [00:00<?, ? examples/s]\rFilter: 100%|██████████| 43/43 [00:00<00:00, "
         "611.30 examples/s]\nLoading weights: 100%|██████████| 20/20 [00:00<00:00, 1482.32it/s]\n"
