@@ -1,4 +1,4 @@
-"""`python -m phi3_lora validate|train|chat|compare|runs|stop|resume|export|bench`.
+"""`python -m phi3_lora validate|train|chat|compare|runs|stop|resume|evaluate|export|bench`.
 
 Config flags are generated from the `RunConfig` dataclasses (one flag per field, named
 `--section.field`, with the field's help text), so the CLI, the YAML and the UI can never
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("phi3_lora.export_cli", "phi3_lora.bench_cli"):
+    for module in ("phi3_lora.export_cli", "phi3_lora.evaluate_cli", "phi3_lora.bench_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

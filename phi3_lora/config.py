@@ -243,6 +243,16 @@ class TrainSettings:
         label="Log every N steps", ge=1, advanced=True)
     eval_steps: int | None = _f(None, "Evaluate every N steps; empty evaluates once at the end.",
         label="Eval every N steps", ge=1)
+    eval_answers: bool = _f(True, "At the end of a run with an eval split, the base and the tuned model answer the "
+                                  "held-out conversations (greedy, batched) and the answers are scored against the "
+                                  "references (ROUGE-L, chrF, BLEU, exact match, reference loss); saved in "
+                                  "runs/<id>/eval/, shown in Compare and in the model card of every export.",
+        label="Score answers at the end", advanced=True)
+    eval_answers_max_seconds: float = _f(300.0, "Time limit of that scoring, in seconds; rows not reached in time "
+                                                "are left out (and counted).",
+        label="Scoring time limit (s)", gt=0, advanced=True)
+    eval_answers_max_new_tokens: int = _f(128, "Length limit of each answer in that scoring, in tokens.",
+        label="Scoring answer length (tokens)", ge=1, le=4096, advanced=True)
     save_steps: int = _f(50, "Write a checkpoint every N steps (what Resume continues from).",
         label="Checkpoint every N steps", ge=1)
     save_total_limit: int = _f(2, "Keep at most this many checkpoints per run.",

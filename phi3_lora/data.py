@@ -18,8 +18,8 @@ from phi3_lora.errors import UserError
 from phi3_lora.formats import FORMATS, RowError, check_mapping, detect_format, normalise_record
 from phi3_lora.readers import Problem, RawRecords, read_records
 
-__all__ = ["Bin", "DataStats", "LoadedData", "compute_stats", "drop_duplicates", "has_generation_markers",
-           "histogram_bins", "load_data", "split_rows", "trained_token_mask"]
+__all__ = ["Bin", "DataStats", "LoadedData", "compute_stats", "drop_duplicates", "encode_conversations",
+           "has_generation_markers", "histogram_bins", "load_data", "split_rows", "trained_token_mask"]
 
 
 @dataclass
@@ -159,6 +159,12 @@ def _encode(tokenizer: Any, conversations: list[list[dict[str, str]]], masks: bo
                         hint="Choose a model with a chat template, or set model.chat_template.") from None
     keys = ["input_ids"] + (["assistant_masks"] if masks else [])
     return [{k: list(out[k][i]) for k in keys} for i in range(len(conversations))]
+
+
+def encode_conversations(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[dict[str, list[int]]]:
+    """Token ids of each rendered conversation and, when the template marks them, `assistant_masks`: the tokens
+    assistant_only_loss trains on (the label mask training uses, for scoring a reference answer the same way)."""
+    return _encode(tokenizer, conversations, has_generation_markers(tokenizer))
 
 
 def compute_stats(rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, batch: int = 256) -> DataStats:

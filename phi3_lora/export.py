@@ -85,6 +85,8 @@ def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | Non
     yaml_cfg = config.to_yaml() if config else "# config not recorded"
     from phi3_lora.fused import split_needed
 
+    from phi3_lora.evaluate import card_section
+
     usage = _usage_peft(hub_base) if not split_needed(ref.adapter_dir) else _usage_sliced(hub_base)
     settings = ref.settings
     if ref.load_in_4bit:
@@ -97,6 +99,7 @@ def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | Non
                      f"weights differ slightly from the Hub's: answers on the Hub base can differ a little.\n"
                      if is_embedded(base) else "")
     merged = f"\n**Merged into:** {merged_into}\n" if merged_into else ""
+    evaluation = card_section(ref.adapter_dir)  # the newest saved base-vs-tuned scores of this adapter, if any
     return f"""---
 library_name: peft
 base_model: {hub_base}
@@ -116,6 +119,7 @@ Trained with phi3_lora ({kind}).
 |---|---|
 {metrics}
 
+{evaluation}
 ## Training config
 
 ```yaml

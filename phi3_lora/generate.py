@@ -293,6 +293,38 @@ class ChatEngine:
             pass
         return text
 
+    @contextlib.contextmanager
+    def adapter_state(self, on: bool) -> Iterator[Any]:
+        """The model with the tuned adapter on or off, held by this caller alone (the switch is model-wide)."""
+        import torch
+
+        if on and not self.has_adapter:
+            raise UserError("No adapter is loaded: pick a finished run first.")
+        with self._lock, torch.inference_mode():
+            with contextlib.nullcontext() if on else self._adapter_off():
+                yield self.model
+
+    def answer_batch(self, histories: list[Messages], adapter: bool, settings: GenerationSettings,
+                     stopping_criteria: list[Any] | None = None) -> list[str]:
+        """One answer per history from one `generate` call (left-padded batch), adapter on or off, no streaming."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        inputs = self._inputs(histories)
+        kwargs = dict(**inputs, **settings.generate_kwargs(), eos_token_id=self.stop_ids,
+                      pad_token_id=self.tokenizer.pad_token_id)
+        if stopping_criteria:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
+        with self.adapter_state(adapter) as model:
+            torch.manual_seed(settings.seed)
+            out = model.generate(**kwargs)
+        stop = set(self.stop_ids)
+        answers = []
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            end = next((i for i, token in enumerate(row) if token in stop), len(row))
+            answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return answers
+
     def _generate(self, histories: list[Messages], settings: GenerationSettings,
                   adapter_names: list[str] | None, disable: bool = False) -> Iterator[list[str]]:
         import torch

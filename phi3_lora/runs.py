@@ -10,6 +10,7 @@
     <runs>/<id>/eval_rows.jsonl      the held-out rows (Compare's examples)
     <runs>/<id>/checkpoints/checkpoint-N/   complete checkpoints (renamed into place from .staging/)
     <runs>/<id>/adapter/             the final adapter, written atomically
+    <runs>/<id>/eval/<time>.json     base-vs-tuned scores on the held-out rows (evaluate.py)
     <runs>/<id>/<name>/              merged exports made from the app
 
 Nothing here trains or signals; jobs.py and train.py act, this module only names and reads.
@@ -170,6 +171,7 @@ class RunDir:
     CHECKPOINTS: ClassVar[str] = "checkpoints"
     STAGING: ClassVar[str] = ".staging"
     ADAPTER: ClassVar[str] = "adapter"
+    EVAL: ClassVar[str] = "eval"
     ADAPTER_CONFIG: ClassVar[str] = "adapter_config.json"  # peft's: marks a folder holding an adapter
     TRAINER_STATE: ClassVar[str] = "trainer_state.json"    # transformers': marks a complete checkpoint
 
@@ -216,6 +218,10 @@ class RunDir:
     def adapter(self) -> Path:
         return self.path / self.ADAPTER
 
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / self.EVAL
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
 
@@ -227,7 +233,7 @@ class RunDir:
     def reserved_names(cls) -> frozenset[str]:
         """Names inside a run folder that belong to the run (an export must not take one)."""
         return frozenset({cls.CONFIG, cls.EVENTS, cls.LOG, cls.PROCESS, cls.RESOLVED, cls.EVAL_ROWS,
-                          cls.CHECKPOINTS, cls.ADAPTER, f"{cls.EVENTS}.tmp", f"{cls.EVAL_ROWS}.tmp"})
+                          cls.CHECKPOINTS, cls.ADAPTER, cls.EVAL, f"{cls.EVENTS}.tmp", f"{cls.EVAL_ROWS}.tmp"})
 
     # checkpoints
     def checkpoint_dirs(self, complete: bool = True) -> list[tuple[int, Path]]:

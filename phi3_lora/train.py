@@ -327,8 +327,12 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
         resolved = config.replace(model={"name": model_name})
         adapter_dir = save_adapter_atomic(trainer.model, tokenizer, resolved, summary, run.adapter)
     status = "stopped" if stopped else "finished"
+    steps = trainer.state.global_step
+    if adapter_dir is not None and eval_rows and config.train.eval_answers:
+        del trainer, built, callback, tokenizer  # the scoring loads the saved adapter: free the training copy first
+        score_answers(config, model_name, run_dir, adapter_dir)
     if main:
-        events.append_event(run_dir, "end", status=status, step=trainer.state.global_step, loss=final_loss,
+        events.append_event(run_dir, "end", status=status, step=steps, loss=final_loss,
                         eval_loss=eval_loss, adapter=str(adapter_dir) if adapter_dir else None,
                         seconds=round(time.time() - started, 1))
         try:  # the next run's time estimate starts from this run's measured step time
@@ -337,7 +341,43 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
             steptime.record_run(config, run_dir)
         except OSError:
             pass
-    return TrainResult(status, trainer.state.global_step, final_loss, eval_loss, adapter_dir, time.time() - started)
+    return TrainResult(status, steps, final_loss, eval_loss, adapter_dir, time.time() - started)
+
+
+def score_answers(config: RunConfig, model_name: str, run_dir: Path, adapter_dir: Path) -> Path | None:
+    """Base vs tuned answers on the held-out rows (evaluate.py), bounded by train.eval_answers_max_seconds.
+
+    The adapter is already saved: a failure here is a note in the diary, never a failed run, and Stop
+    (SIGTERM) ends the scoring at the next token, keeping the rows already scored."""
+    import gc
+
+    from phi3_lora import evaluate
+    from phi3_lora.models import cuda_available
+
+    gc.collect()
+    if cuda_available():
+        import torch
+
+        torch.cuda.empty_cache()
+    t = config.train
+    events.append_event(run_dir, "note", message=f"scoring base and tuned answers on the held-out rows (at most "
+                                                 f"{t.eval_answers_max_seconds:g} s; train.eval_answers: false turns "
+                                                 "this off)")
+    _stop_flag["in_loop"] = True  # SIGTERM now stops the scoring, not the finished run
+    try:
+        path, result = evaluate.score_run(run_dir, adapter_dir, model_name, config.model.load_in_4bit,
+                                          max_new_tokens=t.eval_answers_max_new_tokens,
+                                          max_seconds=t.eval_answers_max_seconds,
+                                          should_stop=lambda: _stop_flag["requested"])
+    except Exception as exc:  # noqa: BLE001 (any failure of the scoring leaves the trained adapter as it is)
+        events.append_event(run_dir, "note", message=f"answer scoring failed ({type(exc).__name__}: {str(exc)[:300]})")
+        return None
+    finally:
+        _stop_flag["in_loop"] = False
+    events.append_event(run_dir, "answer_eval", file=str(path), rows=len(result["rows"]),
+                        not_reached=result["not_reached"], seconds=result["timing"]["seconds"],
+                        summary={k: {"base": v["base"], "tuned": v["tuned"]} for k, v in result["summary"].items()})
+    return path
 
 
 def final_train_loss(log_history: list[dict[str, Any]]) -> float | None:

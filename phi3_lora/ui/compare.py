@@ -20,6 +20,7 @@ from phi3_lora import access, jobs, spaces
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.runs import CheckpointGone, RunDir, find_run, parse_checkpoint_step, pin_checkpoint
+from phi3_lora.ui import evaluation
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
 from phi3_lora.ui.guard import check, check_model, guarded
 
@@ -41,6 +42,7 @@ class CompareTab:
     reference: gr.Markdown
     status: gr.HTML
     held_out: gr.State   # the held-out prompt whose reference answer is shown ("" when none)
+    scoring: evaluation.EvalPanel
 
 
 def build(state: AppState) -> CompareTab:
@@ -74,8 +76,9 @@ def build(state: AppState) -> CompareTab:
         clear = gr.Button("Clear both chats", size="sm")
     gr.HTML(help_md("Held-out example: a conversation from the run's eval split (never trained on); its "
                     "reference answer is shown under the chats. The model loads on the first message."))
+    scoring = evaluation.build()
     return CompareTab(source, refresh, temperature, top_p, max_new_tokens, seed, base_chat, tuned_chat, prompt,
-                      send, example, clear, reference, status, gr.State(""))
+                      send, example, clear, reference, status, gr.State(""), scoring)
 
 
 def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
@@ -291,5 +294,6 @@ def wire(tab: CompareTab, state: AppState) -> None:
     tab.clear.click(lambda: ([], [], gr.update(visible=False), "", ""), None,
                     [tab.base_chat, tab.tuned_chat, tab.reference, tab.status, tab.held_out], api_name="clear_chats")
     tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_adapters")
+    evaluation.wire(tab.scoring, state, tab.source, tab.max_new_tokens)
     tab.on_refresh = on_refresh
 

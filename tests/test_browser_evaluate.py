@@ -1,0 +1,70 @@
+"""The Compare tab's scoring panel in a real browser: it shows the run's saved scores, Evaluate scores again,
+and every number on the page is the saved JSON's. Screenshot: test-output/screenshots/evaluate.png (and
+docs/screenshots/evaluate.png with PHI3_LORA_DOCS_SCREENSHOTS=1)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from phi3_lora import evaluate, scores
+from test_browser import browser, screenshots_dir  # noqa: F401 (the browser fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+DOCS_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def app_url(embedded_sample_run: Path):
+    from phi3_lora.ui import build_app, launch
+
+    demo = build_app(embedded_sample_run.parent, default_model="embedded: SmolLM2-135M-Instruct")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, _ = launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def shows_table(page, result: dict) -> None:
+    text = page.locator("#p3-eval-summary").inner_text()
+    for row in scores.summary_table(result["summary"]):
+        for cell in row:
+            assert cell in text, (cell, row, text)
+
+
+def test_scores_in_the_compare_tab_are_the_saved_ones(browser, app_url, embedded_sample_run):  # noqa: F811
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_role("tab", name="4 · Compare").click()
+    expect(page.locator("#p3-compare-source input")).to_have_value(re.compile("final adapter"), timeout=60_000)
+    # Picking the run shows its newest saved result.
+    saved = evaluate.latest_result(embedded_sample_run)
+    expect(page.locator("#p3-eval-status")).to_contain_text(Path(saved["file"]).name, timeout=60_000)
+    shows_table(page, saved)
+
+    page.get_by_role("button", name="Evaluate on held-out rows").click()
+    before = len(evaluate.load_results(embedded_sample_run))
+    expect(page.locator("#p3-eval-status")).not_to_contain_text(Path(saved["file"]).name, timeout=600_000)
+    results = evaluate.load_results(embedded_sample_run)
+    assert len(results) == before + 1
+    newest = results[-1]
+    expect(page.locator("#p3-eval-status")).to_contain_text(Path(newest["file"]).name)
+    shows_table(page, newest)
+    rows_text = page.locator("#p3-eval-rows").inner_text()
+    assert all(r["reference"][:30] in rows_text for r in newest["rows"])
+    page.locator("#p3-eval-chart").scroll_into_view_if_needed()
+    shot = screenshots_dir() / "evaluate.png"
+    page.locator("#p3-evaluate").scroll_into_view_if_needed()
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("PHI3_LORA_DOCS_SCREENSHOTS") == "1":
+        shutil.copy(shot, DOCS_SHOTS / "evaluate.png")
+    page.close()

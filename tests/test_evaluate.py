@@ -1,0 +1,120 @@
+"""Base vs tuned scoring on a real (tiny) run: the end-of-run scoring, the CLI, batching, bad input, the card.
+
+The embedded-model tests (the tuned model really answers better) are in test_evaluate_embedded.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from phi3_lora import cli, events, evaluate, export, train
+from phi3_lora.generate import ChatEngine, locate_adapter
+from test_train import tiny_config, write_rows
+
+
+def _tiny_run(root: Path, model_dir: Path, **train_overrides) -> Path:
+    data = write_rows(root / "rows.jsonl", n=16)
+    settings = {"max_steps": 2, "eval_steps": None, "eval_answers_max_new_tokens": 8, **train_overrides}
+    cfg = tiny_config(model_dir, data, **settings).replace(model={"load_in_4bit": False}, data={"eval_fraction": 0.25})
+    result = train.run(cfg, root / "run")
+    assert result.status == "finished"
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_llama_dir) -> Path:
+    return _tiny_run(tmp_path_factory.mktemp("eval_run"), tiny_llama_dir)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_run_scores_its_held_out_rows_when_it_ends(tiny_run):
+    results = evaluate.load_results(tiny_run)
+    assert len(results) == 1
+    result = results[0]
+    held_out = _rows(tiny_run / "eval_rows.jsonl")
+    assert len(result["rows"]) == len(held_out) == 4 and result["complete"] and not result["skipped"]
+    for row in result["rows"]:
+        original = held_out[row["row"] - 1]["messages"]
+        assert row["reference"] == original[-1]["content"] and row["history"] == original[:-1]
+        assert set(row["scores"]["base"]) == set(row["scores"]["tuned"]) == set(evaluate.scores.TEXT_METRICS)
+        assert row["loss"]["tokens"] > 0 and row["loss"]["base"]["nll_sum"] > 0
+    changes = [r["change"] for r in result["rows"]]
+    assert changes == sorted(changes, reverse=True)
+    assert set(result["summary"]) == {m.name for m in evaluate.scores.METRICS}
+    # The diary says so, pointing at the same file; the run still reads as finished.
+    said = [e for e in events.read_events(tiny_run) if e["type"] == "answer_eval"]
+    assert said and Path(said[-1]["file"]) == Path(result["file"])
+    assert events.run_status(tiny_run).state == "finished"
+    assert evaluate.latest_result(tiny_run, locate_adapter(tiny_run).adapter_dir)["file"] == result["file"]
+
+
+def test_scoring_at_the_end_can_be_switched_off(tmp_path, tiny_llama_dir):
+    run = _tiny_run(tmp_path, tiny_llama_dir, eval_answers=False, max_steps=1)
+    assert evaluate.load_results(run) == [] and not (run / evaluate.EVAL_DIR).exists()
+
+
+def test_batched_answers_are_the_one_by_one_answers(tiny_run):
+    ref = locate_adapter(tiny_run)
+    engine = ChatEngine(ref.model_name, ref.adapter_dir, load_in_4bit=False)
+    rows = _rows(tiny_run / "eval_rows.jsonl") + [
+        {"messages": [{"role": "system", "content": "Answer in one long sentence please."},
+                      {"role": "user", "content": "A much longer question than the others, to pad the batch?"},
+                      {"role": "assistant", "content": "Yes."}]}]
+    speed = evaluate.speed_comparison(engine, rows, batch_size=8, max_new_tokens=8)
+    assert speed["rows"] == 5 and speed["identical_answers"] == 5  # left padding changes no answer
+
+
+def test_cli_and_model_card_show_the_numbers_of_the_saved_json(tiny_run, tmp_path, capsys):
+    assert cli.main(["evaluate", "--adapter", str(tiny_run), "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    saved = Path(out.strip().splitlines()[-1].removeprefix("saved: "))
+    result = json.loads(saved.read_text())
+    assert evaluate.summary_markdown(result) in out
+    assert evaluate.load_results(tiny_run)[-1]["file"] == str(saved)  # the newest result is the CLI's
+    bundle = export.adapter_zip(tiny_run, tmp_path / "out")
+    with zipfile.ZipFile(bundle) as zf:
+        card = zf.read(next(n for n in zf.namelist() if n.endswith("README.md"))).decode()
+    assert evaluate.summary_markdown(result) in card and saved.name in card
+
+
+def test_bad_rows_are_named_and_the_rest_is_scored(tiny_run, tmp_path, capsys):
+    good = {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Quillon."}]}
+    no_answer = {"messages": [{"role": "user", "content": "Hello?"}]}
+    too_long = {"messages": [{"role": "user", "content": "word " * 700}, {"role": "assistant", "content": "ok"}]}
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (good, no_answer, too_long, good | {"x": 1})))
+    out_dir = tmp_path / "scores"
+    assert cli.main(["evaluate", "--adapter", str(tiny_run), "--data", str(data), "--max-new-tokens", "8",
+                     "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped line 2" in out and "no assistant turn" in out
+    assert "more than the model's context of 512" in out
+    result = evaluate.load_results(out_dir)[-1]
+    assert len(result["rows"]) == 2 and {r["reference"] for r in result["rows"]} == {"Quillon."}
+    assert len(result["skipped"]) == 2
+
+
+def test_a_file_without_any_reference_is_refused_clearly(tiny_run, tmp_path, capsys):
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"}]}) + "\n"
+                            for i in range(3)))
+    assert cli.main(["evaluate", "--adapter", str(tiny_run), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "None of the 3 rows" in err and "no assistant turn" in err
+
+
+def test_an_empty_eval_split_says_what_to_do(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    (run / "eval_rows.jsonl").write_text("")
+    assert cli.main(["evaluate", "--adapter", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "no held-out rows" in err and "--data FILE" in err
