@@ -90,7 +90,8 @@ def test_bad_rows_are_named_and_the_rest_is_scored(tiny_run, tmp_path, capsys):
     no_answer = {"messages": [{"role": "user", "content": "Hello?"}]}
     too_long = {"messages": [{"role": "user", "content": "word " * 700}, {"role": "assistant", "content": "ok"}]}
     data = tmp_path / "mixed.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in (good, no_answer, too_long, good | {"x": 1})))
+    again = {"messages": [{"role": "user", "content": "Your name?"}, {"role": "assistant", "content": "Quillon."}]}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (good, no_answer, too_long, again)))
     out_dir = tmp_path / "scores"
     assert cli.main(["evaluate", "--adapter", str(tiny_run), "--data", str(data), "--max-new-tokens", "8",
                      "--out", str(out_dir)]) == 0
