@@ -325,8 +325,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
 
 def coverage_line(result: dict[str, Any]) -> str:
     """How many rows the numbers rest on, and why any are missing."""
-    parts = [f"{len(result['rows'])} held-out conversations scored" if "eval_rows" in result.get("source", "")
-             else f"{len(result['rows'])} conversations scored"]
+    parts = [f"{len(result['rows'])} conversations scored ({result.get('source') or 'source not recorded'})"]
     if result.get("not_reached"):
         parts.append(f"{result['not_reached']} not reached ({result.get('stopped_by') or 'time limit'})")
     if result.get("skipped"):

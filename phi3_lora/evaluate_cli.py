@@ -11,7 +11,7 @@ from typing import Any
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from phi3_lora import evaluate as ev
     from phi3_lora.cli import _engine
-
+    from phi3_lora.errors import UserError
     from phi3_lora.generate import locate_adapter
 
     ref = locate_adapter(args.adapter)
@@ -22,8 +22,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif run_dir is not None:
         rows, skipped, source = ev.rows_from_run(run_dir), [], f"held-out rows of run {run_dir.name} ({ev.EVAL_ROWS})"
     else:
-        from phi3_lora.errors import UserError
-
         raise UserError(f"{args.adapter} is not inside a run folder, so it has no held-out rows.",
                         hint="Pass --data FILE with conversations that end in the reference answer.")
     engine = _engine(args.adapter, args.model, args.load_in_4bit)
@@ -49,8 +47,7 @@ def format_result(result: dict[str, Any], shown_rows: int = 5) -> str:
     """The summary table, what it rests on, skipped rows and the rows that changed most (pure)."""
     from phi3_lora import evaluate as ev
 
-    lines = [f"{result['model']} + {result['adapter']}", f"source: {result['source']}", ev.coverage_line(result),
-             "", ev.summary_markdown(result)]
+    lines = [f"{result['model']} + {result['adapter']}", ev.coverage_line(result), "", ev.summary_markdown(result)]
     for s in result["skipped"]:
         lines.append(f"skipped {s['where']}: {s['reason']}")
     rows = result["rows"]
