@@ -54,6 +54,7 @@ class Action(str, Enum):
     DELETE = "delete a run"
     COMPARE = "compare base and tuned answers with a run's adapter"
     COMPARE_HUB = "compare with an adapter published on the Hub"
+    EVALUATE = "score a run's adapter on its held-out rows (minutes of generation; writes runs/<id>/eval/)"
     EXPORT_ZIP = "download an adapter zip"
     MERGE = "merge an adapter into its base (16-bit copy on the server)"
     PUSH = "push an adapter or merged model to the Hub (with the requester's own token)"
@@ -77,6 +78,7 @@ POLICY: dict[Action, tuple[Rule, Rule, Rule]] = {
     A.DELETE: (Y, OWN, N),
     A.COMPARE: (Y, Y, Y),
     A.COMPARE_HUB: (Y, Y, Y),
+    A.EVALUATE: (Y, Y, N),            # bounded in time, but minutes of compute and a file in the run folder
     A.EXPORT_ZIP: (Y, Y, Y),
     A.MERGE: (Y, Y, N),
     A.PUSH: (Y, Y, N),
@@ -123,6 +125,8 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "heldout_example": (A.VIEW,),
     "clear_chats": (A.VIEW,),
     "list_adapters": (A.VIEW,),
+    "evaluate": (A.EVALUATE,),
+    "eval_results": (A.VIEW,),
     # Export
     "export_zip": (A.EXPORT_ZIP,),
     "export_merged": (A.MERGE,),

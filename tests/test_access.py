@@ -208,6 +208,7 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
     ("resume_training", A.RESUME): lambda w: {"Run": STOPPED_ID},
     ("compare", A.READ_SERVER_PATH): lambda w: {"Adapter": "evil/adapter-on-a-server-model",
                                                 "Prompt": "What do you know?"},
+    ("evaluate", A.EVALUATE): lambda w: {"Adapter": RUN_ID},
     ("export_merged", A.MERGE): lambda w: {"Adapter": RUN_ID, "Folder name": "merged-by-visitor"},
     ("export_gguf", A.MERGE): lambda w: {"Adapter": RUN_ID, "Type": "q8_0"},
     ("push_to_hub", A.PUSH): lambda w: {"Adapter": RUN_ID, "Repo id": "visitor/stolen", "Push": "adapter"},
@@ -319,6 +320,7 @@ def test_every_endpoint_is_classified_and_refuses_what_the_level_may_not_do(
     assert events.run_status(runs / ACTIVE_ID).state == "running"
     assert events.run_status(runs / STOPPED_ID).state == "stopped"
     assert not (runs / RUN_ID / "merged-by-visitor").exists()
+    assert not (runs / RUN_ID / "eval").exists()
     print(f"\n[access] {mode_name}: {len(tried)} attacks refused on {len({k[0] for k in tried})} endpoints")
 
 

@@ -15,8 +15,10 @@ from typing import Any
 import gradio as gr
 
 from phi3_lora import evaluate, scores
+from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.guard import check, guarded
 
 APP_EVAL_SECONDS = 300.0  # a web request is bounded in time: rows not reached by then are left out and counted
 
@@ -100,7 +102,10 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
         return run_dir
 
     @user_errors
-    def on_evaluate(value: str | None, max_new: float, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+    @guarded(state)
+    def on_evaluate(who: Requester, value: str | None, max_new: float,
+                    progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        check(state, who, Action.EVALUATE)
         path = compare.resolve_source(runs_dir, value)
         run_dir = run_folder(path)
         rows = evaluate.rows_from_run(run_dir)
