@@ -384,8 +384,9 @@ def speed_comparison(engine: Any, rows: list[dict[str, Any]], batch_size: int = 
 
 def score_run(run_dir: Path, adapter_dir: Path, model_name: str, load_in_4bit: bool, *, max_new_tokens: int = 128,
               max_seconds: float | None = None,
-              should_stop: Callable[[], bool] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Load base + adapter, score the run's held-out rows, save the result in the run folder (end of a run)."""
+              should_stop: Callable[[], bool] | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """Load base + adapter, score the run's held-out rows, save the result in the run folder (end of a run).
+    A result with no row scored (the time limit or Stop came first) is not saved: the path is None."""
     from phi3_lora.generate import ChatEngine
 
     started = time.monotonic()
@@ -394,4 +395,4 @@ def score_run(run_dir: Path, adapter_dir: Path, model_name: str, load_in_4bit: b
     left = None if max_seconds is None else max(1.0, max_seconds - (time.monotonic() - started))
     result = evaluate(engine, rows, EvalOptions(max_new_tokens=max_new_tokens, max_seconds=left),
                       source=f"held-out rows of run {Path(run_dir).name} ({EVAL_ROWS})", should_stop=should_stop)
-    return save_result(result, run_dir), result
+    return (save_result(result, run_dir) if result["rows"] else None), result

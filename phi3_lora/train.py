@@ -374,6 +374,11 @@ def score_answers(config: RunConfig, model_name: str, run_dir: Path, adapter_dir
         return None
     finally:
         _stop_flag["in_loop"] = False
+    if path is None:
+        events.append_event(run_dir, "note", message=f"answer scoring reached no row within "
+                            f"{t.eval_answers_max_seconds:g} s ({result['stopped_by']}); score later without a limit: "
+                            f"python -m phi3_lora evaluate --adapter {run_dir}")
+        return None
     events.append_event(run_dir, "answer_eval", file=str(path), rows=len(result["rows"]),
                         not_reached=result["not_reached"], seconds=result["timing"]["seconds"],
                         summary={k: {"base": v["base"], "tuned": v["tuned"]} for k, v in result["summary"].items()})

@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,13 @@ def shows_table(page, result: dict) -> None:
 
 
 def test_scores_in_the_compare_tab_are_the_saved_ones(browser, app_url, embedded_sample_run):  # noqa: F811
+    shot = walk_the_scoring_panel(browser, app_url, embedded_sample_run)
+    if os.environ.get("PHI3_LORA_DOCS_SCREENSHOTS") == "1":
+        shutil.copy(shot, DOCS_SHOTS / "evaluate.png")
+
+
+def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:  # noqa: F811
+    """Open Compare, check the shown scores are the newest saved JSON's, press Evaluate, check again."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -47,24 +55,22 @@ def test_scores_in_the_compare_tab_are_the_saved_ones(browser, app_url, embedded
     page.get_by_role("tab", name="4 · Compare").click()
     expect(page.locator("#p3-compare-source input")).to_have_value(re.compile("final adapter"), timeout=60_000)
     # Picking the run shows its newest saved result.
-    saved = evaluate.latest_result(embedded_sample_run)
+    saved = evaluate.latest_result(run_dir)
     expect(page.locator("#p3-eval-status")).to_contain_text(Path(saved["file"]).name, timeout=60_000)
     shows_table(page, saved)
 
+    before = len(evaluate.load_results(run_dir))
     page.get_by_role("button", name="Evaluate on held-out rows").click()
-    before = len(evaluate.load_results(embedded_sample_run))
     expect(page.locator("#p3-eval-status")).not_to_contain_text(Path(saved["file"]).name, timeout=600_000)
-    results = evaluate.load_results(embedded_sample_run)
+    results = evaluate.load_results(run_dir)
     assert len(results) == before + 1
     newest = results[-1]
     expect(page.locator("#p3-eval-status")).to_contain_text(Path(newest["file"]).name)
     shows_table(page, newest)
     rows_text = page.locator("#p3-eval-rows").inner_text()
     assert all(r["reference"][:30] in rows_text for r in newest["rows"])
-    page.locator("#p3-eval-chart").scroll_into_view_if_needed()
     shot = screenshots_dir() / "evaluate.png"
     page.locator("#p3-evaluate").scroll_into_view_if_needed()
     page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("PHI3_LORA_DOCS_SCREENSHOTS") == "1":
-        shutil.copy(shot, DOCS_SHOTS / "evaluate.png")
     page.close()
+    return shot

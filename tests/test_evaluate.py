@@ -61,15 +61,28 @@ def test_scoring_at_the_end_can_be_switched_off(tmp_path, tiny_llama_dir):
     assert evaluate.load_results(run) == [] and not (run / evaluate.EVAL_DIR).exists()
 
 
-def test_batched_answers_are_the_one_by_one_answers(tiny_run):
+@pytest.fixture(scope="module")
+def engine(tiny_run) -> ChatEngine:
     ref = locate_adapter(tiny_run)
-    engine = ChatEngine(ref.model_name, ref.adapter_dir, load_in_4bit=False)
+    return ChatEngine(ref.model_name, ref.adapter_dir, load_in_4bit=False)
+
+
+def test_batched_answers_are_the_one_by_one_answers(tiny_run, engine):
     rows = _rows(tiny_run / "eval_rows.jsonl") + [
         {"messages": [{"role": "system", "content": "Answer in one long sentence please."},
                       {"role": "user", "content": "A much longer question than the others, to pad the batch?"},
                       {"role": "assistant", "content": "Yes."}]}]
     speed = evaluate.speed_comparison(engine, rows, batch_size=8, max_new_tokens=8)
     assert speed["rows"] == 5 and speed["identical_answers"] == 5  # left padding changes no answer
+
+
+def test_the_time_limit_leaves_rows_out_and_says_so(tiny_run, engine):
+    rows = _rows(tiny_run / "eval_rows.jsonl")
+    result = evaluate.evaluate(engine, rows, evaluate.EvalOptions(max_new_tokens=8, max_seconds=1e-6))
+    assert result["rows"] == [] and result["not_reached"] == 4 and not result["complete"]
+    assert "4 not reached (time limit)" in evaluate.coverage_line(result)
+    stopped = evaluate.evaluate(engine, rows, evaluate.EvalOptions(max_new_tokens=8), should_stop=lambda: True)
+    assert stopped["not_reached"] == 4 and stopped["stopped_by"] == "stop"
 
 
 def test_cli_and_model_card_show_the_numbers_of_the_saved_json(tiny_run, tmp_path, capsys):
