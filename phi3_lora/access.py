@@ -59,6 +59,7 @@ class Action(str, Enum):
     MERGE = "merge an adapter into its base (16-bit copy on the server)"
     PUSH = "push an adapter or merged model to the Hub (with the requester's own token)"
     SERVER_TOKEN = "use the server's Hugging Face token (HF_TOKEN, saved login)"
+    LOAD_RUN_SETTINGS = "load a past run's settings and data source into the form"
 
 
 Y, OWN, N = Rule.YES, Rule.OWN, Rule.NO
@@ -83,6 +84,7 @@ POLICY: dict[Action, tuple[Rule, Rule, Rule]] = {
     A.MERGE: (Y, Y, N),
     A.PUSH: (Y, Y, N),
     A.SERVER_TOKEN: (Y, N, N),
+    A.LOAD_RUN_SETTINGS: (Y, OWN, N),  # a run's config holds its owner's paths (data, model folder)
 }
 # Switched off for every visitor in demo mode (a demo serves one machine to the whole internet).
 DEMO_OFF: frozenset[Action] = frozenset({A.START, A.RESUME, A.MERGE})
@@ -99,6 +101,11 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "estimate": (A.VIEW, *_MODEL),
     "apply_preset": (A.VIEW, *_MODEL),
     "show_config": (A.VIEW, *_MODEL),
+    "save_draft": (A.UPLOAD,),                # keeps the form in this browser (and a copy of its own upload)
+    "restore_draft": (A.UPLOAD,),             # fills the form from this browser's draft
+    "load_settings_runs": (A.VIEW,),
+    "load_run_settings": (A.LOAD_RUN_SETTINGS,),
+    "load_yaml_settings": (A.VIEW,),          # a YAML the visitor uploads: their own file
     "time_estimate": (A.VIEW, *_DATA),        # reads the step times measured here; gates model and data source
     "measure_step_time": (A.START, *_DATA),   # runs a few training steps on the server: as costly as a start
     # Dataset

@@ -23,6 +23,8 @@ from phi3_lora.errors import UserError
 UPLOADS = ".uploads"
 SESSIONS = "sessions"
 KEPT = "kept"
+DRAFTS = "drafts"
+DRAFT_MAX_AGE_S = 14 * 24 * 3600      # a browser's draft copy of its upload outlives its sessions, not forever
 SESSION_QUOTA_BYTES = 512 * 2**20     # one session's uploads together
 TOTAL_QUOTA_BYTES = 4 * 2**30         # every session's uploads together
 MAX_AGE_S = 6 * 3600                  # a session folder older than this is deleted (a closed tab may not say so)
@@ -129,3 +131,51 @@ def sweep(runs_dir: Path, max_age_s: float = MAX_AGE_S, now: float | None = None
             shutil.rmtree(folder, ignore_errors=True)
             gone.append(folder.name)
     return gone
+
+
+# --- the draft's copy: a browser's upload outlives the session that uploaded it ---------------------------
+
+def draft_dir(runs_dir: Path, token: str) -> Path:
+    if not token or not token.isalnum():
+        raise ValueError("bad draft token")
+    return root(runs_dir) / DRAFTS / token
+
+
+def is_session_upload(runs_dir: Path, key: str, source: str) -> bool:
+    """Whether `source` is a file of this session's upload folder."""
+    try:
+        path = Path(source).resolve()
+        return path.is_file() and session_dir(runs_dir, key).resolve() in path.parents
+    except (OSError, ValueError):
+        return False
+
+
+def keep_for_draft(path: str | Path, runs_dir: Path, token: str) -> Path:
+    """The browser's draft keeps one upload: this one (an older draft copy goes)."""
+    path, folder = Path(path), draft_dir(runs_dir, token)
+    dest = folder / path.name
+    if not dest.exists():
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        copy_atomic(path, dest)
+    return dest
+
+
+def restore_draft(runs_dir: Path, token: str, name: str, key: str) -> Path:
+    """The draft's upload, copied into this (new) session's folder; ValueError/OSError when it is gone."""
+    src = draft_dir(runs_dir, token) / Path(name).name
+    if not src.is_file():
+        raise FileNotFoundError(name)
+    os.utime(src)  # in use: the age sweep keeps it
+    return store(src, runs_dir, key)
+
+
+def sweep_drafts(runs_dir: Path, max_age_s: float = DRAFT_MAX_AGE_S, now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    folder = root(runs_dir) / DRAFTS
+    for draft in folder.iterdir() if folder.is_dir() else []:
+        try:
+            if now - max(p.stat().st_mtime for p in [draft, *draft.iterdir()]) > max_age_s:
+                shutil.rmtree(draft, ignore_errors=True)
+        except OSError:
+            continue

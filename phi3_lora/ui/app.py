@@ -12,7 +12,7 @@ from starlette.middleware import Middleware
 from phi3_lora import access, models, uploads
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir
-from phi3_lora.ui import compare, dataset, export_tab, login, settings, timing, train_tab
+from phi3_lora.ui import compare, dataset, drafts, export_tab, login, settings, timing, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
 from phi3_lora.ui.guard import check_model, check_source, guarded, session_key
 
@@ -58,6 +58,7 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
                 ds = dataset.build(state)
             with gr.Tab("2 · Model & LoRA", id="settings"):
                 st = settings.build(state)
+                loader = drafts.build_loader()
             with gr.Tab("3 · Train", id="train"):
                 tr = train_tab.build(state)
             with gr.Tab("4 · Compare", id="compare") as compare_page:
@@ -96,6 +97,15 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         train_tab.wire(tr, state, config_inputs, build_config)
         timing.wire(st.timing, state, config_inputs, build_config, ds.rows, st.preset,
                     [w.change for w in setting_widgets] + [ds.eval_fraction.change, demo.load])
+        restored = drafts.wire(loader, state, keys, setting_widgets, [ds.source, ds.format, ds.mapping, ds.eval_fraction],
+                               st.preset, ds.summary, demo)
+        # A restored dataset is validated again so its preview, stats and rows come back too (not a client's call).
+        def validate_restored(request: gr.Request, *values: Any) -> Any:
+            if not (values[0] or "").strip():
+                return [gr.skip()] * len(ds.validate_io[1])
+            return ds.on_validate(request, *values)
+
+        restored.then(validate_restored, ds.validate_io[0], ds.validate_io[1], api_visibility="private")
         compare.wire(cp, state)
         export_tab.wire(ex, state)
         compare_page.select(cp.on_refresh, cp.source, cp.source, api_name="open_compare")

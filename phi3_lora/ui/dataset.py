@@ -64,6 +64,7 @@ def build(state: AppState) -> DatasetTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             upload = gr.File(label="Upload a dataset file", file_types=[".jsonl", ".json", ".csv", ".parquet"],
+                             elem_id="p3-upload",
                              height=120)
             with gr.Row():
                 sample = gr.Button("Use the sample dataset", variant="primary", scale=1)
@@ -361,6 +362,7 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
     tab.sample.click(on_sample, None, [tab.source, tab.mapping], api_name="use_sample").success(
         on_validate, inputs, outputs, api_name="validate_sample")
     tab.validate.click(on_validate, inputs, outputs, api_name="validate")
+    tab.on_validate, tab.validate_io = on_validate, (inputs, outputs)
     tab.source.submit(on_validate, inputs, outputs, api_name="validate_source")
     tab.example.submit(on_example, [tab.rows, tab.example, model_name, max_length], tab.tokens,
                         api_name="render_example")

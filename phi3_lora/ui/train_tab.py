@@ -57,7 +57,8 @@ def build(state: AppState) -> TrainTab:
         resume = gr.Button("Resume", variant="secondary", scale=1)
     with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
         runs = gr.Dropdown([], label="Run", info="The active run is picked on page load, else the newest. "
-                                                "Past runs stay here.", scale=5, allow_custom_value=True)
+                                                "Past runs stay here.", scale=5, allow_custom_value=True,
+                           elem_id="p3-runs")
         refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
     status = gr.HTML(notice("info", "No run yet: prepare a dataset, check the settings, then press Start."))
     progress = gr.HTML(_progress_html(None))
