@@ -184,7 +184,7 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     page = context.new_page()
     page.goto(app_url)
     page.get_by_text("Your chat data").wait_for()
-    source = page.locator("#p3-source").locator("textarea, input").first
+    source = page.locator("#cfg-data-source").locator("textarea, input").first
 
     # The upload's × takes the file out of the source too.
     page.locator("#p3-upload input[type=file]").set_input_files(str(SAMPLE))
@@ -209,7 +209,7 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
             view.goto(app_url)
         view.get_by_text("Your chat data").wait_for()
         view.get_by_text("48 usable of 48 rows").wait_for(timeout=60_000)
-        expect(view.locator("#p3-source").locator("textarea, input").first).to_have_value(re.compile(r"sample_chat\.jsonl$"))
+        expect(view.locator("#cfg-data-source").locator("textarea, input").first).to_have_value(re.compile(r"sample_chat\.jsonl$"))
         view.get_by_role("tab", name="2 · Model & LoRA").click()
         expect(view.get_by_label("Max steps", exact=True)).to_have_value("5", timeout=30_000)
         expect(view.get_by_label("Learning rate", exact=True)).to_have_value("0.005")
