@@ -102,6 +102,8 @@ def widget(section: str, f: Any, tp: Any, value: Any, info: models.ModelInfo | N
                            allow_custom_value=custom, **common)
     number = _numeric(tp)
     if number is not None:
+        if type(None) in typing.get_args(tp):  # empty allowed: the browser sends an empty Number as 0, which a
+            lo = hi = None                     # minimum would refuse before the handler runs (RunConfig checks it)
         return gr.Number(value, precision=0 if number is int else None, minimum=lo, maximum=hi, **common)
     if typing.get_origin(tp) is list or list in [typing.get_origin(a) for a in typing.get_args(tp)]:
         return gr.Textbox(", ".join(value or []), placeholder="comma-separated names", **common)
@@ -187,6 +189,9 @@ def config_from_values(values: dict[str, Any], all_targets: list[str] | None = N
             value = [m.strip() for m in value.split(",") if m.strip()] or None
         elif value is None and type(None) not in typing.get_args(tp):
             raise UserError(f"{key} is empty; give it a value.")
+        elif value == 0 and not isinstance(value, bool) and type(None) in typing.get_args(tp) \
+                and typing.get_origin(tp) is not list:
+            value = None  # the browser sends an emptied Number as 0; for an optional field that means empty
         data.setdefault(section, {})[name] = value
     data["preset"] = preset_name if preset_name and preset_name != NO_PRESET else None
     return cfgmod.from_dict(data)
