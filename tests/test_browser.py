@@ -217,6 +217,9 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     # Load a past run's settings (the walk's run, or one written here): its values fill the widgets.
     run_id = write_past_run(RUNS["dir"])
     page.get_by_text("Load settings from a past run or a YAML file").click()
+    # opening fills the list and picks the newest run; wait for that before typing, or it lands after the typing
+    # and replaces it (in the full suite the walk's run is newer than this one)
+    expect(page.locator("#p3-load-run input")).not_to_have_value("", timeout=30_000)
     page.locator("#p3-load-run input").fill(run_id)
     page.locator("#p3-load-run input").press("Enter")
     page.get_by_role("button", name="Load this run's settings").click()

@@ -149,7 +149,9 @@ def test_qlora_on_q_v_trains_loads_and_merges_to_a_stock_phi3(tmp_path: Path, ti
     history = [{"role": "user", "content": "Q99: who are you?"}]
     assert engine.answer(history, adapter=True, settings=GenerationSettings(temperature=0, max_new_tokens=4))
 
-    merged_dir = export.merge_adapter(tmp_path / "run", tmp_path / "merged", dtype="float32")
+    # base 16bit: the slices merge into the stock fp32 qkv weight, compared with fp32 base + adapter below (the
+    # default for a QLoRA run merges into the dequantised 4-bit base; test_faithful_export checks that one)
+    merged_dir = export.merge_adapter(tmp_path / "run", tmp_path / "merged", dtype="float32", base="16bit")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert merged.config.model_type == "phi3" and type(merged).__name__ == "Phi3ForCausalLM"
     keys = set(load_file(merged_dir / "model.safetensors"))

@@ -48,7 +48,12 @@ def test_app_py_reads_the_password_from_a_file_and_keeps_it_out_of_ps(tmp_path: 
                              str(tmp_path / "runs"), "--auth-file", str(file), "--model", "embedded"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        cmdline = ""
+        for _ in range(600):  # right after fork the child's cmdline is empty until it has exec'd python
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "app.py" in cmdline:
+                break
+            time.sleep(0.05)
         assert "a-long-passphrase" not in cmdline and "--auth-file" in cmdline
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 600  # a busy machine takes minutes to import torch and gradio
