@@ -194,6 +194,27 @@ def summary_table(summary: dict[str, dict[str, float | None]]) -> list[list[str]
     return table
 
 
+RUNS_METRICS = ("rougeL", "chrf", "bleu", "loss")
+RUNS_HEADERS = ("run", "rows", *(BY_NAME[m].label + " (base → tuned)" for m in RUNS_METRICS), "evaluated")
+
+
+def runs_table(results: dict[str, dict[str, Any] | None]) -> list[list[str]]:
+    """One row per run from its newest evaluation (run id -> result, None when it has none), to compare runs."""
+    table = []
+    for run_id, result in results.items():
+        if result is None:
+            table.append([run_id, "-", *("not evaluated" for _ in RUNS_METRICS), "-"])
+            continue
+        summary = result.get("summary", {})
+        cells = []
+        for name in RUNS_METRICS:
+            s = summary.get(name)
+            cells.append("-" if s is None else f"{fmt(name, s['base'])} → {fmt(name, s['tuned'])}")
+        created = str(result.get("created") or "-")[:16].replace("T", " ")
+        table.append([run_id, f"{len(result.get('rows', [])):,}", *cells, created])
+    return table
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")

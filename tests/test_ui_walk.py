@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from phi3_lora import config as cfgmod
-from phi3_lora import events, jobs, steptime
+from phi3_lora import evaluate, events, jobs, steptime
 from phi3_lora.runs import RunDir
 from test_app_api import NO_MAPPING, SAMPLE, client, free_port, val
 
@@ -88,10 +88,19 @@ def test_overlay_draws_the_chosen_runs_and_refuses_unknown_ones(server) -> None:
             events.append_event(run, "log", step=step, max_steps=2, loss=scale * step)
         events.append_event(run, "eval", step=2, max_steps=2, eval_loss=scale)
         events.append_event(run, "end", status="finished", step=2)
+    summary = {m: {"base": 10.0, "tuned": 42.5, "diff": 32.5, "ci_low": 1.0, "ci_high": 50.0}
+               for m in ("rougeL", "chrf", "bleu")} | {"loss": {"base": 4.9, "tuned": 0.61, "diff": -4.29,
+                                                                 "ci_low": -5.0, "ci_high": -3.0}}
+    evaluate.save_result({"version": evaluate.FORMAT_VERSION, "created": "2026-01-01T00:00:09+0000",
+                          "summary": summary, "rows": [{}] * 3}, runs / "20260101-000000-a")
     c = client(url)
     choices = val(c.predict([], api_name="/overlay_choices"))
     assert choices is None or choices == []  # nothing chosen yet; the choices come with the update
-    assert c.predict(["20260101-000000-a", "20260101-000001-b"], api_name="/overlay_runs")
+    figure, table = c.predict(["20260101-000000-a", "20260101-000001-b"], api_name="/overlay_runs")
+    assert figure
+    # the scores of the evaluated run sit beside the curves; the other says it was not evaluated
+    assert "| 20260101-000000-a | 3 | 10.0 → 42.5 | 10.0 → 42.5 | 10.0 → 42.5 | 4.900 → 0.610 |" in table
+    assert "| 20260101-000001-b | - | not evaluated |" in table
     with pytest.raises(AppError, match="no run called|not in the list of choices"):
         c.predict(["../etc"], api_name="/overlay_runs")
 

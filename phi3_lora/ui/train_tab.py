@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from phi3_lora import events, jobs, runs, trackers, uploads
+from phi3_lora import evaluate, events, jobs, runs, scores, trackers, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
@@ -42,6 +42,7 @@ class TrainTab:
     overlay_box: gr.Accordion
     overlay_runs: gr.Dropdown
     overlay_plot: gr.Plot
+    overlay_scores: gr.Markdown
 
 
 def build(state: AppState) -> TrainTab:
@@ -69,10 +70,11 @@ def build(state: AppState) -> TrainTab:
         overlay_runs = gr.Dropdown([], multiselect=True, label="Runs to overlay", elem_id="p3-overlay-runs",
                                    info="Train loss as lines, eval loss as dashed lines with markers, one colour a run.")
         overlay_plot = gr.Plot(overlay_figure({}), show_label=False, elem_id="p3-overlay-plot")
+        overlay_scores = gr.Markdown(overlay_scores_md({}), elem_id="p3-overlay-scores")
     timer = gr.Timer(state.options.poll_seconds)
     seen = gr.State("")
     return TrainTab(runs, refresh, start, stop, resume, status, progress, plot, log, timer, seen, overlay_box,
-                    overlay_runs, overlay_plot)
+                    overlay_runs, overlay_plot, overlay_scores)
 
 
 # --- rendering (pure) -------------------------------------------------------------------------------
@@ -190,6 +192,16 @@ def overlay_figure(curves: dict[str, events.RunStatus]) -> Any:
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def overlay_scores_md(results: dict[str, dict[str, Any] | None]) -> str:
+    """The chosen runs' newest evaluation scores side by side (Compare → Evaluate writes them)."""
+    if not results:
+        return ""
+    if not any(results.values()):
+        return help_md("None of these runs has been evaluated yet: Compare → Evaluate scores a run's held-out rows.")
+    return "**Held-out scores** (newest evaluation of each run)\n\n" + scores.markdown_table(
+        scores.RUNS_HEADERS, scores.runs_table(results))
 
 
 def run_choices(runs_dir: Any) -> list[tuple[str, str]]:
@@ -349,10 +361,13 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         bad = [r for r in chosen or [] if r not in ids]
         if bad:
             raise UserError(f"There is no run called {bad[0]!r}.", hint="Pick runs from the list.")
-        return overlay_figure({r: events.run_status(runs_dir / r) for r in chosen or []})
+        chosen = chosen or []
+        return [overlay_figure({r: events.run_status(runs_dir / r) for r in chosen}),
+                overlay_scores_md({r: evaluate.latest_result(runs_dir / r) for r in chosen})]
 
     tab.overlay_box.expand(overlay_choices, tab.overlay_runs, tab.overlay_runs, api_name="overlay_choices")
-    tab.overlay_runs.change(on_overlay, tab.overlay_runs, tab.overlay_plot, api_name="overlay_runs")
+    tab.overlay_runs.change(on_overlay, tab.overlay_runs, [tab.overlay_plot, tab.overlay_scores],
+                            api_name="overlay_runs")
     tab.on_load = on_load
     tab.outputs = outputs
 
