@@ -583,17 +583,6 @@ class Hardware:
     cpu_native_bf16: bool = False  # the CPU has avx512_bf16 / amx (else bf16 is emulated, slowly)
 
 
-def detect_hardware() -> Hardware:
-    from phi3_lora import models
-
-    cuda = models.cuda_available()
-    if cuda:
-        import torch
-
-        return Hardware(cuda=True, cuda_bf16=torch.cuda.is_bf16_supported())
-    return Hardware(cuda=False, cpu_native_bf16=models._cpu_has_native_bf16())
-
-
 def recipe_dtype(bf16: Any, fp16: Any, hw: Hardware) -> tuple[str, list[str]]:
     """model.dtype for the recipe's bf16 / fp16 flags on this hardware, and a warning for each flag that cannot be
     honoured as written (pure). Neither flag given: auto. Both false: float32 (as TrainingArguments would)."""
@@ -624,7 +613,7 @@ def from_recipe(training_config: dict[str, Any], peft_config: dict[str, Any], *,
     """Load the cookbook's `training_config` and `peft_config` dicts unchanged.
 
     Returns the config and one warning per recipe key that is ignored or replaced here (with why).
-    `bf16` / `fp16` set model.dtype where `hardware` (default: this machine) can; `do_eval: False` means no held-out
+    `bf16` / `fp16` set model.dtype where `hardware` (`models.detect_hardware()`: this machine) can, and need it; `do_eval: False` means no held-out
     split unless `data` sets eval_fraction. `max_seq_length` is the SFTTrainer argument of the recipe (2048 in
     sample_finetune.py).
     """
@@ -662,7 +651,9 @@ def from_recipe(training_config: dict[str, Any], peft_config: dict[str, Any], *,
         train["gradient_checkpointing"] = False
     model_section = {"name": model} if isinstance(model, str) else dict(model)
     if precision:
-        dtype, dtype_notes = recipe_dtype(precision.get("bf16"), precision.get("fp16"), hardware or detect_hardware())
+        if hardware is None:  # config stays free of torch: the caller probes the machine (models.detect_hardware)
+            raise TypeError("from_recipe needs hardware= when the recipe sets bf16 or fp16")
+        dtype, dtype_notes = recipe_dtype(precision.get("bf16"), precision.get("fp16"), hardware)
         if "dtype" in model_section:
             notes.append(f"training_config[{', '.join(map(repr, precision))}] ignored: model.dtype="
                          f"{model_section['dtype']} is given.")

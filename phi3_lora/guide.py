@@ -45,7 +45,7 @@ def finetune(training_config: dict[str, Any], peft_config: dict[str, Any], *, da
                      else dict(model))
     data_section = {"source": str(data)} if isinstance(data, (str, Path)) else dict(data)
     cfg, notes = config.from_recipe(training_config, peft_config, max_seq_length=max_seq_length,
-                                    model=model_section, data=data_section)
+                                    model=model_section, data=data_section, hardware=models.detect_hardware())
     for note in notes:  # also in the run's train.log and events (train.run)
         warnings.warn(note, RecipeWarning, stacklevel=2)
     run_dir = Path(run_dir) if run_dir else default_runs_dir() / time.strftime("guide-%Y%m%d-%H%M%S")

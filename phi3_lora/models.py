@@ -24,7 +24,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedTokenizerBase)
 
 from phi3_lora import families
-from phi3_lora.config import ModelSettings
+from phi3_lora.config import Hardware, ModelSettings
 from phi3_lora.embedded import EMBEDDED_NAME, embedded_model_dir, is_embedded
 from phi3_lora.errors import UserError
 from phi3_lora.families import PHI3_MINI, ModelFamily
@@ -59,6 +59,13 @@ CATALOGUE: tuple[CatalogueEntry, ...] = _catalogue()
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def detect_hardware() -> Hardware:
+    """This machine, as config.from_recipe checks the recipe's bf16 / fp16 flags against it."""
+    if cuda_available():
+        return Hardware(cuda=True, cuda_bf16=torch.cuda.is_bf16_supported())
+    return Hardware(cuda=False, cpu_native_bf16=_cpu_has_native_bf16())
 
 
 def gpu_memory_gb() -> float:

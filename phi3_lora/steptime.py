@@ -5,7 +5,7 @@ steps of the real trainer (`measure`, in a child process like every run), or the
 wrote to its events (`record_run`). Both land in `runs/.step_times.json`, keyed by what decides a step's cost
 on this machine (model, precision, micro-batch, max length, checkpointing, adapter kind); the newest wins.
 
-    python -m phi3_lora.steptime CONFIG.yaml RUNS_DIR   # what `measure` runs
+    python -m phi3_lora.steptime_child CONFIG.yaml RUNS_DIR   # what `measure` runs
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3_lora import events
-from phi3_lora.config import RunConfig, from_dict, save_yaml
+from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
 
 CACHE = ".step_times.json"
@@ -148,7 +148,7 @@ def measure(config: RunConfig, runs_dir: Path, timeout: float = MEASURE_TIMEOUT_
     with tempfile.TemporaryDirectory(dir=runs_dir, prefix=".measure-") as tmp:
         path = Path(tmp) / "config.yaml"
         save_yaml(config, path)
-        cmd = [sys.executable, "-m", "phi3_lora.steptime", str(path), str(runs_dir)]
+        cmd = [sys.executable, "-m", "phi3_lora.steptime_child", str(path), str(runs_dir)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
@@ -163,38 +163,3 @@ def measure(config: RunConfig, runs_dir: Path, timeout: float = MEASURE_TIMEOUT_
     if found is None:
         raise UserError("Measuring the step time wrote no result.", hint="See the terminal for details.")
     return found
-
-
-def _time_steps(config: RunConfig, runs_dir: Path) -> float:
-    """In the child: TIMED_STEPS + 1 steps of the run's own trainer on the run's data; seconds per step."""
-    from phi3_lora import train
-
-    short = config.replace(train={"max_steps": TIMED_STEPS + 1, "save_steps": 10**6, "logging_steps": 1,
-                                  "eval_steps": None}, data={"eval_fraction": 0.0})
-    train.quiet_libraries()
-    with tempfile.TemporaryDirectory(dir=runs_dir, prefix=".measure-run-") as out:
-        built = train.build(short, Path(out))
-        built.trainer.train()
-        value = seconds_per_step(events.read_events(Path(out)))
-    if value is None:
-        raise UserError("The timed steps logged no step times.")
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    import yaml
-
-    config_path, runs_dir = (argv if argv is not None else sys.argv[1:])[:2]
-    config = from_dict(yaml.safe_load(Path(config_path).read_text(encoding="utf-8")))
-    try:
-        value = _time_steps(config, Path(runs_dir))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    record(Path(runs_dir), config, value, f"{TIMED_STEPS} timed steps")
-    print(f"{value:.3f} s per step", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
-from phi3_lora import events, runs, trackers
+from phi3_lora import events, runs, steptime, trackers
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
@@ -336,8 +336,6 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
                         eval_loss=eval_loss, adapter=str(adapter_dir) if adapter_dir else None,
                         seconds=round(time.time() - started, 1))
         try:  # the next run's time estimate starts from this run's measured step time
-            from phi3_lora import steptime
-
             steptime.record_run(config, run_dir)
         except OSError:
             pass

@@ -65,7 +65,7 @@ def test_form_strings_are_coerced():
 
 
 def test_cookbook_dicts_load_unchanged_and_equal_the_preset():
-    cfg, notes = c.from_recipe(COOKBOOK_TRAINING, COOKBOOK_PEFT, max_seq_length=2048)
+    cfg, notes = c.from_recipe(COOKBOOK_TRAINING, COOKBOOK_PEFT, max_seq_length=2048, hardware=c.Hardware(cuda=True, cuda_bf16=True))
     preset = c.preset("cookbook")
     assert cfg.train == preset.train and cfg.lora == preset.lora
     assert cfg.train.learning_rate == 5e-6 and cfg.train.warmup_ratio == 0.2 and cfg.train.max_length == 2048

@@ -175,7 +175,7 @@ def test_inference_prompt_is_the_training_prefix_with_a_custom_template(tmp_path
 def test_compare_loads_4bit_with_the_runs_bitsandbytes_settings(tmp_path, tiny_llama_dir):
     """Item 3: a run trained with fp4, no double quant, is compared as fp4 without double quant."""
     pytest.importorskip("bitsandbytes")
-    from phi3_lora.ui.compare import engine_settings
+    from phi3_lora.ui.adapters import engine_settings
 
     cfg = quick_config(tiny_llama_dir, write_rows(tmp_path / "d.jsonl", n=4), train={"max_steps": 1},
                        model={"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",

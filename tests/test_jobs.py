@@ -208,7 +208,7 @@ def test_a_checkpoint_compare_holds_survives_the_running_jobs_rotation(tmp_path,
     """save_total_limit 1 and a save every step: Compare's checkpoint stays while its request runs (issue 13
     item 8: 15 of 20 queued requests failed), and once gone the message names the newest one."""
     from phi3_lora.generate import locate_adapter
-    from phi3_lora.ui.compare import adapter_choices, hold_checkpoint, resolve_source
+    from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
 
     runs = tmp_path / "runs"
     cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=1)

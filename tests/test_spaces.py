@@ -339,7 +339,7 @@ def test_hub_repo_ids_are_told_apart_from_runs_and_paths() -> None:
 
 def test_compare_names_a_hub_adapter_it_cannot_fetch_offline(tmp_path: Path) -> None:
     from phi3_lora.errors import UserError
-    from phi3_lora.ui.compare import resolve_adapter
+    from phi3_lora.ui.adapters import resolve_adapter
 
     (tmp_path / "alice" / "local").mkdir(parents=True)  # a local folder wins over a Hub id of the same shape
     assert resolve_adapter(tmp_path, "alice/local") == (tmp_path / "alice" / "local").resolve()

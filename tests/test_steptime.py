@@ -55,3 +55,14 @@ def test_a_finished_run_keeps_its_step_time_for_the_next_estimate(tmp_path, tiny
     kept = steptime.lookup(runs, cfg)
     assert kept is not None and kept.how == "run r1"
     assert kept.seconds_per_step(cfg) == pytest.approx(steptime.seconds_per_step(events.read_events(runs / "r1")))
+
+
+@pytest.mark.slow
+def test_measure_times_real_steps_in_a_child_process(tmp_path, tiny_llama_dir):
+    cfg = tiny_config(tiny_llama_dir, write_rows(tmp_path / "d.jsonl", n=8), eval_steps=None,
+                      per_device_train_batch_size=2).replace(model={"load_in_4bit": False})
+    runs = tmp_path / "runs"
+    measured = steptime.measure(cfg, runs)
+    assert measured.how == f"{steptime.TIMED_STEPS} timed steps" and measured.seconds_per_step(cfg) > 0
+    assert steptime.lookup(runs, cfg) == measured
+    assert not [p for p in runs.iterdir() if p.name.startswith(".measure")]  # the child's run folder is gone

@@ -17,6 +17,7 @@ import gradio as gr
 from phi3_lora import evaluate, scores
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
+from phi3_lora.ui.adapters import get_engine, resolve_source
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
 
@@ -87,8 +88,6 @@ def views(result: dict[str, Any] | None, note: str = "") -> tuple[Any, ...]:
 
 
 def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens: gr.Slider) -> None:
-    from phi3_lora.ui import compare
-
     runs_dir = state.options.runs_dir
     outputs = [panel.status, panel.summary, panel.chart, panel.rows]
 
@@ -106,10 +105,10 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
     def on_evaluate(who: Requester, value: str | None, max_new: float,
                     progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         check(state, who, Action.EVALUATE)
-        path = compare.resolve_source(runs_dir, value)
+        path = resolve_source(runs_dir, value)
         run_dir = run_folder(path)
         rows = evaluate.rows_from_run(run_dir)
-        engine = compare.get_engine(state, path, progress)
+        engine = get_engine(state, path, progress)
         progress(0.8, desc=f"Answering {len(rows)} held-out conversations with base and tuned…")
         result = evaluate.evaluate(engine, rows, evaluate.EvalOptions(max_new_tokens=int(max_new),
                                                                        max_seconds=APP_EVAL_SECONDS),
@@ -120,7 +119,7 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
     def on_source(value: str | None) -> tuple[Any, ...]:
         """The newest saved result of the chosen adapter (a run scores itself when it ends)."""
         try:
-            path = compare.resolve_source(runs_dir, value)
+            path = resolve_source(runs_dir, value)
             from phi3_lora.generate import locate_adapter
 
             adapter = locate_adapter(path).adapter_dir

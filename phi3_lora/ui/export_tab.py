@@ -18,7 +18,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, find_run
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
-from phi3_lora.ui.compare import adapter_choices, hold_checkpoint, resolve_source
+from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
 
 MERGED_ZIP_LIMIT = 3 * 2**30  # above this a merged model is saved to disk only (a browser download would be huge)
 

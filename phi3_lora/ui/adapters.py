@@ -1,0 +1,111 @@
+"""Which adapter a request means, and the engine that serves it: the runs and checkpoints a visitor may pick
+(Compare, its scoring panel and Export share them), a checkpoint held while in use, and one loaded base model
+per setting shared by every tab."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from phi3_lora import jobs, spaces
+from phi3_lora.errors import UserError
+from phi3_lora.runs import CheckpointGone, RunDir, parse_checkpoint_step, pin_checkpoint
+from phi3_lora.ui.common import AppState
+
+
+def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
+    """Runs with a final adapter, then each checkpoint holding an adapter (value: path relative to runs_dir)."""
+    out = []
+    for info in jobs.list_runs(runs_dir):
+        if info.config_error:  # its base model is unknown: nothing here can load it
+            continue
+        run = RunDir(info.run_dir)
+        if run.has_adapter():
+            out.append((f"{info.run_id} · final adapter ({info.status.state})", info.run_id))
+        for _, ck in reversed(run.checkpoint_dirs(complete=False)):
+            out.append((f"{info.run_id} · {ck.name}", ck.relative_to(runs_dir).as_posix()))
+    return out
+
+
+def resolve_source(runs_dir: Path, value: str | None) -> Path:
+    if not value:
+        raise UserError("No adapter chosen.", hint="Pick a finished run or a checkpoint (train one in the Train tab).")
+    path = (runs_dir / value).resolve()
+    if runs_dir.resolve() not in path.parents or not path.exists():
+        if runs_dir.resolve() in path.parents:
+            _gone_checkpoint(path)
+        raise UserError(f"{value} is not a run or checkpoint in {runs_dir}.", hint="Refresh the list and pick again.")
+    return path
+
+
+def _gone_checkpoint(path: Path) -> None:
+    """A checkpoint the running job rotated away: say so and name the newest one (raises if `path` was one)."""
+    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
+        return
+    run = RunDir(path.parent.parent)
+    newer = [p for _, p in run.checkpoint_dirs(complete=False)]
+    newest = f"; the newest now is {run.run_id} · {newer[-1].name}" if newer else ""
+    raise UserError(f"{run.run_id} · {path.name} is gone: the running job keeps only its newest checkpoints and "
+                    f"removed it{newest}.", hint="Pick that one (↻ Refresh list), or the run's final adapter.")
+
+
+@contextmanager
+def hold_checkpoint(path: Path) -> Iterator[None]:
+    """While a request uses a checkpoint, the running job's rotation leaves it on disk (runs.pin_checkpoint)."""
+    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
+        yield
+        return
+    try:
+        with pin_checkpoint(path):
+            yield
+    except CheckpointGone:
+        _gone_checkpoint(path)
+        raise
+
+
+def is_hub_adapter(runs_dir: Path, value: str | None) -> bool:
+    value = (value or "").strip()
+    return bool(value) and not (runs_dir / value).exists() and spaces.is_hub_repo_id(value)
+
+
+def resolve_adapter(runs_dir: Path, value: str | None, token: str | bool | None = None) -> Path:
+    """A run or checkpoint of runs_dir, else an adapter published on the Hub (owner/name), downloaded once with
+    `token` (access.hub_token: a visitor's own, or False for none)."""
+    if is_hub_adapter(runs_dir, value):
+        return spaces.download_adapter((value or "").strip(), token=token)
+    return resolve_source(runs_dir, value)
+
+
+def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None) -> Any:
+    """The app's engine for this adapter's base model, created once, with this adapter attached."""
+    from phi3_lora.generate import ChatEngine, locate_adapter
+
+    ref = locate_adapter(path)
+    ref.model_name = spaces.portable_model_name(ref.model_name)  # trained offline, opened on a Space
+    settings = engine_settings(ref)
+    key = (ref.model_name, settings.load_in_4bit, settings.bnb_4bit_quant_type, settings.bnb_4bit_use_double_quant,
+           settings.dtype)
+    with state.engine_lock:
+        engine = state.engines.get(key)
+        if engine is None:
+            if progress is not None:
+                progress(0.1, desc=f"Loading {ref.model_name} (first use only)…")
+            engine = ChatEngine(ref.model_name, None, model_settings=settings)
+            state.engines[key] = engine
+        if engine.adapter_dir is None or Path(engine.adapter_dir).resolve() != Path(ref.adapter_dir).resolve():
+            if progress is not None:
+                progress(0.7, desc="Attaching the adapter…")
+            engine.set_adapter(ref.adapter_dir)
+    return engine
+
+
+def engine_settings(ref: Any) -> Any:
+    """The run's model settings (4-bit type, double quant, dtype), so Compare loads the base as it was trained."""
+    from phi3_lora.config import ModelSettings
+
+    if ref.settings is not None:
+        return ModelSettings(**{**vars(ref.settings), "name": ref.model_name})
+    return ModelSettings(name=ref.model_name, load_in_4bit=bool(ref.load_in_4bit))
