@@ -8,6 +8,7 @@ disagree. A `UserError` is printed as one message and exit code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import textwrap
@@ -24,7 +25,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for section, cls in cfgmod.SECTIONS.items():
         group = parser.add_argument_group(f"{section} settings ({cls.__doc__.strip().splitlines()[0]})")
         for f in fields(cls):
-            default = f.default if f.default is not cfgmod.dataclasses.MISSING else f.default_factory()
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, metavar="V",
                                help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"))
 
@@ -113,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if args.print_config:
-        print(config.to_yaml(), end="")
+        print(cfgmod.dump_yaml(config), end="")
         return 0
     for note in cfgmod.preset_warnings(config):
         print(f"note: {note}", file=sys.stderr)

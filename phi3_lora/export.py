@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from phi3_lora.config import RunConfig, load_yaml
+from phi3_lora.config import RunConfig, dump_yaml, load_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.generate import AdapterRef, locate_adapter
 from phi3_lora.runs import RunDir, adapter_config_file, find_run
@@ -82,7 +82,7 @@ def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | Non
     base = ref.model_name
     hub_base = portable_base(base)
     metrics = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if v is not None) or "| - | - |"
-    yaml_cfg = config.to_yaml() if config else "# config not recorded"
+    yaml_cfg = dump_yaml(config) if config else "# config not recorded"
     from phi3_lora.fused import split_needed
 
     from phi3_lora.evaluate import card_section

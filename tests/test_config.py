@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -32,7 +33,7 @@ def test_yaml_round_trip_keeps_every_field(tmp_path):
 
 
 def test_yaml_documents_each_field():
-    text = c.RunConfig().to_yaml()
+    text = c.dump_yaml(c.RunConfig())
     assert "# LoRA rank." in text and "learning_rate: 0.0002" in text
 
 
@@ -44,6 +45,14 @@ def test_yaml_documents_each_field():
     ("train", {"packing": "maybe"}, "auto"),
     ("data", {"on_invalid": "ignore"}, "drop or refuse"),
     ("model", {"dtype": "int3"}, "bfloat16"),
+    # one check, from the schema's metadata (choices, gt/ge/lt/le), for every field that has them
+    ("model", {"bnb_4bit_quant_type": "int4"}, "model.bnb_4bit_quant_type must be nf4 or fp4"),
+    ("model", {"attn_implementation": "fast"}, "sdpa_varlen"),
+    ("lora", {"lora_alpha": 0}, "lora.lora_alpha must be above 0"),
+    ("lora", {"fused_slices": ["q", "o"]}, r"lora.fused_slices has unknown value\(s\) \['o'\]"),
+    ("train", {"lr_scheduler_type": "step"}, "cosine_with_restarts"),
+    ("train", {"gradient_checkpointing": "sometimes"}, "train.gradient_checkpointing must be true or false or 'auto'"),
+    ("data", {"format": "csv"}, "sharegpt"),
 ])
 def test_bad_values_name_the_field_and_the_fix(section, values, words):
     with pytest.raises(UserError, match=words):
@@ -84,7 +93,7 @@ def test_unknown_recipe_key_is_refused():
 
 def test_every_field_has_help():
     for cls in c.SECTIONS.values():
-        for f in c.fields(cls):
+        for f in dataclasses.fields(cls):
             assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help"
 
 

@@ -9,13 +9,12 @@ import os
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from phi3_lora import jobs, trackers, train
-from phi3_lora.config import RunConfig, from_dict
+from phi3_lora.config import RunConfig, dump_yaml, from_dict
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir
 
@@ -30,7 +29,7 @@ def test_report_to_accepts_lists_names_and_none():
     with pytest.raises(UserError, match="'none' together"):
         RunConfig().replace(train={"report_to": ["none", "wandb"]})
     config = RunConfig().replace(train={"report_to": ["trackio"]})
-    assert from_dict(yaml.safe_load(config.to_yaml())).train.report_to == ["trackio"]
+    assert from_dict(yaml.safe_load(dump_yaml(config))).train.report_to == ["trackio"]
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])

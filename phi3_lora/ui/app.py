@@ -10,6 +10,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from phi3_lora import access, models, uploads
+from phi3_lora.config import dump_yaml
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.ui import compare, dataset, drafts, export_tab, login, settings, timing, train_tab
@@ -89,7 +90,7 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         @guarded(state)
         def on_show_config(who: Requester, *values: Any) -> tuple[Any, Any]:
             config = build_config(who, *values)
-            return (gr.update(value=config.to_yaml(), visible=True),
+            return (gr.update(value=dump_yaml(config), visible=True),
                     gr.update(value=settings.cli_text(config), visible=True))
 
         st.show_config.click(on_show_config, config_inputs, [st.yaml_code, st.cli_code], api_name="show_config")
