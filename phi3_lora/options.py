@@ -40,10 +40,6 @@ class ResolvedOptions:
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
 BUDGET_SHARE = 0.95
-# The memory model (estimate.estimate_memory) counts more than PyTorch allocates: 22.6 GiB counted vs 21.2
-# measured at 24 GiB with 3 layers recomputed (session 3), and issue 19's run (H200, QLoRA full rows) peaked at
-# 22.41 GiB with 1 layer recomputed at 24 GiB and 7.33 GiB with 27 at 8 GiB. The layer search subtracts this.
-ESTIMATE_OVER_GIB = 1.4
 # Host-memory offload under a memory budget (offload.py; CUDA, one process). A layer whose saved tensors go
 # to host memory needs the host link for about as long as OFFLOAD_SPACING layers take to compute, so only
 # every OFFLOAD_SPACING-th of the layers that do not fit is offloaded, the others are checkpointed with their
@@ -107,7 +103,7 @@ def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, 
     for recomputed in range(layers + 1):
         peak = estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device="cuda",
                                dtype_name=dtype_name)
-        if peak.total_gib - ESTIMATE_OVER_GIB <= BUDGET_SHARE * budget_gb:
+        if peak.total_gib <= BUDGET_SHARE * budget_gb:
             return recomputed
     return layers
 
@@ -121,10 +117,15 @@ def layer_plan(model_config: Any, config: RunConfig, budget_gb: float, dtype_nam
     pass, it and the one prefetched after it are on the GPU: two layers of room are set aside for that.
     Offloaded layers come first, one in every OFFLOAD_SPACING (so each copy overlaps the next layers'
     compute), then the checkpointed ones; the kept layers are the last (the first the backward pass needs).
-    No ESTIMATE_OVER_GIB here: the copies in flight were not part of the runs it was measured on."""
+    Without the estimate's measured excess (correction_gib) here: the copies in flight were not part of the runs
+    it was measured on."""
     n = _num_layers(model_config)
-    est = lambda k: estimate_memory(model_config, config, recomputed_layers=k, liger=liger,  # noqa: E731
-                                    device="cuda", dtype_name=dtype_name).total_gib
+
+    def est(k: int) -> float:
+        peak = estimate_memory(model_config, config, recomputed_layers=k, liger=liger, device="cuda",
+                               dtype_name=dtype_name)
+        return peak.total_gib + peak.correction_gib
+
     base, per_layer = est(n), est(n - 1) - est(n)
     shape = model_shape(model_config)
     tokens = config.train.per_device_train_batch_size * config.train.max_length
