@@ -248,15 +248,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
+    from phi3_lora.generate import GenerationSettings
+
+    default = GenerationSettings()
     p.add_argument("--adapter", required=True, help="A run folder (runs/<id>), a checkpoint or an adapter folder.")
     p.add_argument("--model", default=None, help="Base model; default: the one the adapter was trained on.")
     p.add_argument("--load-in-4bit", dest="load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="Load the base in 4-bit (default: as trained).")
     p.add_argument("--system", default=None, help="An optional system prompt.")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling.")
-    p.add_argument("--top-p", dest="top_p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=default.temperature, help="0 = greedy, else sampling.")
+    p.add_argument("--top-p", dest="top_p", type=float, default=default.top_p)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=default.max_new_tokens)
+    p.add_argument("--seed", type=int, default=default.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", action="append", metavar="FIELD=COLUMN", help="Column mapping, repeatable.")
     p.add_argument("--stats", action="store_true", help="Also tokenize and report lengths (loads a tokenizer).")
     p.add_argument("--model", default="auto", help="Tokenizer for --stats.")
-    p.add_argument("--max-length", dest="max_length", type=int, default=2048)
+    p.add_argument("--max-length", dest="max_length", type=int, default=cfgmod.TrainSettings.max_length)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="Fine-tune with LoRA / QLoRA (foreground with progress, or --background).",

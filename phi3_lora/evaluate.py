@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from phi3_lora import scores
+from phi3_lora.config import TrainSettings
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, find_run
 
@@ -43,7 +44,7 @@ def run_dir_of(adapter_dir: Path) -> Path | None:
 
 @dataclass
 class EvalOptions:
-    max_new_tokens: int = 128
+    max_new_tokens: int = TrainSettings.eval_answers_max_new_tokens
     batch_size: int = 16
     max_seconds: float | None = None     # stop starting new batches after this long (rows left are counted)
     max_rows: int | None = None
@@ -382,7 +383,8 @@ def speed_comparison(engine: Any, rows: list[dict[str, Any]], batch_size: int = 
             "speedup": round(timings["one_by_one"] / timings["batched"], 2), "identical_answers": same}
 
 
-def score_run(run_dir: Path, adapter_dir: Path, model_name: str, load_in_4bit: bool, *, max_new_tokens: int = 128,
+def score_run(run_dir: Path, adapter_dir: Path, model_name: str, load_in_4bit: bool, *,
+              max_new_tokens: int = TrainSettings.eval_answers_max_new_tokens,
               max_seconds: float | None = None,
               should_stop: Callable[[], bool] | None = None) -> tuple[Path | None, dict[str, Any]]:
     """Load base + adapter, score the run's held-out rows, save the result in the run folder (end of a run).

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from phi3_lora.config import TrainSettings
+
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from phi3_lora import evaluate as ev
@@ -78,7 +80,8 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default=None, help="Base model; default: the one the adapter was trained on.")
     p.add_argument("--load-in-4bit", dest="load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="Load the base in 4-bit (default: as trained).")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128, help="Answer length limit.")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=TrainSettings.eval_answers_max_new_tokens,
+                   help="Answer length limit.")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="Prompts per generate call.")
     p.add_argument("--max-rows", dest="max_rows", type=int, default=None, help="Score at most this many rows.")
     p.add_argument("--max-seconds", dest="max_seconds", type=float, default=None,

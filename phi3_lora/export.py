@@ -353,7 +353,7 @@ def resolve_token(token: str | None, use_saved_login: bool = True) -> str:
             from huggingface_hub import get_token
 
             token = get_token() or ""
-        except Exception:  # an unreadable token file is the same as none
+        except (OSError, ValueError):  # an unreadable token file is the same as none
             token = ""
     if not token:
         raise UserError("No Hugging Face token: pushing needs one with write access.",
@@ -366,6 +366,7 @@ def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, mer
                 private: bool = True, work_dir: str | Path | None = None, use_saved_login: bool = True) -> str:
     """Upload the adapter (or a merged model) to a Hub model repo; returns its URL. `use_saved_login=False`:
     only `token` may be used (a web visitor's own)."""
+    import httpx
     from huggingface_hub import HfApi
 
     repo_id = (repo_id or "").strip()
@@ -391,7 +392,7 @@ def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, mer
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                           commit_message=f"phi3_lora upload {time.strftime('%Y-%m-%d %H:%M')}",
                           allow_patterns=[f"*{s}" for s in BUNDLE_SUFFIXES])
-    except Exception as exc:  # network, auth and offline errors all become one actionable message
+    except (OSError, ValueError, httpx.HTTPError) as exc:  # network, auth, offline: one actionable message
         raise UserError(f"Could not push to the Hub ({type(exc).__name__}: {str(exc)[:200]}).",
                         hint="Check the network, that the token has write access, and the repo id. "
                              "The adapter is safe on disk; download the zip instead.") from None

@@ -31,9 +31,6 @@ RECOMPUTE_HIDDEN, RECOMPUTE_INTERMEDIATE = 17, 6
 
 PHI3_MINI = "microsoft/Phi-3-mini-4k-instruct"
 
-# The projections of a decoder block under their separate (Llama-style) names, in model order.
-SEPARATE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 _PHI3_QKV = "Phi-3 fuses q/k/v into qkv_proj; use qkv_proj, or lora.fused_slices for q/k/v slices."
 _PHI3_GATE_UP = "Phi-3 fuses gate/up into gate_up_proj; use gate_up_proj, or lora.fused_slices for gate/up slices."
 # For a model with separate projections, the fused names of other families.

@@ -30,9 +30,9 @@ Messages = list[dict[str, str]]
 class GenerationSettings:
     """Sampling shared by both sides of a comparison."""
 
-    temperature: float = 0.7
+    temperature: float = 0.0         # greedy: the same prompt gives the same answers (the CLI's and Compare's default)
     top_p: float = 0.9
-    max_new_tokens: int = 256
+    max_new_tokens: int = 128
     seed: int = 0
     repetition_penalty: float = 1.0
     max_time: float | None = None    # seconds; generation stops there (transformers' MaxTimeCriteria)

@@ -94,7 +94,7 @@ def launch_mixed_precision() -> str:
 
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    except Exception:
+    except (ImportError, RuntimeError):  # no torch, or a driver that does not answer: no GPU
         pass
     return "no"
 
@@ -124,7 +124,7 @@ def trainable_params_for(config: RunConfig) -> int:
 
         name, _ = models.resolve_name(config.model.name)
         model_config = AutoConfig.from_pretrained(models.local_path(name), trust_remote_code=False)
-    except Exception:  # offline Hub id, unreadable config: the training process reports those itself
+    except (OSError, ValueError, KeyError):  # offline Hub id, unreadable config: the training process reports those
         return FALLBACK_TRAINABLE_PARAMS
     try:
         return targets.count_lora_parameters(model_config, config.lora)[0]
@@ -209,7 +209,7 @@ def num_processes(config: RunConfig) -> int:
         import torch
 
         return max(1, torch.cuda.device_count())
-    except Exception:  # torch not importable here means no GPU either
+    except (ImportError, RuntimeError):  # torch not importable here means no GPU either
         return 1
 
 

@@ -85,7 +85,7 @@ def _in_hf_cache(model_id: str) -> bool:
         def cached(f: str) -> bool:
             return isinstance(try_to_load_from_cache(model_id, f), str)
         return cached("config.json") and (cached("model.safetensors") or cached("model.safetensors.index.json"))
-    except Exception:  # a malformed id is simply "not cached"
+    except ValueError:  # a malformed id (HFValidationError) is simply "not cached"
         return False
 
 
@@ -340,7 +340,7 @@ def model_info(name: str) -> ModelInfo:
         source = "config.json"
     except UserError:
         raise
-    except Exception:
+    except (OSError, ValueError, KeyError):  # not cached and no Hub, an unknown id, an unknown model_type
         known = families.known_config(resolved)
         if known is None:
             raise UserError(f"Cannot read the config of {resolved}: it is not a local folder and the Hugging Face "

@@ -218,6 +218,7 @@ def download_adapter(repo_id: str, token: str | bool | None = None) -> Path:
     """A published adapter (a Hub model repo with adapter_config.json) as a local folder in the Hub cache.
     Only safetensors weights and text files are fetched; never pickles. `token`: None = the machine's login,
     False = no token at all (a web visitor without a token of their own)."""
+    import httpx
     from huggingface_hub import snapshot_download
 
     from phi3_lora.errors import UserError
@@ -225,7 +226,7 @@ def download_adapter(repo_id: str, token: str | bool | None = None) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, repo_type="model", token=token, allow_patterns=[
             "*.safetensors", "*.json", "*.jinja", "*.yaml", "*.txt", "*.model", "*.md"]))
-    except Exception as exc:  # offline, missing repo, gated repo: one actionable message
+    except (OSError, ValueError, httpx.HTTPError) as exc:  # offline, missing or gated repo: one actionable message
         raise UserError(f"Could not download the adapter {repo_id} from the Hub ({type(exc).__name__}).",
                         hint="Check the repo id (owner/name of a model repo with adapter_config.json), that it is "
                              "public or that you are signed in, and that this machine can reach the Hub.") from None

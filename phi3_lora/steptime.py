@@ -50,7 +50,7 @@ def machine() -> str:
 
         if torch.cuda.is_available():
             return f"cuda:{torch.cuda.device_count()}x{torch.cuda.get_device_name(0)}"
-    except Exception:  # no torch / no driver: a CPU machine
+    except (ImportError, RuntimeError):  # no torch / no driver: a CPU machine
         pass
     return f"cpu:{os.cpu_count()}x{platform.machine()}:{platform.processor() or '-'}"
 

@@ -45,20 +45,6 @@ def _embedding_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Embedding)))
 
 
-def module_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Linear leaf names by block, for UI checkboxes: {"attention": [...], "mlp": [...], "other": [...]}."""
-    groups: dict[str, list[str]] = {"attention": [], "mlp": [], "other": []}
-    for path in _linear_paths(model):
-        parents = path.lower().split(".")[:-1]
-        group = ("attention" if any("attn" in p or "attention" in p for p in parents)
-                 else "mlp" if any(k in p for p in parents for k in ("mlp", "feed_forward", "ffn", "expert"))
-                 else "other")
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf not in groups[group]:
-            groups[group].append(leaf)
-    return groups
-
-
 def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
     """'all-linear' -> every Linear leaf name; a list is checked against the model's own names."""
     linear = linear_module_names(model)

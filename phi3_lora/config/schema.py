@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Union
 from phi3_lora.config.fields import check_fields, coerce_values, require
 from phi3_lora.config.fields import setting as _f
 from phi3_lora.errors import UserError
+from phi3_lora.formats import FORMATS
 
 Auto = Literal["auto"]
 BoolOrAuto = Union[bool, Auto]
@@ -27,7 +28,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 LORA_BIAS = ("none", "all", "lora_only")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION = ("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention")
-DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+DATA_FORMATS = ("auto", *FORMATS)  # formats.py owns the row formats; auto detects one
 FUSED_SLICES = ("q", "k", "v", "gate", "up")
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd")
 
@@ -213,7 +214,7 @@ class DataSettings:
 
     source: str = _f("", "A .jsonl/.json/.csv/.parquet file, or a Hub dataset id (user/name).",
         label="Data source", tab="dataset")
-    format: str = _f("auto", "Row format: auto, messages (OpenAI), sharegpt, alpaca or prompt_completion.",
+    format: str = _f("auto", "Row format: auto (detected from the rows) or " + ", ".join(FORMATS) + ".",
         label="Format", choices=DATA_FORMATS, tab="dataset")
     mapping: dict[str, str] = _f({}, "Column mapping for non-standard names, e.g. {messages: dialog} or "
                                      "{prompt: question, completion: answer}; role names too, e.g. "

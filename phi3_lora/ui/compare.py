@@ -18,12 +18,15 @@ import gradio as gr
 from phi3_lora import access, spaces
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
+from phi3_lora.generate import GenerationSettings
 from phi3_lora.runs import find_run
 from phi3_lora.ui.adapters import (adapter_choices, get_engine, hold_checkpoint, is_hub_adapter, resolve_adapter,
                                      resolve_source)
 from phi3_lora.ui import evaluation
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
 from phi3_lora.ui.guard import check, check_model, guarded
+
+SAMPLING = GenerationSettings()  # the defaults both sides start from (generate.py owns them)
 
 
 @dataclass
@@ -56,11 +59,11 @@ def build(state: AppState) -> CompareTab:
         refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
     with gr.Accordion("Generation settings (shared by both sides)", open=False):
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature", info="0 = greedy (deterministic).")
-            top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p", info="Nucleus sampling cut-off.")
-            max_new_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens",
+            temperature = gr.Slider(0, 2, value=SAMPLING.temperature, step=0.05, label="Temperature", info="0 = greedy (deterministic).")
+            top_p = gr.Slider(0.05, 1, value=SAMPLING.top_p, step=0.05, label="Top-p", info="Nucleus sampling cut-off.")
+            max_new_tokens = gr.Slider(8, 1024, value=SAMPLING.max_new_tokens, step=8, label="Max new tokens",
                                        info="Length limit of each answer.")
-            seed = gr.Number(0, precision=0, label="Seed", info="Same seed on both sides.")
+            seed = gr.Number(SAMPLING.seed, precision=0, label="Seed", info="Same seed on both sides.")
     status = gr.HTML()
     with gr.Row(equal_height=True):
         base_chat = gr.Chatbot(label="Base model", height=520, elem_id="p3-base-chat",
@@ -144,8 +147,6 @@ def wire(tab: CompareTab, state: AppState) -> None:
     def on_send(who: Requester, prompt: str, source: str | None, temperature: float, top_p: float, max_new: float,
                 seed: Any, base_chat: list | None, tuned_chat: list | None, held_out: str = "",
                 progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
-        from phi3_lora.generate import GenerationSettings
-
         hub = is_hub_adapter(runs_dir, source)
         check(state, who, Action.COMPARE_HUB if hub else Action.COMPARE)
         prompt = (prompt or "").strip()

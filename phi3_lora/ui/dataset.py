@@ -194,7 +194,7 @@ def tokenizer_for(name: str) -> Any:
 def _columns(source: str, token: str | bool | None = None) -> list[str]:
     try:
         raw = readers.read_records(source, token=token)
-    except Exception:
+    except (UserError, OSError, ValueError):  # the validation that follows reports what is wrong with the source
         return []
     seen: dict[str, None] = {}
     for _, rec in raw.records[:50]:
@@ -218,7 +218,7 @@ def validate(source: str, fmt: str, table: Any, eval_fraction: float, model_name
         loaded = data.load_data(settings, token=token)
         count = len(loaded.rows)
         columns = loaded.columns
-        max_length = int(max_length or 2048)
+        max_length = int(max_length or cfgmod.TrainSettings.max_length)
         n_train, n_eval = split_sizes(count, settings.eval_fraction, int(seed or 0))
         parts = [notice("ok", f"{display_name(loaded.source)}: format {loaded.format} "
                               f"({'detected' if fmt == 'auto' else 'as chosen'}), {count:,} usable of "
@@ -336,7 +336,7 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
         i = min(max(int(index or 1), 1), len(rows)) - 1
         tok = tokenizer_for(name)
         with TOKENIZER_LOCK:
-            mask = data.trained_token_mask(tok, rows[i]["messages"], int(max_len or 2048))
+            mask = data.trained_token_mask(tok, rows[i]["messages"], int(max_len or cfgmod.TrainSettings.max_length))
         return tokens_html(mask)
 
     @user_errors

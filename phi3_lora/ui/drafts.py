@@ -24,7 +24,6 @@ from phi3_lora.errors import UserError
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
 
-DATA_FIELDS = ("data.source", "data.format", "data.mapping", "data.eval_fraction")
 SECRET_FILE = ".browser_secret"
 
 

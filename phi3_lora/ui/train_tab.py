@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from phi3_lora import evaluate, events, jobs, runs, scores, trackers, uploads
 from phi3_lora.errors import UserError
@@ -112,14 +111,6 @@ def status_html(run_id: str, st: events.RunStatus) -> str:
     if st.last_checkpoint and st.state in ("stopped", "interrupted", "failed"):
         body += f"<br>last checkpoint: {html.escape(str(st.last_checkpoint))}"
     return f"<div class='p3-note p3-{STATE_KIND.get(st.state, 'info')}' id='p3-run-status'>{body}</div>"
-
-
-def loss_frame(st: events.RunStatus | None) -> pd.DataFrame:
-    """step, loss, series (train | eval); typed even when empty so the plot's colour scale stays nominal."""
-    rows = [] if st is None else ([(s, v, "train") for s, v in st.losses] + [(s, v, "eval") for s, v in st.eval_losses])
-    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
-                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
-                         "series": pd.Series([r[2] for r in rows], dtype="object")})
 
 
 def integer_steps(ax: Any, steps: list[int]) -> None:
