@@ -54,6 +54,19 @@ def test_an_edit_turns_the_preset_radio_to_custom(server) -> None:
     estimate, custom = c.predict(*endpoint_args(c, "/estimate", Preset="quick-cpu", **{"Learning rate": 0.005}),
                                  api_name="/estimate")
     assert val(custom) == "custom" and "Trainable parameters" in estimate
+    # Unedited, the form's own defaults (as the page sends them) keep their preset; so does each preset's values.
+    defaults = endpoint_args(c, "/estimate")
+    preset_at_load = defaults[-1]
+    assert preset_at_load != "custom"
+    _, kept = c.predict(*defaults, api_name="/estimate")
+    assert kept == {"__type__": "update"}, kept  # skip: the radio keeps preset_at_load
+    # (it read "custom" because the page opened with embed_tokens checked: Start trained an embedding LoRA)
+    assert yaml_of(c, endpoint_args(c, "/show_config"))["lora"]["target_modules"] == "all-linear"
+    for name in ("cookbook", "quick-cpu"):
+        applied = c.predict(name, *defaults[:-1], api_name="/apply_preset")[:-1]
+        _, kept = c.predict(*[a["value"] if isinstance(a, dict) and "value" in a else a for a in applied], name,
+                            api_name="/estimate")
+        assert kept == {"__type__": "update"}, (name, kept)
     assert "<b>" not in estimate.replace("<b>", "", estimate.count("<b>")) and "&lt;b&gt;" not in estimate
 
 

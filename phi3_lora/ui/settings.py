@@ -80,7 +80,8 @@ def widget(section: str, f: Any, tp: Any, value: Any, info: models.ModelInfo | N
             **common, "info": "From the list, or type a Hub id (owner/name) or a local folder with config.json."})
     if kind == "targets":
         targets = info.targets if info else []
-        return gr.CheckboxGroup(targets, value=_targets_value(value, targets), **{
+        # 'all-linear' checks the Linear layers only: embed_tokens is a choice, never part of 'all-linear'
+        return gr.CheckboxGroup(targets, value=_targets_value(value, info.linear_names if info else []), **{
             **common, "info": "The chosen model's own Linear layers (all checked = 'all-linear') and embed_tokens "
                               "for LoRA on the embedding."})
     if kind == "trackers":
