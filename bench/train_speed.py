@@ -91,19 +91,30 @@ ABLATIONS = [
         overrides={"train": {"lean_lora": False}}, recipe_ref=_FULL),
     Row("ablate: engine QLoRA full, no Liger, whole GPU", "engine", "full", recipe_ref=_FULL,
         overrides={"train": {"use_liger_kernel": False}}),
+    Row("ablate: engine QLoRA full, whole GPU, DropoutLoraA kept (no plain dropout)", "engine", "full",
+        patch={"phi3_lora.families.PLAIN_DROPOUT_FACTOR": 1e9}, recipe_ref=_FULL),
     Row("recipe QLoRA full rows + Liger", "recipe", "full", liger=True),
     Row("recipe QLoRA mix padded", "recipe", "mix"),
 ]
-_COMPILE = "phi3_lora.train.COMPILE_LAYERS"
-# Tried while tuning the host-memory plan (offload spacing), torch.compile and the peer's set-up.
+_COMPILE = "phi3_lora.options.COMPILE_LAYERS"
+# Tried while tuning the host-memory plan (offload spacing), torch.compile and the peer's set-up. The compiled
+# rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since
+# 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
 EXPLORE = [
+    Row("explore: engine QLoRA full, whole GPU, compiled layers", "engine", "full", patch={_COMPILE: True},
+        recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, compiled layers", "engine", "full", budget_gb=8, patch={_COMPILE: True},
+        recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, compiled layers, all checkpointed", "engine", "full", budget_gb=8,
+        patch={_COMPILE: True}, overrides={"train": {"gradient_checkpointing": True}}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 24 GiB, compiled layers", "engine", "full", budget_gb=24,
+        patch={_COMPILE: True}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA mix, whole GPU, compiled layers", "engine", "mix", patch={_COMPILE: True},
+        recipe_ref=_MIX),
+    Row("explore: engine QLoRA full, whole GPU, compiled layers with Liger's kernels inside", "engine", "full",
+        patch={_COMPILE: True, "phi3_lora.options.COMPILED_LIGER": {}}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, compiled layers, no Liger, peft's LoRA forward", "engine", "full",
         patch={_COMPILE: True}, overrides={"train": {"use_liger_kernel": False, "lean_lora": False}},
-        recipe_ref=_FULL),
-    Row("explore: engine QLoRA full, whole GPU, compiled layers (Liger on)", "engine", "full", patch={_COMPILE: True},
-        overrides={"train": {"lean_lora": False}}, recipe_ref=_FULL),
-    Row("explore: engine QLoRA full, 8 GiB, compiled layers, no Liger, peft's LoRA forward", "engine", "full",
-        budget_gb=8, patch={_COMPILE: True}, overrides={"train": {"use_liger_kernel": False, "lean_lora": False}},
         recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 8 GiB, host memory (offload every 3rd)", "engine", "full", budget_gb=8,
         patch={_OFF: True}, recipe_ref=_FULL),
@@ -732,7 +743,7 @@ def table(results: list[dict[str, Any]]) -> str:
         o = r.get("options", {})
         opt = ", ".join(f"{k}={v}" for k, v in o.items() if k in (
             "use_liger_kernel", "gradient_checkpointing", "checkpointed_layers", "layer_plan", "liger",
-            "checkpointing", "model", "lean_lora") and v not in ("", None))
+            "checkpointing", "model", "lean_lora", "save_dropout_memory", "compile_layers") and v not in ("", None))
         reps = " / ".join(f"{x:,.0f}" for x in r.get("repeats_tok_s", [r["tokens_per_s"]]))
         lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {reps} | {r['step_tok_s_min']:,.0f}-"
                      f"{r['step_tok_s_max']:,.0f} | {r['mfu']:.3f} | {r.get('peak_gib', 0):.2f} / "

@@ -156,11 +156,12 @@ def dtype_bytes(config: RunConfig, device: str, dtype_name: str | None = None) -
 
 def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: int, liger: bool,
                     device: str = "cuda", dtype_name: str | None = None,
-                    trainable_params: int | None = None) -> MemoryEstimate:
+                    trainable_params: int | None = None, kept_factor: float = 1.0) -> MemoryEstimate:
     """Peak memory of a training step for `config` on `device` ("cuda" or "cpu") with `recomputed_layers`
     decoder layers checkpointed and Liger's kernels on or off: what options.resolve_options decided.
 
-    `trainable_params` overrides the LoRA count (pass peft's exact figure when you have one).
+    `trainable_params` overrides the LoRA count (pass peft's exact figure when you have one); `kept_factor`
+    scales what an un-checkpointed layer keeps (families.PLAIN_DROPOUT_FACTOR: LoRA dropout's mask kept).
     """
     shape = model_shape(model_config)
     family = shape.family
@@ -179,7 +180,8 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
 
     tokens = t.per_device_train_batch_size * t.max_length
     h, i = shape.hidden_size, shape.intermediate_size
-    kept = (family.act_hidden * h + family.act_intermediate * i - h) * (1.0 if liger else families.NO_LIGER_FACTOR)
+    kept = ((family.act_hidden * h + family.act_intermediate * i - h) * kept_factor
+            * (1.0 if liger else families.NO_LIGER_FACTOR))
     working = family.recompute_hidden * h + family.recompute_intermediate * i
     activations = tokens * act_bytes * (layers * h + (layers - recomputed) * kept + working)
     if device != "cuda":

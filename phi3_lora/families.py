@@ -25,6 +25,10 @@ from typing import Any, Mapping
 # Families not measured on their own use these (the same decoder block: attention + SwiGLU MLP).
 ACT_HIDDEN, ACT_INTERMEDIATE = 7.75, 2
 NO_LIGER_FACTOR = 1.6
+# With LoRA dropout kept the plain way (nn.Dropout + nn.Linear keep the dropped-out input and the mask; no
+# SwiGLU remake: lean_lora.install(save_dropout_memory=False)) a layer kept 0.88 GiB instead of 0.56 (H200,
+# session 3: 0.88 -> 0.68 with DropoutLoraA, -> 0.56 with the remake; 30.0 vs 21.2 GiB at 29 kept layers).
+PLAIN_DROPOUT_FACTOR = 1.6
 # The backward pass's working set of one layer (a checkpointed layer's recomputed forward and the gradients in
 # flight): about 17h + 6i values per token (Korthikanti et al. 2022, memory-efficient attention, SwiGLU).
 RECOMPUTE_HIDDEN, RECOMPUTE_INTERMEDIATE = 17, 6

@@ -40,6 +40,7 @@ from torch import nn
 from phi3_lora import versions
 
 _ORIGINAL = "_peft_forward"
+_SAVE_DROPOUT_MEMORY = "_phi3_save_dropout_memory"
 
 
 def lora_linear_classes() -> tuple[type, ...]:
@@ -90,6 +91,8 @@ def remake_source(x: torch.Tensor) -> Remake | None:
     Never inside saved-tensor hooks (activation checkpointing, offloading): there the producer's saved
     tensors are placeholders, and a checkpointed layer keeps nothing to save memory on anyway.
     """
+    if _compiling():  # a compiled layer: the compiler decides what to keep
+        return None
     node = x.grad_fn
     cls = getattr(type(node), "_forward_cls", None) if node is not None else None
     if cls is None or _saved_tensor_hooks_active():
@@ -150,13 +153,24 @@ class DropoutLoraA(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 def _lora_a(self: Any, name: str, x: torch.Tensor) -> torch.Tensor:
-    """lora_A(dropout(x)), through `DropoutLoraA` for a plain, unhooked nn.Linear on CUDA or CPU."""
+    """lora_A(dropout(x)), through `DropoutLoraA` for a plain, unhooked nn.Linear on CUDA or CPU.
+
+    Plain `lora_A(dropout(x))` instead where `DropoutLoraA`'s memory saving is switched off for this layer
+    (`install(..., save_dropout_memory=False)`: a memory budget with room to spare, where the kept mask costs
+    less time than regenerating it) and inside torch.compile, which cannot trace the RNG state's save and
+    restore (each would break the graph) and keeps or regenerates dropout's mask its own way."""
     a, drop = self.lora_A[name], self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     plain = type(a) is nn.Linear and a.bias is None and not _hooked(a) and not _hooked(drop)
     # the RNG state saved and restored is the CUDA or CPU generator's: other devices keep nn.Dropout
-    if not (plain and 0.0 <= p < 1.0 and x.device.type in ("cuda", "cpu")):
+    if not (plain and 0.0 <= p < 1.0 and x.device.type in ("cuda", "cpu")) or _compiling() or (
+            p > 0 and not getattr(self, _SAVE_DROPOUT_MEMORY, True)):
         return a(drop(x))
     x = x.to(torch.get_autocast_dtype(x.device.type))
     return DropoutLoraA.apply(x, a.weight.to(x.dtype), p, remake_source(x))
@@ -182,15 +196,20 @@ def lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     return flat.view(result.shape)
 
 
-def install(model: nn.Module) -> int:
+def install(model: nn.Module, save_dropout_memory: bool = True) -> int:
     """Give every peft LoRA Linear in `model` the lean forward (idempotent); returns how many layers changed.
 
+    `save_dropout_memory`: LoRA dropout through `DropoutLoraA` (keeps `x` and the RNG state, regenerates the
+    mask in backward) or, False, as nn.Dropout + nn.Linear (keeps the dropped-out copy and the mask: more
+    memory, one dropout kernel less per adapted layer and step). Set on every layer, installed or not.
     None with library versions it was not tested with (phi3_lora.versions): peft's own forward stays."""
     if not versions.tested("lean_lora"):
         return 0
     classes = lora_linear_classes()
     count = 0
     for module in model.modules():
+        if isinstance(module, classes):
+            setattr(module, _SAVE_DROPOUT_MEMORY, save_dropout_memory)
         if isinstance(module, classes) and not hasattr(module, _ORIGINAL):
             setattr(module, _ORIGINAL, module.forward)
             module.forward = types.MethodType(lean_forward, module)
@@ -205,5 +224,7 @@ def uninstall(model: nn.Module) -> int:
         if hasattr(module, _ORIGINAL):
             del module.forward  # the instance attribute; the class's forward shows through again
             delattr(module, _ORIGINAL)
+            if hasattr(module, _SAVE_DROPOUT_MEMORY):
+                delattr(module, _SAVE_DROPOUT_MEMORY)
             count += 1
     return count

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phi3_lora import families
 from phi3_lora.config import RunConfig
 from phi3_lora.estimate import MemoryEstimate, estimate_memory, model_shape
 from phi3_lora.trackers import PROJECT, report_to_arg
@@ -36,6 +37,10 @@ class ResolvedOptions:
     # C checkpointed with its input in host memory, O not recomputed, its saved tensors in host memory.
     # Empty: the first `checkpointed_layers` layers are checkpointed the plain way.
     layer_plan: str = ""
+    # lean_lora's DropoutLoraA (mask regenerated in backward, less memory) or LoRA dropout kept the plain way
+    # (faster where memory is not short: the budget fits every layer un-checkpointed even so).
+    save_dropout_memory: bool = True
+    compile_layers: bool = False  # torch.compile on each decoder layer (COMPILE_LAYERS)
 
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
@@ -47,6 +52,12 @@ BUDGET_SHARE = 0.95
 # 12.5k vs 15.4k tok/s at 8 GiB), so off; the bench turns it on for its rows.
 OFFLOAD = False
 OFFLOAD_SPACING = 3
+# torch.compile on each decoder layer (CUDA). Not measured on a GPU yet (issue 19: the device time ran out
+# twice), so off; the bench turns it on for its rows. Compiled layers keep lean_lora (it traces without a graph
+# break: DropoutLoraA steps aside under the compiler) and take from Liger only its loss (COMPILED_LIGER): the
+# compiler fuses RMSNorm, RoPE and SwiGLU itself.
+COMPILE_LAYERS = False
+COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -67,6 +78,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     upcast = t.fp32_upcast if t.fp32_upcast != "auto" else dtype_name != "bfloat16"
     layers: int | None = None
     plan = ""
+    save_dropout = True
     if t.gradient_checkpointing != "auto":
         gc = bool(t.gradient_checkpointing)
     elif not on_cuda or model_config is None:
@@ -79,12 +91,17 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
             layers = plan.count("C") + plan.count("O") if plan else layers
         gc = layers != 0
         layers = None if not gc or layers == _num_layers(model_config) else layers
+        # Memory to spare: every layer un-checkpointed even with dropout's masks kept, the faster way (H200,
+        # session 3: 20,349 vs 19,844 tok/s at the same 3 layers recomputed).
+        save_dropout = gc or not budget or config.lora.lora_dropout == 0 or checkpointed_layers(
+            model_config, config, budget, dtype_name, liger, kept_factor=families.PLAIN_DROPOUT_FACTOR) > 0
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
                            attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast),
                            lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True),
-                           layer_plan=plan if gc else "")
+                           layer_plan=plan if gc else "", save_dropout_memory=bool(save_dropout),
+                           compile_layers=on_cuda and COMPILE_LAYERS)
 
 
 def liger_installed() -> bool:
@@ -96,13 +113,13 @@ def _num_layers(model_config: Any) -> int:
 
 
 def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                        liger: bool = True) -> int:
+                        liger: bool = True, kept_factor: float = 1.0) -> int:
     """The fewest decoder layers to checkpoint so that a step fits `budget_gb` (all of them if none fits),
     by the one memory model (estimate.estimate_memory)."""
     layers = _num_layers(model_config)
     for recomputed in range(layers + 1):
         peak = estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device="cuda",
-                               dtype_name=dtype_name)
+                               dtype_name=dtype_name, kept_factor=kept_factor)
         if peak.total_gib <= BUDGET_SHARE * budget_gb:
             return recomputed
     return layers
@@ -158,7 +175,8 @@ def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_i
     recomputed = 0 if not opts.gradient_checkpointing else (
         layers if opts.checkpointed_layers is None else opts.checkpointed_layers)
     return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=opts.use_liger_kernel,
-                           device=device, dtype_name=dtype_name, trainable_params=trainable_params)
+                           device=device, dtype_name=dtype_name, trainable_params=trainable_params,
+                           kept_factor=1.0 if opts.save_dropout_memory else families.PLAIN_DROPOUT_FACTOR)
 
 
 def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -186,6 +204,7 @@ def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path
         packing=opts.packing,
         padding_free=opts.packing,
         use_liger_kernel=opts.use_liger_kernel,
+        **({"liger_kernel_config": dict(COMPILED_LIGER)} if opts.compile_layers and opts.use_liger_kernel else {}),
         bf16=opts.bf16,
         fp16=opts.fp16,
         use_cpu=opts.device == "cpu",

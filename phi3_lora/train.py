@@ -24,9 +24,6 @@ from phi3_lora.errors import UserError
 from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
 from phi3_lora.runs import RunDir
 
-# torch.compile on each decoder layer (CUDA): off; the bench turns it on for its measurement rows.
-COMPILE_LAYERS = False
-
 
 @dataclass
 class TrainResult:
@@ -232,15 +229,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     model = models.load_model(dataclasses.replace(config.model, name=model_name,
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
-    if COMPILE_LAYERS and device == "cuda":
-        from phi3_lora import lean_lora
-        from phi3_lora.offload import decoder_layers
-
-        # lean_lora's DropoutLoraA breaks the graph (RNG state get/set) and, compiled, gave other gradients than
-        # eager with dropout on (CPU check, issue 19; masks or a fault, not separated): keep peft's forward.
-        lean_lora.uninstall(model)
-        for layer in decoder_layers(model):
-            layer.compile()
+    if opts.compile_layers:
+        compile_layers(model)
 
     args = SFTConfig(**sft_config_kwargs(config, opts, RunDir(output_dir).checkpoints, has_eval=bool(eval_rows)))
     callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)
@@ -259,6 +249,29 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
         trainer.remove_callback(PrinterCallback)
     return Built(trainer, callback, opts, model_name, reason, device, dtype_name, loaded, train_rows, eval_rows)
+
+
+RECOMPILE_LIMIT = 32
+
+
+def compile_layers(model: Any, **compile_kwargs: Any) -> int:
+    """torch.compile on each decoder layer, as one region each (a checkpointed layer recomputes the compiled
+    forward); lean_lora's forward traces without a graph break. Returns how many layers.
+
+    Every layer runs the same code, so their graphs count against one recompile limit (8 by default): the first
+    layer (its input needs no gradient), checkpointed and un-checkpointed layers and, with packed rows of
+    varying length, the dynamic-shape recompiles can reach it, past which dynamo runs the rest eagerly."""
+    import torch
+
+    from phi3_lora.offload import decoder_layers
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return len(layers)
 
 
 def _expandable_segments() -> None:
@@ -430,7 +443,7 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     if opts.lean_lora:
         from phi3_lora import lean_lora
 
-        lean_lora.install(peft_model)
+        lean_lora.install(peft_model, save_dropout_memory=opts.save_dropout_memory)
     return peft_model
 
 

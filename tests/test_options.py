@@ -90,3 +90,53 @@ def test_resolve_options_uses_host_memory_only_when_allowed(monkeypatch):
     assert plain.layer_plan == "" and plain.checkpointed_layers > lean.layer_plan.count("C")
     whole = resolve_options(_config(), "cuda", "bfloat16", offload_ok=True, **kw)
     assert whole.layer_plan == "" and not whole.gradient_checkpointing
+
+
+MEASURED_PLAIN_DROPOUT_PER_LAYER_GIB = 0.88  # nn.Dropout's mask and output kept, no SwiGLU remake (session 3)
+
+
+@pytest.mark.parametrize("budget", [24.0, 30.0, 34.0, 36.0, 40.0, 139.0])
+def test_plain_dropout_only_where_every_layer_fits_un_checkpointed_with_it(budget):
+    """The faster plain dropout (masks kept) is picked only with memory to spare: by the measured figures every
+    layer fits un-checkpointed with it; otherwise the leaner DropoutLoraA stays (and the layers it frees)."""
+    config = _config().replace(train={"memory_budget_gb": budget})
+    opts = resolve_options(config, "cuda", "bfloat16", liger_installed=True, varlen_available=True,
+                           model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    plain_peak = MEASURED_ALL_CHECKPOINTED_GIB + 32 * MEASURED_PLAIN_DROPOUT_PER_LAYER_GIB + CUDA_CONTEXT_GIB
+    if not opts.save_dropout_memory:
+        assert not opts.gradient_checkpointing and plain_peak <= budget
+    if budget <= 30.0 or budget >= 36.0:  # 24 and 30 GiB keep DropoutLoraA; 36 GiB and the whole H200 do not
+        assert opts.save_dropout_memory is (budget <= 30.0)
+    no_dropout = resolve_options(config.replace(lora={"lora_dropout": 0.0}), "cuda", "bfloat16",
+                                 liger_installed=True, model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    assert no_dropout.save_dropout_memory  # nothing to choose without dropout
+    cpu = resolve_options(config, "cpu", "bfloat16", liger_installed=False, model_config=PHI3_MINI)
+    assert cpu.save_dropout_memory
+
+
+def test_planned_memory_counts_the_plain_dropout_masks():
+    from phi3_lora.options import planned_memory
+
+    roomy = planned_memory(PHI3_MINI, _config(), "cuda", liger_installed=True, gpu_memory_gb=139.0)
+    lean = planned_memory(PHI3_MINI, _config(), "cuda", liger_installed=True, gpu_memory_gb=30.0)
+    assert roomy.recomputed_layers == lean.recomputed_layers == 0
+    measured_plain = MEASURED_ALL_CHECKPOINTED_GIB + 32 * MEASURED_PLAIN_DROPOUT_PER_LAYER_GIB
+    assert measured_plain <= roomy.total_gib <= measured_plain + 4  # the masks are counted
+    assert roomy.total_gib > lean.total_gib + 5
+
+
+def test_compiled_layers_take_only_the_loss_from_liger(monkeypatch, tmp_path):
+    from phi3_lora import options
+    from phi3_lora.options import sft_config_kwargs
+
+    kw = dict(liger_installed=True, varlen_available=True, model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    assert not resolve_options(_config(), "cuda", "bfloat16", **kw).compile_layers  # off until measured
+    monkeypatch.setattr(options, "COMPILE_LAYERS", True)
+    opts = resolve_options(_config(), "cuda", "bfloat16", **kw)
+    assert opts.compile_layers and opts.use_liger_kernel
+    assert not resolve_options(_config(), "cpu", "bfloat16", liger_installed=False).compile_layers
+    args = sft_config_kwargs(_config(), opts, tmp_path, has_eval=False)
+    assert args["use_liger_kernel"] and args["liger_kernel_config"] == {"rope": False, "rms_norm": False,
+                                                                         "swiglu": False}
+    opts.compile_layers = False
+    assert "liger_kernel_config" not in sft_config_kwargs(_config(), opts, tmp_path, has_eval=False)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool's `run`), from the repository root there:
+#
+#   bash bench/device_call.sh [train_speed arguments...]
+#
+# e.g. bash bench/device_call.sh --set explore --rows compiled --repeats 1 --time-budget 480
+#
+# Needs the wheels carried in .whl/ (carry=[".whl"]): .whl/proj (this project's pins that the machine's image
+# lacks: trl, peft, bitsandbytes, liger-kernel, datasets, gguf, ...) and .whl/uns (Unsloth and its pins, only for
+# Unsloth rows). Installs each into its own folder under /tmp (nothing can be downloaded there), then runs
+# bench/train_speed.py with its JSON, log and the docs table under $OUT. Run with `bash`, so the file needs no
+# executable bit (issue 19's first session lost a call to that).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+pip_target() {  # wheel folder, target folder
+    [ -d "$1" ] || return 0
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl
+}
+pip_target .whl/proj /tmp/site || exit 1
+pip_target .whl/uns /tmp/uns || exit 1
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+[ -d /tmp/uns ] && export PEER_PYTHONPATH=/tmp/uns
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
+cp docs/benchmarks.md /tmp/benchmarks.md
+python3 -m bench.train_speed --workdir /tmp/phi3_lora_bench --json "$OUT/result.json" --markdown /tmp/benchmarks.md \
+    "$@" 2>&1 | tee "$OUT/log.txt" | grep -v -i -E "warn|Loading weights|it/s\]" 
+rc=${PIPESTATUS[0]}
+cp /tmp/benchmarks.md "$OUT/benchmarks.md"
+exit "$rc"
