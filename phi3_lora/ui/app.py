@@ -13,8 +13,9 @@ from phi3_lora import access, models, uploads
 from phi3_lora.config import dump_yaml
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir
-from phi3_lora.ui import compare, dataset, drafts, export_tab, login, settings, timing, train_tab
+from phi3_lora.ui import compare, dataset, drafts, export_tab, login, settings, strings, timing, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
+from phi3_lora.ui.strings import t
 from phi3_lora.ui.guard import check_model, check_source, guarded, session_key
 
 DATA_KEYS = ["data.source", "data.format", "data.mapping", "data.eval_fraction"]
@@ -29,6 +30,20 @@ PAGE_JS = """() => {
   };
   for (const kind of ['dragenter', 'dragover', 'drop']) window.addEventListener(kind, block, true);
 }"""
+class App(gr.Blocks):
+    """The app's Blocks. Its API page and gradio_client see each widget's English label, not a translation
+    key: scripts name inputs by label, and a key means nothing to them."""
+
+    def get_api_info(self, *args: Any, **kwargs: Any) -> Any:
+        info = super().get_api_info(*args, **kwargs)
+        for endpoint in [*(info or {}).get("named_endpoints", {}).values(),
+                         *(info or {}).get("unnamed_endpoints", {}).values()]:
+            for item in endpoint.get("parameters", []) + endpoint.get("returns", []):
+                if "label" in item:
+                    item["label"] = strings.english(item["label"])
+        return info
+
+
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", radius_size="md")
 
 
@@ -45,28 +60,30 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
 
     # Gradio's own copies of uploads and outputs: swept every 30 min, deleted after an hour (ours are kept in the
     # session's upload folder; see phi3_lora.uploads).
-    with gr.Blocks(title="phi3_lora — fine-tune a chat model on your data", fill_width=False,
-                   delete_cache=(1800, 3600)) as demo:
-        gr.HTML(f"<div class='p3-header'><h1>phi3_lora</h1><p>Fine-tune a chat model with LoRA / QLoRA on your own "
-                f"conversations, then compare the base and tuned answers side by side. Default model here: "
-                f"<b>{html.escape(state.default_name)}</b>: {html.escape(state.default_reason)}.</p></div>")
+    with App(title="phi3_lora — fine-tune a chat model on your data", fill_width=False,
+             delete_cache=(1800, 3600)) as demo:
+        with gr.Row(equal_height=False):
+            gr.HTML(f"<div class='p3-header'><h1>phi3_lora</h1><p>{t('app.intro')} "
+                    f"<b>{html.escape(state.default_name)}</b>: {html.escape(state.default_reason)}.</p></div>")
+            language = strings.language_switch()
         if options.storage_warning:
             gr.HTML(notice("warn", options.storage_warning))
         if options.login_required:  # a Space with hf_oauth: training is per signed-in Hugging Face user
             gr.LoginButton()
         with gr.Tabs():
-            with gr.Tab("1 · Dataset", id="dataset"):
+            with gr.Tab(t("app.tab.dataset"), id="dataset"):
                 ds = dataset.build(state)
-            with gr.Tab("2 · Model & LoRA", id="settings"):
+            with gr.Tab(t("app.tab.settings"), id="settings"):
                 st = settings.build(state)
                 loader = drafts.build_loader()
-            with gr.Tab("3 · Train", id="train"):
+            with gr.Tab(t("app.tab.train"), id="train"):
                 tr = train_tab.build(state)
-            with gr.Tab("4 · Compare", id="compare") as compare_page:
+            with gr.Tab(t("app.tab.compare"), id="compare") as compare_page:
                 cp = compare.build(state)
-            with gr.Tab("5 · Export", id="export") as export_page:
+            with gr.Tab(t("app.tab.export"), id="export") as export_page:
                 ex = export_tab.build(state)
 
+        strings.wire_switch(language, demo)
         settings.wire(st, state, demo)
         keys = st.keys
         setting_widgets = [st.fields[k] for k in keys]
@@ -163,4 +180,5 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
                        app_kwargs={"middleware": [Middleware(login.ClientAddress)]},
                        prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
                        allowed_paths=[str(exports)], blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
-                       show_error=False, footer_links=["api", "settings"], js=PAGE_JS)
+                       show_error=False, footer_links=["api", "settings"], js=PAGE_JS,
+                       i18n=strings.i18n())

@@ -18,6 +18,7 @@ from phi3_lora import access, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
+from phi3_lora.ui.strings import MARKER
 
 log = logging.getLogger("phi3_lora.ui")
 
@@ -125,13 +126,22 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def help_md(text: str) -> str:
-    return f"<span class='p3-help'>{html.escape(text)}</span>"
+def escape(text: Any) -> str:
+    """`text` as HTML: escaped, except the translation markers in it (the page puts the translation there)."""
+    text, out, at = str(text), [], 0
+    for m in MARKER.finditer(text):
+        out += [html.escape(text[at:m.start()]), m.group(0)]
+        at = m.end()
+    return "".join(out + [html.escape(text[at:])])
 
 
-def notice(kind: str, text: str) -> str:
+def help_md(text: Any) -> str:
+    return f"<span class='p3-help'>{escape(text)}</span>"
+
+
+def notice(kind: str, text: Any) -> str:
     """A coloured box (kind: info | warn | error | ok) as HTML."""
-    return f"<div class='p3-note p3-{kind}'>{html.escape(text)}</div>"
+    return f"<div class='p3-note p3-{kind}'>{escape(text)}</div>"
 
 
 def message_text(content: Any) -> str:

@@ -25,6 +25,7 @@ from phi3_lora.ui.adapters import (adapter_choices, get_engine, hold_checkpoint,
 from phi3_lora.ui import evaluation
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
 from phi3_lora.ui.guard import check, check_model, guarded
+from phi3_lora.ui.strings import t
 
 SAMPLING = GenerationSettings()  # the defaults both sides start from (generate.py owns them)
 
@@ -50,36 +51,34 @@ class CompareTab:
 
 
 def build(state: AppState) -> CompareTab:
-    gr.Markdown("## Compare base and tuned\nThe same prompt and the same sampling settings go to the base model "
-                "and to the base + your adapter. Each side keeps its own conversation.")
+    gr.Markdown(t("compare.intro"))
     with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
-        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, elem_id="p3-compare-source",
-                             info="A finished run (its final adapter) or one of its checkpoints, or type the Hub "
-                                  "repo id of a published adapter (owner/name).")
-        refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
-    with gr.Accordion("Generation settings (shared by both sides)", open=False):
+        source = gr.Dropdown([], label=t("compare.adapter"), scale=5, allow_custom_value=True, elem_id="p3-compare-source",
+                             info=t("compare.adapter_info"))
+        refresh = gr.Button(t("app.refresh"), scale=1, size="sm", min_width=120)
+    with gr.Accordion(t("compare.generation"), open=False):
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=SAMPLING.temperature, step=0.05, label="Temperature", info="0 = greedy (deterministic).")
-            top_p = gr.Slider(0.05, 1, value=SAMPLING.top_p, step=0.05, label="Top-p", info="Nucleus sampling cut-off.")
-            max_new_tokens = gr.Slider(8, 1024, value=SAMPLING.max_new_tokens, step=8, label="Max new tokens",
-                                       info="Length limit of each answer.")
-            seed = gr.Number(SAMPLING.seed, precision=0, label="Seed", info="Same seed on both sides.")
+            temperature = gr.Slider(0, 2, value=SAMPLING.temperature, step=0.05, label=t("compare.temperature"),
+                                    info=t("compare.temperature_info"))
+            top_p = gr.Slider(0.05, 1, value=SAMPLING.top_p, step=0.05, label=t("compare.top_p"), info=t("compare.top_p_info"))
+            max_new_tokens = gr.Slider(8, 1024, value=SAMPLING.max_new_tokens, step=8, label=t("compare.max_new_tokens"),
+                                       info=t("compare.max_new_tokens_info"))
+            seed = gr.Number(SAMPLING.seed, precision=0, label=t("compare.seed"), info=t("compare.seed_info"))
     status = gr.HTML()
     with gr.Row(equal_height=True):
-        base_chat = gr.Chatbot(label="Base model", height=520, elem_id="p3-base-chat",
-                               placeholder="The base model's answers appear here.")
-        tuned_chat = gr.Chatbot(label="Tuned (base + adapter)", height=520, elem_id="p3-tuned-chat",
-                                placeholder="The tuned model's answers appear here.")
+        base_chat = gr.Chatbot(label=t("compare.base"), height=520, elem_id="p3-base-chat",
+                               placeholder=t("compare.base_placeholder"))
+        tuned_chat = gr.Chatbot(label=t("compare.tuned"), height=520, elem_id="p3-tuned-chat",
+                                placeholder=t("compare.tuned_placeholder"))
     reference = gr.Markdown(visible=False, elem_classes=["p3-reference"])
     with gr.Row(equal_height=True):
-        prompt = gr.Textbox(placeholder="Ask both models something… (Enter sends)", label="Prompt", show_label=False,
+        prompt = gr.Textbox(placeholder=t("compare.prompt_placeholder"), label=t("compare.prompt"), show_label=False,
                             scale=6, lines=1, max_lines=6, elem_id="p3-prompt")
-        send = gr.Button("Send", variant="primary", scale=1)
+        send = gr.Button(t("compare.send"), variant="primary", scale=1)
     with gr.Row():
-        example = gr.Button("Held-out example", size="sm")
-        clear = gr.Button("Clear both chats", size="sm")
-    gr.HTML(help_md("Held-out example: a conversation from the run's eval split (never trained on); its "
-                    "reference answer is shown under the chats. The model loads on the first message."))
+        example = gr.Button(t("compare.example"), size="sm")
+        clear = gr.Button(t("compare.clear"), size="sm")
+    gr.HTML(help_md(t("compare.example_help")))
     scoring = evaluation.build()
     return CompareTab(source, refresh, temperature, top_p, max_new_tokens, seed, base_chat, tuned_chat, prompt,
                       send, example, clear, reference, status, gr.State(""), scoring)

@@ -23,6 +23,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.formats import COLUMNS, MESSAGE_KEYS
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, check_model, check_source, guarded
+from phi3_lora.ui.strings import field_help, t
 
 MAPPING_HEADERS = ["field the format expects", "column in your data"]
 PROBLEM_HEADERS = ["file", "where", "field", "what is wrong / what to do"]
@@ -59,48 +60,45 @@ class DatasetTab:
 
 
 def build(state: AppState) -> DatasetTab:
-    gr.Markdown("## Your chat data\nUpload conversations (JSONL, JSON, CSV or Parquet) in OpenAI *messages*, "
-                "ShareGPT, Alpaca or prompt/completion form, give a Hub dataset id, or start with the sample.")
+    gr.Markdown(t("data.intro"))
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            upload = gr.File(label="Upload a dataset file", file_types=[".jsonl", ".json", ".csv", ".parquet"],
+            upload = gr.File(label=t("data.upload"), file_types=[".jsonl", ".json", ".csv", ".parquet"],
                              elem_id="p3-upload",
                              height=120)
             with gr.Row():
-                sample = gr.Button("Use the sample dataset", variant="primary", scale=1)
-                validate = gr.Button("Validate", variant="secondary", scale=1)
-            gr.HTML(help_md("The sample has 48 short conversations that teach the assistant its name, "
-                            "\"Quillon\" — a quick way to see a difference after a few minutes of training."))
-            source = gr.Textbox(label="Data source", placeholder="a file path, or a Hub dataset id such as user/name",
-                                info="Filled by the upload or the sample button; type a Hub id and press Validate.",
+                sample = gr.Button(t("data.use_sample"), variant="primary", scale=1)
+                validate = gr.Button(t("data.validate"), variant="secondary", scale=1)
+            gr.HTML(help_md(t("data.sample_help")))
+            source = gr.Textbox(label=t("data.source"), placeholder=t("data.source_placeholder"),
+                                info=t("data.source_info"),
                                 elem_id="cfg-data-source")
         with gr.Column(scale=2):
-            fmt = gr.Dropdown(list(cfgmod.DATA_FORMATS), value="auto", label="Format",
-                              info="auto detects it; pick one to override the guess.", elem_id="cfg-data-format")
+            fmt = gr.Dropdown(list(cfgmod.DATA_FORMATS), value="auto", label=t("data.format"),
+                              info=t("data.format_info"), elem_id="cfg-data-format")
             mapping = gr.Dataframe(headers=MAPPING_HEADERS, datatype=["str", "str"], column_count=2,
-                                   row_count=1, interactive=True, label="Column mapping",
+                                   row_count=1, interactive=True, label=t("data.mapping"),
                                    static_columns=[0], max_height=220, elem_id="p3-mapping",
                                    elem_classes=["cfg-data-mapping"])
-            gr.HTML(help_md("Right column: the name your data uses for each field (edit it, then Validate). "
-                            "Role names map too: add a row role.human → user."))
+            gr.HTML(help_md(t("data.mapping_help")))
             low, high = cfgmod.field_bounds(next(f for f in fields(cfgmod.DataSettings) if f.name == "eval_fraction"))
-            eval_fraction = gr.Slider(low, high, value=0.1, step=0.01, label="Eval split", elem_id="cfg-data-eval_fraction",
-                                      info=cfgmod.help_text(cfgmod.DataSettings, "eval_fraction"))
-    summary = gr.HTML(notice("info", NO_DATA))
-    problems = gr.Dataframe(headers=PROBLEM_HEADERS, label="Problems (rows that will be skipped)",
+            eval_fraction = gr.Slider(low, high, value=0.1, step=0.01, label=t("data.eval_split"), elem_id="cfg-data-eval_fraction",
+                                      info=field_help("data", "eval_fraction"))
+    summary = gr.HTML(notice("info", t("data.no_data")))
+    problems = gr.Dataframe(headers=PROBLEM_HEADERS, label=t("data.problems"),
                             interactive=False, visible=False, wrap=True, max_height=260,
                             column_widths=["15%", "10%", "20%", "55%"])
-    preview = gr.Dataframe(headers=PREVIEW_HEADERS, label="Preview (first 50 usable rows)", interactive=False,
+    preview = gr.Dataframe(headers=PREVIEW_HEADERS, label=t("data.preview"), interactive=False,
                            wrap=True, max_height=320, column_widths=["5%", "8%", "17%", "35%", "35%"])
     with gr.Row(equal_height=False):
         with gr.Column():
-            gr.Markdown("### Token lengths")
+            gr.Markdown(t("data.token_lengths"))
             stats = gr.HTML()
-            histogram = gr.Plot(label="Token length per conversation vs. max length", show_label=False)
+            histogram = gr.Plot(label=t("data.histogram"), show_label=False)
         with gr.Column():
-            gr.Markdown("### What the model trains on")
-            example = gr.Number(1, precision=0, minimum=1, label="Example row",
-                                info="Which usable row to render through the model's real chat template.")
+            gr.Markdown(t("data.trains_on"))
+            example = gr.Number(1, precision=0, minimum=1, label=t("data.example_row"),
+                                info=t("data.example_row_info"))
             tokens = gr.HTML()
     rows = gr.State(NO_ROWS)
     return DatasetTab(upload, sample, source, fmt, mapping, eval_fraction, validate, summary, problems, preview,

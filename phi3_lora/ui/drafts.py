@@ -23,6 +23,7 @@ from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
+from phi3_lora.ui.strings import t
 
 SECRET_FILE = ".browser_secret"
 
@@ -50,14 +51,14 @@ def browser_secret(runs_dir: Path) -> str:
 
 
 def build_loader() -> Loader:
-    with gr.Accordion("Load settings from a past run or a YAML file", open=False) as box:
+    with gr.Accordion(t("drafts.title"), open=False) as box:
         with gr.Row(equal_height=False):
-            run = gr.Dropdown([], label="Run", info="A past run: its settings and data fill the widgets.", scale=3,
+            run = gr.Dropdown([], label=t("train.run"), info=t("drafts.run_info"), scale=3,
                               elem_id="p3-load-run", allow_custom_value=True)
-            load_run = gr.Button("Load this run's settings", scale=1)
-            yaml_file = gr.File(label="…or a run.yaml", file_types=[".yaml", ".yml"], height=90, scale=2,
+            load_run = gr.Button(t("drafts.load_run"), scale=1)
+            yaml_file = gr.File(label=t("drafts.yaml"), file_types=[".yaml", ".yml"], height=90, scale=2,
                                 elem_id="p3-load-yaml")
-        gr.HTML(help_md("The same file `python -m phi3_lora train --config` reads (Show config writes one)."))
+        gr.HTML(help_md(t("drafts.help")))
         note = gr.HTML()
     loader = Loader(run, load_run, yaml_file, note)
     loader.box = box

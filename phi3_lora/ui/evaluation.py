@@ -20,6 +20,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.ui.adapters import get_engine, resolve_source
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
+from phi3_lora.ui.strings import t
 
 APP_EVAL_SECONDS = 300.0  # a web request is bounded in time: rows not reached by then are left out and counted
 
@@ -34,18 +35,15 @@ class EvalPanel:
 
 
 def build() -> EvalPanel:
-    with gr.Accordion("Score base vs tuned on the held-out rows", open=True):
-        gr.HTML(help_md("Each held-out conversation's last assistant turn is the reference; both models answer the "
-                        "turns before it greedily (Max new tokens above), batched. ROUGE-L (rouge-score), chrF and "
-                        "BLEU (sacrebleu), exact match and the reference's per-token loss; differences are tuned "
-                        "minus base with a bootstrap 95% interval over rows."))
-        run = gr.Button("Evaluate on held-out rows", variant="secondary", elem_id="p3-evaluate")
+    with gr.Accordion(t("evaluate.title"), open=True):
+        gr.HTML(help_md(t("evaluate.help")))
+        run = gr.Button(t("evaluate.run"), variant="secondary", elem_id="p3-evaluate")
         status = gr.HTML(elem_id="p3-eval-status")
         summary = gr.Dataframe(headers=list(scores.SUMMARY_HEADERS), interactive=False, elem_id="p3-eval-summary",
-                               label="Summary", visible=False)
-        chart = gr.Plot(label="Base vs tuned (0-100)", elem_id="p3-eval-chart", visible=False)
+                               label=t("evaluate.summary"), visible=False)
+        chart = gr.Plot(label=t("evaluate.chart"), elem_id="p3-eval-chart", visible=False)
         rows = gr.Dataframe(headers=list(evaluate.ROW_HEADERS), interactive=False, elem_id="p3-eval-rows",
-                            label="Per row (click a column to sort; best change in ROUGE-L first)", wrap=True,
+                            label=t("evaluate.rows"), wrap=True,
                             visible=False, max_height=480)
     return EvalPanel(run, status, summary, chart, rows)
 

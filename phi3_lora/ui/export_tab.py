@@ -19,6 +19,7 @@ from phi3_lora.runs import RunDir, find_run
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
 from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
+from phi3_lora.ui.strings import t
 
 MERGED_ZIP_LIMIT = 3 * 2**30  # above this a merged model is saved to disk only (a browser download would be huge)
 
@@ -56,60 +57,50 @@ def _export():
 
 
 def build(state: AppState) -> ExportTab:
-    gr.Markdown("## Export\nTake your adapter with you: a small zip for peft, a standalone merged model, or a "
-                "Hub repository.")
+    gr.Markdown(t("export.intro"))
     with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
-        source = gr.Dropdown([], label="Adapter", scale=5, allow_custom_value=True, elem_id="p3-export-source",
-                             info="A finished run or one of its checkpoints.")
-        refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
+        source = gr.Dropdown([], label=t("compare.adapter"), scale=5, allow_custom_value=True, elem_id="p3-export-source",
+                             info=t("export.adapter_info"))
+        refresh = gr.Button(t("app.refresh"), scale=1, size="sm", min_width=120)
     with gr.Row(equal_height=False):
         with gr.Column():
-            gr.Markdown("### 1. Adapter zip")
-            gr.HTML(help_md("adapter_model.safetensors + adapter_config.json + tokenizer and chat template + a model "
-                            "card. Load it with peft's PeftModel.from_pretrained(base, folder)."))
-            zip_button = gr.Button("Build adapter zip", variant="primary")
-            zip_file = gr.File(label="Download", interactive=False, elem_id="p3-zip-file")
+            gr.Markdown(t("export.zip"))
+            gr.HTML(help_md(t("export.zip_help")))
+            zip_button = gr.Button(t("export.zip_button"), variant="primary")
+            zip_file = gr.File(label=t("export.download"), interactive=False, elem_id="p3-zip-file")
             zip_status = gr.HTML(elem_id="p3-zip-status")
         with gr.Column():
-            gr.Markdown("### 2. Merged model (16-bit)")
-            gr.HTML(help_md("Folds the adapter into the base in float32 and saves a plain 16-bit transformers "
-                            "folder. Needs the base weights in memory."))
-            merge_base = gr.Radio([("as trained (QLoRA: the dequantised 4-bit base)", "auto"),
-                                   ("original 16-bit base", "16bit")], value="auto", label="Merge into",
-                                  info="As trained reproduces what Compare showed. A QLoRA adapter merged into the "
-                                       "original 16-bit weights answers somewhat differently; the model card says "
-                                       "which base was used.")
-            merge_dir = gr.Textbox(label="Folder name", placeholder="merged",
-                                   info="Saved as runs/<id>/<name> on this machine, written atomically. "
-                                        "(The CLI's export --merge takes any path.)")
-            merge_button = gr.Button("Merge and save", variant="secondary")
+            gr.Markdown(t("export.merge"))
+            gr.HTML(help_md(t("export.merge_help")))
+            merge_base = gr.Radio([(t("export.merge_as_trained"), "auto"),
+                                   (t("export.merge_original"), "16bit")], value="auto", label=t("export.merge_into"),
+                                  info=t("export.merge_into_info"))
+            merge_dir = gr.Textbox(label=t("export.folder"), placeholder="merged",
+                                   info=t("export.folder_info"))
+            merge_button = gr.Button(t("export.merge_button"), variant="secondary")
             merge_status = gr.HTML()
-            merge_file = gr.File(label="Download (zip, small models only)", interactive=False, visible=False)
+            merge_file = gr.File(label=t("export.download_merged"), interactive=False, visible=False)
         with gr.Column():
-            gr.Markdown("### 3. Push to the Hub")
-            repo_id = gr.Textbox(label="Repo id", placeholder="your-name/my-adapter", info="Created if missing.")
-            token = gr.Textbox(label="Hugging Face token", type="password", placeholder="hf_…",
-                               info="Needs write access; used for this push only, never stored or logged. Left empty, only "
-                                    "the owner at this machine pushes with its saved login.")
+            gr.Markdown(t("export.push_title"))
+            repo_id = gr.Textbox(label=t("export.repo"), placeholder=t("export.repo_placeholder"), info=t("export.repo_info"))
+            token = gr.Textbox(label=t("export.token"), type="password", placeholder="hf_…",
+                               info=t("export.token_info"))
             with gr.Row():
-                what = gr.Radio([("adapter", "adapter"), ("merged model", "merged")], value="adapter", label="Push")
-                private = gr.Checkbox(True, label="Private repo")
-            push_button = gr.Button("Push", variant="secondary")
+                what = gr.Radio([(t("export.push_adapter"), "adapter"), (t("export.push_merged"), "merged")], value="adapter",
+                                label=t("export.push"))
+                private = gr.Checkbox(True, label=t("export.private"))
+            push_button = gr.Button(t("export.push_button"), variant="secondary")
             push_status = gr.HTML()
     with gr.Row(equal_height=False):
         with gr.Column():
-            gr.Markdown("### 4. GGUF for llama.cpp, Ollama and LM Studio")
-            gr.HTML(help_md("The merged model as one GGUF file (weights, tokenizer, special tokens, chat template) "
-                            "with an Ollama Modelfile beside it, saved as runs/<id>/gguf-<type>. Before it is "
-                            "called done, a fresh process loads it with transformers' GGUF loader and answers the "
-                            "run's held-out prompts next to the merged model (merged into the base chosen in 2). "
-                            "Llama-architecture models (the embedded SmolLM2) and Phi-3 are supported."))
+            gr.Markdown(t("export.gguf"))
+            gr.HTML(help_md(t("export.gguf_help")))
             with gr.Row():
-                gguf_type = gr.Radio([("f16: the merged model's answers exactly", "f16"),
-                                      ("q8_0: about half the size", "q8_0")], value="f16", label="Type")
-                gguf_button = gr.Button("Export GGUF", variant="secondary")
+                gguf_type = gr.Radio([(t("export.gguf_f16"), "f16"), (t("export.gguf_q8"), "q8_0")], value="f16",
+                                     label=t("export.gguf_type"))
+                gguf_button = gr.Button(t("export.gguf_button"), variant="secondary")
             gguf_status = gr.HTML(elem_id="p3-gguf-status")
-            gguf_file = gr.File(label="Download (zip: GGUF + Modelfile + README, small models only)",
+            gguf_file = gr.File(label=t("export.download_gguf"),
                                 interactive=False, visible=False)
     return ExportTab(source, refresh, zip_button, zip_file, zip_status, merge_base, merge_button, merge_dir,
                      merge_file, merge_status, repo_id, token, what, private, push_button, push_status, gguf_type,

@@ -21,8 +21,9 @@ from phi3_lora.access import Requester
 from phi3_lora.ui import timing
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check_model, guarded
+from phi3_lora.ui.strings import field_help, field_label, t
 
-AUTO_CHOICES = [("auto", "auto"), ("on", True), ("off", False)]
+AUTO_CHOICES = [(t("settings.auto"), "auto"), (t("settings.on"), True), (t("settings.off"), False)]
 NO_PRESET = "custom"
 DATASET_TAB = "dataset"  # fields whose widgets live in the Dataset tab (metadata tab="dataset")
 
@@ -71,24 +72,21 @@ def widget(section: str, f: Any, tp: Any, value: Any, info: models.ModelInfo | N
            state: AppState) -> gr.components.Component:
     """The widget of one RunConfig field, from its metadata: kind, label, choices and the checks' range."""
     m = f.metadata
-    common = dict(label=m.get("label", f.name), info=m.get("help", ""), elem_id=elem_id(section, f.name))
+    common = dict(label=field_label(section, f.name), info=field_help(section, f.name), elem_id=elem_id(section, f.name))
     kind = m.get("widget")
     lo, hi = cfgmod.field_bounds(f)
     if kind == "model":
-        choices = [(f"{e.label}{'  (needs a GPU)' if e.needs_gpu else ''}", e.name) for e in models.CATALOGUE]
+        choices = [(e.label + (f"  ({t('settings.needs_gpu')})" if e.needs_gpu else ""), e.name) for e in models.CATALOGUE]
         return gr.Dropdown(choices, value=state.default_name, allow_custom_value=True, **{
-            **common, "info": "From the list, or type a Hub id (owner/name) or a local folder with config.json."})
+            **common, "info": t("settings.model_info")})
     if kind == "targets":
         targets = info.targets if info else []
         # 'all-linear' checks the Linear layers only: embed_tokens is a choice, never part of 'all-linear'
         return gr.CheckboxGroup(targets, value=_targets_value(value, info.linear_names if info else []), **{
-            **common, "info": "The chosen model's own Linear layers (all checked = 'all-linear') and embed_tokens "
-                              "for LoRA on the embedding."})
+            **common, "info": t("settings.targets_info")})
     if kind == "trackers":
         return gr.CheckboxGroup([t for t in trackers.TRACKERS if t != "none"], value=value, **{
-            **common, "info": common["info"] + " The Train tab shows the command that opens each dashboard. wandb "
-                              "and mlflow log with this machine's own settings, so only the owner at the machine "
-                              "may pick them."})
+            **common, "info": t("settings.trackers_info")})
     if kind == "slices":
         return gr.CheckboxGroup(list(m["choices"]), value=value, visible=bool(info and info.fused), **common)
     if kind == "slider":
@@ -107,7 +105,7 @@ def widget(section: str, f: Any, tp: Any, value: Any, info: models.ModelInfo | N
             lo = hi = None                     # minimum would refuse before the handler runs (RunConfig checks it)
         return gr.Number(value, precision=0 if number is int else None, minimum=lo, maximum=hi, **common)
     if typing.get_origin(tp) is list or list in [typing.get_origin(a) for a in typing.get_args(tp)]:
-        return gr.Textbox(", ".join(value or []), placeholder="comma-separated names", **common)
+        return gr.Textbox(", ".join(value or []), placeholder=t("settings.comma_names"), **common)
     return gr.Textbox("" if value is None else str(value), **common)
 
 
@@ -130,42 +128,39 @@ def build(state: AppState) -> SettingsTab:
             f[f"{section}.{fl.name}"] = widget(section, fl, tp, getattr(getattr(d, section), fl.name), info, state)
 
     basic = [x for x in own if not x[1].metadata.get("advanced")]
-    gr.Markdown("## Model & LoRA settings\nPick a base model and a preset, then adjust any knob. The memory "
-                "estimate and the trainable-parameter count follow your choices. Every run setting is here; "
-                "the advanced ones are folded below.")
+    gr.Markdown(t("settings.intro"))
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             with gr.Group():
                 add([x for x in basic if x[0] == "model" and x[1].name == "name"])
-                model_note = gr.Markdown(f"Default here: **{state.default_name}**, because {state.default_reason}.")
-            preset = gr.Radio([NO_PRESET, *cfgmod.PRESET_NAMES], value=d.preset or NO_PRESET, label="Preset",
+                model_note = gr.Markdown(f"{t('settings.default_here')} **{state.default_name}**: {state.default_reason}.")
+            preset = gr.Radio([NO_PRESET, *cfgmod.PRESET_NAMES], value=d.preset or NO_PRESET, label=t("settings.preset"),
                               info=timing.PRESET_INFO)
             preset_notes = gr.HTML()
         with gr.Column(scale=2):
-            gr.Markdown("### Memory and size")
+            gr.Markdown(t("settings.memory"))
             estimate_box = gr.HTML(estimate_html(d, info) if info else "", elem_id="p3-estimate")
             time_box = timing.build()
     with gr.Row(equal_height=False):
         with gr.Column():
-            gr.Markdown("### LoRA adapter")
+            gr.Markdown(t("settings.lora"))
             add([x for x in basic if x[0] in ("model", "lora") and x[1].name != "name"])
         with gr.Column():
-            gr.Markdown("### Training")
+            gr.Markdown(t("settings.training"))
             add([x for x in basic if x[0] in ("train", "data")])
-    with gr.Accordion("Advanced settings", open=False):
-        for section, title in (("model", "Model loading"), ("lora", "Adapter"), ("train", "Optimisation and speed"),
-                               ("data", "Reading the data")):
+    with gr.Accordion(t("settings.advanced"), open=False):
+        for section in ("model", "lora", "train", "data"):
             items = [x for x in own if x[0] == section and x[1].metadata.get("advanced")]
             if items:
-                gr.Markdown(f"#### {title}")
+                gr.Markdown(t(f"settings.advanced.{section}"))
                 with gr.Row():
                     add(items)
-    gr.Markdown("### Reproduce from the command line")
-    show_config = gr.Button("Show config (YAML + CLI)", variant="secondary")
+    gr.Markdown(t("settings.reproduce"))
+    show_config = gr.Button(t("settings.show_config"), variant="secondary")
     with gr.Row():
         yaml_code = gr.Code(language="yaml", label="run.yaml", interactive=False, visible=False, max_lines=22)
-        cli_code = gr.Code(language="shell", label="Equivalent CLI", interactive=False, visible=False, max_lines=22)
-    gr.HTML(help_md("Save the YAML as run.yaml and run the first command, or use the flags form directly."))
+        cli_code = gr.Code(language="shell", label=t("settings.cli"), interactive=False, visible=False, max_lines=22)
+    gr.HTML(help_md(t("settings.reproduce_help")))
     return SettingsTab(f, preset, preset_notes, model_note, estimate_box, show_config, yaml_code, cli_code, list(f),
                        time_box)
 

@@ -13,9 +13,9 @@ from phi3_lora.errors import UserError
 from phi3_lora.access import Action, Requester
 from phi3_lora.ui.common import AppState, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
+from phi3_lora.ui.strings import t
 
-PRESET_INFO = ("cookbook = the Phi-3 model card's recipe; quick-cpu = the embedded 135M model in 16-bit; "
-               "quality-gpu = Phi-3-mini QLoRA on a 24 GB GPU. Choosing one fills the widgets.")
+PRESET_INFO = t("timing.preset_info")
 
 
 @dataclass
@@ -26,7 +26,7 @@ class TimingBox:
 
 def build() -> TimingBox:
     html = gr.HTML(elem_id="p3-time")
-    measure = gr.Button("Measure step time", size="sm", variant="secondary")
+    measure = gr.Button(t("timing.measure"), size="sm", variant="secondary")
     return TimingBox(html, measure)
 
 
@@ -48,8 +48,9 @@ def preset_info(config: cfgmod.RunConfig, runs_dir: Any, n_rows: int) -> str:
         if measured and (n_rows or chosen.train.max_steps > 0):
             total = steptime.planned_steps(chosen, n_rows) * measured.seconds_per_step(chosen)
             times.append(f"{name} ≈ {steptime.duration(total)}")
-    where = f" Here, on this data: {', '.join(times)} (measured)." if times else ""
-    return PRESET_INFO + where
+    # The radio's info, translated in the page (no API client reads it); one key per string: Gradio's frontend
+    # translates only the first key in a string.
+    return f"{t('timing.preset_info_measured')} {', '.join(times)}." if times else PRESET_INFO
 
 
 def wire(box: TimingBox, state: AppState, config_inputs: list[Any], build_config: Callable[..., cfgmod.RunConfig],

@@ -20,6 +20,7 @@ from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, check_source, guarded
+from phi3_lora.ui.strings import t
 
 STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": "warn", "failed": "error",
               "interrupted": "warn", "unreadable": "error"}
@@ -45,29 +46,27 @@ class TrainTab:
 
 
 def build(state: AppState) -> TrainTab:
-    gr.Markdown("## Train\nStart runs the training as a background process on this machine (one at a time). "
-                "Progress is read from the run folder, so you can close the tab or open it elsewhere.")
+    gr.Markdown(t("train.intro"))
     if state.options.training_refusal:
         gr.HTML(notice("warn", state.options.training_refusal))
     elif state.options.login_required:
-        gr.HTML(notice("info", f"{LOGIN_MESSAGE} Use the button at the top of the page."))
+        gr.HTML(notice("info", f"{LOGIN_MESSAGE} {t('train.login_button')}"))
     with gr.Row(equal_height=True):
-        start = gr.Button("Start training", variant="primary", scale=2)
-        stop = gr.Button("Stop", variant="stop", scale=1)
-        resume = gr.Button("Resume", variant="secondary", scale=1)
+        start = gr.Button(t("train.start"), variant="primary", scale=2)
+        stop = gr.Button(t("train.stop"), variant="stop", scale=1)
+        resume = gr.Button(t("train.resume"), variant="secondary", scale=1)
     with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
-        runs = gr.Dropdown([], label="Run", info="The active run is picked on page load, else the newest. "
-                                                "Past runs stay here.", scale=5, allow_custom_value=True,
+        runs = gr.Dropdown([], label=t("train.run"), info=t("train.run_info"), scale=5, allow_custom_value=True,
                            elem_id="p3-runs")
-        refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
-    status = gr.HTML(notice("info", "No run yet: prepare a dataset, check the settings, then press Start."))
-    progress = gr.HTML(_progress_html(None))
-    plot = gr.Plot(loss_figure(None), label="Loss", show_label=False, elem_id="p3-loss-plot")
-    log = gr.Textbox(label="Training log (last lines)", lines=12, max_lines=12, interactive=False, autoscroll=True)
-    gr.HTML(help_md("Stop asks the run to save a checkpoint and exit; Resume continues from the newest checkpoint."))
-    with gr.Accordion("Compare runs: loss curves together", open=False) as overlay_box:
-        overlay_runs = gr.Dropdown([], multiselect=True, label="Runs to overlay", elem_id="p3-overlay-runs",
-                                   info="Train loss as lines, eval loss as dashed lines with markers, one colour a run.")
+        refresh = gr.Button(t("app.refresh"), scale=1, size="sm", min_width=120)
+    status = gr.HTML(notice("info", t("train.no_run")))
+    progress = gr.HTML(_progress_html(None), elem_id="p3-progress-box")
+    plot = gr.Plot(loss_figure(None), label=t("train.loss"), show_label=False, elem_id="p3-loss-plot")
+    log = gr.Textbox(label=t("train.log"), lines=12, max_lines=12, interactive=False, autoscroll=True)
+    gr.HTML(help_md(t("train.stop_help")))
+    with gr.Accordion(t("train.overlay"), open=False) as overlay_box:
+        overlay_runs = gr.Dropdown([], multiselect=True, label=t("train.overlay_runs"), elem_id="p3-overlay-runs",
+                                   info=t("train.overlay_info"))
         overlay_plot = gr.Plot(overlay_figure({}), show_label=False, elem_id="p3-overlay-plot")
         overlay_scores = gr.Markdown(overlay_scores_md({}), elem_id="p3-overlay-scores")
     timer = gr.Timer(state.options.poll_seconds)
