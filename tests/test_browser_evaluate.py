@@ -71,6 +71,6 @@ def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:  
     assert all(r["reference"][:30] in rows_text for r in newest["rows"])
     shot = screenshots_dir() / "evaluate.png"
     page.locator("#p3-evaluate").scroll_into_view_if_needed()
-    page.screenshot(path=str(shot), full_page=True)
+    page.screenshot(path=str(shot), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
     page.close()
     return shot
