@@ -305,4 +305,8 @@ def test_finnish_page(browser, app_url: str) -> None:
     page.get_by_text("Your chat data").wait_for(timeout=60_000)
     expect(page.locator("#p3-language input")).to_have_value("English")
     assert "Keskusteluaineistosi" not in page.locator("body").inner_text()
+    # A link can ask for a language: ?lang=fi wins over the remembered English.
+    page.goto(app_url.rstrip("/") + "/?lang=fi")
+    page.get_by_text("Keskusteluaineistosi").wait_for(timeout=60_000)
+    expect(page.locator("#p3-language input")).to_have_value("Suomi")
     context.close()
