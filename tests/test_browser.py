@@ -289,6 +289,8 @@ def test_finnish_page(browser, app_url: str) -> None:
     for tab, name, finnish in tabs:
         page.get_by_role("tab", name=tab).click()
         page.get_by_text(finnish, exact=True).first.wait_for(timeout=30_000)
+        # the tab's own load events (draft restore, run lists) finish before the picture: no progress timers
+        page.wait_for_function("() => !document.querySelector('.progress-text, .eta-bar')", timeout=120_000)
         shown = page.locator("body").inner_text()
         for box in page.locator(", ".join(HANDLER_BOXES)).all():  # what handlers wrote: English, see strings.py
             shown = shown.replace(box.inner_text(), "")
