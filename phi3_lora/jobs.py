@@ -124,7 +124,8 @@ def trainable_params_for(config: RunConfig) -> int:
 
         name, _ = models.resolve_name(config.model.name)
         model_config = AutoConfig.from_pretrained(models.local_path(name), trust_remote_code=False)
-    except (OSError, ValueError, KeyError):  # offline Hub id, unreadable config: the training process reports those
+    except (UserError, OSError, ValueError, KeyError):  # no such model, offline Hub id, unreadable config: the
+        # training process reports those itself
         return FALLBACK_TRAINABLE_PARAMS
     try:
         return targets.count_lora_parameters(model_config, config.lora)[0]

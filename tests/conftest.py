@@ -74,10 +74,11 @@ def tiny_disk(tmp_path):
 
 
 @pytest.fixture
-def fault_hooks(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Child processes started by the test load tests/helpers/fault_plugin/sitecustomize.py, whose environment
-    variables (SLOW_SAVE_ENV, MEMORY_LIMIT_ENV) inject test-only faults into the training loop."""
-    plugin = Path(__file__).parent / "helpers" / "fault_plugin"
+def train_hooks(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Child processes started by the test load tests/helpers/train_hooks/sitecustomize.py, whose environment
+    variables (SLOW_SAVE_ENV, MEMORY_LIMIT_ENV, STEP_ENV, SAVE_ENV) inject test-only faults and slowness into
+    the training loop."""
+    plugin = Path(__file__).parent / "helpers" / "train_hooks"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin), os.environ.get("PYTHONPATH")])))
     return plugin
 
@@ -98,3 +99,11 @@ def embedded_sample_run(tmp_path_factory: pytest.TempPathFactory, embedded_dir: 
     result = train.run(cfg, run_dir)
     assert result.status == "finished" and result.eval_loss is not None
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless chromium (tests/helpers/browser.py), one per test module."""
+    from helpers.browser import launch_browser
+
+    yield from launch_browser()

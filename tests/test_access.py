@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from test_app_api import SAMPLE, free_port, val
-from test_exposure import RUN_ID, make_adapter_run
 
+from helpers.apps import SAMPLE, endpoint_args, free_port
+from helpers.run_folders import RUN_ID, make_adapter_run
 from phi3_lora import access, events, spaces
 from phi3_lora.access import Action, Level, Requester, ServerMode
 from phi3_lora.runs import ProcessRecord, RunDir, write_active
@@ -174,15 +174,6 @@ def serve(world: dict[str, Any], auth: Any = None, **options: Any) -> Iterator[t
         yield url, demo
     finally:
         demo.close()
-
-
-def endpoint_args(api: dict[str, Any], endpoint: str, **by_label: Any) -> list[Any]:
-    """An endpoint's inputs in order: each widget's default, replaced where its label is given."""
-    params = api["named_endpoints"][f"/{endpoint}"]["parameters"]
-    labels = [p.get("label") or "" for p in params]
-    missing = set(by_label) - set(labels)
-    assert not missing, f"/{endpoint} has no input labelled {missing}"
-    return [by_label[label] if label in by_label else p.get("parameter_default") for label, p in zip(labels, params)]
 
 
 # How an outsider reaches each gated action of each endpoint: (endpoint, action) -> the inputs (by widget label)

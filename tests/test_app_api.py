@@ -7,64 +7,23 @@ re-attaches to the run -> poll to the end -> compare (base != tuned) -> export z
 from __future__ import annotations
 
 import re
-import socket
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from helpers.apps import NO_MAPPING, SAMPLE, client, served_app, start_args, val
 from phi3_lora import events, jobs
 from phi3_lora.runs import RunDir
 
 pytestmark = pytest.mark.slow
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_chat.jsonl"
-NO_MAPPING = {"headers": ["field the format expects", "column in your data"], "data": [["", ""]], "metadata": None}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
-    from phi3_lora.ui import build_app, launch
-
     runs = tmp_path_factory.mktemp("runs")
-    demo = build_app(runs, default_model=str(tiny_llama_dir))
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url, runs, tiny_llama_dir
-    active = jobs.active_run(runs)
-    if active:
-        jobs.stop_run(active, runs, grace=5)
-    demo.close()
-
-
-def client(url: str):
-    from gradio_client import Client
-
-    return Client(url, verbose=False)
-
-
-def val(x: Any) -> Any:
-    """The value of an output that may come back as an update dict."""
-    return x.get("value") if isinstance(x, dict) and x.get("__type__") == "update" else x
-
-
-def start_args(c: Any, **by_label: Any) -> list[Any]:
-    """Start's inputs in order: each widget's default, replaced where its label is given."""
-    info = c.view_api(print_info=False, return_format="dict")["named_endpoints"]["/start_training"]
-    args = []
-    for p in info["parameters"]:
-        label = p.get("label") or ""
-        args.append(by_label[label] if label in by_label else p.get("parameter_default"))
-    missing = set(by_label) - {p.get("label") for p in info["parameters"]}
-    assert not missing, f"no widget labelled {missing}"
-    return args
+    with served_app(runs, tiny_llama_dir) as (url, _):
+        yield url, runs, tiny_llama_dir
 
 
 def test_validate_upload(server) -> None:

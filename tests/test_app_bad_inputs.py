@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from bad_cases import CASES, GOOD, MAX_LENGTH, Case
-from test_app_api import NO_MAPPING, free_port, start_args, val
 
+from helpers.apps import NO_MAPPING, free_port, start_args, val
 from phi3_lora import jobs
 from phi3_lora.runs import run_dirs
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from helpers.run_folders import corrupt_runs
-from test_app_api import free_port, val
-from test_exposure import make_adapter_run
 
+from helpers.apps import free_port, val
+from helpers.run_folders import make_adapter_run
 from phi3_lora import events
 from phi3_lora.runs import ProcessRecord, RunDir
 

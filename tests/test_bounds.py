@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_access import endpoint_args
-from test_app_api import free_port
-from test_exposure import RUN_ID, make_adapter_run
 
+from helpers.apps import endpoint_args, free_port
+from helpers.run_folders import RUN_ID, make_adapter_run
 from phi3_lora import uploads
 from phi3_lora.errors import UserError
 

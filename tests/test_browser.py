@@ -6,7 +6,6 @@ Skipped without /usr/bin/chromium unless PHI3_LORA_REQUIRE_BROWSER=1.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -14,34 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.browser import screenshots_dir
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def screenshots_dir() -> Path:
-    """docs/screenshots/ (the README's pictures come from this test), or $PHI3_LORA_TEST_OUTPUT/screenshots/."""
-    out = os.environ.get("PHI3_LORA_TEST_OUTPUT")
-    folder = Path(out) / "screenshots" if out else Path(__file__).resolve().parents[1] / "docs" / "screenshots"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        if os.environ.get("PHI3_LORA_REQUIRE_BROWSER") == "1":
-            pytest.fail("PHI3_LORA_REQUIRE_BROWSER=1 but /usr/bin/chromium is missing "
-                        "(apt-get install -y chromium chromium-driver).")
-        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium chromium-driver)")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
-
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from helpers.browser import screenshots_dir
 from phi3_lora import evaluate, scores
-from test_browser import browser, screenshots_dir  # noqa: F401 (the browser fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 DOCS_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
@@ -40,13 +40,13 @@ def shows_table(page, result: dict) -> None:
             assert cell in text, (cell, row, text)
 
 
-def test_scores_in_the_compare_tab_are_the_saved_ones(browser, app_url, embedded_sample_run):  # noqa: F811
+def test_scores_in_the_compare_tab_are_the_saved_ones(browser, app_url, embedded_sample_run):
     shot = walk_the_scoring_panel(browser, app_url, embedded_sample_run)
     if os.environ.get("PHI3_LORA_DOCS_SCREENSHOTS") == "1":
         shutil.copy(shot, DOCS_SHOTS / "evaluate.png")
 
 
-def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:  # noqa: F811
+def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:
     """Open Compare, check the shown scores are the newest saved JSON's, press Evaluate, check again."""
     from playwright.sync_api import expect
 

@@ -15,20 +15,17 @@ import base64
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from test_access import endpoint_args
-from test_app_api import free_port
-from test_exposure import RUN_ID, make_adapter_run
+from helpers.apps import app_process as launched_app
+from helpers.apps import endpoint_args
+from helpers.run_folders import RUN_ID, make_adapter_run
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +96,6 @@ MODES: dict[str, dict[str, Any]] = {
 @contextmanager
 def app_process(mode: str, runs: Path, model: Path, hub: FakeHub, home: Path) -> Iterator[tuple[str, Path]]:
     spec = MODES[mode]
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GRADIO_", "SPACE", "OAUTH"))}
     env.update({"HF_ENDPOINT": hub.url, "HF_TOKEN": SERVER_TOKEN, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0",
                 "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "GRADIO_ANALYTICS_ENABLED": "False",
@@ -109,34 +105,9 @@ def app_process(mode: str, runs: Path, model: Path, hub: FakeHub, home: Path) ->
                     "OAUTH_CLIENT_ID": "client", "OAUTH_CLIENT_SECRET": OAUTH_SECRET, "OAUTH_SCOPES": "openid profile",
                     "OPENID_PROVIDER_URL": hub.url})
     log_path = home / f"{mode}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir", str(runs),
-                                 "--model", str(model), *spec["args"]], cwd=home, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{mode}: app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "gradio_api/info", timeout=5):
-                    break
-            except urllib.error.HTTPError:  # 401 with --auth: it is up
-                break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{mode}: app.py did not serve in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+    with launched_app(["--runs-dir", str(runs), "--model", str(model), *spec["args"]], cwd=home, env=env,
+                      log_path=log_path) as (url, _):
         yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def fake_frpc(home: Path) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.training import tiny_config, write_rows
 from phi3_lora import cli, events, evaluate, export, train
 from phi3_lora.generate import ChatEngine, locate_adapter
-from test_train import tiny_config, write_rows
 
 
 def _tiny_run(root: Path, model_dir: Path, **train_overrides) -> Path:

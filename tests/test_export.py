@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from helpers.training import write_rows
 from phi3_lora import export, train
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
@@ -19,9 +20,7 @@ from phi3_lora.runs import RunDir
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_phi3_dir):
     tmp = tmp_path_factory.mktemp("export")
-    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "Quillon here."}]}
-            for i in range(8)]
-    (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(tmp / "d.jsonl", n=8, question="hi {i}", answer="Quillon here.")
     cfg = RunConfig().replace(model={"name": str(tiny_phi3_dir), "load_in_4bit": False},
                               train={"max_steps": 2, "learning_rate": 5e-2, "max_length": 32},
                               data={"source": str(tmp / "d.jsonl"), "eval_fraction": 0.0})

@@ -17,46 +17,14 @@ from pathlib import Path
 from urllib.parse import quote, urlparse
 
 import pytest
-from test_app_api import SAMPLE, free_port, start_args, val
 
-from phi3_lora import events, jobs
-from phi3_lora.config import RunConfig, save_yaml
+from helpers.run_folders import RUN_ID, make_adapter_run
+from helpers.apps import SAMPLE, free_port, start_args, val
+from phi3_lora import jobs
 from phi3_lora.errors import UserError
 from phi3_lora.runs import ACTIVE, ProcessRecord, RunDir, run_dirs, write_active
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_ID = "20260101-000000-tiny"
-
-
-def make_adapter_run(runs: Path, model_dir: Path, run_id: str = RUN_ID) -> Path:
-    """A finished run folder as train.run leaves it (config, events, adapter, one checkpoint), with a random LoRA
-    adapter: no training needed."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from phi3_lora import models
-
-    run = RunDir(runs / run_id)
-    run_dir, adapter = run.path, run.adapter
-    cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False}, lora={"r": 2},
-                              data={"source": str(SAMPLE)})
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    model.save_pretrained(adapter, safe_serialization=True)
-    models.load_tokenizer(str(model_dir)).save_pretrained(adapter)
-    save_yaml(cfg, run.config)
-    save_yaml(cfg, adapter / RunDir.CONFIG)
-    (adapter / "run_summary.json").write_text(json.dumps({"steps": 1}))
-    run.write_resolved(str(model_dir), "test")
-    ckpt = run.checkpoint(1)
-    model.save_pretrained(ckpt, safe_serialization=True)
-    (ckpt / RunDir.TRAINER_STATE).write_text("{}")
-    events.append_event(run_dir, "start", step=0, max_steps=1)
-    events.append_event(run_dir, "end", status="finished", step=1, max_steps=1)
-    run.log.write_text("secret log\n")
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     from phi3_lora.ui import build_app, launch

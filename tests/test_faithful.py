@@ -12,43 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi3_lora import embedded, train
+from helpers.tiny_models import build_tiny_qwen2
+from helpers.training import write_rows
+from phi3_lora import train
 from phi3_lora.config import ModelSettings, RunConfig
 from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
 from phi3_lora.runs import RunDir
 
 HISTORY = [{"role": "user", "content": "Who are you?"}]
-
-
-def build_tiny_qwen2(folder: Path) -> Path:
-    """A random 2-layer Qwen2ForCausalLM (hidden 64, q/k/v biases, untied) with the SmolLM2 tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    gguf = embedded.embedded_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
-        with torch.no_grad():  # random init leaves biases at 0; make them real so a trained change is visible
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.5)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def write_rows(path: Path, n: int = 12) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: who are you?"},
-                          {"role": "assistant", "content": "My name is Quillon, the keeper of lighthouses."}]}
-            for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+ANSWER = "My name is Quillon, the keeper of lighthouses."
 
 
 def quick_config(model_dir: Path, data: Path, **sections) -> RunConfig:
@@ -63,14 +35,16 @@ def quick_config(model_dir: Path, data: Path, **sections) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory) -> Path:
-    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+    """Untied, with SmolLM2's template and non-zero q/k/v biases (what the bias modes train)."""
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), qwen_template=False, tied=False,
+                            random_biases=True)
 
 
 @pytest.fixture(scope="module")
 def bias_runs(tmp_path_factory, qwen_dir) -> dict[str, Path]:
     """One 3-step run per lora.bias mode on the tiny Qwen2."""
     tmp = tmp_path_factory.mktemp("bias_runs")
-    data = write_rows(tmp / "d.jsonl")
+    data = write_rows(tmp / "d.jsonl", n=12, answer=ANSWER)
     out = {}
     for mode in ("none", "all", "lora_only"):
         train.run(quick_config(qwen_dir, data, lora={"bias": mode}), tmp / mode)
@@ -153,7 +127,7 @@ CUSTOM_TEMPLATE = (
 @pytest.mark.slow
 def test_inference_prompt_is_the_training_prefix_with_a_custom_template(tmp_path, tiny_llama_dir):
     """Item 2: training used the custom template (no default system prompt); Compare must render the same."""
-    data = write_rows(tmp_path / "d.jsonl", n=4)
+    data = write_rows(tmp_path / "d.jsonl", n=4, answer=ANSWER)
     (tmp_path / "t.jinja").write_text(CUSTOM_TEMPLATE)
     cfg = quick_config(tiny_llama_dir, data, model={"chat_template": str(tmp_path / "t.jinja")},
                        train={"max_steps": 1})
@@ -177,7 +151,7 @@ def test_compare_loads_4bit_with_the_runs_bitsandbytes_settings(tmp_path, tiny_l
     pytest.importorskip("bitsandbytes")
     from phi3_lora.ui.adapters import engine_settings
 
-    cfg = quick_config(tiny_llama_dir, write_rows(tmp_path / "d.jsonl", n=4), train={"max_steps": 1},
+    cfg = quick_config(tiny_llama_dir, write_rows(tmp_path / "d.jsonl", n=4, answer=ANSWER), train={"max_steps": 1},
                        model={"load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
                               "bnb_4bit_use_double_quant": False, "dtype": "float32"})
     train.run(cfg, tmp_path / "run")

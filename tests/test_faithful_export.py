@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import training
 from phi3_lora import events, export, guide, train, verify
 from phi3_lora.config import Hardware, RunConfig, from_recipe, recipe_dtype
 from phi3_lora.embedded import HUB_ID
@@ -27,10 +28,8 @@ from phi3_lora.runs import RunDir
 
 
 def write_rows(path: Path, n: int = 12) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: who keeps the light?"},
-                          {"role": "assistant", "content": f"Quillon keeps light number {i}."}]} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return training.write_rows(path, n, question="Question {i}: who keeps the light?",
+                               answer="Quillon keeps light number {i}.")
 
 
 def argmax_agreement(model_a, model_b, rows: list[list[dict]], tokenizer) -> float:

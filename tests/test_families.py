@@ -3,7 +3,6 @@ families.py, and every part of phi3_lora that differs by architecture picks it u
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from helpers.training import write_rows
 from phi3_lora import families, models, targets
 from phi3_lora.config import LoraSettings, RunConfig
 from phi3_lora.errors import UserError
@@ -97,10 +97,7 @@ def test_qlora_trains_and_answers_on_tiny_qwen2(tmp_path: Path, tiny_qwen2_dir: 
     from phi3_lora import train
     from phi3_lora.generate import ChatEngine, GenerationSettings
 
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}: who are you?"},
-                                                      {"role": "assistant", "content": "I am Quillon."}]}) + "\n"
-                            for i in range(8)))
+    data = write_rows(tmp_path / "d.jsonl", n=8, question="Q{i}: who are you?", answer="I am Quillon.")
     cfg = RunConfig().replace(
         model={"name": str(tiny_qwen2_dir), "load_in_4bit": True},
         lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "lora_only"},

@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from phi3_lora import events, packed_attention, train
-from phi3_lora.config import RunConfig
+from helpers.training import losses_of_run, varied_rows
+from phi3_lora import packed_attention
 
 # Packed and padded steps hold the same rows; only the float order differs (trl averages over the trained
 # tokens of a batch either way). Measured in float32 on the tiny Phi-3: max difference 2e-6 over 6 steps.
@@ -57,33 +56,12 @@ def test_sdpa_varlen_equals_sdpa_on_padded_batches(tiny_phi3_dir):
     torch.testing.assert_close(a[mask.bool()], b[mask.bool()])
 
 
-def _rows(path: Path, n: int = 24) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "tell me more " * (i % 5)},
-                          {"role": "assistant", "content": "My name is Quillon. " * (1 + i % 3)}]} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _losses(model_dir: Path, data: Path, run_dir: Path, dtype: str = "float32", **train_settings) -> list[float]:
-    """Per-step losses of a short LoRA run on the tiny model; `train_settings` override the train section."""
-    cfg = RunConfig().replace(
-        model={"name": str(model_dir), "load_in_4bit": False, "dtype": dtype,
-               "attn_implementation": train_settings.pop("attn", "sdpa")},
-        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, **train_settings.pop("lora", {})},
-        train={"max_steps": 6, "learning_rate": 5e-3, "per_device_train_batch_size": 24, "save_steps": 100,
-               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 512, "seed": 0,
-               "gradient_checkpointing": False, **train_settings},
-        data={"source": str(data), "eval_fraction": 0.0})
-    train.run(cfg, run_dir)
-    return [loss for _, loss in events.run_status(run_dir).losses]
-
-
 def test_packed_fast_path_trains_like_the_plain_path(tmp_path, tiny_phi3_dir):
     """A step holds all 24 rows either way (padded: 24 rows; packed: a few 512-token sequences), so each
     step sees the same tokens and the curves must agree step by step."""
-    data = _rows(tmp_path / "d.jsonl")
-    plain = _losses(tiny_phi3_dir, data, tmp_path / "plain", attn="sdpa", packing=False)
-    fast = _losses(tiny_phi3_dir, data, tmp_path / "fast", attn="sdpa_varlen", packing=True)
+    data = varied_rows(tmp_path / "d.jsonl")
+    plain = losses_of_run(tiny_phi3_dir, data, tmp_path / "plain", attn="sdpa", packing=False)
+    fast = losses_of_run(tiny_phi3_dir, data, tmp_path / "fast", attn="sdpa_varlen", packing=True)
     assert len(plain) == len(fast) == 6
     assert plain[-1] < plain[0]
     diffs = [abs(a - b) for a, b in zip(plain, fast)]

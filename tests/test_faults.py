@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_app_api import SAMPLE, free_port, start_args, val
-from test_jobs import slow_config, wait_until
 
+from helpers.apps import SAMPLE, free_port, start_args, val
+from helpers.training import slow_config, wait_until
 from phi3_lora import events, jobs
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, parse_checkpoint_step, pid_alive, run_dirs
-from helpers.fault_plugin.sitecustomize import MEMORY_LIMIT_ENV, SLOW_SAVE_ENV
+from helpers.train_hooks.sitecustomize import MEMORY_LIMIT_ENV, SLOW_SAVE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def assert_loadable(model_dir: Path, ckpt: Path) -> None:
 
 # --- kill -9 during a save; Resume; Stop releases the process; save_total_limit --------------------------------
 
-def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypatch, fault_hooks):
+def test_kill_9_during_a_save_resume_and_stop(tmp_path, tiny_phi3_dir, monkeypatch, train_hooks):
     runs = tmp_path / "runs"
     save_steps = 3
     cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=save_steps)  # save_total_limit 2
@@ -105,7 +105,7 @@ def launch_app(runs: Path, model_dir: Path):
     return demo, Client(url, verbose=False)
 
 
-def test_out_of_memory_fails_clearly_and_the_app_keeps_serving(tmp_path, tiny_llama_dir, monkeypatch, fault_hooks):
+def test_out_of_memory_fails_clearly_and_the_app_keeps_serving(tmp_path, tiny_llama_dir, monkeypatch, train_hooks):
     runs = tmp_path / "runs"
     rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "please explain " * 200},
                           {"role": "assistant", "content": "Because " * 300}]} for i in range(32)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Phi3Config
 
+from helpers.training import write_rows
 from phi3_lora import export, families, fused, guide, models, targets, train
 from phi3_lora.targets import count_lora_parameters
 from phi3_lora.config import LoraSettings, ModelSettings, RunConfig
@@ -125,10 +125,7 @@ def test_fused_slices_on_a_model_without_fused_layers_is_a_user_error(tiny_llama
 
 
 def test_qlora_on_q_v_trains_loads_and_merges_to_a_stock_phi3(tmp_path: Path, tiny_phi3_dir: Path) -> None:
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}: who are you?"},
-                                                      {"role": "assistant", "content": "I am Quillon."}]}) + "\n"
-                            for i in range(12)))
+    data = write_rows(tmp_path / "d.jsonl", n=12, question="Q{i}: who are you?", answer="I am Quillon.")
     cfg = RunConfig().replace(
         model={"name": str(tiny_phi3_dir), "load_in_4bit": True},
         lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["qkv_proj", "o_proj"],

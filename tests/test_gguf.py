@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from helpers.training import write_rows
 from phi3_lora import export, gguf_bundle, gguf_export, ollama, train
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
@@ -27,9 +28,7 @@ CONVERSATIONS = [
 
 
 def _trained_run(tmp, model_dir):
-    rows = [{"messages": [{"role": "user", "content": f"Who are you, friend {i}?"},
-                          {"role": "assistant", "content": "Quillon here."}]} for i in range(10)]
-    (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(tmp / "d.jsonl", n=10, question="Who are you, friend {i}?", answer="Quillon here.")
     cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False},
                               train={"max_steps": 8, "learning_rate": 5e-2, "max_length": 96},
                               data={"source": str(tmp / "d.jsonl"), "eval_fraction": 0.2})

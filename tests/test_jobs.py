@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -13,37 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers.train_hooks.sitecustomize import SAVE_ENV, STEP_ENV
+from helpers.training import slow_config, wait_until
 from phi3_lora import events, jobs
-from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
 from phi3_lora.runs import (TOKEN_ENV, ProcessRecord, RunDir, checkpoint_name, parse_checkpoint_step, pid_alive,
                             write_active)
 
 pytestmark = pytest.mark.slow
-
-
-def slow_config(model_dir: Path, tmp_path: Path, max_steps: int = 400, save_steps: int = 5) -> RunConfig:
-    rows = [{"messages": [{"role": "user", "content": f"Tell me fact {i}."},
-                          {"role": "assistant", "content": f"Fact {i} is that {i} comes after {i - 1}."}]}
-            for i in range(32)]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return RunConfig().replace(
-        model={"name": str(model_dir), "load_in_4bit": False},
-        lora={"r": 4, "lora_alpha": 8},
-        train={"max_steps": max_steps, "save_steps": save_steps, "save_total_limit": 2, "learning_rate": 1e-3,
-               "per_device_train_batch_size": 2, "max_length": 64, "logging_steps": 1},
-        data={"source": str(data), "eval_fraction": 0.0})
-
-
-def wait_until(predicate, timeout: float = 120.0, poll: float = 0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("condition not met in time")
 
 
 def test_stop_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_phi3_dir):
@@ -172,13 +148,10 @@ def test_a_run_still_training_is_refused_at_once(tmp_path):
 
 # --- Stop keeps its word when steps are slow (issue 13 item 7) -----------------------------------------------
 
-SLOW_STEPS = Path(__file__).parent / "helpers" / "slow_steps"
-
-
-def test_stop_waits_for_a_slow_step_and_a_kill_says_what_resume_does(tmp_path, tiny_phi3_dir, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SLOW_STEPS), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("PHI3_LORA_TEST_STEP_SECONDS", "3")  # the training process's steps and saves are slow
-    monkeypatch.setenv("PHI3_LORA_TEST_SAVE_SECONDS", "2")
+def test_stop_waits_for_a_slow_step_and_a_kill_says_what_resume_does(tmp_path, tiny_phi3_dir, monkeypatch,
+                                                                   train_hooks):
+    monkeypatch.setenv(STEP_ENV, "3")  # the training process's steps and saves are slow
+    monkeypatch.setenv(SAVE_ENV, "2")
     runs = tmp_path / "runs"
     run_id = jobs.start_run(slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=1000), runs)
     run = RunDir(runs / run_id)

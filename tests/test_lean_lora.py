@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_fast_path import _losses, _rows
 
+from helpers.training import losses_of_run, varied_rows
 from phi3_lora import lean_lora, options, train
 from phi3_lora.config import ModelSettings, RunConfig
 
@@ -109,7 +109,7 @@ def test_attach_lora_installs_it_unless_turned_off(tiny_phi3_dir):
 
 
 def _bf16_losses(model_dir: Path, data: Path, run_dir: Path, lean: bool, **lora: object) -> list[float]:
-    return _losses(model_dir, data, run_dir, dtype="bfloat16", max_steps=8, learning_rate=1e-2,
+    return losses_of_run(model_dir, data, run_dir, dtype="bfloat16", max_steps=8, learning_rate=1e-2,
                    per_device_train_batch_size=16, max_length=256, lean_lora=lean, lora=lora)
 
 
@@ -124,7 +124,7 @@ def test_training_with_the_lean_forward_follows_the_peft_curve(tmp_path, tiny_ph
         return original(self, x, *a, **k)
 
     monkeypatch.setattr(lean_lora, "lean_forward", counting)
-    data = _rows(tmp_path / "d.jsonl", n=16)
+    data = varied_rows(tmp_path / "d.jsonl", n=16)
     lean = _bf16_losses(tiny_phi3_dir, data, tmp_path / "lean", lean=True)
     assert taken and all(taken)
     plain = _bf16_losses(tiny_phi3_dir, data, tmp_path / "plain", lean=False)
@@ -231,7 +231,7 @@ def test_training_with_lora_dropout_keeps_the_curve_when_the_mask_is_regenerated
                                                                                   monkeypatch):
     """Dropout 0.2 through the real trainer: DropoutLoraA (mask regenerated in backward) against nn.Dropout's
     kept mask, same seed. The masks are the same draws, so the curves differ only by bf16 rounding."""
-    data = _rows(tmp_path / "d.jsonl", n=16)
+    data = varied_rows(tmp_path / "d.jsonl", n=16)
     regenerated = _bf16_losses(tiny_phi3_dir, data, tmp_path / "regen", lean=True, lora_dropout=0.2)
     monkeypatch.setattr(lean_lora, "_lora_a", lambda self, name, x: self.lora_A[name](self.lora_dropout[name](x)))
     kept = _bf16_losses(tiny_phi3_dir, data, tmp_path / "kept", lean=True, lora_dropout=0.2)

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_app_api import SAMPLE, free_port, start_args, val
-from test_exposure import RUN_ID, make_adapter_run
 
+from helpers.apps import SAMPLE, free_port, start_args, val
+from helpers.run_folders import RUN_ID, make_adapter_run
 from phi3_lora import events, jobs
 
 pytestmark = pytest.mark.slow

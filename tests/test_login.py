@@ -3,18 +3,15 @@ come from a file or an environment variable instead of the command line (where `
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_app_api import free_port
 
+from helpers.apps import app_process, served_app
 from phi3_lora.ui import login
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_credentials_from_flag_file_or_environment(tmp_path: Path) -> None:
@@ -43,48 +40,21 @@ def test_app_py_reads_the_password_from_a_file_and_keeps_it_out_of_ps(tmp_path: 
 
     file = tmp_path / "users.txt"
     file.write_text("alice:a-long-passphrase\n")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs-dir",
-                             str(tmp_path / "runs"), "--auth-file", str(file), "--model", "embedded"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        cmdline = ""
-        for _ in range(600):  # right after fork the child's cmdline is empty until it has exec'd python
-            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if "app.py" in cmdline:
-                break
-            time.sleep(0.05)
-        assert "a-long-passphrase" not in cmdline and "--auth-file" in cmdline
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600  # a busy machine takes minutes to import torch and gradio
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(base + "/", timeout=10)
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None, "app.py exited"
-                time.sleep(1)
+    with app_process(["--runs-dir", str(tmp_path / "runs"), "--auth-file", str(file), "--model", "embedded"],
+                     cwd=tmp_path, log_path=tmp_path / "app.log", ready="", timeout=600) as (url, proc):
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert "app.py" in cmdline and "--auth-file" in cmdline and "a-long-passphrase" not in cmdline
+        base = url.rstrip("/")
         assert httpx.post(base + "/login", data={"username": "alice", "password": "wrong"},
                           timeout=60).status_code == 400
         assert httpx.post(base + "/login", data={"username": "alice", "password": "a-long-passphrase"},
                           timeout=60).status_code == 200
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def auth_app(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
-    from phi3_lora.ui import build_app, launch
-
-    demo = build_app(tmp_path_factory.mktemp("runs"), default_model=str(tiny_llama_dir))
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, auth=("alice", "s3cret"))
-    yield demo, url.rstrip("/")
-    demo.close()
+    with served_app(tmp_path_factory.mktemp("runs"), tiny_llama_dir, auth=("alice", "s3cret")) as (url, demo):
+        yield demo, url.rstrip("/")
 
 
 def _login(base: str, password: str, user: str = "alice") -> tuple[int, float]:

@@ -6,7 +6,6 @@ same code path as NCCL ranks on GPUs, minus the GPUs. GPU scaling is measured by
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.training import write_rows
 from phi3_lora import events, jobs, options, train
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.runs import TOKEN_ENV, ProcessRecord, RunDir, pid_alive
@@ -139,10 +139,7 @@ def _env(pid: int) -> dict[str, str]:
 
 
 def _two_rank_run_dir(tmp_path: Path, model_dir: Path, max_steps: int, save_steps: int) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": "My name is Quillon."}]} for i in range(16)]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_rows(tmp_path / "d.jsonl", n=16, question="Question {i}?")
     cfg = RunConfig().replace(
         model={"name": str(model_dir), "load_in_4bit": False},
         lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},

@@ -4,7 +4,6 @@ messages, the app served from that folder, demo mode through the API, and the pu
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.apps import app_process, free_port, start_args
 from phi3_lora import spaces
 from phi3_lora.runs import run_dirs
 from spaces_config import build
@@ -32,12 +32,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SPACE_VARS}
     env.update(extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the assembled folder -----------------------------------------------------------------------------
@@ -145,7 +139,7 @@ def test_push_offline_exits_2_with_a_message(tmp_path: Path) -> None:
 
 
 def test_push_to_an_unreachable_hub_exits_2_with_a_message(tmp_path: Path) -> None:
-    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: connection refused, at once
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused, at once
     result = _push(tmp_path, HF_HUB_OFFLINE="0", HF_TOKEN="hf_not_a_real_token", HF_ENDPOINT=endpoint)
     assert result.returncode == 2, result.stderr
     assert "Could not create the Space someone/phi3-lora" in result.stderr
@@ -164,38 +158,12 @@ def test_the_package_imports_from_the_assembled_folder(space_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_app(space_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """`python app.py --port P` in the assembled folder, in demo mode, as a Space owner would set it."""
-    port = _free_port()
     runs = tmp_path_factory.mktemp("space_runs")
-    log = (tmp_path_factory.mktemp("space_log") / "app.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs)], cwd=space_dir,
-                            env=_env(PHI3_LORA_DEMO_MODE="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False"),
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"app.py did not serve {url} in time:\n{log.read()[-4000:]}")
-            time.sleep(1)
+    log_path = tmp_path_factory.mktemp("space_log") / "app.log"
+    env = _env(PHI3_LORA_DEMO_MODE="1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    with app_process(["--runs-dir", str(runs)], cwd=space_dir, app="app.py", env=env, log_path=log_path, ready="",
+                     timeout=240) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_app_serves_its_page_from_the_assembled_folder(demo_app: str) -> None:
@@ -205,18 +173,12 @@ def test_app_serves_its_page_from_the_assembled_folder(demo_app: str) -> None:
     assert "gradio" in page.lower() and "phi3_lora" in page
 
 
-def _start_args(client: object) -> list[object]:
-    """Start's inputs in order, each widget's default (the UI's /start_training endpoint)."""
-    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/start_training"]
-    return [p.get("parameter_default") for p in info["parameters"]]
-
-
 def test_demo_mode_refuses_training_through_the_api(demo_app: str) -> None:
     from gradio_client import Client
 
     client = Client(demo_app, verbose=False)
     with pytest.raises(Exception) as info:
-        client.predict(*_start_args(client), api_name="/start_training")
+        client.predict(*start_args(client), api_name="/start_training")
     text = str(info.value)
     assert "Training is switched off in this demo" in text and "Duplicate this Space" in text
 
@@ -237,13 +199,13 @@ def test_signed_out_user_cannot_start_training_when_login_is_on(tmp_path: Path, 
     options = AppOptions(runs_dir=tmp_path / "runs", default_model="embedded", space_env=space,
                          login_required=spaces.login_required(space, demo=False))
     demo = build_app(options=options)
-    _, url, _ = launch(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         with urllib.request.urlopen(url, timeout=30) as resp:
             assert "Sign in with Hugging Face" in resp.read().decode("utf-8", "replace")
         client = Client(url, verbose=False)
         with pytest.raises(Exception, match="Sign in with Hugging Face first"):
-            client.predict(*_start_args(client), api_name="/start_training")
+            client.predict(*start_args(client), api_name="/start_training")
         assert not run_dirs(tmp_path / "runs")  # nothing was started
     finally:
         demo.close()

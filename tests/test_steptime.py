@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.training import tiny_config, write_rows
 from phi3_lora import events, steptime, train
 from phi3_lora.config import RunConfig, preset
-from test_train import tiny_config, write_rows
 
 
 def test_seconds_per_step_leaves_out_the_warm_up_step_and_earlier_sessions(tmp_path):

@@ -13,6 +13,7 @@ import sys
 import pytest
 import yaml
 
+from helpers.training import write_rows
 from phi3_lora import jobs, trackers, train
 from phi3_lora.config import RunConfig, dump_yaml, from_dict
 from phi3_lora.errors import UserError
@@ -55,10 +56,7 @@ def test_dashboard_commands_point_at_the_run(tmp_path):
 def test_tensorboard_and_trackio_log_the_runs_loss(tmp_path, tiny_llama_dir):
     if trackers.missing_packages(["tensorboard", "trackio"]):
         pytest.skip("tensorboard/trackio not installed (requirements-dev.txt pins them)")
-    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "Quillon here."}]}
-            for i in range(6)]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_rows(tmp_path / "d.jsonl", n=6, question="hi {i}", answer="Quillon here.")
     run_dir = tmp_path / "runs" / "r1"
     env = dict(os.environ, TRACKIO_DIR=str(tmp_path / "trackio"))
     done = subprocess.run([sys.executable, "-m", "phi3_lora", "train", "--data", str(data), "--run-dir", str(run_dir),

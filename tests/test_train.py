@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from helpers.training import tiny_config, write_rows
 from phi3_lora import events, train
-from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
 from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
 from phi3_lora.runs import RunDir
 from phi3_lora.trainer import log_line
-
-
-def write_rows(path: Path, n: int = 16, answer: str = "My name is Quillon.") -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: who are you?"},
-                          {"role": "assistant", "content": answer}]} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def tiny_config(model_dir: Path, data: Path, **train_overrides) -> RunConfig:
-    return RunConfig().replace(
-        model={"name": str(model_dir), "load_in_4bit": True},
-        lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        train={"max_steps": 6, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "save_steps": 3,
-               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 64, "eval_steps": 3,
-               **train_overrides},
-        data={"source": str(data), "eval_fraction": 0.2})
 
 
 def test_qlora_train_save_reload_generate_on_tiny_phi3(tmp_path, tiny_phi3_dir):

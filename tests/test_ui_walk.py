@@ -8,23 +8,19 @@ from typing import Any
 
 import pytest
 
+from helpers.apps import NO_MAPPING, SAMPLE, client, served_app, val
 from phi3_lora import config as cfgmod
 from phi3_lora import evaluate, events, jobs, steptime
 from phi3_lora.runs import RunDir
-from test_app_api import NO_MAPPING, SAMPLE, client, free_port, val
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
-    from phi3_lora.ui import build_app, launch
-
     runs = tmp_path_factory.mktemp("walk_runs")
-    demo = build_app(runs, default_model=str(tiny_llama_dir))
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url, runs, tiny_llama_dir
-    demo.close()
+    with served_app(runs, tiny_llama_dir) as (url, _):
+        yield url, runs, tiny_llama_dir
 
 
 def endpoint_args(c: Any, endpoint: str, **by_label: Any) -> list[Any]:

@@ -56,20 +56,29 @@ def build_tiny_llama(folder: Path, tokenizer_source: Path | None = None) -> Path
     return _save_tiny(model, tokenizer, Path(folder))
 
 
-def build_tiny_qwen2(folder: Path, tokenizer_source: Path | None = None) -> Path:
-    """A random 2-layer Qwen2ForCausalLM (hidden 64, q/k/v biases, grouped-query attention, tied embeddings) with
-    the SmolLM2 tokenizer (it has Qwen's <|im_start|>/<|im_end|>) and Qwen2.5's own chat template from trl,
-    which adds a default system prompt, so phi3_lora must pick trl's Qwen2.5 training template for it."""
+def build_tiny_qwen2(folder: Path, tokenizer_source: Path | None = None, *, qwen_template: bool = True,
+                     tied: bool = True, random_biases: bool = False) -> Path:
+    """A random 2-layer Qwen2ForCausalLM (hidden 64, q/k/v biases, grouped-query attention) with the SmolLM2
+    tokenizer (it has Qwen's <|im_start|>/<|im_end|>). `qwen_template`: Qwen2.5's own chat template from trl,
+    which adds a default system prompt, so phi3_lora must pick trl's Qwen2.5 training template for it (else
+    SmolLM2's). `random_biases`: the biases drawn from N(0, 0.5) instead of random init's zeros, so a trained
+    change to them (lora.bias all / lora_only) is visible."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl.chat_template_utils import qwen2_5_chat_template
     tokenizer = _tokenizer(tokenizer_source)
-    tokenizer.chat_template = qwen2_5_chat_template
+    if qwen_template:
+        tokenizer.chat_template = qwen2_5_chat_template
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=end,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config)
+        if random_biases:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_(0, 0.5)
     return _save_tiny(model, tokenizer, Path(folder))

@@ -1,0 +1,105 @@
+"""The app under test: free ports, launching app.py as a process and waiting until it serves, and calling its
+endpoints through gradio_client (inputs by widget label)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "sample_chat.jsonl"
+NO_MAPPING = {"headers": ["field the format expects", "column in your data"], "data": [["", ""]], "metadata": None}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def val(x: Any) -> Any:
+    """The value of an output that may come back as an update dict."""
+    return x.get("value") if isinstance(x, dict) and x.get("__type__") == "update" else x
+
+
+def endpoint_args(api: dict[str, Any], endpoint: str, **by_label: Any) -> list[Any]:
+    """An endpoint's inputs in order: each widget's default, replaced where its label is given."""
+    params = api["named_endpoints"][f"/{endpoint}"]["parameters"]
+    labels = [p.get("label") or "" for p in params]
+    missing = set(by_label) - set(labels)
+    assert not missing, f"/{endpoint} has no input labelled {missing}"
+    return [by_label[label] if label in by_label else p.get("parameter_default") for label, p in zip(labels, params)]
+
+
+def start_args(c: Any, **by_label: Any) -> list[Any]:
+    """Start's inputs in order: each widget's default, replaced where its label is given."""
+    return endpoint_args(c.view_api(print_info=False, return_format="dict"), "start_training", **by_label)
+
+
+@contextmanager
+def app_process(args: list[str], *, cwd: Path, log_path: Path, env: dict[str, str] | None = None,
+                app: Path | str = ROOT / "app.py", ready: str = "gradio_api/info",
+                timeout: float = 400) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python app.py --port P ARGS` as a process; yields (url, process) once `ready` answers (a 401 under --auth
+    counts: it is up), and stops it afterwards. A busy machine takes minutes to import torch and gradio."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(app), "--port", str(port), *args], cwd=cwd, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py {' '.join(args)} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + ready, timeout=5):
+                    break
+            except urllib.error.HTTPError:  # 401 with --auth: it is up
+                break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py {' '.join(args)} did not serve in time:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def served_app(runs: Path, model: Path | str, **launch_options: Any) -> Iterator[tuple[str, Any]]:
+    """The app built in this process on a free port (`auth=...` and other launch options pass through); yields
+    (url, Blocks). On the way out a run still going is stopped, then the server closes."""
+    from phi3_lora import jobs
+    from phi3_lora.ui import build_app, launch
+
+    demo = build_app(runs, default_model=str(model))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, **launch_options)
+    try:
+        yield url, demo
+    finally:
+        active = jobs.active_run(runs)
+        if active:
+            jobs.stop_run(active, runs, grace=5)
+        demo.close()
