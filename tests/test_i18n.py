@@ -63,13 +63,19 @@ def _components(config: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def built(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def app(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from phi3_lora.ui import build_app
 
     demo = build_app(tmp_path_factory.mktemp("i18n_runs"), default_model=str(tiny_llama_dir))
-    config = json.loads(json.dumps(demo.get_config_file(), default=lambda o: o.to_dict() if hasattr(o, "to_dict") else repr(o)))
+    yield demo
     demo.close()
-    return config
+
+
+@pytest.fixture(scope="module")
+def built(app: Any) -> dict[str, Any]:
+    """The built app's config, as the page receives it (keys in their dict form)."""
+    return json.loads(json.dumps(app.get_config_file(),
+                                 default=lambda o: o.to_dict() if hasattr(o, "to_dict") else repr(o)))
 
 
 def test_the_layout_uses_only_keys_every_locale_has(built: dict[str, Any]) -> None:
@@ -113,16 +119,9 @@ def test_no_text_in_the_layout_is_left_untranslated(built: dict[str, Any]) -> No
     assert not english, english
 
 
-def test_the_api_page_shows_english_labels(built: dict[str, Any], tiny_llama_dir: Path,
-                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_the_api_page_shows_english_labels(app: Any) -> None:
     """Scripts and gradio_client name inputs by label: the API info says "Learning rate", not a key."""
-    from phi3_lora.ui import build_app
-
-    demo = build_app(tmp_path_factory.mktemp("i18n_api"), default_model=str(tiny_llama_dir))
-    try:
-        info = demo.get_api_info()
-        labels = {p["label"] for e in info["named_endpoints"].values() for p in e["parameters"]}
-        assert {"Learning rate", "Data source", "Base model", "Prompt"} <= labels
-        assert not [label for label in labels if not isinstance(label, str) or "__i18n__" in label]
-    finally:
-        demo.close()
+    info = app.get_api_info()
+    labels = {p["label"] for e in info["named_endpoints"].values() for p in e["parameters"]}
+    assert {"Learning rate", "Data source", "Base model", "Prompt"} <= labels
+    assert not [label for label in labels if not isinstance(label, str) or "__i18n__" in label]
