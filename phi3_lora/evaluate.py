@@ -167,8 +167,9 @@ def batches(items: list[Item], size: int) -> Iterator[list[Item]]:
 
 
 def generate(engine: Any, items: list[Item], batch_size: int, max_new_tokens: int,
-             clock: Clock | None = None) -> dict[int, tuple[str, str]]:
-    """row -> (base answer, tuned answer), greedy; rows not reached before the clock fired are absent."""
+             clock: Clock | None = None, *, mix: bool = True) -> dict[int, tuple[str, str]]:
+    """row -> (base answer, tuned answer), greedy; rows not reached before the clock fired are absent.
+    `mix`: base and tuned rows of a batch in one generate call (engine.answer_pairs); False: a call per side."""
     from phi3_lora.generate import GenerationSettings
 
     greedy = GenerationSettings(temperature=0.0, max_new_tokens=max_new_tokens)
@@ -177,12 +178,10 @@ def generate(engine: Any, items: list[Item], batch_size: int, max_new_tokens: in
     for batch in batches(items, batch_size):
         if clock.expired():
             break
-        histories = [it.history for it in batch]
-        base = engine.answer_batch(histories, adapter=False, settings=greedy, stopping_criteria=[clock])
-        tuned = engine.answer_batch(histories, adapter=True, settings=greedy, stopping_criteria=[clock])
+        pairs = engine.answer_pairs([it.history for it in batch], greedy, stopping_criteria=[clock], mix=mix)
         if clock.fired:  # cut mid-batch: these answers are incomplete
             break
-        out.update({it.row: (b, t) for it, b, t in zip(batch, base, tuned)})
+        out.update({it.row: pair for it, pair in zip(batch, pairs)})
     return out
 
 
@@ -368,14 +367,16 @@ def card_section(adapter_dir: Path) -> str:
 
 def speed_comparison(engine: Any, rows: list[dict[str, Any]], batch_size: int = 16,
                      max_new_tokens: int = 64) -> dict[str, Any]:
-    """Time the same greedy answers (base and tuned) batched and one prompt at a time, in this process."""
+    """Time the same greedy answers (base and tuned) batched and one prompt at a time, in this process.
+    Batched: `batch_size` prompts, base and tuned rows in one generate call. One by one: a generate call per
+    prompt and side (2 x rows calls of one row), the loop a user would write."""
     items, skipped = prepare(rows, engine.tokenizer, model_context(engine), max_new_tokens)
     if not items:
         raise UserError("No conversation can be answered: " + "; ".join(f"{s.where} {s.reason}" for s in skipped[:3]))
     timings, answers = {}, {}
     for name, size in (("batched", batch_size), ("one_by_one", 1)):
         t0 = time.perf_counter()
-        answers[name] = generate(engine, items, size, max_new_tokens)
+        answers[name] = generate(engine, items, size, max_new_tokens, mix=size > 1)
         timings[name] = time.perf_counter() - t0
     same = sum(answers["batched"][row] == answers["one_by_one"][row] for row in answers["batched"])
     return {"rows": len(items), "models": 2, "max_new_tokens": max_new_tokens, "batch_size": batch_size,

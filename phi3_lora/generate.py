@@ -10,6 +10,7 @@ inside peft's `disable_adapter()`.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,44 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 END_TOKENS = families.end_tokens()  # every family's end-of-turn tokens
 
 Messages = list[dict[str, str]]
+MERGE_LIMIT_BYTES = 2 * 1024**3  # the largest transient merged copy of the adapted weights a tuned call may make
+MERGE_FOR_SPEED = True  # tuned-only calls run merged (`ChatEngine._merged`); False: peft's unmerged forward
+THREADS_ENV = "PHI3_LORA_GENERATE_THREADS"  # a fixed CPU thread count for generation, overriding the rule below
+
+
+def generation_threads(cores: int, load: float, configured: int | None = None) -> int:
+    """CPU threads for one generate call: all cores, or 1 when the machine is already oversubscribed.
+
+    torch's OpenMP threads spin while they wait for each other; when another process (a training run beside
+    the app, a second app) holds the cores, a descheduled thread stalls every kernel of every token. On this
+    2-core machine at load 6-10: 1 prompt x 32 tokens took 11.4 s with 2 threads and 3.1 s with 1; 16 prompts
+    89.7 s and 13.0 s. The 1-minute load average counts our own last call too (at most `cores` threads), so
+    "oversubscribed" is a load of at least one runnable task more than the cores.
+    """
+    if configured:
+        return max(1, configured)
+    return 1 if load >= cores + 1 else max(1, cores)
+
+
+@contextlib.contextmanager
+def cpu_threads(device: Any) -> Iterator[None]:
+    """Generation on the CPU with `generation_threads` threads (env PHI3_LORA_GENERATE_THREADS overrides),
+    the process's setting restored afterwards. A GPU call is left alone."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        yield
+        return
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    configured = int(raw) if raw.isdigit() else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(generation_threads(min(cores, before), load, configured))  # OMP_NUM_THREADS stays a cap
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -195,6 +234,55 @@ class ChatEngine:
         finally:
             self._put_biases(self._tuned_biases)
 
+    def _mergeable(self) -> list[Any]:
+        """The adapter's LoRA layers when the tuned side can run merged (plain LoRA on float Linear layers, no
+        DoRA, no LoRA bias, no modules_to_save, the copy within MERGE_LIMIT_BYTES), else []."""
+        import torch
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        cfg = getattr(self.model, "peft_config", {}).get(TUNED)
+        if cfg is None or getattr(cfg, "use_dora", False) or getattr(cfg, "lora_bias", False) \
+                or getattr(cfg, "modules_to_save", None):
+            return []
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and TUNED in m.lora_A]
+        size = 0
+        for layer in layers:
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            if type(layer) is not LoraLinear or TUNED in layer.lora_variant or not isinstance(weight, torch.Tensor) \
+                    or type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_floating_point():
+                return []  # a quantized, embedding or variant layer: peft's own forward
+            size += weight.numel() * weight.element_size()
+        return layers if layers and size <= MERGE_LIMIT_BYTES else []
+
+    @contextlib.contextmanager
+    def _merged(self) -> Iterator[bool]:
+        """The tuned side with W + scale * B @ A in place of each adapted weight, adapter layers off (yields True),
+        or peft's unmerged forward where that is not possible (False). At batch 1 the unmerged LoRA layers' Python
+        work per token made the tuned side ~1.7x slower than the base. The merged weights are new tensors swapped
+        in for this call only and the base's own tensors are put back afterwards, error or not: peft's
+        unmerge_adapter() subtracts the delta again, which changed 819,503 base weights by up to 1.2e-7 here, so
+        the base would drift with every tuned answer."""
+        import torch
+
+        layers = self._mergeable()
+        if not layers:
+            yield False
+            return
+        kept: list[tuple[Any, Any]] = []
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    base = layer.get_base_layer()
+                    kept.append((base, base.weight))
+                    merged = base.weight + layer.get_delta_weight(TUNED).to(base.weight.dtype)
+                    base.weight = torch.nn.Parameter(merged, requires_grad=False)
+            with self.model.disable_adapter():  # LoRA layers call only their base layer, which now holds W + BA
+                yield True
+        finally:
+            for base, weight in kept:
+                base.weight = weight
+
     def prompt_ids(self, history: Messages) -> list[int]:
         """The token ids a history is answered from (chat template + generation prompt), as generation uses them."""
         return self._inputs([history])["input_ids"][0].tolist()
@@ -207,7 +295,7 @@ class ChatEngine:
             raise UserError("No adapter is loaded: pick a finished run first.")
         device = next(self.base.parameters()).device
         ids = torch.tensor([input_ids], device=device)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), cpu_threads(device):
             ctx = contextlib.nullcontext() if adapter else self._adapter_off()
             with ctx:
                 return self.model(input_ids=ids).logits[0].float().cpu()
@@ -219,7 +307,7 @@ class ChatEngine:
         if adapter and not self.has_adapter:
             raise UserError("No adapter is loaded: pick a finished run first.")
         inputs = self._inputs([history])
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), cpu_threads(inputs["input_ids"].device):
             ctx = contextlib.nullcontext() if adapter else self._adapter_off()
             with ctx:
                 out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
@@ -294,19 +382,24 @@ class ChatEngine:
         return text
 
     @contextlib.contextmanager
-    def adapter_state(self, on: bool) -> Iterator[Any]:
-        """The model with the tuned adapter on or off, held by this caller alone (the switch is model-wide)."""
+    def adapter_state(self, on: bool, merged: bool = False) -> Iterator[Any]:
+        """The model with the tuned adapter on or off, held by this caller alone (the switch is model-wide).
+        `merged`: the tuned side with the adapter folded into (a transient copy of) the weights where possible
+        (`_merged`): same answers, faster per token; not for mixed-adapter batches."""
         import torch
 
         if on and not self.has_adapter:
             raise UserError("No adapter is loaded: pick a finished run first.")
-        with self._lock, torch.inference_mode():
-            with contextlib.nullcontext() if on else self._adapter_off():
+        device = next(self.base.parameters()).device
+        with self._lock, torch.inference_mode(), cpu_threads(device):
+            with (self._merged() if merged else contextlib.nullcontext()) if on else self._adapter_off():
                 yield self.model
 
     def answer_batch(self, histories: list[Messages], adapter: bool, settings: GenerationSettings,
-                     stopping_criteria: list[Any] | None = None) -> list[str]:
-        """One answer per history from one `generate` call (left-padded batch), adapter on or off, no streaming."""
+                     stopping_criteria: list[Any] | None = None, *,
+                     adapter_names: list[str] | None = None) -> list[str]:
+        """One answer per history from one `generate` call (left-padded batch), adapter on or off, no streaming.
+        With `adapter_names` (BASE or TUNED per row) the rows mix base and tuned answers in that one call."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -315,7 +408,9 @@ class ChatEngine:
                       pad_token_id=self.tokenizer.pad_token_id)
         if stopping_criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
-        with self.adapter_state(adapter) as model:
+        if adapter_names is not None:
+            kwargs["adapter_names"] = adapter_names
+        with self.adapter_state(adapter, merged=adapter_names is None and MERGE_FOR_SPEED) as model:
             torch.manual_seed(settings.seed)
             out = model.generate(**kwargs)
         stop = set(self.stop_ids)
@@ -324,6 +419,22 @@ class ChatEngine:
             end = next((i for i, token in enumerate(row) if token in stop), len(row))
             answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
         return answers
+
+    def answer_pairs(self, histories: list[Messages], settings: GenerationSettings,
+                     stopping_criteria: list[Any] | None = None, *, mix: bool = True) -> list[tuple[str, str]]:
+        """(base answer, tuned answer) per history. Where the adapter allows it (`_can_mix`), both sides run as ONE
+        left-padded batch of 2 x len(histories) rows routed by adapter_names: one pass over the weights and one
+        set of per-token Python work for both models, instead of two generate calls."""
+        if not self.has_adapter:
+            raise UserError("No adapter is loaded: pick a finished run first.")
+        n = len(histories)
+        if mix and self._can_mix():
+            both = self.answer_batch(histories + histories, True, settings, stopping_criteria,
+                                     adapter_names=[BASE] * n + [TUNED] * n)
+            return list(zip(both[:n], both[n:]))
+        base = self.answer_batch(histories, False, settings, stopping_criteria)
+        tuned = self.answer_batch(histories, True, settings, stopping_criteria)
+        return list(zip(base, tuned))
 
     def _generate(self, histories: list[Messages], settings: GenerationSettings,
                   adapter_names: list[str] | None, disable: bool = False) -> Iterator[list[str]]:
@@ -339,9 +450,10 @@ class ChatEngine:
 
         def work() -> None:
             try:
-                with self._lock, torch.inference_mode():
+                with self._lock, torch.inference_mode(), cpu_threads(inputs["input_ids"].device):
                     torch.manual_seed(settings.seed)
                     ctx = (self._adapter_off() if disable and adapter_names is None
+                           else self._merged() if adapter_names is None and MERGE_FOR_SPEED
                            else contextlib.nullcontext())
                     with ctx:
                         self.model.generate(**kwargs)

@@ -76,6 +76,50 @@ def test_batched_answers_are_the_one_by_one_answers(tiny_run, engine):
     assert speed["rows"] == 5 and speed["identical_answers"] == 5  # left padding changes no answer
 
 
+def test_generation_takes_one_cpu_thread_when_the_cores_are_oversubscribed(monkeypatch):
+    import torch
+
+    from phi3_lora.generate import THREADS_ENV, cpu_threads, generation_threads
+
+    assert generation_threads(2, 0.3) == 2 and generation_threads(2, 2.9) == 2  # idle, or only our own threads
+    assert generation_threads(2, 3.0) == 1 and generation_threads(2, 8.0) == 1  # a training run beside the app
+    assert generation_threads(2, 8.0, configured=2) == 2                       # the env var wins
+    before = torch.get_num_threads()
+    monkeypatch.setenv(THREADS_ENV, "1")
+    with cpu_threads(torch.device("cpu")):
+        inside = torch.get_num_threads()
+    assert inside == 1 and torch.get_num_threads() == before  # the process's own setting comes back
+
+
+def test_tuned_answers_merged_for_speed_are_the_unmerged_ones_and_the_base_stays_exact(tiny_run, engine,
+                                                                                      monkeypatch):
+    import torch
+
+    from phi3_lora import generate
+
+    histories = [r["messages"][:-1] for r in _rows(tiny_run / "eval_rows.jsonl")]
+    base_weights = {n: p.detach().clone() for n, p in engine.model.named_parameters() if "base_layer" in n}
+    assert base_weights and engine._mergeable()  # plain LoRA on float Linear layers: the tuned side runs merged
+    ids = torch.tensor([engine.prompt_ids(histories[0])])
+
+    def logits(on: bool, merged: bool) -> torch.Tensor:
+        with engine.adapter_state(on, merged=merged) as model:
+            return model(input_ids=ids).logits[0]
+
+    base, tuned, merged = logits(False, False), logits(True, False), logits(True, True)
+    assert (merged - tuned).abs().max() < 1e-3 * (tuned - base).abs().max()  # float rounding, not the adapter
+    assert torch.equal(merged.argmax(-1), tuned.argmax(-1))
+    greedy = generate.GenerationSettings(max_new_tokens=8)
+    fast = engine.answer_batch(histories, True, greedy)
+    monkeypatch.setattr(generate, "MERGE_FOR_SPEED", False)
+    assert fast == engine.answer_batch(histories, True, greedy)
+    with pytest.raises(RuntimeError), engine.adapter_state(True, merged=True):
+        raise RuntimeError("generation failed mid-way")
+    # The base's own tensors are back, bit for bit (peft's unmerge would leave rounding), adapter layers on again.
+    assert all(torch.equal(p, base_weights[n]) for n, p in engine.model.named_parameters() if "base_layer" in n)
+    assert torch.equal(logits(True, False), tuned) and torch.equal(logits(False, False), base)
+
+
 def test_the_time_limit_leaves_rows_out_and_says_so(tiny_run, engine):
     rows = _rows(tiny_run / "eval_rows.jsonl")
     result = evaluate.evaluate(engine, rows, evaluate.EvalOptions(max_new_tokens=8, max_seconds=1e-6))
