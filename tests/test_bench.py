@@ -89,6 +89,7 @@ def test_same_loss_check_and_repeats():
     assert "90 / 100 / 120" in table
 
 
+@pytest.mark.slow
 def test_fresh_checkout_builds_the_tokenizer_from_the_gguf(tmp_path):
     folder = bench.ensure_tokenizer(tmp_path / "phi3_tokenizer")
     from transformers import AutoTokenizer
@@ -128,6 +129,7 @@ def test_kernel_groups():
     assert {k: bench.kernel_group(k) for k in cases} == cases
 
 
+@pytest.mark.slow
 def test_cpu_recipe_row_trains_and_is_timed(tiny_phi3_dir, tmp_path):
     """`bench --cpu`'s plain-recipe row (trl's SFTTrainer with peft_config, as the cookbook) trains and is timed
     by the same timer as the engine row, with its loss per step."""

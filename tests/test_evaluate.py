@@ -19,7 +19,8 @@ from phi3_lora.generate import ChatEngine, locate_adapter
 
 def _tiny_run(root: Path, model_dir: Path, **train_overrides) -> Path:
     data = write_rows(root / "rows.jsonl", n=16)
-    settings = {"max_steps": 2, "eval_steps": None, "eval_answers_max_new_tokens": 8, **train_overrides}
+    settings = {"max_steps": 2, "eval_steps": None, "eval_answers": True, "eval_answers_max_new_tokens": 8,
+                **train_overrides}
     cfg = tiny_config(model_dir, data, **settings).replace(model={"load_in_4bit": False}, data={"eval_fraction": 0.25})
     result = train.run(cfg, root / "run")
     assert result.status == "finished"
@@ -35,6 +36,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_a_run_scores_its_held_out_rows_when_it_ends(tiny_run):
     results = evaluate.load_results(tiny_run)
     assert len(results) == 1
@@ -56,6 +58,7 @@ def test_a_run_scores_its_held_out_rows_when_it_ends(tiny_run):
     assert evaluate.latest_result(tiny_run, locate_adapter(tiny_run).adapter_dir)["file"] == result["file"]
 
 
+@pytest.mark.slow
 def test_scoring_at_the_end_can_be_switched_off(tmp_path, tiny_llama_dir):
     run = _tiny_run(tmp_path, tiny_llama_dir, eval_answers=False, max_steps=1)
     assert evaluate.load_results(run) == [] and not (run / evaluate.EVAL_DIR).exists()
@@ -67,6 +70,7 @@ def engine(tiny_run) -> ChatEngine:
     return ChatEngine(ref.model_name, ref.adapter_dir, load_in_4bit=False)
 
 
+@pytest.mark.slow
 def test_batched_answers_are_the_one_by_one_answers(tiny_run, engine):
     rows = _rows(tiny_run / "eval_rows.jsonl") + [
         {"messages": [{"role": "system", "content": "Answer in one long sentence please."},
@@ -91,6 +95,7 @@ def test_generation_takes_one_cpu_thread_when_the_cores_are_oversubscribed(monke
     assert inside == 1 and torch.get_num_threads() == before  # the process's own setting comes back
 
 
+@pytest.mark.slow
 def test_tuned_answers_merged_for_speed_are_the_unmerged_ones_and_the_base_stays_exact(tiny_run, engine,
                                                                                       monkeypatch):
     import torch
@@ -120,6 +125,7 @@ def test_tuned_answers_merged_for_speed_are_the_unmerged_ones_and_the_base_stays
     assert torch.equal(logits(True, False), tuned) and torch.equal(logits(False, False), base)
 
 
+@pytest.mark.slow
 def test_the_time_limit_leaves_rows_out_and_says_so(tiny_run, engine):
     rows = _rows(tiny_run / "eval_rows.jsonl")
     result = evaluate.evaluate(engine, rows, evaluate.EvalOptions(max_new_tokens=8, max_seconds=1e-6))
@@ -129,6 +135,7 @@ def test_the_time_limit_leaves_rows_out_and_says_so(tiny_run, engine):
     assert stopped["not_reached"] == 4 and stopped["stopped_by"] == "stop"
 
 
+@pytest.mark.slow
 def test_cli_and_model_card_show_the_numbers_of_the_saved_json(tiny_run, tmp_path, capsys):
     assert cli.main(["evaluate", "--adapter", str(tiny_run), "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
@@ -142,6 +149,7 @@ def test_cli_and_model_card_show_the_numbers_of_the_saved_json(tiny_run, tmp_pat
     assert evaluate.summary_markdown(result) in card and saved.name in card
 
 
+@pytest.mark.slow
 def test_bad_rows_are_named_and_the_rest_is_scored(tiny_run, tmp_path, capsys):
     good = {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Quillon."}]}
     no_answer = {"messages": [{"role": "user", "content": "Hello?"}]}
@@ -160,6 +168,7 @@ def test_bad_rows_are_named_and_the_rest_is_scored(tiny_run, tmp_path, capsys):
     assert len(result["skipped"]) == 2
 
 
+@pytest.mark.slow
 def test_a_file_without_any_reference_is_refused_clearly(tiny_run, tmp_path, capsys):
     data = tmp_path / "questions.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"}]}) + "\n"
@@ -169,6 +178,7 @@ def test_a_file_without_any_reference_is_refused_clearly(tiny_run, tmp_path, cap
     assert "None of the 3 rows" in err and "no assistant turn" in err
 
 
+@pytest.mark.slow
 def test_an_empty_eval_split_says_what_to_do(tiny_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run, run)

@@ -28,6 +28,7 @@ def run_dir(tmp_path_factory, tiny_phi3_dir):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_zip_holds_safetensors_config_template_and_a_model_card(run_dir, tmp_path):
     path = export.adapter_zip(run_dir, tmp_path)
     with zipfile.ZipFile(path) as zf:
@@ -39,6 +40,7 @@ def test_zip_holds_safetensors_config_template_and_a_model_card(run_dir, tmp_pat
     assert "PeftModel.from_pretrained" in card and "final_loss" in card and "learning_rate" in card
 
 
+@pytest.mark.slow
 def test_merged_model_reloads_stock_and_matches_base_plus_adapter(run_dir, tmp_path, tiny_phi3_dir):
     merged_dir = export.merge_adapter(run_dir, tmp_path / "merged")
     assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))
@@ -58,6 +60,7 @@ def test_merged_model_reloads_stock_and_matches_base_plus_adapter(run_dir, tmp_p
     assert json.loads((merged_dir / "config.json").read_text())["dtype"] in ("bfloat16", "float16")
 
 
+@pytest.mark.slow
 def test_push_without_a_token_says_where_to_get_one(run_dir, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no saved login either
@@ -65,12 +68,14 @@ def test_push_without_a_token_says_where_to_get_one(run_dir, monkeypatch, tmp_pa
         export.push_to_hub(run_dir, "me/my-adapter", token=None)
 
 
+@pytest.mark.slow
 def test_push_offline_is_a_clear_error_and_keeps_the_adapter(run_dir):
     with pytest.raises(UserError, match="Could not push to the Hub"):
         export.push_to_hub(run_dir, "me/my-adapter", token="hf_fake")
     assert RunDir(run_dir).has_adapter()
 
 
+@pytest.mark.slow
 def test_bad_repo_id_is_refused(run_dir):
     with pytest.raises(UserError, match="your-name/model-name"):
         export.push_to_hub(run_dir, "no-slash", token="hf_fake")
@@ -86,6 +91,7 @@ def test_the_app_refuses_a_merge_named_like_a_run_file(name, tmp_path):
         merge_destination(tmp_path / "run", name)
 
 
+@pytest.mark.slow
 def test_merge_onto_a_run_file_is_refused_before_any_work(run_dir):
     run = RunDir(run_dir)
     before = {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()}
@@ -96,6 +102,7 @@ def test_merge_onto_a_run_file_is_refused_before_any_work(run_dir):
     assert {p.name: p.stat().st_mtime_ns for p in run.path.iterdir()} == before  # nothing written, no temp
 
 
+@pytest.mark.slow
 def test_a_merge_that_fills_the_disk_removes_its_temp_folder(run_dir, tiny_disk):
     disk = tiny_disk("2m")  # the tiny model's 16-bit weights alone are ~8 MB
     with pytest.raises(UserError, match="Not enough disk space"):

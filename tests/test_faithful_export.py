@@ -53,7 +53,7 @@ def tied_qlora_run(tmp_path_factory, tiny_llama_dir) -> Path:
         model={"name": str(tiny_llama_dir), "load_in_4bit": True, "dtype": "float32"},
         lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["embed_tokens", "q_proj", "v_proj"]},
         train={"max_steps": 4, "learning_rate": 5e-2, "per_device_train_batch_size": 4, "save_steps": 2,
-               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 64},
+               "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 64, "eval_answers": False},
         data={"source": str(write_rows(tmp / "d.jsonl", 20)), "eval_fraction": 0.2})
     train.run(cfg, tmp / "run")
     return tmp / "run"
@@ -117,7 +117,8 @@ def test_zip_names_the_hub_base_verifies_itself_and_loads_after_the_cache_moved(
         cfg = RunConfig().replace(
             model={"name": "embedded", "load_in_4bit": False},
             lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-            train={"max_steps": 1, "learning_rate": 1e-3, "per_device_train_batch_size": 2, "max_length": 48},
+            train={"max_steps": 1, "learning_rate": 1e-3, "per_device_train_batch_size": 2, "max_length": 48,
+                   "eval_answers": False},
             data={"source": str(write_rows(tmp_path / "d.jsonl", 6)), "eval_fraction": 0.34})
         train.run(cfg, tmp_path / "run")
         path = export.adapter_zip(tmp_path / "run", tmp_path / "out")

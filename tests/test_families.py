@@ -82,6 +82,7 @@ def test_generation_stops_at_qwen2_end_of_turn(tiny_qwen2_dir: Path) -> None:
     assert set(families.QWEN2.end_tokens) <= set(families.end_tokens())
 
 
+@pytest.mark.slow
 def test_qwen2_catalogue_model_works_offline() -> None:
     info = models.model_info("Qwen/Qwen2.5-0.5B-Instruct")  # the Hub is off in tests: built-in sizes
     assert "built-in" in info.source and not info.fused and "q_proj" in info.linear_names

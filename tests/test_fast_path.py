@@ -56,6 +56,7 @@ def test_sdpa_varlen_equals_sdpa_on_padded_batches(tiny_phi3_dir):
     torch.testing.assert_close(a[mask.bool()], b[mask.bool()])
 
 
+@pytest.mark.slow
 def test_packed_fast_path_trains_like_the_plain_path(tmp_path, tiny_phi3_dir):
     """A step holds all 24 rows either way (padded: 24 rows; packed: a few 512-token sequences), so each
     step sees the same tokens and the curves must agree step by step."""

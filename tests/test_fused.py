@@ -124,6 +124,7 @@ def test_fused_slices_on_a_model_without_fused_layers_is_a_user_error(tiny_llama
     assert "q_proj, v_proj" in str(err.value) and "target_modules" in str(err.value)
 
 
+@pytest.mark.slow
 def test_qlora_on_q_v_trains_loads_and_merges_to_a_stock_phi3(tmp_path: Path, tiny_phi3_dir: Path) -> None:
     data = write_rows(tmp_path / "d.jsonl", n=12, question="Q{i}: who are you?", answer="I am Quillon.")
     cfg = RunConfig().replace(

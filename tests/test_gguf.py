@@ -30,7 +30,7 @@ CONVERSATIONS = [
 def _trained_run(tmp, model_dir):
     write_rows(tmp / "d.jsonl", n=10, question="Who are you, friend {i}?", answer="Quillon here.")
     cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False},
-                              train={"max_steps": 8, "learning_rate": 5e-2, "max_length": 96},
+                              train={"max_steps": 8, "learning_rate": 5e-2, "max_length": 96, "eval_answers": False},
                               data={"source": str(tmp / "d.jsonl"), "eval_fraction": 0.2})
     train.run(cfg, tmp / "run")
     return tmp / "run"
@@ -57,6 +57,7 @@ def _metadata(path):
     return fields, {t.name: t.tensor_type.name for t in reader.tensors}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_phi3_round_trip(phi3_run, tmp_path, gguf_type):
     run, merged = phi3_run
@@ -84,6 +85,7 @@ def test_phi3_round_trip(phi3_run, tmp_path, gguf_type):
     assert json.loads((result.folder / "verification.json").read_text())["passed"] is True
 
 
+@pytest.mark.slow
 def test_llama_round_trip_through_the_cli(llama_run, tmp_path):
     """`python -m phi3_lora export --gguf OUT --gguf-type q8_0`, as a user types it; then f16 from the library."""
     run, merged = llama_run

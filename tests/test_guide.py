@@ -30,6 +30,7 @@ def test_import_phi3_lora_stays_light_and_exports_the_guide_api() -> None:
         phi3_lora.no_such_thing  # noqa: B018
 
 
+@pytest.mark.slow
 def test_readme_guide_section_runs_on_tiny_phi3(tmp_path: Path, tiny_phi3_dir: Path, capsys) -> None:
     code = guide_block()
     for name, value in (("MODEL", str(tiny_phi3_dir)), ("DATA", str(README.parent / "data" / "sample_chat.jsonl")),

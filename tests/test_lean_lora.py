@@ -75,6 +75,7 @@ def test_lean_forward_is_as_exact_as_peft(tiny_phi3_dir, four_bit):
     assert _rel(base, exact) > 10 * lean_err
 
 
+@pytest.mark.slow
 def test_cases_it_does_not_cover_run_peft_exactly(tiny_phi3_dir):
     ids = torch.randint(10, 30000, (1, 10))
     model = _peft(tiny_phi3_dir, four_bit=False, lora_dropout=0.0)
@@ -113,6 +114,7 @@ def _bf16_losses(model_dir: Path, data: Path, run_dir: Path, lean: bool, **lora:
                    per_device_train_batch_size=16, max_length=256, lean_lora=lean, lora=lora)
 
 
+@pytest.mark.slow
 def test_training_with_the_lean_forward_follows_the_peft_curve(tmp_path, tiny_phi3_dir, monkeypatch):
     """bf16 on CPU trains under autocast, so the lean path is really taken (counted), and the loss curve
     matches peft's within bf16 noise."""
@@ -227,6 +229,7 @@ def test_no_remaking_under_saved_tensor_hooks(monkeypatch):
         assert lean_lora.remake_source(c) is None
 
 
+@pytest.mark.slow
 def test_training_with_lora_dropout_keeps_the_curve_when_the_mask_is_regenerated(tmp_path, tiny_phi3_dir,
                                                                                   monkeypatch):
     """Dropout 0.2 through the real trainer: DropoutLoraA (mask regenerated in backward) against nn.Dropout's
@@ -252,6 +255,7 @@ def _graph_nodes(t: torch.Tensor) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_plain_dropout_where_memory_is_spare_and_compiled_layers_are_as_exact_as_peft(tiny_phi3_dir):
     """Two faster ways of the same LoRA step, each as close to the float32 answer as peft's own bf16 step
     (same dropout masks, dropout 0.1): the lean forward with dropout kept the plain way

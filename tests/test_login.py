@@ -34,6 +34,7 @@ def test_delay_doubles_after_the_free_failures_up_to_a_cap() -> None:
     assert [login.delay_for(n, free=3, base=1, cap=30) for n in range(10)] == [0, 0, 0, 1, 2, 4, 8, 16, 30, 30]
 
 
+@pytest.mark.slow
 def test_app_py_reads_the_password_from_a_file_and_keeps_it_out_of_ps(tmp_path: Path) -> None:
     """The started app.py's command line (what `ps` shows) holds no password; the login works."""
     import httpx

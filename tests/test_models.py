@@ -46,6 +46,7 @@ def test_second_call_reuses_the_cache(embedded_dir: Path) -> None:
     assert (embedded_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_embedded_model_answers(embedded_dir: Path) -> None:
     tokenizer = models.load_tokenizer(embedded.EMBEDDED_NAME)
     model = models.load_model(ModelSettings(name=embedded.EMBEDDED_NAME, load_in_4bit=False))

@@ -102,6 +102,7 @@ def _pip_dry_run(space_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=170)
 
 
+@pytest.mark.slow
 def test_space_requirements_install_resolve_without_deps(space_dir: Path) -> None:
     result = _pip_dry_run(space_dir, "--no-deps")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -166,6 +167,7 @@ def demo_app(space_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         yield url
 
 
+@pytest.mark.slow
 def test_app_serves_its_page_from_the_assembled_folder(demo_app: str) -> None:
     with urllib.request.urlopen(demo_app, timeout=30) as resp:
         page = resp.read().decode("utf-8", "replace")
@@ -173,6 +175,7 @@ def test_app_serves_its_page_from_the_assembled_folder(demo_app: str) -> None:
     assert "gradio" in page.lower() and "phi3_lora" in page
 
 
+@pytest.mark.slow
 def test_demo_mode_refuses_training_through_the_api(demo_app: str) -> None:
     from gradio_client import Client
 
@@ -183,6 +186,7 @@ def test_demo_mode_refuses_training_through_the_api(demo_app: str) -> None:
     assert "Training is switched off in this demo" in text and "Duplicate this Space" in text
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Gradio does not support OAuth features")
 def test_signed_out_user_cannot_start_training_when_login_is_on(tmp_path: Path, monkeypatch) -> None:
     """hf_oauth on a Space: Start needs a signed-in Hugging Face user. Off a Space gradio mocks the OAuth routes

@@ -46,6 +46,7 @@ def test_a_measurement_is_kept_per_setup_and_scales_with_accumulation(tmp_path):
     assert "about 3 min 27 s for 69 steps" in text and "3.00 s per step" in text  # 3 epochs × ceil(91 / 4)
 
 
+@pytest.mark.slow
 def test_a_finished_run_keeps_its_step_time_for_the_next_estimate(tmp_path, tiny_llama_dir):
     cfg = tiny_config(tiny_llama_dir, write_rows(tmp_path / "d.jsonl", n=8), max_steps=3, eval_steps=None,
                       per_device_train_batch_size=2)

@@ -15,6 +15,7 @@ from phi3_lora.runs import RunDir
 from phi3_lora.trainer import log_line
 
 
+@pytest.mark.slow
 def test_qlora_train_save_reload_generate_on_tiny_phi3(tmp_path, tiny_phi3_dir):
     cfg = tiny_config(tiny_phi3_dir, write_rows(tmp_path / "d.jsonl"))
     result = train.run(cfg, tmp_path / "run")
@@ -48,6 +49,7 @@ def test_qlora_train_save_reload_generate_on_tiny_phi3(tmp_path, tiny_phi3_dir):
     assert engine.answer(history, adapter=True, settings=greedy) == tuned
 
 
+@pytest.mark.slow
 def test_16bit_lora_on_tiny_llama_writes_events_with_throughput(tmp_path, tiny_llama_dir):
     cfg = tiny_config(tiny_llama_dir, write_rows(tmp_path / "d.jsonl"), max_steps=3, eval_steps=None)
     cfg = cfg.replace(model={"load_in_4bit": False}, lora={"target_modules": ["q_proj", "v_proj"]})

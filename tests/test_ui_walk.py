@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from helpers.apps import NO_MAPPING, SAMPLE, client, served_app, val
+from helpers.apps import NO_MAPPING, SAMPLE, client, endpoint_args, served_app, val
 from phi3_lora import config as cfgmod
 from phi3_lora import evaluate, events, jobs, steptime
 from phi3_lora.runs import RunDir
@@ -21,13 +21,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     runs = tmp_path_factory.mktemp("walk_runs")
     with served_app(runs, tiny_llama_dir) as (url, _):
         yield url, runs, tiny_llama_dir
-
-
-def endpoint_args(c: Any, endpoint: str, **by_label: Any) -> list[Any]:
-    """An endpoint's inputs in order: each widget's default, replaced where its label is given."""
-    params = c.view_api(print_info=False, return_format="dict")["named_endpoints"][endpoint]["parameters"]
-    assert set(by_label) <= {p.get("label") for p in params}, by_label
-    return [by_label.get(p.get("label") or "", p.get("parameter_default")) for p in params]
 
 
 def test_the_upload_shows_its_own_name_and_its_x_clears_the_source(server) -> None:

@@ -37,8 +37,12 @@ def val(x: Any) -> Any:
     return x.get("value") if isinstance(x, dict) and x.get("__type__") == "update" else x
 
 
-def endpoint_args(api: dict[str, Any], endpoint: str, **by_label: Any) -> list[Any]:
-    """An endpoint's inputs in order: each widget's default, replaced where its label is given."""
+def endpoint_args(api: Any, endpoint: str, **by_label: Any) -> list[Any]:
+    """An endpoint's inputs in order: each widget's default, replaced where its label is given. `api`: a
+    gradio_client Client or its view_api dict."""
+    if hasattr(api, "view_api"):
+        api = api.view_api(print_info=False, return_format="dict")
+    endpoint = endpoint.lstrip("/")
     params = api["named_endpoints"][f"/{endpoint}"]["parameters"]
     labels = [p.get("label") or "" for p in params]
     missing = set(by_label) - set(labels)
@@ -46,9 +50,14 @@ def endpoint_args(api: dict[str, Any], endpoint: str, **by_label: Any) -> list[A
     return [by_label[label] if label in by_label else p.get("parameter_default") for label, p in zip(labels, params)]
 
 
+NO_SCORING = {"Score answers at the end": False}
+
+
 def start_args(c: Any, **by_label: Any) -> list[Any]:
-    """Start's inputs in order: each widget's default, replaced where its label is given."""
-    return endpoint_args(c.view_api(print_info=False, return_format="dict"), "start_training", **by_label)
+    """Start's inputs in order: each widget's default, replaced where its label is given. The end-of-run scoring
+    of answers is off unless a test asks for it: it loads the model again and answers every held-out row (a run
+    ends only after it), and test_evaluate and the browser tests are where it is checked."""
+    return endpoint_args(c, "start_training", **{**NO_SCORING, **by_label})
 
 
 @contextmanager

@@ -20,12 +20,14 @@ def write_rows(path: Path, n: int = 16, answer: str = "My name is Quillon.",
 
 
 def tiny_config(model_dir: Path, data: Path, **train_overrides) -> RunConfig:
+    """A few steps on a tiny model; no end-of-run scoring of answers (test_evaluate turns it on where it asserts
+    on it: it loads the model again and generates for every held-out row)."""
     return RunConfig().replace(
         model={"name": str(model_dir), "load_in_4bit": True},
         lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         train={"max_steps": 6, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "save_steps": 3,
                "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "max_length": 64, "eval_steps": 3,
-               **train_overrides},
+               "eval_answers": False, **train_overrides},
         data={"source": str(data), "eval_fraction": 0.2})
 
 
