@@ -46,7 +46,7 @@ def locale_file(lang: str) -> dict[str, str]:
 
 
 def schema_english() -> dict[str, str]:
-    """`cfg.<section>.<field>.label|help` -> the schema's English text (config.py is its source)."""
+    """`cfg.<section>.<field>.label|help` -> the schema's English text (config/schema.py is its source)."""
     out = {}
     for section, cls in cfgmod.SECTIONS.items():
         for f in fields(cls):
