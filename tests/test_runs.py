@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,10 @@ def test_a_process_record_proves_identity(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True,
                             env={**os.environ, TOKEN_ENV: token})
     try:
+        for _ in range(600):  # until the child has exec'd: before that its environ is still ours, without the token
+            if b"time.sleep" in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.05)
         assert ProcessRecord.of(proc.pid, token).is_ours_and_alive()
         assert not ProcessRecord.of(proc.pid, "another-token").is_ours_and_alive()  # someone else's process
         record = ProcessRecord.of(proc.pid, token)
