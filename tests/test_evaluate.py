@@ -114,10 +114,11 @@ def test_tuned_answers_merged_for_speed_are_the_unmerged_ones_and_the_base_stays
     base, tuned, merged = logits(False, False), logits(True, False), logits(True, True)
     assert (merged - tuned).abs().max() < 1e-3 * (tuned - base).abs().max()  # float rounding, not the adapter
     assert torch.equal(merged.argmax(-1), tuned.argmax(-1))
-    greedy = generate.GenerationSettings(max_new_tokens=8)
-    fast = engine.answer_batch(histories, True, greedy)
+    greedy = generate.GenerationSettings(max_new_tokens=8)  # one row per call: the calls that run merged
+    fast = [engine.answer_batch([h], True, greedy)[0] for h in histories] + [engine.answer(histories[0], True, greedy)]
     monkeypatch.setattr(generate, "MERGE_FOR_SPEED", False)
-    assert fast == engine.answer_batch(histories, True, greedy)
+    assert fast == [engine.answer_batch([h], True, greedy)[0] for h in histories] + [
+        engine.answer(histories[0], True, greedy)]
     with pytest.raises(RuntimeError), engine.adapter_state(True, merged=True):
         raise RuntimeError("generation failed mid-way")
     # The base's own tensors are back, bit for bit (peft's unmerge would leave rounding), adapter layers on again.
