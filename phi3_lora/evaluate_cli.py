@@ -82,7 +82,8 @@ def register(sub: Any) -> None:
                    help="Load the base in 4-bit (default: as trained).")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=TrainSettings.eval_answers_max_new_tokens,
                    help="Answer length limit.")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="Prompts per generate call.")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help="Prompts per generate call (default: as many as fit a KV-cache budget, at most 32).")
     p.add_argument("--max-rows", dest="max_rows", type=int, default=None, help="Score at most this many rows.")
     p.add_argument("--max-seconds", dest="max_seconds", type=float, default=None,
                    help="Stop starting new batches after this long; the rows done are scored.")

@@ -80,6 +80,22 @@ def test_batched_answers_are_the_one_by_one_answers(tiny_run, engine):
     assert speed["rows"] == 5 and speed["identical_answers"] == 5  # left padding changes no answer
 
 
+def test_the_automatic_batch_is_as_large_as_the_kv_budget_allows(engine):
+    assert evaluate.auto_batch_size(bytes_per_row=100, budget_bytes=1000, rows=50) == 10
+    assert evaluate.auto_batch_size(100, 10**9, rows=20) == 20                      # every row in one call
+    assert evaluate.auto_batch_size(100, 10**9, rows=500) == evaluate.AUTO_BATCH_CAP
+    assert evaluate.auto_batch_size(10**12, 1000, rows=5) == 1                      # never below one
+    config = engine.base.config
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # float32 on this CPU: keys and values of every layer
+    assert evaluate.kv_bytes_per_token(engine) == config.num_hidden_layers * 2 * kv_heads * head_dim * 4
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": "A."}]}
+            for i in range(40)]
+    items, _ = evaluate.prepare(rows, engine.tokenizer, evaluate.model_context(engine), 8)
+    assert evaluate.engine_batch_size(engine, items, 8) == evaluate.AUTO_BATCH_CAP  # tiny model: the cap
+
+
 def test_generation_takes_one_cpu_thread_when_the_cores_are_oversubscribed(monkeypatch):
     import torch
 
