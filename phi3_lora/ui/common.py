@@ -18,7 +18,7 @@ from phi3_lora import access, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
-from phi3_lora.ui.strings import MARKER
+from phi3_lora.ui.strings import MARKER, t
 
 log = logging.getLogger("phi3_lora.ui")
 
@@ -177,3 +177,11 @@ CSS = """
 .p3-refresh-row { align-items: center !important; }
 .p3-reference { border-left: 4px solid #7aa2ff; padding-left: 10px; }
 """
+
+
+def run_picker(label: Any, info: Any, elem_id: str) -> tuple[gr.Dropdown, gr.Button]:
+    """A run (or adapter) dropdown with its ↻ Refresh button on one row: the Train, Compare and Export tabs'."""
+    with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
+        picker = gr.Dropdown([], label=label, info=info, scale=5, allow_custom_value=True, elem_id=elem_id)
+        refresh = gr.Button(t("app.refresh"), scale=1, size="sm", min_width=120)
+    return picker, refresh

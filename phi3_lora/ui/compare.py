@@ -23,7 +23,7 @@ from phi3_lora.runs import find_run
 from phi3_lora.ui.adapters import (adapter_choices, get_engine, hold_checkpoint, is_hub_adapter, resolve_adapter,
                                      resolve_source)
 from phi3_lora.ui import evaluation
-from phi3_lora.ui.common import AppState, help_md, message_text, notice, user_errors
+from phi3_lora.ui.common import AppState, help_md, message_text, notice, run_picker, user_errors
 from phi3_lora.ui.guard import check, check_model, guarded
 from phi3_lora.ui.strings import t
 
@@ -52,10 +52,7 @@ class CompareTab:
 
 def build(state: AppState) -> CompareTab:
     gr.Markdown(t("compare.intro"))
-    with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
-        source = gr.Dropdown([], label=t("compare.adapter"), scale=5, allow_custom_value=True, elem_id="p3-compare-source",
-                             info=t("compare.adapter_info"))
-        refresh = gr.Button(t("app.refresh"), scale=1, size="sm", min_width=120)
+    source, refresh = run_picker(t("compare.adapter"), t("compare.adapter_info"), "p3-compare-source")
     with gr.Accordion(t("compare.generation"), open=False):
         with gr.Row():
             temperature = gr.Slider(0, 2, value=SAMPLING.temperature, step=0.05, label=t("compare.temperature"),

@@ -16,7 +16,7 @@ from phi3_lora import access
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, find_run
-from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
 from phi3_lora.ui.guard import check, guarded
 from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
 from phi3_lora.ui.strings import t
@@ -58,10 +58,7 @@ def _export():
 
 def build(state: AppState) -> ExportTab:
     gr.Markdown(t("export.intro"))
-    with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
-        source = gr.Dropdown([], label=t("compare.adapter"), scale=5, allow_custom_value=True, elem_id="p3-export-source",
-                             info=t("export.adapter_info"))
-        refresh = gr.Button(t("app.refresh"), scale=1, size="sm", min_width=120)
+    source, refresh = run_picker(t("compare.adapter"), t("export.adapter_info"), "p3-export-source")
     with gr.Row(equal_height=False):
         with gr.Column():
             gr.Markdown(t("export.zip"))

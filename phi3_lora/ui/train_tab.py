@@ -18,7 +18,7 @@ from phi3_lora import evaluate, events, jobs, runs, scores, trackers, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
-from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
 from phi3_lora.ui.guard import check, check_source, guarded
 from phi3_lora.ui.strings import t
 
@@ -55,10 +55,7 @@ def build(state: AppState) -> TrainTab:
         start = gr.Button(t("train.start"), variant="primary", scale=2)
         stop = gr.Button(t("train.stop"), variant="stop", scale=1)
         resume = gr.Button(t("train.resume"), variant="secondary", scale=1)
-    with gr.Row(equal_height=False, elem_classes=["p3-refresh-row"]):
-        runs = gr.Dropdown([], label=t("train.run"), info=t("train.run_info"), scale=5, allow_custom_value=True,
-                           elem_id="p3-runs")
-        refresh = gr.Button(t("app.refresh"), scale=1, size="sm", min_width=120)
+    runs, refresh = run_picker(t("train.run"), t("train.run_info"), "p3-runs")
     status = gr.HTML(notice("info", t("train.no_run")))
     progress = gr.HTML(_progress_html(None), elem_id="p3-progress-box")
     plot = gr.Plot(loss_figure(None), label=t("train.loss"), show_label=False, elem_id="p3-loss-plot")
