@@ -207,13 +207,15 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     # Load a past run's settings (the walk's run, or one written here): its values fill the widgets.
     run_id = write_past_run(RUNS["dir"])
     page.get_by_text("Load settings from a past run or a YAML file").click()
-    # opening fills the list and picks the newest run; wait for that before typing, or it lands after the typing
-    # and replaces it (in the full suite the walk's run is newer than this one)
-    expect(page.locator("#p3-load-run input")).not_to_have_value("", timeout=30_000)
-    page.locator("#p3-load-run input").fill(run_id)
-    page.locator("#p3-load-run input").press("Enter")
+    # Opening fills the list and picks the newest run (the walk's, in the full suite): wait for that, then pick
+    # this run from the list itself (typing raced with that fill and loaded the walk's run instead)
+    picker = page.locator("#p3-load-run input")
+    expect(picker).not_to_have_value("", timeout=30_000)
+    picker.click()
+    page.get_by_role("option", name=run_id, exact=True).click()
+    expect(picker).to_have_value(run_id)
     page.get_by_role("button", name="Load this run's settings").click()
-    page.get_by_text(f"Loaded the settings and data of {run_id}.").wait_for(timeout=30_000)
+    page.get_by_text(f"Loaded the settings and data of {run_id}.").wait_for(timeout=60_000)
     expect(page.get_by_label("Max steps", exact=True)).to_have_value("7", timeout=30_000)
     expect(page.get_by_label("Learning rate", exact=True)).to_have_value("0.003")
     page.screenshot(path=str(shots / "2-settings-loaded.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
