@@ -99,7 +99,7 @@ def test_the_automatic_batch_is_as_large_as_the_kv_budget_allows(engine):
 def test_generation_takes_one_cpu_thread_when_the_cores_are_oversubscribed(monkeypatch):
     import torch
 
-    from phi3_lora.generate import THREADS_ENV, cpu_threads, generation_threads
+    from phi3_lora.threads import THREADS_ENV, cpu_threads, generation_threads
 
     assert generation_threads(2, 0.3) == 2 and generation_threads(2, 2.9) == 2  # idle, or only our own threads
     assert generation_threads(2, 3.0) == 1 and generation_threads(2, 8.0) == 1  # a training run beside the app
