@@ -520,7 +520,7 @@ def check_packed_gpu(model_dir: Path) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from phi3_lora import packed_attention
+    from phi3_lora.speed import packed_attention
 
     packed_attention.register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0},
@@ -545,7 +545,7 @@ def check_dropout_lora_gpu() -> dict[str, float]:
     the forward must be equal and the gradients equal up to bf16 rounding of the dropout scale."""
     import torch
 
-    from phi3_lora.lean_lora import DropoutLoraA
+    from phi3_lora.speed.lean_lora import DropoutLoraA
 
     torch.manual_seed(0)
     x = torch.randn(4, 2048, 3072, device="cuda", dtype=torch.bfloat16)
@@ -566,7 +566,7 @@ def check_dropout_lora_gpu() -> dict[str, float]:
     try:  # the SwiGLU output remade from Liger's saved inputs: the same gradients, bit for bit
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-        from phi3_lora.lean_lora import remake_source
+        from phi3_lora.speed.lean_lora import remake_source
     except ImportError:
         return result
     gate_up = torch.randn(1, 8192, 2 * 8192, device="cuda", dtype=torch.bfloat16)

@@ -31,7 +31,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from phi3_lora import families, versions
+from phi3_lora import families
+from phi3_lora.speed.bnb_codes import codes_4bit, dense_weight, linear4bit_from_codes
 from phi3_lora.families import child_name
 
 
@@ -69,72 +70,6 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit"
 
 
-def _dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The layer's weight as a dense tensor (4-bit weights are dequantised)."""
-    if not _is_4bit(linear):
-        return linear.weight.data
-    import bitsandbytes as bnb
-
-    weight = linear.weight
-    parts = _4bit_codes(linear)
-    if parts is None:
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-    codes, absmax, dtype = parts
-    state = weight.quant_state
-    plain = bnb.functional.QuantState(absmax=absmax, shape=torch.Size([linear.out_features, linear.in_features]),
-                                      code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
-                                      dtype=dtype)
-    return bnb.functional.dequantize_4bit(codes.reshape(-1, 1), plain)
-
-
-def _4bit_codes(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.dtype] | None:
-    """(packed 4-bit codes as flat bytes, per-block absmax in float32, dequant dtype) of a Linear4bit: exactly
-    what its forward uses. None when the storage is not uint8 codes (then it is re-quantised)."""
-    import copy
-
-    import bitsandbytes as bnb
-
-    if not versions.tested("fused_4bit_codes"):  # QuantState internals and a private function: re-quantise
-        return None
-    data, state = linear.weight.data, linear.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bnb repacked it for CPU inference (codes reordered, scales unnested to bf16, transposed); its inverse
-        # re-compresses the scales in place, so undo only the code order, on a copy, and keep the bf16 scales.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-        absmax, dtype = state.absmax.T.reshape(-1).float(), state.original_dtype
-        data, _ = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
-    else:
-        absmax, dtype = state.absmax, state.dtype
-        if state.nested:  # double quantisation: the scales are 8-bit themselves; dequant uses these values
-            absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    if data.dtype != torch.uint8:
-        return None
-    return data.reshape(-1), absmax.float().reshape(-1), dtype
-
-
-def _4bit_from_codes(template: nn.Module, codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype,
-                     out_features: int, bias: torch.Tensor | None) -> nn.Module:
-    """A Linear4bit holding exactly these codes and block scales (scales kept in float32, not re-compressed)."""
-    import bitsandbytes as bnb
-
-    old = template.weight
-    state = old.quant_state
-    in_features = template.in_features
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=template.compute_dtype,
-                              compress_statistics=False, quant_type=old.quant_type, quant_storage=old.quant_storage,
-                              device="meta")
-    new_state = bnb.functional.QuantState(absmax=absmax.clone(), shape=torch.Size([out_features, in_features]),
-                                          code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
-                                          dtype=dtype)
-    layer.weight = bnb.nn.Params4bit(codes.clone().reshape(-1, 1), requires_grad=False, quant_state=new_state,
-                                     blocksize=state.blocksize, compress_statistics=False, quant_type=old.quant_type,
-                                     quant_storage=old.quant_storage, module=layer, bnb_quantized=True)
-    layer.quant_state = new_state
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=template.bias.requires_grad)
-    return layer.train(template.training)
-
-
 def _linear_like(template: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A new layer of the template's kind holding `weight` (re-quantised for 4-bit); shares no storage."""
     out_features, in_features = weight.shape
@@ -161,17 +96,17 @@ def _split_one(linear: nn.Module, sizes: dict[str, int], where: str, requantize:
     if sum(sizes.values()) != linear.out_features:
         raise ValueError(f"{where}: slices {sizes} do not add up to its {linear.out_features} output rows")
     n = linear.in_features
-    parts = _4bit_codes(linear) if _is_4bit(linear) and not requantize else None
+    parts = codes_4bit(linear) if _is_4bit(linear) and not requantize else None
     block = linear.weight.quant_state.blocksize if parts is not None else 1
     if any(rows * n % block for rows in sizes.values()):
         parts = None  # a slice boundary inside a quantisation block: re-quantise instead
-    weight = _dense_weight(linear) if parts is None else None
+    weight = dense_weight(linear) if parts is None else None
     children, start = {}, 0
     for name, rows in sizes.items():
         bias = linear.bias[start:start + rows] if linear.bias is not None else None
         if parts is not None:  # 4-bit: cut the codes (2 per byte) and the block scales: bit-identical weights
             codes, absmax, dtype = parts
-            layer = _4bit_from_codes(linear, codes[start * n // 2:(start + rows) * n // 2],
+            layer = linear4bit_from_codes(linear, codes[start * n // 2:(start + rows) * n // 2],
                                      absmax[start * n // block:(start + rows) * n // block], dtype, rows, bias)
         else:
             layer = _linear_like(linear, weight[start:start + rows], bias)
@@ -221,12 +156,13 @@ def restore_fused_layers(model: nn.Module) -> nn.Module:
                 raise ValueError(f"{path} still carries LoRA layers: merge the adapter (merge_and_unload) first")
             biases = [p.bias for p in parts]
             bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            codes = [_4bit_codes(p) if _is_4bit(p) else None for p in parts]
+            codes = [codes_4bit(p) if _is_4bit(p) else None for p in parts]
             if all(c is not None for c in codes):  # 4-bit: concatenate codes and scales, no re-quantisation
-                fused = _4bit_from_codes(parts[0], torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes]),
-                                         codes[0][2], sum(p.out_features for p in parts), bias)
+                fused = linear4bit_from_codes(parts[0], torch.cat([c[0] for c in codes]),
+                                              torch.cat([c[1] for c in codes]), codes[0][2],
+                                              sum(p.out_features for p in parts), bias)
             else:
-                fused = _linear_like(parts[0], torch.cat([_dense_weight(p) for p in parts], dim=0), bias)
+                fused = _linear_like(parts[0], torch.cat([dense_weight(p) for p in parts], dim=0), bias)
             _replace(model, path, fused)
     return model
 

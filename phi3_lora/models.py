@@ -206,7 +206,7 @@ def load_model(settings: ModelSettings, *, device: str | None = None) -> PreTrai
     dtype = resolve_dtype(settings.dtype, device)
     attn = "sdpa" if settings.attn_implementation == "auto" else settings.attn_implementation
     if attn == "sdpa_varlen":
-        from phi3_lora import packed_attention, versions
+        from phi3_lora.speed import packed_attention, versions
         if versions.tested(packed_attention.NAME):
             packed_attention.register()
         else:  # untested transformers/torch: the stock kernel (one warning says why)

@@ -33,7 +33,7 @@ class ResolvedOptions:
     checkpointed_layers: int | None = None  # with gradient_checkpointing: how many decoder layers; None = all
     fp32_upcast: bool = True  # peft's prepare_model_for_kbit_training (fp32 norms/embeddings) for 4-bit bases
     lean_lora: bool = True  # lean_lora.install: the LoRA update as one addmm
-    # One letter per decoder layer when a memory budget uses host memory (offload.py): K kept on the GPU,
+    # One letter per decoder layer when a memory budget uses host memory (speed/offload.py): K kept on the GPU,
     # C checkpointed with its input in host memory, O not recomputed, its saved tensors in host memory.
     # Empty: the first `checkpointed_layers` layers are checkpointed the plain way.
     layer_plan: str = ""
@@ -45,7 +45,7 @@ class ResolvedOptions:
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
 BUDGET_SHARE = 0.95
-# Host-memory offload under a memory budget (offload.py; CUDA, one process). A layer whose saved tensors go
+# Host-memory offload under a memory budget (speed/offload.py; CUDA, one process). A layer whose saved tensors go
 # to host memory needs the host link for about as long as OFFLOAD_SPACING layers take to compute, so only
 # every OFFLOAD_SPACING-th of the layers that do not fit is offloaded, the others are checkpointed with their
 # input in host memory. Measured slower than plain checkpointing on an H200 (docs/benchmarks.md, issue 19:

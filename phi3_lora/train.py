@@ -207,8 +207,9 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
     from phi3_lora import data as data_mod
     from phi3_lora import models
-    from phi3_lora.packed_attention import cuda_varlen_available
-    from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback, LayerPlan, PartialCheckpointing
+    from phi3_lora.speed.layers import LayerPlan, PartialCheckpointing, compile_layers, expandable_segments
+    from phi3_lora.speed.packed_attention import cuda_varlen_available
+    from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback
 
     set_seed(config.train.seed)
     loaded = data_mod.load_data(config.data)
@@ -225,7 +226,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
                            gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None,
                            offload_ok=device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1)
     if device == "cuda":
-        _expandable_segments()
+        expandable_segments()
     model = models.load_model(dataclasses.replace(config.model, name=model_name,
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
@@ -249,42 +250,6 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
         trainer.remove_callback(PrinterCallback)
     return Built(trainer, callback, opts, model_name, reason, device, dtype_name, loaded, train_rows, eval_rows)
-
-
-RECOMPILE_LIMIT = 32
-
-
-def compile_layers(model: Any, **compile_kwargs: Any) -> int:
-    """torch.compile on each decoder layer, as one region each (a checkpointed layer recomputes the compiled
-    forward); lean_lora's forward traces without a graph break. Returns how many layers.
-
-    Every layer runs the same code, so their graphs count against one recompile limit (8 by default): the first
-    layer (its input needs no gradient), checkpointed and un-checkpointed layers and, with packed rows of
-    varying length, the dynamic-shape recompiles can reach it, past which dynamo runs the rest eagerly."""
-    import torch
-
-    from phi3_lora.offload import decoder_layers
-
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(**compile_kwargs)
-    return len(layers)
-
-
-def _expandable_segments() -> None:
-    """Let PyTorch's CUDA allocator grow segments instead of caching fixed blocks, unless the user configured it:
-    less memory is reserved but unused (fragmentation), which the memory budget's margin assumes."""
-    import torch
-
-    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
-        return
-    try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except (AttributeError, RuntimeError):  # an older torch: the default allocator is still correct
-        pass
 
 
 def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
@@ -441,7 +406,7 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
                                                    save_embedding_layers=False)
     if opts.lean_lora:
-        from phi3_lora import lean_lora
+        from phi3_lora.speed import lean_lora
 
         lean_lora.install(peft_model, save_dropout_memory=opts.save_dropout_memory)
     return peft_model

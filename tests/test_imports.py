@@ -99,3 +99,20 @@ def test_every_module_imports_first_on_its_own():
                           cwd=PACKAGE.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {}
+
+
+def test_no_ui_or_generate_module_imports_train():
+    """Training is a process the UI starts through jobs; answering never needs the trainer."""
+    graph = import_graph()
+    users = [n for n in graph if n.startswith("phi3_lora.ui") or n == "phi3_lora.generate"]
+    assert "phi3_lora.ui.app" in users
+    assert not [n for n in users if "phi3_lora.train" in graph[n] or "phi3_lora.trainer" in graph[n]]
+
+
+def test_only_the_speed_path_touches_private_library_apis():
+    """The speed path's private-API users live in phi3_lora/speed/, behind its version guards."""
+    private = ("torch._C", "torch._dynamo", "_set_allocator_settings", "_convert_weight_packed_for_cpu_inverse",
+               "GradientCheckpointingLayer", "AttentionInterface")
+    outside = [f"{p.relative_to(PACKAGE)}: {s}" for p in PACKAGE.rglob("*.py") if "speed" not in p.parts
+               for s in private if s in p.read_text(encoding="utf-8")]
+    assert not outside

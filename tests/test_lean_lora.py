@@ -13,8 +13,9 @@ import torch
 
 
 from helpers.training import losses_of_run, varied_rows
-from phi3_lora import lean_lora, options, train
+from phi3_lora import options, train
 from phi3_lora.config import ModelSettings, RunConfig
+from phi3_lora.speed import lean_lora, layers
 
 # Largest per-step loss difference between the lean and peft forwards over 8 bf16 steps (losses ~10):
 # measured 0.009; with the LoRA scale doubled in the lean forward it was 0.099.
@@ -286,8 +287,8 @@ def test_plain_dropout_where_memory_is_spare_and_compiled_layers_are_as_exact_as
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    assert train.compile_layers(model, backend="aot_eager") == 2
-    assert torch._dynamo.config.recompile_limit >= train.RECOMPILE_LIMIT
+    assert layers.compile_layers(model, backend="aot_eager") == 2
+    assert torch._dynamo.config.recompile_limit >= layers.RECOMPILE_LIMIT
     compiled = _step(model, ids, autocast=True)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] >= 1  # really compiled

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phi3_lora import lean_lora, offload
+from phi3_lora.speed import lean_lora, offload
 
 
 def _model(tiny_phi3_dir, lean: bool) -> torch.nn.Module:

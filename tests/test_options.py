@@ -61,7 +61,7 @@ def test_resolve_options_turns_the_budget_into_a_layer_count_on_cuda_only():
 
 @pytest.mark.parametrize("budget", [8.0, 12.0, 16.0])
 def test_host_memory_plan_recomputes_fewer_layers_and_fits(budget):
-    """With layer inputs and some layers' activations in host memory (offload.py), fewer layers are recomputed,
+    """With layer inputs and some layers' activations in host memory (speed/offload.py), fewer layers are recomputed,
     and by the measured figures the kept layers, plus two offloaded ones being copied back, still fit."""
     plan = layer_plan(PHI3_MINI, _config(), budget, "bfloat16")
     plain = checkpointed_layers(PHI3_MINI, _config(), budget, "bfloat16")

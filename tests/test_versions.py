@@ -14,9 +14,11 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
-from phi3_lora import fused, lean_lora, packed_attention, versions
-from phi3_lora.config import LoraSettings, ModelSettings
+from phi3_lora import fused, options, train
+from phi3_lora.config import LoraSettings, ModelSettings, RunConfig
 from phi3_lora.guide import add_lora
+from phi3_lora.models import load_model
+from phi3_lora.speed import bnb_codes, lean_lora, packed_attention, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +39,10 @@ def test_the_installed_pins_are_the_tested_versions() -> None:
         assert versions.untested() == {}
     pins = dict(line.split("==", 1) for line in (ROOT / "requirements.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
-    checked = [(d, spec) for deps in versions.TESTED.values() for d, spec in deps.items() if d in pins]
-    assert {d for d, _ in checked} >= {"torch", "peft", "transformers", "bitsandbytes"}
-    assert all(Version(pins[d].strip()) in SpecifierSet(spec) for d, spec in checked)  # the pins are tested
+    checked = {d: spec for d, spec in versions.TESTED.items() if d in pins}
+    assert set(checked) >= {"torch", "peft", "transformers", "bitsandbytes"}
+    assert all(Version(pins[d].strip()) in SpecifierSet(spec) for d, spec in checked.items())  # the pins are tested
+    assert {d for deps in versions.NEEDS.values() for d in deps} <= set(versions.TESTED)  # each declared once
 
 
 def test_untested_versions_fall_back_with_one_warning(untested_libraries, tiny_phi3_dir: Path) -> None:
@@ -54,6 +57,28 @@ def test_untested_versions_fall_back_with_one_warning(untested_libraries, tiny_p
         assert not versions.tested("lean_lora")
 
 
+def test_a_training_run_with_an_untested_peft_takes_peft_forward_and_warns_once(monkeypatch, tiny_phi3_dir: Path):
+    """The tested peft version declared as another one than the installed: the run's own LoRA set-up
+    (train.attach_lora, lean_lora on) leaves peft's forward on every layer, and says so once."""
+    versions.untested.cache_clear()
+    monkeypatch.setitem(versions.TESTED, "peft", "==0.0.1")
+    config = RunConfig().replace(model={"name": str(tiny_phi3_dir), "load_in_4bit": False})
+    opts = options.resolve_options(config, "cpu", "float32", liger_installed=False)
+    assert opts.lean_lora
+    try:
+        with pytest.warns(RuntimeWarning) as caught:
+            first = train.attach_lora(load_model(config.model, device="cpu"), config, opts)
+            second = train.attach_lora(load_model(config.model, device="cpu"), config, opts)
+    finally:
+        versions.untested.cache_clear()
+    speed_warnings = [w for w in caught if "stock path" in str(w.message)]
+    assert len(speed_warnings) == 1
+    assert "peft's own LoRA forward" in str(speed_warnings[0].message) and "==0.0.1" in str(speed_warnings[0].message)
+    for model in (first, second):
+        layers = [m for m in model.modules() if isinstance(m, lean_lora.lora_linear_classes())]
+        assert layers and not any(hasattr(m, lean_lora._ORIGINAL) for m in layers)  # the stock forward ran
+
+
 def test_untested_bitsandbytes_requantises_4bit_slices(untested_libraries, tiny_phi3_dir: Path) -> None:
     from phi3_lora import models
 
@@ -61,7 +86,7 @@ def test_untested_bitsandbytes_requantises_4bit_slices(untested_libraries, tiny_
         model = models.load_model(ModelSettings(name=str(tiny_phi3_dir), load_in_4bit=True, dtype="float32"),
                                   device="cpu").eval()
         linear = model.model.layers[0].self_attn.qkv_proj
-        assert fused._4bit_codes(linear) is None  # the private QuantState path is not touched
+        assert bnb_codes.codes_4bit(linear) is None  # the private QuantState path is not touched
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         before = model(ids).logits

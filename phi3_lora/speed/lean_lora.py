@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from phi3_lora import versions
+from phi3_lora.speed import versions
 
 _ORIGINAL = "_peft_forward"
 _SAVE_DROPOUT_MEMORY = "_phi3_save_dropout_memory"
@@ -202,7 +202,7 @@ def install(model: nn.Module, save_dropout_memory: bool = True) -> int:
     `save_dropout_memory`: LoRA dropout through `DropoutLoraA` (keeps `x` and the RNG state, regenerates the
     mask in backward) or, False, as nn.Dropout + nn.Linear (keeps the dropped-out copy and the mask: more
     memory, one dropout kernel less per adapted layer and step). Set on every layer, installed or not.
-    None with library versions it was not tested with (phi3_lora.versions): peft's own forward stays."""
+    None with library versions it was not tested with (phi3_lora.speed.versions): peft's own forward stays."""
     if not versions.tested("lean_lora"):
         return 0
     classes = lora_linear_classes()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from phi3_lora import versions
+from phi3_lora.speed import versions
 
 NAME = "sdpa_varlen"
 

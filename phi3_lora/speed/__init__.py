@@ -1,0 +1,15 @@
+"""The speed path: the parts of training that lean on other libraries' private APIs or internals.
+
+- `lean_lora`: replaces peft's LoRA forward per instance (one addmm), `DropoutLoraA` reads the RNG state
+  through `torch._C`; its SwiGLU remake calls Liger's kernel internals.
+- `packed_attention`: registers `sdpa_varlen` with transformers' attention interfaces (PyTorch's varlen kernel).
+- `bnb_codes`: cuts 4-bit weights at their packed codes through bitsandbytes' QuantState and a private function
+  (`fused` uses it to split Phi-3's fused layers bit-identically).
+- `offload`, `layers`: the memory budget's per-layer plan (partial checkpointing through transformers' per-layer
+  flag, host-memory offload), compiled decoder layers and the CUDA allocator setting.
+- `versions`: the library versions each part was tested with, declared once. With any other installed version
+  a part takes the stock path (peft's forward, plain SDPA, re-quantised slices), and one warning per process
+  says which and why.
+
+Nothing outside this package patches a library; nothing in it is needed for a correct run.
+"""

@@ -1,0 +1,86 @@
+"""The memory budget's per-layer plan on a model, compiled decoder layers, and the CUDA allocator setting.
+
+`options.resolve_options` decides; this module does: checkpointing on only the layers the budget needs (through
+transformers' per-layer flag), the host-memory plan (`offload`), `torch.compile` per decoder layer, and
+expandable segments in PyTorch's CUDA allocator (a private torch function).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from phi3_lora.speed import offload
+from phi3_lora.speed.offload import decoder_layers
+
+
+class PartialCheckpointing(TrainerCallback):
+    """Keep gradient checkpointing on only the first `layers` decoder layers (what the memory budget needs).
+
+    Trainer switches checkpointing on for every layer just before `on_train_begin`; transformers checks a
+    per-layer flag (`GradientCheckpointingLayer.gradient_checkpointing`), so the rest are switched back off here.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < self.layers
+
+
+class LayerPlan(TrainerCallback):
+    """Put a memory budget's layer plan (options.ResolvedOptions.layer_plan: K kept, C checkpointed with its
+    input in host memory, O saved tensors in host memory) on the model, once Trainer switched checkpointing
+    on for every layer (just before `on_train_begin`)."""
+
+    def __init__(self, plan: str) -> None:
+        self.plan = plan
+        self.installed: dict[str, Any] | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or self.installed is not None:
+            return
+        self.installed = offload.install(model, checkpointed=[i for i, c in enumerate(self.plan) if c == "C"],
+                                         offloaded=[i for i, c in enumerate(self.plan) if c == "O"])
+
+
+RECOMPILE_LIMIT = 32
+
+
+def compile_layers(model: Any, **compile_kwargs: Any) -> int:
+    """torch.compile on each decoder layer, as one region each (a checkpointed layer recomputes the compiled
+    forward); lean_lora's forward traces without a graph break. Returns how many layers.
+
+    Every layer runs the same code, so their graphs count against one recompile limit (8 by default): the first
+    layer (its input needs no gradient), checkpointed and un-checkpointed layers and, with packed rows of
+    varying length, the dynamic-shape recompiles can reach it, past which dynamo runs the rest eagerly."""
+    import torch
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return len(layers)
+
+
+def expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments instead of caching fixed blocks, unless the user configured it:
+    less memory is reserved but unused (fragmentation), which the memory budget's margin assumes."""
+    import torch
+
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # an older torch: the default allocator is still correct
+        pass
