@@ -32,7 +32,12 @@ PAGE_JS = """() => {
 }"""
 class App(gr.Blocks):
     """The app's Blocks. Its API page and gradio_client see each widget's English label, not a translation
-    key: scripts name inputs by label, and a key means nothing to them."""
+    key: scripts name inputs by label, and a key means nothing to them.
+
+    build_app sets the two attributes declared here and no other beyond gr.Blocks' own (tests/test_ui_contracts.py)."""
+
+    phi3_options: AppOptions  # read by launch()
+    phi3_state: AppState      # launch() sets its server mode
 
     def get_api_info(self, *args: Any, **kwargs: Any) -> Any:
         info = super().get_api_info(*args, **kwargs)

@@ -23,7 +23,7 @@ from phi3_lora.ui.strings import MARKER, t
 log = logging.getLogger("phi3_lora.ui")
 
 
-@dataclass
+@dataclass(slots=True)
 class AppOptions:
     """Every switch of the app in one place (the Space build adds its flags here)."""
 
@@ -54,7 +54,7 @@ class AppOptions:
         self.runs_dir = Path(self.runs_dir).resolve()
 
 
-@dataclass
+@dataclass(slots=True)
 class AppState:
     """Long-lived objects shared by all sessions: the loaded chat engines (one per base model + 4-bit)."""
 
@@ -64,6 +64,7 @@ class AppState:
     default_reason: str = ""
     default_name: str = ""
     mode: access.ServerMode = access.UNLAUNCHED   # set by launch(): until then nobody is the owner
+    starters: access.RunStarters = field(init=False)  # who started which run (from options.runs_dir)
 
     def __post_init__(self) -> None:
         self.starters = access.RunStarters(self.options.runs_dir)

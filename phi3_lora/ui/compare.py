@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
@@ -30,7 +30,7 @@ from phi3_lora.ui.strings import t
 SAMPLING = GenerationSettings()  # the defaults both sides start from (generate.py owns them)
 
 
-@dataclass
+@dataclass(slots=True)
 class CompareTab:
     source: gr.Dropdown
     refresh: gr.Button
@@ -48,6 +48,8 @@ class CompareTab:
     status: gr.HTML
     held_out: gr.State   # the held-out prompt whose reference answer is shown ("" when none)
     scoring: evaluation.EvalPanel
+    # set by wire; app.py lists the adapters with it on page load and when the tab opens
+    on_refresh: Callable[[str | None], Any] | None = None
 
 
 def build(state: AppState) -> CompareTab:

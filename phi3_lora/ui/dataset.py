@@ -8,10 +8,10 @@ import html
 import random
 import re
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -40,7 +40,7 @@ STATS_ROWS = 5000        # token statistics from at most this many rows (a seede
 MAX_PROBLEMS_SHOWN = 500  # the problems table lists this many; the summary says how many there are
 
 
-@dataclass
+@dataclass(slots=True)
 class DatasetTab:
     upload: gr.File
     sample: gr.Button
@@ -57,6 +57,9 @@ class DatasetTab:
     example: gr.Number
     tokens: gr.HTML
     rows: gr.State
+    # set by wire; app.py re-validates a restored draft with them
+    on_validate: Callable[..., list[Any]] | None = None
+    validate_io: tuple[list[Any], list[Any]] = field(default_factory=lambda: ([], []))  # its inputs, outputs
 
 
 def build(state: AppState) -> DatasetTab:

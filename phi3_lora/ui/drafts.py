@@ -28,12 +28,13 @@ from phi3_lora.ui.strings import t
 SECRET_FILE = ".browser_secret"
 
 
-@dataclass
+@dataclass(slots=True)
 class Loader:
     run: gr.Dropdown
     load_run: gr.Button
     yaml_file: gr.File
     note: gr.HTML
+    box: gr.Accordion
 
 
 def browser_secret(runs_dir: Path) -> str:
@@ -60,9 +61,7 @@ def build_loader() -> Loader:
                                 elem_id="p3-load-yaml")
         gr.HTML(help_md(t("drafts.help")))
         note = gr.HTML()
-    loader = Loader(run, load_run, yaml_file, note)
-    loader.box = box
-    return loader
+    return Loader(run, load_run, yaml_file, note, box)
 
 
 def config_values(config: cfgmod.RunConfig, keys: list[str]) -> list[Any]:

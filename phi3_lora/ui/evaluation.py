@@ -25,7 +25,7 @@ from phi3_lora.ui.strings import t
 APP_EVAL_SECONDS = 300.0  # a web request is bounded in time: rows not reached by then are left out and counted
 
 
-@dataclass
+@dataclass(slots=True)
 class EvalPanel:
     run: gr.Button
     status: gr.HTML

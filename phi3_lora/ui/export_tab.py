@@ -8,7 +8,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -24,7 +24,7 @@ from phi3_lora.ui.strings import t
 MERGED_ZIP_LIMIT = 3 * 2**30  # above this a merged model is saved to disk only (a browser download would be huge)
 
 
-@dataclass
+@dataclass(slots=True)
 class ExportTab:
     source: gr.Dropdown
     refresh: gr.Button
@@ -46,6 +46,8 @@ class ExportTab:
     gguf_button: gr.Button
     gguf_status: gr.HTML
     gguf_file: gr.File
+    # set by wire; app.py lists the adapters with it on page load and when the tab opens
+    on_refresh: Callable[[str | None], Any] | None = None
 
 
 def _export():

@@ -22,13 +22,14 @@ from phi3_lora.ui import timing
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check_model, guarded
 from phi3_lora.ui.strings import field_help, field_label, t
+from phi3_lora.ui.timing import TimingBox
 
 AUTO_CHOICES = [(t("settings.auto"), "auto"), (t("settings.on"), True), (t("settings.off"), False)]
 NO_PRESET = "custom"
 DATASET_TAB = "dataset"  # fields whose widgets live in the Dataset tab (metadata tab="dataset")
 
 
-@dataclass
+@dataclass(slots=True)
 class SettingsTab:
     fields: dict[str, gr.components.Component]   # "section.field" -> widget, every RunConfig field not in Dataset
     preset: gr.Radio
@@ -39,8 +40,7 @@ class SettingsTab:
     yaml_code: gr.Code
     cli_code: gr.Code
     keys: list[str]                               # the order the widgets are passed to events in
-    timing: Any = None                            # ui.timing's box (the run-time estimate)
-    on_change: Any = None                         # set by wire: widget values -> the estimate's HTML
+    timing: TimingBox                             # the run-time estimate
 
 
 def initial_config(state: AppState) -> cfgmod.RunConfig:
@@ -349,7 +349,6 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
                                                              value=vals[keys.index("lora.target_modules")])
         return vals + ["\n".join(notes) or notice("ok", f"Preset {name} applied.")]
 
-    tab.on_change = on_change
     tab.fields["model.name"].change(on_model, [tab.fields["model.name"], targets, slices], [targets, slices, tab.model_note],
                                     api_name="model_layers")
     gr.on([w.change for w in widgets], on_change, widgets + [tab.preset], [tab.estimate, tab.preset],

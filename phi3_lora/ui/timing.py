@@ -18,7 +18,7 @@ from phi3_lora.ui.strings import t
 PRESET_INFO = t("timing.preset_info")
 
 
-@dataclass
+@dataclass(slots=True)
 class TimingBox:
     html: gr.HTML
     measure: gr.Button
@@ -92,4 +92,3 @@ def wire(box: TimingBox, state: AppState, config_inputs: list[Any], build_config
           show_progress="hidden", trigger_mode="always_last")
     box.measure.click(on_measure, inputs, [box.html, preset], api_name="measure_step_time",
                       concurrency_id="jobs", concurrency_limit=1)
-    box.on_change = on_change

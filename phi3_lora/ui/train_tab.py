@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -26,7 +26,7 @@ STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": 
               "interrupted": "warn", "unreadable": "error"}
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainTab:
     runs: gr.Dropdown
     refresh: gr.Button
@@ -43,6 +43,9 @@ class TrainTab:
     overlay_runs: gr.Dropdown
     overlay_plot: gr.Plot
     overlay_scores: gr.Markdown
+    # set by wire; app.py fills the page on load with them
+    on_load: Callable[[], list[Any]] | None = None
+    outputs: list[Any] = field(default_factory=list)  # what on_load returns values for
 
 
 def build(state: AppState) -> TrainTab:
