@@ -26,7 +26,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, overload
 
 from phi3_lora.errors import UserError
 
@@ -156,6 +156,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --- one run folder ---------------------------------------------------------------------------------
 
+class _Inside:
+    """A run folder's entry as an attribute of RunDir: `RunDir(p).<attr>` is `p / name`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, run: None, owner: type) -> _Inside: ...
+
+    @overload
+    def __get__(self, run: RunDir, owner: type) -> Path: ...
+
+    def __get__(self, run: RunDir | None, owner: type) -> Path | _Inside:
+        return self if run is None else run.path / self.name
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Every path of one run folder; reading helpers that never raise on a missing file."""
@@ -182,45 +198,20 @@ class RunDir:
     def run_id(self) -> str:
         return self.path.name
 
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def events(self) -> Path:
-        return self.path / self.EVENTS
-
-    @property
-    def log(self) -> Path:
-        return self.path / self.LOG
-
-    @property
-    def process_file(self) -> Path:
-        return self.path / self.PROCESS
-
-    @property
-    def resolved(self) -> Path:
-        return self.path / self.RESOLVED
-
-    @property
-    def eval_rows(self) -> Path:
-        return self.path / self.EVAL_ROWS
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / self.CHECKPOINTS
+    # the paths: RunDir(p).config is p / "config.yaml", and so on
+    config = _Inside(CONFIG)
+    events = _Inside(EVENTS)
+    log = _Inside(LOG)
+    process_file = _Inside(PROCESS)
+    resolved = _Inside(RESOLVED)
+    eval_rows = _Inside(EVAL_ROWS)
+    checkpoints = _Inside(CHECKPOINTS)
+    adapter = _Inside(ADAPTER)
+    eval_dir = _Inside(EVAL)
 
     @property
     def staging(self) -> Path:
         return self.checkpoints / self.STAGING
-
-    @property
-    def adapter(self) -> Path:
-        return self.path / self.ADAPTER
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.path / self.EVAL
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
