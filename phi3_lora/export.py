@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
-from phi3_lora.errors import UserError
+from phi3_lora.errors import UserError, is_disk_full
 from phi3_lora.generate import AdapterRef, locate_adapter
 from phi3_lora.runs import RunDir, adapter_config_file, find_run
 
@@ -310,8 +310,6 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
         tmp.rename(out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed merge (a full disk) must not keep gigabytes behind
-        from phi3_lora.train import is_disk_full
-
         if isinstance(exc, Exception) and is_disk_full(exc):
             raise UserError(f"Not enough disk space to save the merged model in {out_dir.parent}.",
                             hint="Free some space or merge to another disk (CLI: export --merge PATH).") from None

@@ -6,7 +6,6 @@ checkpoints (written atomically), the final adapter (written atomically); jobs w
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import math
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
-from phi3_lora import events, runs, steptime, trackers
+from phi3_lora import errors, events, runs, steptime, trackers
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
@@ -90,10 +89,10 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
         events.append_event(run_dir, "error", reason=f"failed: {exc}")
         raise
     except BaseException as exc:
-        if is_disk_full(exc):
+        if errors.is_disk_full(exc):
             _record_error(run_dir, events.DISK_FULL_REASON, str(exc)[:500])
             raise UserError(events.DISK_FULL_REASON) from exc
-        if is_out_of_memory(exc):
+        if errors.is_out_of_memory(exc):
             _record_error(run_dir, events.OOM_REASON, str(exc)[:500])
             raise UserError(events.OOM_REASON) from exc
         _record_error(run_dir, f"failed: {type(exc).__name__}: {str(exc)[:500]}")
@@ -133,14 +132,6 @@ def _record_error(run_dir: Path, reason: str, detail: str | None = None) -> None
         print(f"could not record the error in events.jsonl ({exc}): {reason}", flush=True)
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen and len(seen) < 10:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
 def is_main_process() -> bool:
     """Rank 0 (or a single process): the one that writes events, eval rows and the adapter."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -159,26 +150,6 @@ def pin_single_gpu(env: MutableMapping[str, str] | None = None) -> str | None:
         return None
     env["CUDA_VISIBLE_DEVICES"] = ids[0]
     return ids[0]
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    for e in _causes(exc):
-        text = str(e).lower()
-        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or any(
-                s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc")):
-            return True
-    return False
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, raised as OSError by Python or as text by safetensors' Rust writer ("StorageFull")."""
-    for e in _causes(exc):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e).lower()
-        if "no space left on device" in text or "storagefull" in text or "disk quota exceeded" in text:
-            return True
-    return False
 
 
 @dataclass
