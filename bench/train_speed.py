@@ -97,12 +97,27 @@ ABLATIONS = [
     Row("recipe QLoRA mix padded", "recipe", "mix"),
 ]
 _COMPILE = "phi3_lora.options.COMPILE_LAYERS"
+_RNG, _ACT = "phi3_lora.options.COMPILED_RNG_RECOMPUTE", "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
 # Tried while tuning the host-memory plan (offload spacing), torch.compile and the peer's set-up. The compiled
 # rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since
 # 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
 EXPLORE = [
     Row("explore: engine QLoRA full, whole GPU, compiled layers", "engine", "full", patch={_COMPILE: True},
         recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, eager layers", "engine", "full", patch={_COMPILE: False},
+        recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 24 GiB, eager layers", "engine", "full", budget_gb=24,
+        patch={_COMPILE: False}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, eager layers", "engine", "full", budget_gb=8,
+        patch={_COMPILE: False}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, compiled, dropout masks recomputed", "engine", "full",
+        patch={_RNG: True}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, compiled, partitioner keeps 50%", "engine", "full",
+        patch={_ACT: 0.5}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, compiled, partitioner keeps 20%", "engine", "full",
+        patch={_ACT: 0.2}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, compiled, masks recomputed, keeps 30%", "engine", "full",
+        patch={_RNG: True, _ACT: 0.3}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 8 GiB, compiled layers", "engine", "full", budget_gb=8, patch={_COMPILE: True},
         recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 8 GiB, compiled layers, all checkpointed", "engine", "full", budget_gb=8,
@@ -477,7 +492,7 @@ def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, 
                 prof.__exit__(None, None, None)
 
     _free()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, patched(row.patch):
         build = run_recipe if row.kind == "recipe" else run_engine
         trainer, _ = build(row, model_dir, data[row.data], warmup + 1, Path(tmp))
         trainer.add_callback(_Prof())

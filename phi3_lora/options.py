@@ -52,11 +52,17 @@ BUDGET_SHARE = 0.95
 # 12.5k vs 15.4k tok/s at 8 GiB), so off; the bench turns it on for its rows.
 OFFLOAD = False
 OFFLOAD_SPACING = 3
-# torch.compile on each decoder layer (CUDA). Not measured on a GPU yet (issue 19: the device time ran out
-# twice), so off; the bench turns it on for its rows. Compiled layers keep lean_lora (it traces without a graph
-# break: DropoutLoraA steps aside under the compiler) and take from Liger only its loss (COMPILED_LIGER): the
-# compiler fuses RMSNorm, RoPE and SwiGLU itself.
-COMPILE_LAYERS = False
+# torch.compile on each decoder layer (CUDA). H200, 2026-12-02 (docs/benchmarks.md, issue 19): full rows on the
+# whole GPU 20,847 -> 22,628 tok/s, every layer checkpointed 15,823 (8 GiB). Compiled layers keep lean_lora's one
+# addmm and take from Liger only its loss (COMPILED_LIGER): the compiler fuses RMSNorm, RoPE and SwiGLU itself.
+# DropoutLoraA steps aside under the compiler, so an un-checkpointed compiled layer keeps LoRA dropout's masks
+# (measured: the same peak as plain dropout, 32.6 GiB whole GPU) unless the partitioner may recompute random
+# ops (COMPILED_RNG_RECOMPUTE: torch._functorch.config.functionalize_rng_ops, philox seeds kept instead).
+COMPILE_LAYERS = True
+COMPILED_RNG_RECOMPUTE = False
+# The share of a compiled layer's activations the partitioner may keep (torch._functorch.config.
+# activation_memory_budget: below 1 it recomputes the cheapest ops first); None leaves torch's default (1.0).
+COMPILED_ACTIVATION_BUDGET: float | None = None
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -79,21 +85,25 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     layers: int | None = None
     plan = ""
     save_dropout = True
+    compiled = on_cuda and COMPILE_LAYERS
     if t.gradient_checkpointing != "auto":
         gc = bool(t.gradient_checkpointing)
     elif not on_cuda or model_config is None:
         gc = on_cuda
     else:
         budget = t.memory_budget_gb or gpu_memory_gb
-        layers = checkpointed_layers(model_config, config, budget, dtype_name, liger) if budget else None
-        if budget and t.memory_budget_gb and offload_ok and OFFLOAD and layers:
+        kept = layer_kept_factor(config, save_dropout_memory=True, compiled=compiled)
+        layers = checkpointed_layers(model_config, config, budget, dtype_name, liger,
+                                     kept_factor=kept) if budget else None
+        if budget and t.memory_budget_gb and offload_ok and OFFLOAD and layers and not compiled:
             plan = layer_plan(model_config, config, budget, dtype_name, liger)
             layers = plan.count("C") + plan.count("O") if plan else layers
         gc = layers != 0
         layers = None if not gc or layers == _num_layers(model_config) else layers
         # Memory to spare: every layer un-checkpointed even with dropout's masks kept, the faster way (H200,
         # session 3: 20,349 vs 19,844 tok/s at the same 3 layers recomputed).
-        save_dropout = gc or not budget or config.lora.lora_dropout == 0 or checkpointed_layers(
+        # (Compiled layers: DropoutLoraA steps aside anyway, and `kept` counted the masks.)
+        save_dropout = gc or compiled or not budget or config.lora.lora_dropout == 0 or checkpointed_layers(
             model_config, config, budget, dtype_name, liger, kept_factor=families.PLAIN_DROPOUT_FACTOR) > 0
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
@@ -101,7 +111,18 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast),
                            lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True),
                            layer_plan=plan if gc else "", save_dropout_memory=bool(save_dropout),
-                           compile_layers=on_cuda and COMPILE_LAYERS)
+                           compile_layers=compiled)
+
+
+def layer_kept_factor(config: RunConfig, *, save_dropout_memory: bool, compiled: bool) -> float:
+    """How much more than the lean figure an un-checkpointed layer keeps (estimate_memory's `kept_factor`): LoRA
+    dropout's masks and dropped inputs, kept by plain dropout and by compiled layers (DropoutLoraA steps aside
+    under the compiler) unless the partitioner recomputes random ops."""
+    if config.lora.lora_dropout == 0:
+        return 1.0
+    if compiled and not COMPILED_RNG_RECOMPUTE:
+        return families.PLAIN_DROPOUT_FACTOR
+    return 1.0 if save_dropout_memory else families.PLAIN_DROPOUT_FACTOR
 
 
 def liger_installed() -> bool:
@@ -176,7 +197,8 @@ def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_i
         layers if opts.checkpointed_layers is None else opts.checkpointed_layers)
     return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=opts.use_liger_kernel,
                            device=device, dtype_name=dtype_name, trainable_params=trainable_params,
-                           kept_factor=1.0 if opts.save_dropout_memory else families.PLAIN_DROPOUT_FACTOR)
+                           kept_factor=layer_kept_factor(config, save_dropout_memory=opts.save_dropout_memory,
+                                                         compiled=opts.compile_layers))
 
 
 def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:

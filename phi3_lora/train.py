@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, MutableMapping, Sequence
 
-from phi3_lora import errors, events, runs, steptime, trackers
+from phi3_lora import errors, events, options, runs, steptime, trackers
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
@@ -202,7 +202,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
     if opts.compile_layers:
-        compile_layers(model)
+        compile_layers(model, rng_recompute=options.COMPILED_RNG_RECOMPUTE,
+                       activation_budget=options.COMPILED_ACTIVATION_BUDGET)
 
     args = SFTConfig(**sft_config_kwargs(config, opts, RunDir(output_dir).checkpoints, has_eval=bool(eval_rows)))
     callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)

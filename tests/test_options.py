@@ -83,6 +83,8 @@ def test_resolve_options_uses_host_memory_only_when_allowed(monkeypatch):
     # off by default: it measured slower than plain checkpointing on an H200 (docs/benchmarks.md, issue 19)
     assert resolve_options(config, "cuda", "bfloat16", offload_ok=True, **kw).layer_plan == ""
     monkeypatch.setattr(options, "OFFLOAD", True)
+    assert resolve_options(config, "cuda", "bfloat16", offload_ok=True, **kw).layer_plan == ""  # compiled layers
+    monkeypatch.setattr(options, "COMPILE_LAYERS", False)  # host-memory plans are for eager layers
     lean = resolve_options(config, "cuda", "bfloat16", offload_ok=True, **kw)
     assert lean.layer_plan and lean.gradient_checkpointing
     assert lean.checkpointed_layers == lean.layer_plan.count("C") + lean.layer_plan.count("O")
@@ -96,9 +98,13 @@ MEASURED_PLAIN_DROPOUT_PER_LAYER_GIB = 0.88  # nn.Dropout's mask and output kept
 
 
 @pytest.mark.parametrize("budget", [24.0, 30.0, 34.0, 36.0, 40.0, 139.0])
-def test_plain_dropout_only_where_every_layer_fits_un_checkpointed_with_it(budget):
+def test_plain_dropout_only_where_every_layer_fits_un_checkpointed_with_it(budget, monkeypatch):
     """The faster plain dropout (masks kept) is picked only with memory to spare: by the measured figures every
-    layer fits un-checkpointed with it; otherwise the leaner DropoutLoraA stays (and the layers it frees)."""
+    layer fits un-checkpointed with it; otherwise the leaner DropoutLoraA stays (and the layers it frees).
+    (Eager layers: compiled ones always keep the masks, see the compiled-plan test.)"""
+    from phi3_lora import options
+
+    monkeypatch.setattr(options, "COMPILE_LAYERS", False)
     config = _config().replace(train={"memory_budget_gb": budget})
     opts = resolve_options(config, "cuda", "bfloat16", liger_installed=True, varlen_available=True,
                            model_config=PHI3_MINI, gpu_memory_gb=139.0)
@@ -114,8 +120,11 @@ def test_plain_dropout_only_where_every_layer_fits_un_checkpointed_with_it(budge
     assert cpu.save_dropout_memory
 
 
-def test_planned_memory_counts_the_plain_dropout_masks():
+def test_planned_memory_counts_the_plain_dropout_masks(monkeypatch):
+    from phi3_lora import options
     from phi3_lora.options import planned_memory
+
+    monkeypatch.setattr(options, "COMPILE_LAYERS", False)  # eager layers (compiled ones: the test below)
 
     roomy = planned_memory(PHI3_MINI, _config(), "cuda", liger_installed=True, gpu_memory_gb=139.0)
     lean = planned_memory(PHI3_MINI, _config(), "cuda", liger_installed=True, gpu_memory_gb=30.0)
@@ -130,9 +139,7 @@ def test_compiled_layers_take_only_the_loss_from_liger(monkeypatch, tmp_path):
     from phi3_lora.options import sft_config_kwargs
 
     kw = dict(liger_installed=True, varlen_available=True, model_config=PHI3_MINI, gpu_memory_gb=139.0)
-    assert not resolve_options(_config(), "cuda", "bfloat16", **kw).compile_layers  # off until measured
-    monkeypatch.setattr(options, "COMPILE_LAYERS", True)
-    opts = resolve_options(_config(), "cuda", "bfloat16", **kw)
+    opts = resolve_options(_config(), "cuda", "bfloat16", **kw)  # on by default on CUDA (measured, issue 19)
     assert opts.compile_layers and opts.use_liger_kernel
     assert not resolve_options(_config(), "cpu", "bfloat16", liger_installed=False).compile_layers
     args = sft_config_kwargs(_config(), opts, tmp_path, has_eval=False)
@@ -140,3 +147,29 @@ def test_compiled_layers_take_only_the_loss_from_liger(monkeypatch, tmp_path):
                                                                          "swiglu": False}
     opts.compile_layers = False
     assert "liger_kernel_config" not in sft_config_kwargs(_config(), opts, tmp_path, has_eval=False)
+
+
+MEASURED_COMPILED = {0: 32.62, 27: 8.80, 32: 5.12}  # H200 2026-12-02: layers recomputed -> peak GiB, compiled
+
+
+@pytest.mark.parametrize("budget", [8.0, 12.0, 24.0])
+def test_compiled_plan_counts_the_masks_compiled_layers_keep(budget, monkeypatch):
+    """Compiled layers keep LoRA dropout's masks (DropoutLoraA steps aside under the compiler): their plan
+    recomputes more layers than the eager one, and by the measured compiled peaks the plan fits the budget
+    (the first measured run planned compiled layers as eager ones: 31.8 GiB at 24, 8.8 at 8)."""
+    from phi3_lora import options
+
+    kw = dict(liger_installed=True, varlen_available=True, model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    config = _config().replace(train={"memory_budget_gb": budget})
+    compiled = resolve_options(config, "cuda", "bfloat16", **kw)
+    monkeypatch.setattr(options, "COMPILE_LAYERS", False)
+    eager = resolve_options(config, "cuda", "bfloat16", **kw)
+    assert compiled.compile_layers and not eager.compile_layers
+    assert compiled.checkpointed_layers > (eager.checkpointed_layers or 0)
+    kept = 32 - compiled.checkpointed_layers
+    per_layer = (MEASURED_COMPILED[0] - MEASURED_COMPILED[32]) / 32
+    assert MEASURED_COMPILED[32] + kept * per_layer <= budget  # the bench's rule: peak allocated under the budget
+    assert MEASURED_COMPILED[32] + 5 * per_layer >= MEASURED_COMPILED[27]  # the whole-GPU slope is the upper bound
+    monkeypatch.setattr(options, "COMPILE_LAYERS", True)
+    monkeypatch.setattr(options, "COMPILED_RNG_RECOMPUTE", True)  # masks recomputed: counted as lean again
+    assert resolve_options(config, "cuda", "bfloat16", **kw).checkpointed_layers == eager.checkpointed_layers

@@ -55,18 +55,25 @@ class LayerPlan(TrainerCallback):
 RECOMPILE_LIMIT = 32
 
 
-def compile_layers(model: Any, **compile_kwargs: Any) -> int:
+def compile_layers(model: Any, *, rng_recompute: bool = False, activation_budget: float | None = None,
+                   **compile_kwargs: Any) -> int:
     """torch.compile on each decoder layer, as one region each (a checkpointed layer recomputes the compiled
     forward); lean_lora's forward traces without a graph break. Returns how many layers.
 
     Every layer runs the same code, so their graphs count against one recompile limit (8 by default): the first
     layer (its input needs no gradient), checkpointed and un-checkpointed layers and, with packed rows of
-    varying length, the dynamic-shape recompiles can reach it, past which dynamo runs the rest eagerly."""
+    varying length, the dynamic-shape recompiles can reach it, past which dynamo runs the rest eagerly.
+    `rng_recompute`: the partitioner may recompute dropout masks from philox seeds instead of keeping them;
+    `activation_budget`: the share of a layer's activations it may keep (it recomputes the cheapest ops first)."""
     import torch
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    if rng_recompute:
+        torch._functorch.config.functionalize_rng_ops = True
+    if activation_budget is not None:
+        torch._functorch.config.activation_memory_budget = activation_budget
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**compile_kwargs)
