@@ -10,26 +10,20 @@ inside peft's `disable_adapter()`.
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from phi3_lora import families
+from phi3_lora import decoding, families, merging
+from phi3_lora.decoding import BASE
 from phi3_lora.errors import UserError
+from phi3_lora.merging import TUNED
 from phi3_lora.threads import cpu_threads
 
-TUNED = "tuned"
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 END_TOKENS = families.end_tokens()  # every family's end-of-turn tokens
 
 Messages = list[dict[str, str]]
-MERGE_LIMIT_BYTES = 2 * 1024**3  # the largest transient merged copy of the adapted weights a tuned call may make
-MERGE_FOR_SPEED = True  # tuned-only calls of one row run merged (`ChatEngine._merged`); False: peft's unmerged forward
-# Merging pays at one row, where peft's per-token Python work dominates; at 20 rows the merged and unmerged tuned
-# batch took the same time (58.2 vs 57.7 s, 64 tokens) while each merge costs a copy of the adapted weights.
-MERGE_MAX_ROWS = 1
 
 
 @dataclass
@@ -68,36 +62,6 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-class _PairStreamer:
-    """A transformers streamer for a batch: decodes each row's new tokens and queues the texts."""
-
-    def __init__(self, tokenizer: Any, rows: int, stop_ids: list[int]) -> None:
-        self.tokenizer, self.rows, self.stop_ids = tokenizer, rows, set(stop_ids)
-        self.tokens: list[list[int]] = [[] for _ in range(rows)]
-        self.done = [False] * rows
-        self.queue: queue.Queue = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # the first call carries the prompt
-            self._prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(self.rows, -1)[:, -1].tolist()):
-            if self.done[row]:
-                continue
-            if token in self.stop_ids:
-                self.done[row] = True
-            else:
-                self.tokens[row].append(token)
-        self.queue.put(self.texts())
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-    def texts(self) -> list[str]:
-        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
-
-
 class ChatEngine:
     """One base model, optionally with an adapter, for chat and side-by-side comparison.
 
@@ -133,6 +97,7 @@ class ChatEngine:
         self._lock = threading.Lock()  # the adapter switch is model-wide state: one generation at a time
         self._pristine = _bias_snapshot(self.base)  # the base's own biases, before any adapter wrote into them
         self._tuned_biases: dict[str, Any] = {}  # biases the current adapter trained (bias all / lora_only)
+        self._merged = merging.MergedWeights()  # the tuned side's merged weights, made on first use per adapter
         if adapter_dir:
             self.set_adapter(adapter_dir)
 
@@ -145,6 +110,7 @@ class ChatEngine:
         from peft import PeftModel
 
         with self._lock:
+            self._merged.clear()  # merged from the old adapter (and maybe the old fused layout)
             if adapter_dir is None:
                 self._put_biases(self._pristine)
                 self._tuned_biases = {}
@@ -200,55 +166,6 @@ class ChatEngine:
                 yield
         finally:
             self._put_biases(self._tuned_biases)
-
-    def _mergeable(self) -> list[Any]:
-        """The adapter's LoRA layers when the tuned side can run merged (plain LoRA on float Linear layers, no
-        DoRA, no LoRA bias, no modules_to_save, the copy within MERGE_LIMIT_BYTES), else []."""
-        import torch
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.lora import LoraLayer
-
-        cfg = getattr(self.model, "peft_config", {}).get(TUNED)
-        if cfg is None or getattr(cfg, "use_dora", False) or getattr(cfg, "lora_bias", False) \
-                or getattr(cfg, "modules_to_save", None):
-            return []
-        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and TUNED in m.lora_A]
-        size = 0
-        for layer in layers:
-            weight = getattr(layer.get_base_layer(), "weight", None)
-            if type(layer) is not LoraLinear or TUNED in layer.lora_variant or not isinstance(weight, torch.Tensor) \
-                    or type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_floating_point():
-                return []  # a quantized, embedding or variant layer: peft's own forward
-            size += weight.numel() * weight.element_size()
-        return layers if layers and size <= MERGE_LIMIT_BYTES else []
-
-    @contextlib.contextmanager
-    def _merged(self) -> Iterator[bool]:
-        """The tuned side with W + scale * B @ A in place of each adapted weight, adapter layers off (yields True),
-        or peft's unmerged forward where that is not possible (False). At batch 1 the unmerged LoRA layers' Python
-        work per token made the tuned side ~1.7x slower than the base. The merged weights are new tensors swapped
-        in for this call only and the base's own tensors are put back afterwards, error or not: peft's
-        unmerge_adapter() subtracts the delta again, which changed 819,503 base weights by up to 1.2e-7 here, so
-        the base would drift with every tuned answer."""
-        import torch
-
-        layers = self._mergeable()
-        if not layers:
-            yield False
-            return
-        kept: list[tuple[Any, Any]] = []
-        try:
-            with torch.no_grad():
-                for layer in layers:
-                    base = layer.get_base_layer()
-                    kept.append((base, base.weight))
-                    merged = _merged_weight(layer, base.weight)
-                    base.weight = torch.nn.Parameter(merged, requires_grad=False)
-            with self.model.disable_adapter():  # LoRA layers call only their base layer, which now holds W + BA
-                yield True
-        finally:
-            for base, weight in kept:
-                base.weight = weight
 
     def prompt_ids(self, history: Messages) -> list[int]:
         """The token ids a history is answered from (chat template + generation prompt), as generation uses them."""
@@ -351,48 +268,69 @@ class ChatEngine:
     @contextlib.contextmanager
     def adapter_state(self, on: bool, merged: bool = False) -> Iterator[Any]:
         """The model with the tuned adapter on or off, held by this caller alone (the switch is model-wide).
-        `merged`: the tuned side with the adapter folded into (a transient copy of) the weights where possible
-        (`_merged`): same answers, faster per token; not for mixed-adapter batches."""
+        `merged`: the tuned side from the adapter's merged weights where possible (`merging.MergedWeights`, made
+        once per adapter): same answers, faster per token; not for mixed-adapter batches."""
         import torch
 
         if on and not self.has_adapter:
             raise UserError("No adapter is loaded: pick a finished run first.")
         device = next(self.base.parameters()).device
         with self._lock, torch.inference_mode(), cpu_threads(device):
-            with (self._merged() if merged else contextlib.nullcontext()) if on else self._adapter_off():
+            with self._side(on, merged):
                 yield self.model
 
-    def answer_batch(self, histories: list[Messages], adapter: bool, settings: GenerationSettings,
-                     stopping_criteria: list[Any] | None = None, *,
-                     adapter_names: list[str] | None = None) -> list[str]:
-        """One answer per history from one `generate` call (left-padded batch), adapter on or off, no streaming.
-        With `adapter_names` (BASE or TUNED per row) the rows mix base and tuned answers in that one call."""
+    def _side(self, on: bool, merged: bool) -> contextlib.AbstractContextManager:
+        if not on:
+            return self._adapter_off()
+        return self._merged.applied(self.model) if merged else contextlib.nullcontext()
+
+    @staticmethod
+    def _merge_for(rows: int, adapter_names: list[str] | None) -> bool:
+        return adapter_names is None and merging.MERGE_FOR_SPEED and rows <= merging.MERGE_MAX_ROWS
+
+    def _new_tokens(self, inputs: dict[str, Any], settings: GenerationSettings, stopping_criteria: list[Any] | None,
+                    adapter_names: list[str] | None, on_step: Any = None, streamer: Any = None) -> list[list[int]]:
+        """Each row's answer ids (without its stop token) from the model in its current state: greedy through
+        `decoding.greedy_decode` (finished rows leave the batch), sampling through `generate`."""
         import torch
         from transformers import StoppingCriteriaList
 
-        inputs = self._inputs(histories)
-        kwargs = dict(**inputs, **settings.generate_kwargs(), eos_token_id=self.stop_ids,
-                      pad_token_id=self.tokenizer.pad_token_id)
+        gen = settings.generate_kwargs()
+        if decoding.can_decode(gen):
+            return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"], self.stop_ids,
+                                          settings.max_new_tokens, adapter_names=adapter_names,
+                                          stopping_criteria=stopping_criteria, max_time=settings.max_time,
+                                          on_step=on_step)
+        kwargs = dict(**inputs, **gen, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
         if stopping_criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
         if adapter_names is not None:
             kwargs["adapter_names"] = adapter_names
-        merged = adapter_names is None and MERGE_FOR_SPEED and len(histories) <= MERGE_MAX_ROWS
-        with self.adapter_state(adapter, merged=merged) as model:
-            torch.manual_seed(settings.seed)
-            out = model.generate(**kwargs)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        torch.manual_seed(settings.seed)
+        out = self.model.generate(**kwargs)
         stop = set(self.stop_ids)
-        answers = []
+        rows = []
         for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-            end = next((i for i, token in enumerate(row) if token in stop), len(row))
-            answers.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
-        return answers
+            rows.append(row[:next((i for i, token in enumerate(row) if token in stop), len(row))])
+        return rows
+
+    def answer_batch(self, histories: list[Messages], adapter: bool, settings: GenerationSettings,
+                     stopping_criteria: list[Any] | None = None, *,
+                     adapter_names: list[str] | None = None) -> list[str]:
+        """One answer per history from one left-padded batch, adapter on or off, no streaming. With
+        `adapter_names` (BASE or TUNED per row) the rows mix base and tuned answers in that one batch."""
+        inputs = self._inputs(histories)
+        with self.adapter_state(adapter, merged=self._merge_for(len(histories), adapter_names)):
+            rows = self._new_tokens(inputs, settings, stopping_criteria, adapter_names)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
     def answer_pairs(self, histories: list[Messages], settings: GenerationSettings,
                      stopping_criteria: list[Any] | None = None, *, mix: bool = True) -> list[tuple[str, str]]:
         """(base answer, tuned answer) per history. Where the adapter allows it (`_can_mix`), both sides run as ONE
         left-padded batch of 2 x len(histories) rows routed by adapter_names: one pass over the weights and one
-        set of per-token Python work for both models, instead of two generate calls."""
+        set of per-token Python work for both models, each row leaving the batch when its answer ends."""
         if not self.has_adapter:
             raise UserError("No adapter is loaded: pick a finished run first.")
         n = len(histories)
@@ -409,23 +347,18 @@ class ChatEngine:
         import torch
 
         inputs = self._inputs(histories)
-        streamer = _PairStreamer(self.tokenizer, len(histories), self.stop_ids)
+        streamer = decoding.PairStreamer(self.tokenizer, len(histories), self.stop_ids)
         errors: list[BaseException] = []
-        kwargs = dict(**inputs, **settings.generate_kwargs(), streamer=streamer, eos_token_id=self.stop_ids,
-                      pad_token_id=self.tokenizer.pad_token_id)
-        if adapter_names is not None:
-            kwargs["adapter_names"] = adapter_names
+
+        def on_step(rows: list[list[int]]) -> None:
+            streamer.queue.put([self.tokenizer.decode(t, skip_special_tokens=True) for t in rows])
 
         def work() -> None:
             try:
                 with self._lock, torch.inference_mode(), cpu_threads(inputs["input_ids"].device):
-                    torch.manual_seed(settings.seed)
-                    ctx = (self._adapter_off() if disable and adapter_names is None
-                           else self._merged() if adapter_names is None and MERGE_FOR_SPEED
-                           and len(histories) <= MERGE_MAX_ROWS
-                           else contextlib.nullcontext())
-                    with ctx:
-                        self.model.generate(**kwargs)
+                    on = not (disable and adapter_names is None)
+                    with self._side(on, on and self._merge_for(len(histories), adapter_names)):
+                        self._new_tokens(inputs, settings, None, adapter_names, on_step=on_step, streamer=streamer)
             except BaseException as exc:  # surfaced in the caller's thread below
                 errors.append(exc)
             finally:
@@ -441,17 +374,6 @@ class ChatEngine:
         if errors:
             raise errors[0]
         yield last
-
-
-def _merged_weight(layer: Any, weight: Any) -> Any:
-    """W + scale * B @ A as a new tensor: one addmm where the shapes and dtypes allow it (the merge is timed per
-    call), else peft's own delta."""
-    import torch
-
-    a, b = layer.lora_A[TUNED].weight, layer.lora_B[TUNED].weight
-    if not layer.fan_in_fan_out and a.dtype == b.dtype == weight.dtype and a.device == weight.device:
-        return torch.addmm(weight, b, a, alpha=layer.scaling[TUNED])
-    return weight + layer.get_delta_weight(TUNED).to(weight.dtype)
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -116,11 +116,11 @@ def test_tuned_answers_merged_for_speed_are_the_unmerged_ones_and_the_base_stays
                                                                                       monkeypatch):
     import torch
 
-    from phi3_lora import generate
+    from phi3_lora import generate, merging
 
     histories = [r["messages"][:-1] for r in _rows(tiny_run / "eval_rows.jsonl")]
     base_weights = {n: p.detach().clone() for n, p in engine.model.named_parameters() if "base_layer" in n}
-    assert base_weights and engine._mergeable()  # plain LoRA on float Linear layers: the tuned side runs merged
+    assert base_weights and merging.mergeable_layers(engine.model)  # plain LoRA on float Linear layers: the tuned side runs merged
     ids = torch.tensor([engine.prompt_ids(histories[0])])
 
     def logits(on: bool, merged: bool) -> torch.Tensor:
@@ -132,7 +132,7 @@ def test_tuned_answers_merged_for_speed_are_the_unmerged_ones_and_the_base_stays
     assert torch.equal(merged.argmax(-1), tuned.argmax(-1))
     greedy = generate.GenerationSettings(max_new_tokens=8)  # one row per call: the calls that run merged
     fast = [engine.answer_batch([h], True, greedy)[0] for h in histories] + [engine.answer(histories[0], True, greedy)]
-    monkeypatch.setattr(generate, "MERGE_FOR_SPEED", False)
+    monkeypatch.setattr(merging, "MERGE_FOR_SPEED", False)
     assert fast == [engine.answer_batch([h], True, greedy)[0] for h in histories] + [
         engine.answer(histories[0], True, greedy)]
     with pytest.raises(RuntimeError), engine.adapter_state(True, merged=True):

@@ -1,0 +1,128 @@
+"""Greedy decoding of a left-padded batch that drops each row from the batch as soon as its answer ends.
+
+`transformers.generate` keeps a finished row in the batch until the longest answer ends: it still costs a
+forward row per step (the 2-core CPU's matmuls grow with the rows), and a mixed base + tuned batch keeps paying
+peft's per-row adapter routing. In an evaluation batch the tuned answers end after ~12 tokens while the base ones
+run all 64, so half the batch rode along for ~50 steps. This loop prunes the finished rows from the next
+token, the attention mask, the positions, the adapter names and the KV cache (`Cache.batch_select_indices`),
+and otherwise does what `generate` does for greedy search: the same position ids from the left-padded mask,
+the same float32 argmax over the last position's logits, the same stop tokens. Sampling, repetition penalties
+and beam search stay with `generate`.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any, Callable
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+Tokens = list[list[int]]
+
+
+def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: list[int], max_new_tokens: int, *,
+                  adapter_names: list[str] | None = None, stopping_criteria: list[Any] | None = None,
+                  max_time: float | None = None,
+                  on_step: Callable[[Tokens], None] | None = None) -> Tokens:
+    """The greedy answer's new token ids for every row (without its stop token), rows dropped as they end.
+
+    `adapter_names` (peft's mixed batches): one adapter name per row, pruned with the rows; once every live row
+    asks for the same adapter the names are left out where that is the model's active adapter. `stopping_criteria`
+    are transformers StoppingCriteria, asked with the live rows' ids each step (a row they flag ends there).
+    `max_time` ends all rows after that many seconds, as transformers' MaxTimeCriteria does. `on_step` gets the
+    tokens so far of all rows after each step (streaming)."""
+    import torch
+    from transformers import DynamicCache
+
+    started = time.monotonic()
+    rows = input_ids.shape[0]
+    out: Tokens = [[] for _ in range(rows)]
+    live = list(range(rows))  # original row of each row still in the batch
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=input_ids.device)
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate derives from a left-padded mask
+    cache = DynamicCache(config=model.config)
+    seq, step_ids, step_pos = input_ids, input_ids, positions
+    names = _names_for(model, adapter_names)
+    for _ in range(max_new_tokens):
+        extra = {"adapter_names": names} if names is not None else {}
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1, **extra).logits[:, -1, :].float()
+        nxt = logits.argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], dim=-1)
+        ended = torch.isin(nxt, stop)
+        for criterion in stopping_criteria or ():
+            ended |= criterion(seq, logits).to(ended.device)
+        if max_time is not None and time.monotonic() - started > max_time:
+            ended[:] = True
+        for row, token, done in zip(live, nxt.tolist(), ended.tolist()):
+            if not (done and token in stop_ids):  # a stop token ends the answer and is not part of it
+                out[row].append(token)
+        if on_step is not None:
+            on_step(out)
+        if bool(ended.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        step_pos = step_pos[:, -1:] + 1
+        if bool(ended.any()):  # drop the finished rows from everything the next step reads
+            keep = (~ended).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            kept = keep.tolist()
+            live = [live[i] for i in kept]
+            mask, step_pos, seq, nxt = mask[keep], step_pos[keep], seq[keep], nxt[keep]
+            if adapter_names is not None:
+                adapter_names = [adapter_names[i] for i in kept]
+                names = _names_for(model, adapter_names)
+        step_ids = nxt[:, None]
+    return out
+
+
+def _names_for(model: Any, adapter_names: list[str] | None) -> list[str] | None:
+    """The adapter names to pass: none where every row asks for the model's one active adapter (peft's plain
+    forward: the same sums as its mixed-batch routing, without the per-row indexing)."""
+    if adapter_names is None:
+        return None
+    uniform = set(adapter_names)
+    try:
+        active = list(model.active_adapters)
+    except (AttributeError, TypeError, ValueError):  # not a PeftModel: keep the names, peft's hooks decide
+        return adapter_names
+    if len(uniform) == 1 and uniform != {BASE} and list(uniform) == active:
+        return None
+    return adapter_names
+
+
+def can_decode(settings_kwargs: dict[str, Any]) -> bool:
+    """Whether `greedy_decode` gives what `generate` would with these generate kwargs: greedy, no penalty."""
+    return not settings_kwargs.get("do_sample") and settings_kwargs.get("repetition_penalty", 1.0) == 1.0
+
+
+class PairStreamer:
+    """A transformers streamer for a batch: decodes each row's new tokens and queues the texts."""
+
+    def __init__(self, tokenizer: Any, rows: int, stop_ids: list[int]) -> None:
+        self.tokenizer, self.rows, self.stop_ids = tokenizer, rows, set(stop_ids)
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(self.rows, -1)[:, -1].tolist()):
+            if self.done[row]:
+                continue
+            if token in self.stop_ids:
+                self.done[row] = True
+            else:
+                self.tokens[row].append(token)
+        self.queue.put(self.texts())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def texts(self) -> list[str]:
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
