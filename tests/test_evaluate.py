@@ -80,6 +80,49 @@ def test_batched_answers_are_the_one_by_one_answers(tiny_run, engine):
     assert speed["rows"] == 5 and speed["identical_answers"] == 5  # left padding changes no answer
 
 
+class _EndsAfterPromptLength:
+    """A StoppingCriteria that ends each row after 1 + (the sum of its prompt's token ids mod 5) tokens: rows of one
+    batch end at different steps, decided by their content only (pruning or re-batching cannot change it)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id, self.width = pad_id, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.width = self.width or input_ids.shape[1] - 1  # first call: the prompt plus one new token
+        prompt = input_ids[:, :self.width]
+        return input_ids.shape[1] - self.width >= 1 + (prompt * (prompt != self.pad_id)).sum(-1) % 5
+
+
+@pytest.mark.slow
+def test_rows_that_end_early_leave_the_batch_and_every_answer_stays_the_one_by_one_answer(tiny_run, engine,
+                                                                                          monkeypatch):
+    from phi3_lora.generate import BASE, TUNED, GenerationSettings
+
+    histories = [r["messages"][:-1] for r in _rows(tiny_run / "eval_rows.jsonl")]
+    n, greedy, pad = len(histories), GenerationSettings(max_new_tokens=8), engine.tokenizer.pad_token_id
+    inputs = engine._inputs(histories + histories)
+    names = [BASE] * n + [TUNED] * n
+
+    def unpruned() -> list[list[int]]:  # transformers' own loop: no row leaves the batch
+        with engine.adapter_state(True) as model:
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=8, eos_token_id=engine.stop_ids,
+                                 pad_token_id=pad, adapter_names=names, stopping_criteria=[_EndsAfterPromptLength(pad)])
+        return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+    # The random tiny model repeats one token per side and never says its end token: make the tuned side's token a
+    # stop (the tuned rows end at once, as trained answers end early); the criterion ends the base rows at 1-5.
+    monkeypatch.setattr(engine, "stop_ids", engine.stop_ids + [unpruned()[-1][0]])
+    rows = unpruned()
+    ends = [next((i for i, t in enumerate(row) if t in engine.stop_ids), len(row)) for row in rows]
+    assert len(set(ends)) >= 3  # rows leave the batch at three or more different steps
+    expected = [engine.tokenizer.decode(row[:end], skip_special_tokens=True) for row, end in zip(rows, ends)]
+    pairs = engine.answer_pairs(histories, greedy, [_EndsAfterPromptLength(pad)])
+    assert [p[0] for p in pairs] + [p[1] for p in pairs] == expected
+    one_by_one = [tuple(engine.answer_batch([h], side, greedy, [_EndsAfterPromptLength(pad)])[0]
+                        for side in (False, True)) for h in histories]
+    assert pairs == one_by_one
+
+
 def test_the_automatic_batch_is_as_large_as_the_kv_budget_allows(engine):
     assert evaluate.auto_batch_size(bytes_per_row=100, budget_bytes=1000, rows=50) == 10
     assert evaluate.auto_batch_size(100, 10**9, rows=20) == 20                      # every row in one call
