@@ -951,6 +951,55 @@ def cpu_figures(steps: int = 3, generation: bool = True) -> dict[str, Any]:
     return out
 
 
+def cpu_generation(new_tokens: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
+    """Compare's answers on this CPU, embedded model, greedy: the base side, the tuned side (one row, merged
+    weights kept per adapter) and the pair (base + tuned rows of one batch, as Compare runs them), each the median
+    of `repeats` runs. The adapter is random (r16 all-linear, B ~ N(0, 1e-3)) so that both sides answer at full
+    length; a pair side's rate is its tokens over the time until its own last token."""
+    from phi3_lora import embedded
+    from phi3_lora.generate import ChatEngine, GenerationSettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = save_random_adapter(embedded.embedded_model_dir(), Path(tmp) / "adapter", four_bit=False)
+        engine = ChatEngine(embedded.EMBEDDED_NAME, adapter, load_in_4bit=False)
+    settings = GenerationSettings(temperature=0, max_new_tokens=new_tokens)
+    history = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+    tokenizer = engine.tokenizer
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    t0 = time.perf_counter()
+    engine.answer(history, adapter=True, settings=GenerationSettings(temperature=0, max_new_tokens=2))
+    first_tuned = time.perf_counter() - t0  # the first tuned call makes the merged weights
+    runs: dict[str, list[dict[str, Any]]] = {"base": [], "tuned": [], "pair: base side": [], "pair: tuned side": []}
+    for _ in range(repeats):
+        for side, adapter_on in (("base", False), ("tuned", True)):
+            t0, first, text = time.perf_counter(), None, ""
+            for text in engine.stream(history, adapter=adapter_on, settings=settings):
+                first = first or (time.perf_counter() - t0 if text else None)
+            total = time.perf_counter() - t0
+            runs[side].append({"tokens": count(text), "seconds": total, "ttft_s": first or total})
+        t0, first, last, texts = time.perf_counter(), None, [0.0, 0.0], ("", "")
+        for new in engine.stream_pair(history, history, settings):
+            now = time.perf_counter() - t0
+            first = first or (now if any(new) else None)
+            last = [now if a != b else t for a, b, t in zip(new, texts, last)]
+            texts = new
+        for i, side in enumerate(("pair: base side", "pair: tuned side")):
+            runs[side].append({"tokens": count(texts[i]), "seconds": last[i], "ttft_s": first or last[i]})
+    out = []
+    for side, rs in runs.items():
+        rates = [r["tokens"] / r["seconds"] for r in rs]
+        mid = sorted(range(len(rs)), key=rates.__getitem__)[len(rs) // 2]
+        out.append({"side": side, **rs[mid], "tokens_per_s": rates[mid], "spread": f"{min(rates):.1f}-{max(rates):.1f}"})
+    out.append({"side": "first tuned call (makes the merged weights), 2 tokens", "tokens": 2, "seconds": first_tuned,
+                "ttft_s": first_tuned, "tokens_per_s": 2 / first_tuned})
+    del engine
+    _free()
+    return out
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 def versions() -> dict[str, str]:
@@ -969,6 +1018,14 @@ def versions() -> dict[str, str]:
 
 
 def cpu_main(args: argparse.Namespace) -> int:
+    if args.cpu_gen:
+        gen = cpu_generation(args.cpu_gen_tokens)
+        print(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, {versions()}")
+        print(gen_table({"embedded SmolLM2-135M": gen}))
+        for g in gen:
+            print(g["side"], g.get("spread", ""))
+        Path(args.json).write_text(json.dumps({"cpu_generation": gen}, indent=1, default=str), encoding="utf-8")
+        return 0
     report = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "cpu": cpu_figures(args.cpu_steps)}
     ts, rs = report["cpu"]["train_step"], report["cpu"]["recipe_step"]
     print(f"CPU training step: engine {ts['tokens_per_s']:.0f} useful tokens/s ({ts['tokens_per_step']:.0f} "
@@ -1006,6 +1063,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-path", default=os.environ.get("PEER_PYTHONPATH", ""),
                    help="Folder with Unsloth and its pins, put first on PYTHONPATH for the Unsloth rows.")
     p.add_argument("--cpu-steps", type=int, default=3)
+    p.add_argument("--cpu-gen", action="store_true",
+                   help="With --cpu: only Compare's generation (base, tuned, the pair; random adapter), 3 runs each.")
+    p.add_argument("--cpu-gen-tokens", type=int, default=64)
     p.add_argument("--profile", nargs="*", help="Profile one step of the first row whose name contains each word.")
     p.add_argument("--gen", action="store_true", help="Also time generation (GPU).")
     p.add_argument("--gen-explore", action="store_true",
