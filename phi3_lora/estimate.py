@@ -136,6 +136,7 @@ class MemoryEstimate:
     num_layers: int
     correction_gib: float = 0.0  # the measured excess of the parts over what PyTorch allocates (CUDA_EXCESS_GIB)
     notes: tuple[str, ...] = ()
+    kept_share: float = 1.0   # compiled layers: the share of their activations the compiler keeps (the rest recomputed)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -156,12 +157,16 @@ def dtype_bytes(config: RunConfig, device: str, dtype_name: str | None = None) -
 
 def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: int, liger: bool,
                     device: str = "cuda", dtype_name: str | None = None,
-                    trainable_params: int | None = None, kept_factor: float = 1.0) -> MemoryEstimate:
+                    trainable_params: int | None = None, kept_factor: float = 1.0,
+                    kept_share: float = 1.0) -> MemoryEstimate:
     """Peak memory of a training step for `config` on `device` ("cuda" or "cpu") with `recomputed_layers`
     decoder layers checkpointed and Liger's kernels on or off: what options.resolve_options decided.
 
     `trainable_params` overrides the LoRA count (pass peft's exact figure when you have one); `kept_factor`
-    scales what an un-checkpointed layer keeps (families.PLAIN_DROPOUT_FACTOR: LoRA dropout's mask kept).
+    scales what an un-checkpointed layer keeps (families.PLAIN_DROPOUT_FACTOR: LoRA dropout's mask kept);
+    `kept_share` is the share of that a compiled layer keeps under the partitioner's activation budget (an upper
+    bound: on the H200 a share of 0.10 / 0.50 / 0.62 / 1.0 peaked at 6.5 / 18.6 / 18.7 / 32.6 GiB where this
+    counts 7.6 / 19.2 / 22.7 / 33.7, docs/benchmarks.md).
     """
     shape = model_shape(model_config)
     family = shape.family
@@ -180,7 +185,7 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
 
     tokens = t.per_device_train_batch_size * t.max_length
     h, i = shape.hidden_size, shape.intermediate_size
-    kept = ((family.act_hidden * h + family.act_intermediate * i - h) * kept_factor
+    kept = ((family.act_hidden * h + family.act_intermediate * i - h) * kept_factor * kept_share
             * (1.0 if liger else families.NO_LIGER_FACTOR))
     working = family.recompute_hidden * h + family.recompute_intermediate * i
     activations = tokens * act_bytes * (layers * h + (layers - recomputed) * kept + working)
@@ -191,13 +196,14 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
                   if device == "cuda" else 0.0)
     total = weights + adapter + activations + overhead - correction
     notes: list[str] = []
-    if recomputed == 0 and activations > weights:
+    if recomputed == 0 and kept_share == 1.0 and activations > weights:
         notes.append("Activations dominate: gradient checkpointing would cut them to about "
                      f"{(activations - tokens * act_bytes * layers * kept) / GIB:.1f} GiB (~30% slower steps).")
     return MemoryEstimate(weights_gib=weights / GIB, adapter_gib=adapter / GIB, activations_gib=activations / GIB,
                           overhead_gib=overhead / GIB, total_gib=total / GIB, trainable_params=trainable,
                           total_params=shape.total_params + trainable, device=device,
                           recomputed_layers=recomputed, num_layers=layers, correction_gib=correction / GIB,
+                          kept_share=kept_share,
                           notes=tuple(notes))
 
 
@@ -206,6 +212,8 @@ def describe(est: MemoryEstimate) -> str:
     where = "GPU" if est.device == "cuda" else "RAM"
     return (f"~{est.total_gib:.1f} GiB of {where}: weights {est.weights_gib:.2f}, adapter + AdamW "
             f"{est.adapter_gib:.2f}, activations {est.activations_gib:.2f} "
-            f"({est.recomputed_layers} of {est.num_layers} layers recomputed by gradient checkpointing), "
-            f"overhead {est.overhead_gib:.1f}"
+            + (f"(the compiler keeps {est.kept_share:.0%} of each layer's activations and recomputes the rest), "
+               if est.kept_share < 1.0 else
+               f"({est.recomputed_layers} of {est.num_layers} layers recomputed by gradient checkpointing), ")
+            + f"overhead {est.overhead_gib:.1f}"
             + (f", less {est.correction_gib:.1f} measured excess" if est.correction_gib else ""))

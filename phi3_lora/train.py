@@ -203,7 +203,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     model = attach_lora(model, config, opts)
     if opts.compile_layers:
         compile_layers(model, rng_recompute=options.COMPILED_RNG_RECOMPUTE,
-                       activation_budget=options.COMPILED_ACTIVATION_BUDGET)
+                       activation_budget=opts.activation_budget)
 
     args = SFTConfig(**sft_config_kwargs(config, opts, RunDir(output_dir).checkpoints, has_eval=bool(eval_rows)))
     callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)

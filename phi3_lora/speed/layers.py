@@ -70,10 +70,8 @@ def compile_layers(model: Any, *, rng_recompute: bool = False, activation_budget
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-    if rng_recompute:
-        torch._functorch.config.functionalize_rng_ops = True
-    if activation_budget is not None:
-        torch._functorch.config.activation_memory_budget = activation_budget
+    torch._functorch.config.functionalize_rng_ops = rng_recompute
+    torch._functorch.config.activation_memory_budget = 1.0 if activation_budget is None else activation_budget
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**compile_kwargs)
