@@ -40,6 +40,15 @@ def test_every_key_is_in_every_locale() -> None:
     assert not {k.split(".")[0] for k in en} & strings.GRADIO_NAMESPACES
 
 
+def test_every_locale_names_every_data_format() -> None:
+    """The format help is written by hand in each locale: a new format in formats.FORMATS must reach each."""
+    from phi3_lora.formats import FORMATS
+
+    for lang, table in strings.translations().items():
+        missing = [name for name in FORMATS if name not in table["cfg.data.format.help"]]
+        assert not missing, (lang, missing)
+
+
 def test_finnish_is_translated_not_copied() -> None:
     en, fi = strings.translations()["en"], strings.translations()["fi"]
     same = [k for k in en if en[k] == fi[k]]
