@@ -124,19 +124,20 @@ def test_a_full_disk_gives_a_clear_message_and_no_partial_file(tiny_disk, tmp_pa
 
 
 def test_validations_leave_no_copy_of_the_rows_behind(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """10 sessions each upload and validate a 10 MB file (100 MB of JSON, ~0.8 GB as Python rows): the app
+    """5 sessions each upload and validate a 10 MB file (50 MB of JSON, ~0.4 GB as Python rows): the app
     process keeps a 200-row preview per session, so its memory grows by far less than one copy of the rows.
-    bench/web_memory.py gives the issue's figure (10 x 100 MB); the README has it."""
+    bench/web_memory.py gives the issue's figure (10 x 100 MB); the README has it. (10 sessions took 83-173 s
+    of the suite; 5 keep one copy of the rows, ~400 MiB, twice the bound.)"""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.web_memory import measure
 
-    result = measure(sessions=10, mb=10, model=str(tiny_llama_dir), workdir=tmp_path)
+    result = measure(sessions=5, mb=10, model=str(tiny_llama_dir), workdir=tmp_path)
     print(f"\n[bounds] validations: { {k: v for k, v in result.items() if k != 'answers'} }")
-    assert result["validated"] == 10, result["answers"]
-    assert result["growth_mib"] < 400, result
-    assert result["uploads_held_before_close"] == 10 and result["uploads_left_after_close"] == 0
+    assert result["validated"] == 5, result["answers"]
+    assert result["growth_mib"] < 200, result
+    assert result["uploads_held_before_close"] == 5 and result["uploads_left_after_close"] == 0
 
 
 # --- errors (issue 13 item 8, last part) ---------------------------------------------------------------------
