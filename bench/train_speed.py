@@ -891,9 +891,10 @@ def merge_main(args: argparse.Namespace) -> int:
 # --- CPU figures ----------------------------------------------------------------------------------
 
 def cpu_recipe_trainer(model_name: str, data: Path, steps: int, out_dir: Path, batch: int, length: int,
-                       lora: Any) -> Any:
-    """The plain trl recipe on the CPU: the model in bf16, peft_config handed to SFTTrainer, gradient
-    checkpointing as the cookbook sets it, and the quick-cpu preset's batch, length and LoRA."""
+                       lora: Any, dtype_name: str = "bfloat16") -> Any:
+    """The plain trl recipe on the CPU: the model in `dtype_name` (the cookbook's bf16, or the dtype the engine
+    picked for this CPU, so the ratio measures the engine's techniques and not the dtype), peft_config handed to
+    SFTTrainer, gradient checkpointing as the cookbook sets it, and the quick-cpu preset's batch, length and LoRA."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -903,9 +904,9 @@ def cpu_recipe_trainer(model_name: str, data: Path, steps: int, out_dir: Path, b
     from phi3_lora import models
 
     path = models.local_path(model_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name))
     tok = models.load_tokenizer(model_name)
-    args = SFTConfig(output_dir=str(out_dir), bf16=True, use_cpu=True, learning_rate=LEARNING_RATE,
+    args = SFTConfig(output_dir=str(out_dir), bf16=dtype_name == "bfloat16", use_cpu=True, learning_rate=LEARNING_RATE,
                      lr_scheduler_type="constant", max_steps=steps, per_device_train_batch_size=batch,
                      gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
                      logging_steps=1, save_strategy="no", report_to="none", seed=0, max_length=length,
@@ -916,32 +917,41 @@ def cpu_recipe_trainer(model_name: str, data: Path, steps: int, out_dir: Path, b
                       processing_class=tok, peft_config=peft)
 
 
-def cpu_figures(steps: int = 3, generation: bool = True) -> dict[str, Any]:
+def cpu_figures(steps: int = 6, generation: bool = True, bf16_recipe: bool = False) -> dict[str, Any]:
     """The embedded SmolLM2-135M on this machine: the plain recipe's and the engine's training step (same data,
-    batch and length), and generation, briefly."""
+    batch, length, seed and dtype: the dtype models.resolve_dtype picks for this CPU), and generation, briefly.
+    `bf16_recipe`: also the recipe in the cookbook's bf16 where the engine picked fp32 (a CPU without native bf16,
+    where emulated bf16 is an order of magnitude slower)."""
     from bench.timing import SettleTimer, time_trainer
     from phi3_lora import embedded, models, train
     from phi3_lora.config import preset
 
     out: dict[str, Any] = {}
     data = ROOT / "data" / "sample_chat.jsonl"
+    dtype_name = str(models.resolve_dtype("auto", "cpu")).replace("torch.", "")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = preset("quick-cpu").replace(train={"max_steps": steps + 2, "save_steps": 10**6, "logging_steps": 1,
                                                  "learning_rate": LEARNING_RATE, "lr_scheduler_type": "constant",
-                                                 "warmup_ratio": 0.0},
+                                                 "warmup_ratio": 0.0, "seed": 0},
                                           data={"source": str(data), "eval_fraction": 0.0})
-        timer = SettleTimer(steps, min_warmup=1, max_warmup=2)
-        recipe = cpu_recipe_trainer(embedded.EMBEDDED_NAME, data, timer.max_steps(), Path(tmp) / "recipe",
-                                    cfg.train.per_device_train_batch_size, cfg.train.max_length, cfg.lora)
-        out["recipe_step"] = time_trainer(recipe, timer)
-        del recipe
-        gc.collect()
+        recipes = [dtype_name] + (["bfloat16"] if bf16_recipe and dtype_name != "bfloat16" else [])
+        for name in recipes:
+            timer = SettleTimer(steps, min_warmup=1, max_warmup=2)
+            recipe = cpu_recipe_trainer(embedded.EMBEDDED_NAME, data, timer.max_steps(), Path(tmp) / "recipe",
+                                        cfg.train.per_device_train_batch_size, cfg.train.max_length, cfg.lora, name)
+            key = "recipe_step" if name == dtype_name else "recipe_step_bf16"
+            out[key] = dict(time_trainer(recipe, timer), dtype=name)
+            del recipe
+            gc.collect()
         built = train.build(cfg, Path(tmp))
         timer = SettleTimer(steps, min_warmup=1, max_warmup=2)
         res = time_trainer(built.trainer, timer)
         res["options"] = {k: v for k, v in vars(built.opts).items()}
+        res["dtype"] = built.dtype_name
         out["train_step"] = res
         out["train_vs_recipe"] = res["tokens_per_s"] / out["recipe_step"]["tokens_per_s"]
+        if "recipe_step_bf16" in out:
+            out["train_vs_recipe_bf16"] = res["tokens_per_s"] / out["recipe_step_bf16"]["tokens_per_s"]
         adapter = Path(tmp) / "adapter"
         built.trainer.model.save_pretrained(adapter)
         del built
@@ -1026,23 +1036,37 @@ def cpu_main(args: argparse.Namespace) -> int:
             print(g["side"], g.get("spread", ""))
         Path(args.json).write_text(json.dumps({"cpu_generation": gen}, indent=1, default=str), encoding="utf-8")
         return 0
-    report = {"date": time.strftime("%Y-%m-%d"), "versions": versions(), "cpu": cpu_figures(args.cpu_steps)}
-    ts, rs = report["cpu"]["train_step"], report["cpu"]["recipe_step"]
-    print(f"CPU training step: engine {ts['tokens_per_s']:.0f} useful tokens/s ({ts['tokens_per_step']:.0f} "
-          f"tokens/step), plain recipe {rs['tokens_per_s']:.0f} ({rs['tokens_per_step']:.0f} tokens/step): "
-          f"{report['cpu']['train_vs_recipe']:.2f}x")
-    print(gen_table({"embedded SmolLM2-135M": report["cpu"]["generation"]}))
+    load_before = os.getloadavg()[0]
+    report = {"date": time.strftime("%Y-%m-%d"), "versions": versions(),
+              "cpu": cpu_figures(args.cpu_steps, generation=not args.cpu_no_gen, bf16_recipe=args.cpu_bf16_recipe)}
+    report["load_average"] = [load_before, os.getloadavg()[0]]
+    cpu = report["cpu"]
+    ts, rs = cpu["train_step"], cpu["recipe_step"]
+    line = (f"CPU training step ({ts['dtype']}): engine {ts['tokens_per_s']:.0f} useful tokens/s "
+            f"({ts['tokens_per_step']:.0f} tokens/step), plain recipe {rs['tokens_per_s']:.0f} "
+            f"({rs['tokens_per_step']:.0f} tokens/step): {cpu['train_vs_recipe']:.2f}x")
+    if "recipe_step_bf16" in cpu:
+        line += (f"; the recipe in bf16 {cpu['recipe_step_bf16']['tokens_per_s']:.1f}: "
+                 f"{cpu['train_vs_recipe_bf16']:.1f}x")
+    print(line)
+    print(f"load average before/after: {report['load_average']}")
+    if "generation" in cpu:
+        print(gen_table({"embedded SmolLM2-135M": cpu["generation"]}))
     if args.markdown:
         v = report["versions"]
         body = (f"## CPU ({os.cpu_count()} cores, embedded SmolLM2-135M-Instruct)\n\n{report['date']}; "
                 + ", ".join(f"{k} {val}" for k, val in v.items()) + "\n\n"
-                + f"Training step (quick-cpu preset, batch 4, max length 256, learning rate {LEARNING_RATE}, median "
-                  f"of {ts['steps']} timed steps after the warm-up): engine **{ts['tokens_per_s']:.0f} useful "
-                  f"tokens/s** ({ts['tokens_per_step']:.0f} tokens/step, options {ts['options']}); the plain trl "
-                  f"recipe in the same run {rs['tokens_per_s']:.0f} ({rs['tokens_per_step']:.0f} tokens/step): "
-                  f"**{report['cpu']['train_vs_recipe']:.2f}x**. Generation: the tuned side is the adapter of those "
-                  "few steps, so its answer may be short.\n\n"
-                + gen_table({"embedded SmolLM2-135M": report["cpu"]["generation"]}))
+                + f"Training step (quick-cpu preset, batch 4, max length 256, learning rate {LEARNING_RATE}, "
+                  f"{ts['dtype']}, median of {ts['steps']} timed steps after the warm-up; load average "
+                  f"{report['load_average'][0]:.2f} before, {report['load_average'][1]:.2f} after): engine "
+                  f"**{ts['tokens_per_s']:.0f} useful tokens/s** ({ts['tokens_per_step']:.0f} tokens/step, options "
+                  f"{ts['options']}); the plain trl recipe in the same run and dtype {rs['tokens_per_s']:.0f} "
+                  f"({rs['tokens_per_step']:.0f} tokens/step): **{cpu['train_vs_recipe']:.2f}x**."
+                + (f" The recipe in the cookbook's bf16 (emulated on this CPU): "
+                   f"{cpu['recipe_step_bf16']['tokens_per_s']:.1f} tokens/s ({cpu['train_vs_recipe_bf16']:.1f}x)."
+                   if "recipe_step_bf16" in cpu else "")
+                + ("\n\nGeneration: the tuned side is the adapter of those few steps, so its answer may be short."
+                   "\n\n" + gen_table({"embedded SmolLM2-135M": cpu["generation"]}) if "generation" in cpu else ""))
         write_markdown(Path(args.markdown), f"CPU ({os.cpu_count()} cores, embedded SmolLM2-135M-Instruct)", body)
     Path(args.json).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     return 0
@@ -1062,7 +1086,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-timeout", type=float, default=900)
     p.add_argument("--peer-path", default=os.environ.get("PEER_PYTHONPATH", ""),
                    help="Folder with Unsloth and its pins, put first on PYTHONPATH for the Unsloth rows.")
-    p.add_argument("--cpu-steps", type=int, default=3)
+    p.add_argument("--cpu-steps", type=int, default=6)
+    p.add_argument("--cpu-no-gen", action="store_true", help="With --cpu: training rows only.")
+    p.add_argument("--cpu-bf16-recipe", action="store_true",
+                   help="With --cpu: also the recipe in bf16 where the engine picked fp32 (slow without native bf16).")
     p.add_argument("--cpu-gen", action="store_true",
                    help="With --cpu: only Compare's generation (base, tuned, the pair; random adapter), 3 runs each.")
     p.add_argument("--cpu-gen-tokens", type=int, default=64)

@@ -178,6 +178,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
     from phi3_lora import data as data_mod
     from phi3_lora import models
+    from phi3_lora.speed import compact_loss
     from phi3_lora.speed.layers import LayerPlan, PartialCheckpointing, compile_layers, expandable_segments
     from phi3_lora.speed.packed_attention import cuda_varlen_available
     from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback
@@ -198,6 +199,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
                            offload_ok=device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1)
     if device == "cuda":
         expandable_segments()
+    if opts.compact_loss:
+        compact_loss.install()
     model = models.load_model(dataclasses.replace(config.model, name=model_name,
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from phi3_lora import families, options
-from phi3_lora.config import RunConfig
+from phi3_lora.config import RunConfig, preset
 from phi3_lora.estimate import describe, estimate_memory
 from phi3_lora.options import checkpointed_layers, layer_plan, resolve_options
 
@@ -201,3 +201,35 @@ def test_compiled_plans_at_the_ends_and_with_eager_layers(monkeypatch):
     monkeypatch.setattr(options, "COMPILE_LAYERS", False)  # eager layers: whole layers checkpointed, as measured
     eager = resolve_options(_config().replace(train={"memory_budget_gb": 24.0}), "cuda", "bfloat16", **kw)
     assert eager.activation_budget is None and eager.gradient_checkpointing and eager.checkpointed_layers <= 4
+    compiled = resolve_options(config, "cuda", "bfloat16", **kw)
+    monkeypatch.setattr(options, "COMPILE_LAYERS", False)
+    eager = resolve_options(config, "cuda", "bfloat16", **kw)
+    assert compiled.compile_layers and not eager.compile_layers
+    assert compiled.checkpointed_layers > (eager.checkpointed_layers or 0)
+    kept = 32 - compiled.checkpointed_layers
+    per_layer = (MEASURED_COMPILED[0] - MEASURED_COMPILED[32]) / 32
+    assert MEASURED_COMPILED[32] + kept * per_layer <= budget  # the bench's rule: peak allocated under the budget
+    assert MEASURED_COMPILED[32] + 5 * per_layer >= MEASURED_COMPILED[27]  # the whole-GPU slope is the upper bound
+    monkeypatch.setattr(options, "COMPILE_LAYERS", True)
+    monkeypatch.setattr(options, "COMPILED_RNG_RECOMPUTE", True)  # masks recomputed: counted as lean again
+    assert resolve_options(config, "cuda", "bfloat16", **kw).checkpointed_layers == eager.checkpointed_layers
+
+
+def test_the_cpu_path_trains_every_layer_unrecomputed_with_the_compact_loss():
+    """What the engine turns on and off on a CPU (docs/benchmarks.md, CPU): no recomputation (the 135M model's
+    activations fit easily), padded rows (the step keeps the preset's conversations), no Liger (Triton),
+    plain AdamW, the loss head on labelled positions only; the dtype is the one models.resolve_dtype chose."""
+    cfg = preset("quick-cpu")
+    for dtype in ("float32", "bfloat16"):
+        opts = resolve_options(cfg, "cpu", dtype, liger_installed=True, model_config=PHI3_MINI)
+        assert (opts.gradient_checkpointing, opts.packing, opts.use_liger_kernel, opts.compile_layers) == (
+            False, False, False, False)
+        assert (opts.optim, opts.attn_implementation, opts.compact_loss, opts.lean_lora) == (
+            "adamw_torch", "sdpa", True, True)
+        assert (opts.bf16, opts.fp16) == (dtype == "bfloat16", False)
+    auto = cfg.replace(train={"gradient_checkpointing": "auto"})
+    assert not resolve_options(auto, "cpu", "float32", liger_installed=False, model_config=PHI3_MINI
+                               ).gradient_checkpointing
+    # trl scores only the labelled positions on CUDA by itself
+    assert not resolve_options(_config(), "cuda", "bfloat16", liger_installed=True, model_config=PHI3_MINI,
+                               gpu_memory_gb=80.0).compact_loss

@@ -5,6 +5,7 @@
 - `packed_attention`: registers `sdpa_varlen` with transformers' attention interfaces (PyTorch's varlen kernel).
 - `bnb_codes`: cuts 4-bit weights at their packed codes through bitsandbytes' QuantState and a private function
   (`fused` uses it to split Phi-3's fused layers bit-identically).
+- `compact_loss`: trl's fused loss head scores only the labelled positions on the CPU too (a private trl helper).
 - `offload`, `layers`: the memory budget's per-layer plan (partial checkpointing through transformers' per-layer
   flag, host-memory offload), compiled decoder layers and the CUDA allocator setting.
 - `versions`: the library versions each part was tested with, declared once. With any other installed version

@@ -26,6 +26,7 @@ TESTED: dict[str, str] = {
     "peft": "==0.21.*",
     "bitsandbytes": "==0.50.*",
     "liger-kernel": "==0.8.*",
+    "trl": "==1.16.*",
 }
 # feature -> the distributions whose private APIs or internals it uses
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -33,12 +34,14 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "liger_remake": ("liger-kernel",),
     "sdpa_varlen": ("torch", "transformers"),
     "fused_4bit_codes": ("bitsandbytes",),
+    "compact_loss": ("trl",),
 }
 STOCK_PATH = {
     "lean_lora": "peft's own LoRA forward",
     "liger_remake": "the LoRA input kept instead of remade",
     "sdpa_varlen": "SDPA without packed rows",
     "fused_4bit_codes": "4-bit slices re-quantised instead of cut",
+    "compact_loss": "every position scored by the loss head on the CPU",
 }
 
 
