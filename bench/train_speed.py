@@ -1054,7 +1054,9 @@ def cpu_main(args: argparse.Namespace) -> int:
         print(gen_table({"embedded SmolLM2-135M": cpu["generation"]}))
     if args.markdown:
         v = report["versions"]
-        body = (f"## CPU ({os.cpu_count()} cores, embedded SmolLM2-135M-Instruct)\n\n{report['date']}; "
+        # its own section: the hand-written CPU section (techniques, generation) is never overwritten
+        title = f"CPU, latest bench --cpu run ({os.cpu_count()} cores, embedded SmolLM2-135M-Instruct)"
+        body = (f"## {title}\n\n{report['date']}; "
                 + ", ".join(f"{k} {val}" for k, val in v.items()) + "\n\n"
                 + f"Training step (quick-cpu preset, batch 4, max length 256, learning rate {LEARNING_RATE}, "
                   f"{ts['dtype']}, median of {ts['steps']} timed steps after the warm-up; load average "
@@ -1067,7 +1069,7 @@ def cpu_main(args: argparse.Namespace) -> int:
                    if "recipe_step_bf16" in cpu else "")
                 + ("\n\nGeneration: the tuned side is the adapter of those few steps, so its answer may be short."
                    "\n\n" + gen_table({"embedded SmolLM2-135M": cpu["generation"]}) if "generation" in cpu else ""))
-        write_markdown(Path(args.markdown), f"CPU ({os.cpu_count()} cores, embedded SmolLM2-135M-Instruct)", body)
+        write_markdown(Path(args.markdown), title, body)
     Path(args.json).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     return 0
 
