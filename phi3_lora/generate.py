@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from phi3_lora import decoding, families, merging
+from phi3_lora import cpu_linear, decoding, families, merging
 from phi3_lora.decoding import BASE
 from phi3_lora.errors import UserError
 from phi3_lora.merging import TUNED
@@ -98,6 +98,7 @@ class ChatEngine:
         self._pristine = _bias_snapshot(self.base)  # the base's own biases, before any adapter wrote into them
         self._tuned_biases: dict[str, Any] = {}  # biases the current adapter trained (bias all / lora_only)
         self._merged = merging.MergedWeights()  # the tuned side's merged weights, made on first use per adapter
+        self._packed = cpu_linear.PackedLinears()  # CPU float32: weights packed for oneDNN, made on first use
         if adapter_dir:
             self.set_adapter(adapter_dir)
 
@@ -111,6 +112,7 @@ class ChatEngine:
 
         with self._lock:
             self._merged.clear()  # merged from the old adapter (and maybe the old fused layout)
+            self._packed.clear()
             if adapter_dir is None:
                 self._put_biases(self._pristine)
                 self._tuned_biases = {}
@@ -291,7 +293,13 @@ class ChatEngine:
     def _new_tokens(self, inputs: dict[str, Any], settings: GenerationSettings, stopping_criteria: list[Any] | None,
                     adapter_names: list[str] | None, on_step: Any = None, streamer: Any = None) -> list[list[int]]:
         """Each row's answer ids (without its stop token) from the model in its current state: greedy through
-        `decoding.greedy_decode` (finished rows leave the batch), sampling through `generate`."""
+        `decoding.greedy_decode` (finished rows leave the batch), sampling through `generate`; on a CPU in
+        float32 from oneDNN-packed weights (`cpu_linear`)."""
+        with self._packed.applied(self.model):
+            return self._decode(inputs, settings, stopping_criteria, adapter_names, on_step, streamer)
+
+    def _decode(self, inputs: dict[str, Any], settings: GenerationSettings, stopping_criteria: list[Any] | None,
+                adapter_names: list[str] | None, on_step: Any, streamer: Any) -> list[list[int]]:
         import torch
         from transformers import StoppingCriteriaList
 
