@@ -23,15 +23,16 @@ Tokens = list[list[int]]
 
 def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: list[int], max_new_tokens: int, *,
                   adapter_names: list[str] | None = None, stopping_criteria: list[Any] | None = None,
-                  max_time: float | None = None,
-                  on_step: Callable[[Tokens], None] | None = None) -> Tokens:
+                  max_time: float | None = None, on_step: Callable[[Tokens], None] | None = None,
+                  router: Any = None) -> Tokens:
     """The greedy answer's new token ids for every row (without its stop token), rows dropped as they end.
 
     `adapter_names` (peft's mixed batches): one adapter name per row, pruned with the rows; once every live row
     asks for the same adapter the names are left out where that is the model's active adapter. `stopping_criteria`
     are transformers StoppingCriteria, asked with the live rows' ids each step (a row they flag ends there).
     `max_time` ends all rows after that many seconds, as transformers' MaxTimeCriteria does. `on_step` gets the
-    tokens so far of all rows after each step (streaming)."""
+    tokens so far of all rows after each step (streaming). `router` (`merging.RowRouting`, installed by the
+    caller) replaces peft's routing by adapter_names, which must then list every BASE row before the others."""
     import torch
     from transformers import DynamicCache
 
@@ -44,7 +45,10 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate derives from a left-padded mask
     cache = DynamicCache(config=model.config)
     seq, step_ids, step_pos = input_ids, input_ids, positions
-    names = _names_for(model, adapter_names)
+    if router is not None:
+        assert adapter_names is not None and adapter_names == sorted(adapter_names, key=lambda n: n != BASE)
+        router.first_tuned = adapter_names.count(BASE)
+    names = _names_for(model, adapter_names) if router is None else None
     for _ in range(max_new_tokens):
         extra = {"adapter_names": names} if names is not None else {}
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
@@ -73,7 +77,10 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
             mask, step_pos, seq, nxt = mask[keep], step_pos[keep], seq[keep], nxt[keep]
             if adapter_names is not None:
                 adapter_names = [adapter_names[i] for i in kept]
-                names = _names_for(model, adapter_names)
+                if router is None:
+                    names = _names_for(model, adapter_names)
+                else:
+                    router.first_tuned = adapter_names.count(BASE)
         step_ids = nxt[:, None]
     return out
 

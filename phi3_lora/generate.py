@@ -305,10 +305,14 @@ class ChatEngine:
 
         gen = settings.generate_kwargs()
         if decoding.can_decode(gen):
-            return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"], self.stop_ids,
-                                          settings.max_new_tokens, adapter_names=adapter_names,
-                                          stopping_criteria=stopping_criteria, max_time=settings.max_time,
-                                          on_step=on_step)
+            layers = merging.plain_lora_layers(self.model) if adapter_names is not None else []
+            routing = merging.RowRouting(layers) if layers and adapter_names == sorted(
+                adapter_names, key=lambda name: name != BASE) else None
+            with routing.applied() if routing else contextlib.nullcontext():
+                return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"],
+                                              self.stop_ids, settings.max_new_tokens, adapter_names=adapter_names,
+                                              stopping_criteria=stopping_criteria, max_time=settings.max_time,
+                                              on_step=on_step, router=routing)
         kwargs = dict(**inputs, **gen, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
         if stopping_criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)

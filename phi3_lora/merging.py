@@ -22,8 +22,16 @@ MERGE_MAX_ROWS = 1
 
 
 def mergeable_layers(model: Any) -> list[Any]:
-    """The adapter's LoRA layers when the tuned side can run merged (plain LoRA on float Linear layers, no DoRA,
-    no LoRA bias, no modules_to_save, the copy within MERGE_LIMIT_BYTES), else []."""
+    """The adapter's LoRA layers when the tuned side can run merged (`plain_lora_layers`, the copy within
+    MERGE_LIMIT_BYTES), else []."""
+    layers = plain_lora_layers(model)
+    size = sum(layer.get_base_layer().weight.nbytes for layer in layers)
+    return layers if size <= MERGE_LIMIT_BYTES else []
+
+
+def plain_lora_layers(model: Any) -> list[Any]:
+    """The adapter's LoRA layers when all are plain LoRA on float Linear layers (no DoRA or other variant, no LoRA
+    bias, no modules_to_save), else []."""
     import torch
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -33,14 +41,12 @@ def mergeable_layers(model: Any) -> list[Any]:
             or getattr(cfg, "modules_to_save", None):
         return []
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and TUNED in m.lora_A]
-    size = 0
     for layer in layers:
         weight = getattr(layer.get_base_layer(), "weight", None)
         if type(layer) is not LoraLinear or TUNED in layer.lora_variant or not isinstance(weight, torch.Tensor) \
                 or type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_floating_point():
             return []  # a quantized, embedding or variant layer: peft's own forward
-        size += weight.numel() * weight.element_size()
-    return layers if layers and size <= MERGE_LIMIT_BYTES else []
+    return layers
 
 
 def merged_weight(layer: Any, weight: Any) -> Any:
@@ -95,3 +101,33 @@ class MergedWeights:
         finally:
             for base, weight in kept:
                 base.weight = weight
+
+
+class RowRouting:
+    """Base rows first, tuned rows after them, in one batch: each LoRA layer adds its update to the tuned rows'
+    slice only. The same sums as peft's mixed-batch routing (adapter_names), without the per-call hook set-up
+    and per-layer row lists that cost more than the forward itself at two rows on a CPU. Plain LoRA Linear
+    layers only (`plain_lora_layers`); `first_tuned` is the first tuned row, moved as rows leave the batch."""
+
+    def __init__(self, layers: list[Any]) -> None:
+        self.layers, self.first_tuned = layers, 0
+
+    def _forward(self, layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        result = layer.base_layer(x, *args, **kwargs)
+        if self.first_tuned < x.shape[0]:
+            rows = x[self.first_tuned:].to(layer.lora_A[TUNED].weight.dtype)
+            update = layer.lora_B[TUNED](layer.lora_A[TUNED](layer.lora_dropout[TUNED](rows))) * layer.scaling[TUNED]
+            result[self.first_tuned:] += update.to(result.dtype)
+        return result
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator["RowRouting"]:
+        import functools
+
+        try:
+            for layer in self.layers:
+                layer.forward = functools.partial(self._forward, layer)
+            yield self
+        finally:
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
