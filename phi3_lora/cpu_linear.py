@@ -15,7 +15,8 @@ import contextlib
 import functools
 from typing import Any, Iterator
 
-PACK_LIMIT_BYTES = 2 * 1024**3  # packed copies kept at most (the embedded model's base + merged: ~1 GB)
+PACK_LIMIT_BYTES = 2 * 1024**3  # packed copies kept at most (the embedded model's base + merged: ~1 GB); larger
+# models (half of this in Linear weights) keep PyTorch's matmul altogether
 PACKED_MAX_ROWS = 16
 PACK_FOR_SPEED = True
 
@@ -74,6 +75,9 @@ class PackedLinears:
             return
         layers = [m for name, m in model.named_modules()
                   if type(m) is torch.nn.Linear and "lora_" not in name and m.weight.dtype == torch.float32]
+        if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES // 2:  # room for the base and merged copies
+            yield
+            return
         try:
             for layer in layers:
                 layer.forward = functools.partial(self._forward, layer)

@@ -123,6 +123,29 @@ def test_rows_that_end_early_leave_the_batch_and_every_answer_stays_the_one_by_o
     assert pairs == one_by_one
 
 
+@pytest.mark.slow
+def test_packed_cpu_weights_give_the_same_logits_and_answers(tiny_run, engine, monkeypatch):
+    import torch
+
+    from phi3_lora import cpu_linear
+    from phi3_lora.generate import GenerationSettings
+
+    histories = [r["messages"][:-1] for r in _rows(tiny_run / "eval_rows.jsonl")]
+    inputs = engine._inputs(histories)
+    ids = inputs["input_ids"][:, -1:]  # one new token per row: a decoding step's shape
+    with engine.adapter_state(True) as model:
+        plain = model(input_ids=ids).logits
+        packs = cpu_linear.PackedLinears()
+        with packs.applied(model):
+            packed = model(input_ids=ids).logits
+    assert cpu_linear.available(engine.model) and packs._bytes > 0  # float32 on the CPU: the weights were packed
+    assert torch.allclose(packed, plain, atol=1e-4, rtol=1e-4) and torch.equal(packed.argmax(-1), plain.argmax(-1))
+    greedy = GenerationSettings(max_new_tokens=8)
+    fast = engine.answer_pairs(histories, greedy)
+    monkeypatch.setattr(cpu_linear, "PACK_FOR_SPEED", False)
+    assert fast == engine.answer_pairs(histories, greedy)
+
+
 def test_the_automatic_batch_is_as_large_as_the_kv_budget_allows(engine):
     assert evaluate.auto_batch_size(bytes_per_row=100, budget_bytes=1000, rows=50) == 10
     assert evaluate.auto_batch_size(100, 10**9, rows=20) == 20                      # every row in one call
