@@ -80,8 +80,10 @@ PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "fl
 
 def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool, *,
                     varlen_available: bool = False, model_config: Any = None,
-                    gpu_memory_gb: float | None = None, offload_ok: bool = False) -> ResolvedOptions:
-    """Decide every `auto` knob from the device, the model's shape and the memory budget (pure)."""
+                    gpu_memory_gb: float | None = None, offload_ok: bool = False,
+                    compile_ok: bool = True) -> ResolvedOptions:
+    """Decide every `auto` knob from the device, the model's shape and the memory budget (pure).
+    `compile_ok`: torch.compile can generate GPU code here (Triton installed and the GPU supported)."""
     t = config.train
     on_cuda = device == "cuda"
     attn = config.model.attn_implementation
@@ -96,7 +98,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     layers: int | None = None
     plan = ""
     save_dropout = True
-    compiled = on_cuda and COMPILE_LAYERS
+    compiled = on_cuda and COMPILE_LAYERS and compile_ok
     activation: float | None = None
     if t.gradient_checkpointing != "auto":
         gc = bool(t.gradient_checkpointing)

@@ -179,7 +179,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     from phi3_lora import data as data_mod
     from phi3_lora import models
     from phi3_lora.speed import compact_loss
-    from phi3_lora.speed.layers import LayerPlan, PartialCheckpointing, compile_layers, expandable_segments
+    from phi3_lora.speed.layers import (LayerPlan, PartialCheckpointing, compile_available, compile_layers,
+                                        expandable_segments)
     from phi3_lora.speed.packed_attention import cuda_varlen_available
     from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback
 
@@ -196,7 +197,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     opts = resolve_options(config, device, dtype_name, liger_installed=liger_installed(),
                            varlen_available=cuda_varlen_available(), model_config=model_config,
                            gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None,
-                           offload_ok=device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1)
+                           offload_ok=device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1,
+                           compile_ok=device == "cuda" and compile_available())
     if device == "cuda":
         expandable_segments()
     if opts.compact_loss:

@@ -195,6 +195,10 @@ def test_compiled_plans_at_the_ends_and_with_eager_layers(monkeypatch):
                              "cuda", "bfloat16", **kw)
     assert forced.gradient_checkpointing and forced.activation_budget is None  # the user's choice stands
     assert resolve_options(_config(), "cpu", "bfloat16", liger_installed=False).activation_budget is None
+    no_triton = resolve_options(_config().replace(train={"memory_budget_gb": 24.0}), "cuda", "bfloat16",
+                                compile_ok=False, **kw)  # e.g. Windows without Triton: eager layers, planned so
+    assert not no_triton.compile_layers and no_triton.activation_budget is None
+    assert no_triton.gradient_checkpointing and 0 < no_triton.checkpointed_layers <= 4
     monkeypatch.setattr(options, "COMPILED_RNG_RECOMPUTE", True)  # masks recomputed: a lean layer, a larger share
     lean = resolve_options(_config().replace(train={"memory_budget_gb": 24.0}), "cuda", "bfloat16", **kw)
     assert lean.activation_budget > 0.62

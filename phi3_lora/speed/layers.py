@@ -55,6 +55,19 @@ class LayerPlan(TrainerCallback):
 RECOMPILE_LIMIT = 32
 
 
+def compile_available() -> bool:
+    """Whether torch.compile can generate code for this GPU (Triton importable and the GPU supported; e.g. not
+    on Windows without Triton): otherwise the plan keeps eager layers, planned as such."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    try:
+        return bool(has_triton())
+    except Exception:  # noqa: BLE001 -- any failure to probe means: do not plan on the compiler
+        return False
+
+
 def compile_layers(model: Any, *, rng_recompute: bool = False, activation_budget: float | None = None,
                    **compile_kwargs: Any) -> int:
     """torch.compile on each decoder layer, as one region each (a checkpointed layer recomputes the compiled
