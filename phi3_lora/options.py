@@ -98,7 +98,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     layers: int | None = None
     plan = ""
     save_dropout = True
-    compiled = on_cuda and COMPILE_LAYERS and compile_ok
+    compiled = on_cuda and compile_ok and (COMPILE_LAYERS if t.compile_layers == "auto" else bool(t.compile_layers))
     activation: float | None = None
     if t.gradient_checkpointing != "auto":
         gc = bool(t.gradient_checkpointing)

@@ -199,6 +199,10 @@ def test_compiled_plans_at_the_ends_and_with_eager_layers(monkeypatch):
                                 compile_ok=False, **kw)  # e.g. Windows without Triton: eager layers, planned so
     assert not no_triton.compile_layers and no_triton.activation_budget is None
     assert no_triton.gradient_checkpointing and 0 < no_triton.checkpointed_layers <= 4
+    off = resolve_options(_config().replace(train={"memory_budget_gb": 24.0, "compile_layers": False}), "cuda",
+                          "bfloat16", **kw)  # the user's switch: eager layers, planned as such
+    assert not off.compile_layers and off.activation_budget is None and off.checkpointed_layers == \
+        no_triton.checkpointed_layers
     monkeypatch.setattr(options, "COMPILED_RNG_RECOMPUTE", True)  # masks recomputed: a lean layer, a larger share
     lean = resolve_options(_config().replace(train={"memory_budget_gb": 24.0}), "cuda", "bfloat16", **kw)
     assert lean.activation_budget > 0.62

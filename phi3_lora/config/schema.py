@@ -190,6 +190,13 @@ class TrainSettings:
                                        "activation memory, so fewer layers need checkpointing. auto: on; DoRA, "
                                        "LoRA bias and several adapters keep peft's forward.",
         label="Lean LoRA forward", advanced=True)
+    compile_layers: BoolOrAuto = _f("auto", "torch.compile on each decoder layer (CUDA with Triton only): fused "
+                                            "kernels, about 10% faster steps on an H200 after 15-60 s of "
+                                            "compiling at the first step; under a memory budget the compiler "
+                                            "recomputes the cheapest parts of each layer instead of whole layers. "
+                                            "auto: on where it can run. Turn it off if compiling fails on your "
+                                            "GPU or the run is only a few steps long.",
+        label="Compiled decoder layers", advanced=True)
     num_processes: Union[int, Auto] = _f("auto", "Processes (GPUs) to train on; auto uses every visible GPU.",
         label="GPUs (processes)", ge=1, choices=("auto", 1, 2, 4, 8), custom=True, advanced=True)
     report_to: Union[str, list[str]] = _f([], "Experiment trackers that also log the run (transformers' report_to): any of "
