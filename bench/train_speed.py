@@ -97,11 +97,26 @@ ABLATIONS = [
     Row("recipe QLoRA mix padded", "recipe", "mix"),
 ]
 _COMPILE = "phi3_lora.options.COMPILE_LAYERS"
+_CUDNN, _DEQ = "phi3_lora.options.CUDNN_ATTENTION", "phi3_lora.options.DEQUANTIZE_FROZEN"
 _RNG, _ACT = "phi3_lora.options.COMPILED_RNG_RECOMPUTE", "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
 # Tried while tuning the host-memory plan (offload spacing), torch.compile and the peer's set-up. The compiled
 # rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since
 # 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
 EXPLORE = [
+    Row("explore: engine QLoRA full, whole GPU, compiled, cuDNN attention", "engine", "full",
+        patch={_CUDNN: True, _DEQ: False}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, compiled, 16-bit copies", "engine", "full",
+        patch={_CUDNN: False, _DEQ: True}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, compiled, cuDNN + 16-bit copies", "engine", "full",
+        patch={_CUDNN: True, _DEQ: True}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA mix, whole GPU, compiled, cuDNN + 16-bit copies", "engine", "mix",
+        patch={_CUDNN: True, _DEQ: True}, recipe_ref=_MIX),
+    Row("explore: engine QLoRA full, whole GPU, compiled, neither", "engine", "full",
+        patch={_CUDNN: False, _DEQ: False}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, keeps 14%, cuDNN", "engine", "full", budget_gb=8,
+        patch={_CUDNN: True, _ACT: 0.14}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 24 GiB, keeps 72%, cuDNN", "engine", "full", budget_gb=24,
+        patch={_CUDNN: True, _ACT: 0.72}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, compiled layers", "engine", "full", patch={_COMPILE: True},
         recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, eager layers", "engine", "full", patch={_COMPILE: False},
@@ -373,6 +388,10 @@ def run_engine(row: Row, model_dir: Path, data: Path, steps: int, out_dir: Path)
         data={"source": str(data), "eval_fraction": 0.0})
     built = train.build(cfg, out_dir)
     opts = dict(vars(built.opts))
+    import torch
+
+    if torch.cuda.is_available():  # which SDPA kernels this process may use, in order (cuDNN first or not)
+        opts["sdpa_order"] = [int(b) for b in torch._C._get_sdp_priority_order()]
     return built.trainer, opts
 
 
@@ -483,16 +502,19 @@ def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, 
     from transformers import TrainerCallback
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    wall: list[float] = []
 
     class _Prof(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == warmup:
                 torch.cuda.synchronize()
                 prof.__enter__()
+                wall.append(time.perf_counter())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == warmup + 1:
                 torch.cuda.synchronize()
+                wall.append(time.perf_counter())
                 prof.__exit__(None, None, None)
 
     _free()
@@ -511,7 +533,9 @@ def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, 
     for e in events:
         key = kernel_group(e.key)
         groups[key] = groups.get(key, 0.0) + e.self_device_time_total
-    lines = [f"profile of one step: {row.name}; GPU kernel time {total / 1e3:.1f} ms", "", "group | ms | share"]
+    step_ms = (wall[-1] - wall[0]) * 1e3 if len(wall) == 2 else float("nan")
+    lines = [f"profile of one step: {row.name}; GPU kernel time {total / 1e3:.1f} ms in {step_ms:.1f} ms of wall time "
+             "(under the profiler)", "", "group | ms | share"]
     lines += [f"{k} | {v / 1e3:.1f} | {v / total:.1%}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
     lines += ["", prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)]
     text = "\n".join(lines)
@@ -522,7 +546,7 @@ def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, 
 def kernel_group(name: str) -> str:
     """A coarse bucket for a CUDA kernel's name (GEMM, attention, dequantise, copies, elementwise, ...)."""
     n = name.lower()
-    for key, words in (("attention", ("flash", "fmha", "attention")), ("dequant 4-bit", ("dequant",)),
+    for key, words in (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")), ("dequant 4-bit", ("dequant",)),
                        ("dropout", ("dropout", "bernoulli")), ("optimizer", ("adam", "multi_tensor")),
                        ("copy/cast", ("copy", "memcpy", "cast")),
                        ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "fill")),

@@ -137,6 +137,7 @@ class MemoryEstimate:
     correction_gib: float = 0.0  # the measured excess of the parts over what PyTorch allocates (CUDA_EXCESS_GIB)
     notes: tuple[str, ...] = ()
     kept_share: float = 1.0   # compiled layers: the share of their activations the compiler keeps (the rest recomputed)
+    dequantized_layers: int = 0  # layers whose frozen 4-bit weights also have a 16-bit copy (in weights_gib)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -158,7 +159,7 @@ def dtype_bytes(config: RunConfig, device: str, dtype_name: str | None = None) -
 def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: int, liger: bool,
                     device: str = "cuda", dtype_name: str | None = None,
                     trainable_params: int | None = None, kept_factor: float = 1.0,
-                    kept_share: float = 1.0) -> MemoryEstimate:
+                    kept_share: float = 1.0, dequantized_layers: int = 0) -> MemoryEstimate:
     """Peak memory of a training step for `config` on `device` ("cuda" or "cpu") with `recomputed_layers`
     decoder layers checkpointed and Liger's kernels on or off: what options.resolve_options decided.
 
@@ -166,7 +167,8 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
     scales what an un-checkpointed layer keeps (families.PLAIN_DROPOUT_FACTOR: LoRA dropout's mask kept);
     `kept_share` is the share of that a compiled layer keeps under the partitioner's activation budget (an upper
     bound: on the H200 a share of 0.10 / 0.50 / 0.62 / 1.0 peaked at 6.5 / 18.6 / 18.7 / 32.6 GiB where this
-    counts 7.6 / 19.2 / 22.7 / 33.7, docs/benchmarks.md).
+    counts 7.6 / 19.2 / 22.7 / 33.7, docs/benchmarks.md). `dequantized_layers` decoder layers also hold a 16-bit
+    copy of their frozen 4-bit weights (speed/dequantized.py), counted with the weights.
     """
     shape = model_shape(model_config)
     family = shape.family
@@ -176,8 +178,10 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
     layers = shape.num_layers
     recomputed = max(0, min(layers, recomputed_layers))
 
+    copies = max(0, min(layers, dequantized_layers)) if four_bit else 0
     if four_bit:
-        weights = shape.block_linear_params * NF4_BITS / 8 + shape.other_params * 2
+        weights = (shape.block_linear_params * (NF4_BITS / 8 + 2 * copies / max(1, layers))
+                   + shape.other_params * 2)
     else:
         weights = shape.total_params * act_bytes
     trainable = lora_parameter_count(shape, config) if trainable_params is None else trainable_params
@@ -203,14 +207,16 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
                           overhead_gib=overhead / GIB, total_gib=total / GIB, trainable_params=trainable,
                           total_params=shape.total_params + trainable, device=device,
                           recomputed_layers=recomputed, num_layers=layers, correction_gib=correction / GIB,
-                          kept_share=kept_share,
+                          kept_share=kept_share, dequantized_layers=copies,
                           notes=tuple(notes))
 
 
 def describe(est: MemoryEstimate) -> str:
     """One line a person can read: total and what it is made of."""
     where = "GPU" if est.device == "cuda" else "RAM"
-    return (f"~{est.total_gib:.1f} GiB of {where}: weights {est.weights_gib:.2f}, adapter + AdamW "
+    copies = (f" (with 16-bit copies of {est.dequantized_layers} of {est.num_layers} layers' 4-bit weights)"
+              if est.dequantized_layers else "")
+    return (f"~{est.total_gib:.1f} GiB of {where}: weights {est.weights_gib:.2f}{copies}, adapter + AdamW "
             f"{est.adapter_gib:.2f}, activations {est.activations_gib:.2f} "
             + (f"(the compiler keeps {est.kept_share:.0%} of each layer's activations and recomputes the rest), "
                if est.kept_share < 1.0 else

@@ -48,6 +48,11 @@ class ResolvedOptions:
     # The loss head scores only the labelled positions (speed/compact_loss.py): trl does so on CUDA by itself;
     # on the CPU it scored every position (quick-cpu batches: 3 steps 9.0 s -> 5.1 s, same loss).
     compact_loss: bool = False
+    # SDPA takes cuDNN's fused attention first (speed/sdpa_backend.py; CUDNN_ATTENTION).
+    cudnn_attention: bool = False
+    # How many decoder layers keep a 16-bit copy of their frozen 4-bit weights (speed/dequantized.py): the room a
+    # budget has left once every activation is kept.
+    dequantized_layers: int = 0
 
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
@@ -74,6 +79,10 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 # 6.53 GiB (its estimate 7.63), where 29 checkpointed compiled layers gave 16,746 at 7.03; the 8 GiB plan keeps
 # 0.09 (not measured). Below this share every layer is checkpointed (15,823 tok/s at 5.1 GiB).
 MIN_ACTIVATION_SHARE = 0.05
+# SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py).
+CUDNN_ATTENTION = False
+# 16-bit copies of the frozen 4-bit weights where the budget has room after every activation (speed/dequantized.py).
+DEQUANTIZE_FROZEN = False
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -81,9 +90,10 @@ PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "fl
 def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool, *,
                     varlen_available: bool = False, model_config: Any = None,
                     gpu_memory_gb: float | None = None, offload_ok: bool = False,
-                    compile_ok: bool = True) -> ResolvedOptions:
+                    compile_ok: bool = True, cudnn_ok: bool = False) -> ResolvedOptions:
     """Decide every `auto` knob from the device, the model's shape and the memory budget (pure).
-    `compile_ok`: torch.compile can generate GPU code here (Triton installed and the GPU supported)."""
+    `compile_ok`: torch.compile can generate GPU code here (Triton installed and the GPU supported);
+    `cudnn_ok`: cuDNN's fused attention is available on a GPU it was measured on (speed/sdpa_backend.py)."""
     t = config.train
     on_cuda = device == "cuda"
     attn = config.model.attn_implementation
@@ -100,6 +110,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     save_dropout = True
     compiled = on_cuda and compile_ok and (COMPILE_LAYERS if t.compile_layers == "auto" else bool(t.compile_layers))
     activation: float | None = None
+    dequantized = 0
     if t.gradient_checkpointing != "auto":
         gc = bool(t.gradient_checkpointing)
     elif not on_cuda or model_config is None:
@@ -129,6 +140,10 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
         # (Compiled layers: DropoutLoraA steps aside anyway, and `kept` counted the masks.)
         save_dropout = gc or compiled or not budget or config.lora.lora_dropout == 0 or checkpointed_layers(
             model_config, config, budget, dtype_name, liger, kept_factor=families.PLAIN_DROPOUT_FACTOR) > 0
+        if budget and not gc and activation is None and DEQUANTIZE_FROZEN and config.model.load_in_4bit:
+            dequantized = dequantized_layers(model_config, config, budget, dtype_name, liger,
+                                             kept_factor=layer_kept_factor(config, save_dropout_memory=save_dropout,
+                                                                           compiled=compiled))
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
@@ -136,7 +151,8 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True),
                            layer_plan=plan if gc else "", save_dropout_memory=bool(save_dropout),
                            compile_layers=compiled, activation_budget=activation if compiled else None,
-                           compact_loss=device == "cpu")
+                           compact_loss=device == "cpu", cudnn_attention=on_cuda and cudnn_ok and CUDNN_ATTENTION,
+                           dequantized_layers=dequantized)
 
 
 def layer_kept_factor(config: RunConfig, *, save_dropout_memory: bool, compiled: bool) -> float:
@@ -183,6 +199,21 @@ def activation_share(model_config: Any, config: RunConfig, budget_gb: float, dty
     if full <= target:
         return 1.0
     return max(0.0, math.floor(100 * (target - floor) / (full - floor)) / 100)
+
+
+def dequantized_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
+                       liger: bool = True, kept_factor: float = 1.0) -> int:
+    """How many decoder layers' frozen 4-bit weights fit as 16-bit copies in `budget_gb` once every layer keeps all
+    its activations (the one memory model; 0 where even that does not fit)."""
+    def peak(copies: int) -> float:
+        return estimate_memory(model_config, config, recomputed_layers=0, liger=liger, device="cuda",
+                               dtype_name=dtype_name, kept_factor=kept_factor, dequantized_layers=copies).total_gib
+
+    layers, target = _num_layers(model_config), BUDGET_SHARE * budget_gb
+    if peak(0) > target:
+        return 0
+    per_layer = (peak(layers) - peak(0)) / max(1, layers)
+    return min(layers, int((target - peak(0)) // per_layer)) if per_layer > 0 else layers
 
 
 def layer_plan(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str, liger: bool = True) -> str:
@@ -235,7 +266,7 @@ def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_i
     recomputed = 0 if not opts.gradient_checkpointing else (
         layers if opts.checkpointed_layers is None else opts.checkpointed_layers)
     return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=opts.use_liger_kernel,
-                           kept_share=opts.activation_budget or 1.0,
+                           kept_share=opts.activation_budget or 1.0, dequantized_layers=opts.dequantized_layers,
                            device=device, dtype_name=dtype_name, trainable_params=trainable_params,
                            kept_factor=layer_kept_factor(config, save_dropout_memory=opts.save_dropout_memory,
                                                          compiled=opts.compile_layers))

@@ -178,9 +178,10 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
     from phi3_lora import data as data_mod
     from phi3_lora import models
-    from phi3_lora.speed import compact_loss
+    from phi3_lora.speed import compact_loss, dequantized, sdpa_backend
     from phi3_lora.speed.layers import (LayerPlan, PartialCheckpointing, compile_available, compile_layers,
                                         expandable_segments)
+    from phi3_lora.speed.offload import decoder_layers
     from phi3_lora.speed.packed_attention import cuda_varlen_available
     from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback
 
@@ -198,7 +199,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
                            varlen_available=cuda_varlen_available(), model_config=model_config,
                            gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None,
                            offload_ok=device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1,
-                           compile_ok=device == "cuda" and compile_available())
+                           compile_ok=device == "cuda" and compile_available(),
+                           cudnn_ok=device == "cuda" and sdpa_backend.cudnn_available())
     if device == "cuda":
         expandable_segments()
     if opts.compact_loss:
@@ -206,6 +208,10 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     model = models.load_model(dataclasses.replace(config.model, name=model_name,
                                                   attn_implementation=opts.attn_implementation))
     model = attach_lora(model, config, opts)
+    if opts.cudnn_attention:
+        sdpa_backend.prefer_cudnn()
+    if opts.dequantized_layers:
+        dequantized.install(decoder_layers(model)[:opts.dequantized_layers])
     if opts.compile_layers:
         compile_layers(model, rng_recompute=options.COMPILED_RNG_RECOMPUTE,
                        activation_budget=opts.activation_budget)

@@ -57,7 +57,11 @@ RECOMPILE_LIMIT = 32
 
 def compile_available() -> bool:
     """Whether torch.compile can generate code for this GPU (Triton importable and the GPU supported; e.g. not
-    on Windows without Triton): otherwise the plan keeps eager layers, planned as such."""
+    on Windows without Triton) with tested versions: otherwise the plan keeps eager layers, planned as such."""
+    from phi3_lora.speed import versions
+
+    if not versions.tested("compile_layers"):
+        return False
     try:
         from torch.utils._triton import has_triton
     except ImportError:

@@ -35,6 +35,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "sdpa_varlen": ("torch", "transformers"),
     "fused_4bit_codes": ("bitsandbytes",),
     "compact_loss": ("trl",),
+    "cudnn_attention": ("torch",),
+    "compile_layers": ("torch",),
 }
 STOCK_PATH = {
     "lean_lora": "peft's own LoRA forward",
@@ -42,6 +44,8 @@ STOCK_PATH = {
     "sdpa_varlen": "SDPA without packed rows",
     "fused_4bit_codes": "4-bit slices re-quantised instead of cut",
     "compact_loss": "every position scored by the loss head on the CPU",
+    "cudnn_attention": "SDPA's own kernel order (FlashAttention-2 first)",
+    "compile_layers": "eager decoder layers",
 }
 
 
