@@ -113,6 +113,10 @@ EXPLORE = [
         patch={_CUDNN: True, _DEQ: True}, recipe_ref=_MIX),
     Row("explore: engine QLoRA full, whole GPU, compiled, neither", "engine", "full",
         patch={_CUDNN: False, _DEQ: False}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, whole GPU, copies, CUDA graphs", "engine", "full",
+        patch={_DEQ: True, "phi3_lora.options.COMPILE_MODE": "reduce-overhead"}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA mix, whole GPU, copies, CUDA graphs", "engine", "mix",
+        patch={_DEQ: True, "phi3_lora.options.COMPILE_MODE": "reduce-overhead"}, recipe_ref=_MIX),
     Row("explore: engine QLoRA full, 8 GiB, keeps 14%, cuDNN", "engine", "full", budget_gb=8,
         patch={_CUDNN: True, _ACT: 0.14}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 24 GiB, keeps 72%, cuDNN", "engine", "full", budget_gb=24,
@@ -538,6 +542,8 @@ def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, 
              "(under the profiler)", "", "group | ms | share"]
     lines += [f"{k} | {v / 1e3:.1f} | {v / total:.1%}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
     lines += ["", prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)]
+    lines += ["", "by host (CPU) time:",
+              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90)]
     text = "\n".join(lines)
     out.write_text(text, encoding="utf-8")
     return text

@@ -79,10 +79,15 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 # 6.53 GiB (its estimate 7.63), where 29 checkpointed compiled layers gave 16,746 at 7.03; the 8 GiB plan keeps
 # 0.09 (not measured). Below this share every layer is checkpointed (15,823 tok/s at 5.1 GiB).
 MIN_ACTIVATION_SHARE = 0.05
-# SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py).
+# torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
+COMPILE_MODE: str | None = None
+# SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py). Off: on the H200
+# (2026-12-02) compiled layers still ran FlashAttention-2 with the order changed (22,360 vs 23,080 tok/s).
 CUDNN_ATTENTION = False
 # 16-bit copies of the frozen 4-bit weights where the budget has room after every activation (speed/dequantized.py).
-DEQUANTIZE_FROZEN = False
+# H200, 2026-12-02 (docs/benchmarks.md): whole GPU, compiled layers, full rows 23,080 -> 23,405 / 23,454 tok/s at
+# 32.6 -> 39.4 GiB (no dequantisation kernels left in the step's profile).
+DEQUANTIZE_FROZEN = True
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 

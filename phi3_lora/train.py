@@ -214,7 +214,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
         dequantized.install(decoder_layers(model)[:opts.dequantized_layers])
     if opts.compile_layers:
         compile_layers(model, rng_recompute=options.COMPILED_RNG_RECOMPUTE,
-                       activation_budget=opts.activation_budget)
+                       activation_budget=opts.activation_budget,
+                       **({"mode": options.COMPILE_MODE} if options.COMPILE_MODE else {}))
 
     args = SFTConfig(**sft_config_kwargs(config, opts, RunDir(output_dir).checkpoints, has_eval=bool(eval_rows)))
     callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)

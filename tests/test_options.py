@@ -128,6 +128,7 @@ def test_planned_memory_counts_the_plain_dropout_masks(monkeypatch):
     from phi3_lora.options import planned_memory
 
     monkeypatch.setattr(options, "COMPILE_LAYERS", False)  # eager layers (compiled ones: the test below)
+    monkeypatch.setattr(options, "DEQUANTIZE_FROZEN", False)  # the masks alone (copies: test_dequantized.py)
 
     roomy = planned_memory(PHI3_MINI, _config(), "cuda", liger_installed=True, gpu_memory_gb=139.0)
     lean = planned_memory(PHI3_MINI, _config(), "cuda", liger_installed=True, gpu_memory_gb=30.0)
