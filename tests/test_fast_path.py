@@ -29,11 +29,14 @@ def _model(folder: Path, attn: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("lens", [[5, 11, 3, 7], [6, 6, 6]], ids=["varied", "equal (full-length rows)"])
 @pytest.mark.parametrize("with_boundaries", [True, False])
-def test_packed_sequences_do_not_attend_to_each_other(tiny_phi3_dir, with_boundaries):
+def test_packed_sequences_do_not_attend_to_each_other(tiny_phi3_dir, with_boundaries, lens, monkeypatch):
+    calls = []
+    equal = packed_attention._equal_length_sdpa
+    monkeypatch.setattr(packed_attention, "_equal_length_sdpa", lambda *a: calls.append(a[3]) or equal(*a))
     model = _model(tiny_phi3_dir, packed_attention.NAME)
     torch.manual_seed(0)
-    lens = [5, 11, 3, 7]
     seqs = [torch.randint(10, 30000, (n,)) for n in lens]
     kwargs = {"position_ids": torch.cat([torch.arange(n) for n in lens])[None]}
     if with_boundaries:  # as trl's padding-free collator passes them
@@ -43,6 +46,10 @@ def test_packed_sequences_do_not_attend_to_each_other(tiny_phi3_dir, with_bounda
         packed = model(input_ids=torch.cat(seqs)[None], **kwargs).logits[0]
         alone = torch.cat([model(input_ids=s[None]).logits[0] for s in seqs])
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+    # equal lengths take one batched SDPA call per layer (the dense kernels), varied ones the per-sequence path
+    # (a sequence alone is one "packed" sequence of its own length: n = 1)
+    batched = [n for n in calls if n > 1]
+    assert batched == ([len(lens)] * model.config.num_hidden_layers if len(set(lens)) == 1 else [])
 
 
 def test_sdpa_varlen_equals_sdpa_on_padded_batches(tiny_phi3_dir):

@@ -80,6 +80,22 @@ def _per_sequence_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: li
     return torch.cat(parts, dim=1)  # (H, T, D)
 
 
+def _equal_length_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, length: int,
+                       scaling: float | None) -> torch.Tensor:
+    """(H, T, D) tensors holding `n` packed sequences of `length` tokens each (full-length rows): one causal SDPA
+    call over them as a batch, (T, H, D) out. Dense kernels run here (cuDNN's where speed/sdpa_backend.py put it
+    first: on an H200 1.14 ms forward + backward per Phi-3 layer against 1.64 for FlashAttention-2), and the
+    boundaries need no reading (their count and the longest length are known), so nothing waits for the GPU."""
+    def batched(t: torch.Tensor) -> torch.Tensor:  # (H, n*L, D) -> (n, H, L, D), a view
+        return t.unflatten(1, (n, length)).transpose(0, 1)
+
+    heads, kv_heads = q.shape[0], k.shape[0]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        batched(q), batched(k), batched(v), is_causal=True, scale=scaling,
+        **({"enable_gqa": True} if kv_heads != heads else {}))
+    return out.transpose(1, 2).reshape(n * length, heads, q.shape[-1])  # (n, L, H, D) -> (T, H, D)
+
+
 def _cuda_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                  scaling: float | None) -> torch.Tensor:
     """(T, H, D) tensors through PyTorch's flash varlen kernel, causal."""
@@ -123,7 +139,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         else:
             row_cu, max_len = cu.to(torch.int32), kwargs.get("max_length_q")
             max_len = int(max_len) if max_len is not None else int(row_cu.diff().max())
-        if query.is_cuda and _varlen() is not None:
+        if max_len * (row_cu.numel() - 1) == q_len:  # every packed sequence as long as the longest: all equal
+            out = _equal_length_sdpa(query[b], key[b], value[b], row_cu.numel() - 1, max_len, scaling)
+        elif query.is_cuda and _varlen() is not None:
             out = _cuda_varlen(query[b].transpose(0, 1).contiguous(), key[b].transpose(0, 1).contiguous(),
                                value[b].transpose(0, 1).contiguous(), row_cu, max_len, scaling)  # (T, H, D)
         else:
