@@ -74,3 +74,13 @@ def test_packed_fast_path_trains_like_the_plain_path(tmp_path, tiny_phi3_dir):
     assert plain[-1] < plain[0]
     diffs = [abs(a - b) for a, b in zip(plain, fast)]
     assert max(diffs) < LOSS_TOLERANCE, (plain, fast)
+
+
+def test_cudnn_is_put_first_only_on_a_gpu_it_was_measured_on():
+    """On this CPU machine nothing changes SDPA's kernel order, and full-length packs keep the CPU path."""
+    from phi3_lora.speed import sdpa_backend
+
+    before = torch._C._get_sdp_priority_order()
+    assert sdpa_backend.prefer_cudnn() is (torch.cuda.is_available() and sdpa_backend.cudnn_available())
+    if not torch.cuda.is_available():
+        assert not sdpa_backend.PREFERRED and torch._C._get_sdp_priority_order() == before

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from phi3_lora.speed import versions
+from phi3_lora.speed import sdpa_backend, versions
 
 NAME = "sdpa_varlen"
 
@@ -139,7 +139,9 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         else:
             row_cu, max_len = cu.to(torch.int32), kwargs.get("max_length_q")
             max_len = int(max_len) if max_len is not None else int(row_cu.diff().max())
-        if max_len * (row_cu.numel() - 1) == q_len:  # every packed sequence as long as the longest: all equal
+        # every packed sequence as long as the longest (all equal): one dense SDPA call, on the CPU (one call for
+        # a loop) and on a GPU where cuDNN's kernel is put first (sdpa_backend; else the measured varlen kernel)
+        if max_len * (row_cu.numel() - 1) == q_len and (not query.is_cuda or sdpa_backend.PREFERRED):
             out = _equal_length_sdpa(query[b], key[b], value[b], row_cu.numel() - 1, max_len, scaling)
         elif query.is_cuda and _varlen() is not None:
             out = _cuda_varlen(query[b].transpose(0, 1).contiguous(), key[b].transpose(0, 1).contiguous(),

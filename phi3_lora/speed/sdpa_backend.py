@@ -16,6 +16,9 @@ from phi3_lora.speed import versions
 
 # The GPUs the cuDNN kernel was measured faster on (compute capability): Hopper (H100, H200).
 MEASURED_CAPABILITY = (9, 0)
+# Set by `prefer_cudnn` in this process: packed_attention then sends full-length packed rows to dense SDPA (a plain
+# module flag, so torch.compile reads it as a constant).
+PREFERRED = False
 
 
 def cudnn_available() -> bool:
@@ -38,4 +41,6 @@ def prefer_cudnn() -> bool:
     torch.backends.cuda.enable_cudnn_sdp(True)
     order = [int(b) for b in torch._C._get_sdp_priority_order()]
     torch._C._set_sdp_priority_order([first] + [b for b in order if b != first])
+    global PREFERRED
+    PREFERRED = True
     return True
