@@ -82,7 +82,6 @@ PEER = [Row(f"unsloth QLoRA {d}, {label}", "unsloth", d, budget_gb=b, peer={**UN
         for b, label in BUDGETS for d in ("full", "mix")]
 SIXTEEN = [Row(f"engine LoRA-16 full, {label}", "engine", "full", four_bit=False, budget_gb=b, recipe_ref=_FULL)
            for b, label in BUDGETS[1:]]
-_OFF = "phi3_lora.options.OFFLOAD"
 # What each technique gives: the engine with one choice turned back.
 ABLATIONS = [
     Row("ablate: engine QLoRA full, all layers checkpointed, plain", "engine", "full", recipe_ref=_FULL,
@@ -98,8 +97,8 @@ ABLATIONS = [
 ]
 _COMPILE = "phi3_lora.options.COMPILE_LAYERS"
 _CUDNN, _DEQ = "phi3_lora.options.CUDNN_ATTENTION", "phi3_lora.options.DEQUANTIZE_FROZEN"
-_RNG, _ACT = "phi3_lora.options.COMPILED_RNG_RECOMPUTE", "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
-# Tried while tuning the host-memory plan (offload spacing), torch.compile and the peer's set-up. The compiled
+_ACT = "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
+# Tried while tuning torch.compile, the memory budget's plans and the peer's set-up. The compiled
 # rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since
 # 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
 EXPLORE = [
@@ -135,8 +134,6 @@ EXPLORE = [
         patch={_COMPILE: False}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 8 GiB, eager layers", "engine", "full", budget_gb=8,
         patch={_COMPILE: False}, recipe_ref=_FULL),
-    Row("explore: engine QLoRA full, whole GPU, compiled, dropout masks recomputed", "engine", "full",
-        patch={_RNG: True}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, compiled, partitioner keeps 50%", "engine", "full",
         patch={_ACT: 0.5}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, compiled, partitioner keeps 62% (24 GiB plan)", "engine", "full",
@@ -145,8 +142,6 @@ EXPLORE = [
         patch={_ACT: 0.10}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, compiled, partitioner keeps 20%", "engine", "full",
         patch={_ACT: 0.2}, recipe_ref=_FULL),
-    Row("explore: engine QLoRA full, whole GPU, compiled, masks recomputed, keeps 30%", "engine", "full",
-        patch={_RNG: True, _ACT: 0.3}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 8 GiB, compiled layers", "engine", "full", budget_gb=8, patch={_COMPILE: True},
         recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 8 GiB, compiled layers, all checkpointed", "engine", "full", budget_gb=8,
@@ -160,12 +155,6 @@ EXPLORE = [
     Row("explore: engine QLoRA full, whole GPU, compiled layers, no Liger, peft's LoRA forward", "engine", "full",
         patch={_COMPILE: True}, overrides={"train": {"use_liger_kernel": False, "lean_lora": False}},
         recipe_ref=_FULL),
-    Row("explore: engine QLoRA full, 8 GiB, host memory (offload every 3rd)", "engine", "full", budget_gb=8,
-        patch={_OFF: True}, recipe_ref=_FULL),
-    Row("explore: engine QLoRA full, 8 GiB, offload every 2nd", "engine", "full", budget_gb=8,
-        patch={_OFF: True, "phi3_lora.options.OFFLOAD_SPACING": 2}, recipe_ref=_FULL),
-    Row("explore: engine QLoRA full, 8 GiB, inputs only (no layer offloaded)", "engine", "full", budget_gb=8,
-        patch={_OFF: True, "phi3_lora.options.OFFLOAD_SPACING": 10**6}, recipe_ref=_FULL),
     Row("explore: unsloth QLoRA full, whole GPU, Llama layout (its Llama fast path)", "unsloth", "full",
         peer={"checkpointing": "none", "model": "llama"}, recipe_ref=_FULL),
     Row("explore: unsloth QLoRA full, 8 GiB, Llama layout", "unsloth", "full",
@@ -426,9 +415,6 @@ def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int) -> dic
         build = run_recipe if row.kind == "recipe" else run_engine
         trainer, opts = build(row, model_dir, data[row.data], timer.max_steps(), Path(tmp))
         result = time_trainer(trainer, timer)
-        copies = getattr(trainer.model, "_phi3_offload_copies", None)
-        if copies is not None:
-            result["host_copies_gib_per_step"] = copies.stored_bytes / GIB / max(1, len(timer.times))
         del trainer
     _free()
     return finish(result, row, opts, started)
@@ -797,7 +783,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{own[0]:.4f}" if own and own[0] is not None else "-")
         o = r.get("options", {})
         opt = ", ".join(f"{k}={v}" for k, v in o.items() if k in (
-            "use_liger_kernel", "gradient_checkpointing", "checkpointed_layers", "layer_plan", "liger",
+            "use_liger_kernel", "gradient_checkpointing", "checkpointed_layers", "dequantized_layers", "liger",
             "checkpointing", "model", "lean_lora", "save_dropout_memory", "compile_layers") and v not in ("", None))
         reps = " / ".join(f"{x:,.0f}" for x in r.get("repeats_tok_s", [r["tokens_per_s"]]))
         lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {reps} | {r['step_tok_s_min']:,.0f}-"
@@ -870,7 +856,7 @@ def gpu_main(args: argparse.Namespace) -> int:
             report["order"].append(row.name)
             print(json.dumps({k: v for k, v in r.items() if k in (
                 "name", "tokens_per_s", "peak_gib", "tokens_per_step", "warmup_steps", "settled", "step_s_median",
-                "step_tok_s_min", "step_tok_s_max", "error", "wall_s", "host_copies_gib_per_step")}, default=str),
+                "step_tok_s_min", "step_tok_s_max", "error", "wall_s")}, default=str),
                 flush=True)
             dump()
     dump()

@@ -124,7 +124,7 @@ def _quoted(text: str) -> str:
 def modelfile(gguf_name: str, pieces: TemplatePieces, stops: list[str], *, temperature: float = 0.7,
               top_p: float = 0.9, num_ctx: int = 4096) -> str:
     """The Modelfile text: FROM the GGUF beside it, the TEMPLATE, stop tokens and default sampling."""
-    lines = [f"# Ollama Modelfile written by phi3_lora. Run: ollama create <name> -f Modelfile && ollama run <name>",
+    lines = ["# Ollama Modelfile written by phi3_lora. Run: ollama create <name> -f Modelfile && ollama run <name>",
              f"FROM ./{gguf_name}", f"TEMPLATE {_quoted(go_template(pieces))}"]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [f"PARAMETER temperature {temperature}", f"PARAMETER top_p {top_p}", f"PARAMETER num_ctx {num_ctx}"]

@@ -34,10 +34,6 @@ class ResolvedOptions:
     checkpointed_layers: int | None = None  # with gradient_checkpointing: how many decoder layers; None = all
     fp32_upcast: bool = True  # peft's prepare_model_for_kbit_training (fp32 norms/embeddings) for 4-bit bases
     lean_lora: bool = True  # lean_lora.install: the LoRA update as one addmm
-    # One letter per decoder layer when a memory budget uses host memory (speed/offload.py): K kept on the GPU,
-    # C checkpointed with its input in host memory, O not recomputed, its saved tensors in host memory.
-    # Empty: the first `checkpointed_layers` layers are checkpointed the plain way.
-    layer_plan: str = ""
     # lean_lora's DropoutLoraA (mask regenerated in backward, less memory) or LoRA dropout kept the plain way
     # (faster where memory is not short: the budget fits every layer un-checkpointed even so).
     save_dropout_memory: bool = True
@@ -57,21 +53,13 @@ class ResolvedOptions:
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
 BUDGET_SHARE = 0.95
-# Host-memory offload under a memory budget (speed/offload.py; CUDA, one process). A layer whose saved tensors go
-# to host memory needs the host link for about as long as OFFLOAD_SPACING layers take to compute, so only
-# every OFFLOAD_SPACING-th of the layers that do not fit is offloaded, the others are checkpointed with their
-# input in host memory. Measured slower than plain checkpointing on an H200 (docs/benchmarks.md, issue 19:
-# 12.5k vs 15.4k tok/s at 8 GiB), so off; the bench turns it on for its rows.
-OFFLOAD = False
-OFFLOAD_SPACING = 3
 # torch.compile on each decoder layer (CUDA). H200, 2026-12-02 (docs/benchmarks.md, issue 19): full rows on the
 # whole GPU 20,847 -> 22,628 tok/s, every layer checkpointed 15,823 (8 GiB). Compiled layers keep lean_lora's one
 # addmm and take from Liger only its loss (COMPILED_LIGER): the compiler fuses RMSNorm, RoPE and SwiGLU itself.
 # DropoutLoraA steps aside under the compiler, so an un-checkpointed compiled layer keeps LoRA dropout's masks
-# (measured: the same peak as plain dropout, 32.6 GiB whole GPU) unless the partitioner may recompute random
-# ops (COMPILED_RNG_RECOMPUTE: torch._functorch.config.functionalize_rng_ops, philox seeds kept instead).
+# (measured: the same peak as plain dropout, 32.6 GiB whole GPU; letting the partitioner recompute them from philox
+# seeds saved nothing: 23,032 tok/s at 32.62 GiB).
 COMPILE_LAYERS = True
-COMPILED_RNG_RECOMPUTE = False
 # The share of a compiled layer's activations the partitioner may keep (torch._functorch.config.
 # activation_memory_budget: below 1 it recomputes the cheapest ops first); None leaves torch's default (1.0).
 COMPILED_ACTIVATION_BUDGET: float | None = None
@@ -94,8 +82,7 @@ PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "fl
 
 def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool, *,
                     varlen_available: bool = False, model_config: Any = None,
-                    gpu_memory_gb: float | None = None, offload_ok: bool = False,
-                    compile_ok: bool = True, cudnn_ok: bool = False) -> ResolvedOptions:
+                    gpu_memory_gb: float | None = None, compile_ok: bool = True, cudnn_ok: bool = False) -> ResolvedOptions:
     """Decide every `auto` knob from the device, the model's shape and the memory budget (pure).
     `compile_ok`: torch.compile can generate GPU code here (Triton installed and the GPU supported);
     `cudnn_ok`: cuDNN's fused attention is available on a GPU it was measured on (speed/sdpa_backend.py)."""
@@ -111,7 +98,6 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     # peft's kbit preparation casts norms and embeddings to fp32: in bf16 that only adds casts and memory.
     upcast = t.fp32_upcast if t.fp32_upcast != "auto" else dtype_name != "bfloat16"
     layers: int | None = None
-    plan = ""
     save_dropout = True
     compiled = on_cuda and compile_ok and (COMPILE_LAYERS if t.compile_layers == "auto" else bool(t.compile_layers))
     activation: float | None = None
@@ -135,9 +121,6 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
         else:
             layers = checkpointed_layers(model_config, config, budget, dtype_name, liger,
                                          kept_factor=kept) if budget else None
-        if budget and t.memory_budget_gb and offload_ok and OFFLOAD and layers and not compiled:
-            plan = layer_plan(model_config, config, budget, dtype_name, liger)
-            layers = plan.count("C") + plan.count("O") if plan else layers
         gc = layers != 0
         layers = None if not gc or layers == _num_layers(model_config) else layers
         # Memory to spare: every layer un-checkpointed even with dropout's masks kept, the faster way (H200,
@@ -154,7 +137,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
                            attn_implementation=attn, checkpointed_layers=layers, fp32_upcast=bool(upcast),
                            lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True),
-                           layer_plan=plan if gc else "", save_dropout_memory=bool(save_dropout),
+                           save_dropout_memory=bool(save_dropout),
                            compile_layers=compiled, activation_budget=activation if compiled else None,
                            compact_loss=device == "cpu", cudnn_attention=on_cuda and cudnn_ok and CUDNN_ATTENTION,
                            dequantized_layers=dequantized)
@@ -163,10 +146,10 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
 def layer_kept_factor(config: RunConfig, *, save_dropout_memory: bool, compiled: bool) -> float:
     """How much more than the lean figure an un-checkpointed layer keeps (estimate_memory's `kept_factor`): LoRA
     dropout's masks and dropped inputs, kept by plain dropout and by compiled layers (DropoutLoraA steps aside
-    under the compiler) unless the partitioner recomputes random ops."""
+    under the compiler)."""
     if config.lora.lora_dropout == 0:
         return 1.0
-    if compiled and not COMPILED_RNG_RECOMPUTE:
+    if compiled:
         return families.PLAIN_DROPOUT_FACTOR
     return 1.0 if save_dropout_memory else families.PLAIN_DROPOUT_FACTOR
 
@@ -219,43 +202,6 @@ def dequantized_layers(model_config: Any, config: RunConfig, budget_gb: float, d
         return 0
     per_layer = (peak(layers) - peak(0)) / max(1, layers)
     return min(layers, int((target - peak(0)) // per_layer)) if per_layer > 0 else layers
-
-
-def layer_plan(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str, liger: bool = True) -> str:
-    """The layer plan (see ResolvedOptions.layer_plan) with the fewest recomputed layers that fits `budget_gb`
-    using host memory, or "" when host memory would not recompute fewer layers than `checkpointed_layers`.
-
-    Checkpointed layers keep nothing on the GPU (their inputs wait in host memory), so more layers stay
-    un-checkpointed; offloaded layers keep nothing either, but while one is copied back for its backward
-    pass, it and the one prefetched after it are on the GPU: two layers of room are set aside for that.
-    Offloaded layers come first, one in every OFFLOAD_SPACING (so each copy overlaps the next layers'
-    compute), then the checkpointed ones; the kept layers are the last (the first the backward pass needs).
-    Without the estimate's measured excess (correction_gib) here: the copies in flight were not part of the runs
-    it was measured on."""
-    n = _num_layers(model_config)
-
-    def est(k: int) -> float:
-        peak = estimate_memory(model_config, config, recomputed_layers=k, liger=liger, device="cuda",
-                               dtype_name=dtype_name)
-        return peak.total_gib + peak.correction_gib
-
-    base, per_layer = est(n), est(n - 1) - est(n)
-    shape = model_shape(model_config)
-    tokens = config.train.per_device_train_batch_size * config.train.max_length
-    inp = tokens * (4 if dtype_name == "float32" else 2) * shape.hidden_size / 2**30
-    spare = BUDGET_SHARE * budget_gb - base + n * inp  # no checkpointed layer keeps its input on the GPU
-    plain = checkpointed_layers(model_config, config, budget_gb, dtype_name, liger)
-    best = ""
-    for reserve in (0, 2):  # with offloaded layers, room for two of them on the GPU
-        kept = max(0, min(n, int((spare - reserve * (per_layer + inp)) // (per_layer + inp))))
-        rest = n - kept
-        offloaded = rest // OFFLOAD_SPACING if reserve else 0
-        body = "".join("O" if offloaded and i % OFFLOAD_SPACING == 0 and i // OFFLOAD_SPACING < offloaded
-                       else "C" for i in range(rest))
-        plan = body + "K" * kept
-        if plan.count("K") + plan.count("O") > best.count("K") + best.count("O"):
-            best = plan
-    return best if n - best.count("K") - best.count("O") < plain else ""
 
 
 def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_installed: bool,

@@ -179,9 +179,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     from phi3_lora import data as data_mod
     from phi3_lora import models
     from phi3_lora.speed import compact_loss, dequantized, sdpa_backend
-    from phi3_lora.speed.layers import (LayerPlan, PartialCheckpointing, compile_available, compile_layers,
+    from phi3_lora.speed.layers import (PartialCheckpointing, compile_available, compile_layers, decoder_layers,
                                         expandable_segments)
-    from phi3_lora.speed.offload import decoder_layers
     from phi3_lora.speed.packed_attention import cuda_varlen_available
     from phi3_lora.trainer import AtomicCheckpointTrainer, EventsCallback
 
@@ -198,7 +197,6 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     opts = resolve_options(config, device, dtype_name, liger_installed=liger_installed(),
                            varlen_available=cuda_varlen_available(), model_config=model_config,
                            gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None,
-                           offload_ok=device == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1,
                            compile_ok=device == "cuda" and compile_available(),
                            cudnn_ok=device == "cuda" and sdpa_backend.cudnn_available())
     if device == "cuda":
@@ -213,16 +211,13 @@ def build(config: RunConfig, output_dir: Path) -> Built:
     if opts.dequantized_layers:
         dequantized.install(decoder_layers(model)[:opts.dequantized_layers])
     if opts.compile_layers:
-        compile_layers(model, rng_recompute=options.COMPILED_RNG_RECOMPUTE,
-                       activation_budget=opts.activation_budget,
+        compile_layers(model, activation_budget=opts.activation_budget,
                        **({"mode": options.COMPILE_MODE} if options.COMPILE_MODE else {}))
 
     args = SFTConfig(**sft_config_kwargs(config, opts, RunDir(output_dir).checkpoints, has_eval=bool(eval_rows)))
     callback = EventsCallback(Path(output_dir), stop_flag=_stop_flag)
     callbacks = [callback]
-    if opts.gradient_checkpointing and opts.layer_plan:
-        callbacks.append(LayerPlan(opts.layer_plan))
-    elif opts.gradient_checkpointing and opts.checkpointed_layers is not None:
+    if opts.gradient_checkpointing and opts.checkpointed_layers is not None:
         callbacks.append(PartialCheckpointing(opts.checkpointed_layers))
     trainer = AtomicCheckpointTrainer(
         model=model, args=args, processing_class=tokenizer,

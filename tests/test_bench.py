@@ -37,9 +37,9 @@ def test_repeats_alternate_the_order_and_exact_names_keep_theirs():
 def test_a_row_patch_is_set_for_the_row_and_put_back():
     from phi3_lora import options
 
-    with bench.patched({"phi3_lora.options.OFFLOAD": True}):
-        assert options.OFFLOAD is True
-    assert options.OFFLOAD is False
+    with bench.patched({"phi3_lora.options.COMPILE_MODE": "reduce-overhead"}):
+        assert options.COMPILE_MODE == "reduce-overhead"
+    assert options.COMPILE_MODE is None
 
 
 def _feed(timer: timing.SettleTimer, seconds: list[float], tokens: int = 100) -> int:

@@ -10,7 +10,7 @@ from phi3_lora.config import RunConfig
 from phi3_lora.estimate import estimate_memory, model_shape
 from phi3_lora.options import dequantized_layers, planned_memory, resolve_options
 from phi3_lora.speed import dequantized
-from phi3_lora.speed.offload import decoder_layers
+from phi3_lora.speed.layers import decoder_layers
 from tests.test_options import PHI3_MINI
 
 

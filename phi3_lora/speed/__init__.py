@@ -6,8 +6,10 @@
 - `bnb_codes`: cuts 4-bit weights at their packed codes through bitsandbytes' QuantState and a private function
   (`fused` uses it to split Phi-3's fused layers bit-identically).
 - `compact_loss`: trl's fused loss head scores only the labelled positions on the CPU too (a private trl helper).
-- `offload`, `layers`: the memory budget's per-layer plan (partial checkpointing through transformers' per-layer
-  flag, host-memory offload), compiled decoder layers and the CUDA allocator setting.
+- `layers`: the memory budget's per-layer plan (partial checkpointing through transformers' per-layer flag),
+  compiled decoder layers and the CUDA allocator setting.
+- `dequantized`: 16-bit copies of the frozen 4-bit weights where the budget has room (bitsandbytes' own function).
+- `sdpa_backend`: cuDNN's attention first in SDPA's kernel order (a private torch function).
 - `versions`: the library versions each part was tested with, declared once. With any other installed version
   a part takes the stock path (peft's forward, plain SDPA, re-quantised slices), and one warning per process
   says which and why.

@@ -1,8 +1,8 @@
 """The memory budget's per-layer plan on a model, compiled decoder layers, and the CUDA allocator setting.
 
 `options.resolve_options` decides; this module does: checkpointing on only the layers the budget needs (through
-transformers' per-layer flag), the host-memory plan (`offload`), `torch.compile` per decoder layer, and
-expandable segments in PyTorch's CUDA allocator (a private torch function).
+transformers' per-layer flag), `torch.compile` per decoder layer, and expandable segments in PyTorch's CUDA
+allocator (a private torch function).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from phi3_lora.speed import offload
-from phi3_lora.speed.offload import decoder_layers
+from torch import nn
 
 
 class PartialCheckpointing(TrainerCallback):
@@ -36,22 +35,6 @@ class PartialCheckpointing(TrainerCallback):
             block.gradient_checkpointing = i < self.layers
 
 
-class LayerPlan(TrainerCallback):
-    """Put a memory budget's layer plan (options.ResolvedOptions.layer_plan: K kept, C checkpointed with its
-    input in host memory, O saved tensors in host memory) on the model, once Trainer switched checkpointing
-    on for every layer (just before `on_train_begin`)."""
-
-    def __init__(self, plan: str) -> None:
-        self.plan = plan
-        self.installed: dict[str, Any] | None = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is None or self.installed is not None:
-            return
-        self.installed = offload.install(model, checkpointed=[i for i, c in enumerate(self.plan) if c == "C"],
-                                         offloaded=[i for i, c in enumerate(self.plan) if c == "O"])
-
-
 RECOMPILE_LIMIT = 32
 
 
@@ -72,22 +55,26 @@ def compile_available() -> bool:
         return False
 
 
-def compile_layers(model: Any, *, rng_recompute: bool = False, activation_budget: float | None = None,
-                   **compile_kwargs: Any) -> int:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers (transformers' checkpointable layer class), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_layers(model: Any, *, activation_budget: float | None = None, **compile_kwargs: Any) -> int:
     """torch.compile on each decoder layer, as one region each (a checkpointed layer recomputes the compiled
     forward); lean_lora's forward traces without a graph break. Returns how many layers.
 
     Every layer runs the same code, so their graphs count against one recompile limit (8 by default): the first
     layer (its input needs no gradient), checkpointed and un-checkpointed layers and, with packed rows of
     varying length, the dynamic-shape recompiles can reach it, past which dynamo runs the rest eagerly.
-    `rng_recompute`: the partitioner may recompute dropout masks from philox seeds instead of keeping them;
     `activation_budget`: the share of a layer's activations it may keep (it recomputes the cheapest ops first)."""
     import torch
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
-    torch._functorch.config.functionalize_rng_ops = rng_recompute
     torch._functorch.config.activation_memory_budget = 1.0 if activation_budget is None else activation_budget
     layers = decoder_layers(model)
     for layer in layers:
