@@ -11,8 +11,9 @@ import os
 import shutil
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
 from phi3_lora.errors import UserError, is_disk_full
@@ -363,8 +364,10 @@ def resolve_token(token: str | None, use_saved_login: bool = True) -> str:
 def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, merged: bool = False,
                 private: bool = True, work_dir: str | Path | None = None, use_saved_login: bool = True) -> str:
     """Upload the adapter (or a merged model) to a Hub model repo; returns its URL. `use_saved_login=False`:
-    only `token` may be used (a web visitor's own)."""
-    import httpx
+    only `token` may be used (a web visitor's own).
+
+    The repo is created (or found) first: a wrong token, a repo the token may not write, or no network fails in a
+    second, before the bundle is built and verified (a merge and a fresh-process check take minutes)."""
     from huggingface_hub import HfApi
 
     repo_id = (repo_id or "").strip()
@@ -372,26 +375,35 @@ def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, mer
         raise UserError(f"{repo_id!r} is not a Hub repo id.", hint="Use the form your-name/model-name.")
     token = resolve_token(token, use_saved_login)
     ref = locate_adapter(run_or_adapter)
-    folder = ref.adapter_dir
+    api = HfApi(token=token)
+    with _hub_errors():
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    run = find_run(ref.adapter_dir)
+    work = Path(work_dir or (run.path if run else ref.adapter_dir.parent))
     if merged:
-        run = find_run(ref.adapter_dir)
-        folder = merge_adapter(run_or_adapter, Path(work_dir or (run.path if run else ref.adapter_dir.parent)) / "merged")
+        folder = merge_adapter(run_or_adapter, work / "merged")
     else:  # the verified zip's contents: portable adapter_config.json, card with the verification line
-        run = find_run(ref.adapter_dir)
-        bundle = adapter_zip(run_or_adapter, Path(work_dir or (run.path if run else ref.adapter_dir.parent)) / "push")
+        bundle = adapter_zip(run_or_adapter, work / "push")
         folder = bundle.parent / bundle.stem
         shutil.rmtree(folder, ignore_errors=True)
         with zipfile.ZipFile(bundle) as zf:
             zf.extractall(folder)
         folder = next(p for p in folder.iterdir() if p.is_dir())
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with _hub_errors():
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                           commit_message=f"phi3_lora upload {time.strftime('%Y-%m-%d %H:%M')}",
                           allow_patterns=[f"*{s}" for s in BUNDLE_SUFFIXES])
-    except (OSError, ValueError, httpx.HTTPError) as exc:  # network, auth, offline: one actionable message
+    return f"https://huggingface.co/{repo_id}"
+
+
+@contextmanager
+def _hub_errors() -> Iterator[None]:
+    """Network, auth and offline errors of a Hub call as one actionable message."""
+    import httpx
+
+    try:
+        yield
+    except (OSError, ValueError, httpx.HTTPError) as exc:
         raise UserError(f"Could not push to the Hub ({type(exc).__name__}: {str(exc)[:200]}).",
                         hint="Check the network, that the token has write access, and the repo id. "
                              "The adapter is safe on disk; download the zip instead.") from None
-    return f"https://huggingface.co/{repo_id}"

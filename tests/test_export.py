@@ -73,6 +73,7 @@ def test_push_offline_is_a_clear_error_and_keeps_the_adapter(run_dir):
     with pytest.raises(UserError, match="Could not push to the Hub"):
         export.push_to_hub(run_dir, "me/my-adapter", token="hf_fake")
     assert RunDir(run_dir).has_adapter()
+    assert not (run_dir / "push").exists()  # the Hub is asked first: no minutes of bundling and verifying for it
 
 
 @pytest.mark.slow

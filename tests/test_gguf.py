@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import gguf
 import numpy as np
@@ -90,8 +91,22 @@ def test_llama_round_trip_through_the_cli(llama_run, tmp_path):
     """`python -m phi3_lora export --gguf OUT --gguf-type q8_0`, as a user types it; then f16 from the library."""
     run, merged = llama_run
     out = tmp_path / "cli"
-    done = subprocess.run([sys.executable, "-m", "phi3_lora", "export", "--adapter", str(run), "--gguf", str(out),
-                           "--gguf-type", "q8_0"], capture_output=True, text=True, timeout=1200)
+    # The CLI (its own merge, write and verification process) and the library's f16 export run side by side: each
+    # is mostly one busy core (loading, GGUF parsing), and they share only the read-only run folder.
+    logs = {name: open(tmp_path / f"cli.{name}", "w+") for name in ("stdout", "stderr")}  # no pipe to fill up
+    cli = subprocess.Popen([sys.executable, "-m", "phi3_lora", "export", "--adapter", str(run), "--gguf", str(out),
+                            "--gguf-type", "q8_0"], stdout=logs["stdout"], stderr=logs["stderr"], text=True)
+    try:
+        f16 = gguf_bundle.export_gguf(run, tmp_path / "f16", "f16", merged_dir=merged)
+        cli.wait(timeout=1200)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        for log in logs.values():
+            log.close()
+    done = subprocess.CompletedProcess(cli.args, cli.returncode, *(
+        (tmp_path / f"cli.{name}").read_text() for name in ("stdout", "stderr")))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "verified: " in done.stdout and "ollama create run -f Modelfile" in done.stdout
     q8 = json.loads((out / "verification.json").read_text())
@@ -100,7 +115,6 @@ def test_llama_round_trip_through_the_cli(llama_run, tmp_path):
     assert tensors["blk.0.attn_q.weight"] == "Q8_0" and "output.weight" not in tensors  # tied embeddings
     assert q8["argmax_agreement"] >= Q8_ARGMAX_AGREEMENT and q8["same_prompt_tokens"] == q8["prompts"]
 
-    f16 = gguf_bundle.export_gguf(run, tmp_path / "f16", "f16", merged_dir=merged)
     print(f"llama q8_0: {(out / 'run-q8_0.gguf').stat().st_size} bytes, argmax {q8['argmax_agreement']:.3f}; "
           f"f16: {f16.size_bytes} bytes; {f16.check.summary()}")
     assert f16.check.passed and f16.check.same_answers == f16.check.prompts
@@ -163,9 +177,16 @@ def test_embedded_smollm2_round_trip(embedded_dir, tmp_path):
                [{"role": "user", "content": "Write one sentence about cats."}]]
     pre = gguf_bundle.embedded_pre(EMBEDDED_NAME)
     assert pre == "smollm"
-    for gguf_type in ("f16", "q8_0"):
-        result = gguf_bundle.bundle_from_merged(embedded_dir, tmp_path / gguf_type, gguf_type, name="smollm2",
-                                                prompts=prompts, prompt_source="2 prompts", pre=pre)
+
+    def bundle(gguf_type):
+        return gguf_bundle.bundle_from_merged(embedded_dir, tmp_path / gguf_type, gguf_type, name="smollm2",
+                                              prompts=prompts, prompt_source="2 prompts", pre=pre)
+
+    # Both types at once: each verification is a fresh process that spends most of its time on one core
+    # (transformers' GGUF loader parsing the 49k-token vocabulary in Python), so two of them share 2 cores well.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(("f16", "q8_0"), pool.map(bundle, ("f16", "q8_0"))))
+    for gguf_type, result in results.items():
         print(f"SmolLM2-135M {gguf_type}: {result.size_bytes / 2**20:.1f} MiB; {result.check.summary()}")
         assert result.check.passed, result.check.summary()
         meta, _ = _metadata(result.gguf)
