@@ -226,7 +226,7 @@ def test_cli_and_model_card_show_the_numbers_of_the_saved_json(tiny_run, tmp_pat
     result = json.loads(saved.read_text())
     assert evaluate.summary_markdown(result) in out
     assert evaluate.load_results(tiny_run)[-1]["file"] == str(saved)  # the newest result is the CLI's
-    bundle = export.adapter_zip(tiny_run, tmp_path / "out")
+    bundle = export.adapter_zip(tiny_run, tmp_path / "out", verify=False)  # the card's scores, not the zip's check
     with zipfile.ZipFile(bundle) as zf:
         card = zf.read(next(n for n in zf.namelist() if n.endswith("README.md"))).decode()
     assert evaluate.summary_markdown(result) in card and saved.name in card
