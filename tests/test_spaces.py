@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -102,19 +103,30 @@ def _pip_dry_run(space_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=170)
 
 
+@pytest.fixture(scope="module")
+def dry_runs(space_dir: Path) -> dict[str, tuple[subprocess.CompletedProcess, float]]:
+    """Both resolves at once, each with its own time (they mostly wait on PyPI's metadata)."""
+    def timed(flags: tuple[str, ...]) -> tuple[subprocess.CompletedProcess, float]:
+        started = time.monotonic()
+        return _pip_dry_run(space_dir, *flags), time.monotonic() - started
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        no_deps, with_deps = pool.map(timed, [("--no-deps",), ()])
+    return {"no-deps": no_deps, "with-deps": with_deps}
+
+
 @pytest.mark.slow
-def test_space_requirements_install_resolve_without_deps(space_dir: Path) -> None:
-    result = _pip_dry_run(space_dir, "--no-deps")
+def test_space_requirements_install_resolve_without_deps(dry_runs) -> None:
+    result, _ = dry_runs["no-deps"]
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.slow
-def test_space_requirements_install_resolve_with_deps(space_dir: Path) -> None:
+def test_space_requirements_install_resolve_with_deps(dry_runs) -> None:
     """The whole dependency tree resolves against the same pins (~20 s from PyPI's metadata)."""
-    started = time.monotonic()
-    result = _pip_dry_run(space_dir)
+    result, seconds = dry_runs["with-deps"]
     assert result.returncode == 0, result.stderr[-3000:]
-    assert time.monotonic() - started < 150
+    assert seconds < 150
 
 
 # --- --push fails cleanly -----------------------------------------------------------------------------
