@@ -73,10 +73,11 @@ def test_only_uploads_and_exports_are_downloadable(server) -> None:
     assert status == 200 and body[:2] == b"PK"
 
     layout = RunDir(run)
+    git_config = ROOT / ".git" / "config" if (ROOT / ".git").is_dir() else ROOT / ".git"  # a worktree's .git is a file
     secret_files = [layout.events, layout.config, layout.log, layout.resolved,
                     layout.checkpoint(1) / "adapter_model.safetensors",
                     layout.adapter / "adapter_model.safetensors", runs / ACTIVE,
-                    runs / ".uploads" / "abc-kept.jsonl", ROOT / ".git" / "config", ROOT / "README.md"]
+                    runs / ".uploads" / "abc-kept.jsonl", git_config, ROOT / "README.md"]
     for f in secret_files:
         assert f.exists(), f
     rel = f"{runs.name}/{RUN_ID}/{RunDir.EVENTS}"
