@@ -58,11 +58,24 @@ def _metadata(path):
     return fields, {t.name: t.tensor_type.name for t in reader.tensors}
 
 
+@pytest.fixture(scope="module")
+def phi3_exports(phi3_run, tmp_path_factory):
+    """Both types exported and verified at once (each verification is a fresh process busy on about one core)."""
+    run, merged = phi3_run
+
+    def export_one(gguf_type):
+        return gguf_bundle.export_gguf(run, tmp_path_factory.mktemp(f"gguf_{gguf_type}") / "gguf", gguf_type,
+                                       merged_dir=merged)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(("f16", "q8_0"), pool.map(export_one, ("f16", "q8_0"))))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
-def test_phi3_round_trip(phi3_run, tmp_path, gguf_type):
+def test_phi3_round_trip(phi3_run, phi3_exports, gguf_type):
     run, merged = phi3_run
-    result = gguf_bundle.export_gguf(run, tmp_path / "gguf", gguf_type, merged_dir=merged)
+    result = phi3_exports[gguf_type]
     check = result.check
     print(f"phi3 {gguf_type}: {result.size_bytes} bytes; {check.summary()}")
     assert check.passed, check.summary()
