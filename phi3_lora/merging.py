@@ -114,10 +114,21 @@ class RowRouting:
 
     def _forward(self, layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         result = layer.base_layer(x, *args, **kwargs)
-        if self.first_tuned < x.shape[0]:
-            rows = x[self.first_tuned:].to(layer.lora_A[TUNED].weight.dtype)
-            update = layer.lora_B[TUNED](layer.lora_A[TUNED](layer.lora_dropout[TUNED](rows))) * layer.scaling[TUNED]
-            result[self.first_tuned:] += update.to(result.dtype)
+        first = self.first_tuned
+        if first >= x.shape[0]:
+            return result
+        a, b, drop = layer.lora_A[TUNED].weight, layer.lora_B[TUNED].weight, layer.lora_dropout[TUNED]
+        rows = x[first:].to(a.dtype)
+        if drop.training:
+            rows = drop(rows)
+        if result.dtype == a.dtype == b.dtype and result.is_contiguous():
+            # One product into the tuned rows' slice: update = (rows @ A^T) @ B^T * scaling, added by the GEMM itself
+            # (decoding on a CPU: every module call and elementwise op of the plain form costs more than the math)
+            tuned = result[first:].view(-1, result.shape[-1])
+            tuned.addmm_(rows.reshape(-1, rows.shape[-1]) @ a.t(), b.t(), alpha=layer.scaling[TUNED])
+        else:
+            update = layer.lora_B[TUNED](layer.lora_A[TUNED](rows)) * layer.scaling[TUNED]
+            result[first:] += update.to(result.dtype)
         return result
 
     @contextlib.contextmanager
