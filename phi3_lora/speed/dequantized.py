@@ -15,11 +15,12 @@ layers get a copy (only after every activation is kept: activations buy more spe
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 from torch import nn
+
+from phi3_lora.speed import forward_swap
 
 _ORIGINAL = "_phi3_4bit_forward"
 _BUFFER = "_phi3_dequantized"
@@ -63,8 +64,7 @@ def install(layers: list[nn.Module]) -> int:
             if getattr(module.weight, "quant_state", None) is None:  # not quantised yet (meta or CPU copy)
                 continue
             module.register_buffer(_BUFFER, dequantize(module), persistent=False)
-            setattr(module, _ORIGINAL, module.forward)
-            module.forward = types.MethodType(dequantized_forward, module)
+            forward_swap.replace(module, dequantized_forward, _ORIGINAL)
             count += 1
     return count
 
@@ -73,9 +73,7 @@ def uninstall(model: nn.Module) -> int:
     """Drop the copies and put bitsandbytes' forward back (e.g. before merging); returns how many layers."""
     count = 0
     for module in model.modules():
-        if hasattr(module, _ORIGINAL):
-            del module.forward
-            delattr(module, _ORIGINAL)
+        if forward_swap.restore(module, _ORIGINAL):
             delattr(module, _BUFFER)
             count += 1
     return count

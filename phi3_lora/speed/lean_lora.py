@@ -31,13 +31,12 @@ more layers un-checkpointed (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from phi3_lora.speed import versions
+from phi3_lora.speed import forward_swap, versions
 
 _ORIGINAL = "_peft_forward"
 _SAVE_DROPOUT_MEMORY = "_phi3_save_dropout_memory"
@@ -210,9 +209,7 @@ def install(model: nn.Module, save_dropout_memory: bool = True) -> int:
     for module in model.modules():
         if isinstance(module, classes):
             setattr(module, _SAVE_DROPOUT_MEMORY, save_dropout_memory)
-        if isinstance(module, classes) and not hasattr(module, _ORIGINAL):
-            setattr(module, _ORIGINAL, module.forward)
-            module.forward = types.MethodType(lean_forward, module)
+        if isinstance(module, classes) and forward_swap.replace(module, lean_forward, _ORIGINAL):
             count += 1
     return count
 
@@ -221,9 +218,7 @@ def uninstall(model: nn.Module) -> int:
     """Put peft's own forward back on every layer `install` changed; returns how many."""
     count = 0
     for module in model.modules():
-        if hasattr(module, _ORIGINAL):
-            del module.forward  # the instance attribute; the class's forward shows through again
-            delattr(module, _ORIGINAL)
+        if forward_swap.restore(module, _ORIGINAL):
             if hasattr(module, _SAVE_DROPOUT_MEMORY):
                 delattr(module, _SAVE_DROPOUT_MEMORY)
             count += 1
