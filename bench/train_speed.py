@@ -118,6 +118,8 @@ EXPLORE = [
         patch={_CUDNN: True, "phi3_lora.options.COMPILE_MODE": "reduce-overhead"}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 8 GiB, cuDNN (equal lengths)", "engine", "full", budget_gb=8,
         patch={_CUDNN: True}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 24 GiB, cuDNN (equal lengths)", "engine", "full", budget_gb=24,
+        patch={_CUDNN: True}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, copies, CUDA graphs", "engine", "full",
         patch={_DEQ: True, "phi3_lora.options.COMPILE_MODE": "reduce-overhead"}, recipe_ref=_FULL),
     Row("explore: engine QLoRA mix, whole GPU, copies, CUDA graphs", "engine", "mix",
