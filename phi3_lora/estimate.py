@@ -30,6 +30,11 @@ from phi3_lora.config import RunConfig
 GIB = 2**30
 NF4_BITS = 4.127            # 4-bit NF4 + double-quantised scales (QLoRA paper, section 3)
 ADAM_BYTES_PER_PARAM = 16   # fp32 weight + fp32 grad + two fp32 AdamW moments
+# Full-length packed rows through one batched SDPA call (cuDNN's kernel; speed/packed_attention.py) keep two more
+# hidden-sized values per token in each un-checkpointed layer than the varlen kernel (its output in SDPA's layout
+# and the copy o_proj reads). H200, 2026-12-02: +3.0 GiB at 32 layers kept, whole GPU and at a 0.62 share; nothing
+# at a 0.09 share (the partitioner recomputes them), so counted times the kept share.
+DENSE_ATTENTION_HIDDEN = 2.0
 CUDA_OVERHEAD_GIB = 0.6     # context + cuBLAS workspace + allocator slack, measured on H100/T4
 CPU_OVERHEAD_GIB = 0.4      # torch + transformers in the training process
 # On CUDA the parts above count more than PyTorch allocates: 22.6 GiB counted vs 21.2 measured at 24 GiB with 3
@@ -159,7 +164,8 @@ def dtype_bytes(config: RunConfig, device: str, dtype_name: str | None = None) -
 def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: int, liger: bool,
                     device: str = "cuda", dtype_name: str | None = None,
                     trainable_params: int | None = None, kept_factor: float = 1.0,
-                    kept_share: float = 1.0, dequantized_layers: int = 0) -> MemoryEstimate:
+                    kept_share: float = 1.0, dequantized_layers: int = 0,
+                    dense_attention: bool = False) -> MemoryEstimate:
     """Peak memory of a training step for `config` on `device` ("cuda" or "cpu") with `recomputed_layers`
     decoder layers checkpointed and Liger's kernels on or off: what options.resolve_options decided.
 
@@ -168,7 +174,8 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
     `kept_share` is the share of that a compiled layer keeps under the partitioner's activation budget (an upper
     bound: on the H200 a share of 0.10 / 0.50 / 0.62 / 1.0 peaked at 6.5 / 18.6 / 18.7 / 32.6 GiB where this
     counts 7.6 / 19.2 / 22.7 / 33.7, docs/benchmarks.md). `dequantized_layers` decoder layers also hold a 16-bit
-    copy of their frozen 4-bit weights (speed/dequantized.py), counted with the weights.
+    copy of their frozen 4-bit weights (speed/dequantized.py), counted with the weights. `dense_attention`: full-length
+    packed rows take batched SDPA (options.ResolvedOptions.cudnn_attention), which keeps DENSE_ATTENTION_HIDDEN more.
     """
     shape = model_shape(model_config)
     family = shape.family
@@ -191,6 +198,8 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
     h, i = shape.hidden_size, shape.intermediate_size
     kept = ((family.act_hidden * h + family.act_intermediate * i - h) * kept_factor * kept_share
             * (1.0 if liger else families.NO_LIGER_FACTOR))
+    if dense_attention and device == "cuda":
+        kept += DENSE_ATTENTION_HIDDEN * h * kept_share
     working = family.recompute_hidden * h + family.recompute_intermediate * i
     activations = tokens * act_bytes * (layers * h + (layers - recomputed) * kept + working)
     if device != "cuda":

@@ -69,9 +69,11 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 MIN_ACTIVATION_SHARE = 0.05
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None
-# SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py). Off: on the H200
-# (2026-12-02) compiled layers still ran FlashAttention-2 with the order changed (22,360 vs 23,080 tok/s).
-CUDNN_ATTENTION = False
+# SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py), and full-length
+# packed rows through one batched SDPA call (speed/packed_attention.py; other packs keep the varlen kernel). H200,
+# 2026-12-02, full rows, one session (docs/benchmarks.md): whole GPU 23,047 -> 25,022 tok/s (39.4 -> 42.4 GiB),
+# 8 GiB 17,251 -> 18,399 (6.53 GiB both), 24 GiB 21,979 -> 22,682 (18.7 -> 21.7 GiB; estimate.DENSE_ATTENTION_HIDDEN).
+CUDNN_ATTENTION = True
 # 16-bit copies of the frozen 4-bit weights where the budget has room after every activation (speed/dequantized.py).
 # H200, 2026-12-02 (docs/benchmarks.md): whole GPU, compiled layers, full rows 23,080 -> 23,405 / 23,454 tok/s at
 # 32.6 -> 39.4 GiB (no dequantisation kernels left in the step's profile).
@@ -109,29 +111,33 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     else:
         budget = t.memory_budget_gb or gpu_memory_gb
         kept = layer_kept_factor(config, save_dropout_memory=True, compiled=compiled)
+        dense = cudnn_ok and CUDNN_ATTENTION  # what full-length packs keep more (estimate.DENSE_ATTENTION_HIDDEN)
         if compiled and COMPILED_ACTIVATION_BUDGET is not None:  # the bench's fixed share
             layers, activation = 0, COMPILED_ACTIVATION_BUDGET
         elif compiled and budget:
             # The compiler's partitioner recomputes the cheapest parts of every layer (H200: 21,988 tok/s at 24
             # GiB keeping 62%, where 13 checkpointed compiled layers gave 20,092); whole layers are checkpointed
             # only where even a small share does not fit.
-            share = activation_share(model_config, config, budget, dtype_name, liger, kept_factor=kept)
+            share = activation_share(model_config, config, budget, dtype_name, liger, kept_factor=kept,
+                                     dense_attention=dense)
             layers = 0 if share >= MIN_ACTIVATION_SHARE else _num_layers(model_config)
             activation = share if MIN_ACTIVATION_SHARE <= share < 1.0 else None
         else:
             layers = checkpointed_layers(model_config, config, budget, dtype_name, liger,
-                                         kept_factor=kept) if budget else None
+                                         kept_factor=kept, dense_attention=dense) if budget else None
         gc = layers != 0
         layers = None if not gc or layers == _num_layers(model_config) else layers
         # Memory to spare: every layer un-checkpointed even with dropout's masks kept, the faster way (H200,
         # session 3: 20,349 vs 19,844 tok/s at the same 3 layers recomputed).
         # (Compiled layers: DropoutLoraA steps aside anyway, and `kept` counted the masks.)
         save_dropout = gc or compiled or not budget or config.lora.lora_dropout == 0 or checkpointed_layers(
-            model_config, config, budget, dtype_name, liger, kept_factor=families.PLAIN_DROPOUT_FACTOR) > 0
+            model_config, config, budget, dtype_name, liger, kept_factor=families.PLAIN_DROPOUT_FACTOR,
+            dense_attention=dense) > 0
         if budget and not gc and activation is None and DEQUANTIZE_FROZEN and config.model.load_in_4bit:
             dequantized = dequantized_layers(model_config, config, budget, dtype_name, liger,
                                              kept_factor=layer_kept_factor(config, save_dropout_memory=save_dropout,
-                                                                           compiled=compiled))
+                                                                           compiled=compiled),
+                                             dense_attention=dense)
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
@@ -163,25 +169,26 @@ def _num_layers(model_config: Any) -> int:
 
 
 def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                        liger: bool = True, kept_factor: float = 1.0) -> int:
+                        liger: bool = True, kept_factor: float = 1.0, dense_attention: bool = False) -> int:
     """The fewest decoder layers to checkpoint so that a step fits `budget_gb` (all of them if none fits),
     by the one memory model (estimate.estimate_memory)."""
     layers = _num_layers(model_config)
     for recomputed in range(layers + 1):
         peak = estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device="cuda",
-                               dtype_name=dtype_name, kept_factor=kept_factor)
+                               dtype_name=dtype_name, kept_factor=kept_factor, dense_attention=dense_attention)
         if peak.total_gib <= BUDGET_SHARE * budget_gb:
             return recomputed
     return layers
 
 
 def activation_share(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                     liger: bool = True, kept_factor: float = 1.0) -> float:
+                     liger: bool = True, kept_factor: float = 1.0, dense_attention: bool = False) -> float:
     """The largest share of each compiled layer's activations that the compiler may keep for a step to fit
     `budget_gb` by the one memory model (1.0: all of them fit; rounded down to a hundredth)."""
     def peak(share: float) -> float:
         return estimate_memory(model_config, config, recomputed_layers=0, liger=liger, device="cuda",
-                               dtype_name=dtype_name, kept_factor=kept_factor, kept_share=share).total_gib
+                               dtype_name=dtype_name, kept_factor=kept_factor, kept_share=share,
+                               dense_attention=dense_attention).total_gib
 
     full, floor, target = peak(1.0), peak(0.0), BUDGET_SHARE * budget_gb
     if full <= target:
@@ -190,12 +197,13 @@ def activation_share(model_config: Any, config: RunConfig, budget_gb: float, dty
 
 
 def dequantized_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                       liger: bool = True, kept_factor: float = 1.0) -> int:
+                       liger: bool = True, kept_factor: float = 1.0, dense_attention: bool = False) -> int:
     """How many decoder layers' frozen 4-bit weights fit as 16-bit copies in `budget_gb` once every layer keeps all
     its activations (the one memory model; 0 where even that does not fit)."""
     def peak(copies: int) -> float:
         return estimate_memory(model_config, config, recomputed_layers=0, liger=liger, device="cuda",
-                               dtype_name=dtype_name, kept_factor=kept_factor, dequantized_layers=copies).total_gib
+                               dtype_name=dtype_name, kept_factor=kept_factor, dequantized_layers=copies,
+                               dense_attention=dense_attention).total_gib
 
     layers, target = _num_layers(model_config), BUDGET_SHARE * budget_gb
     if peak(0) > target:
@@ -205,20 +213,22 @@ def dequantized_layers(model_config: Any, config: RunConfig, budget_gb: float, d
 
 
 def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_installed: bool,
-                   gpu_memory_gb: float | None = None, trainable_params: int | None = None) -> MemoryEstimate:
+                   gpu_memory_gb: float | None = None, trainable_params: int | None = None,
+                   cudnn_ok: bool = False) -> MemoryEstimate:
     """The peak memory of the run the trainer would plan on `device` (a GPU of `gpu_memory_gb`, or
     train.memory_budget_gb): `resolve_options` decides checkpointing, layers and Liger, then the one memory
-    model counts it. What the Settings tab shows."""
+    model counts it. What the Settings tab shows. `cudnn_ok`: the GPU takes cuDNN's attention (resolve_options)."""
     dtype_name = config.model.dtype if config.model.dtype != "auto" else (
         "bfloat16" if device == "cuda" else "float32")
     opts = resolve_options(config, device, dtype_name, liger_installed, model_config=model_config,
-                           gpu_memory_gb=gpu_memory_gb)
+                           gpu_memory_gb=gpu_memory_gb, cudnn_ok=cudnn_ok)
     layers = _num_layers(model_config)
     recomputed = 0 if not opts.gradient_checkpointing else (
         layers if opts.checkpointed_layers is None else opts.checkpointed_layers)
     return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=opts.use_liger_kernel,
                            kept_share=opts.activation_budget or 1.0, dequantized_layers=opts.dequantized_layers,
                            device=device, dtype_name=dtype_name, trainable_params=trainable_params,
+                           dense_attention=opts.cudnn_attention,
                            kept_factor=layer_kept_factor(config, save_dropout_memory=opts.save_dropout_memory,
                                                          compiled=opts.compile_layers))
 

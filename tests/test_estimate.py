@@ -128,3 +128,25 @@ def test_settings_show_the_global_batch() -> None:
     config = cfg(train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
     assert options.effective_batch(config, 2) == 16 and options.effective_batch(config, 0) == 8
     assert "<b>8</b> rows per optimizer step" in batch_line(config)  # this machine: CPU, one process
+
+
+# Measured on the H200 (2026-12-02, docs/benchmarks.md), full rows of the bench run, compiled layers: full-length
+# packs through batched cuDNN attention peaked at 42.37 GiB on the whole GPU (32 16-bit copies) and 21.65 GiB at a
+# 24 GiB budget (share 0.62), against 39.37 and 18.65 through the varlen kernel.
+CUDNN_PEAKS = {None: 42.37, 24.0: 21.65}
+
+
+def test_cudnn_attention_is_counted_and_the_plan_stays_in_budget() -> None:
+    for budget, measured in CUDNN_PEAKS.items():
+        config = BENCH_CONFIG.replace(train={"memory_budget_gb": budget})
+        plain = planned_memory(PHI3_MINI, config, "cuda", liger_installed=True, gpu_memory_gb=139.0)
+        dense = planned_memory(PHI3_MINI, config, "cuda", liger_installed=True, gpu_memory_gb=139.0, cudnn_ok=True)
+        assert dense.total_gib >= measured  # an upper bound of what the dense path used
+        if budget is None:  # room for everything: the same plan, 3 GiB more counted
+            assert dense.total_gib - plain.total_gib == pytest.approx(3.0, abs=0.01)
+        else:  # a budget: the plan keeps a smaller share so the larger figure still fits
+            assert dense.kept_share < plain.kept_share and dense.total_gib <= options.BUDGET_SHARE * budget
+    # where the GPU has no cuDNN attention (cudnn_ok False), nothing changes: the trainer would not take that path
+    off = resolve_options(BENCH_CONFIG, "cuda", "bfloat16", liger_installed=True, varlen_available=True,
+                          model_config=PHI3_MINI, gpu_memory_gb=139.0, cudnn_ok=False)
+    assert not off.cudnn_attention

@@ -258,11 +258,14 @@ def estimate_html(config: cfgmod.RunConfig, info: models.ModelInfo) -> str:
         return notice("error", exc.message + (f" {exc.hint}" if exc.hint else ""))
     except Exception:  # an architecture peft's count cannot read: fall back to our arithmetic
         trainable = total = None
+    from phi3_lora.speed.sdpa_backend import cudnn_available  # torch: only once an estimate is asked for
+
     cuda = models.cuda_available()
     liger = options.liger_installed()
     # The trainer's own plan (checkpointed layers for the budget, Liger) counted by the one memory model.
     gpu = options.planned_memory(info.config, config, "cuda", liger_installed=liger, trainable_params=trainable,
-                                 gpu_memory_gb=models.gpu_memory_gb() if cuda else None)
+                                 gpu_memory_gb=models.gpu_memory_gb() if cuda else None,
+                                 cudnn_ok=cudnn_available() if cuda else True)  # an unknown GPU: the larger figure
     total = total or gpu.total_params
     trainable = trainable if trainable is not None else gpu.trainable_params
     budget = (f"a {config.train.memory_budget_gb:g} GiB budget" if config.train.memory_budget_gb
