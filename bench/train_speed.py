@@ -120,6 +120,8 @@ EXPLORE = [
         patch={_CUDNN: True}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 24 GiB, cuDNN (equal lengths)", "engine", "full", budget_gb=24,
         patch={_CUDNN: True}, recipe_ref=_FULL),
+    Row("explore: engine QLoRA mix, whole GPU, no 16-bit copies", "engine", "mix", patch={_DEQ: False},
+        recipe_ref=_MIX),
     Row("explore: engine QLoRA full, whole GPU, copies, CUDA graphs", "engine", "full",
         patch={_DEQ: True, "phi3_lora.options.COMPILE_MODE": "reduce-overhead"}, recipe_ref=_FULL),
     Row("explore: engine QLoRA mix, whole GPU, copies, CUDA graphs", "engine", "mix",
