@@ -98,10 +98,16 @@ ABLATIONS = [
 _COMPILE = "phi3_lora.options.COMPILE_LAYERS"
 _CUDNN, _DEQ = "phi3_lora.options.CUDNN_ATTENTION", "phi3_lora.options.DEQUANTIZE_FROZEN"
 _ACT = "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
+_DEFERRED = "phi3_lora.options.DEFERRED_METRICS"
 # Tried while tuning torch.compile, the memory budget's plans and the peer's set-up. The compiled
 # rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since
 # 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
 EXPLORE = [
+    # The step's host syncs (trl's metrics, Trainer's token count and NaN filter) kept, as before the deferral.
+    Row("explore: engine QLoRA full, whole GPU, syncs kept", "engine", "full", patch={_DEFERRED: False},
+        recipe_ref=_FULL),
+    Row("explore: engine QLoRA full, 8 GiB, syncs kept", "engine", "full", budget_gb=8, patch={_DEFERRED: False},
+        recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, compiled, cuDNN attention", "engine", "full",
         patch={_CUDNN: True, _DEQ: False}, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, whole GPU, compiled, 16-bit copies", "engine", "full",

@@ -49,6 +49,9 @@ class ResolvedOptions:
     # How many decoder layers keep a 16-bit copy of their frozen 4-bit weights (speed/dequantized.py): the room a
     # budget has left once every activation is kept.
     dequantized_layers: int = 0
+    # trl's step metrics and the token counts stay on the device until a log reads them (speed/deferred_metrics.py;
+    # DEFERRED_METRICS), and a NaN loss is logged as NaN instead of being filtered (the filter reads the loss).
+    deferred_metrics: bool = False
 
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
@@ -78,16 +81,21 @@ CUDNN_ATTENTION = True
 # H200, 2026-12-02 (docs/benchmarks.md): whole GPU, compiled layers, full rows 23,080 -> 23,405 / 23,454 tok/s at
 # 32.6 -> 39.4 GiB (no dequantisation kernels left in the step's profile).
 DEQUANTIZE_FROZEN = True
+# trl's entropy / token accuracy / token counts and Trainer's tokens seen read at each log, not in every step
+# (speed/deferred_metrics.py, issue 19): H200, a step showed 14 cudaStreamSynchronize, 302 ms of kernels in 354 ms.
+DEFERRED_METRICS = True
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_installed: bool, *,
                     varlen_available: bool = False, model_config: Any = None,
-                    gpu_memory_gb: float | None = None, compile_ok: bool = True, cudnn_ok: bool = False) -> ResolvedOptions:
+                    gpu_memory_gb: float | None = None, compile_ok: bool = True, cudnn_ok: bool = False,
+                    deferred_ok: bool = True) -> ResolvedOptions:
     """Decide every `auto` knob from the device, the model's shape and the memory budget (pure).
     `compile_ok`: torch.compile can generate GPU code here (Triton installed and the GPU supported);
-    `cudnn_ok`: cuDNN's fused attention is available on a GPU it was measured on (speed/sdpa_backend.py)."""
+    `cudnn_ok`: cuDNN's fused attention is available on a GPU it was measured on (speed/sdpa_backend.py);
+    `deferred_ok`: trl and transformers are the versions speed/deferred_metrics.py mirrors."""
     t = config.train
     on_cuda = device == "cuda"
     attn = config.model.attn_implementation
@@ -146,7 +154,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            save_dropout_memory=bool(save_dropout),
                            compile_layers=compiled, activation_budget=activation if compiled else None,
                            compact_loss=device == "cpu", cudnn_attention=on_cuda and cudnn_ok and CUDNN_ATTENTION,
-                           dequantized_layers=dequantized)
+                           dequantized_layers=dequantized, deferred_metrics=DEFERRED_METRICS and deferred_ok)
 
 
 def layer_kept_factor(config: RunConfig, *, save_dropout_memory: bool, compiled: bool) -> float:
@@ -266,6 +274,9 @@ def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path
         project=PROJECT,  # trackio's project (the other trackers take theirs from the environment, trackers.py)
         run_name=Path(output_dir).parent.name,  # runs/<id>/checkpoints -> the run id
         include_num_input_tokens_seen="non_padding",
+        # The filter reads every micro-batch's loss on the host (isnan / isinf) to drop a non-finite one from the
+        # logged mean; without it a NaN loss is logged as NaN, which says more.
+        logging_nan_inf_filter=not opts.deferred_metrics,
         disable_tqdm=not os.isatty(2),
         dataloader_pin_memory=opts.device == "cuda",
     )

@@ -178,7 +178,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
     from phi3_lora import data as data_mod
     from phi3_lora import models
-    from phi3_lora.speed import compact_loss, dequantized, sdpa_backend
+    from phi3_lora.speed import compact_loss, deferred_metrics, dequantized, sdpa_backend
     from phi3_lora.speed.layers import (PartialCheckpointing, compile_available, compile_layers, decoder_layers,
                                         expandable_segments)
     from phi3_lora.speed.packed_attention import cuda_varlen_available
@@ -198,7 +198,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
                            varlen_available=cuda_varlen_available(), model_config=model_config,
                            gpu_memory_gb=models.gpu_memory_gb() if device == "cuda" else None,
                            compile_ok=device == "cuda" and compile_available(),
-                           cudnn_ok=device == "cuda" and sdpa_backend.cudnn_available())
+                           cudnn_ok=device == "cuda" and sdpa_backend.cudnn_available(),
+                           deferred_ok=deferred_metrics.available())
     if device == "cuda":
         expandable_segments()
     if opts.compact_loss:
@@ -224,6 +225,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         callbacks=callbacks)
+    trainer.deferred_metrics = opts.deferred_metrics
     if args.disable_tqdm:  # EventsCallback writes readable log lines; transformers' printer would repeat them as dicts
         from transformers.trainer_callback import PrinterCallback
 

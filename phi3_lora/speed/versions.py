@@ -37,6 +37,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "compact_loss": ("trl",),
     "cudnn_attention": ("torch",),
     "compile_layers": ("torch",),
+    "deferred_metrics": ("transformers", "trl"),
 }
 STOCK_PATH = {
     "lean_lora": "peft's own LoRA forward",
@@ -46,6 +47,7 @@ STOCK_PATH = {
     "compact_loss": "every position scored by the loss head on the CPU",
     "cudnn_attention": "SDPA's own kernel order (FlashAttention-2 first)",
     "compile_layers": "eager decoder layers",
+    "deferred_metrics": "step metrics read from the GPU in every step",
 }
 
 
