@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from phi3_lora import families
-from phi3_lora.speed.bnb_codes import codes_4bit, dense_weight, linear4bit_from_codes
+from phi3_lora.speed.bnb_codes import codes_4bit, dense_weight, is_4bit, linear4bit_from_codes
 from phi3_lora.families import child_name
 
 
@@ -66,15 +66,11 @@ class FusedSlices(nn.Module):
 
 # --- split and restore ------------------------------------------------------------------------------
 
-def _is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit"
-
-
 def _linear_like(template: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A new layer of the template's kind holding `weight` (re-quantised for 4-bit); shares no storage."""
     out_features, in_features = weight.shape
     device = template.weight.device
-    if _is_4bit(template):
+    if is_4bit(template):
         import bitsandbytes as bnb
 
         old = template.weight
@@ -96,7 +92,7 @@ def _split_one(linear: nn.Module, sizes: dict[str, int], where: str, requantize:
     if sum(sizes.values()) != linear.out_features:
         raise ValueError(f"{where}: slices {sizes} do not add up to its {linear.out_features} output rows")
     n = linear.in_features
-    parts = codes_4bit(linear) if _is_4bit(linear) and not requantize else None
+    parts = codes_4bit(linear) if is_4bit(linear) and not requantize else None
     block = linear.weight.quant_state.blocksize if parts is not None else 1
     if any(rows * n % block for rows in sizes.values()):
         parts = None  # a slice boundary inside a quantisation block: re-quantise instead
@@ -156,7 +152,7 @@ def restore_fused_layers(model: nn.Module) -> nn.Module:
                 raise ValueError(f"{path} still carries LoRA layers: merge the adapter (merge_and_unload) first")
             biases = [p.bias for p in parts]
             bias = torch.cat(biases) if all(b is not None for b in biases) else None
-            codes = [codes_4bit(p) if _is_4bit(p) else None for p in parts]
+            codes = [codes_4bit(p) if is_4bit(p) else None for p in parts]
             if all(c is not None for c in codes):  # 4-bit: concatenate codes and scales, no re-quantisation
                 fused = linear4bit_from_codes(parts[0], torch.cat([c[0] for c in codes]),
                                               torch.cat([c[1] for c in codes]), codes[0][2],

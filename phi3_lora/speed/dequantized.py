@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from phi3_lora.speed import forward_swap
+from phi3_lora.speed import bnb_codes, forward_swap
 
 _ORIGINAL = "_phi3_4bit_forward"
 _BUFFER = "_phi3_dequantized"
@@ -36,11 +36,8 @@ def four_bit_classes() -> tuple[type, ...]:
 
 def dequantize(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as bitsandbytes' matmul sees it: dequantised, in the layer's compute dtype."""
-    from bitsandbytes.functional import dequantize_4bit
-
-    state = layer.weight.quant_state
-    weight = dequantize_4bit(layer.weight.data, state)
-    return weight.to(layer.compute_dtype or state.dtype).contiguous()
+    weight = bnb_codes.dense_weight(layer)  # bitsandbytes' dequantize_4bit, after undoing a CPU repacking
+    return weight.to(layer.compute_dtype or layer.weight.quant_state.dtype).contiguous()
 
 
 def dequantized_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
