@@ -369,9 +369,11 @@ def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from phi3_lora import fused, targets
+    from phi3_lora.speed import bnb_codes
 
     plan = targets.plan(model, config.lora)  # lora.fused_slices: split Phi-3's fused layers so peft sees q/k/v
     fused.split_fused_layers(model, plan.split)
+    bnb_codes.keep_standard_layout(model)  # bnb's CPU inference layout has no backward
     four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
     if four_bit and opts.fp32_upcast:
         model = prepare_model_for_kbit_training(

@@ -114,3 +114,50 @@ def test_splitting_a_model_that_answered_matches_splitting_a_fresh_one(tiny_phi3
     fused.restore_fused_layers(answered)  # the slices repacked in that forward: restore reads them too
     fused.restore_fused_layers(fresh)
     assert (_logits(answered) - _logits(fresh)).abs().max() <= 1e-3 * scale
+
+
+def _cpu_repacks() -> bool:
+    return bool(_linear4bit(nested=True, in_features=64, out_features=32).support_avx512bf16_for_cpu)
+
+
+@pytest.mark.skipif(not _cpu_repacks(), reason="this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "plain-scales"])
+def test_training_after_an_evaluation_keeps_the_gradients_and_a_checkpoint_keeps_the_weights(
+        tiny_phi3_dir: Path, double_quant: bool) -> None:
+    """The trainer evaluates (eval mode, no grad), trains on, and saves checkpoints: the same steps as a run
+    that never evaluated, and saving the adapter leaves the 4-bit base as it was."""
+    from peft import get_peft_model_state_dict
+
+    from phi3_lora import options, train
+    from phi3_lora.config import RunConfig
+
+    config = RunConfig().replace(model={"name": str(tiny_phi3_dir), "load_in_4bit": True, "dtype": "float32",
+                                        "bnb_4bit_use_double_quant": double_quant},
+                                 lora={"target_modules": "all-linear", "lora_dropout": 0.0})
+    opts = options.resolve_options(config, "cpu", "float32", liger_installed=False)
+    ids = torch.randint(10, 30000, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def attached() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = train.attach_lora(models.load_model(config.model, device="cpu"), config, opts)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # B = 0 would hide a dropped gradient through the base weights
+                    p.normal_(0, 0.05)
+        return model
+
+    def step(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        model.train().zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    never, evaluated = attached(), attached()
+    expected = step(never)
+    with torch.no_grad():
+        evaluated.eval()(input_ids=ids)  # the trainer's evaluation
+    got = step(evaluated)
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    get_peft_model_state_dict(evaluated)  # a checkpoint: state_dict() runs over the 4-bit base layers
+    assert torch.equal(_logits(evaluated.eval()), _logits(never.eval()))

@@ -59,6 +59,19 @@ def standard_layout(linear: nn.Module) -> bool:
     return True
 
 
+def keep_standard_layout(model: nn.Module) -> int:
+    """Put back every repacked 4-bit weight of a model about to train, and keep bitsandbytes from repacking it
+    in the trainer's evaluations; returns how many 4-bit layers. The repacked CPU kernel has no autograd
+    (torch warns, and the gradient through the frozen weight is silently dropped for every step after an
+    evaluation), and a checkpoint save runs bnb's own inverse on it (see standard_layout). The flag is the
+    layer's own public attribute; an evaluation forward then takes bnb's standard CPU path."""
+    layers = [m for m in model.modules() if is_4bit(m)]
+    for layer in layers:
+        standard_layout(layer)
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def dense_weight(linear: nn.Module) -> torch.Tensor:
     """The layer's weight as a dense tensor (4-bit weights are dequantised)."""
     if not is_4bit(linear):
