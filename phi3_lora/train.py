@@ -417,6 +417,19 @@ def drop_untrainable_rows(trainer: Any) -> int:
     return len(ds) - len(keep)
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None (pure): run_summary.json travels with the adapter (Hub,
+    bundles), and strict JSON readers (browsers, other languages) refuse Python's NaN. A NaN loss is logged as NaN
+    since the step no longer filters it (speed/deferred_metrics.py)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def save_adapter_atomic(model: Any, tokenizer: Any, config: RunConfig, summary: dict[str, Any], dest: Path) -> Path:
     """adapter/ with safetensors weights, config, tokenizer + chat template and the run summary; all or nothing."""
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
@@ -425,7 +438,8 @@ def save_adapter_atomic(model: Any, tokenizer: Any, config: RunConfig, summary: 
     _portable_base_name(tmp / "adapter_config.json", config.model.name)
     tokenizer.save_pretrained(tmp)
     save_yaml(config, tmp / "config.yaml")
-    (tmp / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (tmp / "run_summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False),
+                                          encoding="utf-8")
     old = dest.parent / f".{dest.name}.old-{os.getpid()}"
     if dest.exists():
         dest.rename(old)

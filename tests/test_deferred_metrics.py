@@ -216,3 +216,19 @@ def test_a_nan_loss_is_recorded_read_and_drawn(tmp_path):
     assert "loss <b>1.5000</b>" in _progress_html(st)
     assert loss_figure(st) is not None
     assert "loss <b>nan</b>" in _progress_html(events.status_from_events(events.read_events(tmp_path)[:3], True))
+
+
+def test_a_nan_loss_in_the_run_summary_is_strict_json_null():
+    """run_summary.json travels with the adapter (Hub, bundles): strict JSON, a NaN or infinite figure as null."""
+    import json
+
+    from phi3_lora.train import strict_json
+
+    summary = {"final_loss": float("nan"), "eval": {"loss": float("inf"), "steps": 3}, "losses": [1.5, float("-inf")]}
+    text = json.dumps(strict_json(summary), allow_nan=False)  # raises on any non-finite float left
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    assert json.loads(text, parse_constant=refuse) == {"final_loss": None, "eval": {"loss": None, "steps": 3},
+                                                       "losses": [1.5, None]}
