@@ -12,8 +12,9 @@ which was faster there (40 rows: 190 vs 226 ms).
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Iterator
+
+from phi3_lora.speed import forward_swap
 
 PACK_LIMIT_BYTES = 2 * 1024**3  # packed copies kept at most (the embedded model's base + merged: ~1 GB); larger
 # models (half of this in Linear weights) keep PyTorch's matmul altogether
@@ -78,10 +79,5 @@ class PackedLinears:
         if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES // 2:  # room for the base and merged copies
             yield
             return
-        try:
-            for layer in layers:
-                layer.forward = functools.partial(self._forward, layer)
+        with forward_swap.swapped(layers, self._forward):
             yield
-        finally:
-            for layer in layers:
-                layer.__dict__.pop("forward", None)

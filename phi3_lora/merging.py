@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+from phi3_lora.speed import forward_swap
+
 TUNED = "tuned"  # the engine's adapter name
 MERGE_LIMIT_BYTES = 2 * 1024**3  # the largest merged copy of the adapted weights the engine keeps
 MERGE_FOR_SPEED = True  # tuned calls of up to MERGE_MAX_ROWS rows run merged; False: peft's unmerged forward
@@ -133,12 +135,5 @@ class RowRouting:
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["RowRouting"]:
-        import functools
-
-        try:
-            for layer in self.layers:
-                layer.forward = functools.partial(self._forward, layer)
+        with forward_swap.swapped(self.layers, self._forward):
             yield self
-        finally:
-            for layer in self.layers:
-                layer.__dict__.pop("forward", None)

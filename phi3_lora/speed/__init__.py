@@ -11,7 +11,8 @@
   compiled decoder layers and the CUDA allocator setting.
 - `dequantized`: 16-bit copies of the frozen 4-bit weights where the budget has room (bitsandbytes' own function).
 - `sdpa_backend`: cuDNN's attention first in SDPA's kernel order (a private torch function).
-- `forward_swap`: a layer's forward replaced per instance and put back (lean_lora and dequantized use it).
+- `forward_swap`: a layer's forward replaced per instance and put back (lean_lora and dequantized for the model's
+  life; the packed CPU weights and Compare's row routing for one call).
 - `versions`: the library versions each part was tested with, declared once. With any other installed version
   a part takes the stock path (peft's forward, plain SDPA, re-quantised slices), and one warning per process
   says which and why.
