@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +93,24 @@ def process_start_time(pid: int) -> int | None:
     return stat[2] if stat else None
 
 
+ENVIRON_WAIT_S = 1.0  # how long a process may show an empty environment before it is judged not ours
+
+
 def _environ_has(pid: int, entry: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return entry.encode() in fh.read().split(b"\0")
-    except OSError:
-        return False
+    """`entry` is in the process's environment. A process caught inside execve (Popen returns once the child has
+    released it, before the kernel has set the new environment's bounds) shows an empty one for a moment: read
+    again until it is filled or ENVIRON_WAIT_S has passed, else a run started a moment ago would look like a stranger
+    (and a second Start would be let through). A fresh-clone CI run hit it under load."""
+    deadline = time.monotonic() + ENVIRON_WAIT_S
+    while True:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return False
+        if data or time.monotonic() >= deadline:
+            return entry.encode() in data.split(b"\0")
+        time.sleep(0.01)
 
 
 @dataclass(frozen=True)

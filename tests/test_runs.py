@@ -181,3 +181,37 @@ def test_rotation_skips_a_pinned_checkpoint_until_it_is_released(tmp_path):
     with pytest.raises(CheckpointGone):
         with pin_checkpoint(run.checkpoint(2)):
             pass
+
+
+def test_a_process_caught_inside_exec_is_still_recognised_as_ours(monkeypatch):
+    """Popen returns once the child has released it inside execve, before the kernel has set the new
+    environment's bounds: /proc/PID/environ reads empty for a moment. The run started a moment ago must still be
+    ours (else a second Start gets through); a process whose environment stays empty is not."""
+    import builtins
+
+    from phi3_lora import runs
+    from phi3_lora.runs import TOKEN_ENV, ProcessRecord
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                            env={**os.environ, TOKEN_ENV: "tok"})
+    try:
+        record = ProcessRecord.of(proc.pid, "tok")
+        assert record.is_ours_and_alive()
+        real_open, empty_reads = builtins.open, {"left": 3}
+
+        def mid_exec_open(path, *args, **kwargs):  # the first reads see the empty environment of a process in exec
+            if str(path) == f"/proc/{proc.pid}/environ" and empty_reads["left"] > 0:
+                empty_reads["left"] -= 1
+                return real_open(os.devnull, "rb")
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", mid_exec_open)
+        assert record.is_ours_and_alive() and empty_reads["left"] == 0
+        empty_reads["left"] = 10**6  # an environment that never fills: not ours, after the short wait
+        monkeypatch.setattr(runs, "ENVIRON_WAIT_S", 0.2)
+        started = time.monotonic()
+        assert not ProcessRecord.of(proc.pid, "tok").is_ours_and_alive()
+        assert 0.2 <= time.monotonic() - started < 0.9  # the shorter wait was read at call time
+    finally:
+        proc.kill()
+        proc.wait()
