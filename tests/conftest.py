@@ -88,13 +88,13 @@ SAMPLE_CHAT = Path(__file__).resolve().parent.parent / "data" / "sample_chat.jso
 
 @pytest.fixture(scope="session")
 def embedded_sample_run(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Path:
-    """One short LoRA run of the embedded SmolLM2 on data/sample_chat.jsonl (quick-cpu, 24 steps, 10% held out),
+    """One short LoRA run of the embedded SmolLM2 on data/sample_chat.jsonl (quick-cpu, 16 steps, 10% held out),
     shared by the slow tests that need a really tuned model; it scores its held-out answers when it ends
     (train.eval_answers), so runs/<id>/eval/ holds one result. Lives in its own runs folder."""
     from phi3_lora import config, train
 
     cfg = config.preset("quick-cpu").replace(data={"source": str(SAMPLE_CHAT), "eval_fraction": 0.1},
-                                             train={"max_steps": 24, "save_steps": 100})
+                                             train={"max_steps": 16, "save_steps": 100})
     run_dir = tmp_path_factory.mktemp("embedded_runs") / "20260101-000000-sample"
     result = train.run(cfg, run_dir)
     assert result.status == "finished" and result.eval_loss is not None
