@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from phi3_lora.errors import UserError
+from phi3_lora.threads import cpu_threads
 
 F16_RELATIVE_TOLERANCE = 2.0 ** -7
 Q8_ARGMAX_AGREEMENT = 0.95
@@ -116,7 +117,7 @@ def _greedy(model: Any, prompt: list[int], stops: list[int], max_new_tokens: int
     import torch
 
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(ids.device):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
                              eos_token_id=stops, pad_token_id=stops[0])
     return out[0, len(prompt):].tolist()
@@ -127,7 +128,7 @@ def _forced_logits(model: Any, prompt: list[int], answer: list[int]) -> Any:
     import torch
 
     full = torch.tensor([prompt + answer], device=next(model.parameters()).device)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads(full.device):
         return model(full).logits[0, len(prompt) - 1:-1].float().cpu()
 
 

@@ -20,6 +20,11 @@ from phi3_lora import export, gguf_bundle, gguf_export, ollama, train
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
 from phi3_lora.gguf_verify import Q8_ARGMAX_AGREEMENT
+from phi3_lora.threads import THREADS_ENV
+
+# Where two verification processes run side by side, each generates with one thread: two processes of two OpenMP
+# threads on this 2-core machine stall each other's every kernel (phi3_lora.threads measured it); the load average
+# the product's own rule reads lags behind two children that start together (so the tests set THREADS_ENV).
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
@@ -67,7 +72,8 @@ def phi3_exports(phi3_run, tmp_path_factory):
         return gguf_bundle.export_gguf(run, tmp_path_factory.mktemp(f"gguf_{gguf_type}") / "gguf", gguf_type,
                                        merged_dir=merged)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with pytest.MonkeyPatch.context() as env, ThreadPoolExecutor(max_workers=2) as pool:
+        env.setenv(THREADS_ENV, "1")
         return dict(zip(("f16", "q8_0"), pool.map(export_one, ("f16", "q8_0"))))
 
 
@@ -100,9 +106,10 @@ def test_phi3_round_trip(phi3_run, phi3_exports, gguf_type):
 
 
 @pytest.mark.slow
-def test_llama_round_trip_through_the_cli(llama_run, tmp_path):
+def test_llama_round_trip_through_the_cli(llama_run, tmp_path, monkeypatch):
     """`python -m phi3_lora export --gguf OUT --gguf-type q8_0`, as a user types it; then f16 from the library."""
     run, merged = llama_run
+    monkeypatch.setenv(THREADS_ENV, "1")
     out = tmp_path / "cli"
     # The CLI (its own merge, write and verification process) and the library's f16 export run side by side: each
     # is mostly one busy core (loading, GGUF parsing), and they share only the read-only run folder.
@@ -182,9 +189,11 @@ def test_ollama_template_renders_like_the_chat_template(fixture, request):
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_round_trip(embedded_dir, tmp_path):
+def test_embedded_smollm2_round_trip(embedded_dir, tmp_path, monkeypatch):
     """The embedded 135M SmolLM2 (Llama architecture, byte-level BPE 'smollm') as f16 and q8_0."""
     from phi3_lora.embedded import EMBEDDED_NAME
+
+    monkeypatch.setenv(THREADS_ENV, "1")
 
     prompts = [[{"role": "user", "content": "What is the capital of France?"}],
                [{"role": "user", "content": "Write one sentence about cats."}]]
