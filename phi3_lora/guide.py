@@ -80,15 +80,11 @@ def add_lora(model: Any, peft_config: Any) -> Any:
     """
     from peft import get_peft_model
 
-    from phi3_lora import fused, targets
     from phi3_lora.config import RunConfig
-    from phi3_lora.speed import bnb_codes
-    from phi3_lora.train import lora_config
+    from phi3_lora.train import lora_config, ready_for_lora
 
     lora = _lora_settings(peft_config)
-    plan = targets.plan(model, lora)
-    fused.split_fused_layers(model, plan.split)
-    bnb_codes.keep_standard_layout(model)  # bnb's CPU inference layout has no backward
+    plan = ready_for_lora(model, lora)
     return get_peft_model(model, lora_config(RunConfig(lora=lora), plan.targets))
 
 

@@ -364,16 +364,24 @@ def earlier_attempts(run_events: list[dict[str, Any]]) -> dict[str, float]:
     return {"attempts": max(0, len(starts) - 1), "seconds": seconds}
 
 
+def ready_for_lora(model: Any, lora: Any) -> Any:
+    """Ready a base model for fresh LoRA layers; the targets plan (peft's target names). lora.fused_slices splits
+    Phi-3's fused layers so peft sees q/k/v, and 4-bit weights stay out of bitsandbytes' CPU inference layout,
+    which has no backward. Shared by the trainer and the guide's recipe API."""
+    from phi3_lora import fused, targets
+    from phi3_lora.speed import bnb_codes
+
+    plan = targets.plan(model, lora)
+    fused.split_fused_layers(model, plan.split)
+    bnb_codes.keep_standard_layout(model)
+    return plan
+
+
 def attach_lora(model: Any, config: RunConfig, opts: ResolvedOptions) -> Any:
     """Wrap the base model with a fresh LoRA adapter (peft), preparing 4-bit weights for training."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from phi3_lora import fused, targets
-    from phi3_lora.speed import bnb_codes
-
-    plan = targets.plan(model, config.lora)  # lora.fused_slices: split Phi-3's fused layers so peft sees q/k/v
-    fused.split_fused_layers(model, plan.split)
-    bnb_codes.keep_standard_layout(model)  # bnb's CPU inference layout has no backward
+    plan = ready_for_lora(model, config.lora)
     four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
     if four_bit and opts.fp32_upcast:
         model = prepare_model_for_kbit_training(
