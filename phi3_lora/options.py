@@ -108,6 +108,8 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     # peft's kbit preparation casts norms and embeddings to fp32: in bf16 that only adds casts and memory.
     upcast = t.fp32_upcast if t.fp32_upcast != "auto" else dtype_name != "bfloat16"
     layers: int | None = None
+    # cuDNN's attention for full-length packs; the plans count what it keeps more (estimate.DENSE_ATTENTION_HIDDEN)
+    cudnn = on_cuda and cudnn_ok and CUDNN_ATTENTION
     save_dropout = True
     compiled = on_cuda and compile_ok and (COMPILE_LAYERS if t.compile_layers == "auto" else bool(t.compile_layers))
     activation: float | None = None
@@ -119,7 +121,6 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
     else:
         budget = t.memory_budget_gb or gpu_memory_gb
         kept = layer_kept_factor(config, save_dropout_memory=True, compiled=compiled)
-        dense = cudnn_ok and CUDNN_ATTENTION  # what full-length packs keep more (estimate.DENSE_ATTENTION_HIDDEN)
         if compiled and COMPILED_ACTIVATION_BUDGET is not None:  # the bench's fixed share
             layers, activation = 0, COMPILED_ACTIVATION_BUDGET
         elif compiled and budget:
@@ -127,12 +128,12 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
             # GiB keeping 62%, where 13 checkpointed compiled layers gave 20,092); whole layers are checkpointed
             # only where even a small share does not fit.
             share = activation_share(model_config, config, budget, dtype_name, liger, kept_factor=kept,
-                                     dense_attention=dense)
+                                     dense_attention=cudnn)
             layers = 0 if share >= MIN_ACTIVATION_SHARE else _num_layers(model_config)
             activation = share if MIN_ACTIVATION_SHARE <= share < 1.0 else None
         else:
             layers = checkpointed_layers(model_config, config, budget, dtype_name, liger,
-                                         kept_factor=kept, dense_attention=dense) if budget else None
+                                         kept_factor=kept, dense_attention=cudnn) if budget else None
         gc = layers != 0
         layers = None if not gc or layers == _num_layers(model_config) else layers
         # Memory to spare: every layer un-checkpointed even with dropout's masks kept, the faster way (H200,
@@ -140,12 +141,12 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
         # (Compiled layers: DropoutLoraA steps aside anyway, and `kept` counted the masks.)
         save_dropout = gc or compiled or not budget or config.lora.lora_dropout == 0 or checkpointed_layers(
             model_config, config, budget, dtype_name, liger, kept_factor=families.PLAIN_DROPOUT_FACTOR,
-            dense_attention=dense) > 0
+            dense_attention=cudnn) > 0
         if budget and not gc and activation is None and DEQUANTIZE_FROZEN and config.model.load_in_4bit:
             dequantized = dequantized_layers(model_config, config, budget, dtype_name, liger,
                                              kept_factor=layer_kept_factor(config, save_dropout_memory=save_dropout,
                                                                            compiled=compiled),
-                                             dense_attention=dense)
+                                             dense_attention=cudnn)
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
@@ -153,7 +154,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            lean_lora=bool(t.lean_lora if t.lean_lora != "auto" else True),
                            save_dropout_memory=bool(save_dropout),
                            compile_layers=compiled, activation_budget=activation if compiled else None,
-                           compact_loss=device == "cpu", cudnn_attention=on_cuda and cudnn_ok and CUDNN_ATTENTION,
+                           compact_loss=device == "cpu", cudnn_attention=cudnn,
                            dequantized_layers=dequantized, deferred_metrics=DEFERRED_METRICS and deferred_ok)
 
 
