@@ -17,17 +17,16 @@ rather than identical answers. The prompts are verify.held_out_prompts, the same
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from phi3_lora.errors import UserError
+from phi3_lora.speed import gguf_once
 from phi3_lora.threads import cpu_threads
 
 F16_RELATIVE_TOLERANCE = 2.0 ** -7
@@ -132,31 +131,6 @@ def _forced_logits(model: Any, prompt: list[int], answer: list[int]) -> Any:
         return model(full).logits[0, len(prompt) - 1:-1].float().cpu()
 
 
-@contextmanager
-def _gguf_parsed_once() -> Iterator[None]:
-    """Loading one GGUF tokenizer and model makes transformers build gguf.GGUFReader on the file three times
-    (tokenizer config, model config, weights) and gguf.TensorNameMap once per module (~400 for a 30-layer model):
-    for the embedded SmolLM2 that parsing was about half the child's time, and users wait for it. Both are
-    read-only products of the same file and the same arguments, so the child keeps the first of each; what is read,
-    and by whom, is unchanged (transformers' own loader on gguf's own reader)."""
-    import gguf
-
-    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], Any] = {}
-
-    def reader(path: Any, mode: str = "r") -> Any:
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = real_reader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
-
-
 def _child(merged: Path, gguf: Path, prompts: list[Messages], max_new_tokens: int) -> dict[str, Any]:
     import gc
 
@@ -177,7 +151,7 @@ def _child(merged: Path, gguf: Path, prompts: list[Messages], max_new_tokens: in
     del model
     gc.collect()
 
-    with _gguf_parsed_once():
+    with gguf_once.parsed_once():
         gguf_tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32).to(device).eval()

@@ -13,6 +13,7 @@
 - `sdpa_backend`: cuDNN's attention first in SDPA's kernel order (a private torch function).
 - `forward_swap`: a layer's forward replaced per instance and put back (lean_lora and dequantized for the model's
   life; the packed CPU weights and Compare's row routing for one call).
+- `gguf_once`: transformers' GGUF loader parses a file once in the export verification child (gguf's functions).
 - `versions`: the library versions each part was tested with, declared once. With any other installed version
   a part takes the stock path (peft's forward, plain SDPA, re-quantised slices), and one warning per process
   says which and why.

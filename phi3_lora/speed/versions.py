@@ -27,6 +27,7 @@ TESTED: dict[str, str] = {
     "bitsandbytes": "==0.50.*",
     "liger-kernel": "==0.8.*",
     "trl": "==1.16.*",
+    "gguf": "==0.19.*",
 }
 # feature -> the distributions whose private APIs or internals it uses
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -38,6 +39,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "cudnn_attention": ("torch",),
     "compile_layers": ("torch",),
     "deferred_metrics": ("transformers", "trl"),
+    "gguf_parsed_once": ("transformers", "gguf"),
 }
 STOCK_PATH = {
     "lean_lora": "peft's own LoRA forward",
@@ -48,6 +50,7 @@ STOCK_PATH = {
     "cudnn_attention": "SDPA's own kernel order (FlashAttention-2 first)",
     "compile_layers": "eager decoder layers",
     "deferred_metrics": "step metrics read from the GPU in every step",
+    "gguf_parsed_once": "a GGUF parsed three times while transformers loads it",
 }
 
 
