@@ -1,4 +1,4 @@
-"""Decoding on a CPU with the Linear layers' float32 weights pre-packed for oneDNN.
+"""Decoding on a CPU with the Linear layers' weights pre-packed for oneDNN (float32; bf16 where the CPU has it).
 
 On the 2-core EPYC without native bf16 (the demo's machine: `dtype auto` is float32 there) PyTorch's default
 matmul for a few rows (MKL) re-reads and re-packs each weight matrix on every call: a decoding step of the
@@ -7,6 +7,11 @@ packed once (`mkldnn._reorder_linear_weight`, what Inductor's CPU freezing pass 
 same greedy tokens. Packing is done lazily per weight tensor (the base's and the tuned side's merged ones) and
 kept until `clear()`; calls with more than PACKED_MAX_ROWS rows (prefill, large batches) keep PyTorch's matmul,
 which was faster there (40 rows: 190 vs 226 ms).
+
+On a CPU with native bf16 (avx512_bf16: `dtype auto` loads bf16 there) the same holds for bf16 weights: the 7
+Linear layers of all 30 decoder layers at two rows took 26.6 ms with `F.linear` and 15.7 ms packed, and the
+embedded model's Compare went from 23.2 / 23.6 / 16.7 tokens/s (base / tuned / pair per side) to 28.7 / 29.9 /
+19.5, with bit-identical outputs (the same oneDNN bf16 kernels, weights laid out once).
 """
 
 from __future__ import annotations
@@ -22,14 +27,21 @@ PACKED_MAX_ROWS = 16
 PACK_FOR_SPEED = True
 
 
+def packable_dtypes() -> tuple[Any, ...]:
+    """float32, and bf16 where oneDNN has native bf16 kernels on this CPU (without them bf16 is emulated)."""
+    import torch
+
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 def available(model: Any) -> bool:
-    """oneDNN is there and the model runs in float32 on the CPU."""
+    """oneDNN is there and the model runs on the CPU in a `packable_dtypes` dtype."""
     import torch
 
     if not (PACK_FOR_SPEED and torch.backends.mkldnn.is_available()):
         return False
     weight = next(model.parameters(), None)
-    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    return weight is not None and weight.device.type == "cpu" and weight.dtype in packable_dtypes()
 
 
 class PackedLinears:
@@ -75,7 +87,7 @@ class PackedLinears:
             yield
             return
         layers = [m for name, m in model.named_modules()
-                  if type(m) is torch.nn.Linear and "lora_" not in name and m.weight.dtype == torch.float32]
+                  if type(m) is torch.nn.Linear and "lora_" not in name and m.weight.dtype in packable_dtypes()]
         if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES // 2:  # room for the base and merged copies
             yield
             return

@@ -134,15 +134,27 @@ def engine_fp32(tiny_run) -> ChatEngine:
                                                                                     dtype="float32"))
 
 
+@pytest.fixture(scope="module")
+def engine_bf16(tiny_run) -> ChatEngine:
+    """The engine as `dtype auto` loads it on a CPU with native bf16 (avx512_bf16)."""
+    from phi3_lora.config import ModelSettings
+
+    ref = locate_adapter(tiny_run)
+    return ChatEngine(ref.model_name, ref.adapter_dir, model_settings=ModelSettings(name=ref.model_name,
+                                                                                    dtype="bfloat16"))
+
+
 @pytest.mark.slow
-def test_packed_cpu_weights_give_the_same_logits_and_answers(tiny_run, engine_fp32, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_cpu_weights_give_the_same_logits_and_answers(tiny_run, dtype, request, monkeypatch):
     import torch
 
     from phi3_lora import cpu_linear
     from phi3_lora.generate import GenerationSettings
 
-    engine = engine_fp32
-
+    if getattr(torch, dtype) not in cpu_linear.packable_dtypes():
+        pytest.skip("oneDNN has no bf16 kernels on this CPU: bf16 weights are not packed here")
+    engine = request.getfixturevalue(f"engine_{'fp32' if dtype == 'float32' else 'bf16'}")
     histories = [r["messages"][:-1] for r in _rows(tiny_run / "eval_rows.jsonl")]
     inputs = engine._inputs(histories)
     ids = inputs["input_ids"][:, -1:]  # one new token per row: a decoding step's shape
@@ -151,7 +163,10 @@ def test_packed_cpu_weights_give_the_same_logits_and_answers(tiny_run, engine_fp
         packs = cpu_linear.PackedLinears()
         with packs.applied(model):
             packed = model(input_ids=ids).logits
-    assert cpu_linear.available(engine.model) and packs._bytes > 0  # float32 on the CPU: the weights were packed
+    assert engine.model.dtype == getattr(torch, dtype)
+    assert cpu_linear.available(engine.model) and packs._bytes > 0  # the weights were packed
+    if dtype == "bfloat16":  # the same oneDNN bf16 kernels either way: bit for bit
+        assert torch.equal(packed, plain)
     assert torch.allclose(packed, plain, atol=1e-4, rtol=1e-4) and torch.equal(packed.argmax(-1), plain.argmax(-1))
     greedy = GenerationSettings(max_new_tokens=8)
     fast = engine.answer_pairs(histories, greedy)
