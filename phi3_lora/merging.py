@@ -123,14 +123,17 @@ class RowRouting:
         rows = x[first:].to(a.dtype)
         if drop.training:
             rows = drop(rows)
-        if result.dtype == a.dtype == b.dtype and result.is_contiguous():
-            # One product into the tuned rows' slice: update = (rows @ A^T) @ B^T * scaling, added by the GEMM itself
-            # (decoding on a CPU: every module call and elementwise op of the plain form costs more than the math)
-            tuned = result[first:].view(-1, result.shape[-1])
-            tuned.addmm_(rows.reshape(-1, rows.shape[-1]) @ a.t(), b.t(), alpha=layer.scaling[TUNED])
-        else:
+        if not result.is_contiguous() or a.dtype != b.dtype:
             update = layer.lora_B[TUNED](layer.lora_A[TUNED](rows)) * layer.scaling[TUNED]
             result[first:] += update.to(result.dtype)
+            return result
+        # Decoding on a CPU: every module call and elementwise op of peft's form costs more than the math at 1-2 rows
+        tuned = result[first:].view(-1, result.shape[-1])
+        flat = rows.reshape(-1, rows.shape[-1])
+        if result.dtype == a.dtype:  # one product into the tuned rows' slice, scaled by the GEMM itself
+            tuned.addmm_(flat @ a.t(), b.t(), alpha=layer.scaling[TUNED])
+        else:  # float32 adapter on a bf16 model: the update in the adapter's dtype, rounded once when added (peft's)
+            tuned.add_((flat @ a.t()).mm(b.t()).mul_(layer.scaling[TUNED]).to(result.dtype))
         return result
 
     @contextlib.contextmanager

@@ -94,9 +94,16 @@ class _EndsAfterPromptLength:
 
 
 @pytest.mark.slow
-def test_rows_that_end_early_leave_the_batch_and_every_answer_stays_the_one_by_one_answer(tiny_run, engine,
+@pytest.mark.parametrize("weights", ["auto", "bf16"])  # bf16: a float32 adapter on bf16 weights
+def test_rows_that_end_early_leave_the_batch_and_every_answer_stays_the_one_by_one_answer(tiny_run, weights, request,
                                                                                           monkeypatch):
     from phi3_lora.generate import BASE, TUNED, GenerationSettings
+
+    engine = request.getfixturevalue("engine" if weights == "auto" else "engine_bf16")
+    if weights == "bf16":  # RowRouting's mixed-dtype path: a float32 adapter (peft's default) on bf16 weights
+        import torch
+        lora = next(p for n, p in engine.model.named_parameters() if "lora_A" in n)
+        assert (engine.model.dtype, lora.dtype) == (torch.bfloat16, torch.float32)
 
     histories = [r["messages"][:-1] for r in _rows(tiny_run / "eval_rows.jsonl")]
     n, greedy, pad = len(histories), GenerationSettings(max_new_tokens=8), engine.tokenizer.pad_token_id
@@ -123,25 +130,24 @@ def test_rows_that_end_early_leave_the_batch_and_every_answer_stays_the_one_by_o
     assert pairs == one_by_one
 
 
-@pytest.fixture(scope="module")
-def engine_fp32(tiny_run) -> ChatEngine:
-    """The engine as it runs on a CPU without native bf16 (float32), whatever this machine's CPU: the packed
-    weights are a float32 path."""
+def _unquantised_engine(tiny_run, dtype: str) -> ChatEngine:
     from phi3_lora.config import ModelSettings
 
     ref = locate_adapter(tiny_run)
-    return ChatEngine(ref.model_name, ref.adapter_dir, model_settings=ModelSettings(name=ref.model_name,
-                                                                                    dtype="float32"))
+    return ChatEngine(ref.model_name, ref.adapter_dir,
+                      model_settings=ModelSettings(name=ref.model_name, dtype=dtype, load_in_4bit=False))
+
+
+@pytest.fixture(scope="module")
+def engine_fp32(tiny_run) -> ChatEngine:
+    """The engine as it runs on a CPU without native bf16 (float32), whatever this machine's CPU."""
+    return _unquantised_engine(tiny_run, "float32")
 
 
 @pytest.fixture(scope="module")
 def engine_bf16(tiny_run) -> ChatEngine:
     """The engine as `dtype auto` loads it on a CPU with native bf16 (avx512_bf16)."""
-    from phi3_lora.config import ModelSettings
-
-    ref = locate_adapter(tiny_run)
-    return ChatEngine(ref.model_name, ref.adapter_dir, model_settings=ModelSettings(name=ref.model_name,
-                                                                                    dtype="bfloat16"))
+    return _unquantised_engine(tiny_run, "bfloat16")
 
 
 @pytest.mark.slow
@@ -164,7 +170,8 @@ def test_packed_cpu_weights_give_the_same_logits_and_answers(tiny_run, dtype, re
         with packs.applied(model):
             packed = model(input_ids=ids).logits
     assert engine.model.dtype == getattr(torch, dtype)
-    assert cpu_linear.available(engine.model) and packs._bytes > 0  # the weights were packed
+    assert cpu_linear.available(engine.model)
+    assert packs._bytes > engine.base.get_output_embeddings().weight.nbytes  # the decoder layers' weights too
     if dtype == "bfloat16":  # the same oneDNN bf16 kernels either way: bit for bit
         assert torch.equal(packed, plain)
     assert torch.allclose(packed, plain, atol=1e-4, rtol=1e-4) and torch.equal(packed.argmax(-1), plain.argmax(-1))
