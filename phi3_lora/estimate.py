@@ -7,9 +7,9 @@ No library answers "will this QLoRA run fit?" for a given rank, batch and length
   paper's figure), everything else (embeddings, norms, head) at the compute dtype;
 - adapter: the LoRA parameters in float32 with their gradients and two AdamW moments (16 bytes/param);
 - activations: per token, every layer's input (h values); each layer left un-checkpointed keeps
-  `act_hidden*h + act_intermediate*i` values (the model family's constants, measured on an H200; times
-  NO_LIGER_FACTOR without Liger's kernels); the backward's working set of one layer
-  (`recompute_hidden*h + recompute_intermediate*i`, Korthikanti et al. 2022); on the CPU the float32 logits
+  `act_hidden*h + act_intermediate*i` values (the model family's constants, measured on an H200; more without
+  Liger's kernels, with LoRA dropout's masks or with dense attention: LayerKeeps); the backward's working set of
+  one layer (`recompute_hidden*h + recompute_intermediate*i`, Korthikanti et al. 2022); on the CPU the float32 logits
   and their gradient (b*s*vocab*8 bytes; on CUDA trl's loss never holds them whole);
 - overhead: the CUDA context and allocator slack (none counted on CPU beyond the Python process).
 
@@ -128,6 +128,18 @@ def lora_parameter_count(shape: ModelShape, config: RunConfig) -> int:
 
 
 @dataclass(frozen=True)
+class LayerKeeps:
+    """What each un-checkpointed decoder layer keeps for its backward pass beyond the input every layer keeps:
+    the model family's measured figure, moved by how the run computes the layer (estimate_memory's activations).
+    One value because the planner's trials (options.checkpointed_layers, activation_share, dequantized_layers)
+    and the plan it shows (options.planned_memory) must all count the same layer; options.layer_keeps builds it."""
+
+    liger: bool = True             # Liger's fused kernels; without them families.NO_LIGER_FACTOR times as much
+    dropout_factor: float = 1.0    # LoRA dropout's masks and dropped inputs kept: families.PLAIN_DROPOUT_FACTOR
+    dense_attention: bool = False  # full-length packs through batched SDPA (cuDNN): DENSE_ATTENTION_HIDDEN*h more
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     weights_gib: float
     adapter_gib: float        # LoRA weights + grads + AdamW states
@@ -161,21 +173,18 @@ def dtype_bytes(config: RunConfig, device: str, dtype_name: str | None = None) -
     return 2
 
 
-def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: int, liger: bool,
-                    device: str = "cuda", dtype_name: str | None = None,
-                    trainable_params: int | None = None, kept_factor: float = 1.0,
-                    kept_share: float = 1.0, dequantized_layers: int = 0,
-                    dense_attention: bool = False) -> MemoryEstimate:
+def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: int, keeps: LayerKeeps,
+                    device: str = "cuda", dtype_name: str | None = None, trainable_params: int | None = None,
+                    kept_share: float = 1.0, dequantized_layers: int = 0) -> MemoryEstimate:
     """Peak memory of a training step for `config` on `device` ("cuda" or "cpu") with `recomputed_layers`
-    decoder layers checkpointed and Liger's kernels on or off: what options.resolve_options decided.
+    decoder layers checkpointed and each other layer keeping what `keeps` says (Liger's kernels or not, LoRA
+    dropout's masks, dense attention on CUDA): what options.resolve_options decided.
 
-    `trainable_params` overrides the LoRA count (pass peft's exact figure when you have one); `kept_factor`
-    scales what an un-checkpointed layer keeps (families.PLAIN_DROPOUT_FACTOR: LoRA dropout's mask kept);
-    `kept_share` is the share of that a compiled layer keeps under the partitioner's activation budget (an upper
+    `trainable_params` overrides the LoRA count (pass peft's exact figure when you have one); `kept_share` is the
+    share of what `keeps` counts that a compiled layer keeps under the partitioner's activation budget (an upper
     bound: on the H200 a share of 0.10 / 0.50 / 0.62 / 1.0 peaked at 6.5 / 18.6 / 18.7 / 32.6 GiB where this
     counts 7.6 / 19.2 / 22.7 / 33.7, docs/benchmarks.md). `dequantized_layers` decoder layers also hold a 16-bit
-    copy of their frozen 4-bit weights (speed/dequantized.py), counted with the weights. `dense_attention`: full-length
-    packed rows take batched SDPA (options.ResolvedOptions.cudnn_attention), which keeps DENSE_ATTENTION_HIDDEN more.
+    copy of their frozen 4-bit weights (speed/dequantized.py), counted with the weights.
     """
     shape = model_shape(model_config)
     family = shape.family
@@ -196,9 +205,9 @@ def estimate_memory(model_config: Any, config: RunConfig, *, recomputed_layers: 
 
     tokens = t.per_device_train_batch_size * t.max_length
     h, i = shape.hidden_size, shape.intermediate_size
-    kept = ((family.act_hidden * h + family.act_intermediate * i - h) * kept_factor * kept_share
-            * (1.0 if liger else families.NO_LIGER_FACTOR))
-    if dense_attention and device == "cuda":
+    kept = ((family.act_hidden * h + family.act_intermediate * i - h) * keeps.dropout_factor * kept_share
+            * (1.0 if keeps.liger else families.NO_LIGER_FACTOR))
+    if keeps.dense_attention and device == "cuda":
         kept += DENSE_ATTENTION_HIDDEN * h * kept_share
     working = family.recompute_hidden * h + family.recompute_intermediate * i
     activations = tokens * act_bytes * (layers * h + (layers - recomputed) * kept + working)

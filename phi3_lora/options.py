@@ -15,7 +15,7 @@ from typing import Any
 
 from phi3_lora import families
 from phi3_lora.config import RunConfig
-from phi3_lora.estimate import MemoryEstimate, estimate_memory, model_shape
+from phi3_lora.estimate import LayerKeeps, MemoryEstimate, estimate_memory, model_shape
 from phi3_lora.trackers import PROJECT, report_to_arg
 
 
@@ -120,33 +120,31 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
         gc = on_cuda
     else:
         budget = t.memory_budget_gb or gpu_memory_gb
-        kept = layer_kept_factor(config, save_dropout_memory=True, compiled=compiled)
+        # What each un-checkpointed layer keeps with LoRA dropout's masks regenerated in the backward (lean) or
+        # kept (plain dropout); compiled layers keep them either way (layer_kept_factor).
+        lean = layer_keeps(config, liger=liger, save_dropout_memory=True, compiled=compiled, dense_attention=cudnn)
+        plain = layer_keeps(config, liger=liger, save_dropout_memory=False, compiled=compiled, dense_attention=cudnn)
         if compiled and COMPILED_ACTIVATION_BUDGET is not None:  # the bench's fixed share
             layers, activation = 0, COMPILED_ACTIVATION_BUDGET
         elif compiled and budget:
             # The compiler's partitioner recomputes the cheapest parts of every layer (H200: 21,988 tok/s at 24
             # GiB keeping 62%, where 13 checkpointed compiled layers gave 20,092); whole layers are checkpointed
             # only where even a small share does not fit.
-            share = activation_share(model_config, config, budget, dtype_name, liger, kept_factor=kept,
-                                     dense_attention=cudnn)
+            share = activation_share(model_config, config, budget, dtype_name, lean)
             layers = 0 if share >= MIN_ACTIVATION_SHARE else _num_layers(model_config)
             activation = share if MIN_ACTIVATION_SHARE <= share < 1.0 else None
         else:
-            layers = checkpointed_layers(model_config, config, budget, dtype_name, liger,
-                                         kept_factor=kept, dense_attention=cudnn) if budget else None
+            layers = checkpointed_layers(model_config, config, budget, dtype_name, lean) if budget else None
         gc = layers != 0
         layers = None if not gc or layers == _num_layers(model_config) else layers
         # Memory to spare: every layer un-checkpointed even with dropout's masks kept, the faster way (H200,
         # session 3: 20,349 vs 19,844 tok/s at the same 3 layers recomputed).
-        # (Compiled layers: DropoutLoraA steps aside anyway, and `kept` counted the masks.)
+        # (Compiled layers: DropoutLoraA steps aside anyway, and `lean` counted the masks.)
         save_dropout = gc or compiled or not budget or config.lora.lora_dropout == 0 or checkpointed_layers(
-            model_config, config, budget, dtype_name, liger, kept_factor=families.PLAIN_DROPOUT_FACTOR,
-            dense_attention=cudnn) > 0
+            model_config, config, budget, dtype_name, plain) > 0
         if budget and not gc and activation is None and DEQUANTIZE_FROZEN and config.model.load_in_4bit:
-            dequantized = dequantized_layers(model_config, config, budget, dtype_name, liger,
-                                             kept_factor=layer_kept_factor(config, save_dropout_memory=save_dropout,
-                                                                           compiled=compiled),
-                                             dense_attention=cudnn)
+            dequantized = dequantized_layers(model_config, config, budget, dtype_name,
+                                             lean if save_dropout else plain)
     return ResolvedOptions(device=device, gradient_checkpointing=bool(gc), packing=bool(packing),
                            use_liger_kernel=bool(liger), optim=optim,
                            bf16=dtype_name == "bfloat16", fp16=dtype_name == "float16",
@@ -158,8 +156,17 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            dequantized_layers=dequantized, deferred_metrics=DEFERRED_METRICS and deferred_ok)
 
 
+def layer_keeps(config: RunConfig, *, liger: bool, save_dropout_memory: bool, compiled: bool,
+                dense_attention: bool) -> LayerKeeps:
+    """What each un-checkpointed layer keeps under these decisions (estimate.LayerKeeps): built here only, so
+    resolve_options' trials and planned_memory's count of the resolved plan cannot count a layer differently."""
+    return LayerKeeps(liger=liger, dense_attention=dense_attention,
+                      dropout_factor=layer_kept_factor(config, save_dropout_memory=save_dropout_memory,
+                                                       compiled=compiled))
+
+
 def layer_kept_factor(config: RunConfig, *, save_dropout_memory: bool, compiled: bool) -> float:
-    """How much more than the lean figure an un-checkpointed layer keeps (estimate_memory's `kept_factor`): LoRA
+    """How much more than the lean figure an un-checkpointed layer keeps (LayerKeeps.dropout_factor): LoRA
     dropout's masks and dropped inputs, kept by plain dropout and by compiled layers (DropoutLoraA steps aside
     under the compiler)."""
     if config.lora.lora_dropout == 0:
@@ -178,26 +185,25 @@ def _num_layers(model_config: Any) -> int:
 
 
 def checkpointed_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                        liger: bool = True, kept_factor: float = 1.0, dense_attention: bool = False) -> int:
+                        keeps: LayerKeeps = LayerKeeps()) -> int:
     """The fewest decoder layers to checkpoint so that a step fits `budget_gb` (all of them if none fits),
     by the one memory model (estimate.estimate_memory)."""
     layers = _num_layers(model_config)
     for recomputed in range(layers + 1):
-        peak = estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device="cuda",
-                               dtype_name=dtype_name, kept_factor=kept_factor, dense_attention=dense_attention)
+        peak = estimate_memory(model_config, config, recomputed_layers=recomputed, keeps=keeps, device="cuda",
+                               dtype_name=dtype_name)
         if peak.total_gib <= BUDGET_SHARE * budget_gb:
             return recomputed
     return layers
 
 
 def activation_share(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                     liger: bool = True, kept_factor: float = 1.0, dense_attention: bool = False) -> float:
+                     keeps: LayerKeeps = LayerKeeps()) -> float:
     """The largest share of each compiled layer's activations that the compiler may keep for a step to fit
     `budget_gb` by the one memory model (1.0: all of them fit; rounded down to a hundredth)."""
     def peak(share: float) -> float:
-        return estimate_memory(model_config, config, recomputed_layers=0, liger=liger, device="cuda",
-                               dtype_name=dtype_name, kept_factor=kept_factor, kept_share=share,
-                               dense_attention=dense_attention).total_gib
+        return estimate_memory(model_config, config, recomputed_layers=0, keeps=keeps, device="cuda",
+                               dtype_name=dtype_name, kept_share=share).total_gib
 
     full, floor, target = peak(1.0), peak(0.0), BUDGET_SHARE * budget_gb
     if full <= target:
@@ -206,13 +212,12 @@ def activation_share(model_config: Any, config: RunConfig, budget_gb: float, dty
 
 
 def dequantized_layers(model_config: Any, config: RunConfig, budget_gb: float, dtype_name: str,
-                       liger: bool = True, kept_factor: float = 1.0, dense_attention: bool = False) -> int:
+                       keeps: LayerKeeps = LayerKeeps()) -> int:
     """How many decoder layers' frozen 4-bit weights fit as 16-bit copies in `budget_gb` once every layer keeps all
     its activations (the one memory model; 0 where even that does not fit)."""
     def peak(copies: int) -> float:
-        return estimate_memory(model_config, config, recomputed_layers=0, liger=liger, device="cuda",
-                               dtype_name=dtype_name, kept_factor=kept_factor, dequantized_layers=copies,
-                               dense_attention=dense_attention).total_gib
+        return estimate_memory(model_config, config, recomputed_layers=0, keeps=keeps, device="cuda",
+                               dtype_name=dtype_name, dequantized_layers=copies).total_gib
 
     layers, target = _num_layers(model_config), BUDGET_SHARE * budget_gb
     if peak(0) > target:
@@ -234,12 +239,11 @@ def planned_memory(model_config: Any, config: RunConfig, device: str, *, liger_i
     layers = _num_layers(model_config)
     recomputed = 0 if not opts.gradient_checkpointing else (
         layers if opts.checkpointed_layers is None else opts.checkpointed_layers)
-    return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=opts.use_liger_kernel,
+    keeps = layer_keeps(config, liger=opts.use_liger_kernel, save_dropout_memory=opts.save_dropout_memory,
+                        compiled=opts.compile_layers, dense_attention=opts.cudnn_attention)
+    return estimate_memory(model_config, config, recomputed_layers=recomputed, keeps=keeps,
                            kept_share=opts.activation_budget or 1.0, dequantized_layers=opts.dequantized_layers,
-                           device=device, dtype_name=dtype_name, trainable_params=trainable_params,
-                           dense_attention=opts.cudnn_attention,
-                           kept_factor=layer_kept_factor(config, save_dropout_memory=opts.save_dropout_memory,
-                                                         compiled=opts.compile_layers))
+                           device=device, dtype_name=dtype_name, trainable_params=trainable_params)
 
 
 def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path, has_eval: bool) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import torch
 
 from phi3_lora import options
 from phi3_lora.config import RunConfig
-from phi3_lora.estimate import estimate_memory, model_shape
+from phi3_lora.estimate import LayerKeeps, estimate_memory, model_shape
 from phi3_lora.options import dequantized_layers, planned_memory, resolve_options
 from phi3_lora.speed import dequantized
 from phi3_lora.speed.layers import decoder_layers
@@ -79,11 +79,11 @@ def test_copies_are_planned_after_every_activation_and_counted(monkeypatch):
     assert dequantized_layers(PHI3_MINI, config, 24.0, "bfloat16") == 0  # the activations alone do not fit
     some = dequantized_layers(PHI3_MINI, config, 28.0, "bfloat16")
     assert 0 < some < layers
-    one = estimate_memory(PHI3_MINI, config, recomputed_layers=0, liger=True, dequantized_layers=1)
-    none = estimate_memory(PHI3_MINI, config, recomputed_layers=0, liger=True)
+    one = estimate_memory(PHI3_MINI, config, recomputed_layers=0, keeps=LayerKeeps(), dequantized_layers=1)
+    none = estimate_memory(PHI3_MINI, config, recomputed_layers=0, keeps=LayerKeeps())
     per_layer = sum(a * b for a, b in model_shape(PHI3_MINI).block_linear_shapes.values()) * 2 / 2**30
     assert one.weights_gib - none.weights_gib == pytest.approx(per_layer)
-    fits = estimate_memory(PHI3_MINI, config, recomputed_layers=0, liger=True, dequantized_layers=some)
+    fits = estimate_memory(PHI3_MINI, config, recomputed_layers=0, keeps=LayerKeeps(), dequantized_layers=some)
     assert fits.total_gib <= options.BUDGET_SHARE * 28.0
 
     monkeypatch.setattr(options, "DEQUANTIZE_FROZEN", True)

@@ -6,7 +6,7 @@ import pytest
 
 from phi3_lora import options
 from phi3_lora.config import RunConfig, preset
-from phi3_lora.estimate import describe, estimate_memory, lora_parameter_count, model_shape
+from phi3_lora.estimate import LayerKeeps, describe, estimate_memory, lora_parameter_count, model_shape
 from phi3_lora.options import planned_memory, resolve_options
 
 PHI3_MINI = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "intermediate_size": 8192,
@@ -24,7 +24,8 @@ def cfg(**sections) -> RunConfig:
 
 
 def est(model_config: dict, config: RunConfig, recomputed: int = 32, device: str = "cuda", liger: bool = True):
-    return estimate_memory(model_config, config, recomputed_layers=recomputed, liger=liger, device=device)
+    return estimate_memory(model_config, config, recomputed_layers=recomputed, keeps=LayerKeeps(liger=liger),
+                           device=device)
 
 
 def test_phi3_mini_total_parameters_match_the_model_card() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from phi3_lora import families, options
 from phi3_lora.config import RunConfig, preset
-from phi3_lora.estimate import describe, estimate_memory
+from phi3_lora.estimate import LayerKeeps, describe, estimate_memory
 from phi3_lora.options import checkpointed_layers, resolve_options
 
 PHI3_MINI = {"model_type": "phi3", "hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -44,7 +44,7 @@ def test_24_gib_recomputes_only_a_few_layers_and_a_big_gpu_none():
 
 def test_without_liger_or_in_16_bit_more_layers_are_recomputed():
     qlora = checkpointed_layers(PHI3_MINI, _config(), 24.0, "bfloat16")
-    assert checkpointed_layers(PHI3_MINI, _config(), 24.0, "bfloat16", liger=False) > qlora
+    assert checkpointed_layers(PHI3_MINI, _config(), 24.0, "bfloat16", LayerKeeps(liger=False)) > qlora
     assert checkpointed_layers(PHI3_MINI, _config(four_bit=False), 24.0, "bfloat16") > qlora
 
 
@@ -139,8 +139,8 @@ def test_compiled_layers_fit_a_budget_by_the_share_of_activations_the_compiler_k
     assert shown.total_gib <= options.BUDGET_SHARE * budget and shown.kept_share == opts.activation_budget
     assert "the compiler keeps" in describe(shown)
     for share, measured in MEASURED_SHARE_PEAK.items():
-        est = estimate_memory(PHI3_MINI, config, recomputed_layers=0, liger=True, device="cuda",
-                              dtype_name="bfloat16", kept_factor=families.PLAIN_DROPOUT_FACTOR, kept_share=share)
+        est = estimate_memory(PHI3_MINI, config, recomputed_layers=0, device="cuda", dtype_name="bfloat16",
+                              keeps=LayerKeeps(dropout_factor=families.PLAIN_DROPOUT_FACTOR), kept_share=share)
         assert measured <= est.total_gib <= measured + 4.5
     # a larger budget keeps a larger share; the measured neighbour of the plan's share fits the budget
     below = max(s for s in MEASURED_SHARE_PEAK if s <= opts.activation_budget + 0.011)
