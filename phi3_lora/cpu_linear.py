@@ -86,8 +86,9 @@ class PackedLinears:
         if not available(model):
             yield
             return
+        dtypes = packable_dtypes()
         layers = [m for name, m in model.named_modules()
-                  if type(m) is torch.nn.Linear and "lora_" not in name and m.weight.dtype in packable_dtypes()]
+                  if type(m) is torch.nn.Linear and "lora_" not in name and m.weight.dtype in dtypes]
         if sum(layer.weight.nbytes for layer in layers) > PACK_LIMIT_BYTES // 2:  # room for the base and merged copies
             yield
             return
