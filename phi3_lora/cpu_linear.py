@@ -28,10 +28,14 @@ PACK_FOR_SPEED = True
 
 
 def packable_dtypes() -> tuple[Any, ...]:
-    """float32, and bf16 where oneDNN has native bf16 kernels on this CPU (without them bf16 is emulated)."""
+    """float32, and bf16 on a CPU with native bf16 (where `dtype auto` picks it, models.cpu_has_native_bf16) when
+    oneDNN has its bf16 kernels; elsewhere bf16 is emulated and a bf16 model keeps PyTorch's matmul."""
     import torch
 
-    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+    from phi3_lora import models
+
+    native = models.cpu_has_native_bf16() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (torch.float32, torch.bfloat16) if native else (torch.float32,)
 
 
 def available(model: Any) -> bool:

@@ -159,7 +159,7 @@ def test_packed_cpu_weights_give_the_same_logits_and_answers(tiny_run, dtype, re
     from phi3_lora.generate import GenerationSettings
 
     if getattr(torch, dtype) not in cpu_linear.packable_dtypes():
-        pytest.skip("oneDNN has no bf16 kernels on this CPU: bf16 weights are not packed here")
+        pytest.skip("no native bf16 on this CPU: bf16 weights are not packed here")
     engine = request.getfixturevalue(f"engine_{'fp32' if dtype == 'float32' else 'bf16'}")
     histories = [r["messages"][:-1] for r in _rows(tiny_run / "eval_rows.jsonl")]
     inputs = engine._inputs(histories)
@@ -172,9 +172,10 @@ def test_packed_cpu_weights_give_the_same_logits_and_answers(tiny_run, dtype, re
     assert engine.model.dtype == getattr(torch, dtype)
     assert cpu_linear.available(engine.model)
     assert packs._bytes > engine.base.get_output_embeddings().weight.nbytes  # the decoder layers' weights too
-    if dtype == "bfloat16":  # the same oneDNN bf16 kernels either way: bit for bit
-        assert torch.equal(packed, plain)
-    assert torch.allclose(packed, plain, atol=1e-4, rtol=1e-4) and torch.equal(packed.argmax(-1), plain.argmax(-1))
+    # float32: within rounding; bf16: bit for bit on this project's avx512_bf16 EPYC (the same oneDNN kernels),
+    # within a bf16 step anywhere (another ISA may sum in another order)
+    close = dict(atol=1e-4, rtol=1e-4) if dtype == "float32" else dict(atol=1e-2, rtol=1.6e-2)
+    assert torch.allclose(packed, plain, **close) and torch.equal(packed.argmax(-1), plain.argmax(-1))
     greedy = GenerationSettings(max_new_tokens=8)
     fast = engine.answer_pairs(histories, greedy)
     monkeypatch.setattr(cpu_linear, "PACK_FOR_SPEED", False)
