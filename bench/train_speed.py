@@ -449,7 +449,11 @@ def measure_in_process(row: Row, args: argparse.Namespace, work: Path) -> dict[s
     else:
         cmd = [sys.executable, "-m", "bench.train_speed", "--one-row", "=" + row.name, *common]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.row_timeout, check=False)  # noqa: S603
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.row_timeout, check=False)  # noqa: S603
+    except subprocess.TimeoutExpired:  # the row is a result (an error), the rows after it still run
+        return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": time.time() - started,
+                "error": f"row process killed after --row-timeout {args.row_timeout:.0f} s"}
     if proc.returncode == 0 and out.exists():
         return json.loads(out.read_text(encoding="utf-8"))
     return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": time.time() - started,
@@ -828,6 +832,7 @@ def write_markdown(path: Path, section: str, body: str) -> None:
 
 
 def gpu_main(args: argparse.Namespace) -> int:
+    began = time.time()  # --time-budget counts from here: the set-up (model, data, checks) spends it too
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = ensure_tokenizer(Path(args.tokenizer))
@@ -854,7 +859,7 @@ def gpu_main(args: argparse.Namespace) -> int:
                 report[key] = {"error": f"{type(exc).__name__}: {exc}"}
             print(key, report[key], flush=True)
         _free()
-    deadline = time.time() + args.time_budget if args.time_budget else None
+    deadline = began + args.time_budget if args.time_budget else None
     for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
         for row in run_order(rows, repeat):
             if deadline and time.time() > deadline:
@@ -1116,7 +1121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="Runs of the row list (odd ones in reverse order).")
     p.add_argument("--first-repeat", type=int, default=0, help="Number the repeats from here (a later call).")
     p.add_argument("--merge", nargs="+", help="Merge these GPU result files into one table (no GPU needed).")
-    p.add_argument("--time-budget", type=float, default=0, help="Skip rows once this many seconds have passed.")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="Start no row once this many seconds have passed since the bench began.")
     p.add_argument("--row-timeout", type=float, default=900)
     p.add_argument("--peer-path", default=os.environ.get("PEER_PYTHONPATH", ""),
                    help="Folder with Unsloth and its pins, put first on PYTHONPATH for the Unsloth rows.")
