@@ -34,8 +34,12 @@ CONVERSATIONS = [
 
 
 def _trained_run(tmp, model_dir):
+    # float32 on every CPU: with `dtype auto` a CPU with native bf16 trains in bf16, and 8 steps at 5e-2 took the
+    # tiny Llama's weights to ~10x their initial scale, a model so chaotic that q8_0's 0.4% weight noise moved its
+    # logits by 97% of their scale (argmax agreement 76.6%, a true "NOT verified"); float32 training on the same
+    # machine gives a model whose q8_0 export agrees 100%. The export is under test here, not the training dtype.
     write_rows(tmp / "d.jsonl", n=10, question="Who are you, friend {i}?", answer="Quillon here.")
-    cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False},
+    cfg = RunConfig().replace(model={"name": str(model_dir), "load_in_4bit": False, "dtype": "float32"},
                               train={"max_steps": 8, "learning_rate": 5e-2, "max_length": 96, "eval_answers": False},
                               data={"source": str(tmp / "d.jsonl"), "eval_fraction": 0.2})
     train.run(cfg, tmp / "run")
