@@ -899,18 +899,24 @@ def gpu_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def repeats_phrase(rows: list[dict[str, Any]]) -> str:
+    """How many runs each row has, as the table's header says it: "2 runs", or "1-2 runs" after a merge of calls
+    that did not all run every row (pure)."""
+    counts = sorted({len(r.get("repeats_tok_s") or [1]) for r in rows}) or [1]
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{span} run{'s' if counts[-1] > 1 else ''} per row (the 'repeats' column)"
+
+
 def write_gpu_markdown(report: dict[str, Any], args: argparse.Namespace) -> None:
-    if True:
-        v = report["versions"]
-        title = f"GPU training speed ({v['gpu']})"
-        body = (f"## {title}\n\n{report['date']}; " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "gpu")
-                + f". Each row in its own process, {len({r.get('repeat') for r in report['runs']})} repeat(s) (order "
-                "reversed on odd repeats); "
-                f"{max((r.get('steps') or 0) for r in report['runs'])} timed steps after the warm-up settles (at least "
-                f"{SAME_LOSS_STEP} steps in all); batch 4, max length 2048, LoRA r16 all-linear, "
-                f"dropout 0.05, learning rate {LEARNING_RATE} constant on every row. Host link (pinned): "
-                f"{report['host_link']}.\n\n" + table(report["rows"]))
-        write_markdown(Path(args.markdown), title, body)
+    v = report["versions"]
+    title = f"GPU training speed ({v['gpu']})"
+    body = (f"## {title}\n\n{report['date']}; " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "gpu")
+            + f". Each row in its own process, {repeats_phrase(report['rows'])}, order reversed on odd repeats; "
+            f"{max((r.get('steps') or 0) for r in report['runs'])} timed steps after the warm-up settles (at least "
+            f"{SAME_LOSS_STEP} steps in all); batch 4, max length 2048, LoRA r16 all-linear, "
+            f"dropout 0.05, learning rate {LEARNING_RATE} constant on every row. Host link (pinned): "
+            f"{report['host_link']}.\n\n" + table(report["rows"]))
+    write_markdown(Path(args.markdown), title, body)
 
 
 def merge_main(args: argparse.Namespace) -> int:

@@ -87,6 +87,9 @@ def test_same_loss_check_and_repeats():
     table = bench.table([dict(agg, name="a", data="full", kind="engine", mfu=0.1, tokens_per_step=8192,
                               step_tok_s_min=80, step_tok_s_max=130, warmup_steps=4, settled=True)])
     assert "90 / 100 / 120" in table
+    merged = bench.aggregate(runs + [{"name": "b", "steps": 5, "tokens_per_s": 50, "peak_gib": 4.0}])
+    assert bench.repeats_phrase(merged).startswith("1-3 runs per row")
+    assert bench.repeats_phrase([agg]).startswith("3 runs per row")
 
 
 @pytest.mark.slow
