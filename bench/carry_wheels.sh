@@ -3,6 +3,8 @@
 # can be downloaded):
 #   .whl/proj  this project's pins that the GPU machine's image lacks (its torch 2.11 / transformers 5.17 stay)
 #   .whl/uns   Unsloth and the pins it needs (trl <= 1.15, datasets < 5), installed into a folder of their own
+#   .whl/phi3_tokenizer  the bench's Phi-3 tokenizer folder (made here from tests/assets' GGUF: transformers derives
+#              the BPE merges from the vocabulary, 40-50 s that every device call spent otherwise)
 # The carried tree must stay under 64 MiB, so the wheels are slimmed: bitsandbytes keeps only its CUDA 13 libraries
 # (the image's torch is a cu130 build) and Unsloth drops its studio/ web app. Run from the repository root:
 #   bash bench/carry_wheels.sh
@@ -33,4 +35,5 @@ slim(glob.glob(".whl/proj/bitsandbytes-*.whl")[0],
      lambda n: bool(re.search(r"libbitsandbytes_(cuda1[0-2]\d|rocm)", n)))
 slim(glob.glob(".whl/uns/unsloth-2026*.whl")[0], lambda n: n.startswith("studio/"))
 PY
-du -sh .whl/proj .whl/uns
+python3 -c "from pathlib import Path; from bench.train_speed import ensure_tokenizer; ensure_tokenizer(Path('.whl/phi3_tokenizer'))"
+du -sh .whl/proj .whl/uns .whl/phi3_tokenizer

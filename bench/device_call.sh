@@ -13,9 +13,12 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-pip_target() {  # wheel folder, target folder
+pip_target() {  # wheel folder, target folder; skipped when a warm machine already has these very wheels there
     [ -d "$1" ] || return 0
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl
+    local have; have=$(cd "$1" && ls -l -- *.whl | md5sum)
+    [ -f "$2/.wheels" ] && [ "$(cat "$2/.wheels")" = "$have" ] && return 0
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl \
+        && echo "$have" > "$2/.wheels"
 }
 pip_target .whl/proj /tmp/site || exit 1
 pip_target .whl/uns /tmp/uns || exit 1
@@ -23,8 +26,11 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 
 [ -d /tmp/uns ] && export PEER_PYTHONPATH=/tmp/uns
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
 cp docs/benchmarks.md /tmp/benchmarks.md
-python3 -m bench.train_speed --workdir /tmp/phi3_lora_bench --json "$OUT/result.json" --markdown /tmp/benchmarks.md \
-    "$@" 2>&1 | tee "$OUT/log.txt" | grep -v -i -E "warn|Loading weights|it/s\]" 
+# The tokenizer folder carried in .whl/ (carry_wheels.sh makes it), else one made once per machine under /tmp.
+TOKENIZER=.whl/phi3_tokenizer
+[ -f "$TOKENIZER/tokenizer_config.json" ] || TOKENIZER=/tmp/phi3_lora_bench/phi3_tokenizer
+python3 -m bench.train_speed --workdir /tmp/phi3_lora_bench --tokenizer "$TOKENIZER" --json "$OUT/result.json" \
+    --markdown /tmp/benchmarks.md "$@" 2>&1 | tee "$OUT/log.txt" | grep -v -i -E "warn|Loading weights|it/s\]" 
 rc=${PIPESTATUS[0]}
 cp /tmp/benchmarks.md "$OUT/benchmarks.md"
 exit "$rc"

@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -239,11 +240,18 @@ def bench_data(work: Path) -> dict[str, Path]:
 # --- the model ----------------------------------------------------------------------------------
 
 def ensure_tokenizer(folder: Path, gguf: Path = TOKENIZER_GGUF) -> Path:
-    """The Phi-3 tokenizer as a transformers folder, made once from the GGUF vocabulary in tests/assets."""
-    if (folder / "tokenizer_config.json").exists():
-        return folder
+    """The Phi-3 tokenizer as a transformers folder, made once from the GGUF vocabulary in tests/assets (transformers
+    derives the BPE merges from the vocabulary: 40-50 s of every device call until `carry_wheels.sh` made the folder
+    here and carried it). A folder that exists but does not load with this transformers is made again."""
     from transformers import AutoTokenizer
 
+    if (folder / "tokenizer_config.json").exists():
+        try:
+            AutoTokenizer.from_pretrained(folder)
+            return folder
+        except Exception as exc:  # noqa: BLE001 - a folder from another transformers version: rebuild it
+            print(f"{folder} does not load ({type(exc).__name__}: {exc}); making it again", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     tok.save_pretrained(tmp)
