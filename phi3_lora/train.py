@@ -15,13 +15,16 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, MutableMapping, Sequence
 
 from phi3_lora import errors, events, options, runs, steptime, trackers
-from phi3_lora.config import RunConfig, save_yaml
+from phi3_lora.config import LoraSettings, RunConfig, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.options import ResolvedOptions, liger_installed, resolve_options, sft_config_kwargs
 from phi3_lora.runs import RunDir
+
+if TYPE_CHECKING:  # targets imports torch, which importing train does not
+    from phi3_lora.targets import LoraPlan
 
 
 @dataclass
@@ -364,7 +367,7 @@ def earlier_attempts(run_events: list[dict[str, Any]]) -> dict[str, float]:
     return {"attempts": max(0, len(starts) - 1), "seconds": seconds}
 
 
-def ready_for_lora(model: Any, lora: Any) -> Any:
+def ready_for_lora(model: Any, lora: LoraSettings) -> LoraPlan:
     """Ready a base model for fresh LoRA layers; the targets plan (peft's target names). lora.fused_slices splits
     Phi-3's fused layers so peft sees q/k/v, and 4-bit weights stay out of bitsandbytes' CPU inference layout,
     which has no backward. Shared by the trainer and the guide's recipe API."""
