@@ -15,7 +15,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip_target() {  # wheel folder, target folder; skipped when a warm machine already has these very wheels there
     [ -d "$1" ] || return 0
-    local have; have=$(cd "$1" && ls -l -- *.whl | md5sum)
+    local have; have=$(cd "$1" && md5sum -- *.whl | md5sum)
     [ -f "$2/.wheels" ] && [ "$(cat "$2/.wheels")" = "$have" ] && return 0
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl \
         && echo "$have" > "$2/.wheels"
