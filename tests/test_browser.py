@@ -1,6 +1,7 @@
 """A real browser (Debian's chromium via Playwright) walks sample data -> settings -> train -> compare -> export.
 
-Screenshots of every tab go to docs/screenshots/ (or $PHI3_LORA_TEST_OUTPUT/screenshots/).
+Screenshots of every tab go to test-output/screenshots/ (docs/screenshots/, the README's, with
+PHI3_LORA_DOCS_SCREENSHOTS=1; helpers.browser.screenshots_dir).
 Skipped without /usr/bin/chromium unless PHI3_LORA_REQUIRE_BROWSER=1.
 """
 
@@ -262,7 +263,7 @@ HANDLER_BOXES = ["#p3-time", "#p3-estimate", "#p3-run-status"]
 def test_finnish_page(browser, app_url: str) -> None:
     """Issue 18: a Finnish browser (locale fi-FI) gets every tab in Finnish, no English layout text; the header's
     switch changes the page to English in place and the choice survives a reload. Screenshots of each tab go
-    to docs/screenshots/fi/."""
+    to screenshots_dir()/fi/."""
     from playwright.sync_api import expect
 
     from phi3_lora.ui import strings

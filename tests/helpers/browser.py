@@ -13,10 +13,17 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def screenshots_dir() -> Path:
-    """docs/screenshots/ (the README's pictures come from this test), or $PHI3_LORA_TEST_OUTPUT/screenshots/."""
-    out = os.environ.get("PHI3_LORA_TEST_OUTPUT")
-    folder = Path(out) / "screenshots" if out else Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+    """Where the browser tests' screenshots go: test-output/screenshots/ (or $PHI3_LORA_TEST_OUTPUT/screenshots/),
+    and docs/screenshots/, the README's pictures, with PHI3_LORA_DOCS_SCREENSHOTS=1; a plain test run leaves the
+    checkout as it was."""
+    if os.environ.get("PHI3_LORA_DOCS_SCREENSHOTS") == "1":
+        folder = ROOT / "docs" / "screenshots"
+    else:
+        folder = Path(os.environ.get("PHI3_LORA_TEST_OUTPUT") or ROOT / "test-output") / "screenshots"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
