@@ -5,14 +5,26 @@
 #
 # e.g. bash bench/device_call.sh --set explore --rows compiled --repeats 1 --time-budget 480
 #
+# With CALL_LIMIT=<seconds> (the call's timeout_s) the call is one of a series on a warm machine: rows already
+# measured by an earlier call there (their JSON kept in /tmp/phi3_lora_bench/calls) are not run again, and a row
+# starts only if its expected time fits before the limit, so the same command, sent again, goes on where the
+# last one stopped: e.g. CALL_LIMIT=590 bash bench/device_call.sh --set main --repeats 2 --no-check
+#
 # Needs the wheels carried in .whl/ (carry=[".whl"]): .whl/proj (this project's pins that the machine's image
 # lacks: trl, peft, bitsandbytes, liger-kernel, datasets, gguf, ...) and .whl/uns (Unsloth and its pins, only for
 # Unsloth rows). Installs each into its own folder under /tmp (nothing can be downloaded there), then runs
 # bench/train_speed.py with its JSON, log and the docs table under $OUT. Run with `bash`, so the file needs no
 # executable bit (issue 19's first session lost a call to that).
 set -uo pipefail
+START=$(date +%s)
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+CALLS=/tmp/phi3_lora_bench/calls
+SERIES=()
+if [ -n "${CALL_LIMIT:-}" ]; then  # 15 s kept for writing the tables and sending $OUT back
+    mkdir -p "$CALLS"
+    SERIES=(--done-dir "$CALLS" --deadline-epoch "$((START + CALL_LIMIT - 15))")
+fi
 pip_target() {  # wheel folder, target folder; skipped when a warm machine already has these very wheels there
     [ -d "$1" ] || return 0
     local have; have=$(cd "$1" && md5sum -- *.whl | md5sum)
@@ -30,7 +42,8 @@ cp docs/benchmarks.md /tmp/benchmarks.md
 TOKENIZER=.whl/phi3_tokenizer
 [ -f "$TOKENIZER/tokenizer_config.json" ] || TOKENIZER=/tmp/phi3_lora_bench/phi3_tokenizer
 python3 -m bench.train_speed --workdir /tmp/phi3_lora_bench --tokenizer "$TOKENIZER" --json "$OUT/result.json" \
-    --markdown /tmp/benchmarks.md "$@" 2>&1 | tee "$OUT/log.txt" | grep -v -i -E "warn|Loading weights|it/s\]" 
+    --markdown /tmp/benchmarks.md "${SERIES[@]}" "$@" 2>&1 | tee "$OUT/log.txt" | grep -v -i -E "warn|Loading weights|it/s\]" 
 rc=${PIPESTATUS[0]}
+[ -n "${CALL_LIMIT:-}" ] && [ -f "$OUT/result.json" ] && cp "$OUT/result.json" "$CALLS/call-$START.json"
 cp /tmp/benchmarks.md "$OUT/benchmarks.md"
 exit "$rc"

@@ -210,6 +210,49 @@ def run_order(rows: list[Row], repeat: int) -> list[Row]:
     return list(rows) if repeat % 2 == 0 else list(reversed(rows))
 
 
+# A row's process (imports, load, compile, timed steps) before it has run once on this machine: the upper end of
+# issue 19's H200 calls, so the first call of a session packs no row it cannot finish.
+FIRST_RUN_S = {"engine": 80.0, "recipe": 70.0, "unsloth": 115.0}
+
+
+def pending_runs(rows: list[Row], first_repeat: int, repeats: int, done: set[tuple[str, int]],
+                 last: list[str] | None = None) -> list[tuple[Row, int]]:
+    """The (row, repeat) runs still to do, in run order (`run_order` per repeat), without those in `done`
+    (earlier calls on this machine); rows named in `last` after every other run (pure)."""
+    runs = [(row, rep) for rep in range(first_repeat, first_repeat + repeats) for row in run_order(rows, rep)
+            if (row.name, rep) not in done]
+    return sorted(runs, key=lambda run: any(named(run[0], n) for n in last or []))
+
+
+def expected_s(row: Row, history: list[dict[str, Any]]) -> float:
+    """How long a run of `row` will take, as a process: its longest earlier run here (+10%), else FIRST_RUN_S."""
+    walls = [h["process_s"] for h in history if h.get("name") == row.name and h.get("process_s")]
+    return max(walls) * 1.1 if walls else FIRST_RUN_S[row.kind]
+
+
+def next_run(pending: list[tuple[Row, int]], history: list[dict[str, Any]], left_s: float | None
+             ) -> tuple[Row, int] | None:
+    """The first pending run expected to finish in `left_s` seconds (None: no deadline); a shorter one later in
+    the list runs when the next one would not fit, so a call ends full rather than early (pure)."""
+    for run in pending:
+        if left_s is None or expected_s(run[0], history) <= left_s:
+            return run
+    return None
+
+
+def done_runs(dirs: list[str]) -> tuple[set[tuple[str, int]], list[dict[str, Any]]]:
+    """The (row, repeat) pairs measured without error in the GPU result files under `dirs` (earlier calls of this
+    device session), and every run there (their process times size the next call)."""
+    history: list[dict[str, Any]] = []
+    for d in dirs:
+        for f in sorted(Path(d).glob("*.json")) if Path(d).is_dir() else []:
+            try:
+                history += json.loads(f.read_text(encoding="utf-8")).get("runs", [])
+            except (OSError, ValueError, AttributeError):
+                continue
+    return {(r["name"], r.get("repeat", 0)) for r in history if "error" not in r}, history
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 def chat_rows(kind: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -445,8 +488,16 @@ def finish(result: dict[str, Any], row: Row, opts: dict[str, Any], started: floa
     return result
 
 
-def measure_in_process(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Run one row in a fresh Python process (the peer's with its own packages first on the path)."""
+def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: float | None = None
+                       ) -> dict[str, Any]:
+    """Run one row in a fresh Python process (the peer's with its own packages first on the path), killed after
+    `timeout` seconds (default --row-timeout); `process_s` is the whole process's time, imports included."""
+    result = _row_process(row, args, work, timeout or args.row_timeout)
+    result["process_s"] = time.time() - result.pop("_started")
+    return result
+
+
+def _row_process(row: Row, args: argparse.Namespace, work: Path, timeout: float) -> dict[str, Any]:
     out = work / f"row-{os.getpid()}-{time.time_ns()}.json"
     common = ["--workdir", str(work), "--steps", str(args.steps), "--row-json", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -458,14 +509,15 @@ def measure_in_process(row: Row, args: argparse.Namespace, work: Path) -> dict[s
         cmd = [sys.executable, "-m", "bench.train_speed", "--one-row", "=" + row.name, *common]
     started = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.row_timeout, check=False)  # noqa: S603
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False)  # noqa: S603
     except subprocess.TimeoutExpired:  # the row is a result (an error), the rows after it still run
         return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": time.time() - started,
-                "error": f"row process killed after --row-timeout {args.row_timeout:.0f} s"}
+                "_started": started, "error": f"row process killed after {timeout:.0f} s (--row-timeout or the "
+                                              "call's deadline)"}
     if proc.returncode == 0 and out.exists():
-        return json.loads(out.read_text(encoding="utf-8"))
+        return {**json.loads(out.read_text(encoding="utf-8")), "_started": started}
     return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": time.time() - started,
-            "error": f"row process exited {proc.returncode}"}
+            "_started": started, "error": f"row process exited {proc.returncode}"}
 
 
 def one_row_main(args: argparse.Namespace) -> int:
@@ -868,20 +920,27 @@ def gpu_main(args: argparse.Namespace) -> int:
             print(key, report[key], flush=True)
         _free()
     deadline = began + args.time_budget if args.time_budget else None
-    for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
-        for row in run_order(rows, repeat):
-            if deadline and time.time() > deadline:
-                print("time budget spent: skipping", row.name, flush=True)
-                continue
-            r = measure_in_process(row, args, work)
-            r["repeat"] = repeat
-            report["runs"].append(r)
-            report["order"].append(row.name)
-            print(json.dumps({k: v for k, v in r.items() if k in (
-                "name", "tokens_per_s", "peak_gib", "tokens_per_step", "warmup_steps", "settled", "step_s_median",
-                "step_tok_s_min", "step_tok_s_max", "error", "wall_s")}, default=str),
-                flush=True)
-            dump()
+    done, history = done_runs(args.done_dir or [])
+    pending = pending_runs(rows, args.first_repeat, args.repeats, done, args.last)
+    if done:
+        print(f"{len(done)} runs done in earlier calls; {len(pending)} to go", flush=True)
+    while pending:
+        left = args.deadline_epoch - time.time() if args.deadline_epoch else None
+        run = None if deadline and time.time() > deadline else next_run(pending, history + report["runs"], left)
+        if run is None:
+            print("time budget spent: left for a later call:", [f"{r.name} #{rep}" for r, rep in pending], flush=True)
+            break
+        pending.remove(run)
+        row, repeat = run
+        r = measure_in_process(row, args, work, timeout=min(args.row_timeout, left) if left else None)
+        r["repeat"] = repeat
+        report["runs"].append(r)
+        report["order"].append(row.name)
+        print(json.dumps({k: v for k, v in r.items() if k in (
+            "name", "tokens_per_s", "peak_gib", "tokens_per_step", "warmup_steps", "settled", "step_s_median",
+            "step_tok_s_min", "step_tok_s_max", "error", "wall_s", "process_s")}, default=str),
+            flush=True)
+        dump()
     dump()
     measures = ([("gen", lambda d, a, b: time_generation(str(d), a, b))] if args.gen else []) + (
         [("gen_explore", explore_generation)] if args.gen_explore else [])
@@ -1138,6 +1197,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=0,
                    help="Start no row once this many seconds have passed since the bench began.")
     p.add_argument("--row-timeout", type=float, default=900)
+    p.add_argument("--done-dir", nargs="*",
+                   help="Folders of earlier calls' result JSON (this device session): their runs are not run again "
+                        "and their process times decide which rows fit this call.")
+    p.add_argument("--deadline-epoch", type=float, default=0,
+                   help="Unix time the call must end by: a row starts only if its expected time fits, and is "
+                        "killed at the deadline.")
+    p.add_argument("--last", nargs="*", help="Rows (names as in --rows) to run after every other run.")
     p.add_argument("--peer-path", default=os.environ.get("PEER_PYTHONPATH", ""),
                    help="Folder with Unsloth and its pins, put first on PYTHONPATH for the Unsloth rows.")
     p.add_argument("--cpu-steps", type=int, default=6)

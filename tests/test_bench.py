@@ -34,6 +34,30 @@ def test_repeats_alternate_the_order_and_exact_names_keep_theirs():
     assert picked and all("compiled" in n for n in picked)
 
 
+def test_a_series_of_calls_goes_on_where_the_last_stopped_and_packs_what_fits(tmp_path):
+    rows = bench.ordered_rows(["=recipe QLoRA full rows", "=engine QLoRA full, 8 GiB", "=engine LoRA-16 full, 24 GiB",
+                               "=unsloth QLoRA full, 8 GiB"], "main")
+    earlier = {"runs": [
+        {"name": rows[0].name, "repeat": 0, "tokens_per_s": 1.0, "process_s": 40.0},
+        {"name": rows[1].name, "repeat": 0, "error": "row process exited 1", "process_s": 5.0},
+        {"name": rows[3].name, "repeat": 0, "tokens_per_s": 1.0, "process_s": 100.0}]}
+    (tmp_path / "call-1.json").write_text(json.dumps(earlier))
+    (tmp_path / "notes.txt").write_text("not a result")
+    done, history = bench.done_runs([str(tmp_path), str(tmp_path / "missing")])
+    assert done == {(rows[0].name, 0), (rows[3].name, 0)}  # the failed run is run again
+    pending = bench.pending_runs(rows, 0, 2, done, last=["LoRA-16"])
+    assert [(r.name, rep) for r, rep in pending] == [
+        (rows[1].name, 0), (rows[3].name, 1), (rows[1].name, 1), (rows[0].name, 1),  # repeat 1 reversed
+        (rows[2].name, 0), (rows[2].name, 1)]  # the 16-bit row after every other run
+    # 60 s left: Unsloth (100 s here before, +10%) is passed over for the recipe (40 s, +10%); a row never run
+    # here counts as FIRST_RUN_S for its kind
+    later = [run for run in pending if run[0].kind != "engine"]
+    assert bench.next_run(later, history, 60.0)[0].kind == "recipe"
+    assert bench.next_run(later, history, 30.0) is None
+    assert bench.next_run(pending, history, bench.FIRST_RUN_S["engine"]) == pending[0]
+    assert bench.next_run(pending, history, None) == pending[0]
+
+
 def test_a_row_patch_is_set_for_the_row_and_put_back():
     from phi3_lora import options
 
