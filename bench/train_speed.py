@@ -492,12 +492,7 @@ def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: 
                        ) -> dict[str, Any]:
     """Run one row in a fresh Python process (the peer's with its own packages first on the path), killed after
     `timeout` seconds (default --row-timeout); `process_s` is the whole process's time, imports included."""
-    result = _row_process(row, args, work, timeout or args.row_timeout)
-    result["process_s"] = time.time() - result.pop("_started")
-    return result
-
-
-def _row_process(row: Row, args: argparse.Namespace, work: Path, timeout: float) -> dict[str, Any]:
+    timeout = timeout or args.row_timeout
     out = work / f"row-{os.getpid()}-{time.time_ns()}.json"
     common = ["--workdir", str(work), "--steps", str(args.steps), "--row-json", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -510,14 +505,14 @@ def _row_process(row: Row, args: argparse.Namespace, work: Path, timeout: float)
     started = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False)  # noqa: S603
+        failure = None if proc.returncode == 0 and out.exists() else f"row process exited {proc.returncode}"
     except subprocess.TimeoutExpired:  # the row is a result (an error), the rows after it still run
-        return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": time.time() - started,
-                "_started": started, "error": f"row process killed after {timeout:.0f} s (--row-timeout or the "
-                                              "call's deadline)"}
-    if proc.returncode == 0 and out.exists():
-        return {**json.loads(out.read_text(encoding="utf-8")), "_started": started}
-    return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": time.time() - started,
-            "_started": started, "error": f"row process exited {proc.returncode}"}
+        failure = f"row process killed after {timeout:.0f} s (--row-timeout or the call's deadline)"
+    process_s = time.time() - started
+    if failure:
+        return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": process_s, "process_s": process_s,
+                "error": failure}
+    return {**json.loads(out.read_text(encoding="utf-8")), "process_s": process_s}
 
 
 def one_row_main(args: argparse.Namespace) -> int:
