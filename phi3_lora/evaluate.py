@@ -237,7 +237,7 @@ def reference_losses(engine: Any, items: list[Item], adapter: bool) -> dict[int,
         ids = torch.tensor([it.ids + [pad] * (width - len(it.ids)) for it in chunk], device=device)
         labels = torch.tensor([it.labels + [-100] * (width - len(it.ids)) for it in chunk], device=device)
         mask = torch.tensor([[1] * len(it.ids) + [0] * (width - len(it.ids)) for it in chunk], device=device)
-        with engine.adapter_state(adapter) as model:
+        with engine.adapter_state(adapter, steady=True) as model:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")

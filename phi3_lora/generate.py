@@ -181,7 +181,7 @@ class ChatEngine:
             raise UserError("No adapter is loaded: pick a finished run first.")
         device = next(self.base.parameters()).device
         ids = torch.tensor([input_ids], device=device)
-        with self._lock, torch.inference_mode(), cpu_threads(device):
+        with self._lock, torch.inference_mode(), cpu_threads(device, steady=True):
             ctx = contextlib.nullcontext() if adapter else self._adapter_off()
             with ctx:
                 return self.model(input_ids=ids).logits[0].float().cpu()
@@ -268,16 +268,17 @@ class ChatEngine:
         return text
 
     @contextlib.contextmanager
-    def adapter_state(self, on: bool, merged: bool = False) -> Iterator[Any]:
+    def adapter_state(self, on: bool, merged: bool = False, steady: bool = False) -> Iterator[Any]:
         """The model with the tuned adapter on or off, held by this caller alone (the switch is model-wide).
         `merged`: the tuned side from the adapter's merged weights where possible (`merging.MergedWeights`, made
-        once per adapter): same answers, faster per token; not for mixed-adapter batches."""
+        once per adapter): same answers, faster per token; not for mixed-adapter batches. `steady`: CPU threads
+        that do not follow the load (`threads.cpu_threads`), for scores."""
         import torch
 
         if on and not self.has_adapter:
             raise UserError("No adapter is loaded: pick a finished run first.")
         device = next(self.base.parameters()).device
-        with self._lock, torch.inference_mode(), cpu_threads(device):
+        with self._lock, torch.inference_mode(), cpu_threads(device, steady):
             with self._side(on, merged):
                 yield self.model
 

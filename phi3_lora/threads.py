@@ -24,9 +24,11 @@ def generation_threads(cores: int, load: float, configured: int | None = None) -
 
 
 @contextlib.contextmanager
-def cpu_threads(device: Any) -> Iterator[None]:
+def cpu_threads(device: Any, steady: bool = False) -> Iterator[None]:
     """Generation on the CPU with `generation_threads` threads (env PHI3_LORA_GENERATE_THREADS overrides),
-    the process's setting restored afterwards. A GPU call is left alone."""
+    the process's setting restored afterwards. A GPU call is left alone. `steady`: the count does not follow the
+    machine's load, for scores that must come out the same on every call (the thread count changes the order of
+    bf16 sums: a run's end-of-run loss and the CLI's differed in the 3rd digit when the load average did)."""
     import torch
 
     if getattr(device, "type", str(device)) != "cpu":
@@ -35,7 +37,7 @@ def cpu_threads(device: Any) -> Iterator[None]:
     raw = os.environ.get(THREADS_ENV, "").strip()
     configured = int(raw) if raw.isdigit() else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") and not steady else 0.0
     before = torch.get_num_threads()
     torch.set_num_threads(generation_threads(min(cores, before), load, configured))  # OMP_NUM_THREADS stays a cap
     try:

@@ -6,6 +6,7 @@ The embedded-model tests (the tuned model really answers better) are in test_eva
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -212,6 +213,13 @@ def test_generation_takes_one_cpu_thread_when_the_cores_are_oversubscribed(monke
     with cpu_threads(torch.device("cpu")):
         inside = torch.get_num_threads()
     assert inside == 1 and torch.get_num_threads() == before  # the process's own setting comes back
+    monkeypatch.delenv(THREADS_ENV)
+    monkeypatch.setattr("os.getloadavg", lambda: (50.0, 50.0, 50.0))  # oversubscribed
+    with cpu_threads(torch.device("cpu")):
+        loaded = torch.get_num_threads()
+    with cpu_threads(torch.device("cpu"), steady=True):  # scores: the same count whatever the load
+        steady = torch.get_num_threads()
+    assert loaded == 1 and steady == min(before, len(os.sched_getaffinity(0)))
 
 
 @pytest.mark.slow
