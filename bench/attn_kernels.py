@@ -1,6 +1,7 @@
 """SDPA's kernels side by side on one GPU for the Phi-3-mini attention shape: forward + backward time per kernel.
 
     python -m bench.attn_kernels [--batch 4 --seq 2048 --heads 32 --dim 96]
+    python -m bench.attn_kernels --mix   # packs of unequal lengths: flash varlen vs cuDNN's ragged path
 
 Prints, for each backend PyTorch offers (flash, cuDNN, memory-efficient), the median of 20 causal forward +
 backward passes in bf16, TFLOP/s, and the largest difference of its output from flash's; a backend that refuses
@@ -13,6 +14,7 @@ import argparse
 import json
 import statistics
 import sys
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--dim", type=int, default=96)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--mix", action="store_true", help="packs of chat-length sequences (the bench's mix)")
     a = p.parse_args(argv)
+    if a.mix:
+        print(json.dumps(mix(a), indent=1))
+        return 0
     torch.manual_seed(0)
     shape = (a.batch, a.seq, a.heads, a.dim)  # transformers' layout, transposed to (B, H, S, D) as Phi-3 does
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
@@ -60,6 +66,131 @@ def main(argv: list[str] | None = None) -> int:
             out[backend.name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     print(json.dumps(out, indent=1))
     return 0
+
+
+def mix_lengths(seed: int, rows: int = 4, row_len: int = 2048) -> list[int]:
+    """Sequence lengths of one padding-free step of the bench's chat mix (lognormal token counts, median 300,
+    mean 430, at most a row), packed first-fit into `rows` rows of `row_len` tokens, as trl's packing does."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    sigma = math.sqrt(2 * math.log(430 / 300))
+    free, lengths = [row_len] * rows, []
+    for _ in range(200):
+        n = min(row_len, max(8, int(rng.lognormvariate(math.log(300), sigma))))
+        fit = next((i for i, f in enumerate(free) if f >= n), None)
+        if fit is None:
+            if max(free) < 64:
+                break
+            continue
+        free[fit] -= n
+        lengths.append(n)
+    return lengths
+
+
+def _timed(fn: Any, grads: Any, repeats: int) -> float:
+    import torch
+
+    times = []
+    for i in range(repeats + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        out.backward(grads)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def flex_path(q: Any, k: Any, v: Any, lengths: list[int]) -> Any:
+    """FlexAttention (compiled Triton) with a causal document mask over the packed (T, H, D) tensors: its block
+    mask skips the blocks between sequences."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total = sum(lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+
+    def causal_document(b: Any, h: Any, qi: Any, ki: Any) -> Any:
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+
+    made: list[Any] = []  # the mask is made on the first call, so that a refusal is reported as the path's error
+
+    def run() -> Any:
+        if not made:
+            made.append(create_block_mask(causal_document, None, None, total, total, device="cuda"))
+        flex = _compiled_flex(flex_attention)
+        return flex(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=made[0])[0].transpose(0, 1)
+
+    return run
+
+
+_FLEX: list[Any] = []
+
+
+def _compiled_flex(fn: Any) -> Any:
+    import torch
+
+    if not _FLEX:
+        _FLEX.append(torch.compile(fn))
+    return _FLEX[0]
+
+
+def mix(a: argparse.Namespace) -> dict[str, Any]:
+    """The engine's kernel for packs of unequal lengths (flash varlen) against full-length rows through cuDNN:
+    forward + backward ms per layer over 4 steps' packs of the chat mix, and the largest difference of its output
+    and q/k/v gradients from a per-sequence fp32 reference. A candidate kernel for the mix joins `paths`
+    (docs/benchmarks.md lists the two measured and not adopted: cuDNN's ragged path, dense buckets)."""
+    import torch
+
+    from phi3_lora.speed import packed_attention as pa
+
+    torch.manual_seed(0)
+    h, d = a.heads, a.dim
+    result: dict[str, Any] = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "steps": []}
+    for seed in range(4):
+        lengths = mix_lengths(seed)
+        total = sum(lengths)
+        cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        max_len = max(lengths)
+        q, k, v = (torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        grad = torch.randn_like(q)
+        ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        ref = pa._per_sequence_sdpa(*(t.transpose(0, 1) for t in ref_in), cu.tolist(), None).transpose(0, 1)
+        ref.backward(grad.float())
+        paths = {"flash_varlen": lambda: pa._cuda_varlen(q, k, v, cu, max_len, None),
+                 "flex_document_mask": flex_path(q, k, v, lengths)}
+        step: dict[str, Any] = {"tokens": total, "sequences": len(lengths), "max_len": max_len,
+                                "causal_pairs_share_of_full": round(sum(n * n for n in lengths) / (4 * 2048 ** 2), 3)}
+        for name, fn in paths.items():
+            try:
+                for t in (q, k, v):
+                    t.grad = None
+                out = fn()
+                out.backward(grad)
+                diffs = {"out": float((out.detach().float() - ref.detach()).abs().max())}
+                diffs.update({f"d{n}": float((t.grad.float() - r.grad).abs().max())
+                              for n, t, r in zip("qkv", (q, k, v), ref_in)})
+                step[name] = {"ms_fwd_bwd": round(_timed(fn, grad, a.repeats), 3),
+                              "max_abs_diff_vs_fp32": {n: round(x, 4) for n, x in diffs.items()}}
+            except Exception as exc:  # noqa: BLE001 -- report the refusal, go on with the next path
+                step[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        result["steps"].append(step)
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qd, kd, vd = (torch.randn(4, h, 2048, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                      for _ in range(3))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            result["full_rows_cudnn_ms"] = round(_timed(
+                lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True),
+                torch.randn_like(qd), a.repeats), 3)
+    except Exception as exc:  # noqa: BLE001
+        result["full_rows_cudnn_ms"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return result
 
 
 if __name__ == "__main__":

@@ -90,13 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--row-json", required=True)
+    p.add_argument("--profile", help="profile one step into this file instead of timing the row")
+    p.add_argument("--profile-step", type=int, default=6, help="the step to profile (after a warm-up)")
     args = p.parse_args(argv)
 
     from bench.timing import SettleTimer, time_trainer
-    from bench.train_speed import all_rows, finish, named
+    from bench.train_speed import all_rows, finish, named, step_profiler
 
     row = next(r for r in all_rows() if named(r, args.row))
     started = time.time()
+    if args.profile:  # the same trainer as a timed run, one step under torch.profiler (bench/train_speed.py)
+        callback, summary = step_profiler(args.profile_step)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer, _ = build(row, Path(args.workdir), args.profile_step + 1, Path(tmp))
+            trainer.add_callback(callback)
+            trainer.train()
+        summary(row.name, Path(args.profile))
+        Path(args.row_json).write_text(json.dumps({"name": row.name, "profile": args.profile}), encoding="utf-8")
+        return 0
     try:
         timer = SettleTimer(args.steps, min_total=10)
         with tempfile.TemporaryDirectory() as tmp:

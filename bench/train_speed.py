@@ -488,13 +488,14 @@ def finish(result: dict[str, Any], row: Row, opts: dict[str, Any], started: floa
     return result
 
 
-def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: float | None = None
-                       ) -> dict[str, Any]:
+def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: float | None = None,
+                       extra: list[str] | None = None) -> dict[str, Any]:
     """Run one row in a fresh Python process (the peer's with its own packages first on the path), killed after
-    `timeout` seconds (default --row-timeout); `process_s` is the whole process's time, imports included."""
+    `timeout` seconds (default --row-timeout); `process_s` is the whole process's time, imports included.
+    `extra`: more arguments for the row's process (bench/peer_unsloth.py's --profile)."""
     timeout = timeout or args.row_timeout
     out = work / f"row-{os.getpid()}-{time.time_ns()}.json"
-    common = ["--workdir", str(work), "--steps", str(args.steps), "--row-json", str(out)]
+    common = ["--workdir", str(work), "--steps", str(args.steps), "--row-json", str(out), *(extra or [])]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if row.kind == "unsloth":
         cmd = [sys.executable, "-m", "bench.peer_unsloth", "--row", "=" + row.name, *common]
@@ -560,54 +561,85 @@ def same_loss(row: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float, b
     return a[0], b[0], abs(a[0] - b[0]) <= SAME_LOSS_TOLERANCE * abs(b[0])
 
 
-def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, out: Path) -> str:
-    """One optimizer step of `row` under torch.profiler: CUDA kernels by total time, plus a grouped summary."""
+# Host calls whose Python stacks a profile lists: each waits for the GPU (a sync) or copies on it.
+TRACED_HOST_CALLS = ("cudaStreamSynchronize", "cudaMemcpyAsync")
+
+
+def host_call_sites(events: list[Any], names: tuple[str, ...] = TRACED_HOST_CALLS, frames: int = 6) -> list[str]:
+    """`count x name <- the innermost Python frames outside torch's own files` for the profiler's host events
+    named in `names`, most frequent first (pure over objects with `.name` and `.stack`)."""
+    sites: dict[tuple[str, tuple[str, ...]], int] = {}
+    for e in events:
+        if e.name not in names:
+            continue
+        stack = tuple(f for f in (e.stack or []) if "/torch/" not in f and "<built-in" not in f)[:frames]
+        sites[(e.name, stack)] = sites.get((e.name, stack), 0) + 1
+    return [f"{n} x {name} <- " + " <- ".join(stack or ("(no Python frame)",))
+            for (name, stack), n in sorted(sites.items(), key=lambda kv: -kv[1])]
+
+
+def step_profiler(step: int) -> tuple[Any, Any]:
+    """A Trainer callback that runs optimizer step `step` (0-based, after the warm-up) under torch.profiler, and a
+    function that summarises it: CUDA kernels by total time, grouped (`kernel_group`), host time, and where in
+    Python the step waits for the GPU or copies (`host_call_sites`). Used for the engine's rows here and for
+    Unsloth's in its own process (bench/peer_unsloth.py)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
     wall: list[float] = []
 
     class _Prof(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == warmup:
+            if state.global_step == step:
                 torch.cuda.synchronize()
                 prof.__enter__()
                 wall.append(time.perf_counter())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == warmup + 1:
+            if state.global_step == step + 1:
                 torch.cuda.synchronize()
                 wall.append(time.perf_counter())
                 prof.__exit__(None, None, None)
 
+    def summary(title: str, out: Path) -> str:
+        from torch.autograd import DeviceType
+
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events) or 1.0
+        groups: dict[str, float] = {}
+        for e in events:
+            key = kernel_group(e.key)
+            groups[key] = groups.get(key, 0.0) + e.self_device_time_total
+        step_ms = (wall[-1] - wall[0]) * 1e3 if len(wall) == 2 else float("nan")
+        lines = [f"profile of one step: {title}; GPU kernel time {total / 1e3:.1f} ms in {step_ms:.1f} ms of wall "
+                 "time (under the profiler)", "", "group | ms | share"]
+        lines += [f"{k} | {v / 1e3:.1f} | {v / total:.1%}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+        lines += ["", prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)]
+        lines += ["", "by host (CPU) time:",
+                  prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90)]
+        lines += ["", "where the step waits for the GPU or copies (host call <- Python frames):",
+                  *host_call_sites(list(prof.events()))]
+        text = "\n".join(lines)
+        out.write_text(text, encoding="utf-8")
+        return text
+
+    return _Prof(), summary
+
+
+def profile_step(row: Row, model_dir: Path, data: dict[str, Path], warmup: int, out: Path) -> str:
+    """One optimizer step of an engine or recipe `row` under torch.profiler (`step_profiler`), after `warmup`."""
+    callback, summary = step_profiler(warmup)
     _free()
     with tempfile.TemporaryDirectory() as tmp, patched(row.patch):
         build = run_recipe if row.kind == "recipe" else run_engine
         trainer, _ = build(row, model_dir, data[row.data], warmup + 1, Path(tmp))
-        trainer.add_callback(_Prof())
+        trainer.add_callback(callback)
         trainer.train()
         del trainer
     _free()
-    from torch.autograd import DeviceType
-
-    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events) or 1.0
-    groups: dict[str, float] = {}
-    for e in events:
-        key = kernel_group(e.key)
-        groups[key] = groups.get(key, 0.0) + e.self_device_time_total
-    step_ms = (wall[-1] - wall[0]) * 1e3 if len(wall) == 2 else float("nan")
-    lines = [f"profile of one step: {row.name}; GPU kernel time {total / 1e3:.1f} ms in {step_ms:.1f} ms of wall time "
-             "(under the profiler)", "", "group | ms | share"]
-    lines += [f"{k} | {v / 1e3:.1f} | {v / total:.1%}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
-    lines += ["", prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)]
-    lines += ["", "by host (CPU) time:",
-              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90)]
-    text = "\n".join(lines)
-    out.write_text(text, encoding="utf-8")
-    return text
+    return summary(row.name, out)
 
 
 def kernel_group(name: str) -> str:
@@ -951,12 +983,17 @@ def gpu_main(args: argparse.Namespace) -> int:
             dump()
     print(table(report["rows"]))
     for i, name in enumerate(args.profile or []):
-        prow = [r for r in all_rows() if named(r, name) and r.kind != "unsloth"]
-        if prow:
+        prow = [r for r in all_rows() if named(r, name)]
+        if not prow:
+            continue
+        out = Path(args.json).with_suffix(f".profile{i}.txt")
+        if prow[0].kind == "unsloth":  # in Unsloth's own process and packages, as its timed rows
+            measure_in_process(prow[0], args, work, extra=["--profile", str(out), "--profile-step", "6"])
+            print(out.read_text(encoding="utf-8") if out.exists() else f"no profile: {prow[0].name}", flush=True)
+        else:
             data = {"full": work / "full.jsonl", "mix": work / "mix.jsonl"}
-            print(profile_step(prow[0], model_dir, data, 4, Path(args.json).with_suffix(f".profile{i}.txt")),
-                  flush=True)
-    if args.markdown:
+            print(profile_step(prow[0], model_dir, data, 6, out), flush=True)
+    if args.markdown and report["runs"]:  # a call of profiles only has no table
         write_gpu_markdown(report, args)
     return 0
 
@@ -974,7 +1011,8 @@ def write_gpu_markdown(report: dict[str, Any], args: argparse.Namespace) -> None
     title = f"GPU training speed ({v['gpu']})"
     body = (f"## {title}\n\n{report['date']}; " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "gpu")
             + f". Each row in its own process, {repeats_phrase(report['rows'])}, order reversed on odd repeats; "
-            f"{max((r.get('steps') or 0) for r in report['runs'])} timed steps after the warm-up settles (at least "
+            f"{max([r.get('steps') or 0 for r in report['runs']] or [0])} timed steps after the warm-up settles "
+            f"(at least "
             f"{SAME_LOSS_STEP} steps in all); batch 4, max length 2048, LoRA r16 all-linear, "
             f"dropout 0.05, learning rate {LEARNING_RATE} constant on every row. Host link (pinned): "
             f"{report['host_link']}.\n\n" + table(report["rows"]))
@@ -988,7 +1026,7 @@ def merge_main(args: argparse.Namespace) -> int:
     report["rows"] = aggregate(report["runs"])
     Path(args.json).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     print(table(report["rows"]))
-    if args.markdown:
+    if args.markdown and report["runs"]:  # a call of profiles only has no table
         write_gpu_markdown(report, args)
     return 0
 

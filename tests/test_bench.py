@@ -169,3 +169,21 @@ def test_cpu_recipe_row_trains_and_is_timed(tiny_phi3_dir, tmp_path):
     res = timing.time_trainer(trainer, timer)
     assert res["steps"] == 1 and res["tokens_per_s"] > 0 and res["tokens_per_step"] > 0
     assert len(res["losses"]) == 2 and all(loss is not None and loss > 0 for loss in res["losses"])
+
+
+def test_a_profile_lists_where_the_step_waits_for_the_gpu_by_call_site() -> None:
+    from types import SimpleNamespace as E
+
+    from bench.train_speed import host_call_sites
+
+    item = ["/site/liger_kernel/ops/fused_linear_cross_entropy.py(132): forward",
+            "/site/torch/autograd/function.py(575): apply", "/app/phi3_lora/train.py(10): step"]
+    events = [E(name="cudaStreamSynchronize", stack=item), E(name="cudaStreamSynchronize", stack=item),
+              E(name="cudaMemcpyAsync", stack=["/site/trl/trainer/sft_trainer.py(900): compute_loss"]),
+              E(name="cudaLaunchKernel", stack=item), E(name="cudaStreamSynchronize", stack=[])]
+    sites = host_call_sites(events)
+    assert sites[0] == ("2 x cudaStreamSynchronize <- /site/liger_kernel/ops/fused_linear_cross_entropy.py(132): "
+                        "forward <- /app/phi3_lora/train.py(10): step")  # torch's own frames left out
+    assert "1 x cudaMemcpyAsync <- /site/trl/trainer/sft_trainer.py(900): compute_loss" in sites
+    assert "1 x cudaStreamSynchronize <- (no Python frame)" in sites
+    assert not any("cudaLaunchKernel" in s for s in sites) and len(sites) == 3
