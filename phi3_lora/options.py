@@ -84,6 +84,11 @@ DEQUANTIZE_FROZEN = True
 # trl's entropy / token accuracy / token counts and Trainer's tokens seen read at each log, not in every step
 # (speed/deferred_metrics.py, issue 19): H200, a step showed 14 cudaStreamSynchronize, 302 ms of kernels in 354 ms.
 DEFERRED_METRICS = True
+# Batches copied to the GPU without the host waiting for each copy (accelerate's `non_blocking`, from the pinned
+# memory the data loader fills on CUDA): a blocking copy of each batch tensor (input ids, labels, position ids,
+# sequence boundaries) waits for the GPU to finish the work queued before it. Issue 19's sixth session found 5 such
+# waits per engine step and none in Unsloth's (docs/benchmarks.md); not yet measured on its own.
+NON_BLOCKING_INPUTS = True
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -284,6 +289,7 @@ def sft_config_kwargs(config: RunConfig, opts: ResolvedOptions, output_dir: Path
         logging_nan_inf_filter=not opts.deferred_metrics,
         disable_tqdm=not os.isatty(2),
         dataloader_pin_memory=opts.device == "cuda",
+        **({"accelerator_config": {"non_blocking": True}} if opts.device == "cuda" and NON_BLOCKING_INPUTS else {}),
     )
 
 

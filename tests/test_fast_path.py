@@ -52,6 +52,31 @@ def test_packed_sequences_do_not_attend_to_each_other(tiny_phi3_dir, with_bounda
     assert batched == ([len(lens)] * model.config.num_hidden_layers if len(set(lens)) == 1 else [])
 
 
+def test_a_packed_forward_never_asks_the_device_whether_its_row_is_packed(tiny_phi3_dir, monkeypatch):
+    """transformers' mask preparation reads a tensor on the host to tell packed rows from one sequence (a wait for
+    the GPU per forward); sdpa_varlen needs no mask there, so its forward reads no tensor value at all, and its
+    logits stay those of each sequence alone. Padded batches still get their mask (the test below)."""
+    lens = [5, 11, 3]
+    model = _model(tiny_phi3_dir, packed_attention.NAME)
+    torch.manual_seed(0)
+    seqs = [torch.randint(10, 30000, (n,)) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    kwargs = {"position_ids": torch.cat([torch.arange(n) for n in lens])[None], "cu_seq_lens_q": cu,
+              "cu_seq_lens_k": cu, "max_length_q": max(lens), "max_length_k": max(lens),
+              "use_cache": False}  # as in training: no cache, so transformers probes the position ids
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=s[None]).logits[0] for s in seqs])
+        reads: list[str] = []
+        for name in ("__bool__", "item"):  # what `if tensor.all():` and `.item()` call
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+        packed = model(input_ids=torch.cat(seqs)[None], **kwargs).logits[0]
+        monkeypatch.undo()
+    # on the CPU the varlen branch itself lists the boundaries once per layer (tolist, not patched): no other read
+    assert reads == []
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
 def test_sdpa_varlen_equals_sdpa_on_padded_batches(tiny_phi3_dir):
     """Padded batches (and generation) take plain SDPA: same logits as attn_implementation='sdpa'."""
     ids = torch.randint(10, 30000, (2, 9))

@@ -117,6 +117,23 @@ def test_compiled_layers_take_only_the_loss_from_liger(monkeypatch, tmp_path):
     assert "liger_kernel_config" not in sft_config_kwargs(_config(), opts, tmp_path, has_eval=False)
 
 
+def test_batches_reach_the_gpu_without_the_host_waiting_for_each_copy(tmp_path):
+    """On CUDA the data loader pins its batches and accelerate copies them with non_blocking (no wait for the GPU
+    per batch tensor); on the CPU there is nothing to copy and neither is asked for."""
+    from accelerate.utils import DataLoaderConfiguration
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    from phi3_lora.options import sft_config_kwargs
+
+    kw = dict(liger_installed=True, varlen_available=True, model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    gpu = sft_config_kwargs(_config(), resolve_options(_config(), "cuda", "bfloat16", **kw), tmp_path, False)
+    assert gpu["dataloader_pin_memory"] and AcceleratorConfig(**gpu["accelerator_config"]).non_blocking
+    assert DataLoaderConfiguration(non_blocking=True).non_blocking  # the field accelerate hands the data loader
+    cpu = sft_config_kwargs(_config(), resolve_options(_config(), "cpu", "bfloat16", liger_installed=False),
+                            tmp_path, False)
+    assert not cpu["dataloader_pin_memory"] and "accelerator_config" not in cpu
+
+
 # H200 2026-12-02, compiled layers, full rows (docs/benchmarks.md): the compiler's kept share -> peak GiB
 MEASURED_SHARE_PEAK = {0.10: 6.53, 0.50: 18.60, 0.62: 18.65, 1.0: 32.62}
 MEASURED_COMPILED_ALL_CHECKPOINTED = 5.12
