@@ -31,6 +31,9 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def build(row: Any, work: Path, steps: int, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Unsloth's trainer for `row`; the options say where the set-up's time went (`phases_s`: import, load,
+    LoRA, trainer), which is most of an Unsloth row's device time (~45 s of ~70 s in issue 19's fifth session)."""
+    marks = [time.time()]
     import unsloth  # noqa: F401 - must come before transformers, trl and peft: it patches them
     from unsloth import FastLanguageModel
 
@@ -44,9 +47,11 @@ def build(row: Any, work: Path, steps: int, out_dir: Path) -> tuple[Any, dict[st
     llama = row.peer.get("model", "llama") == "llama"
     model_dir = work / ("llama-mini-random" if llama else "phi3-mini-random")
     ckpt = row.peer.get("checkpointing", "unsloth")
+    marks.append(time.time())
     model, tok = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048,
                                                    dtype=torch.bfloat16, load_in_4bit=row.four_bit,
                                                    local_files_only=True)
+    marks.append(time.time())
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
         target_modules=LLAMA_TARGETS if llama else "all-linear",
@@ -59,6 +64,7 @@ def build(row: Any, work: Path, steps: int, out_dir: Path) -> tuple[Any, dict[st
                      packing=True, padding_free=True, disable_tqdm=True, optim="adamw_torch_fused",
                      dataset_num_proc=1)
     data = work / f"{row.data}.jsonl"
+    marks.append(time.time())
     trainer = SFTTrainer(model=model, processing_class=tok, args=args,
                          train_dataset=load_dataset("json", data_files=str(data))["train"])
     free = ckpt if isinstance(ckpt, int) else 0
@@ -80,8 +86,10 @@ def build(row: Any, work: Path, steps: int, out_dir: Path) -> tuple[Any, dict[st
 
     versions = {p: md.version(p) for p in ("unsloth", "unsloth_zoo", "trl", "transformers", "peft", "datasets",
                                             "bitsandbytes", "torch")}
+    marks.append(time.time())
+    phases = dict(zip(("import", "load", "lora", "trainer"), (round(b - a, 2) for a, b in zip(marks, marks[1:]))))
     return trainer, {"checkpointing": ckpt, "model": "llama layout" if llama else "phi3 folder",
-                     "versions": versions}
+                     "versions": versions, "phases_s": phases}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -480,6 +480,7 @@ def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int) -> dic
     with tempfile.TemporaryDirectory() as tmp, patched(row.patch):
         build = run_recipe if row.kind == "recipe" else run_engine
         trainer, opts = build(row, model_dir, data[row.data], timer.max_steps(), Path(tmp))
+        opts["phases_s"] = {"build": round(time.time() - started, 2)}  # imports, load, LoRA, trainer
         result = time_trainer(trainer, timer)
         del trainer
     _free()
