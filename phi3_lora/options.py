@@ -86,8 +86,9 @@ DEQUANTIZE_FROZEN = True
 DEFERRED_METRICS = True
 # Batches copied to the GPU without the host waiting for each copy (accelerate's `non_blocking`, from the pinned
 # memory the data loader fills on CUDA): a blocking copy of each batch tensor (input ids, labels, position ids,
-# sequence boundaries) waits for the GPU to finish the work queued before it. Issue 19's sixth session found 5 such
-# waits per engine step and none in Unsloth's (docs/benchmarks.md); not yet measured on its own.
+# sequence boundaries) waits for the GPU to finish the work queued before it, and the GPU then waits for the next
+# batch's collation. Between steps (outside bench/timing.py's timed window, inside a real run's wall time); not yet
+# measured on its own (issue 19's sixth session, docs/benchmarks.md).
 NON_BLOCKING_INPUTS = True
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
