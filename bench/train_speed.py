@@ -507,6 +507,9 @@ def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: 
         cmd = [sys.executable, "-m", "bench.peer_unsloth", "--row", "=" + row.name, *common]
         env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_path, str(ROOT), env.get("PYTHONPATH")) if p)
         env.update(HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1", TRANSFORMERS_OFFLINE="1")
+        # Unsloth writes the source of its patched modules under the working directory, which the device tool
+        # refreshes between calls: kept with the bench's other files instead, as a user's stays between runs.
+        env.setdefault("UNSLOTH_COMPILE_LOCATION", str(work / "unsloth_compiled_cache"))
     else:
         cmd = [sys.executable, "-m", "bench.train_speed", "--one-row", "=" + row.name, *common]
     started = time.time()
