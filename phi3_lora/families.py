@@ -172,6 +172,20 @@ def all_fused() -> dict[str, tuple[str, ...]]:
     return {g: s for f in FAMILIES for g, s in f.fused.items()}
 
 
+def sibling_layers(model: Any) -> list[tuple[Any, ...]]:
+    """Each module's separate projections that read one input (q/k/v, gate/up: the slices of a fused layer of
+    any family), in the fused layer's row order; only where the parent has all of them."""
+    groups = [tuple(child_name(s) for s in slices) for slices in all_fused().values()]
+    found = []
+    for parent in model.modules():
+        children = parent._modules  # not getattr: a missing name raises inside nn.Module, ~100x slower
+        for names in groups:
+            members = tuple(children.get(name) for name in names)
+            if all(m is not None for m in members):
+                found.append(members)
+    return found
+
+
 def end_tokens() -> tuple[str, ...]:
     """Every family's end-of-turn tokens (generation stops at those the vocabulary has)."""
     return tuple(dict.fromkeys(t for f in FAMILIES for t in f.end_tokens))

@@ -307,8 +307,8 @@ class ChatEngine:
         gen = settings.generate_kwargs()
         if decoding.can_decode(gen):
             layers = merging.plain_lora_layers(self.model) if adapter_names is not None else []
-            routing = merging.RowRouting(layers) if layers and adapter_names == sorted(
-                adapter_names, key=lambda name: name != BASE) else None
+            routed = bool(layers) and adapter_names == sorted(adapter_names, key=lambda name: name != BASE)
+            routing = merging.RowRouting(layers, families.sibling_layers(self.model)) if routed else None
             with routing.applied() if routing else contextlib.nullcontext():
                 return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"],
                                               self.stop_ids, settings.max_new_tokens, adapter_names=adapter_names,

@@ -11,6 +11,8 @@ every tuned answer. The copy is dropped whenever the adapter changes (`ChatEngin
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from phi3_lora.speed import forward_swap
@@ -105,38 +107,145 @@ class MergedWeights:
                 base.weight = weight
 
 
+@dataclass
+class _Group:
+    """LoRA layers that read one input (q/k/v, gate/up): their lora_A stacked, and the tuned rows' product with it
+    for the last input, until each layer has taken its columns."""
+
+    a_t: Any  # [in, sum of the layers' ranks]
+    size: int
+    x: Any = None  # the input of `h`, kept alive so that `is` cannot match a new tensor at a reused address
+    first: int = 0
+    h: Any = None  # [tuned rows, sum of ranks]
+    taken: int = 0  # bit i: layer i took its columns of `h`
+
+
+@dataclass
+class _Layer:
+    """What one LoRA layer's routed forward reads, looked up once per call (each nn.Module attribute read costs a
+    __getattr__ call per token)."""
+
+    base: Any
+    hooked: bool  # the base layer has forward hooks: called as a module, else its forward directly
+    a_t: Any  # lora_A^T, a view made once (a .t() per token was two more dispatched ops)
+    b_t: Any  # lora_B^T, times the scaling where that is exact (`folded`)
+    scaling: float
+    fast: bool  # same-dtype A and B, no dropout in training: the product form below; else peft's modules
+    folded: bool = False
+    group: _Group | None = None
+    bit: int = 0
+    start: int = 0
+    stop: int = 0
+
+
 class RowRouting:
     """Base rows first, tuned rows after them, in one batch: each LoRA layer adds its update to the tuned rows'
     slice only. The same sums as peft's mixed-batch routing (adapter_names), without the per-call hook set-up
     and per-layer row lists that cost more than the forward itself at two rows on a CPU. Plain LoRA Linear
-    layers only (`plain_lora_layers`); `first_tuned` is the first tuned row, moved as rows leave the batch."""
+    layers only (`plain_lora_layers`); `first_tuned` is the first tuned row, moved as rows leave the batch.
 
-    def __init__(self, layers: list[Any]) -> None:
+    `siblings` (`families.sibling_layers`): LoRA layers that read one input (q/k/v, gate/up) cast the tuned rows
+    once and multiply them with their stacked lora_A in one product, each layer then taking its columns: the
+    same dot products (each column of a product is its own sum; tests/test_pair_decoding.py compares logits)."""
+
+    def __init__(self, layers: list[Any], siblings: list[tuple[Any, ...]] = ()) -> None:
         self.layers, self.first_tuned = layers, 0
+        self._plan: dict[int, _Layer] = {}
+        for layer in layers:
+            a, b, scaling, base = layer.lora_A[TUNED].weight, layer.lora_B[TUNED].weight, layer.scaling[TUNED], \
+                layer.base_layer
+            plan = _Layer(base, _hooked(base), a.t(), b.t(), scaling,
+                          a.dtype == b.dtype and not layer.lora_dropout[TUNED].training)
+            if plan.fast and a.dtype != base.weight.dtype and _power_of_two(scaling):
+                # (h @ B^T) * 2^k == h @ (2^k B)^T bit for bit: every product and partial sum is scaled exactly
+                # (short of float32's subnormal range, 1e-38), and one op per layer and token less
+                plan.b_t, plan.folded = (b.detach() * scaling).t(), True
+            self._plan[id(layer)] = plan
+        for group in siblings:
+            plans = [self._plan.get(id(layer)) for layer in group]
+            a = [layer.lora_A[TUNED].weight for layer in group] if all(plans) else []
+            if not a or not all(p.fast for p in plans) or len({(w.dtype, w.shape[1]) for w in a}) != 1:
+                continue
+            shared, col = _Group(_cat_t(a), len(group)), 0
+            for i, (plan, weight) in enumerate(zip(plans, a)):
+                plan.group, plan.bit, plan.start, plan.stop = shared, 1 << i, col, col + weight.shape[0]
+                col += weight.shape[0]
+
+    @property
+    def stacked_groups(self) -> int:
+        return len({id(p.group) for p in self._plan.values() if p.group is not None})
+
+    @staticmethod
+    def _down(plan: _Layer, x: Any, first: int) -> Any:
+        """The tuned rows of `x` times this layer's lora_A^T, [rows, r] (from its group's shared product)."""
+        group = plan.group
+        if group is None:
+            return x[first:].to(plan.a_t.dtype).reshape(-1, x.shape[-1]).mm(plan.a_t)
+        if group.x is not x or group.first != first or group.taken & plan.bit:
+            group.h = x[first:].to(group.a_t.dtype).reshape(-1, x.shape[-1]).mm(group.a_t)
+            group.x, group.first, group.taken = x, first, 0
+        h = group.h
+        group.taken |= plan.bit
+        if group.taken == (1 << group.size) - 1:
+            group.x = group.h = None
+        return h[:, plan.start:plan.stop]
 
     def _forward(self, layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        result = layer.base_layer(x, *args, **kwargs)
+        plan = self._plan[id(layer)]
+        # the base layer's forward without Module.__call__ (~8 us a call on the 2-core Xeon) where nothing hooks it
+        result = plan.base(x, *args, **kwargs) if plan.hooked else plan.base.forward(x, *args, **kwargs)
         first = self.first_tuned
         if first >= x.shape[0]:
             return result
-        a, b, drop = layer.lora_A[TUNED].weight, layer.lora_B[TUNED].weight, layer.lora_dropout[TUNED]
-        rows = x[first:].to(a.dtype)
-        if drop.training:
-            rows = drop(rows)
-        if not result.is_contiguous() or a.dtype != b.dtype:
-            update = layer.lora_B[TUNED](layer.lora_A[TUNED](rows)) * layer.scaling[TUNED]
+        tuned = _row_view(result[first:]) if plan.fast else None
+        if tuned is None:
+            rows = layer.lora_dropout[TUNED](x[first:].to(plan.a_t.dtype))
+            update = layer.lora_B[TUNED](layer.lora_A[TUNED](rows)) * plan.scaling
             result[first:] += update.to(result.dtype)
             return result
         # Decoding on a CPU: every module call and elementwise op of peft's form costs more than the math at 1-2 rows
-        tuned = result[first:].view(-1, result.shape[-1])
-        flat = rows.reshape(-1, rows.shape[-1])
-        if result.dtype == a.dtype:  # one product into the tuned rows' slice, scaled by the GEMM itself
-            tuned.addmm_(flat @ a.t(), b.t(), alpha=layer.scaling[TUNED])
+        h = self._down(plan, x, first)
+        if result.dtype == plan.b_t.dtype:  # one product into the tuned rows' slice, scaled by the GEMM itself
+            tuned.addmm_(h, plan.b_t, alpha=plan.scaling)
         else:  # float32 adapter on a bf16 model: the update in the adapter's dtype, rounded once when added (peft's)
-            tuned.add_((flat @ a.t()).mm(b.t()).mul_(layer.scaling[TUNED]).to(result.dtype))
+            update = h.mm(plan.b_t)
+            tuned.add_((update if plan.folded else update.mul_(plan.scaling)).to(result.dtype))
         return result
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["RowRouting"]:
-        with forward_swap.swapped(self.layers, self._forward):
-            yield self
+        try:
+            with forward_swap.swapped(self.layers, self._forward):
+                yield self
+        finally:
+            for plan in self._plan.values():
+                if plan.group is not None:
+                    plan.group.x = plan.group.h = None
+
+
+def _hooked(module: Any) -> bool:
+    """Whether calling `module` runs more than its forward (its own or global forward hooks)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
+
+
+def _power_of_two(value: float) -> bool:
+    return value > 0 and math.frexp(value)[0] == 0.5
+
+
+def _cat_t(weights: list[Any]) -> Any:
+    """lora_A weights stacked by rows, transposed: [in, sum of ranks]."""
+    import torch
+
+    return torch.cat([w.detach() for w in weights]).t()
+
+
+def _row_view(t: Any) -> Any:
+    """`t` as a 2-D [rows, columns] view of the same memory (written in place), or None where its strides do not
+    allow one. A fused sibling product's columns (`cpu_linear`) are such a view: rows apart by the fused width."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None

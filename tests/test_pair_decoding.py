@@ -1,0 +1,123 @@
+"""Compare's pair (base + tuned rows of one batch) on a CPU: every speed-up of its decoding step gives the logits
+of the plain path bit for bit, in float32 and in bf16 (a float32 adapter on bf16 weights, as `dtype auto` loads
+on a CPU with native bf16). Each test records the float32 logits of every decoding step of `answer_pairs` with
+the speed-up on and off; equal logits at every step are equal greedy answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from phi3_lora.generate import ChatEngine, GenerationSettings
+
+HISTORIES = [[{"role": "user", "content": "Name three colours of the sea."}],
+             [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}]]
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter (r8, alpha 16, all linear layers) whose B is far from zero, so that the tuned rows differ."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("pair_adapter") / "adapter"
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def engine(request, tiny_llama_dir, random_adapter) -> ChatEngine:
+    import torch
+
+    from phi3_lora import cpu_linear
+    from phi3_lora.config import ModelSettings
+
+    if getattr(torch, request.param) not in cpu_linear.packable_dtypes():
+        pytest.skip("no native bf16 on this CPU: bf16 weights take PyTorch's matmul here")
+    name = str(tiny_llama_dir)
+    return ChatEngine(name, random_adapter, model_settings=ModelSettings(name=name, dtype=request.param,
+                                                                         load_in_4bit=False))
+
+
+class _Logits:
+    """A StoppingCriteria that stops nothing and keeps each step's logits."""
+
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.steps.append(scores.clone())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def _pair_logits(engine: ChatEngine) -> tuple[list, list]:
+    record = _Logits()
+    answers = engine.answer_pairs(HISTORIES, GenerationSettings(max_new_tokens=12), [record])
+    return record.steps, answers
+
+
+def _assert_same(fast: tuple[list, list], plain: tuple[list, list]) -> None:
+    import torch
+
+    (fast_steps, fast_answers), (plain_steps, plain_answers) = fast, plain
+    assert len(fast_steps) == len(plain_steps) == 12
+    assert all(torch.equal(a, b) for a, b in zip(fast_steps, plain_steps))
+    assert fast_answers == plain_answers
+    base, tuned = fast_steps[0][:2], fast_steps[0][2:]
+    assert not torch.equal(base, tuned)  # the tuned rows really carry the adapter's update
+
+
+@pytest.mark.slow
+def test_sibling_layers_as_one_packed_product_give_the_same_logits(engine, monkeypatch):
+    from phi3_lora import cpu_linear
+
+    groups: list = []
+    real = cpu_linear.sibling_groups
+
+    def seen(*args):
+        found = real(*args)
+        groups.extend(found)
+        return found
+
+    monkeypatch.setattr(cpu_linear, "sibling_groups", seen)
+    fused = _pair_logits(engine)
+    # q/k/v and gate/up of both decoder layers, the LoRA layers' base layers among them
+    assert sorted(len(g.layers) for g in groups) == [2, 2, 3, 3]
+    monkeypatch.setattr(cpu_linear, "FUSE_SIBLINGS", False)
+    _assert_same(fused, _pair_logits(engine))
+
+
+@pytest.mark.slow
+def test_sibling_lora_layers_share_one_product_with_their_stacked_lora_a(engine, monkeypatch):
+    from phi3_lora import families, merging
+
+    shared = _pair_logits(engine)
+    routing = merging.RowRouting(merging.plain_lora_layers(engine.model), families.sibling_layers(engine.model))
+    assert routing.stacked_groups == 2 * 2  # q/k/v and gate/up of both decoder layers
+    monkeypatch.setattr(families, "sibling_layers", lambda model: [])
+    _assert_same(shared, _pair_logits(engine))
+
+
+@pytest.mark.slow
+def test_a_power_of_two_scaling_folded_into_lora_b_gives_the_same_logits(engine, monkeypatch):
+    from phi3_lora import merging
+
+    routing = merging.RowRouting(merging.plain_lora_layers(engine.model))
+    mixed = engine.model.dtype != next(p for n, p in engine.model.named_parameters() if "lora_B" in n).dtype
+    # alpha 16 / r 8 = 2: folded where the update is rounded apart from the addmm (a float32 adapter on bf16)
+    assert all(plan.folded == mixed for plan in routing._plan.values())
+    folded = _pair_logits(engine)
+    monkeypatch.setattr(merging, "_power_of_two", lambda value: False)
+    _assert_same(folded, _pair_logits(engine))
