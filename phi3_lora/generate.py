@@ -19,7 +19,7 @@ from phi3_lora import cpu_linear, decoding, families, merging
 from phi3_lora.decoding import BASE
 from phi3_lora.errors import UserError
 from phi3_lora.merging import TUNED
-from phi3_lora.threads import cpu_threads
+from phi3_lora.threads import cpu_threads, release_thread_pool
 
 END_TOKENS = families.end_tokens()  # every family's end-of-turn tokens
 
@@ -101,6 +101,7 @@ class ChatEngine:
         self._packed = cpu_linear.PackedLinears()  # CPU float32: weights packed for oneDNN, made on first use
         if adapter_dir:
             self.set_adapter(adapter_dir)
+        release_thread_pool()  # loading ran parallel ops here; generation may stream from another thread
 
     @property
     def has_adapter(self) -> bool:
@@ -144,6 +145,7 @@ class ChatEngine:
             self._tuned_biases = {k: v for k, v in now.items()
                                   if k in self._pristine and not _same(v, self._pristine[k])}
             self.tokenizer.chat_template = adapter_chat_template(adapter_dir) or self._default_template
+            release_thread_pool()
 
     def _put_biases(self, values: dict[str, Any]) -> None:
         if not values:
@@ -377,6 +379,7 @@ class ChatEngine:
             finally:
                 streamer.end()
 
+        release_thread_pool()  # this thread's OpenMP pool would slow the worker's down (threads.release_thread_pool)
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         last = [""] * len(histories)
