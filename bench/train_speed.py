@@ -103,10 +103,12 @@ _DEFERRED = "phi3_lora.options.DEFERRED_METRICS"
 # Tried while tuning torch.compile, the memory budget's plans and the peer's set-up. The compiled
 # rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since
 # 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
-_WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.speed.packed_attention.SKIP_MASK_PROBE": False}
+_WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.speed.packed_attention.SKIP_MASK_PROBE": False,
+          "phi3_lora.options.HOST_LABEL_POSITIONS": False}
 EXPLORE = [
-    # The host waits the sixth session's profiles found, put back: blocking batch copies and transformers' probe of
-    # packed rows (what removing them gives; --profile lists the step's remaining waits by call site).
+    # The host waits the sixth session's profiles found, put back: blocking batch copies, transformers' probe of
+    # packed rows and trl's labelled positions picked on the GPU (what removing them gives; --profile lists the
+    # step's remaining waits by call site).
     Row("explore: engine QLoRA mix, whole GPU, host waits kept", "engine", "mix", patch=_WAITS, recipe_ref=_MIX),
     Row("explore: engine QLoRA full, whole GPU, host waits kept", "engine", "full", patch=_WAITS, recipe_ref=_FULL),
     # The step's host syncs (trl's metrics, Trainer's token count and NaN filter) kept, as before the deferral.

@@ -52,6 +52,9 @@ class ResolvedOptions:
     # trl's step metrics and the token counts stay on the device until a log reads them (speed/deferred_metrics.py;
     # DEFERRED_METRICS), and a NaN loss is logged as NaN instead of being filtered (the filter reads the loss).
     deferred_metrics: bool = False
+    # The loss head's labelled positions found on the host by the collator (speed/label_positions.py;
+    # HOST_LABEL_POSITIONS): trl picks them on the GPU with boolean indexing, two waits for the GPU per step.
+    host_label_positions: bool = False
 
 
 # The share of the budget that the estimate may fill: the rest is the allocator's slack and the CUDA context.
@@ -90,6 +93,10 @@ DEFERRED_METRICS = True
 # batch's collation. Between steps (outside bench/timing.py's timed window, inside a real run's wall time); not yet
 # measured on its own (issue 19's sixth session, docs/benchmarks.md).
 NON_BLOCKING_INPUTS = True
+# trl's fused loss head scores the labelled positions the collator found on the host, not ones it finds with
+# boolean indexing on the GPU (each a `nonzero` the host waits for: two per step). Issue 19's sixth session; not yet
+# measured on its own (the explore rows "host waits kept" put it back).
+HOST_LABEL_POSITIONS = True
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -159,7 +166,8 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            save_dropout_memory=bool(save_dropout),
                            compile_layers=compiled, activation_budget=activation if compiled else None,
                            compact_loss=device == "cpu", cudnn_attention=cudnn,
-                           dequantized_layers=dequantized, deferred_metrics=DEFERRED_METRICS and deferred_ok)
+                           dequantized_layers=dequantized, deferred_metrics=DEFERRED_METRICS and deferred_ok,
+                           host_label_positions=on_cuda and HOST_LABEL_POSITIONS)
 
 
 def layer_keeps(config: RunConfig, *, liger: bool, save_dropout_memory: bool, compiled: bool,

@@ -181,7 +181,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
 
     from phi3_lora import data as data_mod
     from phi3_lora import models
-    from phi3_lora.speed import compact_loss, deferred_metrics, dequantized, sdpa_backend
+    from phi3_lora.speed import compact_loss, deferred_metrics, dequantized, label_positions, sdpa_backend
     from phi3_lora.speed.layers import (PartialCheckpointing, compile_available, compile_layers, decoder_layers,
                                         expandable_segments)
     from phi3_lora.speed.packed_attention import cuda_varlen_available
@@ -229,6 +229,8 @@ def build(config: RunConfig, output_dir: Path) -> Built:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         callbacks=callbacks)
     trainer.deferred_metrics = opts.deferred_metrics
+    if opts.host_label_positions:
+        label_positions.install(trainer)
     if args.disable_tqdm:  # EventsCallback writes readable log lines; transformers' printer would repeat them as dicts
         from transformers.trainer_callback import PrinterCallback
 

@@ -134,6 +134,14 @@ def test_batches_reach_the_gpu_without_the_host_waiting_for_each_copy(tmp_path):
     assert not cpu["dataloader_pin_memory"] and "accelerator_config" not in cpu
 
 
+def test_the_loss_heads_labelled_positions_come_from_the_host_on_a_gpu():
+    """On CUDA trl would find them with boolean indexing (two waits per step); speed/label_positions finds them in
+    the collator (tests/test_label_positions.py checks the same loss). The CPU keeps trl's path."""
+    kw = dict(liger_installed=True, varlen_available=True, model_config=PHI3_MINI, gpu_memory_gb=139.0)
+    assert resolve_options(_config(), "cuda", "bfloat16", **kw).host_label_positions
+    assert not resolve_options(_config(), "cpu", "bfloat16", liger_installed=False).host_label_positions
+
+
 # H200 2026-12-02, compiled layers, full rows (docs/benchmarks.md): the compiler's kept share -> peak GiB
 MEASURED_SHARE_PEAK = {0.10: 6.53, 0.50: 18.60, 0.62: 18.65, 1.0: 32.62}
 MEASURED_COMPILED_ALL_CHECKPOINTED = 5.12

@@ -39,6 +39,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "cudnn_attention": ("torch",),
     "compile_layers": ("torch",),
     "deferred_metrics": ("transformers", "trl"),
+    "label_positions": ("trl",),
     "gguf_parsed_once": ("transformers", "gguf"),
 }
 STOCK_PATH = {
@@ -50,6 +51,7 @@ STOCK_PATH = {
     "cudnn_attention": "SDPA's own kernel order (FlashAttention-2 first)",
     "compile_layers": "eager decoder layers",
     "deferred_metrics": "step metrics read from the GPU in every step",
+    "label_positions": "trl's fused loss head picks the labelled positions on the GPU (two waits per step)",
     "gguf_parsed_once": "a GGUF parsed three times while transformers loads it",
 }
 
