@@ -16,14 +16,23 @@ HISTORIES = [[{"role": "user", "content": "Name three colours of the sea."}],
              [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why is the sky blue?"}]]
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: q/k/v with biases, packed together too
+def model_dir(request, tmp_path_factory) -> Path:
+    from helpers.tiny_models import build_tiny_qwen2
+
+    if request.param == "llama":
+        return request.getfixturevalue("tiny_llama_dir")
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2_biases"), random_biases=True)
+
+
 @pytest.fixture(scope="module")
-def random_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
+def random_adapter(model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter (r8, alpha 16, all linear layers) whose B is far from zero, so that the tuned rows differ."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -36,7 +45,7 @@ def random_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def engine(request, tiny_llama_dir, random_adapter) -> ChatEngine:
+def engine(request, model_dir, random_adapter) -> ChatEngine:
     import torch
 
     from phi3_lora import cpu_linear
@@ -44,7 +53,7 @@ def engine(request, tiny_llama_dir, random_adapter) -> ChatEngine:
 
     if getattr(torch, request.param) not in cpu_linear.packable_dtypes():
         pytest.skip("no native bf16 on this CPU: bf16 weights take PyTorch's matmul here")
-    name = str(tiny_llama_dir)
+    name = str(model_dir)
     return ChatEngine(name, random_adapter, model_settings=ModelSettings(name=name, dtype=request.param,
                                                                          load_in_4bit=False))
 
