@@ -5,19 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.training import tiny_config, varied_rows
+from helpers.training import loss_and_grads, tiny_config, trainable_lora, varied_rows
 
 from phi3_lora import train
 from phi3_lora.speed import compact_loss
-
-
-def _loss_and_grads(trainer, batch):
-    model = trainer.model
-    model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
 
 
 def test_labelled_positions_only_same_loss_and_gradients(tmp_path, tiny_llama_dir, monkeypatch):
@@ -28,11 +19,7 @@ def test_labelled_positions_only_same_loss_and_gradients(tmp_path, tiny_llama_di
     built = train.build(cfg, tmp_path / "run")
     assert built.device == "cpu" and built.opts.compact_loss and compact_loss.installed()
     trainer = built.trainer
-    trainer.model.train()
-    with torch.no_grad():  # B = 0 at the start would leave A without a gradient to compare
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    trainable_lora(trainer)
     batch = next(iter(trainer.get_train_dataloader()))
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     assert 0 < labelled < batch["labels"][:, 1:].numel()
@@ -45,11 +32,11 @@ def test_labelled_positions_only_same_loss_and_gradients(tmp_path, tiny_llama_di
         return real_apply(hidden, *args)
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
-    compact, compact_grads = _loss_and_grads(trainer, batch)
+    compact, compact_grads = loss_and_grads(trainer, batch)
     try:
         compact_loss.uninstall()
         assert not compact_loss.installed()
-        full, full_grads = _loss_and_grads(trainer, batch)
+        full, full_grads = loss_and_grads(trainer, batch)
     finally:
         compact_loss.install()
     assert rows_scored == [labelled, batch["labels"][:, 1:].numel()]

@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.training import tiny_config, varied_rows
+from helpers.training import loss_and_grads, tiny_config, trainable_lora, varied_rows
 
 from phi3_lora import train
 from phi3_lora.speed import label_positions
-
-
-def _loss_and_grads(trainer, batch):
-    model = trainer.model
-    model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
 
 
 def test_positions_are_the_labelled_next_tokens_in_row_major_order():
@@ -36,14 +27,10 @@ def test_host_positions_give_trls_loss_outputs_and_gradients(tmp_path, tiny_llam
     built = train.build(cfg, tmp_path / "run")
     trainer = built.trainer
     assert not built.opts.host_label_positions  # a CPU run keeps trl's path; the GPU's default is this one
-    trainer.model.train()
-    with torch.no_grad():  # B = 0 at the start would leave A without a gradient to compare
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    trainable_lora(trainer)
     batch = next(iter(trainer.get_train_dataloader()))
     assert label_positions.KEY not in batch
-    trl_loss, trl_grads = _loss_and_grads(trainer, batch)
+    trl_loss, trl_grads = loss_and_grads(trainer, batch)
 
     assert label_positions.install(trainer) and label_positions.install(trainer)  # idempotent
     taken = []
@@ -57,7 +44,7 @@ def test_host_positions_give_trls_loss_outputs_and_gradients(tmp_path, tiny_llam
     index = host[label_positions.KEY]
     assert index.tolist() == label_positions.positions(host["labels"]).tolist()
     assert 0 < index.numel() < host["labels"][:, 1:].numel()
-    ours, our_grads = _loss_and_grads(trainer, host)
+    ours, our_grads = loss_and_grads(trainer, host)
     assert taken == [1] and scored == [index.numel()]  # our path, trl's kernel on the labelled rows only
     torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
     assert our_grads.keys() == trl_grads.keys() and any("lora_A" in n for n in our_grads)

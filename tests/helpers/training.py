@@ -74,3 +74,24 @@ def losses_of_run(model_dir: Path, data: Path, run_dir: Path, dtype: str = "floa
         data={"source": str(data), "eval_fraction": 0.0})
     train.run(cfg, run_dir)
     return [loss for _, loss in events.run_status(run_dir).losses]
+
+
+def trainable_lora(trainer) -> None:
+    """Train mode with every lora_B drawn small instead of zero (as after some training): B = 0 at the start would
+    leave lora_A without a gradient to compare."""
+    import torch
+
+    trainer.model.train()
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+
+
+def loss_and_grads(trainer, batch) -> tuple:
+    """The trainer's loss on `batch` and every parameter gradient it gives (cloned), from zeroed gradients."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
