@@ -100,17 +100,18 @@ def _fused_at(model: Any, index: torch.Tensor, labels: torch.Tensor, num_items_i
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
     kwargs["use_cache"] = False
-    hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-    labels = labels[:, 1:]
     lm_head = model.get_output_embeddings()
-    hidden = hidden.to(lm_head.weight.device)
-    labels = labels.to(lm_head.weight.device)
-    index = index.to(lm_head.weight.device)
-    mask = labels != -100
-    flat = hidden.reshape(-1, hidden.size(-1))
+    device = lm_head.weight.device
+    hidden = model.base_model(*args, **kwargs).last_hidden_state.to(device)  # (B, T, H), every position
+    labels, index = labels.to(device), index.to(device)
+    mask = labels[:, 1:] != -100
+    # `index` counts over (B, T - 1), the shifted layout; row b's position t is b * T + t in the unshifted one, so
+    # the hidden states are picked from a view (no copy of a sliced batch) and their targets one position later
+    full = index + torch.div(index, labels.size(1) - 1, rounding_mode="floor")
     per_token = ChunkedLogProbFunction.apply(
-        flat.index_select(0, index), lm_head.weight, lm_head.bias, labels.reshape(-1).index_select(0, index), 1.0,
-        _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy", "is_top1"))
+        hidden.reshape(-1, hidden.size(-1)).index_select(0, full), lm_head.weight, lm_head.bias,
+        labels.reshape(-1).index_select(0, full + 1), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+        ("log_probs", "entropy", "is_top1"))
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(mask.numel()).index_copy(0, index, x).view(mask.shape) for x in per_token)
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
