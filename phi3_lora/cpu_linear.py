@@ -59,17 +59,41 @@ def available(model: Any) -> bool:
 
 
 @dataclass
+class SharedProduct:
+    """One product of an input that sibling layers (q/k/v, gate/up) share: made by the first sibling called with an
+    input, each sibling then taking its columns; a sibling called again, or with another input, starts a new one.
+    Used by the packed Linear layers here and by Compare's row routing (`merging.RowRouting`, lora_A stacked)."""
+
+    size: int  # how many siblings take columns
+    key: tuple[Any, ...] = ()  # what `out` was made from: the input (kept alive, so that `is` cannot match a new
+    # tensor at a reused address) and anything else it depends on
+    out: Any = None
+    taken: int = 0  # bit i: sibling i took its columns of `out`
+
+    def columns(self, x: Any, extra: tuple[Any, ...], bit: int, start: int, stop: int, make: Any) -> Any:
+        """Sibling `bit`'s columns [start, stop) of the product of `x` (and `extra`), made by `make()` if needed."""
+        if self.out is None or self.key[0] is not x or self.key[1:] != extra or self.taken & bit:
+            self.out, self.key, self.taken = make(), (x, *extra), 0
+        out = self.out
+        self.taken |= bit
+        if self.taken == (1 << self.size) - 1:
+            self.reset()
+        return out[..., start:stop]
+
+    def reset(self) -> None:
+        self.out, self.key, self.taken = None, (), 0
+
+
+@dataclass
 class _Siblings:
     """Linear layers of one parent that read the same input (q/k/v, gate/up), in output-column order, and their
-    fused product for the last input, until each sibling has taken its columns."""
+    fused product."""
 
     layers: tuple[Any, ...]
     starts: tuple[int, ...]  # first output column of each layer in the fused output
+    product: SharedProduct
     packed: Any = None  # the stacked weights, packed on first use
     bias: Any = None
-    x: Any = None  # the input of `out`, kept alive so that `is` cannot match a new tensor at a reused address
-    out: Any = None
-    taken: int = 0  # bit i: layer i took its columns of `out`
 
 
 @dataclass
@@ -102,7 +126,7 @@ def sibling_groups(model: Any, layers: list[Any]) -> list[_Siblings]:
         starts = [0]
         for m in members[:-1]:
             starts.append(starts[-1] + m.weight.shape[0])
-        groups.append(_Siblings(tuple(members), tuple(starts)))
+        groups.append(_Siblings(tuple(members), tuple(starts), SharedProduct(len(members))))
     return groups
 
 
@@ -148,18 +172,13 @@ class PackedLinears:
         taken by the others (a sibling called again, or with another input, starts a new product)."""
         import torch
 
-        if group.x is not x or group.taken & plan.bit:
+        if group.packed is None:
+            group.packed = self._pack(*(m.weight for m in group.layers))
             if group.packed is None:
-                group.packed = self._pack(*(m.weight for m in group.layers))
-                if group.packed is None:
-                    return None
-                group.bias = None if plan.bias is None else torch.cat([m.bias for m in group.layers])
-            group.x, group.out, group.taken = x, self._product(x, group.packed, group.bias), 0
-        out = group.out
-        group.taken |= plan.bit
-        if group.taken == (1 << len(group.layers)) - 1:
-            group.x = group.out = None
-        return out[..., plan.start:plan.stop]
+                return None
+            group.bias = None if plan.bias is None else torch.cat([m.bias for m in group.layers])
+        return group.product.columns(x, (), plan.bit, plan.start, plan.stop,
+                                     lambda: self._product(x, group.packed, group.bias))
 
     def _forward(self, module: Any, x: Any) -> Any:
         import torch

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from phi3_lora.cpu_linear import SharedProduct
 from phi3_lora.speed import forward_swap
 
 TUNED = "tuned"  # the engine's adapter name
@@ -110,14 +111,10 @@ class MergedWeights:
 @dataclass
 class _Group:
     """LoRA layers that read one input (q/k/v, gate/up): their lora_A stacked, and the tuned rows' product with it
-    for the last input, until each layer has taken its columns."""
+    ([tuned rows, sum of ranks]), shared until each layer has taken its columns."""
 
     a_t: Any  # [in, sum of the layers' ranks]
-    size: int
-    x: Any = None  # the input of `h`, kept alive so that `is` cannot match a new tensor at a reused address
-    first: int = 0
-    h: Any = None  # [tuned rows, sum of ranks]
-    taken: int = 0  # bit i: layer i took its columns of `h`
+    product: SharedProduct
 
 
 @dataclass
@@ -166,7 +163,7 @@ class RowRouting:
             a = [layer.lora_A[TUNED].weight for layer in group] if all(plans) else []
             if not a or not all(p.fast for p in plans) or len({(w.dtype, w.shape[1]) for w in a}) != 1:
                 continue
-            shared, col = _Group(_cat_t(a), len(group)), 0
+            shared, col = _Group(_cat_t(a), SharedProduct(len(group))), 0
             for i, (plan, weight) in enumerate(zip(plans, a)):
                 plan.group, plan.bit, plan.start, plan.stop = shared, 1 << i, col, col + weight.shape[0]
                 col += weight.shape[0]
@@ -181,14 +178,8 @@ class RowRouting:
         group = plan.group
         if group is None:
             return x[first:].to(plan.a_t.dtype).reshape(-1, x.shape[-1]).mm(plan.a_t)
-        if group.x is not x or group.first != first or group.taken & plan.bit:
-            group.h = x[first:].to(group.a_t.dtype).reshape(-1, x.shape[-1]).mm(group.a_t)
-            group.x, group.first, group.taken = x, first, 0
-        h = group.h
-        group.taken |= plan.bit
-        if group.taken == (1 << group.size) - 1:
-            group.x = group.h = None
-        return h[:, plan.start:plan.stop]
+        return group.product.columns(x, (first,), plan.bit, plan.start, plan.stop,
+                                     lambda: x[first:].to(group.a_t.dtype).reshape(-1, x.shape[-1]).mm(group.a_t))
 
     def _forward(self, layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         plan = self._plan[id(layer)]
@@ -220,7 +211,7 @@ class RowRouting:
         finally:
             for plan in self._plan.values():
                 if plan.group is not None:
-                    plan.group.x = plan.group.h = None
+                    plan.group.product.reset()
 
 
 def _hooked(module: Any) -> bool:

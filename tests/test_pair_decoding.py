@@ -130,3 +130,26 @@ def test_a_power_of_two_scaling_folded_into_lora_b_gives_the_same_logits(engine,
     folded = _pair_logits(engine)
     monkeypatch.setattr(merging, "_power_of_two", lambda value: False)
     _assert_same(folded, _pair_logits(engine))
+
+
+def test_a_shared_product_is_made_once_per_input_and_taken_column_by_column():
+    import torch
+
+    from phi3_lora.cpu_linear import SharedProduct
+
+    made = []
+    x, y = torch.arange(6.0).view(1, 6), torch.ones(1, 6)
+    product = SharedProduct(3)
+
+    def make(t):
+        return lambda: made.append(1) or t * 10
+
+    assert product.columns(x, (0,), 1, 0, 2, make(x)).tolist() == [[0.0, 10.0]]
+    assert product.columns(x, (0,), 2, 2, 4, make(x)).tolist() == [[20.0, 30.0]] and len(made) == 1  # shared
+    assert product.columns(x, (1,), 4, 4, 6, make(x)).tolist() == [[40.0, 50.0]] and len(made) == 2  # other extra
+    product.columns(y, (0,), 1, 0, 2, make(y))  # another input: a new product
+    product.columns(y, (0,), 1, 0, 2, make(y))  # the same sibling again: a new product too
+    assert len(made) == 4
+    product.columns(y, (0,), 2, 2, 4, make(y))
+    product.columns(y, (0,), 4, 4, 6, make(y))  # every sibling took its columns: nothing is kept
+    assert len(made) == 4 and product.out is None and product.key == ()
