@@ -2,11 +2,14 @@
 
 - `lean_lora`: replaces peft's LoRA forward per instance (one addmm), `DropoutLoraA` reads the RNG state
   through `torch._C`; its SwiGLU remake calls Liger's kernel internals.
-- `packed_attention`: registers `sdpa_varlen` with transformers' attention interfaces (PyTorch's varlen kernel).
+- `packed_attention`: registers `sdpa_varlen` with transformers' attention interfaces (PyTorch's varlen kernel),
+  and skips transformers' host probe of packed rows for it (a private masking function).
 - `bnb_codes`: every read of a 4-bit weight (dense values, codes): puts back a weight that bitsandbytes repacked
   for CPU inference first, and cuts 4-bit weights at their packed codes through bitsandbytes' QuantState and a
   private function (`fused` uses it to split Phi-3's fused layers bit-identically).
 - `compact_loss`: trl's fused loss head scores only the labelled positions on the CPU too (a private trl helper).
+- `label_positions`: on a GPU those positions come from the collator, on the host, into a copy of trl's fused
+  forward (trl's chunked kernel and output class).
 - `layers`: the memory budget's per-layer plan (partial checkpointing through transformers' per-layer flag),
   compiled decoder layers and the CUDA allocator setting.
 - `dequantized`: 16-bit copies of the frozen 4-bit weights where the budget has room (bitsandbytes' own function).
