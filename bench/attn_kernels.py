@@ -11,6 +11,7 @@ the shape says why. Used to decide `options.CUDNN_ATTENTION` (docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -117,26 +118,22 @@ def flex_path(q: Any, k: Any, v: Any, lengths: list[int]) -> Any:
     def causal_document(b: Any, h: Any, qi: Any, ki: Any) -> Any:
         return (doc[qi] == doc[ki]) & (qi >= ki)
 
-    made: list[Any] = []  # the mask is made on the first call, so that a refusal is reported as the path's error
+    @functools.cache  # made on the first call, so that a refusal is reported as the path's error
+    def mask() -> Any:
+        return create_block_mask(causal_document, None, None, total, total, device="cuda")
 
     def run() -> Any:
-        if not made:
-            made.append(create_block_mask(causal_document, None, None, total, total, device="cuda"))
         flex = _compiled_flex(flex_attention)
-        return flex(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=made[0])[0].transpose(0, 1)
+        return flex(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=mask())[0].transpose(0, 1)
 
     return run
 
 
-_FLEX: list[Any] = []
-
-
+@functools.cache
 def _compiled_flex(fn: Any) -> Any:
     import torch
 
-    if not _FLEX:
-        _FLEX.append(torch.compile(fn))
-    return _FLEX[0]
+    return torch.compile(fn)
 
 
 def mix(a: argparse.Namespace) -> dict[str, Any]:
