@@ -10,6 +10,14 @@
 # starts only if its expected time fits before the limit, so the same command, sent again, goes on where the
 # last one stopped: e.g. CALL_LIMIT=590 bash bench/device_call.sh --set main --repeats 2 --no-check
 #
+# With DETACH=<seconds> the bench runs as its own process session (setsid), which outlives the call and begins no
+# run it does not expect to end within DETACH seconds of the first call's start: no device time is lost to the end
+# of a call that no run fitted, nor between calls. Every call with the same command starts it (the first) or follows
+# it, sends back its files so far, and returns when the bench ends or at CALL_LIMIT (default 590): send it again
+# within the machine's warm time (30 s). The bench runs from its own copy of the tree (a call refreshes this one).
+# DETACH_RESTART=1 stops a bench started earlier and starts this one (the model and caches under /tmp stay).
+# e.g. DETACH=1600 CALL_LIMIT=590 bash bench/device_call.sh --set main --repeats 2 --no-check
+#
 # Needs the wheels carried in .whl/ (carry=[".whl"]): .whl/proj (this project's pins that the machine's image
 # lacks: trl, peft, bitsandbytes, liger-kernel, datasets, gguf, ...) and .whl/uns (Unsloth and its pins, only for
 # Unsloth rows). Installs each into its own folder under /tmp (nothing can be downloaded there), then runs
@@ -20,8 +28,33 @@ START=$(date +%s)
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 CALLS=/tmp/phi3_lora_bench/calls
+if [ -n "${DETACH:-}" ]; then
+    RUN=/tmp/phi3_lora_bench/detached
+    if [ -n "${DETACH_RESTART:-}" ] && [ -f "$RUN/pid" ]; then  # stop the bench (its process group) and start anew
+        kill -- "-$(cat "$RUN/pid")" 2>/dev/null; sleep 2; rm -rf "$RUN"
+    fi
+    if [ ! -d "$RUN" ]; then
+        mkdir -p "$RUN/out" && cp -a . "$RUN/repo" || exit 1
+        (cd "$RUN/repo" && OUT="$RUN/out" DETACH='' CALL_LIMIT='' RUN_DEADLINE=$((START + DETACH)) \
+            setsid bash -c 'echo $$ > "$0/pid"; exec bash bench/device_call.sh "$@"' "$RUN" "$@" \
+            > "$RUN/log.txt" 2>&1 < /dev/null &)
+        until [ -f "$RUN/pid" ]; do sleep 0.2; done
+    fi
+    PID=$(cat "$RUN/pid")
+    until ! kill -0 "$PID" 2>/dev/null || [ "$(date +%s)" -ge $((START + ${CALL_LIMIT:-590} - 10)) ]; do
+        sleep 5
+        cp -a "$RUN/out/." "$OUT/" 2>/dev/null
+    done
+    cp -a "$RUN/out/." "$OUT/" 2>/dev/null
+    cp "$RUN/log.txt" "$OUT/detached-log.txt"
+    grep -E '^\{"name"|time budget|runs done|Error|error' "$RUN/log.txt" | tail -n 60
+    if kill -0 "$PID" 2>/dev/null; then echo "bench still running: send the same command again"; else echo "bench ended"; fi
+    exit 0
+fi
 SERIES=()
-if [ -n "${CALL_LIMIT:-}" ]; then  # 15 s kept for writing the tables and sending $OUT back
+if [ -n "${RUN_DEADLINE:-}" ]; then  # a detached bench (DETACH above): 10 s kept for the tables
+    SERIES=(--deadline-epoch "$((RUN_DEADLINE - 10))")
+elif [ -n "${CALL_LIMIT:-}" ]; then  # 15 s kept for writing the tables and sending $OUT back
     mkdir -p "$CALLS"
     SERIES=(--done-dir "$CALLS" --deadline-epoch "$((START + CALL_LIMIT - 15))")
 fi

@@ -100,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row-json", required=True)
     p.add_argument("--profile", help="profile one step into this file instead of timing the row")
     p.add_argument("--profile-step", type=int, default=6, help="the step to profile (after a warm-up)")
+    p.add_argument("--go-file", help="import, then wait for this file before the row's work (bench/prestart.py)")
     args = p.parse_args(argv)
 
+    from bench.prestart import await_go
     from bench.timing import SettleTimer, time_trainer
     from bench.train_speed import all_rows, finish, named, step_profiler
 
     row = next(r for r in all_rows() if named(r, args.row))
-    started = time.time()
     if args.profile:  # the same trainer as a timed run, one step under torch.profiler (bench/train_speed.py)
         callback, summary = step_profiler(args.profile_step)
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         summary(row.name, Path(args.profile))
         Path(args.row_json).write_text(json.dumps({"name": row.name, "profile": args.profile}), encoding="utf-8")
         return 0
+    pre: dict[str, Any] = {}
     try:
+        pre = await_go(args.go_file, row.kind)
+        started = time.time()
         timer = SettleTimer(args.steps, min_total=10)
         with tempfile.TemporaryDirectory() as tmp:
             trainer, opts = build(row, Path(args.workdir), timer.max_steps(), Path(tmp))
@@ -124,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a row that fails is a result too
         traceback.print_exc()
         result = {"name": row.name, "kind": row.kind, "data": row.data, "error": f"{type(exc).__name__}: {exc}"}
-    Path(args.row_json).write_text(json.dumps(result, default=str), encoding="utf-8")
+    Path(args.row_json).write_text(json.dumps({**result, **pre}, default=str), encoding="utf-8")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)  # the result is written: skip tearing down the model and CUDA (seconds of device time a row)

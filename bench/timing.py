@@ -39,6 +39,8 @@ class SettleTimer:
         self.start: int | None = None  # index of the first timed step
         self.settled = False
         self._t, self._tok = 0.0, 0
+        self.spans: list[tuple[float, float]] = []  # each step's (begin, end) as Unix time: when it ran
+        self._began = 0.0
 
     def max_steps(self) -> int:
         return max(self.max_warmup + self.steps, self.min_total)
@@ -55,6 +57,7 @@ class SettleTimer:
         """Record a step; True when the timed steps are done."""
         self.times.append(time.perf_counter() - self._t)
         self.tokens.append(self._tok)
+        self.spans.append((self._began, time.time()))
         i = len(self.times) - 1
         if self.start is None:
             per = [t / max(1, n) for t, n in zip(self.times, self.tokens)]
@@ -74,7 +77,7 @@ class SettleTimer:
         class _CB(TrainerCallback):
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 sync()
-                timer._t, timer._tok = time.perf_counter(), 0
+                timer._t, timer._tok, timer._began = time.perf_counter(), 0, time.time()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 sync()
@@ -96,7 +99,9 @@ class SettleTimer:
             "warmup_steps": start, "settled": self.settled, "steps": len(t),
             "warmup_step_s": [round(x, 4) for x in self.times[:start]],
             "step_s": [round(x, 4) for x in t], "tokens_per_step_list": n,
-            "losses": [self.losses.get(i + 1) for i in range(len(self.times))]}
+            "losses": [self.losses.get(i + 1) for i in range(len(self.times))],
+            # Unix times of the timed steps (bench/prestart.py checks no neighbour's imports ran then)
+            "timed_window": [self.spans[start][0], self.spans[-1][1]] if t else None}
         if t:
             med = statistics.median(t)
             out.update(step_s_median=med, tokens_per_step=sum(n) / len(n),

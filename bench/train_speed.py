@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.prestart import await_go, overlap_s
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
 PEAK_FLOPS = 790e12
@@ -496,14 +498,37 @@ def finish(result: dict[str, Any], row: Row, opts: dict[str, Any], started: floa
     return result
 
 
-def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: float | None = None,
-                       extra: list[str] | None = None) -> dict[str, Any]:
-    """Run one row in a fresh Python process (the peer's with its own packages first on the path), killed after
-    `timeout` seconds (default --row-timeout); `process_s` is the whole process's time, imports included.
+@dataclass
+class RowProcess:
+    """A row's process: started (`spawn`), maybe waiting for its go file, collected with `collect`."""
+
+    row: Row
+    proc: subprocess.Popen
+    out: Path
+    go_file: Path | None
+    spawned_at: float
+    go_at: float = 0.0
+
+    def go(self) -> None:
+        """Let a pre-started process begin the row's work (its time counts from here)."""
+        if self.go_file is not None:
+            self.go_file.touch()
+        self.go_at = time.time()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def spawn(row: Row, args: argparse.Namespace, work: Path, extra: list[str] | None = None,
+          prestart: bool = False) -> RowProcess:
+    """Start one row in a fresh Python process (the peer's with its own packages first on the path). With
+    `prestart` the process only imports, then waits for `RowProcess.go` (bench/prestart.py); else it goes now.
     `extra`: more arguments for the row's process (bench/peer_unsloth.py's --profile)."""
-    timeout = timeout or args.row_timeout
-    out = work / f"row-{os.getpid()}-{time.time_ns()}.json"
+    stem = work / f"row-{os.getpid()}-{time.time_ns()}"
+    out, go_file = stem.with_suffix(".json"), (stem.with_suffix(".go") if prestart else None)
     common = ["--workdir", str(work), "--steps", str(args.steps), "--row-json", str(out), *(extra or [])]
+    common += ["--go-file", str(go_file)] if go_file else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if row.kind == "unsloth":
         cmd = [sys.executable, "-m", "bench.peer_unsloth", "--row", "=" + row.name, *common]
@@ -514,17 +539,33 @@ def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: 
         env.setdefault("UNSLOTH_COMPILE_LOCATION", str(work / "unsloth_compiled_cache"))
     else:
         cmd = [sys.executable, "-m", "bench.train_speed", "--one-row", "=" + row.name, *common]
-    started = time.time()
+    started = RowProcess(row, subprocess.Popen(cmd, cwd=ROOT, env=env), out, go_file, time.time())  # noqa: S603
+    if not prestart:
+        started.go()
+    return started
+
+
+def collect(rp: RowProcess, timeout: float) -> dict[str, Any]:
+    """Wait for `rp` (killed `timeout` seconds after its go); its result, with `process_s` from the go to its end
+    (the imports of a pre-started process are not in it) and `spawned_at`."""
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False)  # noqa: S603
-        failure = None if proc.returncode == 0 and out.exists() else f"row process exited {proc.returncode}"
+        code = rp.proc.wait(timeout=max(1.0, rp.go_at + timeout - time.time()))
+        failure = None if code == 0 and rp.out.exists() else f"row process exited {code}"
     except subprocess.TimeoutExpired:  # the row is a result (an error), the rows after it still run
+        rp.kill()
         failure = f"row process killed after {timeout:.0f} s (--row-timeout or the call's deadline)"
-    process_s = time.time() - started
+    process_s = time.time() - rp.go_at
+    row = rp.row
     if failure:
         return {"name": row.name, "kind": row.kind, "data": row.data, "wall_s": process_s, "process_s": process_s,
                 "error": failure}
-    return {**json.loads(out.read_text(encoding="utf-8")), "process_s": process_s}
+    return {**json.loads(rp.out.read_text(encoding="utf-8")), "process_s": process_s, "spawned_at": rp.spawned_at}
+
+
+def measure_in_process(row: Row, args: argparse.Namespace, work: Path, timeout: float | None = None,
+                       extra: list[str] | None = None) -> dict[str, Any]:
+    """One row in its own process, now (`spawn`, `collect`; default timeout --row-timeout)."""
+    return collect(spawn(row, args, work, extra), timeout or args.row_timeout)
 
 
 def one_row_main(args: argparse.Namespace) -> int:
@@ -532,14 +573,16 @@ def one_row_main(args: argparse.Namespace) -> int:
     row = next(r for r in all_rows() if named(r, args.one_row))
     model_dir = work / "phi3-mini-random"
     data = {"full": work / "full.jsonl", "mix": work / "mix.jsonl"}
+    pre: dict[str, Any] = {}
     try:
+        pre = await_go(args.go_file, row.kind)
         result = measure(row, model_dir, data, args.steps)
     except Exception as exc:  # noqa: BLE001 - a row that fails is a result too
         import traceback
 
         traceback.print_exc()
         result = {"name": row.name, "kind": row.kind, "data": row.data, "error": f"{type(exc).__name__}: {exc}"}
-    Path(args.row_json).write_text(json.dumps(result, default=str), encoding="utf-8")
+    Path(args.row_json).write_text(json.dumps({**result, **pre}, default=str), encoding="utf-8")
     return 0
 
 
@@ -962,23 +1005,51 @@ def gpu_main(args: argparse.Namespace) -> int:
     pending = pending_runs(rows, args.first_repeat, args.repeats, done, args.last)
     if done:
         print(f"{len(done)} runs done in earlier calls; {len(pending)} to go", flush=True)
-    while pending:
+
+    def pick(after_s: float = 0.0) -> tuple[Row, int] | None:
+        """The next run that fits what is left of the call once `after_s` more seconds are spent (next_run)."""
+        if deadline and time.time() > deadline:
+            return None
+        left = args.deadline_epoch - time.time() - after_s if args.deadline_epoch else None
+        return next_run(pending, history + report["runs"], left)
+
+    current: tuple[RowProcess, int] | None = None
+    while True:
+        if current is None:
+            run = pick()
+            if run is None:
+                break
+            pending.remove(run)
+            current = (spawn(run[0], args, work), run[1])
+        # the next run imports while this one works, and begins at its end (bench/prestart.py)
+        ahead = pick(expected_s(current[0].row, history + report["runs"])) if args.prestart else None
+        if ahead is not None:
+            pending.remove(ahead)
+        nxt = (spawn(ahead[0], args, work, prestart=True), ahead[1]) if ahead else None
         left = args.deadline_epoch - time.time() if args.deadline_epoch else None
-        run = None if deadline and time.time() > deadline else next_run(pending, history + report["runs"], left)
-        if run is None:
-            print("time budget spent: left for a later call:", [f"{r.name} #{rep}" for r, rep in pending], flush=True)
-            break
-        pending.remove(run)
-        row, repeat = run
-        r = measure_in_process(row, args, work, timeout=min(args.row_timeout, left) if left else None)
-        r["repeat"] = repeat
+        r = collect(current[0], min(args.row_timeout, left) if left else args.row_timeout)
+        r["repeat"] = current[1]
+        if report["runs"]:  # did this run's imports meet the timed steps of the run before? (should be 0)
+            r["import_overlap_s"] = round(overlap_s(report["runs"][-1].get("timed_window"),
+                                                    r.get("import_window")), 3)
         report["runs"].append(r)
-        report["order"].append(row.name)
+        report["order"].append(r["name"])
         print(json.dumps({k: v for k, v in r.items() if k in (
             "name", "tokens_per_s", "peak_gib", "tokens_per_step", "warmup_steps", "settled", "step_s_median",
-            "step_tok_s_min", "step_tok_s_max", "error", "wall_s", "process_s")}, default=str),
-            flush=True)
+            "step_tok_s_min", "step_tok_s_max", "error", "wall_s", "process_s", "import_overlap_s")},
+            default=str), flush=True)
         dump()
+        current = nxt
+        if current is not None:
+            left = args.deadline_epoch - time.time() if args.deadline_epoch else None
+            if left is not None and expected_s(current[0].row, history + report["runs"]) > left:
+                current[0].kill()  # the one before ran long: this one no longer fits the call
+                pending.insert(0, (current[0].row, current[1]))
+                current = None
+            else:
+                current[0].go()
+    if pending:
+        print("time budget spent: left for a later call:", [f"{r.name} #{rep}" for r, rep in pending], flush=True)
     dump()
     measures = ([("gen", lambda d, a, b: time_generation(str(d), a, b))] if args.gen else []) + (
         [("gen_explore", explore_generation)] if args.gen_explore else [])
@@ -1248,6 +1319,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Unix time the call must end by: a row starts only if its expected time fits, and is "
                         "killed at the deadline.")
     p.add_argument("--last", nargs="*", help="Rows (names as in --rows) to run after every other run.")
+    p.add_argument("--no-prestart", dest="prestart", action="store_false",
+                   help="Start each row's process only when the one before has ended (by default the next one "
+                        "does its imports meanwhile, bench/prestart.py).")
     p.add_argument("--peer-path", default=os.environ.get("PEER_PYTHONPATH", ""),
                    help="Folder with Unsloth and its pins, put first on PYTHONPATH for the Unsloth rows.")
     p.add_argument("--cpu-steps", type=int, default=6)
@@ -1270,6 +1344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Write the table into this file ('' to skip).")
     p.add_argument("--one-row", help=argparse.SUPPRESS)  # internal: run this row here, write --row-json
     p.add_argument("--row-json", help=argparse.SUPPRESS)
+    p.add_argument("--go-file", help=argparse.SUPPRESS)  # internal: import, then wait for this file (prestart.py)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1287,4 +1362,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "--one-row" in sys.argv:  # a row's process: its result is written; skip tearing down the model and CUDA
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -4,12 +4,14 @@ copy of a Phi-3 model that the Unsloth rows read (same function), and the kernel
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 
 import pytest
 import torch
 
-from bench import timing
+from bench import prestart, timing
 from bench import train_speed as bench
 
 
@@ -187,3 +189,46 @@ def test_a_profile_lists_where_the_step_waits_for_the_gpu_by_call_site() -> None
     assert "1 x cudaMemcpyAsync <- /site/trl/trainer/sft_trainer.py(900): compute_loss" in sites
     assert "1 x cudaStreamSynchronize <- (no Python frame)" in sites
     assert not any("cudaLaunchKernel" in s for s in sites) and len(sites) == 3
+
+
+def test_timer_says_when_its_timed_steps_ran():
+    timer = timing.SettleTimer(2, min_warmup=1, max_warmup=1)
+    cb = timer.callback()
+    before = time.time()
+    for _ in range(3):
+        cb.on_step_begin(None, None, None)
+        time.sleep(0.01)
+        cb.on_step_end(None, None, type("C", (), {})())
+    window = timer.result()["timed_window"]
+    assert before < timer.spans[1][0] == window[0] < window[1] == timer.spans[2][1] <= time.time()
+    assert timer.spans[0][1] <= window[0]  # the warm-up step is not in it
+
+
+def test_windows_overlap():
+    assert prestart.overlap_s([0.0, 10.0], [8.0, 20.0]) == 2.0
+    assert prestart.overlap_s([0.0, 10.0], [10.0, 20.0]) == 0.0
+    assert prestart.overlap_s(None, [1.0, 2.0]) == 0.0
+
+
+def test_a_prestarted_row_process_imports_then_waits_for_its_go(tmp_path, monkeypatch):
+    """A real row process (engine kind): it imports, says so, and does not begin the row until the go file; its
+    result says when its imports ran and when it began (here the row fails: the workdir has no model)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    row = bench.ordered_rows(["=engine QLoRA full, 8 GiB"], "main")[0]
+    args = argparse.Namespace(steps=2, peer_path="", row_timeout=300)
+    rp = bench.spawn(row, args, tmp_path, prestart=True)
+    try:
+        deadline = time.time() + 240
+        while not rp.go_file.with_suffix(".ready").exists():
+            assert rp.proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert rp.proc.poll() is None and not rp.out.exists()  # imported, waiting
+    except BaseException:
+        rp.kill()
+        raise
+    rp.go()
+    result = bench.collect(rp, 240)
+    began, ready = result["import_window"]
+    assert began < ready <= rp.go_at <= result["go_at"]
+    assert "error" in result and result["process_s"] < time.time() - ready
