@@ -35,7 +35,8 @@ if [ -n "${DETACH:-}" ]; then
     fi
     if [ ! -d "$RUN" ]; then
         mkdir -p "$RUN/out" && cp -a . "$RUN/repo" || exit 1
-        (cd "$RUN/repo" && OUT="$RUN/out" DETACH='' CALL_LIMIT='' RUN_DEADLINE=$((START + DETACH)) \
+        DEADLINE=$((START + DETACH))  # before the line below, whose DETACH='' a $((...)) there would read
+        (cd "$RUN/repo" && OUT="$RUN/out" DETACH='' CALL_LIMIT='' RUN_DEADLINE=$DEADLINE \
             setsid bash -c 'echo $$ > "$0/pid"; exec bash bench/device_call.sh "$@"' "$RUN" "$@" \
             > "$RUN/log.txt" 2>&1 < /dev/null &)
         until [ -f "$RUN/pid" ]; do sleep 0.2; done

@@ -15,6 +15,7 @@ un-checkpointed, the rest as "unsloth").
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--go-file", help="import, then wait for this file before the row's work (bench/prestart.py)")
     args = p.parse_args(argv)
 
-    from bench.prestart import await_go
+    from bench.prestart import await_go, quiet
     from bench.timing import SettleTimer, time_trainer
     from bench.train_speed import all_rows, finish, named, step_profiler
 
@@ -119,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     pre: dict[str, Any] = {}
     try:
-        pre = await_go(args.go_file, row.kind)
+        pre = await_go(args.go_file, row.kind, Path(args.workdir))
         started = time.time()
-        timer = SettleTimer(args.steps, min_total=10)
+        timer = SettleTimer(args.steps, min_total=10, quiet=functools.partial(quiet, Path(args.workdir)))
         with tempfile.TemporaryDirectory() as tmp:
             trainer, opts = build(row, Path(args.workdir), timer.max_steps(), Path(tmp))
             result = finish(time_trainer(trainer, timer), row, opts, started)

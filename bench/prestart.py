@@ -4,18 +4,21 @@ a go file; the row's own work (load, LoRA, compile, timed steps) starts only at 
 Every GPU row runs in its own process, so a two-run table of 14 rows spent ~300 of one device session's 1,800 s
 importing torch, transformers, trl and Unsloth (engine 6-10 s, Unsloth more). The imports are CPU work; done in
 the shadow of the row before, they cost no device time. They must not land in the row before's timed steps (a
-busy host core could slow a host-bound step): each run records when its imports ran (`import_window`) and its
-timed steps (`timed_window`, bench/timing.py), and `overlap_s` says how long the two met; the bench prints it
-and the table's notes say if any run's timed steps met a neighbour's imports.
+busy host core could slow a host-bound step; Unsloth's imports take 30-40 s on the H200 machine, longer than an
+engine row's set-up): a pre-started process marks itself importing, and a row's timer (bench/timing.py) adds
+warm-up steps until no one is (`quiet`). Each run records when its imports ran (`import_window`) and its timed
+steps (`timed_window`); `overlap_s` says how long the two met (the bench prints it: 0 when the rule held).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 POLL_S = 0.02
+IMPORTING = "importing"  # folder under the bench's workdir: one file per pre-started process still importing
 MAX_WAIT_S = 3600.0  # a pre-started process whose bench went away gives up
 
 
@@ -34,10 +37,18 @@ def preload(kind: str) -> None:
         from phi3_lora import train  # noqa: F401
 
 
-def await_go(go_file: str | None, kind: str) -> dict[str, Any]:
-    """In a row's process: the imports, then (with a go file) wait until the file exists. Returns when each ran."""
+def await_go(go_file: str | None, kind: str, work: Path) -> dict[str, Any]:
+    """In a row's process: the imports, then (with a go file) wait until the file exists. Returns when each ran.
+    A pre-started process marks itself importing under `work` meanwhile (`quiet` reads the marks)."""
     began = time.time()
-    preload(kind)
+    mark = work / IMPORTING / str(os.getpid())
+    if go_file:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    try:
+        preload(kind)
+    finally:
+        mark.unlink(missing_ok=True)
     ready = time.time()
     if go_file:
         go = Path(go_file)
@@ -47,6 +58,19 @@ def await_go(go_file: str | None, kind: str) -> dict[str, Any]:
                 raise TimeoutError(f"no go file {go} after {MAX_WAIT_S:.0f} s")
             time.sleep(POLL_S)
     return {"import_window": [began, ready], "go_at": time.time()}
+
+
+def quiet(work: Path) -> bool:
+    """No other live process is importing for a row now (a row's timer starts its timed steps only then)."""
+    for mark in (work / IMPORTING).glob("*"):
+        try:
+            os.kill(int(mark.name), 0)
+        except (ValueError, ProcessLookupError):
+            continue  # not a pid, or the process is gone (killed while importing)
+        except PermissionError:
+            pass
+        return False
+    return True
 
 
 def overlap_s(a: list[float] | None, b: list[float] | None) -> float:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 MIN_WARMUP = 3
 MAX_WARMUP = 12
+QUIET_WAIT_STEPS = 200  # at most this many more warm-up steps while another process imports (bench/prestart.py)
 SETTLE_TOLERANCE = 0.05
 GIB = 2**30
 
@@ -30,9 +31,11 @@ class SettleTimer:
     """Times optimizer steps; stops the trainer after `steps` timed steps past the settled warm-up."""
 
     def __init__(self, steps: int, min_warmup: int = MIN_WARMUP, max_warmup: int = MAX_WARMUP,
-                 min_total: int = 0) -> None:
+                 min_total: int = 0, quiet: Callable[[], bool] | None = None) -> None:
         self.steps, self.min_warmup, self.max_warmup = steps, min_warmup, max_warmup
         self.min_total = min_total  # train at least this many steps (the bench compares losses at step 10)
+        self.quiet = quiet  # False while another process works on the host: the timed steps wait for True
+        self.quiet_wait = 0  # warm-up steps added waiting for quiet
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.losses: dict[int, float] = {}
@@ -43,7 +46,7 @@ class SettleTimer:
         self._began = 0.0
 
     def max_steps(self) -> int:
-        return max(self.max_warmup + self.steps, self.min_total)
+        return max(self.max_warmup + self.steps + (QUIET_WAIT_STEPS if self.quiet else 0), self.min_total)
 
     def pre_hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
@@ -61,11 +64,13 @@ class SettleTimer:
         i = len(self.times) - 1
         if self.start is None:
             per = [t / max(1, n) for t, n in zip(self.times, self.tokens)]
-            if i >= self.min_warmup and all(abs(per[j] - per[j - 1]) / per[j - 1] < SETTLE_TOLERANCE
-                                            for j in (i, i - 1)):
-                self.start, self.settled = i + 1, True
-            elif i + 1 >= self.max_warmup:
-                self.start = i + 1
+            settled = i >= self.min_warmup and all(abs(per[j] - per[j - 1]) / per[j - 1] < SETTLE_TOLERANCE
+                                                   for j in (i, i - 1))
+            if settled or i + 1 >= self.max_warmup:
+                if self.quiet is None or self.quiet() or self.quiet_wait >= QUIET_WAIT_STEPS:
+                    self.start, self.settled = i + 1, settled
+                else:
+                    self.quiet_wait += 1
         return (self.start is not None and len(self.times) - self.start >= self.steps
                 and len(self.times) >= self.min_total)
 
@@ -96,7 +101,7 @@ class SettleTimer:
         t, n = self.times[start:], self.tokens[start:]
         rates = [k / s for k, s in zip(n, t) if s > 0]
         out: dict[str, Any] = {
-            "warmup_steps": start, "settled": self.settled, "steps": len(t),
+            "warmup_steps": start, "settled": self.settled, "steps": len(t), "quiet_wait_steps": self.quiet_wait,
             "warmup_step_s": [round(x, 4) for x in self.times[:start]],
             "step_s": [round(x, 4) for x in t], "tokens_per_step_list": n,
             "losses": [self.losses.get(i + 1) for i in range(len(self.times))],

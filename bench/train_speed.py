@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.prestart import await_go, overlap_s
+from bench.prestart import await_go, overlap_s, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
@@ -480,7 +481,7 @@ def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int) -> dic
 
     _free()
     started = time.time()
-    timer = SettleTimer(steps, min_total=SAME_LOSS_STEP)
+    timer = SettleTimer(steps, min_total=SAME_LOSS_STEP, quiet=functools.partial(quiet, model_dir.parent))
     with tempfile.TemporaryDirectory() as tmp, patched(row.patch):
         build = run_recipe if row.kind == "recipe" else run_engine
         trainer, opts = build(row, model_dir, data[row.data], timer.max_steps(), Path(tmp))
@@ -575,7 +576,7 @@ def one_row_main(args: argparse.Namespace) -> int:
     data = {"full": work / "full.jsonl", "mix": work / "mix.jsonl"}
     pre: dict[str, Any] = {}
     try:
-        pre = await_go(args.go_file, row.kind)
+        pre = await_go(args.go_file, row.kind, work)
         result = measure(row, model_dir, data, args.steps)
     except Exception as exc:  # noqa: BLE001 - a row that fails is a result too
         import traceback

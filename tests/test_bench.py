@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import pytest
@@ -204,6 +205,31 @@ def test_timer_says_when_its_timed_steps_ran():
     assert timer.spans[0][1] <= window[0]  # the warm-up step is not in it
 
 
+def test_timed_steps_wait_until_no_one_imports(tmp_path):
+    """A row's timed steps begin only once no other live process is marked importing (bench/prestart.py)."""
+    import subprocess
+    import sys
+
+    marks = tmp_path / prestart.IMPORTING
+    marks.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (marks / gone.stdout.strip()).touch()  # a process killed while importing: ignored
+    assert prestart.quiet(tmp_path)
+    (marks / str(os.getpid())).touch()  # a live one
+    assert not prestart.quiet(tmp_path)
+
+    timer = timing.SettleTimer(2, min_warmup=1, max_warmup=1, quiet=lambda: prestart.quiet(tmp_path))
+    for i in range(8):
+        timer._tok = 100
+        if i == 4:
+            (marks / str(os.getpid())).unlink()
+        if timer._step_end():
+            break
+    result = timer.result()
+    assert result["warmup_steps"] == 5 and result["quiet_wait_steps"] == 4 and result["steps"] == 2
+    assert timing.SettleTimer(2, quiet=lambda: True).max_steps() > timing.SettleTimer(2).max_steps()
+
+
 def test_windows_overlap():
     assert prestart.overlap_s([0.0, 10.0], [8.0, 20.0]) == 2.0
     assert prestart.overlap_s([0.0, 10.0], [10.0, 20.0]) == 0.0
@@ -219,11 +245,15 @@ def test_a_prestarted_row_process_imports_then_waits_for_its_go(tmp_path, monkey
     rp = bench.spawn(row, args, tmp_path, prestart=True)
     try:
         deadline = time.time() + 240
+        while prestart.quiet(tmp_path):  # not yet marked importing
+            assert rp.proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
         while not rp.go_file.with_suffix(".ready").exists():
             assert rp.proc.poll() is None and time.time() < deadline
             time.sleep(0.1)
         time.sleep(1.0)
         assert rp.proc.poll() is None and not rp.out.exists()  # imported, waiting
+        assert prestart.quiet(tmp_path)  # its importing mark is gone
     except BaseException:
         rp.kill()
         raise
