@@ -103,7 +103,7 @@ _COMPILE = "phi3_lora.options.COMPILE_LAYERS"
 _CUDNN, _DEQ = "phi3_lora.options.CUDNN_ATTENTION", "phi3_lora.options.DEQUANTIZE_FROZEN"
 _ACT = "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
 _DEFERRED = "phi3_lora.options.DEFERRED_METRICS"
-_WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.speed.packed_attention.SKIP_MASK_PROBE": False,
+_WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.options.SKIP_MASK_PROBE": False,
           "phi3_lora.options.HOST_LABEL_POSITIONS": False}
 # Tried while tuning torch.compile, the memory budget's plans and the peer's set-up. The compiled
 # rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since

@@ -97,6 +97,9 @@ NON_BLOCKING_INPUTS = True
 # boolean indexing on the GPU (each a `nonzero` the host waits for: two per step). Issue 19's sixth session; not yet
 # measured on its own (the explore rows "host waits kept" put it back).
 HOST_LABEL_POSITIONS = True
+# The packed attention's forward skips transformers' host probe of padding-free rows (a `.all()` on a GPU tensor
+# before every forward; speed/packed_attention.py `_skip_packed_mask_probe`). Same session, same A/B rows.
+SKIP_MASK_PROBE = True
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 

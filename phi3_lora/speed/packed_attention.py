@@ -61,11 +61,6 @@ def register() -> str:
     return NAME
 
 
-# Whether sdpa_varlen's forward skips transformers' host probe of packed rows (below); the bench turns it off to
-# measure what it gives.
-SKIP_MASK_PROBE = True
-
-
 def _skip_packed_mask_probe() -> None:
     """transformers builds every causal mask through `masking_utils._preprocess_mask_arguments`, which, for
     position ids without a 2-D mask (a padding-free packed batch), asks on the host whether the row holds more
@@ -75,14 +70,16 @@ def _skip_packed_mask_probe() -> None:
     untouched. Idempotent; with untested transformers versions left alone."""
     from transformers import masking_utils
 
+    from phi3_lora import options
+
     original = masking_utils._preprocess_mask_arguments
     if getattr(original, "_phi3_lora", False) or not versions.tested(NAME):
         return
 
     def preprocess(config: Any, inputs_embeds: torch.Tensor, attention_mask: Any, past_key_values: Any = None,
                    *args: Any, **kwargs: Any) -> Any:
-        if (SKIP_MASK_PROBE and getattr(config, "_attn_implementation", None) == NAME and attention_mask is None
-                and past_key_values is None):
+        if (options.SKIP_MASK_PROBE and getattr(config, "_attn_implementation", None) == NAME
+                and attention_mask is None and past_key_values is None):
             return True, None, None, None, None, None, None  # early exit: create_*_mask returns None
         return original(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs)
 
