@@ -1,7 +1,7 @@
 """SDPA's kernels side by side on one GPU for the Phi-3-mini attention shape: forward + backward time per kernel.
 
     python -m bench.attn_kernels [--batch 4 --seq 2048 --heads 32 --dim 96]
-    python -m bench.attn_kernels --mix   # packs of unequal lengths: flash varlen vs cuDNN's ragged path
+    python -m bench.attn_kernels --mix   # packs of unequal lengths: flash varlen vs cuDNN's ragged attention
 
 Prints, for each backend PyTorch offers (flash, cuDNN, memory-efficient), the median of 20 causal forward +
 backward passes in bf16, TFLOP/s, and the largest difference of its output from flash's; a backend that refuses
@@ -106,41 +106,24 @@ def _timed(fn: Any, grads: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def flex_path(q: Any, k: Any, v: Any, lengths: list[int]) -> Any:
-    """FlexAttention (compiled Triton) with a causal document mask over the packed (T, H, D) tensors: its block
-    mask skips the blocks between sequences."""
-    import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def cudnn_ragged_path(q: Any, k: Any, v: Any, lengths: list[int]) -> Any:
+    """cuDNN's fused attention on the packed (T, H, D) tensors with ragged offsets, through cuDNN's frontend
+    (bench/cudnn_ragged.py); the pack's lengths and offsets made once, outside the timed calls."""
+    from bench import cudnn_ragged
 
-    total = sum(lengths)
-    doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    @functools.cache
+    def meta() -> Any:
+        return cudnn_ragged.pack_meta(lengths, q.shape[1], q.shape[2])
 
-    def causal_document(b: Any, h: Any, qi: Any, ki: Any) -> Any:
-        return (doc[qi] == doc[ki]) & (qi >= ki)
-
-    @functools.cache  # made on the first call, so that a refusal is reported as the path's error
-    def mask() -> Any:
-        return create_block_mask(causal_document, None, None, total, total, device="cuda")
-
-    def run() -> Any:
-        flex = _compiled_flex(flex_attention)
-        return flex(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=mask())[0].transpose(0, 1)
-
-    return run
-
-
-@functools.cache
-def _compiled_flex(fn: Any) -> Any:
-    import torch
-
-    return torch.compile(fn)
+    return lambda: cudnn_ragged.ragged_attention(q, k, v, meta())
 
 
 def mix(a: argparse.Namespace) -> dict[str, Any]:
     """The engine's kernel for packs of unequal lengths (flash varlen) against full-length rows through cuDNN:
     forward + backward ms per layer over 4 steps' packs of the chat mix, and the largest difference of its output
     and q/k/v gradients from a per-sequence fp32 reference. A candidate kernel for the mix joins `paths`
-    (docs/benchmarks.md lists the two measured and not adopted: cuDNN's ragged path, dense buckets)."""
+    (docs/benchmarks.md lists those measured and not adopted: torch's ragged cuDNN call, dense buckets,
+    FlexAttention, in git history at aec1f73)."""
     import torch
 
     from phi3_lora.speed import packed_attention as pa
@@ -148,6 +131,12 @@ def mix(a: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     h, d = a.heads, a.dim
     result: dict[str, Any] = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "steps": []}
+    try:
+        import importlib.metadata as md
+
+        result["cudnn_frontend"] = md.version("nvidia-cudnn-frontend")
+    except Exception as exc:  # noqa: BLE001
+        result["cudnn_frontend"] = f"{type(exc).__name__}: {exc}"
     for seed in range(4):
         lengths = mix_lengths(seed)
         total = sum(lengths)
@@ -159,7 +148,7 @@ def mix(a: argparse.Namespace) -> dict[str, Any]:
         ref = pa._per_sequence_sdpa(*(t.transpose(0, 1) for t in ref_in), cu.tolist(), None).transpose(0, 1)
         ref.backward(grad.float())
         paths = {"flash_varlen": lambda: pa._cuda_varlen(q, k, v, cu, max_len, None),
-                 "flex_document_mask": flex_path(q, k, v, lengths)}
+                 "cudnn_frontend_ragged": cudnn_ragged_path(q, k, v, lengths)}
         step: dict[str, Any] = {"tokens": total, "sequences": len(lengths), "max_len": max_len,
                                 "causal_pairs_share_of_full": round(sum(n * n for n in lengths) / (4 * 2048 ** 2), 3)}
         for name, fn in paths.items():

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds .whl/ for the device tool's `run` (carry=[".whl"]; bench/device_call.sh installs it there, where nothing
 # can be downloaded):
-#   .whl/proj  this project's pins that the GPU machine's image lacks (its torch 2.11 / transformers 5.17 stay)
+#   .whl/proj  this project's pins that the GPU machine's image lacks (its torch 2.11 / transformers 5.17 stay), and
+#              cuDNN's Python frontend for bench/cudnn_ragged.py (a bench-only candidate kernel)
 #   .whl/uns   Unsloth and the pins it needs (trl <= 1.15, datasets < 5), installed into a folder of their own
 #   .whl/phi3_tokenizer  the bench's Phi-3 tokenizer folder (made here from tests/assets' GGUF: transformers derives
 #              the BPE merges from the vocabulary, 40-50 s that every device call spent otherwise)
@@ -15,7 +16,7 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --pla
    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 rm -rf .whl && mkdir -p .whl/proj .whl/uns
 python3 -m pip download -q "${P[@]}" -d .whl/proj trl==1.16.0 datasets==5.2.0 peft==0.21.2 bitsandbytes==0.50.2 \
-    liger-kernel==0.8.5 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19
+    liger-kernel==0.8.5 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19 nvidia-cudnn-frontend==1.14.1
 python3 -m pip download -q "${P[@]}" -d .whl/uns unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 \
     datasets==4.8.5 torchao==0.18.0 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 shtab==1.13.0 \
     cut_cross_entropy==25.1.1 msgspec==0.23.0 hf_transfer==0.1.9 pydantic==2.14.4 pydantic-core==2.50.5 \
