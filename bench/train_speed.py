@@ -540,10 +540,10 @@ def spawn(row: Row, args: argparse.Namespace, work: Path, extra: list[str] | Non
         env.setdefault("UNSLOTH_COMPILE_LOCATION", str(work / "unsloth_compiled_cache"))
     else:
         cmd = [sys.executable, "-m", "bench.train_speed", "--one-row", "=" + row.name, *common]
-    started = RowProcess(row, subprocess.Popen(cmd, cwd=ROOT, env=env), out, go_file, time.time())  # noqa: S603
+    rp = RowProcess(row, subprocess.Popen(cmd, cwd=ROOT, env=env), out, go_file, time.time())  # noqa: S603
     if not prestart:
-        started.go()
-    return started
+        rp.go()
+    return rp
 
 
 def collect(rp: RowProcess, timeout: float) -> dict[str, Any]:
