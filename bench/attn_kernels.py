@@ -106,17 +106,14 @@ def _timed(fn: Any, grads: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cudnn_ragged_path(q: Any, k: Any, v: Any, lengths: list[int], slots: int | None = 64) -> Any:
+def cudnn_ragged_path(q: Any, k: Any, v: Any, cu: Any, slots: int | None = None) -> Any:
     """cuDNN's fused attention on the packed (T, H, D) tensors with ragged offsets, through cuDNN's frontend
-    (bench/cudnn_ragged.py), `slots` sequences a graph (None: the pack's count); the pack's lengths and offsets
-    made once, outside the timed calls."""
-    from bench import cudnn_ragged
+    (speed/cudnn_ragged.py: options.CUDNN_RAGGED), `slots` sequences a graph (None: its SLOTS)."""
+    from phi3_lora.speed import cudnn_ragged
 
-    @functools.cache
-    def meta() -> Any:
-        return cudnn_ragged.pack_meta(lengths, q.shape[1], q.shape[2], slots)
-
-    return lambda: cudnn_ragged.ragged_attention(q, k, v, meta())
+    if cudnn_ragged.frontend() is None:
+        raise RuntimeError("cuDNN's Python frontend is not installed here (nvidia-cudnn-frontend)")
+    return lambda: cudnn_ragged.ragged_attention(q, k, v, cu, None, slots or cudnn_ragged.SLOTS)
 
 
 def mix(a: argparse.Namespace) -> dict[str, Any]:
@@ -149,8 +146,8 @@ def mix(a: argparse.Namespace) -> dict[str, Any]:
         ref = pa._per_sequence_sdpa(*(t.transpose(0, 1) for t in ref_in), cu.tolist(), None).transpose(0, 1)
         ref.backward(grad.float())
         paths = {"flash_varlen": lambda: pa._cuda_varlen(q, k, v, cu, max_len, None),
-                 "cudnn_frontend_ragged": cudnn_ragged_path(q, k, v, lengths),
-                 "cudnn_frontend_ragged_exact_slots": cudnn_ragged_path(q, k, v, lengths, slots=None)}
+                 "cudnn_frontend_ragged": cudnn_ragged_path(q, k, v, cu),
+                 "cudnn_frontend_ragged_exact_slots": cudnn_ragged_path(q, k, v, cu, slots=len(lengths))}
         step: dict[str, Any] = {"tokens": total, "sequences": len(lengths), "max_len": max_len,
                                 "causal_pairs_share_of_full": round(sum(n * n for n in lengths) / (4 * 2048 ** 2), 3)}
         for name, fn in paths.items():

@@ -2,7 +2,7 @@
 # Builds .whl/ for the device tool's `run` (carry=[".whl"]; bench/device_call.sh installs it there, where nothing
 # can be downloaded):
 #   .whl/proj  this project's pins that the GPU machine's image lacks (its torch 2.11 / transformers 5.17 stay), and
-#              cuDNN's Python frontend for bench/cudnn_ragged.py (a bench-only candidate kernel)
+#              cuDNN's Python frontend for speed/cudnn_ragged.py (off by default, options.CUDNN_RAGGED)
 #   .whl/uns   Unsloth and the pins it needs (trl <= 1.15, datasets < 5), installed into a folder of their own
 #   .whl/phi3_tokenizer  the bench's Phi-3 tokenizer folder (made here from tests/assets' GGUF: transformers derives
 #              the BPE merges from the vocabulary, 40-50 s that every device call spent otherwise)

@@ -109,6 +109,10 @@ _WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.options.SKI
 # rows come first: issue 19's lever, never run on a GPU yet (lean_lora traces without a graph break since
 # 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
 EXPLORE = [
+    # Packs of unequal lengths through cuDNN's fused attention with ragged offsets (speed/cudnn_ragged.py), not
+    # flash's varlen kernel: the engine's one candidate for the whole-GPU mix (0.987x Unsloth, seventh session).
+    *(Row(f"explore: engine QLoRA mix, {label}, ragged cuDNN frontend", "engine", "mix", budget_gb=budget,
+          patch={"phi3_lora.options.CUDNN_RAGGED": True}, recipe_ref=_MIX) for budget, label in BUDGETS),
     # The host waits the sixth session's profiles found, put back: blocking batch copies, transformers' probe of
     # packed rows and trl's labelled positions picked on the GPU (what removing them gives; --profile lists the
     # step's remaining waits by call site).
@@ -475,17 +479,33 @@ def patched(patch: dict[str, Any]) -> contextlib.ExitStack:
     return stack
 
 
-def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int) -> dict[str, Any]:
-    """One recipe or engine row in this process."""
+def engine_patch(pairs: list[str] | None) -> dict[str, Any]:
+    """--engine-patch's NAME=VALUE pairs (VALUE as JSON: true, 0.5, "x"; else the string) as a patch (pure)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, _, value = pair.partition("=")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value
+    return out
+
+
+def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int,
+            extra_patch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One recipe or engine row in this process (`extra_patch`: --engine-patch, engine rows only)."""
     from bench.timing import SettleTimer, time_trainer
 
     _free()
     started = time.time()
     timer = SettleTimer(steps, min_total=SAME_LOSS_STEP, quiet=functools.partial(quiet, model_dir.parent))
-    with tempfile.TemporaryDirectory() as tmp, patched(row.patch):
+    extra = (extra_patch or {}) if row.kind == "engine" else {}
+    with tempfile.TemporaryDirectory() as tmp, patched({**row.patch, **extra}):
         build = run_recipe if row.kind == "recipe" else run_engine
         trainer, opts = build(row, model_dir, data[row.data], timer.max_steps(), Path(tmp))
         opts["phases_s"] = {"build": round(time.time() - started, 2)}  # imports, load, LoRA, trainer
+        if extra:
+            opts["engine_patch"] = extra
         result = time_trainer(trainer, timer)
         del trainer
     _free()
@@ -530,6 +550,8 @@ def spawn(row: Row, args: argparse.Namespace, work: Path, extra: list[str] | Non
     out, go_file = stem.with_suffix(".json"), (stem.with_suffix(".go") if prestart else None)
     common = ["--workdir", str(work), "--steps", str(args.steps), "--row-json", str(out), *(extra or [])]
     common += ["--go-file", str(go_file)] if go_file else []
+    patch = getattr(args, "engine_patch", None)
+    common += ["--engine-patch", *patch] if row.kind == "engine" and patch else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if row.kind == "unsloth":
         cmd = [sys.executable, "-m", "bench.peer_unsloth", "--row", "=" + row.name, *common]
@@ -577,7 +599,7 @@ def one_row_main(args: argparse.Namespace) -> int:
     pre: dict[str, Any] = {}
     try:
         pre = await_go(args.go_file, row.kind, work)
-        result = measure(row, model_dir, data, args.steps)
+        result = measure(row, model_dir, data, args.steps, engine_patch(args.engine_patch))
     except Exception as exc:  # noqa: BLE001 - a row that fails is a result too
         import traceback
 
@@ -1320,6 +1342,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Unix time the call must end by: a row starts only if its expected time fits, and is "
                         "killed at the deadline.")
     p.add_argument("--last", nargs="*", help="Rows (names as in --rows) to run after every other run.")
+    p.add_argument("--engine-patch", nargs="*", metavar="NAME=VALUE",
+                   help="Set these module attributes in every engine row's process (VALUE as JSON), e.g. "
+                        "phi3_lora.options.CUDNN_RAGGED=true: the whole table with a switch an explore row won.")
     p.add_argument("--no-prestart", dest="prestart", action="store_false",
                    help="Start each row's process only when the one before has ended (by default the next one "
                         "does its imports meanwhile, bench/prestart.py).")

@@ -100,6 +100,10 @@ HOST_LABEL_POSITIONS = True
 # The packed attention's forward skips transformers' host probe of padding-free rows (a `.all()` on a GPU tensor
 # before every forward; speed/packed_attention.py `_skip_packed_mask_probe`). Same session, same A/B rows.
 SKIP_MASK_PROBE = True
+# Packs of unequal lengths through cuDNN's fused attention with ragged offsets (speed/cudnn_ragged.py, cuDNN's own
+# Python frontend) instead of flash's varlen kernel, where the frontend is installed. Off: not yet run on a GPU
+# (issue 19's seventh session wrote it; the bench's "ragged cuDNN" explore rows turn it on).
+CUDNN_RAGGED = False
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 

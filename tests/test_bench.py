@@ -262,3 +262,11 @@ def test_a_prestarted_row_process_imports_then_waits_for_its_go(tmp_path, monkey
     began, ready = result["import_window"]
     assert began < ready <= rp.go_at <= result["go_at"]
     assert "error" in result and result["process_s"] < time.time() - ready
+
+
+def test_engine_patch_pairs_and_explore_rows_for_the_ragged_kernel():
+    assert bench.engine_patch(["phi3_lora.options.CUDNN_RAGGED=true", "x.Y=0.5", "x.Z=fast"]) == {
+        "phi3_lora.options.CUDNN_RAGGED": True, "x.Y": 0.5, "x.Z": "fast"}
+    rows = bench.ordered_rows(["ragged cuDNN frontend"], "explore")
+    assert sorted(r.budget_gb or 0 for r in rows) == [0, 8, 24]
+    assert all(r.patch == {"phi3_lora.options.CUDNN_RAGGED": True} and r.data == "mix" for r in rows)
