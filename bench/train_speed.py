@@ -1029,12 +1029,15 @@ def gpu_main(args: argparse.Namespace) -> int:
     if done:
         print(f"{len(done)} runs done in earlier calls; {len(pending)} to go", flush=True)
 
+    def seconds_left() -> float | None:
+        return args.deadline_epoch - time.time() if args.deadline_epoch else None
+
     def pick(after_s: float = 0.0) -> tuple[Row, int] | None:
         """The next run that fits what is left of the call once `after_s` more seconds are spent (next_run)."""
         if deadline and time.time() > deadline:
             return None
-        left = args.deadline_epoch - time.time() - after_s if args.deadline_epoch else None
-        return next_run(pending, history + report["runs"], left)
+        left = seconds_left()
+        return next_run(pending, history + report["runs"], None if left is None else left - after_s)
 
     current: tuple[RowProcess, int] | None = None
     while True:
@@ -1049,7 +1052,7 @@ def gpu_main(args: argparse.Namespace) -> int:
         if ahead is not None:
             pending.remove(ahead)
         nxt = (spawn(ahead[0], args, work, prestart=True), ahead[1]) if ahead else None
-        left = args.deadline_epoch - time.time() if args.deadline_epoch else None
+        left = seconds_left()
         r = collect(current[0], min(args.row_timeout, left) if left else args.row_timeout)
         r["repeat"] = current[1]
         if report["runs"]:  # did this run's imports meet the timed steps of the run before? (should be 0)
@@ -1064,7 +1067,7 @@ def gpu_main(args: argparse.Namespace) -> int:
         dump()
         current = nxt
         if current is not None:
-            left = args.deadline_epoch - time.time() if args.deadline_epoch else None
+            left = seconds_left()
             if left is not None and expected_s(current[0].row, history + report["runs"]) > left:
                 current[0].kill()  # the one before ran long: this one no longer fits the call
                 pending.insert(0, (current[0].row, current[1]))
