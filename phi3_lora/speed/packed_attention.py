@@ -169,12 +169,13 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         # a loop) and on a GPU where cuDNN's kernel is put first (sdpa_backend; else the measured varlen kernel)
         if max_len * (row_cu.numel() - 1) == q_len and (not query.is_cuda or sdpa_backend.PREFERRED):
             out = _equal_length_sdpa(query[b], key[b], value[b], row_cu.numel() - 1, max_len, scaling)
-        elif query.is_cuda and (_varlen() is not None or options.CUDNN_RAGGED):
-            q, k, v = (t[b].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
-            if options.CUDNN_RAGGED and cudnn_ragged.usable(q, k, row_cu.numel() - 1, max_len):
-                out = cudnn_ragged.ragged_attention(q, k, v, row_cu, scaling)
-            else:
-                out = _cuda_varlen(q, k, v, row_cu, max_len, scaling)
+        elif query.is_cuda and options.CUDNN_RAGGED and cudnn_ragged.usable(
+                query[b].transpose(0, 1), key[b].transpose(0, 1), row_cu.numel() - 1, max_len):
+            out = cudnn_ragged.ragged_attention(*(t[b].transpose(0, 1) for t in (query, key, value)), row_cu,
+                                                scaling)  # (T, H, D); it makes them contiguous
+        elif query.is_cuda and _varlen() is not None:
+            out = _cuda_varlen(query[b].transpose(0, 1).contiguous(), key[b].transpose(0, 1).contiguous(),
+                               value[b].transpose(0, 1).contiguous(), row_cu, max_len, scaling)  # (T, H, D)
         else:
             out = _per_sequence_sdpa(query[b], key[b], value[b], row_cu.tolist(), scaling).transpose(0, 1)
         rows.append(out)
