@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.prestart import await_go, overlap_s, quiet
+from bench.paired import paired_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
@@ -110,7 +111,7 @@ _WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.options.SKI
 # 2026-12-02; compiled layers take only the loss from Liger unless COMPILED_LIGER is emptied).
 EXPLORE = [
     # Packs of unequal lengths through cuDNN's fused attention with ragged offsets (speed/cudnn_ragged.py), not
-    # flash's varlen kernel: the engine's one candidate for the whole-GPU mix (0.987x Unsloth, seventh session).
+    # flash's varlen kernel. Eighth session, whole GPU: 26,374 against 27,095 tok/s without it (slower; off).
     *(Row(f"explore: engine QLoRA mix, {label}, ragged cuDNN frontend", "engine", "mix", budget_gb=budget,
           patch={"phi3_lora.options.CUDNN_RAGGED": True}, recipe_ref=_MIX) for budget, label in BUDGETS),
     # The host waits the sixth session's profiles found, put back: blocking batch copies, transformers' probe of
@@ -1124,6 +1125,10 @@ def write_gpu_markdown(report: dict[str, Any], args: argparse.Namespace) -> None
             f"{SAME_LOSS_STEP} steps in all); batch 4, max length 2048, LoRA r16 all-linear, "
             f"dropout 0.05, learning rate {LEARNING_RATE} constant on every row. Host link (pinned): "
             f"{report['host_link']}.\n\n" + table(report["rows"]))
+    pairs = paired_table(report["runs"])
+    if pairs:
+        body += ("\n\nThe same packs (step i of every row trains on the same pack; `bench/paired.py`), each pack's "
+                 "fastest run:\n\n" + pairs)
     write_markdown(Path(args.markdown), title, body)
 
 
@@ -1134,6 +1139,7 @@ def merge_main(args: argparse.Namespace) -> int:
     report["rows"] = aggregate(report["runs"])
     Path(args.json).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
     print(table(report["rows"]))
+    print(paired_table(report["runs"]))
     if args.markdown and report["runs"]:  # a call of profiles only has no table
         write_gpu_markdown(report, args)
     return 0

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bench import prestart, timing
+from bench import paired, prestart, timing
 from bench import train_speed as bench
 
 
@@ -270,3 +270,47 @@ def test_engine_patch_pairs_and_explore_rows_for_the_ragged_kernel():
     rows = bench.ordered_rows(["ragged cuDNN frontend"], "explore")
     assert sorted(r.budget_gb or 0 for r in rows) == [0, 8, 24]
     assert all(r.patch == {"phi3_lora.options.CUDNN_RAGGED": True} and r.data == "mix" for r in rows)
+
+
+def _run(name: str, warmup: list[float], timed: list[float], tokens: list[int]) -> dict:
+    return {"name": name, "warmup_step_s": warmup, "step_s": timed, "tokens_per_step_list": tokens}
+
+
+def test_engine_and_peer_are_compared_on_the_same_packs_not_on_their_own_windows():
+    # Pack 4 is short (half the tokens, half the time) for both. The engine settled after 3 warm-up steps and
+    # timed packs 3-6; the peer settled after 5 and timed packs 5-8. The engine takes 0.9 s for a full pack, the
+    # peer 1.0 s, so the engine is 1.111x on every pack they share.
+    full, short = 1000, 500
+    engine = _run("engine QLoRA mix, 8 GiB", [5.0, 4.0, 0.9], [0.9, 0.45, 0.9, 0.9], [full, short, full, full])
+    peer = _run("unsloth QLoRA mix, 8 GiB", [9.0, 6.0, 1.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0], [full] * 4)
+    c = paired.compare([engine], [peer])
+    assert c is not None
+    assert (c["first"], c["last"], c["packs"]) == (2, 6, 5)  # compile steps 0-1 left out; 7-8 only the peer has
+    assert c["pack_ratio_median"] == pytest.approx(1 / 0.9) and c["summed_ratio"] == pytest.approx(1 / 0.9)
+    # The rows' own tok/s (mean tokens over the median step) say the peer is faster: the short pack sits in the
+    # engine's window only.
+    def tok_s(run: dict) -> float:
+        return sum(run["tokens_per_step_list"]) / len(run["step_s"]) / sorted(run["step_s"])[len(run["step_s"]) // 2]
+    assert tok_s(engine) < tok_s(peer)
+
+
+def test_a_pack_one_run_was_slow_for_takes_the_fastest_run_and_one_slow_pack_does_not_move_the_median():
+    a1 = _run("engine X", [3.0, 3.0], [1.0, 1.0, 1.0, 1.0], [10] * 4)
+    a2 = _run("engine X", [3.0, 3.0], [1.0, 2.5, 1.0, 1.0], [10] * 4)  # interference in one run
+    b = _run("unsloth X", [3.0, 3.0], [1.2, 1.2, 1.2, 3.6], [10] * 4)  # one pack the peer recompiled for
+    c = paired.compare([a1, a2], [b])
+    assert c["pack_ratio_min"] == pytest.approx(1.2) and c["pack_ratio_max"] == pytest.approx(3.6)
+    assert c["pack_ratio_median"] == pytest.approx(1.2)
+    assert c["summed_ratio"] == pytest.approx(7.2 / 4.0)
+
+
+def test_packs_of_other_tokens_are_not_compared_and_rows_without_a_peer_are_not_listed():
+    a = _run("engine X", [3.0, 3.0], [1.0, 1.0], [10, 10])
+    b = _run("unsloth X", [3.0, 3.0], [1.0, 2.0], [10, 11])  # step 4 saw another pack
+    assert paired.compare([a], [b])["packs"] == 1
+    assert paired.compare([a], [_run("unsloth X", [3.0], [], [])]) is None
+    runs = [a, b, _run("engine Y", [3.0, 3.0], [1.0], [10]), _run("recipe X", [3.0, 3.0], [1.0], [10])]
+    assert paired.peer_pairs([r["name"] for r in runs]) == [("engine X", "unsloth X")]
+    text = paired.paired_table(runs)
+    assert "| engine X | unsloth X | 1 (steps 3-3; runs 1 / 1) |" in text and "engine Y" not in text
+    assert paired.paired_table([runs[2], runs[3]]) == ""
