@@ -101,8 +101,9 @@ HOST_LABEL_POSITIONS = True
 # before every forward; speed/packed_attention.py `_skip_packed_mask_probe`). Same session, same A/B rows.
 SKIP_MASK_PROBE = True
 # Packs of unequal lengths through cuDNN's fused attention with ragged offsets (speed/cudnn_ragged.py, cuDNN's own
-# Python frontend) instead of flash's varlen kernel, where the frontend is installed. Off: not yet run on a GPU
-# (issue 19's seventh session wrote it; the bench's "ragged cuDNN" explore rows turn it on).
+# Python frontend) instead of flash's varlen kernel, where the frontend is installed. Off: measured on an H200
+# (issue 19's eighth session) it is right but slower, 1.75-1.84 ms a layer against flash's 1.26-1.55 on the chat
+# mix, 26,374 against 27,095 tok/s in training; kept for GPUs and cuDNN versions where that may turn.
 CUDNN_RAGGED = False
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")

@@ -1,6 +1,7 @@
 """cuDNN's fused attention over packed sequences of unequal lengths (THD: tokens x heads x dim, each sequence's
-start given as a ragged offset), through cuDNN's own Python frontend (`nvidia-cudnn-frontend`). Off until
-measured (options.CUDNN_RAGGED; issue 19).
+start given as a ragged offset), through cuDNN's own Python frontend (`nvidia-cudnn-frontend`). Off
+(options.CUDNN_RAGGED): on an H200 with cuDNN 9.19 it gives flash's results to the digit but is 19-39% slower a
+layer on the chat mix, 2.7% slower a training step (docs/benchmarks.md, issue 19's eighth session).
 
 Why: on the chat mix both the engine and Unsloth run flash's varlen kernel, which costs per Phi-3 layer what
 cuDNN costs on four full rows holding three times the work (docs/benchmarks.md, sixth session); torch 2.11's own
