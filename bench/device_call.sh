@@ -22,23 +22,28 @@
 # lacks: trl, peft, bitsandbytes, liger-kernel, datasets, gguf, ...) and .whl/uns (Unsloth and its pins, only for
 # Unsloth rows). Installs each into its own folder under /tmp (nothing can be downloaded there), then runs
 # bench/train_speed.py with its JSON, log and the docs table under $OUT. Run with `bash`, so the file needs no
-# executable bit (issue 19's first session lost a call to that).
+# executable bit (issue 19's first session lost a call to that). BENCH_ROOT (default /tmp/phi3_lora_bench: model,
+# data, the calls' JSON, the detached bench) and BENCH_MODULE (default bench.train_speed) are for the tests.
 set -uo pipefail
 START=$(date +%s)
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-CALLS=/tmp/phi3_lora_bench/calls
+ROOT=${BENCH_ROOT:-/tmp/phi3_lora_bench}
+BENCH=${BENCH_MODULE:-bench.train_speed}
+mkdir -p "$OUT" "$ROOT"
+CALLS=$ROOT/calls
 if [ -n "${DETACH:-}" ]; then
-    RUN=/tmp/phi3_lora_bench/detached
+    RUN=$ROOT/detached
     if [ -n "${DETACH_RESTART:-}" ] && [ -f "$RUN/pid" ]; then  # stop the bench (its process group) and start anew
         kill -- "-$(cat "$RUN/pid")" 2>/dev/null; sleep 2; rm -rf "$RUN"
     fi
     if [ ! -d "$RUN" ]; then
         mkdir -p "$RUN/out" && cp -a . "$RUN/repo" || exit 1
         DEADLINE=$((START + DETACH))  # before the line below, whose DETACH='' a $((...)) there would read
+        # Redirected around the whole list: the subshell that runs a backgrounded list keeps the call's own output
+        # open until the list ends, so whoever reads the call's output to its end would wait for the whole bench.
         (cd "$RUN/repo" && OUT="$RUN/out" DETACH='' CALL_LIMIT='' RUN_DEADLINE=$DEADLINE \
-            setsid bash -c 'echo $$ > "$0/pid"; exec bash bench/device_call.sh "$@"' "$RUN" "$@" \
-            > "$RUN/log.txt" 2>&1 < /dev/null &)
+            setsid bash -c 'echo $$ > "$0/pid"; exec bash bench/device_call.sh "$@"' "$RUN" "$@" &) \
+            > "$RUN/log.txt" 2>&1 < /dev/null
         until [ -f "$RUN/pid" ]; do sleep 0.2; done
     fi
     PID=$(cat "$RUN/pid")
@@ -71,13 +76,13 @@ pip_target .whl/uns /tmp/uns || exit 1
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 [ -d /tmp/uns ] && export PEER_PYTHONPATH=/tmp/uns
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
-cp docs/benchmarks.md /tmp/benchmarks.md
+cp docs/benchmarks.md "$ROOT/benchmarks.md"
 # The tokenizer folder carried in .whl/ (carry_wheels.sh makes it), else one made once per machine under /tmp.
 TOKENIZER=.whl/phi3_tokenizer
-[ -f "$TOKENIZER/tokenizer_config.json" ] || TOKENIZER=/tmp/phi3_lora_bench/phi3_tokenizer
-python3 -m bench.train_speed --workdir /tmp/phi3_lora_bench --tokenizer "$TOKENIZER" --json "$OUT/result.json" \
-    --markdown /tmp/benchmarks.md "${SERIES[@]}" "$@" 2>&1 | tee "$OUT/log.txt" | grep -v -i -E "warn|Loading weights|it/s\]" 
+[ -f "$TOKENIZER/tokenizer_config.json" ] || TOKENIZER=$ROOT/phi3_tokenizer
+python3 -m "$BENCH" --workdir "$ROOT" --tokenizer "$TOKENIZER" --json "$OUT/result.json" \
+    --markdown "$ROOT/benchmarks.md" "${SERIES[@]}" "$@" 2>&1 | tee "$OUT/log.txt" | grep -v -i -E "warn|Loading weights|it/s\]" 
 rc=${PIPESTATUS[0]}
 [ -n "${CALL_LIMIT:-}" ] && [ -f "$OUT/result.json" ] && cp "$OUT/result.json" "$CALLS/call-$START.json"
-cp /tmp/benchmarks.md "$OUT/benchmarks.md"
+cp "$ROOT/benchmarks.md" "$OUT/benchmarks.md"
 exit "$rc"
