@@ -70,16 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def mix_lengths(seed: int, rows: int = 4, row_len: int = 2048) -> list[int]:
-    """Sequence lengths of one padding-free step of the bench's chat mix (lognormal token counts, median 300,
-    mean 430, at most a row), packed first-fit into `rows` rows of `row_len` tokens, as trl's packing does."""
-    import math
+    """Sequence lengths of one padding-free step of the bench's chat mix (bench/chat_mix.py), packed first-fit
+    into `rows` rows of `row_len` tokens, as trl's packing does."""
     import random
 
+    from bench.chat_mix import token_count
+
     rng = random.Random(seed)
-    sigma = math.sqrt(2 * math.log(430 / 300))
     free, lengths = [row_len] * rows, []
     for _ in range(200):
-        n = min(row_len, max(8, int(rng.lognormvariate(math.log(300), sigma))))
+        n = token_count(rng)
         fit = next((i for i, f in enumerate(free) if f >= n), None)
         if fit is None:
             if max(free) < 64:

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.prestart import await_go, overlap_s, quiet
+from bench import chat_mix
 from bench.paired import paired_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +275,7 @@ def chat_rows(kind: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        tokens = 3200 if kind == "full" else min(2000, max(24, int(rng.lognormvariate(math.log(300), 0.85))))
+        tokens = 3200 if kind == "full" else chat_mix.token_count(rng)
         words = max(4, int(tokens / 1.3))
         user, answer = max(2, words * 3 // 10), max(2, words - words * 3 // 10)
         rows.append({"messages": [
