@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.prestart import await_go, overlap_s, quiet
 from bench import chat_mix
@@ -996,6 +996,55 @@ def write_markdown(path: Path, section: str, body: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def run_series(pending: list[tuple[Row, int]], history: list[dict[str, Any]], results: list[dict[str, Any]],
+               start: Callable[[Row, bool], Any], finish: Callable[[Any, float], dict[str, Any]], *,
+               prestart: bool, row_timeout: float, seconds_left: Callable[[], float | None],
+               stopped: Callable[[], bool], on_result: Callable[[dict[str, Any]], None]) -> None:
+    """Run the pending (row, repeat) runs one at a time, each in its own process, appending their results to
+    `results` (and calling `on_result` after each). `start(row, prestart)` starts a row's process (`spawn`),
+    `finish(process, timeout)` waits for its result (`collect`). A run starts only if it is expected to end
+    within `seconds_left()` (`next_run`; None: no deadline) and while not `stopped()`. With `prestart` the next run
+    imports while the current one works and begins at its end (bench/prestart.py); if the current one ran so long
+    that the next no longer fits, the next is stopped and goes back to the front of `pending`, which keeps every
+    run not done."""
+
+    def pick(after_s: float = 0.0) -> tuple[Row, int] | None:
+        """The next run that fits what is left of the call once `after_s` more seconds are spent (next_run)."""
+        if stopped():
+            return None
+        left = seconds_left()
+        return next_run(pending, history + results, None if left is None else left - after_s)
+
+    current: tuple[Any, int] | None = None
+    while True:
+        if current is None:
+            run = pick()
+            if run is None:
+                return
+            pending.remove(run)
+            current = (start(run[0], False), run[1])
+        ahead = pick(expected_s(current[0].row, history + results)) if prestart else None
+        if ahead is not None:
+            pending.remove(ahead)
+        nxt = (start(ahead[0], True), ahead[1]) if ahead else None
+        left = seconds_left()
+        r = finish(current[0], min(row_timeout, left) if left else row_timeout)
+        r["repeat"] = current[1]
+        if results:  # did this run's imports meet the timed steps of the run before? (should be 0)
+            r["import_overlap_s"] = round(overlap_s(results[-1].get("timed_window"), r.get("import_window")), 3)
+        results.append(r)
+        on_result(r)
+        current = nxt
+        if current is not None:
+            left = seconds_left()
+            if left is not None and expected_s(current[0].row, history + results) > left:
+                current[0].kill()  # the one before ran long: this one no longer fits the call
+                pending.insert(0, (current[0].row, current[1]))
+                current = None
+            else:
+                current[0].go()
+
+
 def gpu_main(args: argparse.Namespace) -> int:
     began = time.time()  # --time-budget counts from here: the set-up (model, data, checks) spends it too
     work = Path(args.workdir)
@@ -1033,48 +1082,17 @@ def gpu_main(args: argparse.Namespace) -> int:
     def seconds_left() -> float | None:
         return args.deadline_epoch - time.time() if args.deadline_epoch else None
 
-    def pick(after_s: float = 0.0) -> tuple[Row, int] | None:
-        """The next run that fits what is left of the call once `after_s` more seconds are spent (next_run)."""
-        if deadline and time.time() > deadline:
-            return None
-        left = seconds_left()
-        return next_run(pending, history + report["runs"], None if left is None else left - after_s)
-
-    current: tuple[RowProcess, int] | None = None
-    while True:
-        if current is None:
-            run = pick()
-            if run is None:
-                break
-            pending.remove(run)
-            current = (spawn(run[0], args, work), run[1])
-        # the next run imports while this one works, and begins at its end (bench/prestart.py)
-        ahead = pick(expected_s(current[0].row, history + report["runs"])) if args.prestart else None
-        if ahead is not None:
-            pending.remove(ahead)
-        nxt = (spawn(ahead[0], args, work, prestart=True), ahead[1]) if ahead else None
-        left = seconds_left()
-        r = collect(current[0], min(args.row_timeout, left) if left else args.row_timeout)
-        r["repeat"] = current[1]
-        if report["runs"]:  # did this run's imports meet the timed steps of the run before? (should be 0)
-            r["import_overlap_s"] = round(overlap_s(report["runs"][-1].get("timed_window"),
-                                                    r.get("import_window")), 3)
-        report["runs"].append(r)
+    def on_result(r: dict[str, Any]) -> None:
         report["order"].append(r["name"])
         print(json.dumps({k: v for k, v in r.items() if k in (
             "name", "tokens_per_s", "peak_gib", "tokens_per_step", "warmup_steps", "settled", "step_s_median",
             "step_tok_s_min", "step_tok_s_max", "error", "wall_s", "process_s", "import_overlap_s")},
             default=str), flush=True)
         dump()
-        current = nxt
-        if current is not None:
-            left = seconds_left()
-            if left is not None and expected_s(current[0].row, history + report["runs"]) > left:
-                current[0].kill()  # the one before ran long: this one no longer fits the call
-                pending.insert(0, (current[0].row, current[1]))
-                current = None
-            else:
-                current[0].go()
+
+    run_series(pending, history, report["runs"], lambda row, pre: spawn(row, args, work, prestart=pre), collect,
+               prestart=args.prestart, row_timeout=args.row_timeout, seconds_left=seconds_left,
+               stopped=lambda: bool(deadline and time.time() > deadline), on_result=on_result)
     if pending:
         print("time budget spent: left for a later call:", [f"{r.name} #{rep}" for r, rep in pending], flush=True)
     dump()

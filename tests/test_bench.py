@@ -314,3 +314,77 @@ def test_packs_of_other_tokens_are_not_compared_and_rows_without_a_peer_are_not_
     text = paired.paired_table(runs)
     assert "| engine X | unsloth X | 1 (steps 3-3; runs 1 / 1) |" in text and "engine Y" not in text
     assert paired.paired_table([runs[2], runs[3]]) == ""
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class _FakeProcess:
+    """A row's process in a fake clock: `finish` spends the row's time (what a real process would take)."""
+
+    def __init__(self, row, prestarted: bool, log: list) -> None:
+        self.row, self.log, self.killed = row, log, False
+        log.append(("start", row.name, prestarted))
+
+    def go(self) -> None:
+        self.log.append(("go", self.row.name))
+
+    def kill(self) -> None:
+        self.killed = True
+        self.log.append(("kill", self.row.name))
+
+
+def _series(rows_s: dict[str, float], history_s: dict[str, float], deadline: float | None, prestart: bool = True):
+    """Run bench.run_series over rows named in `rows_s` (each taking that many seconds), with earlier runs'
+    process times `history_s` (what `expected_s` sizes them by), against a fake clock and a deadline."""
+    clock, log, results = _Clock(), [], []
+    rows = {r.name: r for r in bench.all_rows()}
+    pending = [(rows[name], 0) for name in rows_s]
+    history = [{"name": name, "process_s": s} for name, s in history_s.items()]
+
+    def finish(proc: _FakeProcess, timeout: float) -> dict:
+        spent = min(rows_s[proc.row.name], timeout)
+        window = [clock.now + spent - 6, clock.now + spent]
+        clock.now += spent
+        log.append(("done", proc.row.name))
+        return {"name": proc.row.name, "process_s": spent, "timed_window": window,
+                "import_window": [window[0] - 30, window[0] - 10]}
+
+    bench.run_series(pending, history, results, lambda row, pre: _FakeProcess(row, pre, log), finish,
+                     prestart=prestart, row_timeout=200,
+                     seconds_left=lambda: None if deadline is None else deadline - clock.now,
+                     stopped=lambda: False, on_result=lambda r: log.append(("result", r["name"])))
+    return log, results, pending
+
+
+ENGINE, PEER, RECIPE = "engine QLoRA full, 8 GiB", "unsloth QLoRA full, 8 GiB", "recipe QLoRA full rows"
+
+
+def test_a_series_prestarts_the_next_run_and_lets_it_begin_only_after_the_one_before_ends():
+    log, results, pending = _series({ENGINE: 40, PEER: 50, RECIPE: 30}, {}, deadline=None)
+    assert [r["name"] for r in results] == [ENGINE, PEER, RECIPE] and pending == []
+    assert log == [("start", ENGINE, False), ("start", PEER, True), ("done", ENGINE), ("result", ENGINE),
+                   ("go", PEER), ("start", RECIPE, True), ("done", PEER), ("result", PEER), ("go", RECIPE),
+                   ("done", RECIPE), ("result", RECIPE)]
+    assert [r["repeat"] for r in results] == [0, 0, 0]
+    assert "import_overlap_s" not in results[0] and results[1]["import_overlap_s"] == 0.0
+
+
+def test_a_series_starts_no_run_that_would_not_end_before_the_deadline():
+    # Sized by earlier runs (x1.1): engine 44 s, peer 110 s, recipe 33 s; 100 s left: the engine, then not the
+    # peer (too long), the recipe instead; the peer stays pending for a later call.
+    log, results, pending = _series({ENGINE: 40, PEER: 100, RECIPE: 30}, {ENGINE: 40, PEER: 100, RECIPE: 30},
+                                    deadline=100)
+    assert [r["name"] for r in results] == [ENGINE, RECIPE]
+    assert [row.name for row, _ in pending] == [PEER]
+    assert ("start", PEER, True) not in log and ("start", PEER, False) not in log
+
+
+def test_a_prestarted_run_that_no_longer_fits_after_a_long_run_is_stopped_and_kept_pending():
+    # The engine was expected to take 44 s but takes 90: the pre-started recipe (33 s) no longer fits the 100 s.
+    log, results, pending = _series({ENGINE: 90, RECIPE: 30}, {ENGINE: 40, RECIPE: 30}, deadline=100)
+    assert [r["name"] for r in results] == [ENGINE]
+    assert ("start", RECIPE, True) in log and ("kill", RECIPE) in log and ("go", RECIPE) not in log
+    assert [row.name for row, _ in pending] == [RECIPE]
