@@ -114,6 +114,13 @@ EXPLORE = [
     # flash's varlen kernel. Eighth session, whole GPU: 26,374 against 27,095 tok/s without it (slower; off).
     *(Row(f"explore: engine QLoRA mix, {label}, ragged cuDNN frontend", "engine", "mix", budget_gb=budget,
           patch={"phi3_lora.options.CUDNN_RAGGED": True}, recipe_ref=_MIX) for budget, label in BUDGETS),
+    # Inductor's autotuned Triton GEMMs, which can take the elementwise work before a product (the LoRA input's
+    # dropout; with the other elementwise kernels 41 ms of a ~290 ms whole-GPU step, 39 in Unsloth's) into its kernel
+    # (prologue fusion): the issue's "fused dropout + LoRA" idea, at the compiler's level. Autotuning makes the
+    # first steps far longer: run with a longer --row-timeout.
+    *(Row(f"explore: engine QLoRA {data}, whole GPU, max-autotune GEMMs", "engine", data,
+          patch={"phi3_lora.options.COMPILE_MODE": "max-autotune-no-cudagraphs"}, recipe_ref=ref)
+      for data, ref in (("mix", _MIX), ("full", _FULL))),
     # The host waits the sixth session's profiles found, put back: blocking batch copies, transformers' probe of
     # packed rows and trl's labelled positions picked on the GPU (what removing them gives; --profile lists the
     # step's remaining waits by call site).
