@@ -115,7 +115,7 @@ EXPLORE = [
     *(Row(f"explore: engine QLoRA mix, {label}, ragged cuDNN frontend", "engine", "mix", budget_gb=budget,
           patch={"phi3_lora.options.CUDNN_RAGGED": True}, recipe_ref=_MIX) for budget, label in BUDGETS),
     # The 8 GiB plan keeps 8% of each layer's activations (the memory model's share), yet a plan keeping 14%
-    # peaked at the same 6.53 GiB (third session): the peak is set elsewhere, and 1.5 GiB of the budget is unused.
+    # peaked at the same 6.53 GiB (second session): the peak is set elsewhere, and 1.5 GiB of the budget is unused.
     # How much more the compiler can keep under 8 GiB, and what it gives (the goal is 19,500 tok/s; 1.6-1.8% short).
     *(Row(f"explore: engine QLoRA {data}, 8 GiB, keeps {share:.0%}", "engine", data, budget_gb=8,
           patch={_ACT: share}, recipe_ref=ref)
