@@ -9,6 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Two pytest-xdist workers share the 2 cores with the processes they start (apps, training runs, chromium):
+# torch's OpenMP threads that spin while waiting stall every kernel of a process whose partner thread is
+# descheduled (phi3_lora.threads). Passive waiting keeps the thread counts and lets the other process run.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import subprocess
 from pathlib import Path
@@ -107,3 +111,44 @@ def browser():
     from helpers.browser import launch_browser
 
     yield from launch_browser()
+
+
+# --- pytest-xdist (README's `-n 2 --dist loadfile`) -------------------------------------------------------------
+# A test file runs whole on one worker, so a module's app server, browser and trained runs are made once. The
+# files that read embedded_sample_run (a 16-step SmolLM2 run, a minute of both cores) are one unit: a session
+# fixture is made once per worker. The costliest units go first, so the last minutes are not one long file
+# running alone; a file not listed keeps its place after them.
+SHARED_UNITS = {name: "embedded_sample_run" for name in
+                ("test_browser_evaluate.py", "test_evaluate_embedded.py", "test_learns_a_fact.py")}
+COSTLIEST_FIRST = ("test_browser.py", "embedded_sample_run", "test_faithful_export.py", "test_gguf.py",
+                   "test_jobs.py", "test_credentials.py", "test_faults.py", "test_app_api.py", "test_bounds.py",
+                   "test_spaces.py", "test_login.py", "test_faithful.py", "test_multi_gpu.py", "test_access.py")
+
+
+def work_unit(nodeid: str) -> str:
+    file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return SHARED_UNITS.get(file, file)
+
+
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest` without xdist installed still runs
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """--dist loadfile with the embedded_sample_run files as one unit (xdist's own loadgroup cannot do it under
+    pytest 9: it renames node ids through an attribute pytest no longer reads)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # xdist would put the files with the most tests first instead
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return FileUnits(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a plain run keeps pytest's order
+    rank = {unit: i for i, unit in enumerate(COSTLIEST_FIRST)}
+    order = {item: i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(work_unit(item.nodeid), len(rank)), order[item]))
