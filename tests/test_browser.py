@@ -125,7 +125,7 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.locator("#p3-run-status").get_by_text("training").or_(
         page.locator("#p3-run-status").get_by_text("finished")).first.wait_for(timeout=120_000)
     numbers_agree_with_the_events(page)
-    page.locator("#p3-run-status").get_by_text("finished").wait_for(timeout=300_000)
+    page.locator("#p3-run-status").get_by_text("finished").wait_for(timeout=600_000)
     print(f"[timing] browser: Start -> finished (tiny model, 8 steps) {time.time() - t_start:.1f} s")
     assert "8 / 8" in page.locator("#p3-progress-stats").inner_text()
     page.screenshot(path=str(shots / "3-train.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
@@ -162,7 +162,7 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.get_by_role("button", name="Build adapter zip").click()
     try:
         # the zip is verified in a fresh process before it is offered: minutes on a loaded 2-core machine
-        page.locator("#p3-zip-file").get_by_text(re.compile(r"\.zip")).first.wait_for(timeout=300_000)
+        page.locator("#p3-zip-file").get_by_text(re.compile(r"\.zip")).first.wait_for(timeout=600_000)
     finally:
         page.screenshot(path=str(shots / "5-export.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
     page.screenshot(path=str(shots / "5-export.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
