@@ -15,7 +15,7 @@
 - `dequantized`: 16-bit copies of the frozen 4-bit weights where the budget has room (bitsandbytes' own function).
 - `sdpa_backend`: cuDNN's attention first in SDPA's kernel order (a private torch function).
 - `cudnn_ragged`: cuDNN's fused attention over packs of unequal lengths through cuDNN's own Python frontend, as
-  torch custom ops (off: options.CUDNN_RAGGED, not yet measured on a GPU).
+  torch custom ops (off: options.CUDNN_RAGGED; measured on an H200, right but slower than flash's varlen kernel).
 - `forward_swap`: a layer's forward replaced per instance and put back (lean_lora and dequantized for the model's
   life; the packed CPU weights and Compare's row routing for one call).
 - `gguf_once`: transformers' GGUF loader parses a file once in the export verification child (gguf's functions).
