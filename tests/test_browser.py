@@ -185,6 +185,7 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     # "Invalid file type"): the table stays as it was and no toast appears.
     mapping = page.locator("#p3-mapping tbody")  # the cells only (the block may show a progress timer)
     before = mapping.inner_text()
+    assert page.evaluate("window.p3DropGuard === true"), "the drop guard is a head script: in place before the app renders"
     page.evaluate("""() => {
       const el = document.querySelector('#p3-mapping table') || document.querySelector('#p3-mapping');
       for (const [name, body] of [['x.csv', 'field,column\\nzzz,yyy\\n'], ['x.txt', 'hello']]) {

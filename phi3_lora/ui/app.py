@@ -20,8 +20,10 @@ from phi3_lora.ui.guard import check_model, check_source, guarded, session_key
 
 DATA_KEYS = ["data.source", "data.format", "data.mapping", "data.eval_fraction"]
 # The Column mapping table is an editable Dataframe, which also takes CSV files dropped on it ("Invalid file type");
-# Gradio has no switch for that, so the page swallows drag-and-drop over it before the table sees it.
-PAGE_JS = """() => {
+# Gradio has no switch for that, so the page swallows drag-and-drop over it before the table sees it. It is a head
+# script, not launch(js=...): the head runs before the app renders, js= only after, which left a window where a drop
+# reached the table (seen on a slow CI machine). `window.p3DropGuard` says it is in place.
+PAGE_HEAD = """<script>(() => {
   const block = (e) => {
     if (e.target instanceof Element && e.target.closest('#p3-mapping')) {
       e.preventDefault(); e.stopPropagation();
@@ -29,7 +31,10 @@ PAGE_JS = """() => {
     }
   };
   for (const kind of ['dragenter', 'dragover', 'drop']) window.addEventListener(kind, block, true);
-}"""
+  window.p3DropGuard = true;
+})();</script>"""
+
+
 class App(gr.Blocks):
     """The app's Blocks. Its API page and gradio_client see each widget's English label, not a translation
     key: scripts name inputs by label, and a key means nothing to them.
@@ -185,5 +190,5 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
                        app_kwargs={"middleware": [Middleware(login.ClientAddress)]},
                        prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
                        allowed_paths=[str(exports)], blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
-                       show_error=False, footer_links=["api", "settings"], js=PAGE_JS,
+                       show_error=False, footer_links=["api", "settings"], head=PAGE_HEAD,
                        i18n=strings.i18n())
