@@ -1,0 +1,203 @@
+"""How fast Compare could answer on this CPU at best, next to how fast it answers.
+
+    python -m bench.cpu_ceiling                 # the embedded model: ceiling, measured steps
+    python -m bench.cpu_ceiling --compiled      # + a torch.compile'd static-cache decode step (minutes)
+
+A greedy decoding step at a few rows reads every Linear weight once (the decoder layers' and the output
+head's), so its time is at least those bytes over the memory bandwidth the process's threads get. This prints:
+that bandwidth (a sum over 512 MB, best of 3), the bytes a step reads, the ceiling it gives in steps per
+second (= tokens per second per side for a one-row answer and for the pair, whose two rows share one read of
+the weights), and Compare's measured step at one row (base side) and at two (the pair, through
+`ChatEngine.answer_pairs`, random r16 all-linear adapter). The gap between the two is the per-step work that
+is not reading weights: Python, ~4,000-6,000 small aten calls, the tuned row's LoRA products.
+
+`--compiled` times the other way to cut that gap that people reach for: transformers' StaticCache with the
+decode step under `torch.compile` (inductor's C++ backend, weights frozen), one row, base model, and reports
+its compile time, its step and whether its greedy tokens equal eager's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+
+
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 3) -> float:
+    """GB/s that this process's threads read from memory: a float32 sum over `mb` MB, best of `repeats` (a bf16
+    sum is bound by its conversions, not the memory: 14.9 vs 18.1 GB/s on the 2-core Xeon)."""
+    import torch
+
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def bytes_per_step(model: Any) -> int:
+    """Bytes of the Linear weights one decoding step reads: every nn.Linear the forward calls (LoRA's own A and
+    B left out; they are the tuned row's extra), the output head included even when it shares the embedding."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and "lora_" not in name and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.nbytes
+    return total
+
+
+def ceiling_steps_per_s(step_bytes: int, bandwidth_gbs: float) -> float:
+    return bandwidth_gbs * 1e9 / step_bytes
+
+
+def products_ms(model: Any, rows: int, repeats: int = 5) -> float:
+    """Median ms of one step's Linear products alone at `rows` rows, as Compare runs them (`cpu_linear`: packed
+    for oneDNN, q/k/v and gate/up as one product each): every Linear called once, siblings with the same input."""
+    import torch
+
+    from phi3_lora.cpu_linear import PackedLinears
+
+    layers = [m for name, m in model.named_modules() if type(m) is torch.nn.Linear and "lora_" not in name]
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in layers}
+    times = []
+    with torch.inference_mode(), PackedLinears().applied(model):
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for m in layers:
+                m(inputs[m.in_features])
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
+def measured_step_ms(engine: Any, tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Median ms per generated token of Compare's base side (one row) and of the pair (two rows, one step each
+    token), greedy, `tokens` new tokens with no early stop."""
+    from phi3_lora.generate import GenerationSettings
+
+    settings = GenerationSettings(temperature=0, max_new_tokens=tokens)
+    count = lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    runs: dict[str, list[float]] = {"one row (base side)": [], "pair (base + tuned)": []}
+    engine.answer_batch([PROMPT], False, settings)  # warm: packs the weights
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        text = engine.answer_batch([PROMPT], False, settings)[0]
+        runs["one row (base side)"].append((time.perf_counter() - t0) * 1e3 / max(count(text), 1))
+        t0 = time.perf_counter()
+        pair = engine.answer_pairs([PROMPT], settings)[0]
+        runs["pair (base + tuned)"].append((time.perf_counter() - t0) * 1e3 / max(map(count, pair), default=1))
+    return {side: statistics.median(ms) for side, ms in runs.items()}
+
+
+def compiled_static_step(model_dir: str, tokens: int) -> dict[str, Any]:
+    """transformers' StaticCache + torch.compile on the decode step (weights frozen), one row, base model:
+    compile seconds (the first step), median step ms after it, and whether its tokens equal eager's."""
+    import torch
+    import torch._inductor.config as inductor
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+
+    from phi3_lora import models
+    from phi3_lora.config import ModelSettings
+
+    inductor.freezing = True
+    model = models.load_model(ModelSettings(name=model_dir, load_in_4bit=False)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    length = ids.shape[1]
+
+    def decode(step: Any) -> tuple[list[int], list[float]]:
+        cache = StaticCache(config=model.config, max_cache_len=length + tokens + 1)
+        logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length),
+                       use_cache=True).logits[:, -1, :]
+        nxt = logits.argmax(-1, keepdim=True)
+        out, times = [int(nxt)], []
+        for i in range(tokens):
+            t0 = time.perf_counter()
+            logits = step(nxt, torch.tensor([[length + i]]), torch.tensor([length + i]), cache)
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(int(nxt))
+            times.append(time.perf_counter() - t0)
+        return out, times
+
+    def step(token: Any, position: Any, cache_position: Any, cache: Any) -> Any:
+        return model(input_ids=token, position_ids=position, past_key_values=cache, cache_position=cache_position,
+                     use_cache=True).logits[:, -1, :]
+
+    with torch.inference_mode():
+        eager_tokens, eager_times = decode(step)
+        compiled_tokens, times = decode(torch.compile(step, dynamic=False))
+    return {"compile_s": times[0], "step_ms": statistics.median(times[2:]) * 1e3,
+            "eager_step_ms": statistics.median(eager_times) * 1e3, "same_tokens": compiled_tokens == eager_tokens}
+
+
+def report(model_dir: str, tokens: int, compiled: bool) -> dict[str, Any]:
+    import torch
+
+    from bench.train_speed import save_random_adapter
+    from phi3_lora.generate import ChatEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = save_random_adapter(Path(model_dir), Path(tmp) / "adapter", four_bit=False)
+        engine = ChatEngine(model_dir, adapter, load_in_4bit=False)
+    step_bytes = bytes_per_step(engine.base)
+    bandwidth = read_bandwidth_gbs()
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
+                           "dtype": str(engine.base.dtype),
+                           "bandwidth_gbs": bandwidth, "bytes_per_step": step_bytes,
+                           "ceiling_steps_per_s": ceiling_steps_per_s(step_bytes, bandwidth),
+                           "products_ms": {rows: products_ms(engine.base, rows) for rows in (1, 2)},
+                           "measured_ms": measured_step_ms(engine, tokens)}
+    del engine
+    if compiled:
+        out["compiled"] = compiled_static_step(model_dir, tokens)
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    floor_ms = 1e3 / r["ceiling_steps_per_s"]
+    lines = [f"{r['threads']} threads (1-minute load {r['load_before']:.2f} before, {r['load_after']:.2f} after), "
+             f"{r['dtype']}: read bandwidth {r['bandwidth_gbs']:.1f} GB/s, "
+             f"{r['bytes_per_step'] / 1e6:.0f} MB of Linear weights per step: at best {floor_ms:.1f} ms a step, "
+             f"{r['ceiling_steps_per_s']:.1f} tokens/s per side. The step's Linear products alone (packed, as "
+             f"Compare runs them): " + ", ".join(f"{ms:.1f} ms at {rows} row{'s' if rows > 1 else ''}"
+                                                 for rows, ms in r["products_ms"].items()) + ".", "",
+             "| step | ms per token | tokens/s per side | of the ceiling |", "| --- | ---: | ---: | ---: |"]
+    for side, ms in r["measured_ms"].items():
+        lines.append(f"| {side} | {ms:.1f} | {1e3 / ms:.1f} | {floor_ms / ms:.0%} |")
+    if "compiled" in r:
+        c = r["compiled"]
+        lines.append(f"| one row, StaticCache, eager | {c['eager_step_ms']:.1f} | {1e3 / c['eager_step_ms']:.1f} "
+                     f"| {floor_ms / c['eager_step_ms']:.0%} |")
+        lines.append(f"| one row, StaticCache, torch.compile (compiled in {c['compile_s']:.0f} s; same tokens: "
+                     f"{'yes' if c['same_tokens'] else 'no'}) | {c['step_ms']:.1f} | {1e3 / c['step_ms']:.1f} "
+                     f"| {floor_ms / c['step_ms']:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from phi3_lora import embedded
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--compiled", action="store_true", help="also time a torch.compile'd static-cache step")
+    args = parser.parse_args(argv)
+    model_dir = args.model or str(embedded.embedded_model_dir())
+    print(markdown(report(model_dir, args.tokens, args.compiled)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
