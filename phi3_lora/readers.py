@@ -318,15 +318,56 @@ def _read_csv(name: str, text: str) -> RawRecords:
 
 
 def _read_parquet(path: Path) -> RawRecords:
+    """Parquet stores a repeated value once (dictionary + run length), so a kilobyte file can expand to tens of
+    gigabytes and take the process down. Text columns are read still dictionary-encoded, and what they expand
+    to is measured before any row is built: the bound is that of any data file (MAX_FILE_BYTES)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        meta = pq.ParquetFile(path)
+        leaves = [meta.schema.column(i) for i in range(len(meta.schema))]
+        values = sum(meta.metadata.row_group(g).column(c).num_values
+                     for g in range(meta.metadata.num_row_groups) for c in range(meta.metadata.num_columns))
+        if values > MAX_PARQUET_VALUES:
+            raise _expands(path, f"{values:,} values (the limit is {MAX_PARQUET_VALUES:,})")
+        table = pq.read_table(path, read_dictionary=[c.path for c in leaves if c.physical_type == "BYTE_ARRAY"])
+        expanded = sum(_expanded_bytes(chunk) for column in table.columns for chunk in column.chunks)
+        if expanded > MAX_FILE_BYTES:
+            raise _expands(path, f"{expanded / 2**20:,.0f} MiB of data")
+        rows = table.to_pylist()
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path.name} is not a readable Parquet file: {exc}.",
                         hint="Re-export it as Parquet.") from None
     return RawRecords(path.name, "parquet", [(f"index {i}", row) for i, row in enumerate(rows)])
+
+
+MAX_PARQUET_VALUES = 16 * 2**20  # cells and list items of a Parquet file: each becomes a Python object when read
+
+
+def _expands(path: Path, what: str) -> UserError:
+    return UserError(f"{path.name} ({path.stat().st_size / 2**20:,.1f} MiB on disk) expands to {what} when read; "
+                     f"the limit for a data file is {MAX_FILE_BYTES // 2**20} MiB.",
+                     hint="Use a smaller sample of it, or split it into several files.")
+
+
+def _expanded_bytes(array: Any) -> int:
+    """Bytes of an Arrow array with every dictionary value written out (nested lists and structs included)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        values = array.dictionary
+        if not (pa.types.is_string(values.type) or pa.types.is_binary(values.type)
+                or pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type)):
+            return array.nbytes + len(array) * values.nbytes // max(1, len(values))
+        return array.indices.nbytes + int(pc.sum(pc.take(pc.binary_length(values), array.indices)).as_py() or 0)
+    if pa.types.is_struct(kind):
+        return sum(_expanded_bytes(child) for child in array.flatten())
+    if isinstance(array, (pa.ListArray, pa.LargeListArray, pa.FixedSizeListArray)):  # maps are lists too
+        return len(array) * 8 + _expanded_bytes(array.flatten())
+    return array.nbytes
 
 
 def _read_hub(dataset_id: str, split: str, token: str | bool | None = None) -> RawRecords:

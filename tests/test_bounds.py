@@ -168,3 +168,54 @@ def test_a_user_error_is_one_log_line_and_an_unexpected_one_an_id(app, capfd, ca
     assert "/srv/secret" not in error.message and "ValueError" in error.message and not error.print_exception
     (record,) = caplog.records
     assert eid in record.getMessage() and record.exc_info is not None
+
+
+# --- a small file that decodes into a huge one --------------------------------------------------------------
+
+def parquet_bomb(path: Path, rows: int = 200_000, value_bytes: int = 100_000) -> Path:
+    """A Parquet file of about a kilobyte whose rows decode to rows x value_bytes x 2 (40 GB by default): one
+    dictionary value repeated, which Parquet stores as a run length. A visitor may upload and validate it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["x" * value_bytes]))
+    pq.write_table(pa.table({"prompt": column, "completion": column}), path, compression="zstd")
+    return path
+
+
+def test_a_parquet_bomb_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """Read in a child process whose memory is capped at 2 GiB (the bomb would take the app, and the machine, down
+    otherwise): the reader refuses it by what it expands to, with a message that says what to do."""
+    import subprocess
+    import sys
+
+    bomb = parquet_bomb(tmp_path / "small.parquet")
+    assert bomb.stat().st_size < 10_000
+    child = ("import resource, sys\n"
+             "resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))\n"
+             "from phi3_lora import readers\n"
+             "from phi3_lora.errors import UserError\n"
+             "try:\n"
+             "    readers.read_records(sys.argv[1])\n"
+             "    print('READ')\n"
+             "except UserError as exc:\n"
+             "    print('REFUSED', exc)\n")
+    done = subprocess.run([sys.executable, "-c", child, str(bomb)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.startswith("REFUSED"), (done.stdout[-500:], done.stderr[-1500:])
+    assert "small.parquet" in done.stdout and "512 MiB" in done.stdout and "smaller sample" in done.stdout
+
+
+def test_an_ordinary_parquet_file_with_lists_and_dictionaries_still_reads(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from phi3_lora.config import DataSettings
+    from phi3_lora.data import load_data
+
+    chats = [[{"role": "user", "content": f"What is {n} + {n}?"}, {"role": "assistant", "content": str(2 * n)}]
+             for n in range(3)]
+    table = pa.table({"messages": chats, "tags": [["a", "b"], None, []]})
+    pq.write_table(table, tmp_path / "chats.parquet")
+    loaded = load_data(DataSettings(source=str(tmp_path / "chats.parquet")))
+    assert [row["messages"] for row in loaded.rows] == chats
