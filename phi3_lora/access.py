@@ -287,6 +287,13 @@ def model_action(name: str, *, known: set[str], is_path: bool) -> Action:
     return A.USE_HUB_MODEL
 
 
+def template_action(value: str | None, *, is_text: bool) -> Action:
+    """model.chat_template from the web: template text is rendered in transformers' Jinja sandbox, fine for
+    anybody; anything else is the path of a file the training process would read, the owner's. `is_text`:
+    models.template_is_text(value) (what the reader will do with it)."""
+    return A.VIEW if is_text or not (value or "").strip() else A.READ_SERVER_PATH
+
+
 # --- who started which run ------------------------------------------------------------------------------
 
 class RunStarters:

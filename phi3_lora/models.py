@@ -250,8 +250,13 @@ def load_tokenizer(name: str, chat_template: str | None = None) -> PreTrainedTok
     return tokenizer
 
 
+def template_is_text(value: str | None) -> bool:
+    """model.chat_template holds the template itself (Jinja), not the path of a file to read."""
+    return bool(value) and ("{%" in value or "{{" in value)
+
+
 def _read_template(value: str) -> str:
-    if "{%" in value or "{{" in value:
+    if template_is_text(value):
         return value
     path = Path(value).expanduser()
     if not path.is_file():

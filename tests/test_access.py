@@ -122,6 +122,19 @@ def test_data_sources_from_the_web(tmp_path: Path) -> None:
     assert access.source_action(str(mine), sample=SAMPLE, uploads=None, is_hub_id=False) is A.READ_SERVER_PATH
 
 
+def test_chat_templates_from_the_web(tmp_path: Path) -> None:
+    """model.chat_template is template text (fine: rendered in a sandbox) or the path of a file to read."""
+    from phi3_lora.models import template_is_text
+
+    def kind(value: str | None) -> Action:
+        return access.template_action(value, is_text=template_is_text(value))
+
+    assert kind(None) is A.VIEW and kind("  ") is A.VIEW
+    assert kind("{% for m in messages %}{{ m.content }}{% endfor %}") is A.VIEW
+    for attack in ("/etc/passwd", "~/.cache/huggingface/token", "chat.jinja", str(tmp_path), "../x.jinja"):
+        assert kind(attack) is A.READ_SERVER_PATH, attack
+
+
 def test_model_names_from_the_web() -> None:
     known = {"embedded: SmolLM2-135M-Instruct", "/srv/models/default"}
     assert access.model_action("microsoft/Phi-3-mini-4k-instruct", known=known, is_path=False) is A.USE_HUB_MODEL
@@ -211,6 +224,10 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
 for _e in ("validate", "validate_source", "validate_sample", "validate_after_upload", "start_training",
            "time_estimate", "measure_step_time"):
     ATTACKS[(_e, A.READ_SERVER_PATH, "model")] = lambda w: {"Base model": str(w["creds"].parent)}  # type: ignore
+# A chat template is a file the training process reads: a server file named there is a server path too.
+for _e in ("show_config", "start_training", "time_estimate", "measure_step_time"):
+    ATTACKS[(_e, A.READ_SERVER_PATH, "template")] = lambda w: {  # type: ignore
+        "Chat template file": str(w["creds"]), "Data source": str(SAMPLE), "Max steps": 2}
 
 
 def gated_pairs() -> set[tuple[str, Action]]:

@@ -16,7 +16,7 @@ from phi3_lora.runs import default_runs_dir
 from phi3_lora.ui import compare, dataset, drafts, export_tab, login, settings, strings, timing, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
 from phi3_lora.ui.strings import t
-from phi3_lora.ui.guard import check_model, check_source, guarded, session_key
+from phi3_lora.ui.guard import check_model, check_source, check_template, guarded, session_key
 
 DATA_KEYS = ["data.source", "data.format", "data.mapping", "data.eval_fraction"]
 # The Column mapping table is an editable Dataframe, which also takes CSV files dropped on it ("Invalid file type");
@@ -109,6 +109,7 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
             given["data.source"] = (given["data.source"] or "").strip()
             given["data.mapping"] = dataset.mapping_from_table(table)
             check_model(state, who, given["model.name"])
+            check_template(state, who, given["model.chat_template"])
             check_source(state, who, given["data.source"])
             info = models.model_info(given["model.name"])
             return settings.config_from_values(given, info.linear_names, preset_name)

@@ -134,3 +134,10 @@ def check_model(state: Any, who: Requester, name: str | None) -> None:
     except (OSError, RuntimeError, ValueError):
         is_path = True
     check(state, who, access.model_action(name, known=known_models(state), is_path=is_path))
+
+
+def check_template(state: Any, who: Requester, value: str | None) -> None:
+    """Gate model.chat_template from the web: template text for anybody, a file of the server only for the owner."""
+    from phi3_lora.models import template_is_text
+
+    check(state, who, access.template_action(value, is_text=template_is_text(value)))
