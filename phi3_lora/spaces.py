@@ -214,18 +214,50 @@ def is_hub_repo_id(text: str) -> bool:
         and ".." not in text
 
 
+ADAPTER_FILES = ["*.safetensors", "*.json", "*.jinja", "*.yaml", "*.txt", "*.model", "*.md"]
+# A LoRA adapter of a 4B model at r=64 on every layer is ~0.5 GB; with modules_to_save on a 150k-token vocabulary's
+# embedding and head, ~2 GB. A repo past this is a model, not an adapter (anyone may type its id into Compare).
+MAX_ADAPTER_BYTES = 4 * 2**30
+
+
+def _check_published_adapter(repo_id: str, token: str | bool | None) -> str | None:
+    """The commit to download, once the repo's file list shows an adapter of a bounded size; nothing is downloaded
+    before. None offline: then only the local cache is read."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, constants
+
+    from phi3_lora.errors import UserError
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    info = HfApi().model_info(repo_id, files_metadata=True, token=token)
+    sizes = {f.rfilename: f.size or 0 for f in info.siblings or []}
+    if "adapter_config.json" not in sizes:
+        raise UserError(f"{repo_id} is not a LoRA adapter: it has no adapter_config.json.",
+                        hint="Give the repo of an adapter pushed with phi3_lora's Export tab or peft's push_to_hub.")
+    total = sum(size for name, size in sizes.items() if any(fnmatch(name, p) for p in ADAPTER_FILES))
+    if total > MAX_ADAPTER_BYTES:
+        raise UserError(f"{repo_id} holds {total / 2**30:,.1f} GiB of files, more than a LoRA adapter (the limit is "
+                        f"{MAX_ADAPTER_BYTES // 2**30} GiB), so it is not downloaded.",
+                        hint="Give the repo of the adapter alone; its base model is named in its adapter_config.json.")
+    return info.sha
+
+
 def download_adapter(repo_id: str, token: str | bool | None = None) -> Path:
     """A published adapter (a Hub model repo with adapter_config.json) as a local folder in the Hub cache.
-    Only safetensors weights and text files are fetched; never pickles. `token`: None = the machine's login,
-    False = no token at all (a web visitor without a token of their own)."""
+    Only safetensors weights and text files are fetched; never pickles; and only once the repo's file list shows an
+    adapter no larger than MAX_ADAPTER_BYTES. `token`: None = the machine's login, False = no token at all (a web
+    visitor without a token of their own)."""
     import httpx
     from huggingface_hub import snapshot_download
 
     from phi3_lora.errors import UserError
 
     try:
-        folder = Path(snapshot_download(repo_id, repo_type="model", token=token, allow_patterns=[
-            "*.safetensors", "*.json", "*.jinja", "*.yaml", "*.txt", "*.model", "*.md"]))
+        revision = _check_published_adapter(repo_id, token)
+        folder = Path(snapshot_download(repo_id, repo_type="model", token=token, revision=revision,
+                                        allow_patterns=ADAPTER_FILES))
     except (OSError, ValueError, httpx.HTTPError) as exc:  # offline, missing or gated repo: one actionable message
         raise UserError(f"Could not download the adapter {repo_id} from the Hub ({type(exc).__name__}).",
                         hint="Check the repo id (owner/name of a model repo with adapter_config.json), that it is "

@@ -219,3 +219,86 @@ def test_an_ordinary_parquet_file_with_lists_and_dictionaries_still_reads(tmp_pa
     pq.write_table(table, tmp_path / "chats.parquet")
     loaded = load_data(DataSettings(source=str(tmp_path / "chats.parquet")))
     assert [row["messages"] for row in loaded.rows] == chats
+
+
+# --- a "published adapter" that is a whole model -----------------------------------------------------------
+
+class FakeModelHub:
+    """A Hub on 127.0.0.1 that holds one model repo (name -> size of each file) and records every request. Files
+    are served as zeros of their size."""
+
+    def __init__(self, repo_id: str, files: dict[str, int]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen: list[str] = []
+        sha = "1" * 40
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self) -> None:
+                import json
+
+                seen.append(f"{self.command} {self.path}")
+                if self.path.startswith(f"/api/models/{repo_id}/tree/"):  # what snapshot_download lists
+                    body = json.dumps([{"type": "file", "path": name, "size": size, "oid": "0" * 40}
+                                       for name, size in files.items()]).encode()
+                    headers = {"Content-Type": "application/json"}
+                elif self.path.startswith(f"/api/models/{repo_id}"):
+                    body = json.dumps({"id": repo_id, "sha": sha, "private": False, "siblings": [
+                        {"rfilename": name, "size": size} for name, size in files.items()]}).encode()
+                    headers = {"Content-Type": "application/json"}
+                elif f"/{repo_id}/resolve/" in self.path:
+                    name = self.path.split("/resolve/", 1)[1].split("/", 1)[1]
+                    body, headers = b"\0" * min(files.get(name, 0), 2**20), {"X-Repo-Commit": sha, "ETag": '"e"'}
+                else:
+                    body, headers = b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}
+                    self.send_response(404)
+                self.send_response(200) if headers.get("X-Error-Code") is None else None
+                for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = _answer
+
+        self.seen = seen
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("files, words", [
+    ({"adapter_config.json": 300, "adapter_model.safetensors": 40 * 2**30}, "40.0 GiB"),  # an adapter of 40 GiB
+    ({"config.json": 700, **{f"model-{i:05d}-of-00072.safetensors": 5 * 2**30 for i in range(72)}},
+     "no adapter_config.json"),                                                           # a whole 176B model
+])
+def test_a_hub_adapter_is_checked_before_anything_downloads(files: dict[str, int], words: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compare's Adapter box takes any Hub repo id from any visitor: a repo that is not an adapter, or an adapter
+    too large to be one, is refused from its file list, before a byte of it reaches this machine's disk."""
+    import huggingface_hub.constants
+
+    from phi3_lora import spaces
+
+    hub = FakeModelHub("someone/huge", files)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    try:
+        with pytest.raises(UserError, match=words) as info:
+            spaces.download_adapter("someone/huge", token=False)
+    finally:
+        hub.close()
+    assert not [r for r in hub.seen if "/resolve/" in r], hub.seen
+    assert "someone/huge" in str(info.value) and hub.url not in str(info.value)
+    assert not list((tmp_path / "hub").rglob("*.safetensors"))
