@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.browser import screenshots_dir
+from helpers.browser import RENDER_MS, open_app, screenshots_dir, stored_draft
+from helpers.training import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -91,7 +92,7 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.wait_for_load_state("load")
     loaded = time.time() - t0
     # Not "networkidle": the Train tab's 1 s timer keeps the network busy by design.
-    page.get_by_text("Your chat data").wait_for()
+    page.get_by_text("Your chat data").wait_for(timeout=RENDER_MS)
     rendered = time.time() - t0
     print(f"\n[timing] page load: DOMContentLoaded {dom:.2f} s, load {loaded:.2f} s, app rendered {rendered:.2f} s")
 
@@ -146,10 +147,20 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.get_by_text("done (temperature").wait_for(timeout=180_000)
     expect(prompt).to_have_value("", timeout=30_000)  # sent: the box is cleared for the next turn
     # Turn 2: typed; each pane keeps its own conversation, so both questions are in both panes.
+    # Turn 1's "done" stays shown until turn 2's first update replaces it: a MutationObserver (it sees every change,
+    # where polling could miss a short one) notes when it leaves, so the wait is for turn 2's own "done".
+    page.evaluate("""() => {
+      const done = () => (document.querySelector('#p3-compare-status')?.textContent || '').includes('done (temperature');
+      window.p3Turn1DoneGone = false;
+      new MutationObserver((_, observer) => {
+        if (!done()) { window.p3Turn1DoneGone = true; observer.disconnect(); }
+      }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
     prompt.fill("What is your name?")
     page.get_by_role("button", name="Send", exact=True).click()
     expect(page.locator("#p3-base-chat")).to_contain_text("What is your name?", timeout=180_000)
-    page.get_by_text("done (temperature").wait_for(timeout=180_000)
+    page.wait_for_function("() => window.p3Turn1DoneGone && document.querySelector('#p3-compare-status')"
+                           ".textContent.includes('done (temperature')", timeout=180_000)
     base = page.locator("#p3-base-chat").inner_text()
     tuned = page.locator("#p3-tuned-chat").inner_text()
     for text in (base, tuned):
@@ -165,7 +176,6 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
         page.locator("#p3-zip-file").get_by_text(re.compile(r"\.zip")).first.wait_for(timeout=600_000)
     finally:
         page.screenshot(path=str(shots / "5-export.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
-    page.screenshot(path=str(shots / "5-export.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
     page.close()
 
 
@@ -177,24 +187,32 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     shots = screenshots_dir()
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    page.goto(app_url)
-    page.get_by_text("Your chat data").wait_for()
+    open_app(page, app_url)
     source = page.locator("#cfg-data-source").locator("textarea, input").first
 
     # Files dropped on the Column mapping table are not taken (it read a CSV into itself, or toasted
-    # "Invalid file type"): the table stays as it was and no toast appears.
+    # "Invalid file type"): the page's guard swallows the drag events before the table's handlers see them.
+    # dispatchEvent runs every listener before it returns, so what reached the table is known at once (no waiting
+    # for a toast that must not come): no event reached it, each was refused, the table is as it was.
     mapping = page.locator("#p3-mapping tbody")  # the cells only (the block may show a progress timer)
     before = mapping.inner_text()
     assert page.evaluate("window.p3DropGuard === true"), "the drop guard is a head script: in place before the app renders"
-    page.evaluate("""() => {
+    reached = page.evaluate("""() => {
       const el = document.querySelector('#p3-mapping table') || document.querySelector('#p3-mapping');
+      const kinds = ['dragenter', 'dragover', 'drop'], seen = [], allowed = [];
+      const spy = (e) => seen.push(e.type);
+      for (const kind of kinds) el.addEventListener(kind, spy);
       for (const [name, body] of [['x.csv', 'field,column\\nzzz,yyy\\n'], ['x.txt', 'hello']]) {
         const dt = new DataTransfer(); dt.items.add(new File([body], name));
-        for (const kind of ['dragenter', 'dragover', 'drop'])
-          el.dispatchEvent(new DragEvent(kind, {dataTransfer: dt, bubbles: true, cancelable: true}));
+        for (const kind of kinds) {
+          const event = new DragEvent(kind, {dataTransfer: dt, bubbles: true, cancelable: true});
+          if (el.dispatchEvent(event)) allowed.push(kind);  // true: nobody called preventDefault
+        }
       }
+      for (const kind of kinds) el.removeEventListener(kind, spy);
+      return {seen, allowed};
     }""")
-    time.sleep(1.5)
+    assert reached == {"seen": [], "allowed": []}, reached
     assert mapping.inner_text() == before and "zzz" not in mapping.inner_text()
     expect(page.get_by_text("Invalid file type")).to_have_count(0)
 
@@ -213,13 +231,13 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     set_number(page, "Max steps", "5")
     set_number(page, "Learning rate", "0.005")
     expect(page.locator("#p3-time")).to_contain_text("Time:", timeout=30_000)
-    time.sleep(1.5)  # the draft is saved on change (always_last): let the last one land
+    # The draft is saved on change (a round trip, then the page writes it to localStorage): reload only once the
+    # stored draft holds these values, or the reload brings back an older one.
+    wait_until(lambda: {k: float(v) for k, v in (stored_draft(page, RUNS["dir"]).get("settings") or {}).items()
+                        if k in ("train.max_steps", "train.learning_rate")}
+               == {"train.max_steps": 5.0, "train.learning_rate": 0.005}, timeout=60)
     for view in (page, context.new_page()):
-        if view is page:
-            view.reload()
-        else:
-            view.goto(app_url)
-        view.get_by_text("Your chat data").wait_for()
+        open_app(view, app_url, reload=view is page)
         view.get_by_text("48 usable of 48 rows").wait_for(timeout=60_000)
         expect(view.locator("#cfg-data-source").locator("textarea, input").first).to_have_value(re.compile(r"sample_chat\.jsonl$"))
         view.get_by_role("tab", name="2 · Model & LoRA").click()
@@ -279,8 +297,7 @@ def test_finnish_page(browser, app_url: str) -> None:
                                                             ("learning_rate", "gradient_accumulation_steps")})
     context = browser.new_context(locale="fi-FI", viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    page.goto(app_url)
-    page.get_by_text("Keskusteluaineistosi").wait_for()
+    open_app(page, app_url, "Keskusteluaineistosi")
     tabs = [("1 · Aineisto", "1-aineisto", "Käytä esimerkkiaineistoa"), ("2 · Malli ja LoRA", "2-malli", "Oppimisnopeus"),
             ("3 · Koulutus", "3-koulutus", "Aloita koulutus"), ("4 · Vertailu", "4-vertailu", "Sivuun jätetty esimerkki"),
             ("5 · Vienti", "5-vienti", "Tee adapterin zip-paketti")]
@@ -289,9 +306,13 @@ def test_finnish_page(browser, app_url: str) -> None:
         page.get_by_text(finnish, exact=True).first.wait_for(timeout=30_000)
         # the tab's own load events (draft restore, run lists) finish before the picture: no progress timers
         page.wait_for_function("() => !document.querySelector('.progress-text, .eta-bar')", timeout=120_000)
-        shown = page.locator("body").inner_text()
-        for box in page.locator(", ".join(HANDLER_BOXES)).all():  # what handlers wrote: English, see strings.py
-            shown = shown.replace(box.inner_text(), "")
+        # The page's text less what handlers wrote (English, see strings.py), read in one go: the Train tab's timer
+        # rewrites its boxes between two separate reads
+        shown = page.evaluate("""(boxes) => {
+          let text = document.body.innerText;
+          for (const box of document.querySelectorAll(boxes)) text = text.split(box.innerText).join('');
+          return text;
+        }""", ", ".join(HANDLER_BOXES))
         left = [text for text in english if text in shown]
         assert not left, (tab, left)
         page.screenshot(path=str(shots / f"{name}.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
@@ -301,12 +322,11 @@ def test_finnish_page(browser, app_url: str) -> None:
     page.locator("#p3-language input").click()
     page.get_by_role("option", name="English").click()
     page.get_by_role("tab", name="1 · Dataset").wait_for(timeout=30_000)
-    page.reload()
-    page.get_by_text("Your chat data").wait_for(timeout=60_000)
-    expect(page.locator("#p3-language input")).to_have_value("English")
+    open_app(page, app_url, reload=True)
+    # the page's load event (in the browser, after the first render) puts the language shown into the switch
+    expect(page.locator("#p3-language input")).to_have_value("English", timeout=30_000)
     assert "Keskusteluaineistosi" not in page.locator("body").inner_text()
     # A link can ask for a language: ?lang=fi wins over the remembered English.
-    page.goto(app_url.rstrip("/") + "/?lang=fi")
-    page.get_by_text("Keskusteluaineistosi").wait_for(timeout=60_000)
-    expect(page.locator("#p3-language input")).to_have_value("Suomi")
+    open_app(page, app_url.rstrip("/") + "/?lang=fi", "Keskusteluaineistosi")
+    expect(page.locator("#p3-language input")).to_have_value("Suomi", timeout=30_000)
     context.close()

@@ -63,7 +63,7 @@ def build(state: AppState) -> CompareTab:
             max_new_tokens = gr.Slider(8, 1024, value=SAMPLING.max_new_tokens, step=8, label=t("compare.max_new_tokens"),
                                        info=t("compare.max_new_tokens_info"))
             seed = gr.Number(SAMPLING.seed, precision=0, label=t("compare.seed"), info=t("compare.seed_info"))
-    status = gr.HTML()
+    status = gr.HTML(elem_id="p3-compare-status")
     with gr.Row(equal_height=True):
         base_chat = gr.Chatbot(label=t("compare.base"), height=520, elem_id="p3-base-chat",
                                placeholder=t("compare.base_placeholder"))

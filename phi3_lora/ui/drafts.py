@@ -26,6 +26,7 @@ from phi3_lora.ui.guard import check, guarded
 from phi3_lora.ui.strings import t
 
 SECRET_FILE = ".browser_secret"
+STORAGE_KEY = "phi3_lora_draft"  # its localStorage key
 
 
 @dataclass(slots=True)
@@ -87,7 +88,7 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
          preset: gr.Radio, summary: gr.HTML, demo: gr.Blocks) -> Any:
     """Returns the draft (gr.BrowserState); the caller validates the restored dataset after load."""
     runs_dir = state.options.runs_dir
-    draft = gr.BrowserState({}, storage_key="phi3_lora_draft", secret=browser_secret(runs_dir))
+    draft = gr.BrowserState({}, storage_key=STORAGE_KEY, secret=browser_secret(runs_dir))
     form = widgets + [preset] + data_widgets
 
     @guarded(state)
