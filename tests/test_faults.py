@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.apps import SAMPLE, free_port, start_args, val
+from helpers.apps import ENDLESS_STEPS, SAMPLE, free_port, start_args, val
 from helpers.training import slow_config, wait_until
 from phi3_lora import events, jobs
 from phi3_lora.errors import UserError
@@ -214,7 +214,7 @@ def test_restarted_app_finds_the_running_run(tmp_path, tiny_llama_dir):
     runs = tmp_path / "runs"
     demo, c = launch_app(runs, tiny_llama_dir)
     try:
-        args = start_args(c, **{"Data source": str(SAMPLE), "Max steps": 400, "Max length (tokens)": 128})
+        args = start_args(c, **{"Data source": str(SAMPLE), "Max steps": ENDLESS_STEPS, "Max length (tokens)": 128})
         run_id = val(c.predict(*args, api_name="/start_training")[0])
         wait_until(lambda: events.run_status(runs / run_id).state == "running", timeout=180)
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.apps import SAMPLE, free_port, start_args, val
+from helpers.apps import ENDLESS_STEPS, SAMPLE, free_port, start_args, val
 from helpers.run_folders import RUN_ID, make_adapter_run
 from phi3_lora import events, jobs
 
@@ -43,7 +43,7 @@ def test_twenty_chats_and_five_starts_at_once(tmp_path: Path, tiny_llama_dir: Pa
     demo = build_app(runs, default_model=str(tiny_llama_dir))
     _, url, _ = launch(demo, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
     assert url.startswith("http://127.0.0.1")  # loopback only
-    args = start_args(Client(url, verbose=False), **{"Data source": str(SAMPLE), "Max steps": 400,
+    args = start_args(Client(url, verbose=False), **{"Data source": str(SAMPLE), "Max steps": ENDLESS_STEPS,
                                                      "Max length (tokens)": 128})
     barrier = threading.Barrier(CHAT_CLIENTS + TRAIN_SUBMISSIONS, timeout=120)
     latencies: list[float] = []

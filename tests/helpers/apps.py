@@ -18,6 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample_chat.jsonl"
 NO_MAPPING = {"headers": ["field the format expects", "column in your data"], "data": [["", ""]], "metadata": None}
+# Max steps of a run that a test stops itself and checks while it trains: it cannot end first, on any machine
+# (400 steps of the tiny models took ~95 s on an idle 2-core machine: not far from what a test does meanwhile).
+ENDLESS_STEPS = 1_000_000
 
 
 def free_port() -> int:
