@@ -114,10 +114,12 @@ def browser():
 
 
 # --- pytest-xdist (README's `-n 2 --dist loadfile`) -------------------------------------------------------------
-# A test file runs whole on one worker, so a module's app server, browser and trained runs are made once. The
-# files that read embedded_sample_run (a 16-step SmolLM2 run, a minute of both cores) are one unit: a session
-# fixture is made once per worker. The costliest units go first, so the last minutes are not one long file
-# running alone; a file not listed keeps its place after them.
+# One mechanism, on the controller: the scheduler below hands out whole units (a file, or the files of a shared unit)
+# costliest first. A file runs whole on one worker, so a module's app server, browser and trained runs are made once.
+# The files that read embedded_sample_run (a 16-step SmolLM2 run, a minute of both cores) are one unit: a session
+# fixture is made once per worker. The costliest units go first, so the last minutes are not one long file running
+# alone; a unit not listed keeps its collection order after them. tests/test_suite_order.py fails on a name here
+# that is no longer a file in tests/ (a rename would silently drop it to the back).
 SHARED_UNITS = {name: "embedded_sample_run" for name in
                 ("test_browser_evaluate.py", "test_evaluate_embedded.py", "test_learns_a_fact.py")}
 COSTLIEST_FIRST = ("test_browser.py", "embedded_sample_run", "test_faithful_export.py", "test_gguf.py",
@@ -126,29 +128,40 @@ COSTLIEST_FIRST = ("test_browser.py", "embedded_sample_run", "test_faithful_expo
 
 
 def work_unit(nodeid: str) -> str:
+    """The unit a test is scheduled with: its file's name, or the shared unit that file belongs to."""
     file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
     return SHARED_UNITS.get(file, file)
 
 
-@pytest.hookimpl(optionalhook=True)  # a plain `pytest` without xdist installed still runs
+def unit_rank(unit: str) -> int:
+    """Where a unit goes: its place in COSTLIEST_FIRST, or after all of them."""
+    return COSTLIEST_FIRST.index(unit) if unit in COSTLIEST_FIRST else len(COSTLIEST_FIRST)
+
+
+@pytest.hookimpl(optionalhook=True)  # a plain `pytest`, or one without xdist installed, runs in pytest's own order
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """--dist loadfile with the embedded_sample_run files as one unit (xdist's own loadgroup cannot do it under
-    pytest 9: it renames node ids through an attribute pytest no longer reads)."""
+    """--dist loadfile with the embedded_sample_run files as one unit and the units costliest first (xdist's own
+    loadgroup cannot group them under pytest 9: it renames node ids through an attribute pytest no longer reads)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    config.option.loadscopereorder = False  # xdist would put the files with the most tests first instead
-    class FileUnits(LoadScopeScheduling):
+    config.option.loadscopereorder = False  # xdist would put the units with the most tests first instead
+
+    class CostliestFirst(LoadScopeScheduling):
+        ranked = False
+
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
 
-    return FileUnits(config, log)
+        def _assign_work_unit(self, node) -> None:
+            # schedule() fills the work queue in collection order and then assigns: order it before the first unit
+            # goes out (a stable sort: the units not listed keep their order)
+            if not self.ranked:
+                ranked = sorted(self.workqueue.items(), key=lambda item: unit_rank(item[0]))
+                self.workqueue.clear()
+                self.workqueue.update(ranked)
+                self.ranked = True
+            super()._assign_work_unit(node)
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return  # a plain run keeps pytest's order
-    rank = {unit: i for i, unit in enumerate(COSTLIEST_FIRST)}
-    order = {item: i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(work_unit(item.nodeid), len(rank)), order[item]))
+    return CostliestFirst(config, log)
