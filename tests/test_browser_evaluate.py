@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from helpers.browser import screenshots_dir
+from helpers.browser import open_app, screenshots_dir
 from phi3_lora import evaluate, scores
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -31,10 +31,14 @@ def app_url(embedded_sample_run: Path):
 
 
 def shows_table(page, result: dict) -> None:
-    text = page.locator("#p3-eval-summary").inner_text()
+    """Every cell of the result's summary is in the table on the page. Waited for, not read once: the table is
+    another component than the status line that named the result, and may render after it."""
+    from playwright.sync_api import expect
+
+    summary = page.locator("#p3-eval-summary")
     for row in scores.summary_table(result["summary"]):
         for cell in row:
-            assert cell in text, (cell, row, text)
+            expect(summary).to_contain_text(cell, use_inner_text=True, timeout=30_000)
 
 
 def test_scores_in_the_compare_tab_are_the_saved_ones(browser, app_url, embedded_sample_run):
@@ -46,7 +50,7 @@ def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(app_url, wait_until="domcontentloaded")
+    open_app(page, app_url)
     page.get_by_role("tab", name="4 · Compare").click()
     expect(page.locator("#p3-compare-source input")).to_have_value(re.compile("final adapter"), timeout=60_000)
     # Picking the run shows its newest saved result.
@@ -62,8 +66,9 @@ def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:
     newest = results[-1]
     expect(page.locator("#p3-eval-status")).to_contain_text(Path(newest["file"]).name)
     shows_table(page, newest)
-    rows_text = page.locator("#p3-eval-rows").inner_text()
-    assert all(r["reference"][:30] in rows_text for r in newest["rows"])
+    for row in newest["rows"]:
+        expect(page.locator("#p3-eval-rows")).to_contain_text(row["reference"][:30], use_inner_text=True,
+                                                              timeout=30_000)
     shot = screenshots_dir() / "evaluate.png"
     page.locator("#p3-evaluate").scroll_into_view_if_needed()
     page.screenshot(path=str(shot), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
