@@ -60,6 +60,7 @@ class Action(str, Enum):
     PUSH = "push an adapter or merged model to the Hub (with the requester's own token)"
     SERVER_TOKEN = "use the server's Hugging Face token (HF_TOKEN, saved login)"
     LOAD_RUN_SETTINGS = "load a past run's settings and data source into the form"
+    READ_RUN_LOG = "read a run's log and tracker commands (they name the server's folders, model and data files)"
 
 
 Y, OWN, N = Rule.YES, Rule.OWN, Rule.NO
@@ -85,12 +86,14 @@ POLICY: dict[Action, tuple[Rule, Rule, Rule]] = {
     A.PUSH: (Y, Y, N),
     A.SERVER_TOKEN: (Y, N, N),
     A.LOAD_RUN_SETTINGS: (Y, OWN, N),  # a run's config holds its owner's paths (data, model folder)
+    A.READ_RUN_LOG: (Y, OWN, N),       # the same paths, in the command line and the messages of the run
 }
 # Switched off for every visitor in demo mode (a demo serves one machine to the whole internet).
 DEMO_OFF: frozenset[Action] = frozenset({A.START, A.RESUME, A.MERGE})
 LEVELS: tuple[Level, ...] = (Level.OWNER, Level.SIGNED_IN, Level.ANONYMOUS)
 
-# Every named endpoint of the app -> the actions it can perform (VIEW: only reads). A test lists the running
+# Every named endpoint of the app -> the actions it can perform (VIEW: only reads). READ_RUN_LOG is not listed: the
+# Train tab's views leave the log out for whoever may not read it rather than refuse the request. A test lists the running
 # app's endpoints and fails on any endpoint missing here, so a new one cannot skip the gate. (The page's unload
 # handler, which deletes the session's own uploads, is private: no client can call it.)
 _MODEL = (A.USE_HUB_MODEL, A.READ_SERVER_PATH)

@@ -371,7 +371,9 @@ def adapter_config_file(adapter_dir: str | Path) -> Path | None:
 def run_in(runs_dir: str | Path, run_id: str | None) -> RunDir:
     """The existing run `run_id` of `runs_dir`, or a UserError that says there is none."""
     if not valid_run_id(run_id) or not (run := RunDir(Path(runs_dir) / str(run_id))).exists():
-        raise UserError(f"There is no run called {run_id!r} in {runs_dir}.", hint="Pick one from the list of runs.")
+        # The folder by its name only: the message reaches web visitors, who must not learn the server's folders.
+        raise UserError(f"There is no run called {run_id!r} in {Path(runs_dir).name}/.",
+                        hint="Pick one from the list of runs.")
     return run
 
 

@@ -373,6 +373,62 @@ def test_owner_at_the_machine_may_read_a_server_path_and_a_signed_in_visitor_sto
         shutil.rmtree(alice_run, ignore_errors=True)
 
 
+LEAKY_ID = "20260101-000004-leaky"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode_name", ["share", "auth"])
+def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world: dict[str, Any]) -> None:
+    """A run's log names the server's folders, its model folder and its data file (the very paths that make
+    "load a past run's settings" own-runs only), and error messages named the runs folder. A visitor sees the log
+    of the runs they started only; the messages and the run status name no server folder."""
+    from gradio_client import Client
+
+    runs: Path = world["runs"]
+    leaky = make_adapter_run(runs, world["model"], LEAKY_ID)
+    data_path = str(world["creds"])
+    RunDir(leaky).log.write_text(f"$ python -m phi3_lora train --config {leaky}/config.yaml\n"
+                                 f"error: {data_path} line 3: bad row\n")
+    RunDir(leaky).events.unlink()
+    events.append_event(leaky, "start", step=0, max_steps=50)
+    events.append_event(leaky, "checkpoint", step=1, max_steps=50, path=str(RunDir(leaky).checkpoint(1)))
+    events.append_event(leaky, "end", status="stopped", step=1, max_steps=50, reason="stopped by you")
+    access.RunStarters(runs).record(LEAKY_ID, "owner")
+    alices = make_adapter_run(runs, world["model"], ALICE_ID)
+    RunDir(alices).log.write_text("alice's own log line\n")
+    access.RunStarters(runs).record(ALICE_ID, "auth:alice")
+    options, auth, _, _ = MODES[mode_name]
+    try:
+        with serve(world, auth=auth, **options) as (url, demo):
+            client = Client(url, auth=auth[0] if auth else None, verbose=False)
+            api = client.view_api(print_info=False, return_format="dict")
+            seen = []
+            for endpoint, by_label in (("select_run", {"Run": LEAKY_ID}), ("list_runs", {"Run": LEAKY_ID}),
+                                       ("poll_run", {"Run": LEAKY_ID}), ("load_page", {}),
+                                       ("select_run", {"Run": "no-such-run"}), ("compare", {"Adapter": "no-such-run",
+                                                                                             "Prompt": "hi"}),
+                                       ("export_zip", {"Adapter": "no-such-run"}),
+                                       ("heldout_example", {"Adapter": "no-such-run"})):
+                try:
+                    text = json.dumps(client.predict(*endpoint_args(api, endpoint, **by_label),
+                                                     api_name=f"/{endpoint}"), default=str)
+                except Exception as exc:
+                    text = str(exc)
+                seen.append(text)
+                for secret in (str(runs), data_path, "phi3_lora train --config"):
+                    assert secret not in text, (mode_name, endpoint, by_label, secret, text[:800])
+            assert "checkpoint-1" in seen[0]  # the status still says which checkpoint Resume continues from
+            if mode_name == "auth":  # Alice sees the log of her own run
+                mine = json.dumps(client.predict(*endpoint_args(api, "select_run", Run=ALICE_ID),
+                                                 api_name="/select_run"), default=str)
+                assert "alice's own log line" in mine
+    finally:
+        import shutil
+
+        shutil.rmtree(leaky, ignore_errors=True)
+        shutil.rmtree(alices, ignore_errors=True)
+
+
 def test_readme_sharing_table_is_the_policy() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "## Sharing safely" in readme

@@ -37,7 +37,7 @@ def resolve_source(runs_dir: Path, value: str | None) -> Path:
     if runs_dir.resolve() not in path.parents or not path.exists():
         if runs_dir.resolve() in path.parents:
             _gone_checkpoint(path)
-        raise UserError(f"{value} is not a run or checkpoint in {runs_dir}.", hint="Refresh the list and pick again.")
+        raise UserError(f"{value} is not a run or checkpoint of this app.", hint="Refresh the list and pick again.")
     return path
 
 

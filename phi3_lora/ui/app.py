@@ -141,8 +141,9 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         export_page.select(ex.on_refresh, ex.source, ex.source, api_name="open_export")
 
         @user_errors
-        def on_load() -> list[Any]:
-            return tr.on_load() + [cp.on_refresh(None), ex.on_refresh(None)]
+        @guarded(state)
+        def on_load(who: Requester) -> list[Any]:
+            return tr.on_load(who) + [cp.on_refresh(None), ex.on_refresh(None)]
 
         demo.load(on_load, None, tr.outputs + [cp.source, ex.source], api_name="load_page")
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from phi3_lora import evaluate, events, jobs, runs, scores, trackers, uploads
+from phi3_lora import access, evaluate, events, jobs, runs, scores, trackers, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
@@ -22,6 +22,8 @@ from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_erro
 from phi3_lora.ui.guard import check, check_source, guarded
 from phi3_lora.ui.strings import t
 
+LOG_HIDDEN = ("(The log of a run is shown to whoever started it: it names this server's folders and files. The "
+              "status, progress and loss curve above are the run's.)")
 STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": "warn", "failed": "error",
               "interrupted": "warn", "unreadable": "error"}
 
@@ -44,7 +46,7 @@ class TrainTab:
     overlay_plot: gr.Plot
     overlay_scores: gr.Markdown
     # set by wire; app.py fills the page on load with them
-    on_load: Callable[[], list[Any]] | None = None
+    on_load: Callable[[Requester], list[Any]] | None = None
     outputs: list[Any] = field(default_factory=list)  # what on_load returns values for
 
 
@@ -108,7 +110,7 @@ def status_html(run_id: str, st: events.RunStatus) -> str:
     if st.reason and st.reason not in text:
         body += f"<br>{html.escape(st.reason)}"
     if st.last_checkpoint and st.state in ("stopped", "interrupted", "failed"):
-        body += f"<br>last checkpoint: {html.escape(str(st.last_checkpoint))}"
+        body += f"<br>last checkpoint: {html.escape(Path(st.last_checkpoint).name)}"  # not the server's folders
     return f"<div class='p3-note p3-{STATE_KIND.get(st.state, 'info')}' id='p3-run-status'>{body}</div>"
 
 
@@ -236,7 +238,12 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     runs_dir = state.options.runs_dir
     view = [tab.status, tab.progress, tab.plot, tab.log, tab.seen]
 
-    def render(run_id: str | None, seen: str) -> list[Any]:
+    def may_read_log(who: Requester, run_id: str) -> bool:
+        """The log and the trackers' commands name the server's folders, model and data files: whoever may read
+        them sees them, anyone else the run's progress without them."""
+        return access.refusal(Action.READ_RUN_LOG, who, state.mode, started_by=state.starters.get(run_id)) is None
+
+    def render(who: Requester, run_id: str | None, seen: str) -> list[Any]:
         if not run_id:
             return [gr.skip()] * 4 + [seen]
         st = jobs.run_info(runs.run_in(runs_dir, run_id)).status
@@ -244,15 +251,16 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         key = f"{run_id}|{st.state}|{st.step}|{n_events}|{st.last_checkpoint}"
         if key == seen and not st.active:
             return [gr.skip()] * 5
+        readable = may_read_log(who, run_id)
         try:
-            log = jobs.log_tail(run_id, runs_dir, lines=12)
+            log = jobs.log_tail(run_id, runs_dir, lines=12) if readable else LOG_HIDDEN
         except UserError:
             log = ""
         if key == seen:
             return [gr.skip(), gr.skip(), gr.skip(), log, key]
         plot = loss_figure(st)
-        return [status_html(run_id, st) + dashboards_html(runs.run_in(runs_dir, run_id).path), _progress_html(st),
-                plot, log, key]
+        dashboards = dashboards_html(runs.run_in(runs_dir, run_id).path) if readable else ""
+        return [status_html(run_id, st) + dashboards, _progress_html(st), plot, log, key]
 
     def runs_update(selected: str | None) -> Any:
         choices = run_choices(runs_dir)
@@ -260,9 +268,9 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         return gr.update(choices=choices, value=selected if selected in ids else (ids[0] if ids else None))
 
     @user_errors
-    def on_load() -> list[Any]:
+    def on_load(who: Requester) -> list[Any]:
         run_id = initial_run(runs_dir)
-        return [runs_update(run_id)] + render(run_id, "")
+        return [runs_update(run_id)] + render(who, run_id, "")
 
     @user_errors
     @guarded(state)
@@ -283,7 +291,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         run_id = jobs.start_run(config, runs_dir)
         state.starters.record(run_id, who.identity)
         gr.Info(f"Started {run_id}.")
-        return [runs_update(run_id)] + render(run_id, "")
+        return [runs_update(run_id)] + render(who, run_id, "")
 
     def own_run(who: Requester, action: Action, run_id: str | None) -> None:
         """The gate for actions on one run: before anything is read about the run."""
@@ -299,7 +307,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
             raise UserError(f"{run_id} is not running.", hint="Only a running run can be stopped.")
         st = jobs.stop_run(run_id, runs_dir)
         (gr.Warning if "killed" in st.reason else gr.Info)(f"Stopped {run_id} at step {st.step}. {st.resume_text}.")
-        return [runs_update(run_id)] + render(run_id, "")
+        return [runs_update(run_id)] + render(who, run_id, "")
 
     @user_errors
     @guarded(state)
@@ -315,15 +323,17 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         time.sleep(0.2)
         gr.Info(f"Resumed {run_id} from step {from_step} ({checkpoint.name})." if checkpoint else
                 f"Resumed {run_id} from step 0: it never saved a checkpoint, so training starts again.")
-        return [runs_update(run_id)] + render(run_id, "")
+        return [runs_update(run_id)] + render(who, run_id, "")
 
     @user_errors
-    def on_select(run_id: str | None) -> list[Any]:
-        return render(run_id, "")
+    @guarded(state)
+    def on_select(who: Requester, run_id: str | None) -> list[Any]:
+        return render(who, run_id, "")
 
     @user_errors
-    def on_tick(run_id: str | None, seen: str) -> list[Any]:
-        out = render(run_id, seen)
+    @guarded(state)
+    def on_tick(who: Requester, run_id: str | None, seen: str) -> list[Any]:
+        out = render(who, run_id, seen)
         new_key = out[-1] if isinstance(out[-1], str) else seen
         changed = new_key.split("|")[:2] != (seen or "").split("|")[:2]  # another run or another state
         return [runs_update(run_id) if changed and run_id else gr.skip()] + out
@@ -334,8 +344,9 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     tab.stop.click(on_stop, tab.runs, outputs, api_name="stop_training", concurrency_id="jobs")
     tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")
     @user_errors
-    def on_refresh(run_id: str | None) -> list[Any]:
-        return [runs_update(run_id)] + render(run_id, "")
+    @guarded(state)
+    def on_refresh(who: Requester, run_id: str | None) -> list[Any]:
+        return [runs_update(run_id)] + render(who, run_id, "")
 
     tab.refresh.click(on_refresh, tab.runs, outputs, api_name="list_runs")
     tab.runs.input(on_select, tab.runs, view, api_name="select_run")
