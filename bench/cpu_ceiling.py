@@ -67,11 +67,12 @@ def products_ms(model: Any, rows: int, repeats: int = 5) -> float:
     import torch
 
     from phi3_lora.cpu_linear import PackedLinears
+    from phi3_lora.threads import cpu_threads
 
     layers = [m for name, m in model.named_modules() if type(m) is torch.nn.Linear and "lora_" not in name]
     inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in layers}
     times = []
-    with torch.inference_mode(), PackedLinears().applied(model):
+    with torch.inference_mode(), cpu_threads(model.device, steady=True), PackedLinears().applied(model):
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
             for m in layers:
@@ -99,34 +100,36 @@ def measured_step_ms(engine: Any, tokens: int, repeats: int = 3) -> dict[str, fl
     return {side: statistics.median(ms) for side, ms in runs.items()}
 
 
-def compiled_static_step(model_dir: str, tokens: int) -> dict[str, Any]:
-    """transformers' StaticCache + torch.compile on the decode step (weights frozen), one row, base model:
-    compile seconds (the first step), median step ms after it, and whether its tokens equal eager's."""
+def compiled_static_steps(model_dir: str, tokens: int, rows: tuple[int, ...] = (1, 2)) -> dict[int, dict[str, Any]]:
+    """transformers' StaticCache + torch.compile on the decode step (weights frozen), base model, the prompt on
+    each of `rows` rows (two rows: the pair's shape without the tuned row's LoRA update): per row count, compile
+    seconds (the first step), median step ms after it, eager's step with the same cache, and whether the compiled
+    greedy tokens equal eager's."""
     import torch
     import torch._inductor.config as inductor
-    from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+    from transformers import AutoTokenizer, StaticCache
 
     from phi3_lora import models
     from phi3_lora.config import ModelSettings
 
-    inductor.freezing = True
     model = models.load_model(ModelSettings(name=model_dir, load_in_4bit=False)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    ids = ids["input_ids"]
-    length = ids.shape[1]
+    prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+    length = prompt.shape[1]
 
-    def decode(step: Any) -> tuple[list[int], list[float]]:
+    def decode(step: Any, n: int) -> tuple[list[list[int]], list[float]]:
+        ids = prompt.expand(n, -1)
         cache = StaticCache(config=model.config, max_cache_len=length + tokens + 1)
         logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length),
                        use_cache=True).logits[:, -1, :]
         nxt = logits.argmax(-1, keepdim=True)
-        out, times = [int(nxt)], []
+        out, times = [nxt[:, 0].tolist()], []
         for i in range(tokens):
             t0 = time.perf_counter()
-            logits = step(nxt, torch.tensor([[length + i]]), torch.tensor([length + i]), cache)
+            logits = step(nxt, torch.full((n, 1), length + i), torch.tensor([length + i]), cache)
             nxt = logits.argmax(-1, keepdim=True)
-            out.append(int(nxt))
+            out.append(nxt[:, 0].tolist())
             times.append(time.perf_counter() - t0)
         return out, times
 
@@ -134,11 +137,16 @@ def compiled_static_step(model_dir: str, tokens: int) -> dict[str, Any]:
         return model(input_ids=token, position_ids=position, past_key_values=cache, cache_position=cache_position,
                      use_cache=True).logits[:, -1, :]
 
-    with torch.inference_mode():
-        eager_tokens, eager_times = decode(step)
-        compiled_tokens, times = decode(torch.compile(step, dynamic=False))
-    return {"compile_s": times[0], "step_ms": statistics.median(times[2:]) * 1e3,
-            "eager_step_ms": statistics.median(eager_times) * 1e3, "same_tokens": compiled_tokens == eager_tokens}
+    results = {}
+    with torch.inference_mode(), inductor.patch(freezing=True):
+        for n in rows:
+            eager_tokens, eager_times = decode(step, n)
+            compiled_tokens, times = decode(torch.compile(step, dynamic=False), n)
+            results[n] = {"compile_s": times[0], "step_ms": statistics.median(times[2:]) * 1e3,
+                          "eager_step_ms": statistics.median(eager_times) * 1e3,
+                          "same_tokens": compiled_tokens == eager_tokens}
+            torch._dynamo.reset()
+    return results
 
 
 def report(model_dir: str, tokens: int, compiled: bool) -> dict[str, Any]:
@@ -160,7 +168,7 @@ def report(model_dir: str, tokens: int, compiled: bool) -> dict[str, Any]:
                            "measured_ms": measured_step_ms(engine, tokens)}
     del engine
     if compiled:
-        out["compiled"] = compiled_static_step(model_dir, tokens)
+        out["compiled"] = compiled_static_steps(model_dir, tokens)
     out["load_after"] = os.getloadavg()[0]
     return out
 
@@ -176,11 +184,11 @@ def markdown(r: dict[str, Any]) -> str:
              "| step | ms per token | tokens/s per side | of the ceiling |", "| --- | ---: | ---: | ---: |"]
     for side, ms in r["measured_ms"].items():
         lines.append(f"| {side} | {ms:.1f} | {1e3 / ms:.1f} | {floor_ms / ms:.0%} |")
-    if "compiled" in r:
-        c = r["compiled"]
-        lines.append(f"| one row, StaticCache, eager | {c['eager_step_ms']:.1f} | {1e3 / c['eager_step_ms']:.1f} "
+    for rows, c in r.get("compiled", {}).items():
+        what = "one row" if rows == 1 else f"{rows} rows (the pair's shape, base weights on both)"
+        lines.append(f"| {what}, StaticCache, eager | {c['eager_step_ms']:.1f} | {1e3 / c['eager_step_ms']:.1f} "
                      f"| {floor_ms / c['eager_step_ms']:.0%} |")
-        lines.append(f"| one row, StaticCache, torch.compile (compiled in {c['compile_s']:.0f} s; same tokens: "
+        lines.append(f"| {what}, StaticCache, torch.compile (compiled in {c['compile_s']:.0f} s; same tokens: "
                      f"{'yes' if c['same_tokens'] else 'no'}) | {c['step_ms']:.1f} | {1e3 / c['step_ms']:.1f} "
                      f"| {floor_ms / c['step_ms']:.0%} |")
     return "\n".join(lines)
