@@ -154,6 +154,42 @@ def local_path(name: str) -> str:
     return name
 
 
+def hub_weight_bytes(name: str, token: str | bool | None = None) -> int | None:
+    """Bytes of a Hub model's weight files, from its file list (nothing is downloaded). None for the embedded model,
+    a local folder, offline, or a Hub that does not answer: loading then says what is wrong."""
+    import httpx
+    import huggingface_hub.constants as hc
+    from huggingface_hub import HfApi
+
+    name = resolve_name(name)[0]
+    if is_embedded(name) or Path(name).expanduser().exists() or hc.HF_HUB_OFFLINE or not _HUB_ID.match(name):
+        return None
+    try:
+        files = HfApi().model_info(name, files_metadata=True, token=token).siblings or []
+    except (OSError, ValueError, httpx.HTTPError):
+        return None
+    sizes = {f.rfilename: f.size or 0 for f in files}
+    weights = [n for n in sizes if n.endswith(".safetensors")] or [n for n in sizes if n.endswith((".bin", ".pt"))]
+    return sum(sizes[n] for n in weights)
+
+
+def weight_room_bytes() -> int:
+    """The most weights this machine can load: 4x the GPU's memory (a 4-bit load keeps a quarter of 16-bit weights),
+    else its RAM."""
+    if cuda_available():
+        return 4 * torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(name: str, token: str | bool | None = None) -> None:
+    """Refuse a Hub model whose weights this machine could not hold, before any of them is downloaded."""
+    size, room = hub_weight_bytes(name, token), weight_room_bytes()
+    if size is not None and size > room:
+        raise UserError(f"{name} has {size / 2**30:,.1f} GiB of weights; this machine can load at most "
+                        f"{room / 2**30:,.1f} GiB, so it is not downloaded.",
+                        hint="Pick a smaller base model, or run phi3_lora on a machine with room for this one.")
+
+
 @contextmanager
 def _loading(name: str, path: str) -> Iterator[None]:
     """Turn 'not on disk and not reachable' into a UserError instead of a traceback."""

@@ -225,39 +225,44 @@ def test_an_ordinary_parquet_file_with_lists_and_dictionaries_still_reads(tmp_pa
 # --- a "published adapter" that is a whole model -----------------------------------------------------------
 
 class FakeModelHub:
-    """A Hub on 127.0.0.1 that holds one model repo (name -> size of each file) and records every request. Files
-    are served as zeros of their size."""
+    """A Hub on 127.0.0.1 holding model repos (repo id -> file name -> its bytes, or its size to be served as zeros)
+    that records every request."""
 
-    def __init__(self, repo_id: str, files: dict[str, int]) -> None:
+    def __init__(self, repos: dict[str, dict[str, int | bytes]]) -> None:
+        import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         seen: list[str] = []
         sha = "1" * 40
 
+        def size(content: int | bytes) -> int:
+            return content if isinstance(content, int) else len(content)
+
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
 
             def _answer(self) -> None:
-                import json
-
                 seen.append(f"{self.command} {self.path}")
-                if self.path.startswith(f"/api/models/{repo_id}/tree/"):  # what snapshot_download lists
-                    body = json.dumps([{"type": "file", "path": name, "size": size, "oid": "0" * 40}
-                                       for name, size in files.items()]).encode()
-                    headers = {"Content-Type": "application/json"}
-                elif self.path.startswith(f"/api/models/{repo_id}"):
+                path = self.path.split("?", 1)[0]
+                repo_id = next((r for r in repos if path == f"/api/models/{r}"
+                                or path.startswith((f"/api/models/{r}/", f"/{r}/resolve/"))), None)
+                files = repos.get(repo_id or "", {})
+                status, headers = 200, {"Content-Type": "application/json"}
+                if repo_id is None:
+                    status, body, headers = 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}
+                elif "/tree/" in path:  # what snapshot_download lists
+                    body = json.dumps([{"type": "file", "path": name, "size": size(c), "oid": "0" * 40}
+                                       for name, c in files.items()]).encode()
+                elif path.startswith("/api/models/"):
                     body = json.dumps({"id": repo_id, "sha": sha, "private": False, "siblings": [
-                        {"rfilename": name, "size": size} for name, size in files.items()]}).encode()
-                    headers = {"Content-Type": "application/json"}
-                elif f"/{repo_id}/resolve/" in self.path:
-                    name = self.path.split("/resolve/", 1)[1].split("/", 1)[1]
-                    body, headers = b"\0" * min(files.get(name, 0), 2**20), {"X-Repo-Commit": sha, "ETag": '"e"'}
+                        {"rfilename": name, "size": size(c)} for name, c in files.items()]}).encode()
                 else:
-                    body, headers = b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}
-                    self.send_response(404)
-                self.send_response(200) if headers.get("X-Error-Code") is None else None
+                    content = files.get(path.split("/resolve/", 1)[1].split("/", 1)[1], b"")
+                    body = content if isinstance(content, bytes) else b"\0" * min(content, 2**20)
+                    headers = {"X-Repo-Commit": sha, "ETag": f'"{hash(body)}"'}
+                self.send_response(status)
                 for key, value in {**headers, "Content-Length": str(len(body))}.items():
                     self.send_header(key, value)
                 self.end_headers()
@@ -276,6 +281,18 @@ class FakeModelHub:
         self.server.server_close()
 
 
+def online(hub: FakeModelHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeModelHub:
+    """huggingface_hub in this process talks to `hub`, with an empty cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return hub
+
+
 @pytest.mark.parametrize("files, words", [
     ({"adapter_config.json": 300, "adapter_model.safetensors": 40 * 2**30}, "40.0 GiB"),  # an adapter of 40 GiB
     ({"config.json": 700, **{f"model-{i:05d}-of-00072.safetensors": 5 * 2**30 for i in range(72)}},
@@ -285,16 +302,9 @@ def test_a_hub_adapter_is_checked_before_anything_downloads(files: dict[str, int
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Compare's Adapter box takes any Hub repo id from any visitor: a repo that is not an adapter, or an adapter
     too large to be one, is refused from its file list, before a byte of it reaches this machine's disk."""
-    import huggingface_hub.constants
-
     from phi3_lora import spaces
 
-    hub = FakeModelHub("someone/huge", files)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = online(FakeModelHub({"someone/huge": files}), tmp_path, monkeypatch)
     try:
         with pytest.raises(UserError, match=words) as info:
             spaces.download_adapter("someone/huge", token=False)
@@ -303,3 +313,25 @@ def test_a_hub_adapter_is_checked_before_anything_downloads(files: dict[str, int
     assert not [r for r in hub.seen if "/resolve/" in r], hub.seen
     assert "someone/huge" in str(info.value) and hub.url not in str(info.value)
     assert not list((tmp_path / "hub").rglob("*.safetensors"))
+
+
+def test_a_hub_adapter_on_a_base_too_large_for_this_machine_is_refused_before_it_downloads(
+        app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A published adapter names its base model, and Compare loads that base into the app's own process: a visitor's
+    adapter on a 400 GB base would fill the disk and then the memory, taking the app down for everybody. The base's
+    size comes from its file list, before any of it is downloaded."""
+    import json
+
+    url, _ = app
+    config = {"base_model_name_or_path": "someone/giant", "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
+              "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+    giant = {"config.json": b"{}", **{f"model-{i:05d}-of-00080.safetensors": 5 * 2**30 for i in range(80)}}
+    hub = online(FakeModelHub({"someone/adapter": {"adapter_config.json": json.dumps(config).encode(),
+                                                   "adapter_model.safetensors": b""},
+                               "someone/giant": giant}), tmp_path, monkeypatch)
+    try:
+        text, took = _compare(_client(url), "hi", Adapter="someone/adapter")
+    finally:
+        hub.close()
+    assert "someone/giant" in text and "400.0 GiB" in text and "smaller base model" in text, text[:500]
+    assert not [r for r in hub.seen if "someone/giant/resolve/" in r], hub.seen

@@ -24,7 +24,7 @@ from phi3_lora.ui.adapters import (adapter_choices, get_engine, hold_checkpoint,
                                      resolve_source)
 from phi3_lora.ui import evaluation
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, check_model, guarded
+from phi3_lora.ui.guard import check, check_model, check_model_fits, guarded
 from phi3_lora.ui.strings import t
 
 SAMPLING = GenerationSettings()  # the defaults both sides start from (generate.py owns them)
@@ -160,7 +160,9 @@ def wire(tab: CompareTab, state: AppState) -> None:
         if hub:  # a published adapter names its own base model: never a folder of this server for a visitor
             from phi3_lora.generate import locate_adapter
 
-            check_model(state, who, locate_adapter(path).model_name)
+            base = locate_adapter(path).model_name
+            check_model(state, who, base)
+            check_model_fits(state, who, base)
         base_hist = _history(base_chat) + [{"role": "user", "content": prompt}]
         tuned_hist = _history(tuned_chat) + [{"role": "user", "content": prompt}]
         shown_base = base_hist + [{"role": "assistant", "content": ""}]

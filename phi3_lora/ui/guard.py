@@ -141,3 +141,12 @@ def check_template(state: Any, who: Requester, value: str | None) -> None:
     from phi3_lora.models import template_is_text
 
     check(state, who, access.template_action(value, is_text=template_is_text(value)))
+
+
+def check_model_fits(state: Any, who: Requester, name: str | None) -> None:
+    """A base model a visitor names is loaded on this machine (Compare: in the app's own process): refuse one whose
+    weights could not fit, from the Hub's file list, before anything is downloaded. The owner decides for themself."""
+    from phi3_lora.models import check_fits
+
+    if who.level is not access.Level.OWNER and (name or "").strip():
+        check_fits(name.strip(), access.hub_token(who, None))

@@ -19,7 +19,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, check_source, guarded
+from phi3_lora.ui.guard import check, check_model_fits, check_source, guarded
 from phi3_lora.ui.strings import t
 
 LOG_HIDDEN = ("(The log of a run is shown to whoever started it: it names this server's folders and files. The "
@@ -286,6 +286,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         if not config.data.source:
             raise UserError("No dataset chosen.", hint="Go to the Dataset tab: upload a file or press "
                                                        "\"Use the sample dataset\".")
+        check_model_fits(state, who, config.model.name)  # the run downloads it to this machine's disk
         if check_source(state, who, config.data.source) is Action.READ_UPLOAD:  # outlives the session
             config = config.replace(data={"source": str(uploads.keep_for_run(config.data.source, runs_dir))})
         run_id = jobs.start_run(config, runs_dir)
