@@ -44,4 +44,5 @@ def test_the_compiled_static_cache_step_is_timed_and_checked_against_eager(tiny_
 
     (result,) = cpu_ceiling.compiled_static_steps(str(tiny_llama_dir), tokens=3, rows=(2,)).values()
     assert result["same_tokens"] and result["compile_s"] > result["step_ms"] / 1e3 > 0
+    assert result["eager_equals_generate"]  # float32 here: no near tie for the cache's extent to round apart
     assert not inductor.freezing  # patched for the bench's compile only, not left on for the process
