@@ -108,7 +108,7 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "restore_draft": (A.UPLOAD,),             # fills the form from this browser's draft
     "load_settings_runs": (A.VIEW,),
     "load_run_settings": (A.LOAD_RUN_SETTINGS,),
-    "load_yaml_settings": (A.VIEW,),          # a YAML the visitor uploads: their own file
+    "load_yaml_settings": (A.VIEW, *_MODEL),  # a YAML the visitor uploads; its base model's layers fill the form
     "time_estimate": (A.VIEW, *_DATA),        # reads the step times measured here; gates model and data source
     "measure_step_time": (A.START, *_DATA),   # runs a few training steps on the server: as costly as a start
     # Dataset

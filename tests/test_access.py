@@ -224,6 +224,16 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
 for _e in ("validate", "validate_source", "validate_sample", "validate_after_upload", "start_training",
            "time_estimate", "measure_step_time"):
     ATTACKS[(_e, A.READ_SERVER_PATH, "model")] = lambda w: {"Base model": str(w["creds"].parent)}  # type: ignore
+def _yaml_naming_a_server_model(w: dict[str, Any]) -> dict[str, Any]:
+    """A run.yaml of the visitor's own whose base model is a folder of the server (loading it reads that folder)."""
+    from gradio_client import handle_file
+
+    path = w["creds"].parent / "visitors-run.yaml"
+    path.write_text(f"model:\n  name: {w['creds'].parent}\n")
+    return {"…or a run.yaml": handle_file(str(path))}
+
+
+ATTACKS[("load_yaml_settings", A.READ_SERVER_PATH)] = _yaml_naming_a_server_model
 # A chat template is a file the training process reads: a server file named there is a server path too.
 for _e in ("show_config", "start_training", "time_estimate", "measure_step_time"):
     ATTACKS[(_e, A.READ_SERVER_PATH, "template")] = lambda w: {  # type: ignore

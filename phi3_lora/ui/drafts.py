@@ -22,7 +22,7 @@ from phi3_lora import jobs, models, runs, uploads
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
-from phi3_lora.ui.guard import check, guarded
+from phi3_lora.ui.guard import check, check_model, guarded
 from phi3_lora.ui.strings import t
 
 SECRET_FILE = ".browser_secret"
@@ -145,10 +145,12 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         return config_values(config, keys) + [notice("ok", f"Loaded the settings and data of {run_id}.")]
 
     @user_errors
-    def on_load_yaml(path: str | None) -> list[Any]:
+    @guarded(state)
+    def on_load_yaml(who: Requester, path: str | None) -> list[Any]:
         if not path:
             return [gr.skip()] * (len(form) + 1)
         config = cfgmod.load_yaml(path)
+        check_model(state, who, config.model.name)  # config_values reads the model's layers
         return config_values(config, keys) + [notice("ok", f"Loaded the settings of {Path(path).name}.")]
 
     def on_open(current: str | None) -> Any:
