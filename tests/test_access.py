@@ -402,7 +402,7 @@ def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world
     RunDir(leaky).events.unlink()
     events.append_event(leaky, "start", step=0, max_steps=50)
     events.append_event(leaky, "checkpoint", step=1, max_steps=50, path=str(RunDir(leaky).checkpoint(1)))
-    events.append_event(leaky, "end", status="stopped", step=1, max_steps=50, reason="stopped by you")
+    events.append_event(leaky, "error", reason=f"failed: {data_path} line 3: bad row")  # the training's exception
     access.RunStarters(runs).record(LEAKY_ID, "owner")
     alices = make_adapter_run(runs, world["model"], ALICE_ID)
     RunDir(alices).log.write_text("alice's own log line\n")

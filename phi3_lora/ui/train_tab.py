@@ -101,13 +101,17 @@ def _progress_html(st: events.RunStatus | None) -> str:
             f"<div class='p3-stats' id='p3-progress-stats'>{''.join(f'<span>{c}</span>' for c in cells)}</div>")
 
 
-def status_html(run_id: str, st: events.RunStatus) -> str:
+def status_html(run_id: str, st: events.RunStatus, readable: bool = True) -> str:
+    """`readable`: the requester may read the run's log; a failure's reason is the training's own error message,
+    which names the server's files like the log does, so others are told where to find it instead."""
     text = {"queued": "starting (loading the model and data)…", "running": "training",
             "finished": "finished — compare it in the Compare tab, export it in Export",
             "stopped": f"stopped — {st.resume_text}",
             "interrupted": "interrupted", "failed": "failed", "unreadable": "unreadable"}.get(st.state, st.state)
     body = f"<b>{html.escape(run_id)}</b>: {text}"
-    if st.reason and st.reason not in text:
+    if st.state == "failed" and not readable:
+        body += "<br>why is in its log, which is shown to whoever started the run"
+    elif st.reason and st.reason not in text:
         body += f"<br>{html.escape(st.reason)}"
     if st.last_checkpoint and st.state in ("stopped", "interrupted", "failed"):
         body += f"<br>last checkpoint: {html.escape(Path(st.last_checkpoint).name)}"  # not the server's folders
@@ -260,7 +264,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
             return [gr.skip(), gr.skip(), gr.skip(), log, key]
         plot = loss_figure(st)
         dashboards = dashboards_html(runs.run_in(runs_dir, run_id).path) if readable else ""
-        return [status_html(run_id, st) + dashboards, _progress_html(st), plot, log, key]
+        return [status_html(run_id, st, readable) + dashboards, _progress_html(st), plot, log, key]
 
     def runs_update(selected: str | None) -> Any:
         choices = run_choices(runs_dir)
