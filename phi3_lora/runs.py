@@ -235,9 +235,13 @@ class RunDir:
 
     @classmethod
     def reserved_names(cls) -> frozenset[str]:
-        """Names inside a run folder that belong to the run (an export must not take one)."""
+        """Names inside a run folder that belong to the run (an export must not take one: it replaces what is there),
+        the trackers' log folders included."""
+        from phi3_lora.trackers import MLFLOW_DIR, TENSORBOARD_DIR
+
         return frozenset({cls.CONFIG, cls.EVENTS, cls.LOG, cls.PROCESS, cls.RESOLVED, cls.EVAL_ROWS,
-                          cls.CHECKPOINTS, cls.ADAPTER, cls.EVAL, f"{cls.EVENTS}.tmp", f"{cls.EVAL_ROWS}.tmp"})
+                          cls.CHECKPOINTS, cls.ADAPTER, cls.EVAL, f"{cls.EVENTS}.tmp", f"{cls.EVAL_ROWS}.tmp",
+                          TENSORBOARD_DIR, MLFLOW_DIR})
 
     # checkpoints
     def checkpoint_dirs(self, complete: bool = True) -> list[tuple[int, Path]]:

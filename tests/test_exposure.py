@@ -179,7 +179,8 @@ def test_auth_gates_the_api_and_training(tmp_path: Path, tiny_llama_dir: Path) -
         demo.close()
 
 
-@pytest.mark.parametrize("name", ["../../etc", "/tmp/elsewhere", "~/x", ".hidden", "a/b", "adapter", "x" * 80])
+@pytest.mark.parametrize("name", ["../../etc", "/tmp/elsewhere", "~/x", ".hidden", "a/b", "adapter", "x" * 80,
+                                  "tensorboard", "mlruns"])  # a run's tracker logs: a merge would replace them
 def test_merge_from_the_web_writes_only_inside_the_run(name, tmp_path):
     from phi3_lora.errors import UserError
     from phi3_lora.ui.export_tab import merge_destination
