@@ -12,13 +12,15 @@ the weights), and Compare's measured step at one row (base side) and at two (the
 is not reading weights: Python, ~4,000-6,000 small aten calls, the tuned row's LoRA products.
 
 `--compiled` times the other way to cut that gap that people reach for: transformers' StaticCache with the
-decode step under `torch.compile` (inductor's C++ backend, weights frozen), one row, base model, and reports
-its compile time, its step and whether its greedy tokens equal eager's.
+decode step under `torch.compile` (inductor's C++ backend, weights frozen), at one base row, two base rows and
+the pair (base + tuned rows, the tuned row's LoRA update in the graph), and reports each one's compile time, its
+step, whether its greedy tokens equal eager's, and whether eager StaticCache's equal `generate`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -100,30 +102,50 @@ def measured_step_ms(engine: Any, tokens: int, repeats: int = 3) -> dict[str, fl
     return {side: statistics.median(ms) for side, ms in runs.items()}
 
 
-def compiled_static_steps(model_dir: str, tokens: int, rows: tuple[int, ...] = (1, 2)) -> dict[int, dict[str, Any]]:
-    """transformers' StaticCache + torch.compile on the decode step (weights frozen), base model, the prompt on
-    each of `rows` rows (two rows: the pair's shape without the tuned row's LoRA update): per row count, compile
-    seconds (the first step), median step ms after it, eager's step with the same cache, whether the compiled
-    greedy tokens equal eager's, and whether eager's equal `generate`'s (DynamicCache, as Compare decodes): a
-    StaticCache attends over its whole preallocated length, masked, and may round a near tie the other way."""
+SHAPES = (("base",), ("base", "base"), ("base", "tuned"))  # the rows of each compiled step timed
+
+
+def compiled_static_steps(model_dir: str, tokens: int, shapes: tuple[tuple[str, ...], ...] = SHAPES,
+                          adapter: Path | None = None) -> dict[tuple[str, ...], dict[str, Any]]:
+    """transformers' StaticCache + torch.compile on the decode step (weights frozen), the prompt on every row of
+    each shape: a "base" row decodes the base model, a "tuned" row the adapter's (each LoRA layer adds
+    `mask * (x @ A^T @ B^T * scale)`, mask 0 on base rows, so the pair is one two-row step; shapes with a tuned
+    row need `adapter`). Per shape: compile seconds (the first step), median step ms after it, eager's step with
+    the same cache, whether the compiled greedy tokens equal eager's, and whether eager's equal `generate`'s
+    (DynamicCache, as Compare decodes; the tuned side through peft): a StaticCache attends over its whole
+    preallocated length, masked, and may round a near tie the other way."""
     import torch
     import torch._inductor.config as inductor
     from transformers import AutoTokenizer, StaticCache
 
     from phi3_lora import models
     from phi3_lora.config import ModelSettings
+    from phi3_lora.speed import forward_swap
 
     model = models.load_model(ModelSettings(name=model_dir, load_in_4bit=False)).eval()
+    lora: list[Any] = []
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        lora = [m for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)["input_ids"]
     length = prompt.shape[1]
+    mask = torch.zeros(1, 1, 1)
+
+    def masked_lora(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        out = layer.base_layer(x)
+        update = (x.to(a.dtype) @ a.t()) @ b.t() * layer.scaling["default"]
+        return out + (update * mask).to(out.dtype)
 
     def decode(step: Any, n: int) -> tuple[list[list[int]], list[float]]:
         ids = prompt.expand(n, -1)
         cache = StaticCache(config=model.config, max_cache_len=length + tokens + 1)
         logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length),
-                       use_cache=True).logits[:, -1, :]
+                       use_cache=True).logits[:, -1, :]  # the prompt eagerly: only the step is compiled
         nxt = logits.argmax(-1, keepdim=True)
         out, times = [nxt[:, 0].tolist()], []
         for i in range(tokens):
@@ -138,19 +160,28 @@ def compiled_static_steps(model_dir: str, tokens: int, rows: tuple[int, ...] = (
         return model(input_ids=token, position_ids=position, past_key_values=cache, cache_position=cache_position,
                      use_cache=True).logits[:, -1, :]
 
+    def generated(side: str) -> list[int]:  # may stop early: compared as a prefix
+        adapter_off = model.disable_adapter() if lora and side == "base" else contextlib.nullcontext()
+        with adapter_off:
+            return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                  max_new_tokens=tokens + 1)[0, length:].tolist()
+
     results = {}
     with torch.inference_mode(), inductor.patch(freezing=True):
-        generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                   max_new_tokens=tokens + 1)[0, length:].tolist()  # may stop early: a prefix
-        for n in rows:
-            eager_tokens, eager_times = decode(step, n)
-            compiled_tokens, times = decode(torch.compile(step, dynamic=False), n)
-            results[n] = {"compile_s": times[0], "step_ms": statistics.median(times[2:]) * 1e3,
-                          "eager_step_ms": statistics.median(eager_times) * 1e3,
-                          "same_tokens": compiled_tokens == eager_tokens,
-                          "eager_equals_generate": all(list(row[:len(generated)]) == generated
-                                                     for row in zip(*eager_tokens))}
+        reference = {side: generated(side) for side in {side for shape in shapes for side in shape}}
+        for shape in shapes:
+            mask = torch.tensor([float(side == "tuned") for side in shape]).view(-1, 1, 1)
+            with forward_swap.swapped(lora, masked_lora):
+                eager_tokens, eager_times = decode(step, len(shape))
+                compiled_tokens, times = decode(torch.compile(step, dynamic=False), len(shape))
             torch._dynamo.reset()
+            results[shape] = {"compile_s": times[0], "step_ms": statistics.median(times[2:]) * 1e3,
+                              "eager_step_ms": statistics.median(eager_times) * 1e3,
+                              "same_tokens": compiled_tokens == eager_tokens,
+                              "rows": [list(row) for row in zip(*eager_tokens)],
+                              "eager_equals_generate": all(
+                                  list(row[:len(reference[side])]) == reference[side]
+                                  for side, row in zip(shape, zip(*eager_tokens)))}
     return results
 
 
@@ -163,19 +194,23 @@ def report(model_dir: str, tokens: int, compiled: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = save_random_adapter(Path(model_dir), Path(tmp) / "adapter", four_bit=False)
         engine = ChatEngine(model_dir, adapter, load_in_4bit=False)
-    step_bytes = bytes_per_step(engine.base)
-    bandwidth = read_bandwidth_gbs()
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
-                           "dtype": str(engine.base.dtype),
-                           "bandwidth_gbs": bandwidth, "bytes_per_step": step_bytes,
-                           "ceiling_steps_per_s": ceiling_steps_per_s(step_bytes, bandwidth),
-                           "products_ms": {rows: products_ms(engine.base, rows) for rows in (1, 2)},
-                           "measured_ms": measured_step_ms(engine, tokens)}
-    del engine
-    if compiled:
-        out["compiled"] = compiled_static_steps(model_dir, tokens)
+        step_bytes = bytes_per_step(engine.base)
+        bandwidth = read_bandwidth_gbs()
+        out: dict[str, Any] = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()[0],
+                               "dtype": str(engine.base.dtype),
+                               "bandwidth_gbs": bandwidth, "bytes_per_step": step_bytes,
+                               "ceiling_steps_per_s": ceiling_steps_per_s(step_bytes, bandwidth),
+                               "products_ms": {rows: products_ms(engine.base, rows) for rows in (1, 2)},
+                               "measured_ms": measured_step_ms(engine, tokens)}
+        del engine
+        if compiled:
+            out["compiled"] = compiled_static_steps(model_dir, tokens, adapter=adapter)
     out["load_after"] = os.getloadavg()[0]
     return out
+
+
+SHAPE_NAMES = {("base",): "one row (base)", ("base", "base"): "2 rows, base on both",
+               ("base", "tuned"): "pair (base + tuned, the LoRA update masked per row)"}
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -189,8 +224,8 @@ def markdown(r: dict[str, Any]) -> str:
              "| step | ms per token | tokens/s per side | of the ceiling |", "| --- | ---: | ---: | ---: |"]
     for side, ms in r["measured_ms"].items():
         lines.append(f"| {side} | {ms:.1f} | {1e3 / ms:.1f} | {floor_ms / ms:.0%} |")
-    for rows, c in r.get("compiled", {}).items():
-        what = "one row" if rows == 1 else f"{rows} rows (the pair's shape, base weights on both)"
+    for shape, c in r.get("compiled", {}).items():
+        what = SHAPE_NAMES.get(shape, " + ".join(shape))
         lines.append(f"| {what}, StaticCache, eager (same tokens as generate: "
                      f"{'yes' if c['eager_equals_generate'] else 'no'}) | {c['eager_step_ms']:.1f} | "
                      f"{1e3 / c['eager_step_ms']:.1f} "

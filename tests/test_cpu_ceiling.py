@@ -39,10 +39,21 @@ def test_the_report_puts_the_measured_steps_against_the_ceiling(tiny_llama_dir, 
         assert ms > 0 and abs(ms * per_s / 1e3 - 1) <= 0.05 / ms + 0.05 / per_s + 1e-3 and share.endswith("%")
 
 
-def test_the_compiled_static_cache_step_is_timed_and_checked_against_eager(tiny_llama_dir):
+def test_the_compiled_pair_step_is_timed_and_checked_against_eager_and_generate(tiny_llama_dir, tmp_path):
     import torch._inductor.config as inductor
 
-    (result,) = cpu_ceiling.compiled_static_steps(str(tiny_llama_dir), tokens=3, rows=(2,)).values()
+    from bench.train_speed import save_random_adapter
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = save_random_adapter(tiny_llama_dir, tmp_path / "adapter", four_bit=False)
+    weights = adapter / "adapter_model.safetensors"  # B ~ N(0, 1): the tuned row answers otherwise than the base
+    save_file({k: v * 1000 if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
+    (result,) = cpu_ceiling.compiled_static_steps(str(tiny_llama_dir), tokens=3, shapes=(("base", "tuned"),),
+                                                  adapter=adapter).values()
     assert result["same_tokens"] and result["compile_s"] > result["step_ms"] / 1e3 > 0
-    assert result["eager_equals_generate"]  # float32 here: no near tie for the cache's extent to round apart
+    # float32 here: no near tie for the cache's extent to round apart, so both rows equal generate's (the tuned
+    # row through peft's own forward): the masked update is the adapter's, and the base row gets none of it
+    assert result["eager_equals_generate"]
+    assert result["rows"][0] != result["rows"][1]  # ...which tells them apart here
     assert not inductor.freezing  # patched for the bench's compile only, not left on for the process
