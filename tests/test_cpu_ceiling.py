@@ -51,7 +51,7 @@ def test_the_compiled_pair_step_is_timed_and_checked_against_eager_and_generate(
     save_file({k: v * 1000 if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
     (result,) = cpu_ceiling.compiled_static_steps(str(tiny_llama_dir), tokens=3, shapes=(("base", "tuned"),),
                                                   adapter=adapter).values()
-    assert result["same_tokens"] and result["compile_s"] > result["step_ms"] / 1e3 > 0
+    assert result["same_tokens"] and result["compile_s"] > 0 and result["step_ms"] > 0  # no speed verdict here
     # float32 here: no near tie for the cache's extent to round apart, so both rows equal generate's (the tuned
     # row through peft's own forward): the masked update is the adapter's, and the base row gets none of it
     assert result["eager_equals_generate"]
