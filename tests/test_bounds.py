@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from helpers.apps import endpoint_args, free_port
+from helpers.local_http import LocalServer
 from helpers.run_folders import RUN_ID, make_adapter_run
 from phi3_lora import uploads
 from phi3_lora.errors import UserError
@@ -230,8 +231,7 @@ class FakeModelHub:
 
     def __init__(self, repos: dict[str, dict[str, int | bytes]]) -> None:
         import json
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         seen: list[str] = []
         sha = "1" * 40
@@ -272,13 +272,11 @@ class FakeModelHub:
             do_GET = do_HEAD = _answer
 
         self.seen = seen
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._served = LocalServer(Handler)
+        self.url = self._served.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._served.close()
 
 
 def online(hub: FakeModelHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeModelHub:

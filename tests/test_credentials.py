@@ -15,16 +15,16 @@ import base64
 import hashlib
 import json
 import os
-import threading
 import time
 from contextlib import ExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from helpers.apps import app_process as launched_app
 from helpers.apps import endpoint_args
+from helpers.local_http import LocalServer
 from helpers.run_folders import RUN_ID, make_adapter_run
 
 pytestmark = pytest.mark.slow
@@ -62,13 +62,11 @@ class FakeHub:
                 pass
 
         self.seen = seen
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._served = LocalServer(Handler)
+        self.url = self._served.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._served.close()
 
 
 def forged_session(user: str, token: str) -> str:
