@@ -61,6 +61,7 @@ class Action(str, Enum):
     SERVER_TOKEN = "use the server's Hugging Face token (HF_TOKEN, saved login)"
     LOAD_RUN_SETTINGS = "load a past run's settings and data source into the form"
     READ_RUN_LOG = "read a run's log and tracker commands (they name the server's folders, model and data files)"
+    READ_RUN_DATA = "read the text of a run's data rows (held-out prompts, references and the answers to them)"
 
 
 Y, OWN, N = Rule.YES, Rule.OWN, Rule.NO
@@ -87,13 +88,17 @@ POLICY: dict[Action, tuple[Rule, Rule, Rule]] = {
     A.SERVER_TOKEN: (Y, N, N),
     A.LOAD_RUN_SETTINGS: (Y, OWN, N),  # a run's config holds its owner's paths (data, model folder)
     A.READ_RUN_LOG: (Y, OWN, N),       # the same paths, in the command line and the messages of the run
+    A.READ_RUN_DATA: (Y, OWN, N),      # whoever trained on the rows owns them; others see scores and the answers to
+                                       # prompts they typed themselves
 }
 # Switched off for every visitor in demo mode (a demo serves one machine to the whole internet).
 DEMO_OFF: frozenset[Action] = frozenset({A.START, A.RESUME, A.MERGE})
 LEVELS: tuple[Level, ...] = (Level.OWNER, Level.SIGNED_IN, Level.ANONYMOUS)
 
 # Every named endpoint of the app -> the actions it can perform (VIEW: only reads). READ_RUN_LOG is not listed: the
-# Train tab's views leave the log out for whoever may not read it rather than refuse the request. A test lists the running
+# Train tab's views leave the log out for whoever may not read it rather than refuse the request; READ_RUN_DATA is
+# listed where a request is refused for it (the held-out example), while the scoring panel and the exports' verification
+# leave the rows' text out for whoever may not read it. A test lists the running
 # app's endpoints and fails on any endpoint missing here, so a new one cannot skip the gate. (The page's unload
 # handler, which deletes the session's own uploads, is private: no client can call it.)
 _MODEL = (A.USE_HUB_MODEL, A.READ_SERVER_PATH)
@@ -132,7 +137,7 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "overlay_runs": (A.VIEW,),                # loss curves: what poll_run shows, several runs at once
     # Compare
     "compare": (A.COMPARE, A.COMPARE_HUB, *_MODEL),
-    "heldout_example": (A.VIEW,),
+    "heldout_example": (A.READ_RUN_DATA,),
     "clear_chats": (A.VIEW,),
     "list_adapters": (A.VIEW,),
     "evaluate": (A.EVALUATE,),

@@ -61,11 +61,12 @@ class Verification:
     identical: int
     matches: int = 0
     positions: int = 0
-    differences: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)  # quote the prompts and answers: the run's data
     loaded: str = ""
     source: str = "held-out"
     error: str | None = None
     seconds: float = 0.0
+    differ_at: list[str] = field(default_factory=list)     # which answers differed where, without their text
 
     @property
     def agreement(self) -> float | None:
@@ -90,9 +91,10 @@ class Verification:
                     f">= {TOLERANCE}")
         return f"NOT verified: {self.identical}/{self.total} {what} identical, {agree} < {TOLERANCE}"
 
-    def report(self) -> str:
-        """The line, then what differed (one line per differing answer)."""
-        return "\n".join([self.line(), *(f"  {d}" for d in self.differences)])
+    def report(self, with_text: bool = True) -> str:
+        """The line, then what differed (one line per differing answer). `with_text`: quote the prompt and the
+        answers (the run's held-out data: for its owner only), else say where each answer differed."""
+        return "\n".join([self.line(), *(f"  {d}" for d in (self.differences if with_text else self.differ_at))])
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "agreement": self.agreement, "ok": self.ok, "line": self.line()}
@@ -216,7 +218,7 @@ def verify_export(path: str | Path, kind: str, ref: Reference, *, timeout_s: flo
 def compare(kind: str, ref: Reference, result: dict[str, Any], seconds: float = 0.0) -> Verification:
     """Score the child's answers against the app's (pure)."""
     identical = matches = positions = 0
-    differences = []
+    differences, differ_at = [], []
     for i, (want, got) in enumerate(zip(ref.answer_ids, result["answers"])):
         matches, positions = matches + got["agreement"][0], positions + got["agreement"][1]
         if got["ids"] == want:
@@ -224,12 +226,13 @@ def compare(kind: str, ref: Reference, result: dict[str, Any], seconds: float = 
             continue
         at = next((j for j, (a, b) in enumerate(zip(want, got["ids"])) if a != b), min(len(want), len(got["ids"])))
         prompt = ref.prompts[i][-1]["content"]
+        differ_at.append(f"#{i + 1}: differs from token {at} of {len(want)}")
         differences.append(f"#{i + 1} {prompt[:40]!r}: differs from token {at} of {len(want)}; from there the app "
                            f"says {_from(ref.answer_pieces[i] if ref.answer_pieces else None, ref.answers[i], at)!r}, "
                            f"the export {_from(got.get('pieces'), got['text'], at)!r}")
     error = "the child process imported phi3_lora" if result.get("phi3_lora_imported") else None
     return Verification(kind, len(ref.prompts), identical, matches, positions, differences,
-                        result.get("loaded", ""), ref.source, error, round(seconds, 1))
+                        result.get("loaded", ""), ref.source, error, round(seconds, 1), differ_at)
 
 
 def _from(pieces: list[str] | None, text: str, at: int, n: int = 8) -> str:
@@ -265,10 +268,11 @@ def load(export_path: str | Path) -> Verification | None:
 
 
 def card_section(result: Verification | None) -> str:
-    """The model card's Verification section (pure)."""
+    """The model card's Verification section (pure). The card travels with the export (any visitor may download an
+    adapter zip), so it says where answers differed without quoting the run's held-out prompts or answers."""
     if result is None:
         return "## Verification\n\nNot verified (exported with verification off).\n"
-    body = result.report()
+    body = result.report(with_text=False)
     how = ("A fresh Python process without phi3_lora loaded this export with plain transformers/peft "
            f"({result.loaded or 'as a user would'}), answered the run's {result.source} prompts greedily and "
            "compared its answers with phi3_lora's tuned answers (base as trained + adapter).")

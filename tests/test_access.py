@@ -166,6 +166,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Ite
     starters = access.RunStarters(runs)
     for run_id in (RUN_ID, STOPPED_ID, ACTIVE_ID):
         starters.record(run_id, "owner")
+    RunDir(runs / RUN_ID).eval_rows.write_text(json.dumps({"messages": [  # the owner's held-out rows
+        {"role": "user", "content": f"my password is {SECRET}"}, {"role": "assistant", "content": "noted"}]}) + "\n")
     secrets_dir = tmp_path_factory.mktemp("elsewhere")
     creds = secrets_dir / "creds.csv"
     creds.write_text(f"user,password\nroot,{SECRET}\n")
@@ -214,6 +216,7 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
     ("compare", A.READ_SERVER_PATH): lambda w: {"Adapter": "evil/adapter-on-a-server-model",
                                                 "Prompt": "What do you know?"},
     ("evaluate", A.EVALUATE): lambda w: {"Adapter": RUN_ID},
+    ("heldout_example", A.READ_RUN_DATA): lambda w: {"Adapter": RUN_ID},
     ("export_merged", A.MERGE): lambda w: {"Adapter": RUN_ID, "Folder name": "merged-by-visitor"},
     ("export_gguf", A.MERGE): lambda w: {"Adapter": RUN_ID, "Type": "q8_0"},
     ("push_to_hub", A.PUSH): lambda w: {"Adapter": RUN_ID, "Repo id": "visitor/stolen", "Push": "adapter"},
@@ -436,6 +439,96 @@ def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world
         import shutil
 
         shutil.rmtree(leaky, ignore_errors=True)
+        shutil.rmtree(alices, ignore_errors=True)
+
+
+ROWS_ID = "20260101-000005-rows"
+ROW_PROMPT, ROW_REFERENCE = "owner-only prompt 7f3a: the Q3 salary bands", "owner-only reference 9c1e: 120k"
+
+
+def write_rows_and_scores(run_dir: Path, prompt: str, reference: str) -> None:
+    """Held-out rows and a saved evaluation of them (as Compare → Evaluate leaves it), without generating."""
+    from phi3_lora import evaluate, scores
+
+    run = RunDir(run_dir)
+    row = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}]}
+    run.eval_rows.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    answers = {"base": f"base says {reference}", "tuned": f"tuned says {reference}"}
+    sc = {side: scores.answer_scores(text, reference) for side, text in answers.items()}
+    record = {"row": 0, "prompt": prompt, "history": row["messages"][:1], "reference": reference, **answers,
+              "scores": sc, "loss": None, "change": sc["tuned"]["rougeL"] - sc["base"]["rougeL"]}
+    evaluate.save_result({"version": evaluate.FORMAT_VERSION, "created": "2026-01-01T00:00:00", "model": "m",
+                          "adapter": str(run.adapter), "source": f"held-out rows of run {run.run_id}",
+                          "settings": {"max_new_tokens": 8}, "summary": scores.summarise([record], resamples=10),
+                          "rows": [record], "skipped": [{"where": "row 2", "reason": f"{prompt} is too long"}],
+                          "not_reached": 0, "complete": True}, run.path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode_name", ["share", "auth"])
+def test_a_visitor_sees_scores_but_not_the_text_of_the_owners_rows(
+        mode_name: str, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-out rows are the data of whoever trained on them: the held-out example, the scoring panel's row
+    table and skipped rows, the exports' verification (on the page and in the zip's README) give a visitor the
+    scores but none of the owner's prompts, references or the answers to them. Alice reads her own run's rows."""
+    import zipfile
+
+    from gradio_client import Client
+
+    from phi3_lora import export, verify
+
+    runs: Path = world["runs"]
+    owners = make_adapter_run(runs, world["model"], ROWS_ID)
+    write_rows_and_scores(owners, ROW_PROMPT, ROW_REFERENCE)
+    access.RunStarters(runs).record(ROWS_ID, "owner")
+    alices = make_adapter_run(runs, world["model"], ALICE_ID)
+    write_rows_and_scores(alices, "alices prompt 4d2b", "alices reference 8e0f")
+    access.RunStarters(runs).record(ALICE_ID, "auth:alice")
+
+    def verified(path: Path, kind: str, ref: Any, engine: Any = None) -> Any:  # no model loads: what differed
+        rows = RunDir(Path(ref.adapter_dir).parent).eval_rows
+        prompt = json.loads(rows.read_text())["messages"][0]["content"]
+        return verify.Verification(kind, 1, 0, 3, 4, [f"#1 {prompt[:40]!r}: differs from token 1 of 4"],
+                                   differ_at=["#1: differs from token 1 of 4"])
+
+    monkeypatch.setattr(export, "verify_adapter_export", verified)
+    options, auth, _, _ = MODES[mode_name]
+    try:
+        with serve(world, auth=auth, **options) as (url, demo):
+            client = Client(url, auth=auth[0] if auth else None, verbose=False)
+            api = client.view_api(print_info=False, return_format="dict")
+
+            def call(endpoint: str, run_id: str) -> str:
+                try:
+                    out = client.predict(*endpoint_args(api, endpoint, Adapter=run_id), api_name=f"/{endpoint}")
+                except Exception as exc:  # a refusal reaches the client as its message
+                    return str(exc)
+                text = json.dumps(out, default=str)
+                files = [o for o in (out if isinstance(out, (list, tuple)) else [out])
+                         if isinstance(o, str) and o.endswith(".zip") and Path(o).exists()]
+                for file in files:  # the download itself
+                    with zipfile.ZipFile(file) as zf:
+                        text += "".join(zf.read(n).decode("utf-8", "replace") for n in zf.namelist()
+                                        if n.endswith((".md", ".json", ".jsonl")))
+                return text
+
+            example = call("heldout_example", ROWS_ID)
+            assert "read the text of a run's data rows" in example and "Traceback" not in example, example[:400]
+            for endpoint in ("heldout_example", "eval_results", "export_zip"):
+                text = call(endpoint, ROWS_ID)
+                for secret in (ROW_PROMPT[:30], ROW_REFERENCE[:30]):
+                    assert secret not in text, (mode_name, endpoint, text[:800])
+            scored = call("eval_results", ROWS_ID)
+            assert "ROUGE" in scored and "shown to whoever started the run" in scored  # the scores stay, and say why the text is gone
+            assert "differs from token 1 of 4" in call("export_zip", ROWS_ID)
+            if mode_name == "auth":  # Alice reads the rows of the run she started
+                assert "alices prompt 4d2b" in call("heldout_example", ALICE_ID)
+                assert "alices reference 8e0f" in call("eval_results", ALICE_ID)
+                assert "alices prompt 4d2b" in call("export_zip", ALICE_ID)
+    finally:
+        import shutil
+
+        shutil.rmtree(owners, ignore_errors=True)
         shutil.rmtree(alices, ignore_errors=True)
 
 

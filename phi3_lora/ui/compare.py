@@ -24,7 +24,7 @@ from phi3_lora.ui.adapters import (adapter_choices, get_engine, hold_checkpoint,
                                      resolve_source)
 from phi3_lora.ui import evaluation
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, check_model, check_model_fits, guarded
+from phi3_lora.ui.guard import check, check_model, check_model_fits, guarded, rows_refusal
 from phi3_lora.ui.strings import t
 
 SAMPLING = GenerationSettings()  # the defaults both sides start from (generate.py owns them)
@@ -186,7 +186,11 @@ def wire(tab: CompareTab, state: AppState) -> None:
             + cut)), reference
 
     @user_errors
-    def on_example(source: str | None) -> tuple[str, Any, str]:
+    @guarded(state)
+    def on_example(who: Requester, source: str | None) -> tuple[str, Any, str]:
+        why = rows_refusal(state, who, resolve_source(runs_dir, source))
+        if why:  # the held-out rows are the data of whoever trained on them
+            raise UserError(why, hint="Type a prompt of your own instead: the answers and scores stay visible.")
         user, answer, i = eval_example(runs_dir, source)
         return user, gr.update(value=f"**Reference answer** (held-out row {i + 1}):\n\n{answer}", visible=True), user
 

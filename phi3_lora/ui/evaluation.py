@@ -19,10 +19,13 @@ from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.ui.adapters import get_engine, resolve_source
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
-from phi3_lora.ui.guard import check, guarded
+from phi3_lora.ui.guard import check, guarded, rows_refusal
 from phi3_lora.ui.strings import t
 
 APP_EVAL_SECONDS = 300.0  # a web request is bounded in time: rows not reached by then are left out and counted
+ROWS_HIDDEN = ("The prompts, reference answers and answers of the held-out rows are the run's own data: they are shown "
+               "to whoever started the run. The scores are the run's; type your own prompts above to see answers.")
+TEXT_COLUMNS = frozenset({"prompt", "reference", "base answer", "tuned answer"})
 
 
 @dataclass(slots=True)
@@ -71,18 +74,31 @@ def chart(result: dict[str, Any]) -> Any:
     return fig
 
 
-def views(result: dict[str, Any] | None, note: str = "") -> tuple[Any, ...]:
-    """(status, summary, chart, rows) updates for a result, or an empty panel."""
+def row_table(result: dict[str, Any], readable: bool) -> list[list[Any]]:
+    """The per-row table; without the rows' text for whoever may not read the run's data (scores stay)."""
+    table = evaluate.row_table(result)
+    if readable:
+        return table
+    blank = [i for i, h in enumerate(evaluate.ROW_HEADERS) if h in TEXT_COLUMNS]
+    return [["" if i in blank else v for i, v in enumerate(row)] for row in table]
+
+
+def views(result: dict[str, Any] | None, note: str = "", readable: bool = True) -> tuple[Any, ...]:
+    """(status, summary, chart, rows) updates for a result, or an empty panel. `readable`: the requester may read
+    the run's rows (access.Action.READ_RUN_DATA); else the per-row text and the skipped rows' reasons are left out."""
     if not result or not result.get("summary"):
         hidden = gr.update(visible=False)
         return note, hidden, hidden, hidden
     name = Path(result.get("file", "")).name
     text = f"{evaluate.coverage_line(result)} Saved as {evaluate.EVAL_DIR}/{name} ({result.get('created', '')})."
-    skipped = "".join(notice("warn", f"Skipped {s['where']}: {s['reason']}") for s in result.get("skipped", []))
+    if readable:
+        skipped = "".join(notice("warn", f"Skipped {s['where']}: {s['reason']}") for s in result.get("skipped", []))
+    else:
+        skipped = notice("info", ROWS_HIDDEN)
     return (note + notice("ok", text) + skipped,
             gr.update(value=scores.summary_table(result["summary"]), visible=True),
             gr.update(value=chart(result), visible=True),
-            gr.update(value=evaluate.row_table(result), visible=True))
+            gr.update(value=row_table(result, readable), visible=True))
 
 
 def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens: gr.Slider) -> None:
@@ -112,9 +128,10 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
                                                                        max_seconds=APP_EVAL_SECONDS),
                                    source=f"held-out rows of run {run_dir.name} ({evaluate.EVAL_ROWS})")
         evaluate.save_result(result, run_dir)
-        return views(result)
+        return views(result, readable=rows_refusal(state, who, run_dir) is None)
 
-    def on_source(value: str | None) -> tuple[Any, ...]:
+    @guarded(state)
+    def on_source(who: Requester, value: str | None) -> tuple[Any, ...]:
         """The newest saved result of the chosen adapter (a run scores itself when it ends)."""
         try:
             path = resolve_source(runs_dir, value)
@@ -125,7 +142,8 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
         except UserError:
             return views(None)
         result = evaluate.latest_result(run_dir, adapter) if run_dir else None
-        return views(result, "" if result else notice("info", "No saved scores for this adapter yet: press Evaluate."))
+        return views(result, "" if result else notice("info", "No saved scores for this adapter yet: press Evaluate."),
+                     readable=run_dir is not None and rows_refusal(state, who, run_dir) is None)
 
     panel.run.click(on_evaluate, [source, max_new_tokens], outputs, api_name="evaluate",
                     concurrency_id="generate", concurrency_limit=1)

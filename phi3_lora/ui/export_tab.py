@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +16,7 @@ from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, find_run
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, guarded
+from phi3_lora.ui.guard import check, guarded, rows_refusal
 from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
 from phi3_lora.ui.strings import t
 
@@ -142,14 +141,32 @@ def merge_destination(run_dir: Path, name: str | None) -> Path:
     return run_dir / name
 
 
-def verification_html(export_path: Path) -> str:
-    """The export's verification line (and what differed), from its verification.json."""
+def verification_html(export_path: Path, readable: bool = True) -> str:
+    """The export's verification line (and what differed), from its verification.json. `readable`: the requester
+    may read the run's rows (access.Action.READ_RUN_DATA); else what differed is said without the rows' text."""
     from phi3_lora import verify
 
     result = verify.load(export_path)
     if result is None:
         return notice("warn", "Not verified.")
-    return notice("ok" if result.ok else "warn", result.line()) + "".join(notice("info", d) for d in result.differences)
+    differences = result.differences if readable else result.differ_at
+    return notice("ok" if result.ok else "warn", result.line()) + "".join(notice("info", d) for d in differences)
+
+
+def download_zip(base_name: Path, folder: Path) -> str:
+    """A web download of an exported folder, without its verification.json: that quotes the run's held-out
+    prompts (its README carries the verification without them)."""
+    import zipfile
+
+    dest = base_name.with_name(base_name.name + ".zip")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.name != "verification.json":
+                zf.write(path, path.relative_to(folder.parent).as_posix())
+    tmp.replace(dest)
+    return str(dest)
 
 
 def _folder_size(folder: Path) -> int:
@@ -167,7 +184,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
         progress(0.2, desc="Zipping the adapter, then loading it in a fresh process to verify it…")
         with hold_checkpoint(path):  # the running job does not rotate it away meanwhile
             zipped = _export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name)
-        return str(zipped), verification_html(zipped)
+        return str(zipped), verification_html(zipped, rows_refusal(state, who, path) is None)
 
     @user_errors
     @guarded(state)
@@ -181,14 +198,13 @@ def wire(tab: ExportTab, state: AppState) -> None:
             merged = _export().merge_adapter(path, out, base=base or "auto")
         size = _folder_size(merged)
         message = notice("ok", f"Merged model saved to {merged} ({size / 2**30:.2f} GiB, safetensors).") + \
-            verification_html(merged)
+            verification_html(merged, rows_refusal(state, who, path) is None)
         if size > MERGED_ZIP_LIMIT:
             return message + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.8, desc="Zipping for download…")
         run_name = _run_dir(path).name  # named by run, like the adapter zip (<run>-adapter.zip)
-        archive = shutil.make_archive(str(export_root(runs_dir) / run_name / f"{run_name}-{merged.name}"),
-                                      "zip", merged.parent, merged.name)
+        archive = download_zip(export_root(runs_dir) / run_name / f"{run_name}-{merged.name}", merged)
         return message, gr.update(value=archive, visible=True)
 
     @user_errors
@@ -228,8 +244,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return report + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.9, desc="Zipping for download…")
-        archive = shutil.make_archive(str(export_root(runs_dir) / _run_dir(path).name / f"{out.name}-download"),
-                                      "zip", out.parent, out.name)
+        archive = download_zip(export_root(runs_dir) / _run_dir(path).name / f"{out.name}-download", out)
         return report, gr.update(value=archive, visible=True)
 
     @user_errors

@@ -63,6 +63,16 @@ def check(state: Any, who: Requester, action: Action, *, started_by: str | None 
         raise UserError(why)
 
 
+def rows_refusal(state: Any, who: Requester, path: Path) -> str | None:
+    """None when `who` may read the text of the data rows of the run that holds `path` (a run, its adapter or a
+    checkpoint), else the policy's message: the rows are the data of whoever started the run."""
+    from phi3_lora.runs import find_run
+
+    run = find_run(Path(path))
+    started_by = state.starters.get(run.run_id) if run is not None else None
+    return access.refusal(Action.READ_RUN_DATA, who, getattr(state, "mode", access.UNLAUNCHED), started_by=started_by)
+
+
 def guarded(state: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give the handler the requester as its first argument; gradio fills a gr.Request in its place."""
 
