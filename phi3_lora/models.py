@@ -23,12 +23,14 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from phi3_lora import families
+from phi3_lora import families, template_bounds
 from phi3_lora.config import Hardware, ModelSettings
 from phi3_lora.embedded import EMBEDDED_NAME, embedded_model_dir, is_embedded
 from phi3_lora.errors import UserError
 from phi3_lora.families import PHI3_MINI, ModelFamily
 from phi3_lora.targets import linear_module_names
+
+template_bounds.install()  # every chat template this process renders (a visitor's, a Hub adapter's) is bounded
 
 log = logging.getLogger(__name__)
 

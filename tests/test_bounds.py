@@ -333,3 +333,92 @@ def test_a_hub_adapter_on_a_base_too_large_for_this_machine_is_refused_before_it
         hub.close()
     assert "someone/giant" in text and "400.0 GiB" in text and "smaller base model" in text, text[:500]
     assert not [r for r in hub.seen if "someone/giant/resolve/" in r], hub.seen
+
+
+HEAVY_TEMPLATES = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+    "a huge repeat": "{{ 'x' * 10**9 }}",
+    "a huge width": "{{ '%0999999999d' % 1 }}{{ ''|center(10**9) }}",
+    "a huge number": "{{ 9**99999999 }}",
+    "a doubling join": "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "a product of replacements": "{% set s = 'x' * 100000 %}{{ s.replace('x', s) }}",
+}
+
+
+@pytest.mark.parametrize("name", list(HEAVY_TEMPLATES))
+def test_a_heavy_chat_template_is_stopped_quickly(name: str, tiny_llama_dir: Path) -> None:
+    """A chat template is anyone's Jinja (the Settings box, a Hub adapter's tokenizer): transformers' sandbox stops
+    escapes, not cost. Loops stop at the render deadline, one-step blow-ups before they run."""
+    from phi3_lora import models, template_bounds
+
+    tok = models.load_tokenizer(str(tiny_llama_dir))
+    tok.chat_template = HEAVY_TEMPLATES[name]
+    t0 = time.monotonic()
+    with pytest.raises(template_bounds.TemplateTooHeavy, match="chat template is too heavy"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert time.monotonic() - t0 < template_bounds.RENDER_SECONDS + 3
+
+
+def test_bounded_templates_render_every_known_template_as_before() -> None:
+    """Every chat template trl ships (Phi-3, ChatML/Qwen, Llama-3, Gemma, ...; the training ones with their
+    {% generation %} masks) renders exactly as transformers' own sandbox renders it, at a cost printed here."""
+    import trl.chat_template_utils as trl_templates
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers.utils import chat_template_utils as ctu
+
+    from phi3_lora import models  # noqa: F401  (installs the bounds)
+    from phi3_lora.template_bounds import BoundedSandbox
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there. " * 40},
+            {"role": "assistant", "content": "Hello! " * 40}, {"role": "user", "content": "What is 2+2?"}]
+    names = [n for n in dir(trl_templates) if n.endswith("template") and isinstance(getattr(trl_templates, n), str)]
+    assert len(names) > 20 and ctu.ImmutableSandboxedEnvironment is BoundedSandbox
+
+    def render_all(env: type) -> tuple[dict[str, Any], float]:
+        ctu.ImmutableSandboxedEnvironment = env
+        ctu._compile_jinja_template.cache_clear()
+        out: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        for lap in range(3):
+            if lap == 1:
+                t0 = time.perf_counter()  # compiled once: the renders alone
+            for n in names:
+                try:
+                    out[n] = ctu.render_jinja_template([conv], chat_template=getattr(trl_templates, n),
+                                                       add_generation_prompt=True, bos_token="<s>", eos_token="</s>",
+                                                       return_assistant_tokens_mask="training" in n)
+                except Exception as exc:  # some need roles or kwargs this conversation lacks: the same either way
+                    out[n] = repr(exc)
+        return out, time.perf_counter() - t0
+
+    try:
+        plain, plain_s = render_all(ImmutableSandboxedEnvironment)
+        bounded, bounded_s = render_all(BoundedSandbox)
+    finally:
+        ctu.ImmutableSandboxedEnvironment = BoundedSandbox
+        ctu._compile_jinja_template.cache_clear()
+    assert bounded == plain
+    assert sum(isinstance(v, tuple) for v in plain.values()) > 20  # most rendered
+    renders = 2 * len(names)
+    print(f"\n[templates] {renders} renders: {plain_s / renders * 1e6:.0f} us plain, "
+          f"{bounded_s / renders * 1e6:.0f} us bounded, per render")
+
+
+def test_a_runs_heavy_template_in_compare_is_refused_and_compare_stays_free(app) -> None:
+    """A run's adapter carries the chat template its trainer set (a signed-in visitor's Jinja); Compare renders it in
+    the app's own process for anybody. It is refused as too heavy within seconds, and Compare answers afterwards."""
+    url, runs = app
+    heavy = runs / "20260101-000009-heavy"
+    import shutil
+
+    shutil.copytree(runs / RUN_ID, heavy)
+    (heavy / "adapter" / "chat_template.jinja").write_text(HEAVY_TEMPLATES["nested loops"], encoding="utf-8")
+    try:
+        c = _client(url)
+        text, took = _compare(c, "hello", Adapter=heavy.name)
+        assert "chat template is too heavy" in text and "Traceback" not in text, text[:500]
+        assert took < 30, took
+        text, took = _compare(c, "hello again")
+        assert "done" in text, text[:500]
+    finally:
+        shutil.rmtree(heavy, ignore_errors=True)
