@@ -370,11 +370,39 @@ def _expanded_bytes(array: Any) -> int:
     return array.nbytes
 
 
+def _check_hub_dataset(dataset_id: str, token: str | bool | None) -> str | None:
+    """The commit to load, once the dataset's file list shows at most MAX_FILE_BYTES of files (what any data file may
+    hold: the rows are read into memory); nothing is downloaded before. None offline: only the local cache is read."""
+    import httpx
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        info = HfApi().dataset_info(dataset_id, files_metadata=True, token=token)
+    except RepositoryNotFoundError:
+        raise UserError(f"The Hub has no dataset {dataset_id} (or it is private or gated).",
+                        hint="Check the id, log in with a token that can read it, or upload a file.") from None
+    except (OSError, ValueError, httpx.HTTPError) as exc:
+        raise UserError(f"Could not read the file list of the dataset {dataset_id} from the Hub "
+                        f"({type(exc).__name__}).", hint="Check the id and that this machine can reach the Hub, or "
+                                                         "upload the data as a file instead.") from None
+    total = sum(f.size or 0 for f in info.siblings or [])
+    if total > MAX_FILE_BYTES:
+        raise UserError(f"The dataset {dataset_id} holds {total / 2**20:,.0f} MiB of files; the limit is "
+                        f"{MAX_FILE_BYTES // 2**20} MiB (as for a data file), so it is not downloaded.",
+                        hint="Upload the part you want to train on as a file (JSONL, CSV or Parquet), or give a "
+                             "smaller dataset.")
+    return info.sha
+
+
 def _read_hub(dataset_id: str, split: str, token: str | bool | None = None) -> RawRecords:
     import datasets
 
+    revision = _check_hub_dataset(dataset_id, token)  # the checked commit is the one loaded
     try:
-        ds = datasets.load_dataset(dataset_id, split=split, token=token)
+        ds = datasets.load_dataset(dataset_id, split=split, token=token, revision=revision)
     except ConnectionError:
         raise UserError(f"The Hugging Face Hub is unreachable, so the dataset {dataset_id} cannot be downloaded.",
                         hint="Upload the data as a file instead (" + SUPPORTED_TEXT.split(", or")[0] + "), "

@@ -226,7 +226,7 @@ def test_an_ordinary_parquet_file_with_lists_and_dictionaries_still_reads(tmp_pa
 # --- a "published adapter" that is a whole model -----------------------------------------------------------
 
 class FakeModelHub:
-    """A Hub on 127.0.0.1 holding model repos (repo id -> file name -> its bytes, or its size to be served as zeros)
+    """A Hub on 127.0.0.1 holding model (and dataset) repos (repo id -> file name -> its bytes, or its size to be served as zeros)
     that records every request."""
 
     def __init__(self, repos: dict[str, dict[str, int | bytes]]) -> None:
@@ -246,6 +246,8 @@ class FakeModelHub:
             def _answer(self) -> None:
                 seen.append(f"{self.command} {self.path}")
                 path = self.path.split("?", 1)[0]
+                if path.startswith(("/api/datasets/", "/datasets/")):  # a dataset repo: served like a model repo
+                    path = path.replace("/api/datasets/", "/api/models/", 1).removeprefix("/datasets")
                 repo_id = next((r for r in repos if path == f"/api/models/{r}"
                                 or path.startswith((f"/api/models/{r}/", f"/{r}/resolve/"))), None)
                 files = repos.get(repo_id or "", {})
@@ -422,3 +424,32 @@ def test_a_runs_heavy_template_in_compare_is_refused_and_compare_stays_free(app)
         assert "done" in text, text[:500]
     finally:
         shutil.rmtree(heavy, ignore_errors=True)
+
+
+@pytest.mark.parametrize("files, words", [
+    ({"README.md": 900, "data/train-00000-of-00001.parquet": 900 * 2**20}, "holds 900 MiB of files"),
+    ({"README.md": 900, **{f"data/train-{i:05d}-of-02000.parquet": 2**30 for i in range(2000)}}, "2,048,000 MiB"),
+])
+def test_a_hub_dataset_is_checked_before_anything_downloads(files: dict[str, int], words: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub dataset id (the Dataset tab's source; signed-in visitors may give one) was downloaded whole, however
+    large. Its file list is read first and more than a data file may hold is refused, before a byte downloads."""
+    import datasets.config
+
+    from phi3_lora import readers
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    hub = online(FakeModelHub({"someone/huge-chat": files}), tmp_path, monkeypatch)
+    try:
+        with pytest.raises(UserError, match=words) as info:
+            readers.read_records("someone/huge-chat", token=False)
+        assert "Upload the part you want" in str(info.value) and hub.url not in str(info.value)
+        assert [r for r in hub.seen if "/api/datasets/someone/huge-chat" in r], hub.seen  # it did ask
+        with pytest.raises(UserError, match="no dataset someone/missing"):
+            readers.read_records("someone/missing", token=False)
+    finally:
+        hub.close()
+    assert not [r for r in hub.seen if "/resolve/" in r], hub.seen
+    assert not [p for p in tmp_path.rglob("*.parquet")]
