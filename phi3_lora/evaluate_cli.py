@@ -19,7 +19,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = ev.run_dir_of(ref.adapter_dir)
     if args.data:
         rows, skipped = ev.rows_from_file(args.data)
-        source = str(args.data)
+        source = f"file {Path(args.data).name}"  # saved in the run folder and shown to visitors: no server path
     elif run_dir is not None:
         rows, skipped, source = ev.rows_from_run(run_dir), [], f"held-out rows of run {run_dir.name} ({ev.EVAL_ROWS})"
     else:

@@ -90,7 +90,10 @@ def bundle_from_merged(merged_dir: Path, out_dir: Path, gguf_type: str = "f16", 
     check = verify_gguf(gguf_path, merged_dir, prompts, gguf_type, prompt_source) if verify else None
     if check:
         _write_text(out_dir / "verification.json", json.dumps(check.to_json(), indent=2))
-    _write_text(out_dir / "README.md", readme(name, gguf_path.name, commands, check))
+    # The README travels with the folder (a download, a copy): its commands start from the folder's name, not the
+    # server's absolute path.
+    portable = ollama.run_commands(Path(out_dir.name) / gguf_path.name, ollama.ollama_name(name))
+    _write_text(out_dir / "README.md", readme(name, gguf_path.name, portable, check))
     return GgufExport(out_dir, gguf_path, gguf_path.stat().st_size, modelfile, commands, check)
 
 

@@ -353,6 +353,19 @@ def rotate_checkpoints(run: RunDir, keep: int | None, protect: str | Path | None
     return removed
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a web page shows it: inside a run, '<run id>/<the rest>'; anything else by its name alone. Never the
+    server's folders (the runs folder, a home directory) that an absolute path names."""
+    path = Path(path)
+    run = find_run(path if path.is_dir() else path.parent)
+    if run is not None:
+        try:
+            return (Path(run.run_id) / path.relative_to(run.path)).as_posix()
+        except ValueError:
+            pass
+    return path.name
+
+
 def find_run(path: str | Path) -> RunDir | None:
     """The run a folder belongs to: the run folder itself, its adapter/ or one of its checkpoints."""
     path = Path(path)

@@ -395,7 +395,7 @@ def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world
     """A run's log names the server's folders, its model folder and its data file (the very paths that make
     "load a past run's settings" own-runs only), and error messages named the runs folder. A visitor sees the log
     of the runs they started only; the messages and the run status name no server folder."""
-    from gradio_client import Client
+    from gradio_client import Client, handle_file
 
     runs: Path = world["runs"]
     leaky = make_adapter_run(runs, world["model"], LEAKY_ID)
@@ -410,6 +410,8 @@ def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world
     alices = make_adapter_run(runs, world["model"], ALICE_ID)
     RunDir(alices).log.write_text("alice's own log line\n")
     access.RunStarters(runs).record(ALICE_ID, "auth:alice")
+    bad_yaml = world["creds"].parent / "bad-run.yaml"
+    bad_yaml.write_text("model: [1, 2\n")  # a visitor's YAML that does not parse: the message names the upload only
     options, auth, _, _ = MODES[mode_name]
     try:
         with serve(world, auth=auth, **options) as (url, demo):
@@ -421,15 +423,17 @@ def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world
                                        ("select_run", {"Run": "no-such-run"}), ("compare", {"Adapter": "no-such-run",
                                                                                              "Prompt": "hi"}),
                                        ("export_zip", {"Adapter": "no-such-run"}),
-                                       ("heldout_example", {"Adapter": "no-such-run"})):
+                                       ("heldout_example", {"Adapter": "no-such-run"}),
+                                       ("load_yaml_settings", {"…or a run.yaml": handle_file(str(bad_yaml))})):
                 try:
                     text = json.dumps(client.predict(*endpoint_args(api, endpoint, **by_label),
                                                      api_name=f"/{endpoint}"), default=str)
                 except Exception as exc:
                     text = str(exc)
                 seen.append(text)
-                for secret in (str(runs), data_path, "phi3_lora train --config"):
+                for secret in (str(runs), data_path, "phi3_lora train --config", "/bad-run.yaml"):
                     assert secret not in text, (mode_name, endpoint, by_label, secret, text[:800])
+            assert "bad-run.yaml is not valid YAML" in seen[-1], seen[-1][:400]
             assert "checkpoint-1" in seen[0]  # the status still says which checkpoint Resume continues from
             if mode_name == "auth":  # Alice sees the log of her own run
                 mine = json.dumps(client.predict(*endpoint_args(api, "select_run", Run=ALICE_ID),
@@ -530,6 +534,25 @@ def test_a_visitor_sees_scores_but_not_the_text_of_the_owners_rows(
 
         shutil.rmtree(owners, ignore_errors=True)
         shutil.rmtree(alices, ignore_errors=True)
+
+
+def test_paths_shown_on_a_page_are_relative_to_the_run(tmp_path: Path) -> None:
+    """What an export or a run's settings tell a signed-in visitor names the run and the file inside it (the path
+    owner is runs.shown_path), never the runs folder of the server; the GGUF's README starts from its folder name."""
+    from phi3_lora import gguf_bundle, ollama
+    from phi3_lora.runs import shown_path
+
+    run = RunDir(tmp_path / "srv" / "runs" / "20260101-000000-x")
+    run.path.mkdir(parents=True)
+    run.config.write_text("{}\n")
+    (run.path / "merged").mkdir()
+    assert shown_path(run.path / "merged") == "20260101-000000-x/merged"
+    assert shown_path(run.path / "gguf-f16" / "m.gguf") == "20260101-000000-x/gguf-f16/m.gguf"
+    assert shown_path(run.config) == "20260101-000000-x/config.yaml"
+    assert shown_path(tmp_path / "elsewhere" / "upload.yaml") == "upload.yaml"
+    commands = ollama.run_commands(Path("gguf-f16") / "m.gguf", "m")
+    readme = gguf_bundle.readme("x", "m.gguf", commands, None)
+    assert "cd gguf-f16 &&" in readme and str(tmp_path) not in readme
 
 
 def test_readme_sharing_table_is_the_policy() -> None:

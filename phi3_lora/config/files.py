@@ -46,29 +46,32 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
-def load_yaml(path: str | Path) -> RunConfig:
+def load_yaml(path: str | Path, shown_as: str | None = None) -> RunConfig:
+    """The RunConfig of a YAML file. `shown_as`: how the messages name the file (a web upload: its name, never the
+    server's folder it was saved in); the path itself by default."""
     path = Path(path)
+    name = shown_as or str(path)
     if not path.is_file():
-        raise UserError(f"Config file {path} does not exist.", hint="Check the path, or write one with "
+        raise UserError(f"Config file {name} does not exist.", hint="Check the path, or write one with "
                         "`python -m phi3_lora train --print-config > run.yaml`.")
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise UserError(f"{path} is too large to be a run config ({path.stat().st_size:,} bytes).")
+        raise UserError(f"{name} is too large to be a run config ({path.stat().st_size:,} bytes).")
     try:
         text = path.read_text(encoding="utf-8")
         _check_depth(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
+        raise UserError(f"{name} is not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:  # a torn write, or not a text file
-        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}): it may have been cut short.") from None
+        raise UserError(f"{name} is not UTF-8 text (byte {exc.start}): it may have been cut short.") from None
     except RecursionError:
-        raise UserError(f"{path} nests too deeply to be a run config.") from None
+        raise UserError(f"{name} nests too deeply to be a run config.") from None
     if data is not None and not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping with model/lora/train/data sections.")
+        raise UserError(f"{name} must hold a mapping with model/lora/train/data sections.")
     try:
         return from_dict(data)
     except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type that a check tripped on
-        raise UserError(f"{path} has a value of the wrong type ({exc}).") from None
+        raise UserError(f"{name} has a value of the wrong type ({exc}).") from None
 
 
 def save_yaml(config: RunConfig, path: str | Path) -> None:

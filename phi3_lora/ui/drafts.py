@@ -141,7 +141,8 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         if not run_id:
             raise UserError("No run chosen.", hint="Pick a past run from the list.")
         check(state, who, Action.LOAD_RUN_SETTINGS, started_by=state.starters.get(run_id))
-        config = cfgmod.load_yaml(runs.run_in(runs_dir, run_id).config)
+        run_config = runs.run_in(runs_dir, run_id).config
+        config = cfgmod.load_yaml(run_config, shown_as=runs.shown_path(run_config))
         return config_values(config, keys) + [notice("ok", f"Loaded the settings and data of {run_id}.")]
 
     @user_errors
@@ -149,7 +150,7 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
     def on_load_yaml(who: Requester, path: str | None) -> list[Any]:
         if not path:
             return [gr.skip()] * (len(form) + 1)
-        config = cfgmod.load_yaml(path)
+        config = cfgmod.load_yaml(path, shown_as=Path(path).name)  # not the server folder gradio saved it in
         check_model(state, who, config.model.name)  # config_values reads the model's layers
         return config_values(config, keys) + [notice("ok", f"Loaded the settings of {Path(path).name}.")]
 

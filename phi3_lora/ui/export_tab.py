@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ import gradio as gr
 from phi3_lora import access
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
-from phi3_lora.runs import RunDir, find_run
+from phi3_lora.runs import RunDir, find_run, shown_path
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
 from phi3_lora.ui.guard import check, guarded, rows_refusal
 from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
@@ -109,9 +110,11 @@ def gguf_report(result: Any) -> str:
     """The Export tab's account of a GGUF export: where, how big, the verification and the commands (HTML)."""
     check = result.check
     kind = "ok" if check is None or check.passed else "error"
-    lines = [notice(kind, f"{result.gguf} ({result.size_bytes / 2**20:.1f} MiB). "
+    lines = [notice(kind, f"{shown_path(result.gguf)} ({result.size_bytes / 2**20:.1f} MiB). "
                           + (check.summary() if check else "Not verified."))]
-    commands = "\n".join(f"# {what}\n{cmd}" for what, cmd in result.commands.items())
+    folder = str(Path(result.gguf).parent)  # the commands run in the export folder: the download's folder name
+    commands = "\n".join(f"# {what}\n{cmd.replace(shlex.quote(folder), shlex.quote(Path(folder).name))}"
+                          for what, cmd in result.commands.items())
     lines.append(f"<pre class='p3-commands'>{html.escape(commands)}</pre>")
     return "".join(lines)
 
@@ -197,7 +200,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
         with hold_checkpoint(path):
             merged = _export().merge_adapter(path, out, base=base or "auto")
         size = _folder_size(merged)
-        message = notice("ok", f"Merged model saved to {merged} ({size / 2**30:.2f} GiB, safetensors).") + \
+        message = notice("ok", f"Merged model saved to {shown_path(merged)} ({size / 2**30:.2f} GiB, safetensors).") + \
             verification_html(merged, rows_refusal(state, who, path) is None)
         if size > MERGED_ZIP_LIMIT:
             return message + help_md("Too large to download through the browser; copy the folder instead."), \
