@@ -2,6 +2,7 @@
 
     python -m bench.cpu_ceiling                 # the embedded model: ceiling, measured steps
     python -m bench.cpu_ceiling --compiled      # + a torch.compile'd static-cache decode step (minutes)
+    python -m bench.cpu_ceiling --compiled-pair # Compare's faithful compiled pair step against its eager pair
 
 A greedy decoding step at a few rows reads every Linear weight once (the decoder layers' and the output
 head's), so its time is at least those bytes over the memory bandwidth the process's threads get. This prints:
@@ -185,7 +186,71 @@ def compiled_static_steps(model_dir: str, tokens: int, shapes: tuple[tuple[str, 
     return results
 
 
-def report(model_dir: str, tokens: int, compiled: bool) -> dict[str, Any]:
+PAIR_PROMPTS = [PROMPT, [{"role": "user", "content": "Why is the sky blue?"}],
+                [{"role": "system", "content": "You are a helpful assistant who answers in detail."},
+                 {"role": "user", "content": "Explain how a refrigerator works, step by step, for a curious ten "
+                                             "year old who likes science."}]]
+
+
+def compiled_pair(engine: Any, tokens: int, repeats: int = 4) -> dict[str, Any]:
+    """Compare's pair (`answer_pairs`, greedy) with `pair_graph`'s compiled step against the eager pair, in this
+    process: the compile's seconds (in its background thread, the engine idle), whether every step's logits are
+    equal bit for bit on each of PAIR_PROMPTS (and the answers), then ms per pair step of both, interleaved
+    eager / compiled `repeats` times on the first prompt (median, and each run)."""
+    import torch
+
+    from phi3_lora.speed import pair_graph
+    from phi3_lora.generate import GenerationSettings
+
+    class Steps:  # a StoppingCriteria that stops nothing and keeps each step's logits
+        def __init__(self) -> None:
+            self.logits: list[Any] = []
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            self.logits.append(scores.clone())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    settings = GenerationSettings(temperature=0, max_new_tokens=tokens)
+    before = os.environ.get(pair_graph.ENV)
+
+    def answer(on: bool, history: Any, record: Any = None) -> tuple[tuple[str, str], float]:
+        os.environ[pair_graph.ENV] = "1" if on else "0"
+        t0 = time.perf_counter()
+        pair = engine.answer_pairs([history], settings, [record] if record else None)[0]
+        return pair, time.perf_counter() - t0
+
+    try:
+        answer(True, PROMPT)  # starts the compile
+        ready = engine._compiled_pair.wait()
+        out: dict[str, Any] = {"ready": ready, "compile_s": engine._compiled_pair.compile_s,
+                               "failed": engine._compiled_pair.failed, "faithful": []}
+        if not ready:
+            return out
+        for history in PAIR_PROMPTS:
+            eager, fast = Steps(), Steps()
+            (a, _), (b, _) = answer(False, history, eager), answer(True, history, fast)
+            out["faithful"].append({"prompt_tokens": len(engine.prompt_ids(history)), "steps": len(fast.logits),
+                                    "same_answers": a == b, "rows_differ": a[0] != a[1],
+                                    "same_logits": len(eager.logits) == len(fast.logits) and all(
+                                        torch.equal(x, y) for x, y in zip(eager.logits, fast.logits))})
+        count = lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        runs: dict[str, list[float]] = {"eager": [], "compiled": []}
+        served = engine._compiled_pair.served
+        for _ in range(repeats):
+            for side, on in (("eager", False), ("compiled", True)):
+                pair, seconds = answer(on, PROMPT)
+                runs[side].append(seconds * 1e3 / max(map(count, pair), default=1))
+        out["served"] = engine._compiled_pair.served - served  # == repeats: every compiled run switched over
+        out["ms"] = runs
+        return out
+    finally:
+        if before is None:
+            os.environ.pop(pair_graph.ENV, None)
+        else:
+            os.environ[pair_graph.ENV] = before
+
+
+def report(model_dir: str, tokens: int, compiled: bool, pair: bool = False) -> dict[str, Any]:
     import torch
 
     from bench.train_speed import save_random_adapter
@@ -202,6 +267,8 @@ def report(model_dir: str, tokens: int, compiled: bool) -> dict[str, Any]:
                                "ceiling_steps_per_s": ceiling_steps_per_s(step_bytes, bandwidth),
                                "products_ms": {rows: products_ms(engine.base, rows) for rows in (1, 2)},
                                "measured_ms": measured_step_ms(engine, tokens)}
+        if pair:
+            out["compiled_pair"] = compiled_pair(engine, tokens)
         del engine
         if compiled:
             out["compiled"] = compiled_static_steps(model_dir, tokens, adapter=adapter)
@@ -233,6 +300,23 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {what}, StaticCache, torch.compile (compiled in {c['compile_s']:.0f} s; same tokens as "
                      f"eager: {'yes' if c['same_tokens'] else 'no'}) | {c['step_ms']:.1f} | {1e3 / c['step_ms']:.1f} "
                      f"| {floor_ms / c['step_ms']:.0%} |")
+    if "compiled_pair" in r:
+        lines += ["", _pair_markdown(r["compiled_pair"])]
+    return "\n".join(lines)
+
+
+def _pair_markdown(c: dict[str, Any]) -> str:
+    if not c["ready"]:
+        return f"Compiled pair step: not ready ({c['failed'] or 'not offered for this model'})."
+    faithful = "; ".join(f"{f['prompt_tokens']}-token prompt, {f['steps']} steps: logits "
+                         f"{'equal' if f['same_logits'] else 'DIFFER'}, answers "
+                         f"{'equal' if f['same_answers'] else 'DIFFER'}" for f in c["faithful"])
+    lines = [f"Compiled pair step (pair_graph): compiled in {c['compile_s']:.0f} s; {faithful}; "
+             f"{c['served']} of the timed compiled runs switched over.", "",
+             "| pair step | median ms | runs (ms) | tokens/s per side |", "| --- | ---: | --- | ---: |"]
+    for side, ms in c["ms"].items():
+        median = statistics.median(ms)
+        lines.append(f"| {side} | {median:.1f} | {' '.join(f'{m:.1f}' for m in ms)} | {1e3 / median:.1f} |")
     return "\n".join(lines)
 
 
@@ -243,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--compiled", action="store_true", help="also time a torch.compile'd static-cache step")
+    parser.add_argument("--compiled-pair", action="store_true",
+                        help="also Compare's faithful compiled pair step (phi3_lora/speed/pair_graph.py) against eager")
     args = parser.parse_args(argv)
     model_dir = args.model or str(embedded.embedded_model_dir())
-    print(markdown(report(model_dir, args.tokens, args.compiled)))
+    print(markdown(report(model_dir, args.tokens, args.compiled, args.compiled_pair)))
     return 0
 
 

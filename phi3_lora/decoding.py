@@ -24,7 +24,7 @@ Tokens = list[list[int]]
 def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: list[int], max_new_tokens: int, *,
                   adapter_names: list[str] | None = None, stopping_criteria: list[Any] | None = None,
                   max_time: float | None = None, on_step: Callable[[Tokens], None] | None = None,
-                  router: Any = None) -> Tokens:
+                  router: Any = None, pair: Any = None) -> Tokens:
     """The greedy answer's new token ids for every row (without its stop token), rows dropped as they end.
 
     `adapter_names` (peft's mixed batches): one adapter name per row, pruned with the rows; once every live row
@@ -32,7 +32,9 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
     are transformers StoppingCriteria, asked with the live rows' ids each step (a row they flag ends there).
     `max_time` ends all rows after that many seconds, as transformers' MaxTimeCriteria does. `on_step` gets the
     tokens so far of all rows after each step (streaming). `router` (`merging.RowRouting`, installed by the
-    caller) replaces peft's routing by adapter_names, which must then list every BASE row before the others."""
+    caller) replaces peft's routing by adapter_names, which must then list every BASE row before the others.
+    `pair` (`speed.pair_graph.CompiledPair`): while both rows of a one-prompt pair are live, steps run compiled once it is
+    ready (checked every step, so an answer switches over mid-way); the last row goes on eagerly."""
     import torch
     from transformers import DynamicCache
 
@@ -49,10 +51,22 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
         assert adapter_names is not None and adapter_names == sorted(adapter_names, key=lambda n: n != BASE)
         router.first_tuned = adapter_names.count(BASE)
     names = _names_for(model, adapter_names) if router is None else None
-    for _ in range(max_new_tokens):
-        extra = {"adapter_names": names} if names is not None else {}
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1, **extra).logits[:, -1, :].float()
+    fast = None  # speed.pair_graph.PairState while the compiled pair step decodes
+    for step in range(max_new_tokens):
+        if pair is not None and fast is None and step > 0:
+            fast = pair.begin(cache, mask, max_new_tokens - step)
+        logits = None
+        if fast is not None:
+            try:
+                logits = fast.step(step_ids, step_pos, mask)
+            except Exception as exc:  # noqa: BLE001 - never a wrong answer: this and later steps run eagerly
+                fast.to_dynamic_cache(cache)
+                pair.fail(exc)
+                fast = pair = None
+        if logits is None:
+            extra = {"adapter_names": names} if names is not None else {}
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1, **extra).logits[:, -1, :].float()
         nxt = logits.argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], dim=-1)
         ended = torch.isin(nxt, stop)
@@ -70,6 +84,9 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         step_pos = step_pos[:, -1:] + 1
         if bool(ended.any()):  # drop the finished rows from everything the next step reads
+            if fast is not None:  # the last row goes on eagerly, from the same keys and values
+                fast.to_dynamic_cache(cache)
+            fast = pair = None
             keep = (~ended).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             kept = keep.tolist()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from phi3_lora import cpu_linear, decoding, families, merging
+from phi3_lora.speed import pair_graph
 from phi3_lora.decoding import BASE
 from phi3_lora.errors import UserError
 from phi3_lora.merging import TUNED
@@ -99,6 +100,7 @@ class ChatEngine:
         self._tuned_biases: dict[str, Any] = {}  # biases the current adapter trained (bias all / lora_only)
         self._merged = merging.MergedWeights()  # the tuned side's merged weights, made on first use per adapter
         self._packed = cpu_linear.PackedLinears()  # CPU float32: weights packed for oneDNN, made on first use
+        self._compiled_pair = pair_graph.CompiledPair()  # CPU: Compare's pair step compiled in the background (off by default)
         if adapter_dir:
             self.set_adapter(adapter_dir)
         release_thread_pool()  # loading ran parallel ops here; generation may stream from another thread
@@ -114,6 +116,7 @@ class ChatEngine:
         with self._lock:
             self._merged.clear()  # merged from the old adapter (and maybe the old fused layout)
             self._packed.clear()
+            self._compiled_pair.clear()
             if adapter_dir is None:
                 self._put_biases(self._pristine)
                 self._tuned_biases = {}
@@ -311,11 +314,16 @@ class ChatEngine:
             layers = merging.plain_lora_layers(self.model) if adapter_names is not None else []
             routed = bool(layers) and adapter_names == sorted(adapter_names, key=lambda name: name != BASE)
             routing = merging.RowRouting(layers, families.sibling_layers(self.model)) if routed else None
+            pair = None
+            if routing is not None and pair_graph.enabled():  # off by default (options.COMPILED_PAIR_CPU)
+                routing.first_tuned = adapter_names.count(BASE)
+                self._compiled_pair.start(self.model, routing, len(adapter_names))
+                pair = self._compiled_pair
             with routing.applied() if routing else contextlib.nullcontext():
                 return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"],
                                               self.stop_ids, settings.max_new_tokens, adapter_names=adapter_names,
                                               stopping_criteria=stopping_criteria, max_time=settings.max_time,
-                                              on_step=on_step, router=routing)
+                                              on_step=on_step, router=routing, pair=pair)
         kwargs = dict(**inputs, **gen, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
         if stopping_criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)

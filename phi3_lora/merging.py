@@ -135,6 +135,18 @@ class _Layer:
     stop: int = 0
 
 
+@dataclass
+class LoraPlan:
+    """One layer's tuned-row update as `RowRouting` makes it: h = (x @ a_t)[:, cols]; then where the adapter's dtype is
+    the layer's, out.addmm_(h, b_t, alpha=scaling), else out += (h @ b_t [* scaling, unless folded]).to(out.dtype)."""
+
+    a_t: Any
+    cols: tuple[int, int] | None
+    b_t: Any
+    scaling: float
+    folded: bool
+
+
 class RowRouting:
     """Base rows first, tuned rows after them, in one batch: each LoRA layer adds its update to the tuned rows'
     slice only. The same sums as peft's mixed-batch routing (adapter_names), without the per-call hook set-up
@@ -171,6 +183,20 @@ class RowRouting:
     @property
     def stacked_groups(self) -> int:
         return len({id(p.group) for p in self._plan.values() if p.group is not None})
+
+    def plan_of(self, layer: Any) -> Any:
+        """How `layer`'s tuned rows get their update, for a compiled step that must make the same sums
+        (`pair_graph`): (lora_A^T of the layer or of its sibling group, its columns or None, lora_B^T, scaling,
+        folded); None for a layer this routing does not touch."""
+        plan = self._plan.get(id(layer))
+        if plan is None:
+            return None
+        a_t, cols = (plan.a_t, None) if plan.group is None else (plan.group.a_t, (plan.start, plan.stop))
+        return LoraPlan(a_t, cols, plan.b_t, plan.scaling, plan.folded)
+
+    def plain_fast(self) -> bool:
+        """Every layer takes the product form (`_forward`'s fast path), the form `plan_of` describes."""
+        return all(p.fast for p in self._plan.values())
 
     @staticmethod
     def _down(plan: _Layer, x: Any, first: int) -> Any:

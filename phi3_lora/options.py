@@ -73,6 +73,11 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 # 6.53 GiB (its estimate 7.63), where 29 checkpointed compiled layers gave 16,746 at 7.03; the 8 GiB plan keeps
 # 0.09 (not measured). Below this share every layer is checkpointed (15,823 tok/s at 5.1 GiB).
 MIN_ACTIVATION_SHARE = 0.05
+# Compare's pair (base + tuned row) decoded on a CPU by a torch.compile'd step, compiled in the background and
+# served once ready (phi3_lora/speed/pair_graph.py: Llama-shaped models, the eager step's logits bit for bit). Off: on the
+# 2-core EPYC (float32) it measured no faster than the eager pair (62.2 vs 61.5 ms a step, docs/benchmarks.md,
+# "A faithful compiled pair step"). Env PHI3_LORA_COMPILED_PAIR=1 / 0 turns it on / off for a process.
+COMPILED_PAIR_CPU = False
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None
 # SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py), and full-length

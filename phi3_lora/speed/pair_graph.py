@@ -1,0 +1,469 @@
+"""Compare's pair decoding step (base row + tuned row) compiled for the CPU, with the eager step's numbers.
+
+On a 2-core CPU the eager pair step is mostly dispatch: ~3,900 small aten calls and the Python around them for
+~33 ms of products (docs/benchmarks.md, "Compare's pair on a 2-core Xeon with AMX"). torch.compile (inductor,
+weights frozen) removes most of that, but a compiled step is only used where it gives the eager step's logits bit
+for bit, so Compare's answers stay the ones export and verify reproduce:
+
+- Attention covers exactly the filled length, through transformers' own `sdpa_attention_forward` run eagerly
+  inside one opaque op (`phi3_lora::pair_attend`): the keys/values are written into preallocated buffers and
+  attention gets the filled slice, with the mask (or no mask) and the GQA form transformers picks eagerly. A
+  StaticCache attends over its whole length, masked, and changed the embedded model's base answer.
+- RMSNorm and SiLU * up also run eagerly inside opaque ops: inductor's reductions sum in another order than
+  aten's and its `exp` is another approximation. What inductor fuses is exact: bf16 adds and products rounded
+  after each op as eagerly (`emulate_precision_casts`), copies, the embedding lookup.
+- The Linear products are oneDNN's packed inner products, packed for the step's 2 rows, as `cpu_linear` runs
+  them eagerly (`_compiler_settings`). The tuned row's LoRA update is `merging.RowRouting`'s own `mm`/`addmm` on
+  the tuned row's slice only (the base row never gets it), the LoRA tensors runtime inputs, not frozen.
+
+Checked bit for bit in float32 (the embedded model, 3 prompts x 64 steps; tests/test_pair_graph.py on a tiny
+Llama); bf16 is not yet checked on hardware with native bf16. Only Llama-shaped models whose adapter `RowRouting`
+routes, two rows (one base, one tuned). Compilation takes ~70 s for the embedded model on a 2-core CPU, so it runs
+in a background thread (`CompiledPair.start`); eager steps serve until it is ready, and a failure is logged once
+and leaves eager in place. When a row's answer ends, the other row goes on eagerly from the same cache contents
+(`PairState.to_dynamic_cache`). Off by default (options.COMPILED_PAIR_CPU): on the 2-core EPYC it was not faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+ENV = "PHI3_LORA_COMPILED_PAIR"  # "1" / "0": compile Compare's pair step or not (default: options.COMPILED_PAIR_CPU)
+ROWS = 2  # one base row, one tuned row
+
+_ops_defined = False
+_counter = itertools.count()
+
+
+def _define_ops() -> None:
+    """The eager-only pieces of the step as custom ops: inductor calls them, it does not look inside."""
+    global _ops_defined
+    if _ops_defined:
+        return
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # (schemas written out: this module's `from __future__ import annotations` hides the types from infer_schema)
+    @torch.library.custom_op("phi3_lora::pair_attend", mutates_args=("k_buf", "v_buf"),
+                             schema="(Tensor q, Tensor k, Tensor v, Tensor(a!) k_buf, Tensor(b!) v_buf, "
+                                    "Tensor mask_buf, Tensor state, int groups, float scaling) -> Tensor")
+    def pair_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                    mask_buf: torch.Tensor, state: torch.Tensor, groups: int, scaling: float) -> torch.Tensor:
+        """Write this step's key/value at `state[0]`, then transformers' SDPA over the filled positions, with the
+        2-D padding mask as a 4-D one where `state[1]` says there is padding (else none: what eager passes)."""
+        pos, padded = state.tolist()
+        k_buf[:, :, pos] = k[:, :, 0]
+        v_buf[:, :, pos] = v[:, :, 0]
+        filled = pos + 1
+        mask = mask_buf[:, None, None, :filled] if padded else None
+        module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+        out, _ = sdpa_attention_forward(module, q, k_buf[:, :, :filled], v_buf[:, :, :filled], mask, dropout=0.0,
+                                        scaling=scaling)
+        return out
+
+    @pair_attend.register_fake
+    def _(q, k, v, k_buf, v_buf, mask_buf, state, groups, scaling):
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+
+    @torch.library.custom_op("phi3_lora::rms_norm", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, float eps) -> Tensor")
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """LlamaRMSNorm.forward's ops, eagerly."""
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + eps)
+        return weight * h.to(x.dtype)
+
+    @rms_norm.register_fake
+    def _(x, weight, eps):
+        return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+    @torch.library.custom_op("phi3_lora::silu_mul", mutates_args=(), schema="(Tensor gate, Tensor up) -> Tensor")
+    def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(gate) * up
+
+    @silu_mul.register_fake
+    def _(gate, up):
+        return gate.new_empty(gate.shape)
+
+    _ops_defined = True
+
+
+def enabled() -> bool:
+    from phi3_lora import options
+
+    value = os.environ.get(ENV, "").strip()
+    return value == "1" if value in ("0", "1") else bool(options.COMPILED_PAIR_CPU)
+
+
+def supported(model: Any, routing: Any, rows: int) -> str | None:
+    """Why Compare's pair on `model` cannot take the compiled step (None: it can)."""
+    import torch
+
+    core = _core(model)
+    if rows != ROWS or routing is None or routing.first_tuned != 1:
+        return "not a one-prompt pair"
+    if core is None:
+        return "not a Llama-shaped model"
+    weight = core.embed_tokens.weight
+    from phi3_lora import cpu_linear
+
+    if weight.device.type != "cpu" or not cpu_linear.available(model):
+        return "not on the CPU with packed products (cpu_linear)"
+    config = core.config
+    if getattr(config, "_attn_implementation", "sdpa") != "sdpa" or getattr(config, "hidden_act", "") != "silu" \
+            or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False) \
+            or os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1":
+        return "attention, activation or biases differ from Llama's"
+    if not routing.plain_fast():
+        return "an adapter layer the routing does not take the fast way"
+    return None
+
+
+@contextlib.contextmanager
+def _compiler_settings() -> Iterator[None]:
+    """Inductor's settings for the step, while it compiles (torch.compile's `options` do not reach freezing):
+    weights frozen as constants, bf16 rounded after every op as eagerly, oneDNN's products."""
+    import torch._inductor.config as inductor
+
+    with inductor.patch(freezing=True, emulate_precision_casts=True), _onednn_products():
+        yield
+
+
+@contextlib.contextmanager
+def _onednn_products() -> Iterator[None]:
+    """Inductor's freezing pass packs each constant weight for oneDNN's inner product (`mkldnn._linear_pointwise`,
+    packed for the step's 2 rows: the kernel and layout `cpu_linear` runs eagerly) for bf16, but for float32 with
+    a static batch it takes MKL's packed GEMM, another kernel with other roundings. It takes oneDNN's where it
+    believes oneDNN is built with ACL: that is what this says to the pass while the step compiles (the pass reads
+    it only then, and nothing else in this process compiles for the CPU)."""
+    from torch._inductor.fx_passes import mkldnn_fusion
+
+    real = mkldnn_fusion.mkldnn
+
+    class _OneDnn:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @staticmethod
+        def _is_mkldnn_acl_supported() -> bool:
+            return True
+
+    mkldnn_fusion.mkldnn = _OneDnn()
+    try:
+        yield
+    finally:
+        mkldnn_fusion.mkldnn = real
+
+
+def _core(model: Any) -> Any:
+    """The LlamaModel inside `model` (peft-wrapped or not), or None for any other architecture."""
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    inner = model
+    for _ in range(3):
+        if isinstance(inner, LlamaForCausalLM):
+            return inner.model
+        inner = getattr(inner, "base_model", None) or getattr(inner, "model", None)
+        if inner is None:
+            return None
+        if hasattr(inner, "model") and isinstance(getattr(inner, "model"), LlamaForCausalLM):
+            inner = inner.model
+    return None
+
+
+@dataclass
+class _Weights:
+    """The tensors the step reads, taken once under the engine's lock (the eager path swaps module forwards and,
+    for one-row tuned answers, base weights: the trace never reads a module)."""
+
+    embed: Any
+    head: Any
+    rotary: Any  # the model's rotary embedding module, called eagerly each step (cos/sin as eager makes them)
+    final_norm: Any
+    eps: float
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    lora: dict[tuple[int, str], Any] = field(default_factory=dict)  # merging.LoraPlan per adapted layer
+    groups: int = 1
+    scaling: float = 1.0
+    heads: int = 1
+    kv_heads: int = 1
+    head_dim: int = 1
+
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _weights(model: Any, routing: Any) -> _Weights:
+    core = _core(model)
+    head = model.get_output_embeddings()
+    head = getattr(head, "base_layer", head)
+    config = core.config
+    attn = core.layers[0].self_attn
+    w = _Weights(embed=core.embed_tokens.weight, head=head.weight, rotary=core.rotary_emb, final_norm=core.norm.weight,
+                 eps=core.norm.variance_epsilon, groups=attn.num_key_value_groups, scaling=attn.scaling,
+                 heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim)
+    for i, layer in enumerate(core.layers):
+        parts = {"in_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight}
+        for name in PROJ:
+            parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            module = getattr(parent, name)
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            parts[name] = base.weight
+            plan = routing.plan_of(module)
+            if plan is not None:
+                w.lora[(i, name)] = plan
+        w.layers.append(parts)
+    return w
+
+
+def _step_module(w: _Weights) -> Any:
+    """The pair step as a module called with (token ids [2, 1], cos, sin, key buffers, value buffers, mask buffer,
+    state, LoRA tensors): the ops of LlamaForCausalLM's decode step for a base row 0 and a tuned row 1, in the same
+    order. The base weights are its parameters (the model's own tensors, shared), so that freezing makes them
+    constants and packs them; the LoRA tensors come in as inputs, so their products stay aten's `mm` as eagerly."""
+    import torch
+    import torch.nn.functional as F
+
+    _define_ops()
+    ops = torch.ops.phi3_lora
+    lora_index = {key: 2 * n for n, key in enumerate(w.lora)}  # (layer, name) -> its a_t's place in the inputs
+
+    def linear(self: Any, x: Any, i: int, name: str, lora_in: list[Any]) -> Any:
+        out = F.linear(x, getattr(self, f"l{i}_{name}"))
+        plan = w.lora.get((i, name))
+        if plan is None:
+            return out
+        a_t, b_t = lora_in[lora_index[(i, name)]], lora_in[lora_index[(i, name)] + 1]
+        # RowRouting's form: the tuned row's down product (its sibling group's, then its columns), then the up one
+        h = x[1:].to(a_t.dtype).reshape(-1, x.shape[-1]).mm(a_t)
+        if plan.cols is not None:
+            h = h[:, plan.cols[0]:plan.cols[1]]
+        rest = out[1:]
+        if out.dtype == b_t.dtype:  # one GEMM into the tuned row, scaled by the GEMM itself
+            tuned = torch.addmm(rest.reshape(-1, rest.shape[-1]), h, b_t, alpha=plan.scaling)
+        else:  # float32 adapter on a bf16 model: rounded once when added
+            update = h.mm(b_t)
+            if not plan.folded:
+                update = update * plan.scaling
+            tuned = rest.reshape(-1, rest.shape[-1]) + update.to(out.dtype)
+        return torch.cat([out[:1], tuned.view(rest.shape)])
+
+    def rotate_half(x: Any) -> Any:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self: Any, ids: Any, cos: Any, sin: Any, k_bufs: list[Any], v_bufs: list[Any], mask_buf: Any,
+                state: Any, lora_in: list[Any]) -> Any:
+        rows = ids.shape[0]
+        h = F.embedding(ids, self.embed)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for i in range(len(w.layers)):
+            x = ops.rms_norm(h, getattr(self, f"l{i}_in_norm"), w.eps)
+            q = linear(self, x, i, "q_proj", lora_in).view(rows, 1, -1, w.head_dim).transpose(1, 2)
+            k = linear(self, x, i, "k_proj", lora_in).view(rows, 1, -1, w.head_dim).transpose(1, 2)
+            v = linear(self, x, i, "v_proj", lora_in).view(rows, 1, -1, w.head_dim).transpose(1, 2)
+            q = (q * cos) + (rotate_half(q) * sin)
+            k = (k * cos) + (rotate_half(k) * sin)
+            a = ops.pair_attend(q, k, v, k_bufs[i], v_bufs[i], mask_buf, state, w.groups, w.scaling)
+            h = h + linear(self, a.reshape(rows, 1, -1).contiguous(), i, "o_proj", lora_in)
+            x = ops.rms_norm(h, getattr(self, f"l{i}_post_norm"), w.eps)
+            gate, up = linear(self, x, i, "gate_proj", lora_in), linear(self, x, i, "up_proj", lora_in)
+            h = h + linear(self, ops.silu_mul(gate, up), i, "down_proj", lora_in)
+        h = ops.rms_norm(h, self.final_norm, w.eps)
+        return F.linear(h[:, -1, :], self.head).float()
+
+    # A class and code object of its own: dynamo keeps compiled code on the code object, so this step's compiled
+    # graph (and its frozen weights) go when the step does, not when a later adapter's step evicts them
+    n = next(_counter)
+    code = forward.__code__.replace(co_name=f"pair_step_{n}")
+    fresh = types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__, forward.__closure__)
+    module = type(f"PairStep{n}", (torch.nn.Module,), {"forward": fresh})()
+    for name, tensor in (("embed", w.embed), ("head", w.head), ("final_norm", w.final_norm)):
+        module.register_parameter(name, tensor)
+    for i, parts in enumerate(w.layers):
+        for name, tensor in parts.items():
+            module.register_parameter(f"l{i}_{name}", tensor)
+    module.lora_inputs = [t for plan in w.lora.values() for t in (plan.a_t, plan.b_t)]
+    return module
+
+
+class CompiledPair:
+    """One engine's compiled pair step (its model, adapter and dtype): compiled in a background thread on first
+    use, served once ready; `clear()` when the adapter or the weights change."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._step: Callable[..., Any] | None = None  # the compiled step, once it has run once
+        self._weights: _Weights | None = None
+        self._thread: threading.Thread | None = None
+        self._generation = 0  # bumped by clear(): a compile of an older adapter is thrown away
+        self.failed: str | None = None
+        self.compile_s: float | None = None
+        self.served = 0  # answers that switched over to the compiled step (tests, the bench)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._step, self._weights, self._thread, self.failed, self.compile_s = None, None, None, None, None
+
+    @property
+    def ready(self) -> bool:
+        return self._step is not None
+
+    def start(self, model: Any, routing: Any, rows: int) -> bool:
+        """Start compiling for this model and adapter if it may and has not started; True when a compiled step
+        is ready to use. The caller holds the engine's lock (the weights are read here, not in the thread)."""
+        if self._step is not None:
+            return True
+        if self._thread is not None or self.failed is not None or not enabled():
+            return False
+        reason = supported(model, routing, rows)
+        if reason is not None:
+            return False
+        weights = _weights(model, routing)
+        with self._lock:
+            self._weights = weights
+            generation = self._generation
+            self._thread = threading.Thread(target=self._compile, args=(weights, generation), daemon=True,
+                                            name="phi3-lora-compile-pair")
+            self._thread.start()
+        return False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background compile ends (tests, the bench); True when the step is ready."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.ready
+
+    def _compile(self, weights: _Weights, generation: int) -> None:
+        import time
+
+        import torch
+
+        from phi3_lora.threads import release_thread_pool
+
+        try:  # below the answers' threads: the 2 cores go to Compare's eager steps first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        started = time.perf_counter()
+        try:
+            module = _step_module(weights)
+            compiled = torch.compile(module, fullgraph=True, dynamic=False)
+            with torch.inference_mode():
+                state = PairState.empty(weights, capacity=37)  # an odd size: dynamo must not tie it to a model dim
+                state.mark_dynamic()
+                with _compiler_settings():
+                    compiled(*state.example_inputs(), module.lora_inputs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager step in place
+            log.warning("Compare's compiled pair step is off for this adapter (eager steps go on): %s", exc)
+            with self._lock:
+                if generation == self._generation:
+                    self.failed = f"{type(exc).__name__}: {exc}"
+            return
+        finally:
+            release_thread_pool()  # this thread's OpenMP pool would slow the answering thread's (threads.py)
+        with self._lock:
+            if generation == self._generation:
+                self._step = functools.partial(compiled, lora_in=module.lora_inputs)
+                self.compile_s = time.perf_counter() - started
+
+    def fail(self, exc: BaseException) -> None:
+        """The compiled step raised while decoding (a guard that no longer holds: it would compile again, in the
+        answering thread): off for this adapter, logged once; the caller goes on eagerly."""
+        log.warning("Compare's compiled pair step is off for this adapter (eager steps go on): %s", exc)
+        with self._lock:
+            self._step, self.failed = None, f"{type(exc).__name__}: {exc}"
+
+    def begin(self, cache: Any, mask: Any, max_new: int) -> "PairState | None":
+        """The compiled decoding state for a pair whose prompt `cache` (a DynamicCache) holds, or None when the
+        compiled step is not ready."""
+        with self._lock:
+            step, weights = self._step, self._weights
+        if step is None or weights is None or not enabled():
+            return None
+        state = PairState.empty(weights, capacity=mask.shape[1] + max_new + 1)
+        state.load(cache)
+        self.served += 1
+        state.step_fn, state.rotary = step, weights.rotary
+        return state
+
+
+@dataclass
+class PairState:
+    """One pair answer's keys and values in preallocated buffers [2, kv heads, capacity, head dim] per layer,
+    the 2-D padding mask, and [write position, padded] for the opaque attention op."""
+
+    k: list[Any]
+    v: list[Any]
+    mask: Any
+    state: Any
+    filled: int = 0
+    step_fn: Callable[..., Any] | None = None
+    rotary: Any = None
+
+    @classmethod
+    def empty(cls, w: _Weights, capacity: int) -> "PairState":
+        import torch
+
+        shape = (ROWS, w.kv_heads, capacity, w.head_dim)
+        dtype = w.embed.dtype
+        return cls([torch.zeros(shape, dtype=dtype) for _ in w.layers], [torch.zeros(shape, dtype=dtype)
+                                                                         for _ in w.layers],
+                   torch.ones(ROWS, capacity, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+
+    def mark_dynamic(self) -> None:
+        """The buffers' length is not part of the compiled step."""
+        import torch
+
+        for t in (*self.k, *self.v):
+            torch._dynamo.mark_dynamic(t, 2)
+        torch._dynamo.mark_dynamic(self.mask, 1)
+
+    def example_inputs(self) -> tuple[Any, ...]:
+        import torch
+
+        head_dim = self.k[0].shape[-1]
+        cos = torch.ones(ROWS, 1, head_dim, dtype=self.k[0].dtype)
+        self.state[0] = 3
+        return (torch.zeros(ROWS, 1, dtype=torch.long), cos, torch.zeros_like(cos), self.k, self.v, self.mask,
+                self.state)
+
+    def load(self, cache: Any) -> None:
+        """Copy a DynamicCache's keys and values in (the prompt, eagerly prefilled)."""
+        for layer, k, v in zip(cache.layers, self.k, self.v):
+            self.filled = layer.keys.shape[2]
+            k[:, :, :self.filled].copy_(layer.keys)
+            v[:, :, :self.filled].copy_(layer.values)
+
+    def step(self, ids: Any, positions: Any, mask: Any) -> Any:
+        """The pair's next logits [2, vocab] (float32) for token ids and position ids [2, 1]; `mask` is the 2-D
+        attention mask with this step's column, as the eager step gets it."""
+        cos, sin = self.rotary(self.k[0], positions)
+        filled = mask.shape[1]
+        self.mask[:, :filled].copy_(mask)
+        self.state[0], self.state[1] = filled - 1, int(not bool(mask.all()))
+        import torch
+
+        with torch.compiler.set_stance("fail_on_recompile"):  # a guard miss raises: never a compile here
+            logits = self.step_fn(ids, cos, sin, self.k, self.v, self.mask, self.state)
+        self.filled = filled
+        return logits
+
+    def to_dynamic_cache(self, cache: Any) -> None:
+        """Put the buffers' filled part back into `cache` (a DynamicCache), as the eager steps would have made it."""
+        for layer, k, v in zip(cache.layers, self.k, self.v):
+            layer.keys = k[:, :, :self.filled].clone()
+            layer.values = v[:, :, :self.filled].clone()

@@ -1,0 +1,142 @@
+"""Compare's compiled pair step (phi3_lora/speed/pair_graph.py) on a real tiny Llama with a real compile: every step's
+logits equal the eager pair's bit for bit (float32, as `dtype auto` loads on a CPU without native bf16), with and
+without padding, and when one row ends and the other goes on eagerly; and the answers do switch over to it.
+
+The adapter's B is far from zero, so the tuned row answers otherwise than the base row: an update that leaked to
+the base row, or attention over another length than the filled one (a StaticCache's whole buffer), changes the
+logits and fails these tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from phi3_lora import cpu_linear
+from phi3_lora.speed import pair_graph
+from phi3_lora.generate import ChatEngine, GenerationSettings
+
+SHORT = [{"role": "user", "content": "Name three colours of the sea."}]
+LONG = [{"role": "system", "content": "Answer briefly, in one sentence."},
+        {"role": "user", "content": "Why is the sky blue on a clear day, and red at sunset?"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir, tmp_path_factory) -> ChatEngine:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from phi3_lora.config import ModelSettings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter = tmp_path_factory.mktemp("graph_adapter") / "adapter"
+    peft.save_pretrained(adapter)
+    name = str(tiny_llama_dir)
+    engine = ChatEngine(name, adapter, model_settings=ModelSettings(name=name, dtype="float32", load_in_4bit=False))
+    if not cpu_linear.available(engine.model):
+        pytest.skip("no oneDNN packed products on this machine: the compiled pair step is not offered")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def compiled(engine):
+    """The engine's pair step, compiled once for the module (a few seconds on the tiny model)."""
+    import torch
+
+    from phi3_lora.threads import THREADS_ENV
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(pair_graph.ENV, "1")
+    # the compiled step holds for the thread count it compiled at (dynamo guards it); a loaded machine would give
+    # the answers 1 thread (threads.generation_threads) and the step would hand over to eager on every answer
+    mp.setenv(THREADS_ENV, str(torch.get_num_threads()))
+    try:
+        engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))  # starts the background compile
+        assert engine._compiled_pair.wait(timeout=300), engine._compiled_pair.failed
+        yield engine._compiled_pair
+    finally:
+        mp.undo()
+
+
+class _Logits:
+    """A StoppingCriteria that keeps each step's logits and ends the live row `end_row` after `end_after` steps."""
+
+    def __init__(self, end_after: int | None = None, end_row: int = 1) -> None:
+        self.steps: list = []
+        self.end_after, self.end_row = end_after, end_row
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.steps.append(scores.clone())
+        ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        if self.end_after is not None and len(self.steps) == self.end_after:
+            ended[self.end_row] = True
+        return ended
+
+
+def _both(engine, monkeypatch, run) -> tuple:
+    monkeypatch.setenv(pair_graph.ENV, "0")
+    eager = run()
+    monkeypatch.setenv(pair_graph.ENV, "1")
+    return eager, run()
+
+
+def _assert_same_steps(eager: list, fast: list) -> None:
+    import torch
+
+    assert len(eager) == len(fast)
+    for step, (a, b) in enumerate(zip(eager, fast)):
+        assert torch.equal(a, b), f"step {step}: logits differ by {(a - b).abs().max().item()}"
+
+
+def test_the_compiled_pair_gives_the_eager_logits_and_is_used_once_ready(engine, compiled, monkeypatch):
+    import torch
+
+    def run():
+        record = _Logits()
+        return engine.answer_pairs([LONG], GenerationSettings(max_new_tokens=16), [record]), record.steps
+
+    served = compiled.served
+    (eager_answers, eager_steps), (answers, steps) = _both(engine, monkeypatch, run)
+    assert compiled.served == served + 1, compiled.failed  # the second run switched over to the compiled step
+    _assert_same_steps(eager_steps, steps)
+    assert answers == eager_answers
+    assert not torch.equal(steps[-1][0], steps[-1][1])  # the rows differ: the base row has no update of its own
+
+
+def test_padded_rows_and_a_row_that_ends_early_keep_the_eager_logits(engine, compiled, monkeypatch):
+    """Base and tuned histories of different lengths (left padding: attention gets a mask) and the tuned row
+    ending at step 6, after which the base row goes on eagerly from the compiled step's keys and values."""
+    from phi3_lora.decoding import BASE
+    from phi3_lora.merging import TUNED
+
+    def run():
+        record = _Logits(end_after=6)
+        rows = engine.answer_batch([SHORT, LONG], True, GenerationSettings(max_new_tokens=14), [record],
+                                   adapter_names=[BASE, TUNED])
+        return rows, record.steps
+
+    served = compiled.served
+    (eager_rows, eager_steps), (rows, steps) = _both(engine, monkeypatch, run)
+    assert compiled.served == served + 1, compiled.failed
+    _assert_same_steps(eager_steps, steps)
+    assert rows == eager_rows
+    assert steps[0].shape[0] == 2 and steps[-1].shape[0] == 1  # the tuned row ended; the base row went on
+
+
+def test_off_means_eager_and_a_new_adapter_drops_the_step(engine, compiled, monkeypatch):
+    monkeypatch.setenv(pair_graph.ENV, "0")
+    served = compiled.served
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=3))
+    assert compiled.served == served
+    adapter = engine.adapter_dir
+    engine.set_adapter(adapter)  # the compiled step froze the old adapter's weights: it goes with them
+    assert not compiled.ready and compiled.failed is None
