@@ -11,12 +11,15 @@ every tuned answer. The copy is dropped whenever the adapter changes (`ChatEngin
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from phi3_lora.cpu_linear import SharedProduct
 from phi3_lora.speed import forward_swap
+
+log = logging.getLogger(__name__)
 
 TUNED = "tuned"  # the engine's adapter name
 MERGE_LIMIT_BYTES = 2 * 1024**3  # the largest merged copy of the adapted weights the engine keeps
@@ -115,6 +118,31 @@ class _Group:
 
     a_t: Any  # [in, sum of the layers' ranks]
     product: SharedProduct
+    a_ts: tuple[Any, ...] = ()  # each layer's own lora_A^T, as `_Layer.a_t`
+    exact: dict[tuple[int, int], bool] = field(default_factory=dict)  # (rows, threads) -> `stacks_exactly`
+
+    def stacks_exactly(self, rows: int) -> bool:
+        """Whether the stacked product gives each layer its columns bit for bit as the layer's own product would, at
+        this many rows on this machine. The BLAS picks its kernel by shape: on a 2-core EPYC without AVX-512, 4 rows
+        times 8+8+8 stacked float32 columns sum in another order than 4 rows times 8 (the AMX Xeon sums them alike),
+        and Compare's answers must stay peft's. Probed once per row and thread count, on random rows (a different
+        summation order shows in the last bits of almost every entry)."""
+        import torch
+
+        key = (rows, torch.get_num_threads())
+        if key not in self.exact:
+            with torch.no_grad():
+                gen = torch.Generator().manual_seed(rows)
+                probe = torch.randn(rows, self.a_t.shape[0], generator=gen).to(self.a_t.dtype)
+                whole, col = probe.mm(self.a_t), 0
+                same = True
+                for a_t in self.a_ts:
+                    same = same and torch.equal(whole[:, col:col + a_t.shape[1]], probe.mm(a_t))
+                    col += a_t.shape[1]
+            if not same:
+                log.info("LoRA layers that read one input keep their own products at %d rows here", rows)
+            self.exact[key] = same
+        return self.exact[key]
 
 
 @dataclass
@@ -154,8 +182,9 @@ class RowRouting:
     layers only (`plain_lora_layers`); `first_tuned` is the first tuned row, moved as rows leave the batch.
 
     `siblings` (`families.sibling_layers`): LoRA layers that read one input (q/k/v, gate/up) cast the tuned rows
-    once and multiply them with their stacked lora_A in one product, each layer then taking its columns: the
-    same dot products (each column of a product is its own sum; tests/test_pair_decoding.py compares logits)."""
+    once and multiply them with their stacked lora_A in one product, each layer then taking its columns, wherever
+    that sums each column as the layer's own product would (`_Group.stacks_exactly`; tests/test_pair_decoding.py
+    compares logits)."""
 
     def __init__(self, layers: list[Any], siblings: list[tuple[Any, ...]] = ()) -> None:
         self.layers, self.first_tuned = layers, 0
@@ -175,7 +204,7 @@ class RowRouting:
             a = [layer.lora_A[TUNED].weight for layer in group] if all(plans) else []
             if not a or not all(p.fast for p in plans) or len({(w.dtype, w.shape[1]) for w in a}) != 1:
                 continue
-            shared, col = _Group(_cat_t(a), SharedProduct(len(group))), 0
+            shared, col = _Group(_cat_t(a), SharedProduct(len(group)), tuple(p.a_t for p in plans)), 0
             for i, (plan, weight) in enumerate(zip(plans, a)):
                 plan.group, plan.bit, plan.start, plan.stop = shared, 1 << i, col, col + weight.shape[0]
                 col += weight.shape[0]
@@ -184,14 +213,15 @@ class RowRouting:
     def stacked_groups(self) -> int:
         return len({id(p.group) for p in self._plan.values() if p.group is not None})
 
-    def plan_of(self, layer: Any) -> Any:
-        """How `layer`'s tuned rows get their update, for a compiled step that must make the same sums
-        (`pair_graph`): (lora_A^T of the layer or of its sibling group, its columns or None, lora_B^T, scaling,
-        folded); None for a layer this routing does not touch."""
+    def plan_of(self, layer: Any, rows: int = 1) -> Any:
+        """How `layer`'s tuned rows (`rows` of them, flattened) get their update, for a compiled step that must make
+        the same sums (`pair_graph`): (lora_A^T of the layer or of its sibling group, its columns or None, lora_B^T,
+        scaling, folded); None for a layer this routing does not touch."""
         plan = self._plan.get(id(layer))
         if plan is None:
             return None
-        a_t, cols = (plan.a_t, None) if plan.group is None else (plan.group.a_t, (plan.start, plan.stop))
+        stacked = plan.group is not None and plan.group.stacks_exactly(rows)
+        a_t, cols = (plan.group.a_t, (plan.start, plan.stop)) if stacked else (plan.a_t, None)
         return LoraPlan(a_t, cols, plan.b_t, plan.scaling, plan.folded)
 
     def plain_fast(self) -> bool:
@@ -202,7 +232,7 @@ class RowRouting:
     def _down(plan: _Layer, x: Any, first: int) -> Any:
         """The tuned rows of `x` times this layer's lora_A^T, [rows, r] (from its group's shared product)."""
         group = plan.group
-        if group is None:
+        if group is None or not group.stacks_exactly((x.shape[0] - first) * (x.numel() // (x.shape[0] * x.shape[-1]))):
             return x[first:].to(plan.a_t.dtype).reshape(-1, x.shape[-1]).mm(plan.a_t)
         return group.product.columns(x, (first,), plan.bit, plan.start, plan.stop,
                                      lambda: x[first:].to(group.a_t.dtype).reshape(-1, x.shape[-1]).mm(group.a_t))

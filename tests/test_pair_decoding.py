@@ -120,6 +120,41 @@ def test_sibling_lora_layers_share_one_product_with_their_stacked_lora_a(engine,
 
 
 @pytest.mark.slow
+def test_where_the_stacked_product_sums_otherwise_each_lora_layer_keeps_its_own(engine, monkeypatch):
+    """A machine whose BLAS sums the stacked lora_A's columns in another order (the 2-core EPYC's float32 at 4
+    rows) must not route through the stacked product: the probe says so, and no shared product is made."""
+    import torch
+
+    from phi3_lora import families, merging
+
+    routing = merging.RowRouting(merging.plain_lora_layers(engine.model), families.sibling_layers(engine.model))
+    group = next(p.group for p in routing._plan.values() if p.group is not None)
+    for rows in (1, 2, 4, 7):  # the probe's verdict is the machine's, whatever it is here
+        x = torch.randn(rows, group.a_t.shape[0]).to(group.a_t.dtype)
+        whole, col, same = x.mm(group.a_t), 0, True
+        for a_t in group.a_ts:
+            same = same and torch.equal(whole[:, col:col + a_t.shape[1]], x.mm(a_t))
+            col += a_t.shape[1]
+        assert group.stacks_exactly(rows) == same
+
+    plain = _pair_logits(engine)
+    made: list = []
+
+    class Counted(merging.SharedProduct):
+        def columns(self, *args, **kwargs):
+            made.append(self)
+            return super().columns(*args, **kwargs)
+
+    monkeypatch.setattr(merging, "SharedProduct", Counted)
+    _pair_logits(engine)
+    assert made  # the stacked products are used where the probe allows them
+    made.clear()
+    monkeypatch.setattr(merging._Group, "stacks_exactly", lambda self, rows: False)
+    _assert_same(_pair_logits(engine), plain)
+    assert not made
+
+
+@pytest.mark.slow
 def test_a_power_of_two_scaling_folded_into_lora_b_gives_the_same_logits(engine, monkeypatch):
     from phi3_lora import merging
 
