@@ -104,16 +104,20 @@ def test_splitting_a_model_that_answered_matches_splitting_a_fresh_one(tiny_phi3
     _logits(answered)
     groups = ["qkv_proj", "gate_up_proj"]
     for path, module in answered.named_modules():
-        if path.rsplit(".", 1)[-1] in groups and not module.weight.quant_state.packing_format_for_cpu:
+        if path.rsplit(".", 1)[-1] not in groups:
+            continue
+        if not getattr(module.weight.quant_state, "packing_format_for_cpu", False):  # unset on an AVX2-only CPU
             _repack(module)  # a CPU without AVX512-BF16: pack as its forward would have
     fused.split_fused_layers(answered, groups)
     fused.split_fused_layers(fresh, groups)
     reference = _logits(fresh)
-    scale = reference.abs().max()
-    assert (_logits(answered) - reference).abs().max() <= 1e-3 * scale  # bf16 block scales: not bit-identical
+    # The repacked layers' block scales are bf16 values: within one bf16 step (2^-8) of the logits' scale, where a
+    # split that read the repacked codes in the wrong order is off by the scale itself (the AVX2-only EPYC: 1.4e-3)
+    scale = reference.abs().max() * 2**-8
+    assert (_logits(answered) - reference).abs().max() <= scale
     fused.restore_fused_layers(answered)  # the slices repacked in that forward: restore reads them too
     fused.restore_fused_layers(fresh)
-    assert (_logits(answered) - _logits(fresh)).abs().max() <= 1e-3 * scale
+    assert (_logits(answered) - _logits(fresh)).abs().max() <= scale
 
 
 def _cpu_repacks() -> bool:

@@ -104,7 +104,7 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.screenshot(path=str(shots / "1-dataset.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
 
     # 2. Settings: a short, strong run for the tiny model.
-    page.get_by_role("tab", name="2 · Model & LoRA").click()
+    page.get_by_role("tab", name="2 · Model & LoRA").click(timeout=120_000)  # a busy machine renders slowly
     set_number(page, "Max steps", "8")
     set_number(page, "Learning rate", "0.01")
     set_number(page, "Max length (tokens)", "128")
@@ -120,7 +120,7 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.screenshot(path=str(shots / "2-settings.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
 
     # 3. Train: start, watch the curve, wait for the end.
-    page.get_by_role("tab", name="3 · Train").click()
+    page.get_by_role("tab", name="3 · Train").click(timeout=120_000)  # a busy machine renders slowly
     t_start = time.time()
     page.get_by_role("button", name="Start training").click()
     page.locator("#p3-run-status").get_by_text("training").or_(
@@ -132,7 +132,7 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.screenshot(path=str(shots / "3-train.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
 
     # 4. Compare: the adapter is preselected; both panes answer.
-    page.get_by_role("tab", name="4 · Compare").click()
+    page.get_by_role("tab", name="4 · Compare").click(timeout=120_000)  # a busy machine renders slowly
     from playwright.sync_api import expect
 
     # The tab lists the finished run's adapter when it opens; wait for it before asking for an example.
@@ -168,7 +168,7 @@ def test_walk_through_the_app(browser, app_url: str) -> None:
     page.screenshot(path=str(shots / "4-compare.png"), full_page=True, timeout=120_000)  # a busy CI machine renders slowly
 
     # 5. Export.
-    page.get_by_role("tab", name="5 · Export").click()
+    page.get_by_role("tab", name="5 · Export").click(timeout=120_000)  # a busy machine renders slowly
     expect(page.locator("#p3-export-source input")).to_have_value(re.compile("final adapter"), timeout=30_000)
     page.get_by_role("button", name="Build adapter zip").click()
     try:
@@ -227,7 +227,7 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     # Upload again and edit the settings: a reload and a second tab bring all of it back.
     page.locator("#p3-upload input[type=file]").set_input_files(str(SAMPLE))
     page.get_by_text("48 usable of 48 rows").wait_for(timeout=60_000)
-    page.get_by_role("tab", name="2 · Model & LoRA").click()
+    page.get_by_role("tab", name="2 · Model & LoRA").click(timeout=120_000)  # a busy machine renders slowly
     set_number(page, "Max steps", "5")
     set_number(page, "Learning rate", "0.005")
     expect(page.locator("#p3-time")).to_contain_text("Time:", timeout=30_000)
