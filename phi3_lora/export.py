@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from phi3_lora import portable
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
 from phi3_lora.errors import UserError, is_disk_full
 from phi3_lora.generate import AdapterRef, locate_adapter
@@ -59,15 +60,14 @@ model = phi3_lora.load_lora(base, "path/to/this/folder")
 
 
 def portable_base(model_name: str) -> str:
-    """The base model's name as another machine knows it: the Hub id for the embedded model, else unchanged."""
-    from phi3_lora.embedded import HUB_ID, is_embedded
-
-    return HUB_ID if is_embedded(model_name) else model_name
+    """The base model's name as another machine knows it: the Hub id for the embedded model, a local folder by its
+    name (never this machine's path), else the Hub id unchanged."""
+    return portable.hub_base(model_name)
 
 
 def portable_adapter_config(adapter_dir: Path, model_name: str) -> str:
     """adapter_config.json with base_model_name_or_path = the Hub id (not this machine's cache folder), so
-    AutoPeftModelForCausalLM finds the base anywhere."""
+    AutoPeftModelForCausalLM finds the base anywhere (a local base folder: by its name, see portable.hub_base)."""
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = portable_base(model_name)
     return json.dumps(cfg, indent=2, sort_keys=True)
@@ -82,8 +82,14 @@ def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | Non
 
     base = ref.model_name
     hub_base = portable_base(base)
+    shown_base = portable.model_name(base)  # the card names no folder of this machine: anybody may download it
+    summary = portable.portable_summary(summary)
     metrics = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if v is not None) or "| - | - |"
-    yaml_cfg = dump_yaml(config) if config else "# config not recorded"
+    shared = portable.portable_config(config) if config else None
+    yaml_cfg = dump_yaml(shared.config) if shared else "# config not recorded"
+    replaced = ("\nPaths of the machine it was trained on are replaced by names, here and in config.yaml:\n\n"
+                + "".join(f"- {line}\n" for line in shared.replaced)) if shared and shared.replaced else ""
+    front = f"base_model: {hub_base}\n" if not portable.is_local_model(base) else ""
     from phi3_lora.fused import split_needed
 
     from phi3_lora.evaluate import card_section
@@ -103,10 +109,9 @@ def model_card(ref: AdapterRef, summary: dict[str, Any], config: RunConfig | Non
     evaluation = card_section(ref.adapter_dir)  # the newest saved base-vs-tuned scores of this adapter, if any
     return f"""---
 library_name: peft
-base_model: {hub_base}
-tags: [lora, qlora, phi3_lora, sft]
+{front}tags: [lora, qlora, phi3_lora, sft]
 ---
-# LoRA adapter for {base}
+# LoRA adapter for {shown_base}
 
 Trained with phi3_lora ({kind}).
 {embedded_note}{merged}
@@ -122,7 +127,7 @@ Trained with phi3_lora ({kind}).
 
 {evaluation}
 ## Training config
-
+{replaced}
 ```yaml
 {yaml_cfg}```
 """
@@ -134,6 +139,11 @@ def _write_zip(dest: Path, ref: AdapterRef, run_name: str, card: str) -> None:
         for path in sorted(ref.adapter_dir.iterdir()):
             if path.name == "adapter_config.json":
                 zf.writestr(f"{run_name}/{path.name}", portable_adapter_config(ref.adapter_dir, ref.model_name))
+            elif path.name == RunDir.CONFIG and (config := _config(ref)) is not None:  # the trainer's paths as names
+                zf.writestr(f"{run_name}/{path.name}", dump_yaml(portable.portable_config(config).config))
+            elif path.name == "run_summary.json":
+                zf.writestr(f"{run_name}/{path.name}", json.dumps(portable.portable_summary(_summary(ref.adapter_dir)),
+                                                                  indent=2))
             elif path.is_file() and path.suffix in BUNDLE_SUFFIXES and path.name not in ("README.md",
                                                                                           "verification.json"):
                 zf.write(path, f"{run_name}/{path.name}")

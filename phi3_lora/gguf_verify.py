@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3_lora.errors import UserError
+from phi3_lora.runs import scrub_paths
 from phi3_lora.speed import gguf_once
 from phi3_lora.threads import cpu_threads
 
@@ -99,7 +100,7 @@ def verify_gguf(gguf_path: Path, merged_dir: Path, prompts: list[Messages], gguf
     last = (done.stdout.strip().splitlines() or [""])[-1]
     if done.returncode != 0 or not last.startswith("{"):
         raise UserError(f"The verification process could not load {gguf_path.name} "
-                        f"(exit {done.returncode}): {done.stderr.strip()[-600:]}",
+                        f"(exit {done.returncode}): {scrub_paths(done.stderr.strip()[-600:])}",
                         hint="The file may be unreadable by transformers' GGUF loader; do not ship it.")
     return judge(json.loads(last), gguf_type, prompt_source)
 

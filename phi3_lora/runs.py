@@ -366,6 +366,28 @@ def shown_path(path: str | Path) -> str:
     return path.name
 
 
+# An absolute path inside a message: POSIX (/…, ~/…) or Windows (C:\…), not the middle of a URL, a Hub id or a word.
+_PATH_IN_TEXT = re.compile(r"(?<![\w.:/~\\-])(?:~?/|[A-Za-z]:\\)[^\s'\"`<>|,;()\[\]{}]+")
+
+
+def scrub_paths(text: str) -> str:
+    """`text` (an error message, the last line of a child process's stderr) with every absolute path in it as
+    shown_path shows it: what the library or a child process says may reach a web visitor or a download anybody may
+    take. A path's trailing full stop or colon stays punctuation."""
+
+    def shown(m: re.Match[str]) -> str:
+        raw = m.group(0)
+        core = raw.rstrip(".:")
+        path = Path(core.replace("\\", "/")[2:] if core[1:2] == ":" else core)
+        try:
+            name = shown_path(path.expanduser())
+        except (OSError, RuntimeError, ValueError):  # unreadable, a loop or a NUL: the name alone
+            name = path.name
+        return (name or "…") + raw[len(core):]
+
+    return _PATH_IN_TEXT.sub(shown, str(text))
+
+
 def find_run(path: str | Path) -> RunDir | None:
     """The run a folder belongs to: the run folder itself, its adapter/ or one of its checkpoints."""
     path = Path(path)

@@ -25,6 +25,7 @@ from typing import Any
 from phi3_lora import events
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
+from phi3_lora.runs import scrub_paths
 
 CACHE = ".step_times.json"
 TIMED_STEPS = 3          # after one warm-up step (allocations, kernel choice, first-batch tokenisation)
@@ -157,7 +158,7 @@ def measure(config: RunConfig, runs_dir: Path, timeout: float = MEASURE_TIMEOUT_
                                  "length, or train once and the run's own step time is kept.") from None
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"Measuring the step time failed: {last}",
+            raise UserError(f"Measuring the step time failed: {scrub_paths(last)}",
                             hint="The same settings would fail in a run; fix them (the message says how).")
     found = lookup(runs_dir, config)
     if found is None:

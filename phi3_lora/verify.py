@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from phi3_lora.errors import UserError
+from phi3_lora import portable
+from phi3_lora.runs import scrub_paths
 
 Messages = list[dict[str, str]]
 TOLERANCE = 0.99  # teacher-forced argmax agreement that still counts as verified when some answers differ
@@ -52,6 +54,9 @@ class Reference:
     source: str                     # "held-out" or "probe" (the run has no held-out rows)
     hub_alias: tuple[str, str] | None = None  # (Hub id, local folder): serve this base to the child offline
     answer_pieces: list[list[str]] | None = None  # each answer token decoded alone (to show where answers part)
+    # (folder name, local folder): a local base, which an exported adapter names by its folder name only
+    # (portable.hub_base); the child finds it as a folder of that name beside it, as a user who has a copy would
+    local_base: tuple[str, str] | None = None
 
 
 @dataclass
@@ -145,12 +150,14 @@ def reference(ref: Any, engine: Any = None, limit: int = MAX_PROMPTS,
     if engine.settings.load_in_4bit:
         quant = {"load_in_4bit": True, "bnb_4bit_quant_type": engine.settings.bnb_4bit_quant_type,
                  "bnb_4bit_use_double_quant": engine.settings.bnb_4bit_use_double_quant}
-    alias = None
+    alias = local = None
     if is_embedded(engine.model_name):
         alias = (HUB_ID, str(embedded_model_dir()))
+    elif portable.is_local_model(engine.model_name):
+        local = (portable.hub_base(engine.model_name), str(Path(engine.model_name).expanduser().resolve()))
     pieces = [[engine.tokenizer.decode([t]) for t in answer] for answer in ids]
     return Reference(prompts, answers, ids, list(engine.stop_ids), max_new_tokens, dtype, device, quant, source,
-                     alias, pieces)
+                     alias, pieces, local)
 
 
 def _settings(ref: Any) -> Any:
@@ -200,6 +207,8 @@ def verify_export(path: str | Path, kind: str, ref: Reference, *, timeout_s: flo
         if ref.hub_alias and kind == "adapter":
             env["HF_HUB_CACHE"] = str(hub_cache_alias(ref.hub_alias[0], Path(ref.hub_alias[1]), tmp_path / "hub"))
             env["HF_HUB_OFFLINE"] = "1"
+        if ref.local_base and kind == "adapter" and not (tmp_path / ref.local_base[0]).exists():
+            (tmp_path / ref.local_base[0]).symlink_to(ref.local_base[1], target_is_directory=True)
         cmd = [sys.executable, "-I", str(CHILD), str(tmp_path / "spec.json"), str(tmp_path / "out.json")]
         try:
             proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -210,7 +219,7 @@ def verify_export(path: str | Path, kind: str, ref: Reference, *, timeout_s: flo
         if proc.returncode != 0 or not out.exists():
             last = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()][-1:] or ["no output"]
             return Verification(kind, len(ref.prompts), 0, source=ref.source, seconds=time.monotonic() - started,
-                                error=f"a fresh process could not load the export ({last[0][:300]})")
+                                error=f"a fresh process could not load the export ({scrub_paths(last[0])[:300]})")
         result = json.loads(out.read_text(encoding="utf-8"))
     return compare(kind, ref, result, time.monotonic() - started)
 

@@ -562,3 +562,68 @@ def test_readme_sharing_table_is_the_policy() -> None:
     end = readme.index("<!-- end of the generated table -->")
     table = readme[start:end].split("\n", 1)[1].strip()
     assert table == access.policy_table(), "README's table is stale: paste access.policy_table() into it"
+
+
+# --- what an adapter zip tells whoever downloads it; rows of the bundled sample ----------------------------
+
+ZIP_ID = "20260101-000006-zip"
+
+
+@pytest.mark.slow
+def test_an_adapter_zip_names_no_folder_of_the_server(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any visitor may download any run's adapter zip: its config.yaml, run_summary.json, adapter_config.json and
+    model card name the base model folder, the data file and a template file by their names only (the card says
+    what was replaced), and the config still loads, so the run can be reproduced with one's own copies."""
+    import zipfile
+
+    from gradio_client import Client
+
+    from phi3_lora import export, verify
+    from phi3_lora.config import load_yaml, save_yaml
+
+    runs: Path = world["runs"]
+    run = RunDir(make_adapter_run(runs, world["model"], ZIP_ID))
+    template = world["creds"].parent / "owner-template.jinja"
+    cfg = load_yaml(run.config).replace(data={"source": str(world["creds"])},
+                                        model={"chat_template": str(template)})
+    for path in (run.config, run.adapter / RunDir.CONFIG):
+        save_yaml(cfg, path)
+    (run.adapter / "run_summary.json").write_text(json.dumps({"model": str(world["model"]), "steps": 1}))
+    access.RunStarters(runs).record(ZIP_ID, "owner")
+    monkeypatch.setattr(export, "verify_adapter_export",  # no model loads here (test_export verifies for real)
+                        lambda path, kind, ref, engine=None: verify.Verification(kind, 1, 1, 4, 4, loaded="x"))
+    server_folders = (str(runs), str(world["model"]), str(world["creds"].parent), str(ROOT), str(runs.parent))
+    try:
+        with serve(world, shared=True) as (url, demo):
+            client = Client(url, verbose=False)
+            zipped, status = client.predict(*endpoint_args(client, "export_zip", Adapter=ZIP_ID),
+                                            api_name="/export_zip")
+            with zipfile.ZipFile(zipped) as zf:
+                files = {n.split("/", 1)[1]: zf.read(n).decode("utf-8", "replace") for n in zf.namelist()
+                         if n.endswith((".md", ".json", ".yaml", ".jinja", ".txt"))}
+        for name, text in {**files, "page": json.dumps(status)}.items():
+            for folder in server_folders:
+                assert folder not in text, (name, folder, text[:600])
+        shipped = load_yaml_text(files[RunDir.CONFIG])
+        assert shipped.model.name == world["model"].name and shipped.data.source == "creds.csv"
+        assert shipped.model.chat_template == "owner-template.jinja" and shipped.lora.r == 2  # the rest as trained
+        assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == world["model"].name
+        assert json.loads(files["run_summary.json"])["model"] == world["model"].name
+        card = files["README.md"]
+        assert f"# LoRA adapter for {world['model'].name}" in card and "replaced by names" in card
+        assert "point it at your copy of the data" in card
+    finally:
+        import shutil
+
+        shutil.rmtree(run.path, ignore_errors=True)
+
+
+def load_yaml_text(text: str) -> Any:
+    import tempfile
+
+    from phi3_lora.config import load_yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text, encoding="utf-8")
+        return load_yaml(path)

@@ -41,6 +41,42 @@ def test_zip_holds_safetensors_config_template_and_a_model_card(run_dir, tmp_pat
 
 
 @pytest.mark.slow
+def test_zip_names_no_path_of_this_machine_and_still_verifies(run_dir, tmp_path, tiny_phi3_dir):
+    """Anybody may download the zip: the base model folder and the data file are named by their names (config,
+    summary, adapter_config.json, card), and the fresh process that verifies it finds the base by that name, as a
+    user with a copy of it beside them would."""
+    from phi3_lora import verify
+
+    path = export.adapter_zip(run_dir, tmp_path)
+    with zipfile.ZipFile(path) as zf:
+        texts = {n: zf.read(n).decode("utf-8", "replace") for n in zf.namelist() if not n.endswith(".safetensors")}
+    leaks = {n: folder for n, text in texts.items() for folder in (str(run_dir.parent), str(tiny_phi3_dir),
+                                                                    str(tiny_phi3_dir.parent)) if folder in text}
+    assert not leaks, leaks
+    assert verify.load(path).ok, verify.load(path).line()
+    assert f"on base {tiny_phi3_dir.name}" in verify.load(path).loaded
+
+
+@pytest.mark.slow
+def test_a_failed_verification_names_no_path_of_this_machine(tmp_path):
+    """The last line of a verifying child's stderr goes into the card and onto the page: the paths in it are shown
+    by their names (here: peft cannot find the base folder that adapter_config.json names)."""
+    from phi3_lora import verify
+
+    secret = tmp_path / "owners-secret-folder" / "base-model"
+    folder = tmp_path / "bundle" / "run"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": str(secret), "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
+        "lora_alpha": 4, "target_modules": ["q_proj"]}))
+    ref = verify.Reference([[{"role": "user", "content": "hi"}]], ["x"], [[1]], [2], 2, "float32", "cpu", None,
+                           "probe")
+    result = verify.verify_export(folder, "adapter", ref, timeout_s=300)
+    assert result.error and "could not load the export" in result.error, result
+    assert "owners-secret-folder" not in result.error and str(tmp_path) not in result.error, result.error
+
+
+@pytest.mark.slow
 def test_merged_model_reloads_stock_and_matches_base_plus_adapter(run_dir, tmp_path, tiny_phi3_dir):
     merged_dir = export.merge_adapter(run_dir, tmp_path / "merged")
     assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))

@@ -9,18 +9,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
 from phi3_lora import access
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
+from phi3_lora.runs import scrub_paths
 
 
 def _oauth_info(request: Any) -> dict[str, Any] | None:
@@ -73,6 +75,19 @@ def rows_refusal(state: Any, who: Requester, path: Path) -> str | None:
     return access.refusal(Action.READ_RUN_DATA, who, getattr(state, "mode", access.UNLAUNCHED), started_by=started_by)
 
 
+@contextlib.contextmanager
+def visitor_messages(who: Requester) -> Iterator[None]:
+    """A user error raised to anybody but the owner names no folder of the server: the library's messages name
+    files as the owner at the machine needs them (a model folder, a data file, a child process's last line), so for
+    a visitor every absolute path in them is shown as runs.scrub_paths shows it."""
+    try:
+        yield
+    except UserError as exc:
+        if who.level is access.Level.OWNER:
+            raise
+        raise UserError(scrub_paths(exc.message), hint=scrub_paths(exc.hint) if exc.hint else None) from None
+
+
 def guarded(state: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give the handler the requester as its first argument; gradio fills a gr.Request in its place."""
 
@@ -85,12 +100,16 @@ def guarded(state: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def gen_wrapper(request: gr.Request, *args: Any, **kwargs: Any) -> Any:
-                yield from fn(requester_of(state, request), *args, **kwargs)
+                who = requester_of(state, request)
+                with visitor_messages(who):
+                    yield from fn(who, *args, **kwargs)
             wrapper = gen_wrapper
         else:
             @functools.wraps(fn)
             def plain_wrapper(request: gr.Request, *args: Any, **kwargs: Any) -> Any:
-                return fn(requester_of(state, request), *args, **kwargs)
+                who = requester_of(state, request)
+                with visitor_messages(who):
+                    return fn(who, *args, **kwargs)
             wrapper = plain_wrapper
         wrapper.__signature__ = new_sig  # type: ignore[attr-defined]
         # gradio finds the gr.Request slot by type hint; the handler's own hints are strings it need not read.
