@@ -16,12 +16,14 @@ ledger of who started which run (`RunStarters`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -300,6 +302,35 @@ def template_action(value: str | None, *, is_text: bool) -> Action:
     anybody; anything else is the path of a file the training process would read, the owner's. `is_text`:
     models.template_is_text(value) (what the reader will do with it)."""
     return A.VIEW if is_text or not (value or "").strip() else A.READ_SERVER_PATH
+
+
+# --- rows anybody may read -----------------------------------------------------------------------------
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def row_texts(row: Any) -> list[Any] | None:
+    """The message texts of a data row ({"messages": [...]} or the list itself); None when it is not one."""
+    messages = row.get("messages") if isinstance(row, dict) else row
+    if not isinstance(messages, list) or not messages:
+        return None
+    texts = [m.get("content") if isinstance(m, dict) else None for m in messages]
+    return texts if all(isinstance(t, str) for t in texts) else None
+
+
+def public_rows(rows: list[Any], public: frozenset[str]) -> bool:
+    """READ_RUN_DATA is for the rows' owner, but text that the bundled sample holds is public (anybody may read the
+    sample: READ_SAMPLE): True when there are rows and every message text of every row is, by content (sha256), a
+    text of the sample (`public`: the digests of its texts). Decided by the text shown, never by a name: a run's
+    recorded data source or a file name says nothing about what a row holds."""
+    if not rows or not public:
+        return False
+    for row in rows:
+        texts = row_texts(row)
+        if texts is None or any(text_digest(t) not in public for t in texts):
+            return False
+    return True
 
 
 # --- who started which run ------------------------------------------------------------------------------

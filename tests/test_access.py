@@ -627,3 +627,66 @@ def load_yaml_text(text: str) -> Any:
         path = Path(tmp) / "config.yaml"
         path.write_text(text, encoding="utf-8")
         return load_yaml(path)
+
+
+def test_the_bundled_sample_is_public_by_content_not_by_name() -> None:
+    """READ_RUN_DATA gives way for text the bundled sample holds: every row as training reads the sample is public,
+    a row with one character changed, a row of other text or no rows at all are not."""
+    from types import SimpleNamespace
+
+    from phi3_lora.config import DataSettings
+    from phi3_lora.data import load_data
+    from phi3_lora.ui.guard import sample_digests
+
+    public = sample_digests(SimpleNamespace(options=SimpleNamespace(sample_dataset=SAMPLE)))
+    rows = load_data(DataSettings(source=str(SAMPLE))).rows
+    assert access.public_rows(rows, public)
+    changed = json.loads(json.dumps(rows[0]))
+    changed["messages"][-1]["content"] += "."
+    assert not access.public_rows([rows[1], changed], public)
+    assert not access.public_rows([{"messages": [{"role": "user", "content": SECRET}]}], public)
+    assert not access.public_rows([], public) and not access.public_rows(rows, frozenset())
+
+
+SAMPLE_RUN_ID, MIXED_ID, NAMED_ID = "20260101-000007-sample", "20260101-000008-mixed", "20260101-000009-named"
+
+
+@pytest.mark.slow
+def test_a_demo_visitor_gets_held_out_examples_of_runs_on_the_bundled_sample_only(world: dict[str, Any]) -> None:
+    """Demo mode serves runs trained on the bundled sample: its rows are public, so Held-out example works for any
+    visitor there. A run whose held-out rows hold one row of other text, or whose config merely names the sample
+    file, is still refused."""
+    from gradio_client import Client
+
+    runs: Path = world["runs"]
+    lines = [ln for ln in SAMPLE.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    private = json.dumps({"messages": [{"role": "user", "content": f"my password is {SECRET}"},
+                                       {"role": "assistant", "content": "noted"}]})
+    made = []
+    for run_id, rows in ((SAMPLE_RUN_ID, lines[:3]), (MIXED_ID, [lines[0], private]), (NAMED_ID, [private])):
+        made.append(make_adapter_run(runs, world["model"], run_id))  # each config names the bundled sample
+        RunDir(made[-1]).eval_rows.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        access.RunStarters(runs).record(run_id, "owner")
+    prompts = {json.loads(ln)["messages"][0]["content"] for ln in lines[:3]}
+    try:
+        with serve(world, demo_mode=True) as (url, demo):
+            client = Client(url, verbose=False)
+
+            def example(run_id: str) -> str:
+                try:
+                    return json.dumps(client.predict(*endpoint_args(client, "heldout_example", Adapter=run_id),
+                                                     api_name="/heldout_example"))
+                except Exception as exc:
+                    return str(exc)
+
+            for _ in range(3):
+                shown = example(SAMPLE_RUN_ID)
+                assert any(p in shown for p in prompts) and "Reference answer" in shown, shown[:400]
+            for run_id in (MIXED_ID, NAMED_ID):
+                refused = example(run_id)
+                assert "read the text of a run's data rows" in refused and SECRET not in refused, refused[:400]
+    finally:
+        import shutil
+
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)

@@ -101,6 +101,15 @@ def views(result: dict[str, Any] | None, note: str = "", readable: bool = True) 
             gr.update(value=row_table(result, readable), visible=True))
 
 
+def shown_rows(result: dict[str, Any] | None) -> list[Any]:
+    """The conversations a saved result quotes (prompt and history, reference), for guard.rows_refusal; none when
+    it has skipped rows, whose reasons quote rows that are not among its records."""
+    if not result or result.get("skipped"):
+        return []
+    return [{"messages": [*(r.get("history") or []), {"role": "assistant", "content": r.get("reference")}]}
+            for r in result.get("rows") or [] if isinstance(r, dict)]
+
+
 def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens: gr.Slider) -> None:
     runs_dir = state.options.runs_dir
     outputs = [panel.status, panel.summary, panel.chart, panel.rows]
@@ -128,7 +137,7 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
                                                                        max_seconds=APP_EVAL_SECONDS),
                                    source=f"held-out rows of run {run_dir.name} ({evaluate.EVAL_ROWS})")
         evaluate.save_result(result, run_dir)
-        return views(result, readable=rows_refusal(state, who, run_dir) is None)
+        return views(result, readable=rows_refusal(state, who, run_dir, shown_rows(result)) is None)
 
     @guarded(state)
     def on_source(who: Requester, value: str | None) -> tuple[Any, ...]:
@@ -143,7 +152,7 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
             return views(None)
         result = evaluate.latest_result(run_dir, adapter) if run_dir else None
         return views(result, "" if result else notice("info", "No saved scores for this adapter yet: press Evaluate."),
-                     readable=run_dir is not None and rows_refusal(state, who, run_dir) is None)
+                     readable=run_dir is not None and rows_refusal(state, who, run_dir, shown_rows(result)) is None)
 
     panel.run.click(on_evaluate, [source, max_new_tokens], outputs, api_name="evaluate",
                     concurrency_id="generate", concurrency_limit=1)

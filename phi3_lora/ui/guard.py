@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -65,14 +66,61 @@ def check(state: Any, who: Requester, action: Action, *, started_by: str | None 
         raise UserError(why)
 
 
-def rows_refusal(state: Any, who: Requester, path: Path) -> str | None:
+# A run's held-out rows are read to see whether they are the bundled sample's only when the file is no larger than
+# this (or twice the sample): rows of the sample cannot fill more, and a large file is somebody's own data.
+PUBLIC_ROWS_MAX_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=4)
+def _sample_digests(path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    texts: set[str] = set()
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        texts.update(access.text_digest(t) for t in access.row_texts(row) or [])
+    return frozenset(texts)
+
+
+def sample_digests(state: Any) -> frozenset[str]:
+    """The digests of the bundled sample's message texts (access.public_rows); empty when it cannot be read."""
+    path = Path(state.options.sample_dataset)
+    try:
+        st = path.stat()
+        return _sample_digests(str(path.resolve()), st.st_mtime_ns, st.st_size) if st.st_size <= (4 << 20) \
+            else frozenset()
+    except (OSError, UnicodeError):
+        return frozenset()
+
+
+def run_rows(state: Any, path: Path) -> list[Any]:
+    """The held-out rows of the run that holds `path`, when small enough to be the sample's; else none."""
+    from phi3_lora.runs import find_run
+
+    run = find_run(Path(path))
+    try:
+        limit = max(PUBLIC_ROWS_MAX_BYTES, 2 * Path(state.options.sample_dataset).stat().st_size)
+        if run is None or run.eval_rows.stat().st_size > limit:
+            return []
+        return [json.loads(line) for line in run.eval_rows.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def rows_refusal(state: Any, who: Requester, path: Path, rows: list[Any] | None = None) -> str | None:
     """None when `who` may read the text of the data rows of the run that holds `path` (a run, its adapter or a
-    checkpoint), else the policy's message: the rows are the data of whoever started the run."""
+    checkpoint), else the policy's message: the rows are the data of whoever started the run. Rows whose every text
+    is a text of the bundled sample are public (access.public_rows); `rows`: the rows the caller shows (default:
+    the run's held-out rows, which the held-out example and the exports' verification quote)."""
     from phi3_lora.runs import find_run
 
     run = find_run(Path(path))
     started_by = state.starters.get(run.run_id) if run is not None else None
-    return access.refusal(Action.READ_RUN_DATA, who, getattr(state, "mode", access.UNLAUNCHED), started_by=started_by)
+    why = access.refusal(Action.READ_RUN_DATA, who, getattr(state, "mode", access.UNLAUNCHED), started_by=started_by)
+    if why and access.public_rows(run_rows(state, path) if rows is None else rows, sample_digests(state)):
+        return None
+    return why
 
 
 @contextlib.contextmanager
