@@ -19,7 +19,7 @@ from phi3_lora import portable
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
 from phi3_lora.errors import UserError, is_disk_full
 from phi3_lora.generate import AdapterRef, locate_adapter
-from phi3_lora.runs import RunDir, adapter_config_file, find_run
+from phi3_lora.runs import RunDir, adapter_config_file, find_run, scrub_paths
 
 # Files of an adapter folder that belong in a bundle (weights are safetensors only).
 BUNDLE_SUFFIXES = (".safetensors", ".json", ".jinja", ".yaml", ".model", ".txt", ".md")
@@ -168,6 +168,10 @@ def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path, *, verify: bool
     if not verify:
         _write_zip(dest, ref, run_name, model_card(ref, summary, config))
         return dest
+    result = earlier_verification(dest, ref.adapter_dir)
+    if result is not None:  # this adapter was verified since it last changed: minutes of a full model load spared
+        _write_zip(dest, ref, run_name, model_card(ref, summary, config, result))
+        return dest
     staged = out_dir / f".{run_name}-adapter.verify-{os.getpid()}.zip"
     try:
         _write_zip(staged, ref, run_name, model_card(ref, summary, config))
@@ -177,6 +181,23 @@ def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path, *, verify: bool
         staged.unlink(missing_ok=True)
     verifier.save(result, dest)
     return dest
+
+
+def earlier_verification(dest: Path, adapter_dir: Path) -> Any:
+    """The verification saved beside `dest` when it is newer than every file of the adapter, else None. Anybody may
+    download a zip (access.Action.EXPORT_ZIP), and verifying loads the base model twice (the app's reference answers
+    and a fresh process): a visitor who asks again, or a hundred times, gets the verification already made."""
+    from phi3_lora import verify as verifier
+
+    sidecar = verifier.sidecar(dest)
+    try:
+        made = sidecar.stat().st_mtime_ns
+        changed = max(p.stat().st_mtime_ns for p in Path(adapter_dir).iterdir() if p.is_file())
+    except (OSError, ValueError):
+        return None
+    result = verifier.load(dest) if made > changed else None
+    said = f"{result.loaded} {result.error or ''}" if result is not None else ""
+    return result if result is not None and scrub_paths(said) == said else None  # one saved before paths were names
 
 
 def verify_adapter_export(path: Path, kind: str, ref: AdapterRef, engine: Any = None) -> Any:

@@ -590,14 +590,23 @@ def test_an_adapter_zip_names_no_folder_of_the_server(world: dict[str, Any], mon
         save_yaml(cfg, path)
     (run.adapter / "run_summary.json").write_text(json.dumps({"model": str(world["model"]), "steps": 1}))
     access.RunStarters(runs).record(ZIP_ID, "owner")
-    monkeypatch.setattr(export, "verify_adapter_export",  # no model loads here (test_export verifies for real)
-                        lambda path, kind, ref, engine=None: verify.Verification(kind, 1, 1, 4, 4, loaded="x"))
+    verified = []
+
+    def verification(path: Path, kind: str, ref: Any, engine: Any = None) -> Any:
+        verified.append(path)  # no model loads here (test_export verifies for real)
+        return verify.Verification(kind, 1, 1, 4, 4, loaded="x")
+
+    monkeypatch.setattr(export, "verify_adapter_export", verification)
     server_folders = (str(runs), str(world["model"]), str(world["creds"].parent), str(ROOT), str(runs.parent))
     try:
         with serve(world, shared=True) as (url, demo):
             client = Client(url, verbose=False)
-            zipped, status = client.predict(*endpoint_args(client, "export_zip", Adapter=ZIP_ID),
-                                            api_name="/export_zip")
+            for _ in range(3):  # verifying loads the base model twice: asking again reuses the verification
+                zipped, status = client.predict(*endpoint_args(client, "export_zip", Adapter=ZIP_ID),
+                                                api_name="/export_zip")
+            assert len(verified) == 1 and "1/1" in json.dumps(status), (verified, status)
+            groups = {d.get("api_name"): d.get("concurrency_id") for d in demo.config["dependencies"]}
+            assert groups["export_zip"] == groups["compare"], groups  # one model-heavy request at a time
             with zipfile.ZipFile(zipped) as zf:
                 files = {n.split("/", 1)[1]: zf.read(n).decode("utf-8", "replace") for n in zf.namelist()
                          if n.endswith((".md", ".json", ".yaml", ".jinja", ".txt"))}

@@ -55,6 +55,8 @@ def test_zip_names_no_path_of_this_machine_and_still_verifies(run_dir, tmp_path,
     assert not leaks, leaks
     assert verify.load(path).ok, verify.load(path).line()
     assert f"on base {tiny_phi3_dir.name}" in verify.load(path).loaded
+    again = export.adapter_zip(run_dir, tmp_path, verify=True)  # nothing changed: the verification is reused
+    assert verify.sidecar(again).stat().st_mtime_ns == verify.sidecar(path).stat().st_mtime_ns
 
 
 @pytest.mark.slow

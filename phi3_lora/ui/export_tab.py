@@ -256,7 +256,9 @@ def wire(tab: ExportTab, state: AppState) -> None:
         values = [c[1] for c in choices]
         return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
 
-    tab.zip_button.click(on_zip, tab.source, [tab.zip_file, tab.zip_status], api_name="export_zip")
+    # Verifying a zip loads the base model (here and in a fresh process): one model-heavy request at a time
+    tab.zip_button.click(on_zip, tab.source, [tab.zip_file, tab.zip_status], api_name="export_zip",
+                         concurrency_id="generate", concurrency_limit=1)
     tab.merge_button.click(on_merge, [tab.source, tab.merge_dir, tab.merge_base], [tab.merge_status, tab.merge_file],
                            api_name="export_merged", concurrency_id="generate", concurrency_limit=1)
     tab.push_button.click(on_push, [tab.source, tab.repo_id, tab.token, tab.what, tab.private], tab.push_status,
