@@ -699,3 +699,22 @@ def test_a_demo_visitor_gets_held_out_examples_of_runs_on_the_bundled_sample_onl
 
         for path in made:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_signed_in_visitor_merges_into_one_folder_per_run(world: dict[str, Any]) -> None:
+    """Each merge is a 16-bit copy of the whole model on the server's disk: a visitor naming a new folder each time
+    would fill it. Visitors merge into the run's 'merged' folder only, refused with what to type before any work."""
+    from gradio_client import Client
+
+    _, auth, _, _ = MODES["auth"]
+    with serve(world, auth=auth) as (url, demo):
+        client = Client(url, auth=auth[0], verbose=False)
+        try:
+            client.predict(*endpoint_args(client, "export_merged", Adapter=RUN_ID, **{"Folder name": "copy-2"}),
+                           api_name="/export_merged")
+            refused = ""
+        except Exception as exc:
+            refused = str(exc)
+    assert "merge into the run's folder 'merged' only" in refused and "type merged" in refused, refused[:400]
+    assert not (world["runs"] / RUN_ID / "copy-2").exists()

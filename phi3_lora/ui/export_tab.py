@@ -133,9 +133,18 @@ def _run_dir(path: Path) -> Path:
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def merge_destination(run_dir: Path, name: str | None) -> Path:
-    """A web visitor names a folder inside the run, never a path: a shared link must not write anywhere."""
-    name = (name or "").strip() or "merged"
+VISITOR_MERGE_FOLDER = "merged"
+
+
+def merge_destination(run_dir: Path, name: str | None, *, any_name: bool = True) -> Path:
+    """A web visitor names a folder inside the run, never a path: a shared link must not write anywhere. Only the
+    owner (`any_name`) keeps several merges of a run: each is a 16-bit copy of the whole model on this disk, so a
+    visitor's merge replaces the run's one 'merged' folder instead of filling the disk name by name."""
+    name = (name or "").strip() or VISITOR_MERGE_FOLDER
+    if not any_name and name != VISITOR_MERGE_FOLDER:
+        raise UserError(f"Visitors merge into the run's folder {VISITOR_MERGE_FOLDER!r} only (each merge is a "
+                        "16-bit copy of the whole model on this server's disk; a new merge replaces the last).",
+                        hint=f"Leave the folder name empty or type {VISITOR_MERGE_FOLDER}.")
     if not _FOLDER_NAME.match(name) or name in RunDir.reserved_names():
         raise UserError(f"{name!r} is not a usable folder name.",
                         hint="Use letters, digits, '.', '_' or '-', and not the name of one of the run's own "
@@ -195,7 +204,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
                  progress: gr.Progress = gr.Progress()) -> tuple[str, Any]:
         check(state, who, Action.MERGE)
         path = resolve_source(runs_dir, source)
-        out = merge_destination(_run_dir(path), folder)
+        out = merge_destination(_run_dir(path), folder, any_name=who.level is access.Level.OWNER)
         progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
         with hold_checkpoint(path):
             merged = _export().merge_adapter(path, out, base=base or "auto")
