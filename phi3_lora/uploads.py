@@ -27,6 +27,7 @@ DRAFTS = "drafts"
 DRAFT_MAX_AGE_S = 14 * 24 * 3600      # a browser's draft copy of its upload outlives its sessions, not forever
 SESSION_QUOTA_BYTES = 512 * 2**20     # one session's uploads together
 TOTAL_QUOTA_BYTES = 4 * 2**30         # every session's uploads together
+DRAFTS_QUOTA_BYTES = 2 * 2**30        # every browser's draft copies together (a visitor names a new draft at will)
 MAX_AGE_S = 6 * 3600                  # a session folder older than this is deleted (a closed tab may not say so)
 DISK_FULL = UserError("The server's disk is full, so the file could not be saved.",
                       hint="Try again later, or ask the app's owner to free some space.")
@@ -157,6 +158,11 @@ def keep_for_draft(path: str | Path, runs_dir: Path, token: str) -> Path:
     if not dest.exists():
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
+        # The draft's token comes from the browser: a client that sends a new one each time would copy its upload
+        # again and again, each copy kept for two weeks, until the disk is full.
+        if folder_bytes(root(runs_dir) / DRAFTS) + path.stat().st_size > DRAFTS_QUOTA_BYTES:
+            raise UserError("The server's space for drafts is full right now, so this draft does not keep a copy "
+                            "of your upload.", hint="Upload the file again when you come back.")
         copy_atomic(path, dest)
     return dest
 

@@ -104,6 +104,28 @@ def test_upload_quota_and_uploads_deleted_when_the_session_ends(app, tmp_path: P
     other.close()
 
 
+def test_drafts_keep_copies_of_uploads_within_one_quota(app, tmp_path: Path, monkeypatch) -> None:
+    """The draft's token comes from the browser, so a client can send a new one with every save: each used to copy
+    the session's upload again (kept two weeks). The copies together stay within uploads.DRAFTS_QUOTA_BYTES."""
+    from gradio_client import handle_file
+
+    url, runs = app
+    monkeypatch.setattr(uploads, "DRAFTS_QUOTA_BYTES", 2**20)  # the app runs in this process
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    * 5000)  # ~400 KB
+    c = _client(url)
+    kept = c.predict(handle_file(str(data)), api_name="/upload_dataset")
+    api = c.view_api(print_info=False, return_format="dict")
+    args = endpoint_args(api, "save_draft", **{"Data source": kept})
+    for i in range(6):
+        c.predict({"token": f"attacker{i}"}, *args[1:], api_name="/save_draft")
+    drafts = runs / ".uploads" / uploads.DRAFTS
+    copies = [p for p in drafts.rglob("*") if p.is_file() and p.parent != drafts]  # not the browser secret
+    assert 1 <= len(copies) <= 2 and sum(p.stat().st_size for p in copies) <= 2**20, copies
+    c.close()
+
+
 def test_old_session_folders_are_swept(tmp_path: Path) -> None:
     folder = uploads.session_dir(tmp_path, "abc123")
     folder.mkdir(parents=True)
