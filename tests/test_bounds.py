@@ -126,6 +126,18 @@ def test_drafts_keep_copies_of_uploads_within_one_quota(app, tmp_path: Path, mon
     c.close()
 
 
+def test_overlaying_a_run_ten_thousand_times_is_refused_at_once(app) -> None:
+    """Overlay's list of runs comes from the client: each entry read the run's events and scores, once per copy."""
+    url, _ = app
+    c = _client(url)
+    c.predict([], api_name="/overlay_choices")  # gradio then accepts the listed runs (and each any number of times)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="too many to overlay") as refused:
+        c.predict([RUN_ID] * 10_000, api_name="/overlay_runs")
+    assert "Pick at most 12" in str(refused.value) and time.monotonic() - t0 < 30
+    c.close()
+
+
 def test_old_session_folders_are_swept(tmp_path: Path) -> None:
     folder = uploads.session_dir(tmp_path, "abc123")
     folder.mkdir(parents=True)

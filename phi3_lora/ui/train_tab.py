@@ -24,6 +24,7 @@ from phi3_lora.ui.strings import t
 
 LOG_HIDDEN = ("(The log of a run is shown to whoever started it: it names this server's folders and files. The "
               "status, progress and loss curve above are the run's.)")
+MAX_OVERLAY_RUNS = 12  # curves one plot can tell apart by colour
 STATE_KIND = {"queued": "info", "running": "info", "finished": "ok", "stopped": "warn", "failed": "error",
               "interrupted": "warn", "unreadable": "error"}
 
@@ -363,11 +364,16 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
 
     @user_errors
     def on_overlay(chosen: list[str] | None) -> Any:
+        # A client sends any list: each run named reads its events and scores and draws a curve, so one request
+        # naming a run ten thousand times read it ten thousand times. Few runs, each once (enough to tell apart).
+        if len(chosen or []) > MAX_OVERLAY_RUNS:
+            raise UserError(f"{len(chosen or [])} runs are too many to overlay in one plot.",
+                            hint=f"Pick at most {MAX_OVERLAY_RUNS}.")
+        chosen = list(dict.fromkeys(chosen or []))
         ids = {c[1] for c in run_choices(runs_dir)}
-        bad = [r for r in chosen or [] if r not in ids]
+        bad = [r for r in chosen if r not in ids]
         if bad:
             raise UserError(f"There is no run called {bad[0]!r}.", hint="Pick runs from the list.")
-        chosen = chosen or []
         return [overlay_figure({r: events.run_status(runs_dir / r) for r in chosen}),
                 overlay_scores_md({r: evaluate.latest_result(runs_dir / r) for r in chosen})]
 
