@@ -607,6 +607,19 @@ def test_an_adapter_zip_names_no_folder_of_the_server(world: dict[str, Any], mon
             assert len(verified) == 1 and "1/1" in json.dumps(status), (verified, status)
             groups = {d.get("api_name"): d.get("concurrency_id") for d in demo.config["dependencies"]}
             assert groups["export_zip"] == groups["compare"], groups  # one model-heavy request at a time
+            # Every file of the exports folder is served by its path, which the download's URL shows: the zip's
+            # verification (it quotes the held-out prompts and answers) is not there to be fetched
+            import urllib.error
+            import urllib.request
+
+            from phi3_lora.ui.export_tab import export_root
+
+            served = export_root(runs) / ZIP_ID / f"{ZIP_ID}-adapter.zip"
+            with urllib.request.urlopen(f"{url}gradio_api/file={served}") as response:
+                assert response.status == 200  # the download itself is served
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(f"{url}gradio_api/file={served}.verification.json")
+            assert not list(export_root(runs).rglob("*.verification.json"))
             with zipfile.ZipFile(zipped) as zf:
                 files = {n.split("/", 1)[1]: zf.read(n).decode("utf-8", "replace") for n in zf.namelist()
                          if n.endswith((".md", ".json", ".yaml", ".jinja", ".txt"))}

@@ -125,6 +125,26 @@ def export_root(runs_dir: Path) -> Path:
     return Path(runs_dir).parent / f"{Path(runs_dir).name}-exports"
 
 
+def private_exports(runs_dir: Path) -> Path:
+    """Where an adapter zip is built and its verification kept: inside the runs folder, which the web server does
+    not serve. The verification beside a zip quotes the held-out prompts and answers (access.Action.READ_RUN_DATA),
+    and anybody may fetch any file of export_root by its path, which every download's URL shows."""
+    return Path(runs_dir) / ".exports"
+
+
+def served_copy(built: Path, folder: Path) -> str:
+    """`built` copied into `folder` (under export_root) for download, alone: no verification beside it."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / built.name
+    tmp = folder / f".{built.name}.tmp"
+    shutil.copyfile(built, tmp)
+    tmp.replace(dest)
+    (folder / f"{built.name}.verification.json").unlink(missing_ok=True)  # one left by an older version
+    return str(dest)
+
+
 def _run_dir(path: Path) -> Path:
     run = find_run(path)
     return run.path if run else path
@@ -195,8 +215,9 @@ def wire(tab: ExportTab, state: AppState) -> None:
         path = resolve_source(runs_dir, source)
         progress(0.2, desc="Zipping the adapter, then loading it in a fresh process to verify it…")
         with hold_checkpoint(path):  # the running job does not rotate it away meanwhile
-            zipped = _export().adapter_zip(path, export_root(runs_dir) / _run_dir(path).name)
-        return str(zipped), verification_html(zipped, rows_refusal(state, who, path) is None)
+            zipped = _export().adapter_zip(path, private_exports(runs_dir) / _run_dir(path).name)
+        return served_copy(zipped, export_root(runs_dir) / _run_dir(path).name), \
+            verification_html(zipped, rows_refusal(state, who, path) is None)
 
     @user_errors
     @guarded(state)
