@@ -420,6 +420,7 @@ def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world
             seen = []
             for endpoint, by_label in (("select_run", {"Run": LEAKY_ID}), ("list_runs", {"Run": LEAKY_ID}),
                                        ("poll_run", {"Run": LEAKY_ID}), ("load_page", {}),
+                                       ("compare", {"Adapter": LEAKY_ID, "Prompt": "hi", "Max new tokens": 8}),
                                        ("select_run", {"Run": "no-such-run"}), ("compare", {"Adapter": "no-such-run",
                                                                                              "Prompt": "hi"}),
                                        ("export_zip", {"Adapter": "no-such-run"}),
@@ -431,7 +432,7 @@ def test_what_a_visitor_sees_names_no_folder_of_the_server(mode_name: str, world
                 except Exception as exc:
                     text = str(exc)
                 seen.append(text)
-                for secret in (str(runs), data_path, "phi3_lora train --config", "/bad-run.yaml"):
+                for secret in (str(runs), data_path, "phi3_lora train --config", "/bad-run.yaml", str(world["model"])):
                     assert secret not in text, (mode_name, endpoint, by_label, secret, text[:800])
             assert "bad-run.yaml is not valid YAML" in seen[-1], seen[-1][:400]
             assert "checkpoint-1" in seen[0]  # the status still says which checkpoint Resume continues from

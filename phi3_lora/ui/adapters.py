@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from phi3_lora import jobs, spaces
+from phi3_lora import jobs, portable, spaces
 from phi3_lora.errors import UserError
 from phi3_lora.runs import CheckpointGone, RunDir, parse_checkpoint_step, pin_checkpoint
 from phi3_lora.ui.common import AppState
@@ -92,7 +92,7 @@ def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None)
         engine = state.engines.get(key)
         if engine is None:
             if progress is not None:
-                progress(0.1, desc=f"Loading {ref.model_name} (first use only)…")
+                progress(0.1, desc=f"Loading {portable.model_name(ref.model_name)} (first use only)…")
             engine = ChatEngine(ref.model_name, None, model_settings=settings)
             state.engines[key] = engine
         if engine.adapter_dir is None or Path(engine.adapter_dir).resolve() != Path(ref.adapter_dir).resolve():

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from phi3_lora import access, spaces
+from phi3_lora import access, portable, spaces
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.generate import GenerationSettings
@@ -173,7 +173,7 @@ def wire(tab: CompareTab, state: AppState) -> None:
             yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…"), reference
             engine = get_engine(state, path, progress)
             check_context(engine, base_hist, tuned_hist, settings.max_new_tokens)
-            label = f"{engine.model_name} + {source}"
+            label = f"{portable.model_name(engine.model_name)} + {source}"  # a local base: its folder's name
             started = time.monotonic()
             for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
                 shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
