@@ -2,6 +2,7 @@
 
     <runs>/.active.json              the one run allowed per machine: {"run_id", "process": {...}}
     <runs>/.lock                     serialises check-and-start (jobs)
+    <runs>/.exports/<id>/            the app's adapter zips and their verification (not served: ui.export_tab)
     <runs>/<id>/config.yaml          the RunConfig it trains
     <runs>/<id>/events.jsonl         the diary (events.py)
     <runs>/<id>/train.log            the training process's stdout + stderr (jobs)
