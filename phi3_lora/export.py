@@ -193,11 +193,13 @@ def earlier_verification(dest: Path, adapter_dir: Path) -> Any:
     try:
         made = sidecar.stat().st_mtime_ns
         changed = max(p.stat().st_mtime_ns for p in Path(adapter_dir).iterdir() if p.is_file())
-    except (OSError, ValueError):
+        result = verifier.load(dest) if made > changed else None
+    except (OSError, ValueError, TypeError):  # none, or unreadable: verify again
         return None
-    result = verifier.load(dest) if made > changed else None
-    said = f"{result.loaded} {result.error or ''}" if result is not None else ""
-    return result if result is not None and scrub_paths(said) == said else None  # one saved before paths were names
+    if result is None or "took longer than" in (result.error or ""):  # a busy machine's timeout is worth a retry
+        return None
+    said = f"{result.loaded} {result.error or ''}"
+    return result if scrub_paths(said) == said else None  # one saved before paths were names: made again
 
 
 def verify_adapter_export(path: Path, kind: str, ref: AdapterRef, engine: Any = None) -> Any:
