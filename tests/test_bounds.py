@@ -371,6 +371,36 @@ def test_a_hub_adapter_on_a_base_too_large_for_this_machine_is_refused_before_it
     assert not [r for r in hub.seen if "someone/giant/resolve/" in r], hub.seen
 
 
+def test_visitors_downloads_together_stay_within_their_room(app, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each model or adapter a visitor names is checked alone, but each new name is another download kept in the Hub
+    cache: naming one after another filled the disk. A new download that would pass the room left for visitors'
+    downloads (models.VISITOR_CACHE_BYTES) is refused from the file list, before it starts; the adapter here first,
+    then, with room for it, the base it names."""
+    import json
+
+    from phi3_lora import models
+
+    url, _ = app
+    config = {"base_model_name_or_path": "someone/mid", "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
+              "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+    mid = {"config.json": b"{}", "model.safetensors": 3 * 2**30}  # fits this machine: alone it would be loaded
+    hub = online(FakeModelHub({"someone/adapter": {"adapter_config.json": json.dumps(config).encode(),
+                                                   "adapter_model.safetensors": b""},
+                               "someone/mid": mid}), tmp_path, monkeypatch)
+    try:
+        monkeypatch.setattr(models, "VISITOR_CACHE_BYTES", 10)
+        adapter, _ = _compare(_client(url), "hi", Adapter="someone/adapter")
+        assert not [r for r in hub.seen if "/resolve/" in r], hub.seen
+        monkeypatch.setattr(models, "VISITOR_CACHE_BYTES", 2**30)
+        base, _ = _compare(_client(url), "hi", Adapter="someone/adapter")
+    finally:
+        hub.close()
+    assert "someone/adapter" in adapter and "space for models that visitors download is full" in adapter, adapter[:500]
+    assert "someone/mid (3.0 GiB) is not downloaded" in base and "already in use here" in base, base[:500]
+    assert not [r for r in hub.seen if "someone/mid/resolve/" in r], hub.seen
+
+
 HEAVY_TEMPLATES = {
     "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
     "a huge repeat": "{{ 'x' * 10**9 }}",

@@ -24,7 +24,7 @@ from phi3_lora.ui.adapters import (adapter_choices, get_engine, hold_checkpoint,
                                      resolve_source)
 from phi3_lora.ui import evaluation
 from phi3_lora.ui.common import AppState, help_md, message_text, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, check_model, check_model_fits, guarded, rows_refusal
+from phi3_lora.ui.guard import check, check_adapter_room, check_model, check_model_fits, guarded, rows_refusal
 from phi3_lora.ui.strings import t
 
 SAMPLING = GenerationSettings()  # the defaults both sides start from (generate.py owns them)
@@ -156,6 +156,8 @@ def wire(tab: CompareTab, state: AppState) -> None:
         settings = GenerationSettings(temperature=float(temperature), top_p=float(top_p),
                                       max_new_tokens=int(max_new), seed=int(seed or 0),
                                       max_time=options.max_generation_s)
+        if hub:  # a new one is downloaded into the Hub cache: within the room left for visitors' downloads
+            check_adapter_room(state, who, (source or "").strip())
         path = resolve_adapter(runs_dir, source, token=access.hub_token(who, None))
         if hub:  # a published adapter names its own base model: never a folder of this server for a visitor
             from phi3_lora.generate import locate_adapter

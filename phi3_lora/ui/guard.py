@@ -223,7 +223,16 @@ def check_template(state: Any, who: Requester, value: str | None) -> None:
 def check_model_fits(state: Any, who: Requester, name: str | None) -> None:
     """A base model a visitor names is loaded on this machine (Compare: in the app's own process): refuse one whose
     weights could not fit, from the Hub's file list, before anything is downloaded. The owner decides for themself."""
-    from phi3_lora.models import check_fits
+    from phi3_lora.models import check_visitor_model
 
     if who.level is not access.Level.OWNER and (name or "").strip():
-        check_fits(name.strip(), access.hub_token(who, None))
+        check_visitor_model(name.strip(), access.hub_token(who, None))
+
+
+def check_adapter_room(state: Any, who: Requester, repo_id: str) -> None:
+    """A Hub adapter a visitor names is downloaded into the Hub cache: within the room left for visitors' downloads
+    (models.check_download_room). The owner decides for themself."""
+    from phi3_lora.models import check_download_room, hub_repo_bytes
+
+    if who.level is not access.Level.OWNER:
+        check_download_room(repo_id, hub_repo_bytes(repo_id, access.hub_token(who, None)))
