@@ -143,7 +143,8 @@ def _fmt(x: float | None) -> str:
 
 
 def _engine(adapter: str, model: str | None, four_bit: bool | None):
-    from phi3_lora.generate import ChatEngine, locate_adapter
+    from phi3_lora.generate import ChatEngine
+    from phi3_lora.adapter_folder import locate_adapter
 
     ref = locate_adapter(adapter)
     print(f"loading {model or ref.model_name} with adapter {ref.adapter_dir} ...", file=sys.stderr)

@@ -13,7 +13,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from phi3_lora import evaluate as ev
     from phi3_lora.cli import _engine
     from phi3_lora.errors import UserError
-    from phi3_lora.generate import locate_adapter
+    from phi3_lora.adapter_folder import locate_adapter
 
     ref = locate_adapter(args.adapter)
     run_dir = ev.run_dir_of(ref.adapter_dir)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from phi3_lora import portable
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
 from phi3_lora.errors import UserError, is_disk_full
-from phi3_lora.generate import AdapterRef, locate_adapter
+from phi3_lora.adapter_folder import AdapterRef, locate_adapter
 from phi3_lora.runs import RunDir, adapter_config_file, find_run, scrub_paths
 
 # Files of an adapter folder that belong in a bundle (weights are safetensors only).

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from phi3_lora import cpu_linear, decoding, families, merging
+from phi3_lora import adapter_folder, cpu_linear, decoding, families, merging
 from phi3_lora.speed import pair_graph
 from phi3_lora.decoding import BASE
 from phi3_lora.errors import UserError
@@ -83,7 +83,7 @@ class ChatEngine:
             four_bit = model_settings.load_in_4bit
         else:  # the run's quantisation and dtype, with 4-bit on or off as asked
             four_bit = load_in_4bit
-            model_settings = (_run_model_settings(Path(adapter_dir)) if adapter_dir is not None else None) \
+            model_settings = (adapter_folder.run_model_settings(Path(adapter_dir)) if adapter_dir is not None else None) \
                 or ModelSettings()
         self.settings = ModelSettings(name=self.model_name, load_in_4bit=four_bit, dtype=model_settings.dtype,
                                       bnb_4bit_quant_type=model_settings.bnb_4bit_quant_type,
@@ -130,7 +130,7 @@ class ChatEngine:
             if not (adapter_dir / "adapter_config.json").exists():
                 raise UserError(f"{adapter_dir} holds no adapter (adapter_config.json is missing).",
                                 hint="Pick a finished run or one of its checkpoints.")
-            require_safetensors(adapter_dir)
+            adapter_folder.require_safetensors(adapter_dir)
             self._put_biases(self._pristine)  # the previous adapter's trained biases must not leak into this one
             self._tuned_biases = {}
             self._match_layout(adapter_dir)
@@ -147,7 +147,7 @@ class ChatEngine:
             now = _bias_snapshot(self.model)
             self._tuned_biases = {k: v for k, v in now.items()
                                   if k in self._pristine and not _same(v, self._pristine[k])}
-            self.tokenizer.chat_template = adapter_chat_template(adapter_dir) or self._default_template
+            self.tokenizer.chat_template = adapter_folder.adapter_chat_template(adapter_dir) or self._default_template
             release_thread_pool()
 
     def _put_biases(self, values: dict[str, Any]) -> None:
@@ -400,23 +400,6 @@ class ChatEngine:
         yield last
 
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def require_safetensors(adapter_dir: Path) -> None:
-    """Adapters load from safetensors only: a pickled adapter_model.bin could run code when unpickled."""
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / ADAPTER_WEIGHTS).exists():
-        return
-    pickles = sorted(p.name for p in adapter_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-    if pickles:
-        raise UserError(f"{adapter_dir} has its weights only as {', '.join(pickles)} (a pickle file); phi3_lora loads "
-                        f"adapters only from {ADAPTER_WEIGHTS}, because unpickling a file can run code.",
-                        hint="Convert it where you trust the file: load it with peft and call "
-                             "save_pretrained(folder, safe_serialization=True), then use that folder.")
-    raise UserError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}.", hint="Pick a finished run or one of its checkpoints.")
-
-
 def _canonical(name: str) -> str:
     """A parameter's name in the bare base model, whether or not peft wraps it."""
     name = name.removeprefix("base_model.model.")
@@ -436,69 +419,3 @@ def _same(a: Any, b: Any) -> bool:
     import torch
 
     return a.shape == b.shape and bool(torch.equal(a, b))
-
-
-def adapter_chat_template(adapter_dir: Path) -> str | None:
-    """The chat template training used, saved beside the adapter (chat_template.jinja or tokenizer_config.json)."""
-    adapter_dir = Path(adapter_dir)
-    jinja = adapter_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = adapter_dir / "tokenizer_config.json"
-    if config.is_file():
-        import json
-
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, str) and template:
-            return template
-    return None
-
-
-def _run_model_settings(adapter_dir: Path) -> Any:
-    """The run's ModelSettings (4-bit type, double quant, dtype) for an adapter folder, or None."""
-    try:
-        return locate_adapter(adapter_dir).settings
-    except UserError:
-        return None
-
-
-@dataclass
-class AdapterRef:
-    """Where an adapter is and which base model it belongs to."""
-
-    adapter_dir: Path
-    model_name: str
-    load_in_4bit: bool
-    settings: Any = None  # the run's ModelSettings (quantisation, dtype) when the run recorded them
-
-
-def locate_adapter(path: str | Path) -> AdapterRef:
-    """Accept a run folder (its final adapter, else its newest checkpoint), a checkpoint or an adapter folder."""
-    import json
-
-    from phi3_lora.config import load_yaml
-    from phi3_lora.runs import RunDir, find_run
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist.", hint="Give a run folder such as runs/<id> or an adapter folder.")
-    as_run = RunDir(path)
-    if as_run.has_adapter():
-        adapter = as_run.adapter
-    elif (path / RunDir.ADAPTER_CONFIG).exists():
-        adapter = path
-    elif (ckpt := as_run.last_checkpoint()) is not None:
-        adapter = ckpt
-    else:
-        raise UserError(f"{path} holds no adapter yet (no adapter/ and no complete checkpoint).",
-                        hint="Wait for the run to save a checkpoint, or pick a finished run.")
-    require_safetensors(adapter)
-    run = find_run(adapter)
-    if run is not None and (name := run.resolved_model()) is not None:
-        model = load_yaml(run.config).model
-        return AdapterRef(adapter, name, model.load_in_4bit, model)
-    if (adapter / RunDir.CONFIG).exists():
-        cfg = load_yaml(adapter / RunDir.CONFIG)
-        return AdapterRef(adapter, cfg.model.name, cfg.model.load_in_4bit, cfg.model)
-    base = json.loads((adapter / RunDir.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or "auto"
-    return AdapterRef(adapter, base, False)

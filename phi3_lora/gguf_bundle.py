@@ -121,7 +121,7 @@ def export_gguf(run_or_adapter: str | Path, out: str | Path, gguf_type: str = "f
     write the GGUF bundle into `out` (a folder, or a path ending in .gguf), and verify it on the run's held-out
     prompts against that merged model."""
     from phi3_lora import export
-    from phi3_lora.generate import locate_adapter
+    from phi3_lora.adapter_folder import locate_adapter
     from phi3_lora.verify import held_out_prompts
 
     if gguf_type not in GGUF_TYPES:

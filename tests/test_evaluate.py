@@ -15,7 +15,8 @@ import pytest
 
 from helpers.training import tiny_config, write_rows
 from phi3_lora import cli, events, evaluate, export, train
-from phi3_lora.generate import ChatEngine, locate_adapter
+from phi3_lora.generate import ChatEngine
+from phi3_lora.adapter_folder import locate_adapter
 
 
 def _tiny_run(root: Path, model_dir: Path, **train_overrides) -> Path:

@@ -121,7 +121,8 @@ def test_no_pickle_loading_remote_code_or_shell_in_our_code() -> None:
 
 def test_adapter_with_only_a_pickle_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from phi3_lora import export
-    from phi3_lora.generate import ChatEngine, locate_adapter
+    from phi3_lora.generate import ChatEngine
+    from phi3_lora.adapter_folder import locate_adapter
 
     folder = tmp_path / "pickled"
     folder.mkdir()

@@ -16,7 +16,8 @@ from helpers.tiny_models import build_tiny_qwen2
 from helpers.training import write_rows
 from phi3_lora import train
 from phi3_lora.config import ModelSettings, RunConfig
-from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
+from phi3_lora.generate import ChatEngine, GenerationSettings
+from phi3_lora.adapter_folder import locate_adapter
 from phi3_lora.runs import RunDir
 
 HISTORY = [{"role": "user", "content": "Who are you?"}]

@@ -23,7 +23,8 @@ from phi3_lora.config import Hardware, RunConfig, from_recipe, recipe_dtype
 from phi3_lora.embedded import HUB_ID
 from phi3_lora.errors import UserError
 from phi3_lora.formats import RowError, normalise_record
-from phi3_lora.generate import ChatEngine, locate_adapter
+from phi3_lora.generate import ChatEngine
+from phi3_lora.adapter_folder import locate_adapter
 from phi3_lora.runs import RunDir
 
 

@@ -180,7 +180,7 @@ def test_stop_waits_for_a_slow_step_and_a_kill_says_what_resume_does(tmp_path, t
 def test_a_checkpoint_compare_holds_survives_the_running_jobs_rotation(tmp_path, tiny_phi3_dir):
     """save_total_limit 1 and a save every step: Compare's checkpoint stays while its request runs (issue 13
     item 8: 15 of 20 queued requests failed), and once gone the message names the newest one."""
-    from phi3_lora.generate import locate_adapter
+    from phi3_lora.adapter_folder import locate_adapter
     from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
 
     runs = tmp_path / "runs"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
+from phi3_lora.generate import ChatEngine, GenerationSettings
+from phi3_lora.adapter_folder import locate_adapter
 
 
 @pytest.mark.slow

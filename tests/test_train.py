@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from helpers.training import tiny_config, write_rows
 from phi3_lora import events, train
 from phi3_lora.errors import UserError
-from phi3_lora.generate import ChatEngine, GenerationSettings, locate_adapter
+from phi3_lora.generate import ChatEngine, GenerationSettings
+from phi3_lora.adapter_folder import locate_adapter
 from phi3_lora.runs import RunDir
 from phi3_lora.trainer import log_line
 

@@ -81,7 +81,8 @@ def resolve_adapter(runs_dir: Path, value: str | None, token: str | bool | None 
 
 def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None) -> Any:
     """The app's engine for this adapter's base model, created once, with this adapter attached."""
-    from phi3_lora.generate import ChatEngine, locate_adapter
+    from phi3_lora.generate import ChatEngine
+    from phi3_lora.adapter_folder import locate_adapter
 
     ref = locate_adapter(path)
     ref.model_name = spaces.portable_model_name(ref.model_name)  # trained offline, opened on a Space

@@ -160,7 +160,7 @@ def wire(tab: CompareTab, state: AppState) -> None:
             check_adapter_room(state, who, (source or "").strip())
         path = resolve_adapter(runs_dir, source, token=access.hub_token(who, None))
         if hub:  # a published adapter names its own base model: never a folder of this server for a visitor
-            from phi3_lora.generate import locate_adapter
+            from phi3_lora.adapter_folder import locate_adapter
 
             base = locate_adapter(path).model_name
             check_model(state, who, base)

@@ -115,7 +115,7 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
     outputs = [panel.status, panel.summary, panel.chart, panel.rows]
 
     def run_folder(path: Path) -> Path:
-        from phi3_lora.generate import locate_adapter
+        from phi3_lora.adapter_folder import locate_adapter
 
         run_dir = evaluate.run_dir_of(locate_adapter(path).adapter_dir)
         if run_dir is None:
@@ -144,7 +144,7 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
         """The newest saved result of the chosen adapter (a run scores itself when it ends)."""
         try:
             path = resolve_source(runs_dir, value)
-            from phi3_lora.generate import locate_adapter
+            from phi3_lora.adapter_folder import locate_adapter
 
             adapter = locate_adapter(path).adapter_dir
             run_dir = evaluate.run_dir_of(adapter)
