@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.tiny_models import strong_lora_b
 from phi3_lora import options
 from phi3_lora.config import RunConfig
 from phi3_lora.estimate import LayerKeeps, estimate_memory, model_shape
@@ -23,11 +24,7 @@ def _four_bit_lora(tiny_phi3_dir):
     torch.manual_seed(0)
     model = load_model(ModelSettings(name=str(tiny_phi3_dir), load_in_4bit=True, dtype="float32"))
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:  # B = 0 would hide a wrong input gradient
-                p.normal_(0, 0.05)
-    return peft.train()
+    return strong_lora_b(peft).train()
 
 
 def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 
+from helpers.tiny_models import strong_lora_b
 from helpers.training import losses_of_run, varied_rows
 from phi3_lora import options, train
 from phi3_lora.config import ModelSettings, RunConfig
@@ -31,11 +32,7 @@ def _peft(model_dir: Path, four_bit: bool, **lora: object) -> torch.nn.Module:
     model = load_model(ModelSettings(name=str(model_dir), load_in_4bit=four_bit, dtype="float32"))
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                             **{"lora_dropout": 0.1, **lora}))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:  # as after some training: B = 0 would hide a wrong update
-                p.normal_(0, 0.05)
-    return peft
+    return strong_lora_b(peft)
 
 
 def _step(model: torch.nn.Module, ids: torch.Tensor, autocast: bool,

@@ -28,20 +28,9 @@ def model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def random_adapter(model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter (r8, alpha 16, all linear layers) whose B is far from zero, so that the tuned rows differ."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from helpers.tiny_models import save_strong_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    out = tmp_path_factory.mktemp("pair_adapter") / "adapter"
-    peft.save_pretrained(out)
-    return out
+    return save_strong_adapter(model_dir, tmp_path_factory.mktemp("pair_adapter") / "adapter")
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])

@@ -23,21 +23,11 @@ LONG = [{"role": "system", "content": "Answer briefly, in one sentence."},
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir, tmp_path_factory) -> ChatEngine:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from helpers.tiny_models import save_strong_adapter
 
     from phi3_lora.config import ModelSettings
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    adapter = tmp_path_factory.mktemp("graph_adapter") / "adapter"
-    peft.save_pretrained(adapter)
+    adapter = save_strong_adapter(tiny_llama_dir, tmp_path_factory.mktemp("graph_adapter") / "adapter")
     name = str(tiny_llama_dir)
     engine = ChatEngine(name, adapter, model_settings=ModelSettings(name=name, dtype="float32", load_in_4bit=False))
     if not cpu_linear.available(engine.model):

@@ -82,3 +82,25 @@ def build_tiny_qwen2(folder: Path, tokenizer_source: Path | None = None, *, qwen
                     if name.endswith("bias"):
                         p.normal_(0, 0.5)
     return _save_tiny(model, tokenizer, Path(folder))
+
+
+def strong_lora_b(peft: torch.nn.Module) -> torch.nn.Module:
+    """lora_B far from zero, as after some training: B = 0 (peft's start) would hide a wrong update or gradient."""
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return peft
+
+
+def save_strong_adapter(model_dir: Path, out: Path) -> Path:
+    """A float32 LoRA adapter (r8, alpha 16, all linear layers, seed 0) with a strong lora_B, saved to `out`: the
+    tuned answers then differ from the base ones, so a routing that leaks or drops the update shows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    strong_lora_b(peft).save_pretrained(out)
+    return out
