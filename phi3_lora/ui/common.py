@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from phi3_lora import access, uploads
+from phi3_lora import access, portable, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
@@ -33,7 +33,7 @@ class AppOptions:
     queue_max_size: int = 32             # waiting events beyond this are refused ("too busy")
     concurrency_limit: int = 2           # events of one kind running at once (the machine has few cores)
     poll_seconds: float = 1.0            # how often the Train tab reads the run folder
-    sample_dataset: Path = Path(__file__).resolve().parents[2] / "data" / "sample_chat.jsonl"
+    sample_dataset: Path = portable.BUNDLED_SAMPLE  # the bundled sample conversations (public)
     demo_mode: bool = False              # Space: show everything, refuse to train (set by the Space build)
     storage_warning: str | None = None   # Space without persistent storage: said at the top of the page
     space_env: SpaceEnv = field(default_factory=SpaceEnv)  # what phi3_lora.spaces detected (empty off Spaces)
