@@ -23,7 +23,7 @@ import gradio as gr
 from phi3_lora import access
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
-from phi3_lora.runs import scrub_paths
+from phi3_lora.runs import find_run, scrub_paths
 
 
 def _oauth_info(request: Any) -> dict[str, Any] | None:
@@ -94,11 +94,8 @@ def sample_digests(state: Any) -> frozenset[str]:
         return frozenset()
 
 
-def run_rows(state: Any, path: Path) -> list[Any]:
-    """The held-out rows of the run that holds `path`, when small enough to be the sample's; else none."""
-    from phi3_lora.runs import find_run
-
-    run = find_run(Path(path))
+def _held_out_rows(state: Any, run: Any) -> list[Any]:
+    """The held-out rows of `run` (a RunDir or None), when small enough to be the sample's; else none."""
     try:
         limit = max(PUBLIC_ROWS_MAX_BYTES, 2 * Path(state.options.sample_dataset).stat().st_size)
         if run is None or run.eval_rows.stat().st_size > limit:
@@ -113,12 +110,10 @@ def rows_refusal(state: Any, who: Requester, path: Path, rows: list[Any] | None 
     checkpoint), else the policy's message: the rows are the data of whoever started the run. Rows whose every text
     is a text of the bundled sample are public (access.public_rows); `rows`: the rows the caller shows (default:
     the run's held-out rows, which the held-out example and the exports' verification quote)."""
-    from phi3_lora.runs import find_run
-
     run = find_run(Path(path))
     started_by = state.starters.get(run.run_id) if run is not None else None
     why = access.refusal(Action.READ_RUN_DATA, who, getattr(state, "mode", access.UNLAUNCHED), started_by=started_by)
-    if why and access.public_rows(run_rows(state, path) if rows is None else rows, sample_digests(state)):
+    if why and access.public_rows(_held_out_rows(state, run) if rows is None else rows, sample_digests(state)):
         return None
     return why
 
