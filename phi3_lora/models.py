@@ -159,18 +159,14 @@ def local_path(name: str) -> str:
 def hub_weight_bytes(name: str, token: str | bool | None = None) -> int | None:
     """Bytes of a Hub model's weight files, from its file list (nothing is downloaded). None for the embedded model,
     a local folder, offline, or a Hub that does not answer: loading then says what is wrong."""
-    import httpx
     import huggingface_hub.constants as hc
-    from huggingface_hub import HfApi
 
     name = resolve_name(name)[0]
     if is_embedded(name) or Path(name).expanduser().exists() or hc.HF_HUB_OFFLINE or not _HUB_ID.match(name):
         return None
-    try:
-        files = HfApi().model_info(name, files_metadata=True, token=token).siblings or []
-    except (OSError, ValueError, httpx.HTTPError):
+    sizes = _hub_file_sizes(name, token)
+    if sizes is None:
         return None
-    sizes = {f.rfilename: f.size or 0 for f in files}
     weights = [n for n in sizes if n.endswith(".safetensors")] or [n for n in sizes if n.endswith((".bin", ".pt"))]
     return sum(sizes[n] for n in weights)
 
@@ -205,6 +201,13 @@ DISK_RESERVE_BYTES = 10 * 2**30    # and a visitor's download leaves at least th
 
 def hub_repo_bytes(repo_id: str, token: str | bool | None = None) -> int | None:
     """Bytes of every file of a Hub model repo, from its file list; None when it cannot be listed."""
+    sizes = _hub_file_sizes(repo_id, token)
+    return None if sizes is None else sum(sizes.values())
+
+
+def _hub_file_sizes(repo_id: str, token: str | bool | None) -> dict[str, int] | None:
+    """Each file of a Hub model repo and its bytes, from the Hub's file list (nothing downloaded); None when it
+    cannot be listed."""
     import httpx
     from huggingface_hub import HfApi
 
@@ -212,7 +215,7 @@ def hub_repo_bytes(repo_id: str, token: str | bool | None = None) -> int | None:
         files = HfApi().model_info(repo_id, files_metadata=True, token=token).siblings or []
     except (OSError, ValueError, httpx.HTTPError):
         return None
-    return sum(f.size or 0 for f in files)
+    return {f.rfilename: f.size or 0 for f in files}
 
 
 def _folder_bytes(folder: Path) -> int:
