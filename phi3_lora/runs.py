@@ -20,6 +20,7 @@ Nothing here trains or signals; jobs.py and train.py act, this module only names
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -354,10 +355,26 @@ def rotate_checkpoints(run: RunDir, keep: int | None, protect: str | Path | None
     return removed
 
 
+@functools.lru_cache(maxsize=1)
+def _home_dirs() -> frozenset[Path]:
+    """Every user's home folder on this machine (its name is a user name), and this process's own ($HOME)."""
+    homes = {Path(os.path.expanduser("~"))}
+    try:
+        import pwd
+
+        homes.update(Path(entry.pw_dir) for entry in pwd.getpwall() if entry.pw_dir not in ("", "/"))
+    except (ImportError, OSError):  # no user database (Windows, a bare container): $HOME alone
+        pass
+    return frozenset(h for h in homes if h.is_absolute())
+
+
 def shown_path(path: str | Path) -> str:
-    """A path as a web page shows it: inside a run, '<run id>/<the rest>'; anything else by its name alone. Never the
-    server's folders (the runs folder, a home directory) that an absolute path names."""
+    """A path as a web page shows it: inside a run, '<run id>/<the rest>'; a home folder (or a folder above one) as
+    '~'; anything else by its name alone. Never the server's folders (the runs folder, a home directory, a user's
+    name) that an absolute path names."""
     path = Path(path)
+    if path in _home_dirs() or any(path in home.parents[:-1] for home in _home_dirs()):  # not '/' itself
+        return "~"
     run = find_run(path if path.is_dir() else path.parent)
     if run is not None:
         try:
@@ -367,8 +384,10 @@ def shown_path(path: str | Path) -> str:
     return path.name
 
 
-# An absolute path inside a message: POSIX (/…, ~/…) or Windows (C:\…), not the middle of a URL, a Hub id or a word.
-_PATH_IN_TEXT = re.compile(r"(?<![\w.:/~\\-])(?:~?/|[A-Za-z]:\\)[^\s'\"`<>|,;()\[\]{}]+")
+# An absolute path inside a message: POSIX (/…, ~/…, ~user/…) or Windows (C:\…), not the middle of a URL, a Hub id or a
+# word.
+_PATH_TAIL = r"[^\s'\"`<>|,;()\[\]{}]"
+_PATH_IN_TEXT = re.compile(rf"(?<![\w.:/~\\-])(?:~[\w.-]*/{_PATH_TAIL}*|(?:/|[A-Za-z]:\\){_PATH_TAIL}+)")
 
 
 def scrub_paths(text: str) -> str:
@@ -382,8 +401,8 @@ def scrub_paths(text: str) -> str:
         path = Path(core.replace("\\", "/")[2:] if core[1:2] == ":" else core)
         try:
             name = shown_path(path.expanduser())
-        except (OSError, RuntimeError, ValueError):  # unreadable, a loop or a NUL: the name alone
-            name = path.name
+        except (OSError, RuntimeError, ValueError):  # an unknown ~user, unreadable, a loop or a NUL: the name alone
+            name = path.name if not core.startswith("~") or "/" in core.rstrip("/") else "~"
         return (name or "…") + raw[len(core):]
 
     return _PATH_IN_TEXT.sub(shown, str(text))

@@ -215,3 +215,30 @@ def test_a_process_caught_inside_exec_is_still_recognised_as_ours(monkeypatch):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_scrub_paths_names_no_home_folder_nor_user(tmp_path):
+    """A message a visitor sees names no home folder (its name is a user name), in any spelling: ~/…, ~user/…, the
+    home folder itself, a folder above it; a file inside still shows by its name, and '~5 s' stays text."""
+    import pwd
+
+    from phi3_lora.runs import scrub_paths, shown_path
+
+    home = os.path.expanduser("~")
+    other = next((e for e in pwd.getpwall() if e.pw_dir not in ("/", "", home) and e.pw_dir.count("/") >= 2), None)
+    said = {
+        f"saved in {home}.": "saved in ~.",
+        f"saved in {home}/": "saved in ~",
+        "read ~/runs/data.jsonl: no rows": "read data.jsonl: no rows",
+        "read ~alice/data/x.jsonl.": "read x.jsonl.",
+        "read ~alice/ now": "read ~ now",
+        f"under {os.path.dirname(home)}": "under ~" if os.path.dirname(home) != "/" else f"under {os.path.dirname(home)}",
+        "about ~5 s, ~30% slower, org/model": "about ~5 s, ~30% slower, org/model",
+    }
+    if other is not None:
+        said[f"owned by {other.pw_dir}"] = "owned by ~"
+    for text, shown in said.items():
+        assert scrub_paths(text) == shown, text
+    assert shown_path(home) == "~" and shown_path(Path(home) / "x.yaml") == "x.yaml"
+    user = os.path.basename(home)
+    assert user not in scrub_paths(f"{home} and {home}/ and ~{user}/")
