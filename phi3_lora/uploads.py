@@ -15,9 +15,11 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
+from phi3_lora import quotas
 from phi3_lora.errors import UserError
 
 UPLOADS = ".uploads"
@@ -27,7 +29,6 @@ DRAFTS = "drafts"
 DRAFT_MAX_AGE_S = 14 * 24 * 3600      # a browser's draft copy of its upload outlives its sessions, not forever
 SESSION_QUOTA_BYTES = 512 * 2**20     # one session's uploads together
 TOTAL_QUOTA_BYTES = 4 * 2**30         # every session's uploads together
-DRAFTS_QUOTA_BYTES = 2 * 2**30        # every browser's draft copies together (a visitor names a new draft at will)
 MAX_AGE_S = 6 * 3600                  # a session folder older than this is deleted (a closed tab may not say so)
 DISK_FULL = UserError("The server's disk is full, so the file could not be saved.",
                       hint="Try again later, or ask the app's owner to free some space.")
@@ -151,19 +152,64 @@ def is_session_upload(runs_dir: Path, key: str, source: str) -> bool:
         return False
 
 
-def keep_for_draft(path: str | Path, runs_dir: Path, token: str) -> Path:
-    """The browser's draft keeps one upload: this one (an older draft copy goes)."""
+HOLDER = ".holder"     # in a draft's folder: the identity its copy counts for (quotas.holder_of)
+EXPIRED = ".expired"   # in a draft's folder whose copy gave way to newer ones: the file's name, for the message
+_drafts_lock = threading.Lock()  # check-and-copy: save_draft is not queued, two saves can run at once
+
+
+def drafts_held(runs_dir: Path) -> list[quotas.Held]:
+    """Every visitor's draft copy: its token, the identity it counts for (a copy from before holders were kept: anonymous),
+    its bytes and when it was last written or restored."""
+    folder, held = root(runs_dir) / DRAFTS, []
+    for draft in folder.iterdir() if folder.is_dir() else []:
+        try:
+            files = [p for p in draft.iterdir() if p.is_file() and not p.name.startswith(".")]
+            if not files:
+                continue
+            holder = (draft / HOLDER).read_text(encoding="utf-8").strip() if (draft / HOLDER).is_file() else ""
+            if holder == quotas.OWNER:  # the owner's copies are not counted
+                continue
+            held.append(quotas.Held(draft.name, holder or quotas.ANONYMOUS, sum(p.stat().st_size for p in files),
+                                    max(p.stat().st_mtime for p in files)))
+        except OSError:  # not a folder (the browser secret), or deleted while we looked
+            continue
+    return held
+
+
+def _expire_draft(runs_dir: Path, token: str) -> None:
+    """Remove a draft's copy, leaving a note of its file's name so restoring it says what happened."""
+    folder = draft_dir(runs_dir, token)
+    names = [p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXPIRED).write_text("\n".join(names), encoding="utf-8")
+
+
+def keep_for_draft(path: str | Path, runs_dir: Path, token: str, holder: str | None = None,
+                   limits: quotas.Limits = quotas.LIMITS, now: float | None = None) -> Path:
+    """The browser's draft keeps one upload: this one (an older draft copy goes). `holder`: the identity it counts
+    for (quotas.holder_of; None: the owner, not counted). Visitors' copies stay within limits.drafts(): when this one
+    would not fit, older copies give way, oldest first (quotas.expiry_plan); else a UserError says why."""
     path, folder = Path(path), draft_dir(runs_dir, token)
     dest = folder / path.name
-    if not dest.exists():
+    if dest.exists():
+        return dest
+    with _drafts_lock:
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         # The draft's token comes from the browser: a client that sends a new one each time would copy its upload
-        # again and again, each copy kept for two weeks, until the disk is full.
-        if folder_bytes(root(runs_dir) / DRAFTS) + path.stat().st_size > DRAFTS_QUOTA_BYTES:
-            raise UserError("The server's space for drafts is full right now, so this draft does not keep a copy "
-                            "of your upload.", hint="Upload the file again when you come back.")
+        # again and again, each copy kept for two weeks, until the disk is full. So every copy counts for its holder.
+        if holder is not None:
+            room, size = limits.drafts(), path.stat().st_size
+            held = drafts_held(runs_dir)
+            gone = quotas.expiry_plan(room, held, holder, size, time.time() if now is None else now)
+            if gone is None:
+                raise quotas.room_refusal(room, quotas.usage(held), holder, size,
+                                          f"A draft copy of {path.name.split('-', 1)[-1]}")
+            for entry in gone:
+                _expire_draft(runs_dir, entry.key)
         copy_atomic(path, dest)
+        (folder / HOLDER).write_text(holder or quotas.OWNER, encoding="utf-8")
     return dest
 
 
@@ -171,6 +217,12 @@ def restore_draft(runs_dir: Path, token: str, name: str, key: str) -> Path:
     """The draft's upload, copied into this (new) session's folder; ValueError/OSError when it is gone."""
     src = draft_dir(runs_dir, token) / Path(name).name
     if not src.is_file():
+        expired = draft_dir(runs_dir, token) / EXPIRED
+        if expired.is_file() and src.name in expired.read_text(encoding="utf-8").splitlines():
+            raise UserError(f"Your upload {src.name.split('-', 1)[-1]} is no longer kept on the server: a draft keeps "
+                            "only a temporary copy of an upload, and yours gave way to newer drafts when the "
+                            "server's space for them was full (the oldest copies go first).",
+                            hint="Upload the file again.")
         raise FileNotFoundError(name)
     os.utime(src)  # in use: the age sweep keeps it
     return store(src, runs_dir, key)

@@ -36,8 +36,12 @@ def app(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
                          upload_session_quota=2**20, demo_mode=True)
     demo = build_app(options=options)
     _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    APP_OPTIONS[:] = [options]  # a test changes a limit the owner would set
     yield url, runs
     demo.close()
+
+
+APP_OPTIONS: list[Any] = []
 
 
 def _client(url: str) -> Any:
@@ -106,11 +110,16 @@ def test_upload_quota_and_uploads_deleted_when_the_session_ends(app, tmp_path: P
 
 def test_drafts_keep_copies_of_uploads_within_one_quota(app, tmp_path: Path, monkeypatch) -> None:
     """The draft's token comes from the browser, so a client can send a new one with every save: each used to copy
-    the session's upload again (kept two weeks). The copies together stay within uploads.DRAFTS_QUOTA_BYTES."""
+    the session's upload again (kept two weeks). Every anonymous visitor's copies together stay within their pool
+    (quotas.DRAFTS_ANONYMOUS_BYTES), and the save past it says why when the draft is restored."""
+    import dataclasses
+
     from gradio_client import handle_file
 
+    from phi3_lora import quotas
+
     url, runs = app
-    monkeypatch.setattr(uploads, "DRAFTS_QUOTA_BYTES", 2**20)  # the app runs in this process
+    monkeypatch.setattr(APP_OPTIONS[0], "limits", dataclasses.replace(quotas.LIMITS, drafts_anonymous=2**20))
     data = tmp_path / "mine.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
                     * 5000)  # ~400 KB
@@ -118,10 +127,10 @@ def test_drafts_keep_copies_of_uploads_within_one_quota(app, tmp_path: Path, mon
     kept = c.predict(handle_file(str(data)), api_name="/upload_dataset")
     api = c.view_api(print_info=False, return_format="dict")
     args = endpoint_args(api, "save_draft", **{"Data source": kept})
-    for i in range(6):
-        c.predict({"token": f"attacker{i}"}, *args[1:], api_name="/save_draft")
+    saved = [c.predict({"token": f"attacker{i}"}, *args[1:], api_name="/save_draft") for i in range(6)]
+    assert "all anonymous visitors together have" in saved[-1]["data"]["upload_refused"], saved[-1]
     drafts = runs / ".uploads" / uploads.DRAFTS
-    copies = [p for p in drafts.rglob("*") if p.is_file() and p.parent != drafts]  # not the browser secret
+    copies = [p for p in drafts.rglob("*") if p.is_file() and not p.name.startswith(".")]  # not the browser secret
     assert 1 <= len(copies) <= 2 and sum(p.stat().st_size for p in copies) <= 2**20, copies
     c.close()
 

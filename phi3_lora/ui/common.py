@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from phi3_lora import access, portable, uploads
+from phi3_lora import access, portable, quotas, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
@@ -44,6 +44,7 @@ class AppOptions:
     max_generation_s: float = 120.0      # one Compare answer pair (also bounds how long Compare is busy)
     upload_session_quota: int = uploads.SESSION_QUOTA_BYTES  # one browser session's uploads together
     upload_total_quota: int = uploads.TOTAL_QUOTA_BYTES      # all sessions' uploads together
+    limits: quotas.Limits = quotas.LIMITS  # what visitors may keep on the disk: drafts, downloads, runs (quotas.py)
 
     @property
     def training_refusal(self) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from phi3_lora import config as cfgmod
-from phi3_lora import jobs, models, runs, uploads
+from phi3_lora import jobs, models, quotas, runs, uploads
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
@@ -103,8 +103,11 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
                           "eval_fraction": fraction}}
         if who.session and source and uploads.is_session_upload(runs_dir, who.session, source):
             try:  # the session's upload goes when the page closes: the draft keeps its own copy
-                saved["data"]["upload"] = uploads.keep_for_draft(source, runs_dir, token).name
-            except (OSError, UserError):
+                saved["data"]["upload"] = uploads.keep_for_draft(source, runs_dir, token, quotas.holder_of(who),
+                                                                 state.options.limits).name
+            except UserError as exc:  # said when the draft is restored (this endpoint shows nothing)
+                saved["data"]["upload_refused"] = str(exc)
+            except OSError:
                 pass
         elif old.get("data", {}).get("source") == source and old.get("data", {}).get("upload"):
             saved["data"]["upload"] = old["data"]["upload"]
@@ -124,9 +127,13 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         if data.get("upload") and who.session and str(saved.get("token", "")).isalnum():
             try:
                 source = str(uploads.restore_draft(runs_dir, saved["token"], data["upload"], who.session))
-            except (OSError, UserError, ValueError):
+            except UserError as exc:  # what happened to it (a copy that gave way to newer drafts), or a quota
+                source, note = "", notice("warn", str(exc))
+            except (OSError, ValueError):
                 source, note = "", notice("warn", f"Your upload {data['upload'].split('-', 1)[-1]} is no longer "
                                                   "kept on the server; upload it again.")
+        elif data.get("upload_refused"):
+            source, note = "", notice("warn", f"Your upload was not kept with this draft: {data['upload_refused']}")
         from phi3_lora.ui.dataset import mapping_table
 
         fmt = data.get("format") or "auto"

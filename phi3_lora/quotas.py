@@ -1,0 +1,202 @@
+"""What one visitor may keep on this machine's disk: the one owner of the limits of every room visitors share.
+
+Each room has a total for every visitor together, a fair share per visitor identity well below it, and one pool
+for all anonymous visitors together, also below the total, so signed-in visitors keep room whatever anonymous
+ones do. The owner is never counted nor capped here: the owner decides for themself.
+
+    drafts     draft copies of uploads (uploads.keep_for_draft)                       2 GiB; 512 MiB each; 1 GiB anonymous
+    downloads  Hub downloads a visitor's request causes: base models, adapters and
+               datasets (models.check_download_room)                                  64 GiB; 16 GiB each; 32 GiB anonymous
+    runs       a signed-in visitor's run folders: checkpoints, adapter, merges        50 GiB each (anonymous visitors cannot train)
+
+Identity: a signed-in visitor is their sign-in ('auth:alice', 'hf:bob'). Anonymous visitors are all one identity,
+ANONYMOUS: a gradio session hash is new with every reload (and a draft's token is whatever the browser sends), so a
+share per session or per browser would stop nobody; their pool is bounded instead, below the total.
+
+Rooms recover on their own: a room of copies (drafts, downloads) that a new one does not fit gives up its entries
+older than a bound, oldest first (`expiry_plan`); a draft is a temporary copy of an upload and a download a copy of
+what the Hub keeps, so nobody's work is lost, and runs are never touched. The arithmetic here is pure; the disk is
+read by the modules that own each room (uploads, models, runs) and by `run_bytes_of`.
+
+The defaults are the named constants below; the app's owner changes them with AppOptions(limits=Limits(...)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from phi3_lora.access import Level, Requester
+from phi3_lora.errors import UserError
+
+ANONYMOUS = "anonymous"   # every anonymous visitor together
+OWNER = "owner"           # what the owner's entries are marked with: never counted
+
+# Drafts: one upload is at most uploads.SESSION_QUOTA_BYTES (512 MiB), so a share holds one full-size draft; the
+# anonymous pool holds two and leaves half the total to signed-in visitors.
+DRAFTS_TOTAL_BYTES = 2 * 2**30
+DRAFTS_SHARE_BYTES = 512 * 2**20
+DRAFTS_ANONYMOUS_BYTES = 1 * 2**30
+# A draft copy older than this gives way to a newer one that would not fit (a visitor's own older copies give way
+# to their newer one at any age). A day: a visitor who comes back the next morning usually finds theirs, and a
+# client that filled the anonymous pool blocks other anonymous drafts for a day at most.
+DRAFT_EXPIRY_S = 24 * 3600
+
+# Downloads: a 7-8B model in 16-bit is ~15 GiB, so a share holds one such base (or several small ones); the
+# anonymous pool leaves half of the total to signed-in visitors. The disk keeps its reserve whatever the room says.
+DOWNLOADS_TOTAL_BYTES = 64 * 2**30
+DOWNLOADS_SHARE_BYTES = 16 * 2**30
+DOWNLOADS_ANONYMOUS_BYTES = 32 * 2**30
+DISK_RESERVE_BYTES = 10 * 2**30
+# A visitor's download that no request has used for this long gives way to a new one that would not fit the total.
+DOWNLOAD_EXPIRY_S = 7 * 24 * 3600
+
+# Runs: a Phi-3-mini run keeps a few checkpoints of ~0.4 GiB and a merge of 7.6 GiB; 50 GiB holds a handful of
+# merged runs, a quarter of a 200 GiB Space disk.
+RUNS_SHARE_BYTES = 50 * 2**30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit of this module in one value (AppOptions.limits); the defaults are the constants above."""
+
+    drafts_total: int = DRAFTS_TOTAL_BYTES
+    drafts_share: int = DRAFTS_SHARE_BYTES
+    drafts_anonymous: int = DRAFTS_ANONYMOUS_BYTES
+    draft_expiry_s: float = DRAFT_EXPIRY_S
+    downloads_total: int = DOWNLOADS_TOTAL_BYTES
+    downloads_share: int = DOWNLOADS_SHARE_BYTES
+    downloads_anonymous: int = DOWNLOADS_ANONYMOUS_BYTES
+    disk_reserve: int = DISK_RESERVE_BYTES
+    download_expiry_s: float = DOWNLOAD_EXPIRY_S
+    runs_share: int = RUNS_SHARE_BYTES
+
+    def drafts(self) -> Room:
+        return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s)
+
+    def downloads(self) -> Room:
+        return Room("downloads", self.downloads_total, self.downloads_share, self.downloads_anonymous,
+                    self.download_expiry_s)
+
+
+LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Room:
+    """A room that visitors share: a total, a share per identity, a pool for the anonymous ones."""
+
+    name: str
+    total: int
+    share: int
+    anonymous: int
+    expiry_s: float
+
+    def cap_of(self, holder: str) -> int:
+        return self.anonymous if holder == ANONYMOUS else self.share
+
+
+@dataclass(frozen=True)
+class Held:
+    """One entry of a room: a draft copy or a download. `key`: its name in the room; `holder`: the identity it
+    counts for; `used_at`: when it was last written or used (epoch seconds)."""
+
+    key: str
+    holder: str
+    size: int
+    used_at: float
+
+
+def holder_of(who: Requester) -> str | None:
+    """The identity a request's use of the disk counts for: None for the owner (never counted), the sign-in for a
+    signed-in visitor, ANONYMOUS for every anonymous visitor together."""
+    if who.level is Level.OWNER:
+        return None
+    if who.level is Level.SIGNED_IN and who.identity:
+        return who.identity
+    return ANONYMOUS
+
+
+def usage(held: Iterable[Held]) -> dict[str, int]:
+    """Bytes per holder."""
+    out: dict[str, int] = {}
+    for h in held:
+        out[h.holder] = out.get(h.holder, 0) + h.size
+    return out
+
+
+def over(room: Room, used: Mapping[str, int], holder: str, size: int) -> str | None:
+    """Which limit `size` more bytes for `holder` would pass: 'share' (the holder's share, or the anonymous pool),
+    'total', or None when they fit."""
+    if used.get(holder, 0) + size > room.cap_of(holder):
+        return "share"
+    if sum(used.values()) + size > room.total:
+        return "total"
+    return None
+
+
+def expiry_plan(room: Room, held: list[Held], holder: str, size: int, now: float) -> list[Held] | None:
+    """The entries to remove, oldest first, so that `size` more bytes for `holder` fit `room`; None when they cannot.
+    An entry may go once it is older than room.expiry_s; a signed-in holder's own entries give way to their newer
+    one at any age (the anonymous pool is many visitors: there the age applies). The fewest: each step removes the
+    oldest entry that frees room under the limit that is passed."""
+    left, gone = list(held), []
+    while (limit := over(room, usage(left), holder, size)) is not None:
+        def may_go(h: Held) -> bool:
+            if limit == "share" and h.holder != holder:
+                return False
+            return (h.holder == holder and holder != ANONYMOUS) or now - h.used_at > room.expiry_s
+        candidates = sorted((h for h in left if may_go(h) and h.size > 0), key=lambda h: h.used_at)
+        if not candidates:
+            return None
+        left.remove(candidates[0])
+        gone.append(candidates[0])
+    return gone
+
+
+def size_text(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
+def room_refusal(room: Room, used: Mapping[str, int], holder: str, size: int, what: str) -> UserError:
+    """The message for `what` (`size` bytes) that does not fit `room` even after expiry: which limit, how full, and
+    what to do."""
+    mine = used.get(holder, 0)
+    if over(room, used, holder, size) == "share":
+        whose = "all anonymous visitors together have" if holder == ANONYMOUS else "you have"
+        message = (f"{what} ({size_text(size)}) does not fit: {whose} {size_text(mine)} of {room.name} on this "
+                   f"server, and the limit is {size_text(room.cap_of(holder))}.")
+    else:
+        message = (f"{what} ({size_text(size)}) does not fit: visitors' {room.name} fill "
+                   f"{size_text(sum(used.values()))} of the {size_text(room.total)} this server keeps for them.")
+    hint = ("Sign in to get a share of your own, try again later (older entries give way with time), or run "
+            "phi3_lora on your own machine." if holder == ANONYMOUS else
+            "Try again later (older entries give way with time), or run phi3_lora on your own machine.")
+    return UserError(message, hint=hint)
+
+
+# --- runs: a signed-in visitor's run folders ------------------------------------------------------------------
+
+def runs_refusal(sizes: Mapping[str, int], share: int, what: str, adding: int = 0) -> UserError | None:
+    """None while a visitor's runs (`sizes`: run id -> bytes of its folder) and `adding` more bytes stay within
+    `share`; else the message that refuses `what` and names the runs to delete, largest first."""
+    used = sum(sizes.values())
+    if used + adding <= share:
+        return None
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    names = ", ".join(f"{run_id} ({size_text(n)})" for run_id, n in largest)
+    need = f" and this needs about {size_text(adding)} more" if adding else ""
+    return UserError(f"Your runs take {size_text(used)} of this server's disk{need}; each signed-in visitor may keep "
+                     f"{size_text(share)}, so {what} is refused.",
+                     hint=f"Delete runs you no longer need (Train tab, Delete run), or their merged copies: your "
+                          f"largest are {names}.")
+
+
+def run_bytes_of(runs_dir: Path, holder: str, starters: Mapping[str, str]) -> dict[str, int]:
+    """Bytes of each run folder of `runs_dir` that `holder` started (`starters`: run id -> identity, from
+    access.RunStarters); what export writes into a run folder (merges, GGUF) counts with it."""
+    from phi3_lora.runs import run_dirs
+    from phi3_lora.uploads import folder_bytes
+
+    return {run.run_id: folder_bytes(run.path) for run in run_dirs(runs_dir) if starters.get(run.run_id) == holder}

@@ -1,0 +1,168 @@
+"""One visitor cannot use up what all visitors share (phi3_lora/quotas.py): each room visitors share (drafts' copies of
+uploads, Hub downloads, run folders) gives each identity a share below its total, anonymous visitors one pool below
+the total, and the owner no limit; rooms of copies recover by themselves, oldest copies first. Through the real
+functions on real folders, and through the real app's API where an endpoint is involved."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers.apps import endpoint_args, free_port
+from phi3_lora import quotas, uploads
+from phi3_lora.errors import UserError
+from phi3_lora.quotas import ANONYMOUS, Held, Limits
+
+KB = 2**10
+# Small rooms: a share holds two 40 KiB copies, the anonymous pool four, the total eight.
+SMALL = Limits(drafts_total=320 * KB, drafts_share=100 * KB, drafts_anonymous=200 * KB, draft_expiry_s=3600)
+
+
+def _upload(folder: Path, name: str, kib: int = 40) -> Path:
+    path = folder / name
+    path.write_bytes(b"x" * (kib * KB))
+    return path
+
+
+def _age(runs: Path, token: str, seconds: float) -> None:
+    """Make a draft's copy `seconds` old (its file's mtime is when it was last written or restored)."""
+    for p in uploads.draft_dir(runs, token).iterdir():
+        then = time.time() - seconds
+        os.utime(p, (then, then))
+
+
+def _drafts_of(runs: Path, holder: str) -> set[str]:
+    return {h.key for h in uploads.drafts_held(runs) if h.holder == holder}
+
+
+# --- the arithmetic -------------------------------------------------------------------------------------------
+
+def test_expiry_plan_removes_the_oldest_that_may_go_and_no_more() -> None:
+    room = SMALL.drafts()
+    now = 10_000.0
+    held = [Held("old", ANONYMOUS, 100 * KB, now - 7200), Held("older", "auth:bob", 100 * KB, now - 9000),
+            Held("fresh", ANONYMOUS, 100 * KB, now - 60)]
+    # the total (320) is passed by 40 more: only the oldest entry goes, bob's, though it is not the asker's
+    assert [h.key for h in quotas.expiry_plan(room, held, "auth:carol", 40 * KB, now)] == ["older"]
+    # nothing old enough: no plan, and the refusal says which limit and how full
+    young = [Held(str(i), ANONYMOUS, 50 * KB, now - 10) for i in range(4)]
+    assert quotas.expiry_plan(room, young, ANONYMOUS, 40 * KB, now) is None
+    assert "all anonymous visitors together have 200 KiB of drafts" in str(
+        quotas.room_refusal(room, quotas.usage(young), ANONYMOUS, 40 * KB, "A draft"))
+    # a signed-in visitor's own share gives way at any age, oldest first, and the pool's other holders are untouched
+    mine = [Held("a", "auth:al", 50 * KB, now - 20), Held("b", "auth:al", 50 * KB, now - 10),
+            Held("c", ANONYMOUS, 50 * KB, now - 9999)]
+    assert [h.key for h in quotas.expiry_plan(room, mine, "auth:al", 40 * KB, now)] == ["a"]
+
+
+# --- drafts on a real folder ---------------------------------------------------------------------------------
+
+def test_one_visitor_filling_their_drafts_share_cannot_block_a_second(tmp_path: Path) -> None:
+    """alice saves draft after draft (a new browser token each time): her copies stay within her share, her newest
+    kept, and bob's draft still gets its copy. Without the share alice's copies fill the total and bob is refused."""
+    runs = tmp_path / "runs"
+    for i in range(8):
+        uploads.keep_for_draft(_upload(tmp_path, f"a{i}.jsonl"), runs, f"alice{i}", "auth:alice", SMALL)
+        time.sleep(0.01)  # distinct mtimes: the newest is known
+    alice = _drafts_of(runs, "auth:alice")
+    assert alice == {"alice6", "alice7"}, alice
+    bob = uploads.keep_for_draft(_upload(tmp_path, "b.jsonl"), runs, "bob1", "auth:bob", SMALL)
+    assert bob.is_file()
+    # an expired copy says what happened when its browser restores it
+    with pytest.raises(UserError, match="gave way to newer drafts") as info:
+        uploads.restore_draft(runs, "alice0", "a0.jsonl", "session1")
+    assert "Upload the file again" in str(info.value)
+
+
+def test_anonymous_visitors_share_one_pool_that_leaves_room_for_signed_in_visitors_and_the_owner(
+        tmp_path: Path) -> None:
+    """A reload gives an anonymous visitor a new session and a new draft token, so each anonymous copy counts in one
+    pool: a client that fills it is refused there (the message says to sign in), while a signed-in visitor and the
+    owner still save theirs."""
+    runs = tmp_path / "runs"
+    for i in range(6):
+        try:
+            uploads.keep_for_draft(_upload(tmp_path, f"n{i}.jsonl"), runs, f"anon{i}", ANONYMOUS, SMALL)
+        except UserError as exc:
+            refused = str(exc)
+    assert len(_drafts_of(runs, ANONYMOUS)) == 5 and "Sign in" in refused, refused
+    assert "all anonymous visitors together have 200 KiB of drafts" in refused
+    assert uploads.keep_for_draft(_upload(tmp_path, "s.jsonl"), runs, "signed", "auth:sam", SMALL).is_file()
+    # the owner is never counted: not refused however full the room, and not counted against the visitors
+    for i in range(6):
+        assert uploads.keep_for_draft(_upload(tmp_path, f"o{i}.jsonl"), runs, f"owner{i}", None, SMALL).is_file()
+    assert uploads.keep_for_draft(_upload(tmp_path, "t.jsonl"), runs, "signed2", "auth:tom", SMALL).is_file()
+
+
+def test_a_full_room_of_drafts_recovers_by_itself_keeping_the_newest(tmp_path: Path) -> None:
+    """Visitors' copies fill the total; a new one makes room by removing copies older than the bound, oldest first,
+    and keeps every newer one; without copies old enough, it is refused with the reason."""
+    runs = tmp_path / "runs"
+    holders = ["auth:a", "auth:b", "auth:c", "auth:d"]
+    for i, holder in enumerate(holders * 2):  # 8 x 40 KiB = the 320 KiB total
+        token = f"d{i}"
+        uploads.keep_for_draft(_upload(tmp_path, f"{token}.jsonl"), runs, token, holder, SMALL)
+        _age(runs, token, 90_000 - 10_000 * i)  # d0 the oldest (25 h) ... d7 (6 h); d0..d6 past the hour
+    with pytest.raises(UserError, match="visitors' drafts fill 320 KiB of the 320 KiB"):
+        uploads.keep_for_draft(_upload(tmp_path, "e.jsonl"), runs, "e", "auth:e",
+                               dataclasses.replace(SMALL, draft_expiry_s=30 * 3600))  # none is old enough
+    assert len(uploads.drafts_held(runs)) == 8
+    uploads.keep_for_draft(_upload(tmp_path, "e.jsonl", kib=70), runs, "e", "auth:e", SMALL)
+    kept = {h.key for h in uploads.drafts_held(runs)}
+    assert kept == {"d2", "d3", "d4", "d5", "d6", "d7", "e"}, kept  # the two oldest went, no more
+    with pytest.raises(UserError, match="gave way"):
+        uploads.restore_draft(runs, "d0", "d0.jsonl", "session2")
+
+
+# --- through the real app: two signed-in visitors ----------------------------------------------------------------
+
+SERVED = Limits(drafts_total=8 * 2**20, drafts_share=2**20, drafts_anonymous=4 * 2**20)
+USERS = [("alice", "alice-pass"), ("bob", "bob-pass")]
+
+
+@pytest.fixture(scope="module")
+def signed_in_app(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
+    """The app under --auth with alice and bob, and small rooms (the options are the owner's to change)."""
+    from phi3_lora.ui import AppOptions, build_app, launch
+
+    runs = tmp_path_factory.mktemp("runs")
+    options = AppOptions(runs_dir=runs, default_model=str(tiny_llama_dir), limits=SERVED)
+    demo = build_app(options=options)
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, auth=USERS)
+    yield url, runs, options
+    demo.close()
+
+
+def _signed_in(url: str, user: str) -> Any:
+    from gradio_client import Client
+
+    return Client(url, auth=(user, dict(USERS)[user]), verbose=False)
+
+
+def _save_draft(c: Any, source: str, token: str) -> dict[str, Any]:
+    args = endpoint_args(c, "save_draft", **{"Data source": source})
+    return c.predict({"token": token}, *args[1:], api_name="/save_draft")
+
+
+def test_a_signed_in_visitor_saving_drafts_without_end_cannot_block_another(signed_in_app, tmp_path: Path) -> None:
+    """alice's client sends a new draft token with every save (the token is the browser's), each saving a copy of her
+    400 KiB upload: her copies stay within her 1 MiB share, her newest kept, and bob's draft keeps his copy."""
+    from gradio_client import handle_file
+
+    url, runs, _ = signed_in_app
+    alice, bob = _signed_in(url, "alice"), _signed_in(url, "bob")
+    kept = alice.predict(handle_file(str(_upload(tmp_path, "mine.jsonl", kib=400))), api_name="/upload_dataset")
+    saved = [_save_draft(alice, kept, f"alice{i}") for i in range(8)]
+    assert all(s["data"].get("upload") for s in saved), saved  # her own older copies gave way to her newer ones
+    assert _drafts_of(runs, "auth:alice") == {"alice6", "alice7"}
+    theirs = bob.predict(handle_file(str(_upload(tmp_path, "his.jsonl", kib=400))), api_name="/upload_dataset")
+    mine = _save_draft(bob, theirs, "bob1")
+    assert mine["data"].get("upload") and _drafts_of(runs, "auth:bob") == {"bob1"}, mine
+    # alice's browser that held the first draft finds out what happened when it restores it
+    note = alice.predict(saved[0], api_name="/restore_draft")[-1]
+    assert "gave way to newer drafts" in str(note), note
