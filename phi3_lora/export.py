@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from phi3_lora import portable
+from phi3_lora import archive, portable
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
 from phi3_lora.errors import UserError, is_disk_full
 from phi3_lora.adapter_folder import AdapterRef, locate_adapter
@@ -133,22 +133,22 @@ Trained with phi3_lora ({kind}).
 """
 
 
+def _zip_entries(ref: AdapterRef, run_name: str, card: str) -> Iterator[tuple[str, archive.Content]]:
+    """What an adapter bundle holds: the adapter's files (the trainer's paths in them as names) and its card."""
+    for path in sorted(ref.adapter_dir.iterdir()):
+        if path.name == "adapter_config.json":
+            yield f"{run_name}/{path.name}", portable_adapter_config(ref.adapter_dir, ref.model_name)
+        elif path.name == RunDir.CONFIG and (config := _config(ref)) is not None:  # the trainer's paths as names
+            yield f"{run_name}/{path.name}", dump_yaml(portable.portable_config(config).config)
+        elif path.name == "run_summary.json":
+            yield f"{run_name}/{path.name}", json.dumps(portable.portable_summary(_summary(ref.adapter_dir)), indent=2)
+        elif path.is_file() and path.suffix in BUNDLE_SUFFIXES and path.name not in ("README.md", "verification.json"):
+            yield f"{run_name}/{path.name}", path
+    yield f"{run_name}/README.md", card
+
+
 def _write_zip(dest: Path, ref: AdapterRef, run_name: str, card: str) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(ref.adapter_dir.iterdir()):
-            if path.name == "adapter_config.json":
-                zf.writestr(f"{run_name}/{path.name}", portable_adapter_config(ref.adapter_dir, ref.model_name))
-            elif path.name == RunDir.CONFIG and (config := _config(ref)) is not None:  # the trainer's paths as names
-                zf.writestr(f"{run_name}/{path.name}", dump_yaml(portable.portable_config(config).config))
-            elif path.name == "run_summary.json":
-                zf.writestr(f"{run_name}/{path.name}", json.dumps(portable.portable_summary(_summary(ref.adapter_dir)),
-                                                                  indent=2))
-            elif path.is_file() and path.suffix in BUNDLE_SUFFIXES and path.name not in ("README.md",
-                                                                                          "verification.json"):
-                zf.write(path, f"{run_name}/{path.name}")
-        zf.writestr(f"{run_name}/README.md", card)
-    os.replace(tmp, dest)
+    archive.write_zip(dest, _zip_entries(ref, run_name, card))
 
 
 def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path, *, verify: bool = True,

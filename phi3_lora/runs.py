@@ -2,7 +2,8 @@
 
     <runs>/.active.json              the one run allowed per machine: {"run_id", "process": {...}}
     <runs>/.lock                     serialises check-and-start (jobs)
-    <runs>/.exports/<id>/            the app's adapter zips and their verification (not served: ui.export_tab)
+    <runs>/.exports/<id>/            the app's adapter zips and their verification, downloads while they are built
+                                     (exports_dir; never served: the web gets copies in gradio's cache)
     <runs>/<id>/config.yaml          the RunConfig it trains
     <runs>/<id>/events.jsonl         the diary (events.py)
     <runs>/<id>/train.log            the training process's stdout + stderr (jobs)
@@ -37,6 +38,7 @@ RUNS_ENV = "PHI3_LORA_RUNS"
 DEFAULT_RUNS_DIR = "runs"
 ACTIVE = ".active.json"
 LOCK = ".lock"
+EXPORTS = ".exports"
 TOKEN_ENV = "PHI3_LORA_RUN_TOKEN"  # set in the training process's environment: proves a pid is this run's
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -46,6 +48,12 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 def default_runs_dir() -> Path:
     """Where run folders go unless told: $PHI3_LORA_RUNS, else ./runs (CLI, app and library alike)."""
     return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+
+
+def exports_dir(runs_dir: str | Path, run_id: str) -> Path:
+    """Where the app builds a run's zips (its adapter zip beside that zip's verification, which quotes the held-out
+    rows): inside the runs folder, which the web server never serves."""
+    return Path(runs_dir) / EXPORTS / run_id
 
 
 def valid_run_id(run_id: object) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from helpers.apps import SAMPLE, endpoint_args, free_port
+from helpers.apps import SAMPLE, endpoint_args, free_port, raw_call
 from helpers.run_folders import RUN_ID, make_adapter_run
 from phi3_lora import access, events, spaces
 from phi3_lora.access import Action, Level, Requester, ServerMode
@@ -608,19 +608,23 @@ def test_an_adapter_zip_names_no_folder_of_the_server(world: dict[str, Any], mon
             assert len(verified) == 1 and "1/1" in json.dumps(status), (verified, status)
             groups = {d.get("api_name"): d.get("concurrency_id") for d in demo.config["dependencies"]}
             assert groups["export_zip"] == groups["compare"], groups  # one model-heavy request at a time
-            # Every file of the exports folder is served by its path, which the download's URL shows: the zip's
-            # verification (it quotes the held-out prompts and answers) is not there to be fetched
+            # The download is a copy in gradio's cache; the zip's verification (it quotes the held-out prompts and
+            # answers) stays beside the zip under the runs folder, which is never served, and no copy of it is made
             import urllib.error
             import urllib.request
 
-            from phi3_lora.ui.export_tab import export_root
+            from phi3_lora.runs import exports_dir
 
-            served = export_root(runs) / ZIP_ID / f"{ZIP_ID}-adapter.zip"
-            with urllib.request.urlopen(f"{url}gradio_api/file={served}") as response:
+            said, (download, _) = raw_call(url, "export_zip", endpoint_args(client, "export_zip", Adapter=ZIP_ID))
+            built = exports_dir(runs, ZIP_ID) / f"{ZIP_ID}-adapter.zip"
+            assert built.exists() and built.with_name(built.name + ".verification.json").exists()
+            with urllib.request.urlopen(download["url"]) as response:
                 assert response.status == 200  # the download itself is served
-            with pytest.raises(urllib.error.HTTPError):
-                urllib.request.urlopen(f"{url}gradio_api/file={served}.verification.json")
-            assert not list(export_root(runs).rglob("*.verification.json"))
+            for sidecar in (f"{download['path']}.verification.json", f"{built}.verification.json"):
+                with pytest.raises(urllib.error.HTTPError):
+                    urllib.request.urlopen(f"{url}gradio_api/file={sidecar}")
+            assert not list(Path(download["path"]).parent.glob("*.verification.json"))
+            status = [status, said]
             with zipfile.ZipFile(zipped) as zf:
                 files = {n.split("/", 1)[1]: zf.read(n).decode("utf-8", "replace") for n in zf.namelist()
                          if n.endswith((".md", ".json", ".yaml", ".jinja", ".txt"))}

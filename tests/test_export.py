@@ -147,3 +147,31 @@ def test_a_merge_that_fills_the_disk_removes_its_temp_folder(run_dir, tiny_disk)
     with pytest.raises(UserError, match="Not enough disk space"):
         export.merge_adapter(run_dir, disk / "merged")
     assert list(disk.iterdir()) == [], "a failed merge left its files behind"
+
+
+def test_write_zip_is_all_or_nothing(tmp_path: Path) -> None:
+    """archive.write_zip (the adapter bundle's and the app's downloads'): the zip holds what it was given; a failure
+    part way leaves neither the zip nor its temporary file, and an older zip of that name stays whole."""
+    import zipfile
+
+    from phi3_lora.archive import folder_entries, write_zip
+
+    folder = tmp_path / "merged"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.json").write_text("{}")
+    (folder / "sub" / "b.txt").write_text("b")
+    (folder / "verification.json").write_text("quotes rows")
+    dest = write_zip(tmp_path / "out" / "m.zip",
+                     [*folder_entries(folder, leave_out=frozenset({"verification.json"})), ("merged/c.md", "card")])
+    with zipfile.ZipFile(dest) as zf:
+        assert zf.namelist() == ["merged/a.json", "merged/sub/b.txt", "merged/c.md"] and zf.read("merged/c.md") == b"card"
+
+    def broken():
+        yield "x.txt", "x"
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_zip(dest, broken())
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["m.zip"]
+    with zipfile.ZipFile(dest) as zf:
+        assert "merged/c.md" in zf.namelist()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote, urlparse
@@ -19,7 +20,7 @@ from urllib.parse import quote, urlparse
 import pytest
 
 from helpers.run_folders import RUN_ID, make_adapter_run
-from helpers.apps import SAMPLE, free_port, start_args, val
+from helpers.apps import SAMPLE, free_port, raw_call, start_args, val
 from phi3_lora import jobs
 from phi3_lora.errors import UserError
 from phi3_lora.runs import ACTIVE, ProcessRecord, RunDir, run_dirs, write_active
@@ -55,41 +56,47 @@ def get(url: str, raw_path: str) -> tuple[int, bytes]:
 @pytest.mark.slow
 def test_only_uploads_and_exports_are_downloadable(server) -> None:
     import httpx
-    from gradio_client import Client
 
-    from phi3_lora.ui.export_tab import export_root
+    from phi3_lora.runs import exports_dir
 
     url, runs = server
     run = runs / RUN_ID
-    exports = export_root(runs)
 
-    # Allowed: a file the user uploaded, and the app's own export.
+    # Allowed: a file the user uploaded, and the app's own export, by the URL the answer gives: a copy in gradio's
+    # cache, which names no folder of this server.
     upload = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("mine.jsonl", b'{"a": 1}\n')})
     uploaded = upload.json()[0]
     assert get(url, "/gradio_api/file=" + quote(uploaded)) == (200, b'{"a": 1}\n')
-    Client(url, verbose=False).predict(RUN_ID, api_name="/export_zip")
-    (zip_path,) = exports.glob(f"{RUN_ID}/*.zip")
-    status, body = get(url, "/gradio_api/file=" + quote(str(zip_path)))
+    said, (download, _) = raw_call(url, "export_zip", [RUN_ID])
+    for folder in (str(runs), str(runs.parent), str(ROOT)):
+        assert folder not in said, (folder, said[:800])
+    status, body = get(url, urlparse(download["url"]).path)
     assert status == 200 and body[:2] == b"PK"
+    built = exports_dir(runs, RUN_ID) / f"{RUN_ID}-adapter.zip"
+    assert built.exists() and Path(download["path"]).parent != built.parent
 
     layout = RunDir(run)
     git_config = ROOT / ".git" / "config" if (ROOT / ".git").is_dir() else ROOT / ".git"  # a worktree's .git is a file
     secret_files = [layout.events, layout.config, layout.log, layout.resolved,
                     layout.checkpoint(1) / "adapter_model.safetensors",
                     layout.adapter / "adapter_model.safetensors", runs / ACTIVE,
-                    runs / ".uploads" / "abc-kept.jsonl", git_config, ROOT / "README.md"]
+                    runs / ".uploads" / "abc-kept.jsonl", git_config, ROOT / "README.md", built,
+                    built.with_name(built.name + ".verification.json")]
     for f in secret_files:
         assert f.exists(), f
-    rel = f"{runs.name}/{RUN_ID}/{RunDir.EVENTS}"
+    cache = Path(download["path"]).parent  # where the download is served from; a traversal out of it to the run
+    rel = os.path.relpath(layout.events, cache)
+    escaped = rel.replace("..", "%2e%2e")
     attempts = [
         "/gradio_api/file=/etc/passwd", "/file=/etc/passwd", "/gradio_api/file=/proc/self/environ",
         "/gradio_api/file=%2Fetc%2Fpasswd", "/gradio_api/file=%2fetc%2fpasswd", "/gradio_api/file=/ETC/PASSWD",
         "/gradio_api/file=../../../../../../etc/passwd", "/gradio_api/file=%2e%2e/%2e%2e/%2e%2e/etc/passwd",
         "/gradio_api/file=%252e%252e/%252e%252e/etc/passwd", "/gradio_api/file=..%5c..%5c..%5cetc%5cpasswd",
         "/gradio_api/file=.git/config", "/gradio_api/file=README.md", "/gradio_api/file=~/.bashrc",
-        f"/gradio_api/file={exports}/../{rel}", f"/gradio_api/file={exports}/%2e%2e/{rel}",
-        f"/gradio_api/file={exports}/%2E%2E%2F{quote(rel, safe='')}", f"/gradio_api/file={exports}/..%5c{rel}",
-        f"/gradio_api/file={exports}/%252e%252e/{rel}", f"/gradio_api/file={str(run).upper()}/EVENTS.JSONL",
+        f"/gradio_api/file={cache}/{rel}", f"/gradio_api/file={cache}/{escaped}",
+        f"/gradio_api/file={cache}/{quote(rel, safe='')}", f"/gradio_api/file={cache}/{rel.replace('/', '%5c')}",
+        f"/gradio_api/file={cache}/{escaped.replace('%', '%25')}", f"/gradio_api/file={str(run).upper()}/EVENTS.JSONL",
+        f"/gradio_api/file={cache}/{built.name}.verification.json",
         f"/gradio_api/file={quote(str(uploaded))}/../../../etc/passwd",
         f"/file={run}/events.jsonl",
     ] + [f"/gradio_api/file={quote(str(f))}" for f in secret_files] + [f"/gradio_api/file={f}" for f in secret_files]
@@ -100,6 +107,29 @@ def test_only_uploads_and_exports_are_downloadable(server) -> None:
             served.append((path, status))
     assert not served, served
     print(f"\n[exposure] {len(attempts)} file requests refused; 2 allowed (an upload, an export)")
+
+
+@pytest.mark.slow
+def test_a_merged_download_is_a_copy_in_gradios_cache(server) -> None:
+    """The merged model's download: a zip handed to gradio, named by no folder of the server, without the
+    verification (it quotes the held-out rows); the zip built under the runs folder goes once gradio has its copy."""
+    import io
+    import zipfile
+
+    from phi3_lora.runs import exports_dir
+
+    url, runs = server
+    said, (_, update) = raw_call(url, "export_merged", [RUN_ID, "merged", "auto"])
+    download = update["value"]
+    for folder in (str(runs), str(runs.parent), str(ROOT)):
+        assert folder not in said, (folder, said[:800])
+    status, body = get(url, urlparse(download["url"]).path)
+    assert status == 200
+    names = zipfile.ZipFile(io.BytesIO(body)).namelist()
+    assert f"merged/{RunDir.ADAPTER_CONFIG}" not in names and "merged/config.json" in names, names
+    assert not any(n.endswith("verification.json") for n in names), names
+    assert (runs / RUN_ID / "merged" / "verification.json").exists()
+    assert not list(exports_dir(runs, RUN_ID).glob("*merged*")), "the built zip stays on the disk"
 
 
 def test_no_pickle_loading_remote_code_or_shell_in_our_code() -> None:

@@ -183,14 +183,13 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
     if not mode.owner_at_the_machine:
         hide_server_token()
     demo.queue(default_concurrency_limit=options.concurrency_limit, max_size=options.queue_max_size)
-    # Served files: Gradio's own upload/cache folders and our export folder only. The runs folder (configs,
-    # events, checkpoints, kept uploads, .active.json) is blocked outright; the blocklist wins over everything.
-    exports = export_tab.export_root(options.runs_dir)
-    exports.mkdir(parents=True, exist_ok=True)
+    # Served files: Gradio's own upload/cache folders only (downloads are handed over as copies in its cache:
+    # export_tab.downloadable). The runs folder (configs, events, checkpoints, uploads, zips and their verification,
+    # .active.json) is blocked outright; the blocklist wins over everything.
     return demo.launch(server_name=host, server_port=port, share=share, quiet=quiet,
                        auth=login.throttled_login(credentials) if credentials else None,
                        app_kwargs={"middleware": [Middleware(login.ClientAddress)]},
                        prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
-                       allowed_paths=[str(exports)], blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
+                       blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
                        show_error=False, footer_links=["api", "settings"], head=PAGE_HEAD,
                        i18n=strings.i18n())

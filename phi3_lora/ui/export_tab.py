@@ -15,7 +15,7 @@ import gradio as gr
 from phi3_lora import access
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
-from phi3_lora.runs import RunDir, find_run, shown_path
+from phi3_lora.runs import RunDir, exports_dir, find_run, shown_path
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
 from phi3_lora.ui.guard import check, guarded, rows_refusal
 from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
@@ -119,30 +119,16 @@ def gguf_report(result: Any) -> str:
     return "".join(lines)
 
 
-def export_root(runs_dir: Path) -> Path:
-    """Where downloads are built: a sibling of the runs folder, the only app folder the web server may serve
-    (the runs folder itself is blocked; see ui.app.launch)."""
-    return Path(runs_dir).parent / f"{Path(runs_dir).name}-exports"
+def downloadable(component: gr.File, built: Path) -> str:
+    """`built` (under the runs folder, which the web server never serves) copied into gradio's own cache for
+    `component` to offer: the download's URL names that cache folder and a content hash, never a folder of this
+    server, and nothing beside the copy (a zip's verification quotes the held-out rows) can be fetched by its path."""
+    from gradio.utils import is_in_or_equal
 
-
-def private_exports(runs_dir: Path) -> Path:
-    """Where an adapter zip is built and its verification kept: inside the runs folder, which the web server does
-    not serve. The verification beside a zip quotes the held-out prompts and answers (access.Action.READ_RUN_DATA),
-    and anybody may fetch any file of export_root by its path, which every download's URL shows."""
-    return Path(runs_dir) / ".exports"
-
-
-def served_copy(built: Path, folder: Path) -> str:
-    """`built` copied into `folder` (under export_root) for download, alone: no verification beside it."""
-    import shutil
-
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = folder / built.name
-    tmp = folder / f".{built.name}.tmp"
-    shutil.copyfile(built, tmp)
-    tmp.replace(dest)
-    (folder / f"{built.name}.verification.json").unlink(missing_ok=True)  # one left by an older version
-    return str(dest)
+    served = component.move_resource_to_block_cache(built)
+    if not served or not is_in_or_equal(served, component.GRADIO_CACHE):  # gone before gradio could copy it
+        raise UserError("The download could not be prepared.", hint="Press the button again.")
+    return served
 
 
 def _run_dir(path: Path) -> Path:
@@ -185,20 +171,16 @@ def verification_html(export_path: Path, readable: bool = True) -> str:
     return notice("ok" if result.ok else "warn", result.line()) + "".join(notice("info", d) for d in differences)
 
 
-def download_zip(base_name: Path, folder: Path) -> str:
-    """A web download of an exported folder, without its verification.json: that quotes the run's held-out
-    prompts (its README carries the verification without them)."""
-    import zipfile
+def download_zip(component: gr.File, dest: Path, folder: Path) -> str:
+    """A web download of an exported folder, without its verification.json (that quotes the run's held-out prompts;
+    its README carries the verification without them): zipped to `dest`, handed to gradio, then removed (the folder
+    itself stays; a second copy of a merged model would only fill the disk)."""
+    from phi3_lora.archive import folder_entries, write_zip
 
-    dest = base_name.with_name(base_name.name + ".zip")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.name != "verification.json":
-                zf.write(path, path.relative_to(folder.parent).as_posix())
-    tmp.replace(dest)
-    return str(dest)
+    try:
+        return downloadable(component, write_zip(dest, folder_entries(folder, leave_out=frozenset({"verification.json"}))))
+    finally:
+        dest.unlink(missing_ok=True)
 
 
 def _folder_size(folder: Path) -> int:
@@ -215,9 +197,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
         path = resolve_source(runs_dir, source)
         progress(0.2, desc="Zipping the adapter, then loading it in a fresh process to verify it…")
         with hold_checkpoint(path):  # the running job does not rotate it away meanwhile
-            zipped = _export().adapter_zip(path, private_exports(runs_dir) / _run_dir(path).name)
-        return served_copy(zipped, export_root(runs_dir) / _run_dir(path).name), \
-            verification_html(zipped, rows_refusal(state, who, path) is None)
+            zipped = _export().adapter_zip(path, exports_dir(runs_dir, _run_dir(path).name))
+        return downloadable(tab.zip_file, zipped), verification_html(zipped, rows_refusal(state, who, path) is None)
 
     @user_errors
     @guarded(state)
@@ -237,7 +218,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
                 gr.update(visible=False)
         progress(0.8, desc="Zipping for download…")
         run_name = _run_dir(path).name  # named by run, like the adapter zip (<run>-adapter.zip)
-        archive = download_zip(export_root(runs_dir) / run_name / f"{run_name}-{merged.name}", merged)
+        archive = download_zip(tab.merge_file, exports_dir(runs_dir, run_name) / f"{run_name}-{merged.name}.zip",
+                               merged)
         return message, gr.update(value=archive, visible=True)
 
     @user_errors
@@ -277,7 +259,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return report + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.9, desc="Zipping for download…")
-        archive = download_zip(export_root(runs_dir) / _run_dir(path).name / f"{out.name}-download", out)
+        run_name = _run_dir(path).name
+        archive = download_zip(tab.gguf_file, exports_dir(runs_dir, run_name) / f"{out.name}-download.zip", out)
         return report, gr.update(value=archive, visible=True)
 
     @user_errors

@@ -115,3 +115,18 @@ def served_app(runs: Path, model: Path | str, **launch_options: Any) -> Iterator
         if active:
             jobs.stop_run(active, runs, grace=5)
         demo.close()
+
+
+def raw_call(url: str, api_name: str, data: list[Any], session_hash: str = "rawcall1") -> tuple[str, list[Any]]:
+    """An endpoint called as a browser calls it, no client-side processing: (the answer's text exactly as the
+    server sent it, its decoded outputs). What a visitor's browser could read is all in that text."""
+    import json
+
+    import httpx
+
+    base = url.rstrip("/")
+    event = httpx.post(f"{base}/gradio_api/call/{api_name.lstrip('/')}", timeout=60,
+                       json={"data": data, "session_hash": session_hash}).json()["event_id"]
+    text = httpx.get(f"{base}/gradio_api/call/{api_name.lstrip('/')}/{event}", timeout=600).text
+    last = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")][-1]
+    return text, json.loads(last) or []
