@@ -192,72 +192,32 @@ def _check_weights_fit(name: str, size: int | None) -> None:
                         hint="Pick a smaller base model, or run phi3_lora on a machine with room for this one.")
 
 
-# What a web visitor's downloads may take of this machine's disk (the owner decides for themself). Each model or adapter
-# a visitor names is checked alone (check_fits, spaces.MAX_ADAPTER_BYTES), but every new name is another download
-# kept in the Hub cache: without a total, naming one model after another fills the disk.
-VISITOR_CACHE_BYTES = 64 * 2**30   # the Hub cache may hold this much before a visitor's new download is refused
-DISK_RESERVE_BYTES = 10 * 2**30    # and a visitor's download leaves at least this much of the disk free
-
-
-def hub_repo_bytes(repo_id: str, token: str | bool | None = None) -> int | None:
-    """Bytes of every file of a Hub model repo, from its file list; None when it cannot be listed."""
-    sizes = _hub_file_sizes(repo_id, token)
+def hub_repo_bytes(repo_id: str, token: str | bool | None = None, repo_type: str = "model") -> int | None:
+    """Bytes of every file of a Hub repo (a model, or a dataset), from its file list; None when it cannot be listed."""
+    sizes = _hub_file_sizes(repo_id, token, repo_type)
     return None if sizes is None else sum(sizes.values())
 
 
-def _hub_file_sizes(repo_id: str, token: str | bool | None) -> dict[str, int] | None:
-    """Each file of a Hub model repo and its bytes, from the Hub's file list (nothing downloaded); None when it
-    cannot be listed."""
+def _hub_file_sizes(repo_id: str, token: str | bool | None, repo_type: str = "model") -> dict[str, int] | None:
+    """Each file of a Hub repo and its bytes, from the Hub's file list (nothing downloaded); None when it cannot be
+    listed."""
     import httpx
     from huggingface_hub import HfApi
 
     try:
-        files = HfApi().model_info(repo_id, files_metadata=True, token=token).siblings or []
+        files = HfApi().repo_info(repo_id, repo_type=repo_type, files_metadata=True, token=token).siblings or []
     except (OSError, ValueError, httpx.HTTPError):
         return None
     return {f.rfilename: f.size or 0 for f in files}
 
 
-def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for path in folder.rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink():  # a snapshot's links point at blobs counted once
-                total += path.stat().st_size
-        except OSError:
-            continue
-    return total
-
-
-def check_download_room(repo_id: str, size: int | None) -> None:
-    """Refuse a visitor's download of `repo_id` (`size` bytes) that the Hub cache does not hold yet when the cache
-    would pass VISITOR_CACHE_BYTES or the disk would keep less than DISK_RESERVE_BYTES free."""
-    import shutil
-
-    import huggingface_hub.constants as hc
-
-    cache = Path(hc.HF_HUB_CACHE)
-    if not size or (cache / f"models--{repo_id.replace('/', '--')}" / "snapshots").is_dir():
-        return  # nothing to download, or downloaded before (a visitor's later use costs no more disk)
-    used = _folder_bytes(cache) if cache.is_dir() else 0
-    probe = cache if cache.is_dir() else cache.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if used + size > VISITOR_CACHE_BYTES or free - size < DISK_RESERVE_BYTES:
-        raise UserError(f"{repo_id} ({size / 2**30:,.1f} GiB) is not downloaded: this server's space for models "
-                        f"that visitors download is full ({used / 2**30:,.1f} GiB of {VISITOR_CACHE_BYTES / 2**30:,.0f} "
-                        f"GiB used, {free / 2**30:,.1f} GiB of disk free).",
-                        hint="Pick a model or adapter that is already in use here (the lists), or run phi3_lora on "
-                             "your own machine.")
-
-
-def check_visitor_model(name: str, token: str | bool | None = None) -> None:
-    """A base model a web visitor names: its weights must fit this machine (check_fits) and its download the room
-    left for visitors' downloads (check_download_room), both from one file list, before anything downloads."""
+def check_visitor_model(name: str, token: str | bool | None = None) -> tuple[str, int | None]:
+    """A base model a web visitor names must fit this machine (check_fits), from its file list, before anything
+    downloads; returns its Hub id and the bytes of its weights (None: not a Hub download) for the room left for
+    visitors' downloads (downloads.check_room)."""
     size = hub_weight_bytes(name, token)
     _check_weights_fit(name, size)
-    check_download_room(resolve_name(name)[0], size)
+    return resolve_name(name)[0], size
 
 
 @contextmanager

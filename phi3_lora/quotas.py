@@ -6,7 +6,7 @@ ones do. The owner is never counted nor capped here: the owner decides for thems
 
     drafts     draft copies of uploads (uploads.keep_for_draft)                       2 GiB; 512 MiB each; 1 GiB anonymous
     downloads  Hub downloads a visitor's request causes: base models, adapters and
-               datasets (models.check_download_room)                                  64 GiB; 16 GiB each; 32 GiB anonymous
+               datasets (downloads.check_room)                                  64 GiB; 16 GiB each; 32 GiB anonymous
     runs       a signed-in visitor's run folders: checkpoints, adapter, merges        50 GiB each (anonymous visitors cannot train)
 
 Identity: a signed-in visitor is their sign-in ('auth:alice', 'hf:bob'). Anonymous visitors are all one identity,
@@ -16,7 +16,7 @@ share per session or per browser would stop nobody; their pool is bounded instea
 Rooms recover on their own: a room of copies (drafts, downloads) that a new one does not fit gives up its entries
 older than a bound, oldest first (`expiry_plan`); a draft is a temporary copy of an upload and a download a copy of
 what the Hub keeps, so nobody's work is lost, and runs are never touched. The arithmetic here is pure; the disk is
-read by the modules that own each room (uploads, models, runs) and by `run_bytes_of`.
+read by the modules that own each room (uploads, downloads) and by `run_bytes_of`.
 
 The defaults are the named constants below; the app's owner changes them with AppOptions(limits=Limits(...)).
 """
@@ -73,7 +73,8 @@ class Limits:
     runs_share: int = RUNS_SHARE_BYTES
 
     def drafts(self) -> Room:
-        return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s)
+        return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s,
+                    own_give_way=True)
 
     def downloads(self) -> Room:
         return Room("downloads", self.downloads_total, self.downloads_share, self.downloads_anonymous,
@@ -92,6 +93,9 @@ class Room:
     share: int
     anonymous: int
     expiry_s: float
+    # A signed-in holder's own entries give way to their newer one at any age (drafts: a browser's newest draft is
+    # the one wanted); else only entries older than expiry_s go (downloads: an older one may be in use).
+    own_give_way: bool = False
 
     def cap_of(self, holder: str) -> int:
         return self.anonymous if holder == ANONYMOUS else self.share
@@ -138,15 +142,16 @@ def over(room: Room, used: Mapping[str, int], holder: str, size: int) -> str | N
 
 def expiry_plan(room: Room, held: list[Held], holder: str, size: int, now: float) -> list[Held] | None:
     """The entries to remove, oldest first, so that `size` more bytes for `holder` fit `room`; None when they cannot.
-    An entry may go once it is older than room.expiry_s; a signed-in holder's own entries give way to their newer
-    one at any age (the anonymous pool is many visitors: there the age applies). The fewest: each step removes the
+    An entry may go once it is older than room.expiry_s; with room.own_give_way a signed-in holder's own entries give
+    way to their newer one at any age (the anonymous pool is many visitors: there the age applies). The fewest: each step removes the
     oldest entry that frees room under the limit that is passed."""
     left, gone = list(held), []
     while (limit := over(room, usage(left), holder, size)) is not None:
         def may_go(h: Held) -> bool:
             if limit == "share" and h.holder != holder:
                 return False
-            return (h.holder == holder and holder != ANONYMOUS) or now - h.used_at > room.expiry_s
+            mine = room.own_give_way and h.holder == holder and holder != ANONYMOUS
+            return mine or now - h.used_at > room.expiry_s
         candidates = sorted((h for h in left if may_go(h) and h.size > 0), key=lambda h: h.used_at)
         if not candidates:
             return None
@@ -159,21 +164,21 @@ def size_text(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
 
-def room_refusal(room: Room, used: Mapping[str, int], holder: str, size: int, what: str) -> UserError:
+def room_refusal(room: Room, used: Mapping[str, int], holder: str, size: int, what: str,
+                 instead: str = "") -> UserError:
     """The message for `what` (`size` bytes) that does not fit `room` even after expiry: which limit, how full, and
-    what to do."""
+    what to do (`instead`: what else the visitor can do here, said first)."""
     mine = used.get(holder, 0)
     if over(room, used, holder, size) == "share":
         whose = "all anonymous visitors together have" if holder == ANONYMOUS else "you have"
         message = (f"{what} ({size_text(size)}) does not fit: {whose} {size_text(mine)} of {room.name} on this "
                    f"server, and the limit is {size_text(room.cap_of(holder))}.")
     else:
-        message = (f"{what} ({size_text(size)}) does not fit: visitors' {room.name} fill "
-                   f"{size_text(sum(used.values()))} of the {size_text(room.total)} this server keeps for them.")
-    hint = ("Sign in to get a share of your own, try again later (older entries give way with time), or run "
-            "phi3_lora on your own machine." if holder == ANONYMOUS else
-            "Try again later (older entries give way with time), or run phi3_lora on your own machine.")
-    return UserError(message, hint=hint)
+        message = (f"{what} ({size_text(size)}) does not fit: this server's room for {room.name} is full "
+                   f"({size_text(sum(used.values()))} of {size_text(room.total)}).")
+    later = "try again later (the oldest give way with time), or run phi3_lora on your own machine."
+    hint = f"Sign in to get a share of your own, {later}" if holder == ANONYMOUS else later[0].upper() + later[1:]
+    return UserError(message, hint=f"{instead} {hint}".strip())
 
 
 # --- runs: a signed-in visitor's run folders ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from helpers.apps import endpoint_args, free_port
-from helpers.local_http import LocalServer
+from helpers.fake_hub import FakeModelHub, online
 from helpers.run_folders import RUN_ID, make_adapter_run
 from phi3_lora import uploads
 from phi3_lora.errors import UserError
@@ -268,74 +268,6 @@ def test_an_ordinary_parquet_file_with_lists_and_dictionaries_still_reads(tmp_pa
 
 # --- a "published adapter" that is a whole model -----------------------------------------------------------
 
-class FakeModelHub:
-    """A Hub on 127.0.0.1 holding model (and dataset) repos (repo id -> file name -> its bytes, or its size to be served as zeros)
-    that records every request."""
-
-    def __init__(self, repos: dict[str, dict[str, int | bytes]]) -> None:
-        import json
-        from http.server import BaseHTTPRequestHandler
-
-        seen: list[str] = []
-        sha = "1" * 40
-
-        def size(content: int | bytes) -> int:
-            return content if isinstance(content, int) else len(content)
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _answer(self) -> None:
-                seen.append(f"{self.command} {self.path}")
-                path = self.path.split("?", 1)[0]
-                if path.startswith(("/api/datasets/", "/datasets/")):  # a dataset repo: served like a model repo
-                    path = path.replace("/api/datasets/", "/api/models/", 1).removeprefix("/datasets")
-                repo_id = next((r for r in repos if path == f"/api/models/{r}"
-                                or path.startswith((f"/api/models/{r}/", f"/{r}/resolve/"))), None)
-                files = repos.get(repo_id or "", {})
-                status, headers = 200, {"Content-Type": "application/json"}
-                if repo_id is None:
-                    status, body, headers = 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}
-                elif "/tree/" in path:  # what snapshot_download lists
-                    body = json.dumps([{"type": "file", "path": name, "size": size(c), "oid": "0" * 40}
-                                       for name, c in files.items()]).encode()
-                elif path.startswith("/api/models/"):
-                    body = json.dumps({"id": repo_id, "sha": sha, "private": False, "siblings": [
-                        {"rfilename": name, "size": size(c)} for name, c in files.items()]}).encode()
-                else:
-                    content = files.get(path.split("/resolve/", 1)[1].split("/", 1)[1], b"")
-                    body = content if isinstance(content, bytes) else b"\0" * min(content, 2**20)
-                    headers = {"X-Repo-Commit": sha, "ETag": f'"{hash(body)}"'}
-                self.send_response(status)
-                for key, value in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_HEAD = _answer
-
-        self.seen = seen
-        self._served = LocalServer(Handler)
-        self.url = self._served.url
-
-    def close(self) -> None:
-        self._served.close()
-
-
-def online(hub: FakeModelHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeModelHub:
-    """huggingface_hub in this process talks to `hub`, with an empty cache."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    return hub
-
-
 @pytest.mark.parametrize("files, words", [
     ({"adapter_config.json": 300, "adapter_model.safetensors": 40 * 2**30}, "40.0 GiB"),  # an adapter of 40 GiB
     ({"config.json": 700, **{f"model-{i:05d}-of-00072.safetensors": 5 * 2**30 for i in range(72)}},
@@ -384,29 +316,32 @@ def test_visitors_downloads_together_stay_within_their_room(app, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Each model or adapter a visitor names is checked alone, but each new name is another download kept in the Hub
     cache: naming one after another filled the disk. A new download that would pass the room left for visitors'
-    downloads (models.VISITOR_CACHE_BYTES) is refused from the file list, before it starts; the adapter here first,
-    then, with room for it, the base it names."""
+    downloads (quotas.Limits.downloads(): every anonymous visitor together here) is refused from the file list, before
+    it starts; the adapter here first, then, with room for it, the base it names. (Its own repo names: this app's
+    earlier tests downloaded theirs, which count as under way for an hour.)"""
+    import dataclasses
     import json
 
-    from phi3_lora import models
+    from phi3_lora import quotas
 
     url, _ = app
     config = {"base_model_name_or_path": "someone/mid", "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
               "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
     mid = {"config.json": b"{}", "model.safetensors": 3 * 2**30}  # fits this machine: alone it would be loaded
-    hub = online(FakeModelHub({"someone/adapter": {"adapter_config.json": json.dumps(config).encode(),
+    hub = online(FakeModelHub({"someone/small-adapter": {"adapter_config.json": json.dumps(config).encode(),
                                                    "adapter_model.safetensors": b""},
                                "someone/mid": mid}), tmp_path, monkeypatch)
     try:
-        monkeypatch.setattr(models, "VISITOR_CACHE_BYTES", 10)
-        adapter, _ = _compare(_client(url), "hi", Adapter="someone/adapter")
+        monkeypatch.setattr(APP_OPTIONS[0], "limits", dataclasses.replace(quotas.LIMITS, downloads_anonymous=10))
+        adapter, _ = _compare(_client(url), "hi", Adapter="someone/small-adapter")
         assert not [r for r in hub.seen if "/resolve/" in r], hub.seen
-        monkeypatch.setattr(models, "VISITOR_CACHE_BYTES", 2**30)
-        base, _ = _compare(_client(url), "hi", Adapter="someone/adapter")
+        monkeypatch.setattr(APP_OPTIONS[0], "limits", dataclasses.replace(quotas.LIMITS, downloads_anonymous=2**30))
+        base, _ = _compare(_client(url), "hi", Adapter="someone/small-adapter")
     finally:
         hub.close()
-    assert "someone/adapter" in adapter and "space for models that visitors download is full" in adapter, adapter[:500]
-    assert "someone/mid (3.0 GiB) is not downloaded" in base and "already in use here" in base, base[:500]
+    assert "Downloading someone/small-adapter" in adapter, adapter[:500]
+    assert "all anonymous visitors together have" in adapter, adapter[:500]
+    assert "Downloading someone/mid (3.0 GiB) does not fit" in base and "already in use here" in base, base[:500]
     assert not [r for r in hub.seen if "someone/mid/resolve/" in r], hub.seen
 
 

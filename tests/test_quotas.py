@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from helpers.apps import endpoint_args, free_port
+from helpers.fake_hub import FakeModelHub, online
 from phi3_lora import quotas, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.quotas import ANONYMOUS, Held, Limits
@@ -108,7 +109,7 @@ def test_a_full_room_of_drafts_recovers_by_itself_keeping_the_newest(tmp_path: P
         token = f"d{i}"
         uploads.keep_for_draft(_upload(tmp_path, f"{token}.jsonl"), runs, token, holder, SMALL)
         _age(runs, token, 90_000 - 10_000 * i)  # d0 the oldest (25 h) ... d7 (6 h); d0..d6 past the hour
-    with pytest.raises(UserError, match="visitors' drafts fill 320 KiB of the 320 KiB"):
+    with pytest.raises(UserError, match="room for drafts is full \\(320 KiB of 320 KiB\\)"):
         uploads.keep_for_draft(_upload(tmp_path, "e.jsonl"), runs, "e", "auth:e",
                                dataclasses.replace(SMALL, draft_expiry_s=30 * 3600))  # none is old enough
     assert len(uploads.drafts_held(runs)) == 8
@@ -119,9 +120,87 @@ def test_a_full_room_of_drafts_recovers_by_itself_keeping_the_newest(tmp_path: P
         uploads.restore_draft(runs, "d0", "d0.jsonl", "session2")
 
 
+# --- Hub downloads on a real cache folder ------------------------------------------------------------------------
+
+GiB = 2**30
+ROOMY_DISK = Limits(disk_reserve=0, downloads_total=64 * GiB, downloads_share=16 * GiB,
+                    downloads_anonymous=32 * GiB, download_expiry_s=7 * 24 * 3600)
+
+
+def _cached(key: str, size: int = 10) -> None:
+    """A repo in the Hub cache as huggingface_hub lays it out (its bytes on disk are few: the ledger counts what
+    its file list said)."""
+    from phi3_lora import downloads
+
+    folder = downloads.cache_folder(key) / "snapshots" / ("1" * 40)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(b"\0" * size)
+
+
+def test_one_visitors_downloads_stay_in_their_share_and_the_owner_is_never_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each model, adapter or dataset a visitor makes this machine download counts for them: alice is refused past her
+    16 GiB share, bob still downloads his; anonymous visitors together stop at their 32 GiB pool; the owner is not
+    checked. A repo already cached costs nobody more."""
+    import huggingface_hub.constants
+
+    from phi3_lora import downloads
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    check = lambda holder, key, size: downloads.check_room(runs, holder, key, size, ROOMY_DISK)  # noqa: E731
+    check("auth:alice", "model:big/one", 15 * GiB)
+    with pytest.raises(UserError, match="you have 15.0 GiB of downloads on this server, and the limit is 16.0 GiB"):
+        check("auth:alice", "dataset:someone/chat", 2 * GiB)
+    check("auth:bob", "dataset:someone/chat", 2 * GiB)
+    check("auth:alice", "model:big/one", 15 * GiB)  # the same repo again (its download under way): no new cost
+    _cached("dataset:someone/chat")
+    check("auth:alice", "dataset:someone/chat", 2 * GiB)  # bob's download, cached now: alice uses it for nothing
+    for i in range(3):
+        check(ANONYMOUS, f"model:anon/m{i}", 10 * GiB)
+    with pytest.raises(UserError, match="all anonymous visitors together have 30.0 GiB.*Sign in"):
+        check(ANONYMOUS, "model:anon/m3", 10 * GiB)
+    check(None, "model:owner/huge", 500 * GiB)  # the owner: never refused, never counted
+    check("auth:carol", "model:carol/m", 15 * GiB)  # 15 + 2 + 30 + 15 = 62 of the 64 GiB
+    with pytest.raises(UserError, match="room for downloads is full"):
+        check("auth:dave", "model:dave/m", 4 * GiB)
+
+
+def test_a_full_room_of_downloads_gives_up_the_oldest_unused_ones(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Visitors' downloads fill the total; a new one removes, oldest first, the downloads no request used for a week
+    (copies of what the Hub keeps) and no more; the newer ones stay in the cache."""
+    import huggingface_hub.constants
+
+    from phi3_lora import downloads
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    day, now = 24 * 3600, time.time()
+    for holder, age in (("auth:a", 10), ("auth:b", 9), ("auth:c", 8), ("auth:d", 5)):  # 4 x 16 GiB: the total
+        key = f"model:{holder[5:]}/m"
+        downloads.check_room(runs, holder, key, 16 * GiB, ROOMY_DISK, now=now - age * day)
+        _cached(key)
+    downloads.check_room(runs, "auth:a", "model:a/m", 16 * GiB, ROOMY_DISK, now=now - 6 * day)  # a used since
+    downloads.check_room(runs, "auth:e", "model:e/m", 16 * GiB, ROOMY_DISK, now=now)
+    cached = {k for k in ("model:a/m", "model:b/m", "model:c/m", "model:d/m") if downloads.is_cached(k)}
+    assert cached == {"model:a/m", "model:c/m", "model:d/m"}, cached  # b, the oldest unused, went; no more
+    _cached("model:e/m")
+    downloads.check_room(runs, "auth:f", "model:f/m", 16 * GiB, ROOMY_DISK, now=now)  # c (8 days) goes next
+    _cached("model:f/m")
+    assert not downloads.is_cached("model:c/m")
+    # nothing unused for a week is left to give way: the next one is refused, and the room stays as it was
+    with pytest.raises(UserError, match="room for downloads is full"):
+        downloads.check_room(runs, "auth:g", "model:g/m", 16 * GiB, ROOMY_DISK, now=now)
+    assert all(downloads.is_cached(f"model:{x}/m") for x in "adef")
+
+
 # --- through the real app: two signed-in visitors ----------------------------------------------------------------
 
-SERVED = Limits(drafts_total=8 * 2**20, drafts_share=2**20, drafts_anonymous=4 * 2**20)
+SERVED = Limits(drafts_total=8 * 2**20, drafts_share=2**20, drafts_anonymous=4 * 2**20, disk_reserve=0,
+                downloads_share=512 * 2**20)
 USERS = [("alice", "alice-pass"), ("bob", "bob-pass")]
 
 
@@ -166,3 +245,33 @@ def test_a_signed_in_visitor_saving_drafts_without_end_cannot_block_another(sign
     # alice's browser that held the first draft finds out what happened when it restores it
     note = alice.predict(saved[0], api_name="/restore_draft")[-1]
     assert "gave way to newer drafts" in str(note), note
+
+
+def test_a_visitors_hub_datasets_count_in_their_share_and_not_in_anothers(signed_in_app, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Hub dataset is checked alone (at most 512 MiB), but a visitor could name one after another. Validating one
+    counts its file list's bytes for the visitor: alice's second 300 MiB dataset passes her 512 MiB share and is
+    refused before a byte of it downloads; bob validates the same dataset: his share is his own."""
+    url, runs, _ = signed_in_app
+    chat = {"README.md": 100, "data/train-00000-of-00001.parquet": 300 * 2**20}
+    hub = online(FakeModelHub({"someone/chat-a": chat, "someone/chat-b": chat}), tmp_path, monkeypatch)
+    alice, bob = _signed_in(url, "alice"), _signed_in(url, "bob")
+
+    def validate(c: Any, dataset: str) -> str:
+        try:
+            return str(c.predict(*endpoint_args(c, "validate", **{"Data source": dataset}), api_name="/validate"))
+        except Exception as exc:  # a refusal (gr.Error)
+            return str(exc)
+
+    try:
+        first = validate(alice, "someone/chat-a")  # counted (the zeros it downloads are no parquet: no rows)
+        second = validate(alice, "someone/chat-b")
+        asked = len(hub.seen)
+        theirs = validate(bob, "someone/chat-b")
+    finally:
+        hub.close()
+    assert "does not fit" not in first, first[:500]
+    assert "Downloading someone/chat-b (300 MiB) does not fit: you have 300 MiB of downloads" in second, second[:500]
+    assert "the limit is 512 MiB" in second
+    assert not [r for r in hub.seen[:asked] if "someone/chat-b/resolve/" in r], hub.seen
+    assert "does not fit" not in theirs, theirs[:500]

@@ -181,6 +181,8 @@ def check_source(state: Any, who: Requester, source: str) -> Action:
     action = access.source_action(source, sample=state.options.sample_dataset,
                                   uploads=upload_dir(state.options.runs_dir, who), is_hub_id=is_hub_id(source))
     check(state, who, action)
+    if action is Action.READ_HUB_DATA:  # reading it downloads it
+        check_dataset_room(state, who, source)
     return action
 
 
@@ -217,17 +219,40 @@ def check_template(state: Any, who: Requester, value: str | None) -> None:
 
 def check_model_fits(state: Any, who: Requester, name: str | None) -> None:
     """A base model a visitor names is loaded on this machine (Compare: in the app's own process): refuse one whose
-    weights could not fit, from the Hub's file list, before anything is downloaded. The owner decides for themself."""
+    weights could not fit, from the Hub's file list, before anything is downloaded, or whose download does not fit
+    the visitor's room (downloads.check_room). The owner decides for themself."""
     from phi3_lora.models import check_visitor_model
 
     if who.level is not access.Level.OWNER and (name or "").strip():
-        check_visitor_model(name.strip(), access.hub_token(who, None))
+        repo_id, size = check_visitor_model(name.strip(), access.hub_token(who, None))
+        _check_download(state, who, repo_id, size, "model")
 
 
 def check_adapter_room(state: Any, who: Requester, repo_id: str) -> None:
-    """A Hub adapter a visitor names is downloaded into the Hub cache: within the room left for visitors' downloads
-    (models.check_download_room). The owner decides for themself."""
-    from phi3_lora.models import check_download_room, hub_repo_bytes
+    """A Hub adapter a visitor names is downloaded into the Hub cache: within the visitor's room for downloads
+    (downloads.check_room). The owner decides for themself."""
+    from phi3_lora.models import hub_repo_bytes
 
     if who.level is not access.Level.OWNER:
-        check_download_room(repo_id, hub_repo_bytes(repo_id, access.hub_token(who, None)))
+        _check_download(state, who, repo_id, hub_repo_bytes(repo_id, access.hub_token(who, None)), "model")
+
+
+def check_dataset_room(state: Any, who: Requester, dataset_id: str) -> None:
+    """A Hub dataset a visitor names is downloaded into the Hub cache: within the same room as their models
+    (downloads.check_room). One larger than a data file may be is left to readers, which refuses it before it
+    downloads (so it does not count)."""
+    from phi3_lora.models import hub_repo_bytes
+    from phi3_lora.readers import MAX_FILE_BYTES
+
+    if who.level is not access.Level.OWNER:
+        size = hub_repo_bytes(dataset_id, access.hub_token(who, None), repo_type="dataset")
+        if size is not None and size <= MAX_FILE_BYTES:
+            _check_download(state, who, dataset_id, size, "dataset")
+
+
+def _check_download(state: Any, who: Requester, repo_id: str, size: int | None, repo_type: str) -> None:
+    from phi3_lora import downloads, quotas
+
+    limits = getattr(state.options, "limits", quotas.LIMITS)
+    downloads.check_room(state.options.runs_dir, quotas.holder_of(who), downloads.repo_key(repo_id, repo_type), size,
+                         limits)
