@@ -132,6 +132,7 @@ ENDPOINTS: dict[str, tuple[Action, ...]] = {
     "start_training": (A.START, *_DATA),
     "stop_training": (A.STOP,),
     "resume_training": (A.RESUME,),
+    "delete_run": (A.DELETE,),               # frees a visitor's share of the disk (quotas.RUNS_SHARE_BYTES)
     "list_runs": (A.VIEW,),
     "select_run": (A.VIEW,),
     "poll_run": (A.VIEW,),
@@ -337,7 +338,9 @@ def public_rows(rows: list[Any], public: frozenset[str]) -> bool:
 
 class RunStarters:
     """runs/.starters.json: run id -> the identity that started it from the web (owner level: 'owner'), so a
-    signed-in visitor can stop and resume their own runs and nobody else's. Written atomically."""
+    signed-in visitor can stop and resume their own runs and nobody else's; '<run id>/<folder>' -> the identity that
+    made that export folder (a merge) inside the run, whose disk it counts on (quotas.run_bytes_of). Written
+    atomically."""
 
     FILE = ".starters.json"
 
@@ -354,6 +357,10 @@ class RunStarters:
 
     def get(self, run_id: str) -> str | None:
         return self._read().get(run_id)
+
+    def all(self) -> dict[str, str]:
+        """Every entry: run ids, and '<run id>/<folder>' for an export folder made inside a run from the web."""
+        return self._read()
 
     def record(self, run_id: str, identity: str | None) -> None:
         if identity is None:

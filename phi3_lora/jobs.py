@@ -295,6 +295,24 @@ def _stop_reason(status: events.RunStatus, killed: bool, grace: float, step_s: f
             f"finish, so no checkpoint was saved at step {status.step}; {status.resume_text}.")
 
 
+def delete_run(run_id: str, runs_dir: Path | None = None) -> int:
+    """Delete a run's folder (checkpoints, adapter, merges) and its exports; returns the bytes freed. A running run is
+    refused (stop it first). The folder is renamed out of the list first, so a half-deleted run never shows."""
+    from phi3_lora.uploads import folder_bytes
+
+    runs_dir = Path(runs_dir or runs.default_runs_dir())
+    with runs.locked(runs_dir):
+        run = runs.run_in(runs_dir, run_id)
+        if run.process_alive() or events.run_status(run.path).active:
+            raise UserError(f"{run_id} is running.", hint="Stop it first, then delete it.")
+        freed = folder_bytes(run.path)
+        gone = runs_dir / f".deleting-{run_id}"
+        os.replace(run.path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+    shutil.rmtree(runs.exports_dir(runs_dir, run_id), ignore_errors=True)
+    return freed
+
+
 def resume_point(run_id: str, runs_dir: Path | None = None) -> tuple[int, Path | None]:
     """(step, checkpoint) a Resume of this run would start from: its newest complete checkpoint, else step 0."""
     run = runs.run_in(Path(runs_dir or runs.default_runs_dir()), run_id)

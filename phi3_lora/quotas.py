@@ -184,24 +184,39 @@ def room_refusal(room: Room, used: Mapping[str, int], holder: str, size: int, wh
 # --- runs: a signed-in visitor's run folders ------------------------------------------------------------------
 
 def runs_refusal(sizes: Mapping[str, int], share: int, what: str, adding: int = 0) -> UserError | None:
-    """None while a visitor's runs (`sizes`: run id -> bytes of its folder) and `adding` more bytes stay within
-    `share`; else the message that refuses `what` and names the runs to delete, largest first."""
+    """None while a visitor's runs (`sizes`: run id, or '<run id>/<folder>' for an export they made in a run, -> its
+    bytes) and `adding` more bytes stay within `share`; else the message that refuses `what` and names what to delete,
+    largest first."""
     used = sum(sizes.values())
     if used + adding <= share:
         return None
     largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
-    names = ", ".join(f"{run_id} ({size_text(n)})" for run_id, n in largest)
+    names = ", ".join(f"{name} ({size_text(n)})" for name, n in largest)
     need = f" and this needs about {size_text(adding)} more" if adding else ""
-    return UserError(f"Your runs take {size_text(used)} of this server's disk{need}; each signed-in visitor may keep "
-                     f"{size_text(share)}, so {what} is refused.",
-                     hint=f"Delete runs you no longer need (Train tab, Delete run), or their merged copies: your "
-                          f"largest are {names}.")
+    return UserError(f"Your runs and exports take {size_text(used)} of this server's disk{need}; each signed-in "
+                     f"visitor may keep {size_text(share)}, so {what} is refused.",
+                     hint=f"Delete runs or merged copies you no longer need (Train tab, Delete run); your largest "
+                          f"are {names}.")
 
 
 def run_bytes_of(runs_dir: Path, holder: str, starters: Mapping[str, str]) -> dict[str, int]:
-    """Bytes of each run folder of `runs_dir` that `holder` started (`starters`: run id -> identity, from
-    access.RunStarters); what export writes into a run folder (merges, GGUF) counts with it."""
+    """What `holder` keeps in `runs_dir`: each run they started (`starters`: access.RunStarters.all()) by the bytes
+    of its folder, less the export folders somebody else made in it, and each export folder they made in any run
+    ('<run id>/<folder>')."""
     from phi3_lora.runs import run_dirs
     from phi3_lora.uploads import folder_bytes
 
-    return {run.run_id: folder_bytes(run.path) for run in run_dirs(runs_dir) if starters.get(run.run_id) == holder}
+    out: dict[str, int] = {}
+    for run in run_dirs(runs_dir):
+        others = 0
+        for name in [k.split("/", 1)[1] for k in starters if k.startswith(f"{run.run_id}/")]:
+            folder = run.path / name
+            size = folder_bytes(folder) if folder.is_dir() else 0
+            if starters.get(f"{run.run_id}/{name}") == holder:
+                out[f"{run.run_id}/{name}"] = size
+            else:
+                others += size
+        if starters.get(run.run_id) == holder:
+            out[run.run_id] = folder_bytes(run.path) - others - sum(
+                v for k, v in out.items() if k.startswith(f"{run.run_id}/"))
+    return out

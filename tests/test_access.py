@@ -213,6 +213,7 @@ ATTACKS: dict[tuple[str, Action], Callable[[dict[str, Any]], dict[str, Any]]] = 
     ("stop_training", A.STOP): lambda w: {"Run": ACTIVE_ID},
     ("load_run_settings", A.LOAD_RUN_SETTINGS): lambda w: {"Run": RUN_ID},
     ("resume_training", A.RESUME): lambda w: {"Run": STOPPED_ID},
+    ("delete_run", A.DELETE): lambda w: {"Run": STOPPED_ID},
     ("compare", A.READ_SERVER_PATH): lambda w: {"Adapter": "evil/adapter-on-a-server-model",
                                                 "Prompt": "What do you know?"},
     ("evaluate", A.EVALUATE): lambda w: {"Adapter": RUN_ID},

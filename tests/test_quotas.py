@@ -200,7 +200,7 @@ def test_a_full_room_of_downloads_gives_up_the_oldest_unused_ones(tmp_path: Path
 # --- through the real app: two signed-in visitors ----------------------------------------------------------------
 
 SERVED = Limits(drafts_total=8 * 2**20, drafts_share=2**20, drafts_anonymous=4 * 2**20, disk_reserve=0,
-                downloads_share=512 * 2**20)
+                downloads_share=512 * 2**20, runs_share=64 * 2**20)
 USERS = [("alice", "alice-pass"), ("bob", "bob-pass")]
 
 
@@ -275,3 +275,75 @@ def test_a_visitors_hub_datasets_count_in_their_share_and_not_in_anothers(signed
     assert "the limit is 512 MiB" in second
     assert not [r for r in hub.seen[:asked] if "someone/chat-b/resolve/" in r], hub.seen
     assert "does not fit" not in theirs, theirs[:500]
+
+
+# --- runs: a signed-in visitor's run folders ---------------------------------------------------------------------
+
+def _sparse(folder: Path, size: int) -> None:
+    """A file of `size` bytes that takes no room on this machine's disk (what quotas count is the size)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.safetensors", "wb") as fh:
+        fh.truncate(size)
+
+
+def test_runs_count_for_who_started_them_and_merges_for_who_made_them(tmp_path: Path) -> None:
+    """alice's run counts for her, less the merge bob made inside it, which counts for bob."""
+    from phi3_lora.access import RunStarters
+    from phi3_lora.runs import RunDir
+
+    runs = tmp_path / "runs"
+    for run_id, who in (("20260101-000000-a", "auth:alice"), ("20260101-000001-b", "auth:bob")):
+        (runs / run_id).mkdir(parents=True)
+        (runs / run_id / RunDir.CONFIG).write_text("{}\n")
+        _sparse(runs / run_id / "checkpoints" / "checkpoint-1", 3 * 2**20)
+        RunStarters(runs).record(run_id, who)
+    _sparse(runs / "20260101-000000-a" / "merged", 10 * 2**20)
+    RunStarters(runs).record("20260101-000000-a/merged", "auth:bob")
+    starters = RunStarters(runs).all()
+    alice = quotas.run_bytes_of(runs, "auth:alice", starters)
+    bob = quotas.run_bytes_of(runs, "auth:bob", starters)
+    assert set(alice) == {"20260101-000000-a"} and 3 * 2**20 < alice["20260101-000000-a"] < 4 * 2**20, alice
+    assert bob["20260101-000000-a/merged"] == 10 * 2**20 and set(bob) == {"20260101-000000-a/merged",
+                                                                          "20260101-000001-b"}, bob
+    refused = quotas.runs_refusal(bob, 12 * 2**20, "a merge")
+    assert refused is not None and "so a merge is refused" in str(refused)
+    assert "Delete runs or merged copies" in str(refused) and "20260101-000000-a/merged (10 MiB)" in str(refused)
+    assert quotas.runs_refusal(alice, 12 * 2**20, "a merge") is None
+
+
+def test_a_signed_in_visitor_past_their_runs_share_is_refused_with_what_to_delete(signed_in_app, tiny_llama_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """alice's runs fill her share: Start and Resume are refused before any work with a message naming her largest
+    run; bob, with runs of his own, is not refused for alice's use; alice cannot delete bob's run, deletes hers with
+    Delete run, and her share is free again."""
+    from helpers.apps import SAMPLE, start_args
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora.access import RunStarters
+
+    url, runs, options = signed_in_app
+    state_starters = RunStarters(runs)
+    make_adapter_run(runs, tiny_llama_dir, "20260102-000000-alice")
+    _sparse(runs / "20260102-000000-alice" / "merged", 80 * 2**20)
+    state_starters.record("20260102-000000-alice", "auth:alice")
+    make_adapter_run(runs, tiny_llama_dir, "20260102-000000-bob")
+    state_starters.record("20260102-000000-bob", "auth:bob")
+    alice, bob = _signed_in(url, "alice"), _signed_in(url, "bob")
+
+    def call(c: Any, *args: Any, api_name: str) -> str:
+        try:
+            return str(c.predict(*args, api_name=api_name))
+        except Exception as exc:
+            return str(exc)
+
+    started = call(alice, *start_args(alice, **{"Data source": str(SAMPLE)}), api_name="/start_training")
+    assert "Your runs and exports take" in started and "so starting a run is refused" in started, started[:600]
+    assert "Delete run" in started and "20260102-000000-alice" in started
+    resumed = call(alice, "20260102-000000-alice", api_name="/resume_training")
+    assert "so resuming 20260102-000000-alice is refused" in resumed, resumed[:600]
+    theirs = call(bob, "20260102-000000-bob", api_name="/resume_training")
+    assert "Your runs and exports take" not in theirs, theirs[:600]  # refused or not, never for alice's use
+    assert "only for runs they started" in call(alice, "20260102-000000-bob", api_name="/delete_run")
+    assert (runs / "20260102-000000-bob").is_dir()
+    call(alice, "20260102-000000-alice", api_name="/delete_run")
+    assert not (runs / "20260102-000000-alice").exists()
+    assert quotas.run_bytes_of(runs, "auth:alice", state_starters.all()) == {}

@@ -17,7 +17,7 @@ from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, exports_dir, find_run, shown_path
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, guarded, rows_refusal
+from phi3_lora.ui.guard import check, check_runs_room, guarded, rows_refusal
 from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
 from phi3_lora.ui.strings import t
 
@@ -207,9 +207,11 @@ def wire(tab: ExportTab, state: AppState) -> None:
         check(state, who, Action.MERGE)
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), folder, any_name=who.level is access.Level.OWNER)
+        check_runs_room(state, who, "a merge")
         progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
         with hold_checkpoint(path):
             merged = _export().merge_adapter(path, out, base=base or "auto")
+        state.starters.record(f"{_run_dir(path).name}/{merged.name}", who.identity)  # whose disk it counts on
         size = _folder_size(merged)
         message = notice("ok", f"Merged model saved to {shown_path(merged)} ({size / 2**30:.2f} GiB, safetensors).") + \
             verification_html(merged, rows_refusal(state, who, path) is None)
@@ -252,8 +254,10 @@ def wire(tab: ExportTab, state: AppState) -> None:
             raise UserError(f"Unknown GGUF type {gguf_type!r}.", hint="Pick f16 or q8_0.")
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), f"gguf-{gguf_type}")
+        check_runs_room(state, who, "a GGUF export")
         progress(0.1, desc="Merging, writing the GGUF and verifying it in a fresh process (this takes a while)…")
         result = gguf_bundle.export_gguf(path, out, gguf_type, merge_base=base or "auto")
+        state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
         report = gguf_report(result)
         if _folder_size(result.folder) > MERGED_ZIP_LIMIT:
             return report + help_md("Too large to download through the browser; copy the folder instead."), \

@@ -256,3 +256,18 @@ def _check_download(state: Any, who: Requester, repo_id: str, size: int | None, 
     limits = getattr(state.options, "limits", quotas.LIMITS)
     downloads.check_room(state.options.runs_dir, quotas.holder_of(who), downloads.repo_key(repo_id, repo_type), size,
                          limits)
+
+
+def check_runs_room(state: Any, who: Requester, what: str, adding: int = 0) -> None:
+    """A signed-in visitor's runs and the exports they made stay within their share of the disk
+    (quotas.Limits.runs_share): `what` (start, resume, a merge, a GGUF) is refused past it, with what to delete.
+    Anonymous visitors cannot train nor merge; the owner is not counted."""
+    from phi3_lora import quotas
+
+    if who.level is not access.Level.SIGNED_IN or not who.identity:
+        return
+    limits = getattr(state.options, "limits", quotas.LIMITS)
+    sizes = quotas.run_bytes_of(state.options.runs_dir, who.identity, state.starters.all())
+    refused = quotas.runs_refusal(sizes, limits.runs_share, what, adding)
+    if refused is not None:
+        raise refused

@@ -19,7 +19,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, check_model_fits, check_source, guarded
+from phi3_lora.ui.guard import check, check_model_fits, check_runs_room, check_source, guarded
 from phi3_lora.ui.strings import t
 
 LOG_HIDDEN = ("(The log of a run is shown to whoever started it: it names this server's folders and files. The "
@@ -36,6 +36,7 @@ class TrainTab:
     start: gr.Button
     stop: gr.Button
     resume: gr.Button
+    delete: gr.Button
     status: gr.HTML
     progress: gr.HTML
     plot: gr.Plot
@@ -61,6 +62,7 @@ def build(state: AppState) -> TrainTab:
         start = gr.Button(t("train.start"), variant="primary", scale=2)
         stop = gr.Button(t("train.stop"), variant="stop", scale=1)
         resume = gr.Button(t("train.resume"), variant="secondary", scale=1)
+        delete = gr.Button(t("train.delete"), variant="secondary", scale=1)
     runs, refresh = run_picker(t("train.run"), t("train.run_info"), "p3-runs")
     status = gr.HTML(notice("info", t("train.no_run")))
     progress = gr.HTML(_progress_html(None), elem_id="p3-progress-box")
@@ -74,7 +76,7 @@ def build(state: AppState) -> TrainTab:
         overlay_scores = gr.Markdown(overlay_scores_md({}), elem_id="p3-overlay-scores")
     timer = gr.Timer(state.options.poll_seconds)
     seen = gr.State("")
-    return TrainTab(runs, refresh, start, stop, resume, status, progress, plot, log, timer, seen, overlay_box,
+    return TrainTab(runs, refresh, start, stop, resume, delete, status, progress, plot, log, timer, seen, overlay_box,
                     overlay_runs, overlay_plot, overlay_scores)
 
 
@@ -294,7 +296,9 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         check_model_fits(state, who, config.model.name)  # the run downloads it to this machine's disk
         if check_source(state, who, config.data.source) is Action.READ_UPLOAD:  # outlives the session
             config = config.replace(data={"source": str(uploads.keep_for_run(config.data.source, runs_dir))})
-        run_id = jobs.start_run(config, runs_dir)
+        need = jobs.disk_needed(jobs.trainable_params_for(config), config.train.save_total_limit)
+        check_runs_room(state, who, "starting a run", need)
+        run_id = jobs.start_run(config, runs_dir, need_bytes=need)
         state.starters.record(run_id, who.identity)
         gr.Info(f"Started {run_id}.")
         return [runs_update(run_id)] + render(who, run_id, "")
@@ -324,12 +328,24 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         if not run_id:
             raise UserError("No run selected.", hint="Pick a stopped or interrupted run from the list.")
         runs.run_in(runs_dir, run_id)
+        check_runs_room(state, who, f"resuming {run_id}")
         from_step, checkpoint = jobs.resume_point(run_id, runs_dir)
         jobs.resume_run(run_id, runs_dir)
         time.sleep(0.2)
         gr.Info(f"Resumed {run_id} from step {from_step} ({checkpoint.name})." if checkpoint else
                 f"Resumed {run_id} from step 0: it never saved a checkpoint, so training starts again.")
         return [runs_update(run_id)] + render(who, run_id, "")
+
+    @user_errors
+    @guarded(state)
+    def on_delete(who: Requester, run_id: str | None) -> list[Any]:
+        own_run(who, Action.DELETE, run_id)
+        if not run_id:
+            raise UserError("No run selected.", hint="Pick the run to delete from the list.")
+        freed = jobs.delete_run(run_id, runs_dir)
+        gr.Info(f"Deleted {run_id} ({freed / 2**30:.2f} GiB freed).")
+        remaining = initial_run(runs_dir)
+        return [runs_update(remaining)] + render(who, remaining, "")
 
     @user_errors
     @guarded(state)
@@ -349,6 +365,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
                     concurrency_limit=1)
     tab.stop.click(on_stop, tab.runs, outputs, api_name="stop_training", concurrency_id="jobs")
     tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")
+    tab.delete.click(on_delete, tab.runs, outputs, api_name="delete_run", concurrency_id="jobs")
     @user_errors
     @guarded(state)
     def on_refresh(who: Requester, run_id: str | None) -> list[Any]:
