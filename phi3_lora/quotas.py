@@ -4,6 +4,7 @@ Each room has a total for every visitor together, a fair share per visitor ident
 for all anonymous visitors together, also below the total, so signed-in visitors keep room whatever anonymous
 ones do. The owner is never counted nor capped here: the owner decides for themself.
 
+    uploads    session uploads (uploads.store; gone when the session ends)            4 GiB; 1 GiB each; 2 GiB anonymous
     drafts     draft copies of uploads (uploads.keep_for_draft)                       2 GiB; 512 MiB each; 1 GiB anonymous
     downloads  Hub downloads a visitor's request causes: base models, adapters and
                datasets (downloads.check_room)                                  64 GiB; 16 GiB each; 32 GiB anonymous
@@ -43,6 +44,11 @@ DRAFTS_ANONYMOUS_BYTES = 1 * 2**30
 # client that filled the anonymous pool blocks other anonymous drafts for a day at most.
 DRAFT_EXPIRY_S = 24 * 3600
 
+# Session uploads (their total, 4 GiB, and a session's 512 MiB are uploads.py's, AppOptions.upload_*_quota): a
+# signed-in visitor's sessions together hold two full sessions, every anonymous one's together half the total.
+UPLOADS_SHARE_BYTES = 1 * 2**30
+UPLOADS_ANONYMOUS_BYTES = 2 * 2**30
+
 # Downloads: a 7-8B model in 16-bit is ~15 GiB, so a share holds one such base (or several small ones); the
 # anonymous pool leaves half of the total to signed-in visitors. The disk keeps its reserve whatever the room says.
 DOWNLOADS_TOTAL_BYTES = 64 * 2**30
@@ -65,6 +71,8 @@ class Limits:
     drafts_share: int = DRAFTS_SHARE_BYTES
     drafts_anonymous: int = DRAFTS_ANONYMOUS_BYTES
     draft_expiry_s: float = DRAFT_EXPIRY_S
+    uploads_share: int = UPLOADS_SHARE_BYTES
+    uploads_anonymous: int = UPLOADS_ANONYMOUS_BYTES
     downloads_total: int = DOWNLOADS_TOTAL_BYTES
     downloads_share: int = DOWNLOADS_SHARE_BYTES
     downloads_anonymous: int = DOWNLOADS_ANONYMOUS_BYTES
@@ -75,6 +83,10 @@ class Limits:
     def drafts(self) -> Room:
         return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s,
                     own_give_way=True)
+
+    def uploads(self, total: int) -> Room:
+        """Sessions' uploads: their total is AppOptions.upload_total_quota; they go when their session ends."""
+        return Room("uploads", total, self.uploads_share, self.uploads_anonymous, float("inf"))
 
     def downloads(self) -> Room:
         return Room("downloads", self.downloads_total, self.downloads_share, self.downloads_anonymous,
@@ -176,7 +188,8 @@ def room_refusal(room: Room, used: Mapping[str, int], holder: str, size: int, wh
     else:
         message = (f"{what} ({size_text(size)}) does not fit: this server's room for {room.name} is full "
                    f"({size_text(sum(used.values()))} of {size_text(room.total)}).")
-    later = "try again later (the oldest give way with time), or run phi3_lora on your own machine."
+    aging = " (the oldest give way with time)" if room.expiry_s != float("inf") else ""
+    later = f"try again later{aging}, or run phi3_lora on your own machine."
     hint = f"Sign in to get a share of your own, {later}" if holder == ANONYMOUS else later[0].upper() + later[1:]
     return UserError(message, hint=f"{instead} {hint}".strip())
 

@@ -29,6 +29,7 @@ DRAFTS = "drafts"
 DRAFT_MAX_AGE_S = 14 * 24 * 3600      # a browser's draft copy of its upload outlives its sessions, not forever
 SESSION_QUOTA_BYTES = 512 * 2**20     # one session's uploads together
 TOTAL_QUOTA_BYTES = 4 * 2**30         # every session's uploads together
+HOLDER = ".holder"  # in a session's or a draft's folder: the identity it counts for (quotas.holder_of)
 MAX_AGE_S = 6 * 3600                  # a session folder older than this is deleted (a closed tab may not say so)
 DISK_FULL = UserError("The server's disk is full, so the file could not be saved.",
                       hint="Try again later, or ask the app's owner to free some space.")
@@ -84,9 +85,28 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:10]
 
 
+def sessions_held(runs_dir: Path) -> list[quotas.Held]:
+    """Every visitor's session folder: its key, the identity it counts for (HOLDER; none: anonymous), its bytes."""
+    folder, held = root(runs_dir) / SESSIONS, []
+    for session in folder.iterdir() if folder.is_dir() else []:
+        try:
+            marker = session / HOLDER
+            holder = marker.read_text(encoding="utf-8").strip() if marker.is_file() else ""
+            if holder != quotas.OWNER:
+                files = [p for p in session.iterdir() if p.is_file() and not p.name.startswith(".")]
+                held.append(quotas.Held(session.name, holder or quotas.ANONYMOUS,
+                                        sum(p.stat().st_size for p in files), session.stat().st_mtime))
+        except OSError:  # deleted while we looked
+            continue
+    return held
+
+
 def store(src: str | Path, runs_dir: Path, key: str, *, session_quota: int = SESSION_QUOTA_BYTES,
-          total_quota: int = TOTAL_QUOTA_BYTES) -> Path:
-    """Keep an uploaded file in this session's folder (Gradio's own temp files may be cleaned earlier)."""
+          total_quota: int = TOTAL_QUOTA_BYTES, holder: str | None = None,
+          limits: quotas.Limits = quotas.LIMITS) -> Path:
+    """Keep an uploaded file in this session's folder (Gradio's own temp files may be cleaned earlier). `holder`:
+    the identity the session's uploads count for (quotas.holder_of; None: the owner, not counted): every visitor's
+    sessions together stay within `total_quota`, each identity within its share (limits.uploads)."""
     src = Path(src)
     size = src.stat().st_size
     folder = session_dir(runs_dir, key)
@@ -98,10 +118,17 @@ def store(src: str | Path, runs_dir: Path, key: str, *, session_quota: int = SES
         raise UserError(f"This session has uploaded {_size(used)}; {src.name} ({_size(size)}) would pass the "
                         f"limit of {_size(session_quota)} per session.",
                         hint="Reload the page (that deletes this session's uploads) and upload again.")
-    if folder_bytes(root(runs_dir) / SESSIONS) + size > total_quota:
-        raise UserError("The server's space for uploads is full right now.",
-                        hint="Try again later: uploads are deleted when their session ends.")
-    return copy_atomic(src, dest)
+    if holder is not None:
+        # A reload is a new session with a quota of its own: each session counts for its holder, so one visitor
+        # cannot fill the room every visitor's uploads share (they go when their session ends, or after MAX_AGE_S).
+        room, held = limits.uploads(total_quota), sessions_held(runs_dir)
+        if quotas.over(room, quotas.usage(held), holder, size):
+            raise quotas.room_refusal(room, quotas.usage(held), holder, size, f"Uploading {src.name}",
+                                      instead="Uploads are deleted when their page is closed: close the pages "
+                                              "you no longer use.")
+    copy_atomic(src, dest)
+    (folder / HOLDER).write_text(holder or quotas.OWNER, encoding="utf-8")
+    return dest
 
 
 def keep_for_run(path: str | Path, runs_dir: Path) -> Path:
@@ -152,7 +179,6 @@ def is_session_upload(runs_dir: Path, key: str, source: str) -> bool:
         return False
 
 
-HOLDER = ".holder"     # in a draft's folder: the identity its copy counts for (quotas.holder_of)
 EXPIRED = ".expired"   # in a draft's folder whose copy gave way to newer ones: the file's name, for the message
 _drafts_lock = threading.Lock()  # check-and-copy: save_draft is not queued, two saves can run at once
 
@@ -213,7 +239,8 @@ def keep_for_draft(path: str | Path, runs_dir: Path, token: str, holder: str | N
     return dest
 
 
-def restore_draft(runs_dir: Path, token: str, name: str, key: str) -> Path:
+def restore_draft(runs_dir: Path, token: str, name: str, key: str, holder: str | None = None,
+                  limits: quotas.Limits = quotas.LIMITS) -> Path:
     """The draft's upload, copied into this (new) session's folder; ValueError/OSError when it is gone."""
     src = draft_dir(runs_dir, token) / Path(name).name
     if not src.is_file():
@@ -225,7 +252,7 @@ def restore_draft(runs_dir: Path, token: str, name: str, key: str) -> Path:
                             hint="Upload the file again.")
         raise FileNotFoundError(name)
     os.utime(src)  # in use: the age sweep keeps it
-    return store(src, runs_dir, key)
+    return store(src, runs_dir, key, holder=holder, limits=limits)
 
 
 def sweep_drafts(runs_dir: Path, max_age_s: float = DRAFT_MAX_AGE_S, now: float | None = None) -> None:

@@ -120,6 +120,27 @@ def test_a_full_room_of_drafts_recovers_by_itself_keeping_the_newest(tmp_path: P
         uploads.restore_draft(runs, "d0", "d0.jsonl", "session2")
 
 
+# --- session uploads ----------------------------------------------------------------------------------------------
+
+def test_a_visitor_reloading_for_new_sessions_cannot_fill_the_uploads_of_everybody(tmp_path: Path) -> None:
+    """Each reload is a new session with 512 MiB of its own, so one visitor used to fill the 4 GiB of every session's
+    uploads. Sessions count for their holder: alice stops at her share, anonymous visitors at their pool, and bob and
+    the owner still upload."""
+    runs = tmp_path / "runs"
+    limits = Limits(uploads_share=100 * KB, uploads_anonymous=200 * KB)
+    store = lambda key, holder: uploads.store(_upload(tmp_path, f"{key}.jsonl"), runs, key,  # noqa: E731
+                                              total_quota=320 * KB, holder=holder, limits=limits)
+    store("alice1", "auth:alice"), store("alice2", "auth:alice")
+    with pytest.raises(UserError, match="you have 80 KiB of uploads on this server, and the limit is 100 KiB"):
+        store("alice3", "auth:alice")
+    for i in range(5):
+        store(f"anon{i}", ANONYMOUS)
+    with pytest.raises(UserError, match="all anonymous visitors together have 200 KiB of uploads.*Sign in"):
+        store("anon5", ANONYMOUS)
+    assert store("bob1", "auth:bob").is_file()
+    assert store("owner1", None).is_file() and store("owner2", None).is_file()  # not counted, never refused
+
+
 # --- Hub downloads on a real cache folder ------------------------------------------------------------------------
 
 GiB = 2**30
@@ -200,7 +221,7 @@ def test_a_full_room_of_downloads_gives_up_the_oldest_unused_ones(tmp_path: Path
 # --- through the real app: two signed-in visitors ----------------------------------------------------------------
 
 SERVED = Limits(drafts_total=8 * 2**20, drafts_share=2**20, drafts_anonymous=4 * 2**20, disk_reserve=0,
-                downloads_share=512 * 2**20, runs_share=64 * 2**20)
+                downloads_share=512 * 2**20, runs_share=64 * 2**20, uploads_share=2**20)
 USERS = [("alice", "alice-pass"), ("bob", "bob-pass")]
 
 
@@ -347,3 +368,23 @@ def test_a_signed_in_visitor_past_their_runs_share_is_refused_with_what_to_delet
     call(alice, "20260102-000000-alice", api_name="/delete_run")
     assert not (runs / "20260102-000000-alice").exists()
     assert quotas.run_bytes_of(runs, "auth:alice", state_starters.all()) == {}
+
+
+def test_a_signed_in_visitor_opening_session_after_session_cannot_block_another_upload(signed_in_app,
+                                                                                       tmp_path: Path) -> None:
+    """alice opens new sessions (each with a quota of its own) and uploads in each until her share is full; bob's
+    upload is still taken."""
+    from gradio_client import handle_file
+
+    url, runs, _ = signed_in_app
+    data = handle_file(str(_upload(tmp_path, "big.jsonl", kib=400)))
+    answers = []
+    for _ in range(4):
+        try:
+            answers.append(str(_signed_in(url, "alice").predict(data, api_name="/upload_dataset")))
+        except Exception as exc:
+            answers.append(str(exc))
+    assert "you have 800 KiB of uploads on this server, and the limit is 1 MiB" in answers[2], answers
+    bobs = _signed_in(url, "bob").predict(handle_file(str(_upload(tmp_path, "his.jsonl", kib=400))),
+                                          api_name="/upload_dataset")
+    assert Path(bobs).is_file()

@@ -17,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from phi3_lora import config as cfgmod
-from phi3_lora import access, data, models, readers, uploads
+from phi3_lora import access, data, models, quotas, readers, uploads
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.formats import COLUMNS, MESSAGE_KEYS
@@ -321,7 +321,8 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
         uploads.sweep(state.options.runs_dir)
         options = state.options
         return str(uploads.store(file, options.runs_dir, who.session, session_quota=options.upload_session_quota,
-                                 total_quota=options.upload_total_quota))
+                                 total_quota=options.upload_total_quota, holder=quotas.holder_of(who),
+                                 limits=options.limits))
 
     @user_errors
     def on_sample() -> tuple[str, pd.DataFrame]:

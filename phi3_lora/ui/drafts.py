@@ -126,7 +126,8 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         source, note = data.get("source") or "", gr.skip()
         if data.get("upload") and who.session and str(saved.get("token", "")).isalnum():
             try:
-                source = str(uploads.restore_draft(runs_dir, saved["token"], data["upload"], who.session))
+                source = str(uploads.restore_draft(runs_dir, saved["token"], data["upload"], who.session,
+                                                   quotas.holder_of(who), state.options.limits))
             except UserError as exc:  # what happened to it (a copy that gave way to newer drafts), or a quota
                 source, note = "", notice("warn", str(exc))
             except (OSError, ValueError):
