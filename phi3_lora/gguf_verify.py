@@ -52,14 +52,30 @@ class GgufCheck:
     passed: bool
     prompt_source: str
     answers: list[dict[str, Any]] = field(default_factory=list)
+    weights_match: bool = False  # the logits along the merged model's own tokens pass this type's threshold
+    reader: str = ""  # the transformers version whose GGUF reader the child used
+    token_example: dict[str, list[str]] = field(default_factory=dict)  # one prompt both ways, where they differ
 
     def summary(self) -> str:
         verdict = "verified" if self.passed else "NOT verified"
         rel = self.max_logit_diff / self.logit_scale if self.logit_scale else 0.0
-        return (f"{verdict}: {self.same_answers}/{self.prompts} greedy answers identical to the merged model; "
+        text = (f"{verdict}: {self.same_answers}/{self.prompts} greedy answers identical to the merged model; "
                 f"argmax agreement {self.argmax_agreement:.1%}; max |Δlogit| {self.max_logit_diff:.4f} "
                 f"({rel:.2%} of the largest logit); prompt tokens identical {self.same_prompt_tokens}/{self.prompts} "
                 f"({self.gguf_type}, {self.prompt_source}).")
+        return text + (" " + self.reader_hint() if self.reader_hint() else "")
+
+    def reader_hint(self) -> str:
+        """What to do when the file's weights check out but the prompts were tokenized differently: which side
+        is wrong cannot be told from here, the GGUF reader of the transformers in use is one suspect (transformers
+        5.17's reader drops every space of a Llama-style vocabulary; requirements.txt's version reads it right)."""
+        if self.passed or not self.weights_match or self.same_prompt_tokens == self.prompts:
+            return ""
+        example = "; ".join(f"{side}: {' '.join(tokens[:12])}" for side, tokens in self.token_example.items())
+        return (f"The weights give the merged model's logits along its own tokens, but transformers {self.reader}'s "
+                f"GGUF reader tokenizes the prompts differently ({example}). Verify again with the transformers "
+                f"version in requirements.txt before relying on the file's tokenizer (llama.cpp and Ollama use "
+                f"their own).")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,11 +91,15 @@ def judge(raw: dict[str, Any], gguf_type: str, prompt_source: str) -> GgufCheck:
     same = sum(r["same_answer"] for r in rows)
     same_prompt = sum(r["same_prompt_tokens"] for r in rows)
     if gguf_type == "f16":
-        passed = same == len(rows) and same_prompt == len(rows) and diff <= F16_RELATIVE_TOLERANCE * max(scale, 1e-6)
+        weights = diff <= F16_RELATIVE_TOLERANCE * max(scale, 1e-6)
+        passed = same == len(rows) and same_prompt == len(rows) and weights
     else:
-        passed = agreement >= Q8_ARGMAX_AGREEMENT and same_prompt == len(rows)
+        weights = agreement >= Q8_ARGMAX_AGREEMENT
+        passed = weights and same_prompt == len(rows)
     answers = [{"prompt": r["prompt"], "merged": r["merged_answer"], "gguf": r["gguf_answer"]} for r in rows]
-    return GgufCheck(gguf_type, len(rows), same, same_prompt, agreement, diff, scale, passed, prompt_source, answers)
+    example = next((r["token_example"] for r in rows if not r["same_prompt_tokens"] and r.get("token_example")), {})
+    return GgufCheck(gguf_type, len(rows), same, same_prompt, agreement, diff, scale, passed, prompt_source, answers,
+                     weights_match=weights, reader=str(raw.get("transformers", "")), token_example=example)
 
 
 def verify_gguf(gguf_path: Path, merged_dir: Path, prompts: list[Messages], gguf_type: str, prompt_source: str,
@@ -164,6 +184,8 @@ def _child(merged: Path, gguf: Path, prompts: list[Messages], max_new_tokens: in
         rows.append({
             "prompt": messages[-1]["content"][:200],
             "same_prompt_tokens": gguf_ids == ids,
+            "token_example": {} if gguf_ids == ids else {"merged": tokenizer.convert_ids_to_tokens(ids),
+                                                         "gguf": gguf_tokenizer.convert_ids_to_tokens(gguf_ids)},
             "same_answer": own_answer == answer,
             "merged_answer": tokenizer.decode(answer, skip_special_tokens=True),
             "gguf_answer": tokenizer.decode(own_answer, skip_special_tokens=True),
@@ -172,7 +194,9 @@ def _child(merged: Path, gguf: Path, prompts: list[Messages], max_new_tokens: in
             "max_logit_diff": float((logits - ref_logits).abs().max()) if len(answer) else 0.0,
             "logit_scale": float(ref_logits.abs().max()) if len(answer) else 0.0,
         })
-    return {"rows": rows, "device": device}
+    import transformers
+
+    return {"rows": rows, "device": device, "transformers": transformers.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from helpers.training import write_rows
 from phi3_lora import export, gguf_bundle, gguf_export, ollama, train
 from phi3_lora.config import RunConfig
 from phi3_lora.errors import UserError
-from phi3_lora.gguf_verify import Q8_ARGMAX_AGREEMENT
+from phi3_lora.gguf_verify import Q8_ARGMAX_AGREEMENT, judge
 from phi3_lora.threads import THREADS_ENV
 
 # Where two verification processes run side by side, each generates with one thread: two processes of two OpenMP
@@ -217,3 +217,22 @@ def test_embedded_smollm2_round_trip(embedded_dir, tmp_path, monkeypatch):
         assert result.check.passed, result.check.summary()
         meta, _ = _metadata(result.gguf)
         assert meta["tokenizer.ggml.pre"] == "smollm"
+
+
+def test_a_reader_that_tokenizes_otherwise_is_named_with_what_to_do():
+    """Weights that match along the merged model's tokens, prompts tokenized otherwise (transformers 5.17's GGUF
+    reader drops a Llama vocabulary's spaces): NOT verified, and the summary says which reader and what to do."""
+    row = {"prompt": "Say hello", "same_answer": False, "merged_answer": "Hi", "gguf_answer": "Ho", "positions": 4,
+           "argmax_agree": 4, "max_logit_diff": 0.0, "logit_scale": 9.0, "same_prompt_tokens": False,
+           "token_example": {"merged": ["<|user|>", "▁", "<0x0A>", "S", "ay", "▁hello"],
+                             "gguf": ["<|user|>", "S", "ay", "hello"]}}
+    check = judge({"rows": [row], "transformers": "5.17.0"}, "f16", "1 held-out prompt")
+    assert not check.passed and check.weights_match
+    text = check.summary()
+    assert text.startswith("NOT verified") and "transformers 5.17.0's GGUF reader" in text
+    assert "merged: <|user|> ▁ <0x0A> S ay ▁hello" in text and "gguf: <|user|> S ay hello" in text
+    assert "requirements.txt" in text
+    wrong_weights = judge({"rows": [dict(row, max_logit_diff=3.0)], "transformers": "5.17.0"}, "f16", "1")
+    assert not wrong_weights.passed and not wrong_weights.weights_match and wrong_weights.reader_hint() == ""
+    same_tokens = judge({"rows": [dict(row, same_prompt_tokens=True, same_answer=True, token_example={})]}, "f16", "1")
+    assert same_tokens.passed and same_tokens.reader_hint() == "" and "GGUF reader" not in same_tokens.summary()
