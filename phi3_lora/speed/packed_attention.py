@@ -19,7 +19,6 @@ Hub `kernels` need a compiled wheel or a download that a training machine may no
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -30,13 +29,22 @@ from phi3_lora.speed import cudnn_ragged, sdpa_backend, versions
 NAME = "sdpa_varlen"
 
 
-@lru_cache(maxsize=1)
-def _varlen() -> tuple[Any, frozenset[str]] | None:
+def _find_varlen() -> tuple[Any, frozenset[str]] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# Looked up once, at import, and kept as a plain module value: the attention forward runs inside compiled decoder
+# layers, where Dynamo traces through an `lru_cache` wrapper and warns of "potential silent incorrectness" in
+# every GPU run's train.log (seen on an H200, bench/results/2026-12-04-gpu-flow-s18).
+_VARLEN = _find_varlen()
+
+
+def _varlen() -> tuple[Any, frozenset[str]] | None:
+    return _VARLEN
 
 
 def cuda_varlen_available() -> bool:
