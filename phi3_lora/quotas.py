@@ -4,11 +4,12 @@ Each room has a total for every visitor together, a fair share per visitor ident
 for all anonymous visitors together, also below the total, so signed-in visitors keep room whatever anonymous
 ones do. The owner is never counted nor capped here: the owner decides for themself.
 
-    uploads    session uploads (uploads.store; gone when the session ends)            4 GiB; 1 GiB each; 2 GiB anonymous
-    drafts     draft copies of uploads (uploads.keep_for_draft)                       2 GiB; 512 MiB each; 1 GiB anonymous
-    downloads  Hub downloads a visitor's request causes: base models, adapters and
-               datasets (downloads.check_room)                                  64 GiB; 16 GiB each; 32 GiB anonymous
-    runs       a signed-in visitor's run folders: checkpoints, adapter, merges        50 GiB each (anonymous visitors cannot train)
+    room       what it holds (who counts it)                      total    per identity  anonymous pool
+    uploads    session uploads (uploads.store)                    4 GiB    1 GiB         2 GiB
+    drafts     draft copies of uploads (uploads.keep_for_draft)   2 GiB    512 MiB       1 GiB
+    downloads  Hub models, adapters and datasets a visitor's
+               request downloads (downloads.check_room)           64 GiB   16 GiB        32 GiB
+    runs       a signed-in visitor's runs and merges (ui.guard)   -        50 GiB        - (cannot train)
 
 Identity: a signed-in visitor is their sign-in ('auth:alice', 'hf:bob'). Anonymous visitors are all one identity,
 ANONYMOUS: a gradio session hash is new with every reload (and a draft's token is whatever the browser sends), so a
@@ -16,7 +17,8 @@ share per session or per browser would stop nobody; their pool is bounded instea
 
 Rooms recover on their own: a room of copies (drafts, downloads) that a new one does not fit gives up its entries
 older than a bound, oldest first (`expiry_plan`); a draft is a temporary copy of an upload and a download a copy of
-what the Hub keeps, so nobody's work is lost, and runs are never touched. The arithmetic here is pure; the disk is
+what the Hub keeps, so nobody's work is lost, and runs are never touched. Session uploads go when their session ends
+(uploads.MAX_AGE_S at most); a visitor's runs only when they delete them. The arithmetic here is pure; the disk is
 read by the modules that own each room (uploads, downloads) and by `run_bytes_of`.
 
 The defaults are the named constants below; the app's owner changes them with AppOptions(limits=Limits(...)).
@@ -155,8 +157,8 @@ def over(room: Room, used: Mapping[str, int], holder: str, size: int) -> str | N
 def expiry_plan(room: Room, held: list[Held], holder: str, size: int, now: float) -> list[Held] | None:
     """The entries to remove, oldest first, so that `size` more bytes for `holder` fit `room`; None when they cannot.
     An entry may go once it is older than room.expiry_s; with room.own_give_way a signed-in holder's own entries give
-    way to their newer one at any age (the anonymous pool is many visitors: there the age applies). The fewest: each step removes the
-    oldest entry that frees room under the limit that is passed."""
+    way to their newer one at any age (the anonymous pool is many visitors: there the age applies). The fewest: each
+    step removes the oldest entry that frees room under the limit that is passed."""
     left, gone = list(held), []
     while (limit := over(room, usage(left), holder, size)) is not None:
         def may_go(h: Held) -> bool:

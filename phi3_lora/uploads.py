@@ -184,8 +184,8 @@ _drafts_lock = threading.Lock()  # check-and-copy: save_draft is not queued, two
 
 
 def drafts_held(runs_dir: Path) -> list[quotas.Held]:
-    """Every visitor's draft copy: its token, the identity it counts for (a copy from before holders were kept: anonymous),
-    its bytes and when it was last written or restored."""
+    """Every visitor's draft copy: its token, the identity it counts for (a copy from before holders were kept:
+    anonymous), its bytes and when it was last written or restored."""
     folder, held = root(runs_dir) / DRAFTS, []
     for draft in folder.iterdir() if folder.is_dir() else []:
         try:
