@@ -102,6 +102,16 @@ def test_the_compiled_pair_gives_the_eager_logits_and_is_used_once_ready(engine,
     assert not torch.equal(steps[-1][0], steps[-1][1])  # the rows differ: the base row has no update of its own
 
 
+def test_rms_norm_and_silu_are_fused_where_atens_order_checks_out(compiled):
+    """Those logits above came from inductor's own RMSNorm / SiLU kernels (aten_order), not the opaque eager ops,
+    wherever inductor vectorises as ATen does (AVX2, AVX-512)."""
+    from phi3_lora.speed import aten_order
+
+    if aten_order.lanes() is None:
+        pytest.skip("inductor does not vectorise with ATen's width here: the opaque ops stay")
+    assert compiled._weights.width == aten_order.lanes()
+
+
 def test_padded_rows_and_a_row_that_ends_early_keep_the_eager_logits(engine, compiled, monkeypatch):
     """Base and tuned histories of different lengths (left padding: attention gets a mask) and the tuned row
     ending at step 6, after which the base row goes on eagerly from the compiled step's keys and values."""

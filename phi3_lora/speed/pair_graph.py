@@ -9,12 +9,15 @@ for bit, so Compare's answers stay the ones export and verify reproduce:
   inside one opaque op (`phi3_lora::pair_attend`): the keys/values are written into preallocated buffers and
   attention gets the filled slice, with the mask (or no mask) and the GQA form transformers picks eagerly. A
   StaticCache attends over its whole length, masked, and changed the embedded model's base answer.
-- RMSNorm and SiLU * up also run eagerly inside opaque ops: inductor's reductions sum in another order than
-  aten's and its `exp` is another approximation. What inductor fuses is exact: bf16 adds and products rounded
-  after each op as eagerly (`emulate_precision_casts`), copies, the embedding lookup.
-- The Linear products are oneDNN's packed inner products, packed for the step's 2 rows, as `cpu_linear` runs
-  them eagerly (`_compiler_settings`). The tuned row's LoRA update is `merging.RowRouting`'s own `mm`/`addmm` on
-  the tuned row's slice only (the base row never gets it), the LoRA tensors runtime inputs, not frozen.
+- RMSNorm and SiLU * up are fused by inductor in float32, spelled in the order ATen's CPU kernels compute them
+  (`aten_order`: its mean's cascade of vector sums, SiLU as g / (1 + exp(-g))), checked against ATen compiled
+  before the step compiles; elsewhere (bf16, another vector width) they run eagerly inside opaque ops. Left to
+  itself inductor sums in another order. What else inductor fuses is exact: bf16 adds and products rounded after
+  each op as eagerly (`emulate_precision_casts`), copies, the embedding lookup.
+- The Linear products are oneDNN's packed inner products, packed for the step's 2 rows, q/k/v and gate/up as one
+  product each, as `cpu_linear` runs them eagerly (`_compiler_settings`). The tuned row's LoRA update is
+  `merging.RowRouting`'s own `mm`/`addmm` on the tuned row's slice only (the base row never gets it), the LoRA
+  tensors runtime inputs, not frozen.
 
 Checked bit for bit in float32 (the embedded model, 3 prompts x 64 steps; tests/test_pair_graph.py on a tiny
 Llama); bf16 is not yet checked on hardware with native bf16. Only Llama-shaped models whose adapter `RowRouting`
@@ -36,10 +39,15 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from phi3_lora.speed import aten_order
+
 log = logging.getLogger(__name__)
 
 ENV = "PHI3_LORA_COMPILED_PAIR"  # "1" / "0": compile Compare's pair step or not (default: options.COMPILED_PAIR_CPU)
 ROWS = 2  # one base row, one tuned row
+FUSE_SIBLINGS = True  # q/k/v and gate/up as one packed product each, as cpu_linear runs them (the same sums)
+CPP_WRAPPER = False  # the compiled step's wrapper in C++ instead of Python (inductor's cpp_wrapper)
+FUSED_NORMS = True  # RMSNorm and SiLU * up fused by inductor in ATen's order (aten_order) where that is exact here
 
 _ops_defined = False
 _counter = itertools.count()
@@ -136,7 +144,10 @@ def _compiler_settings() -> Iterator[None]:
     weights frozen as constants, bf16 rounded after every op as eagerly, oneDNN's products."""
     import torch._inductor.config as inductor
 
-    with inductor.patch(freezing=True, emulate_precision_casts=True), _onednn_products():
+    # no reassociation, no FMA contraction: aten_order's RMSNorm / SiLU keep ATen's order only so (the defaults)
+    exact = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False}
+    with inductor.patch(freezing=True, emulate_precision_casts=True, cpp_wrapper=CPP_WRAPPER, **exact), \
+            _onednn_products():
         yield
 
 
@@ -199,6 +210,9 @@ class _Weights:
     heads: int = 1
     kv_heads: int = 1
     head_dim: int = 1
+    hidden: int = 1
+    intermediate: int = 1
+    width: int | None = None  # aten_order's vector width where its RMSNorm / SiLU equal ATen's here (else opaque ops)
 
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -213,6 +227,7 @@ def _weights(model: Any, routing: Any) -> _Weights:
     w = _Weights(embed=core.embed_tokens.weight, head=head.weight, rotary=core.rotary_emb, final_norm=core.norm.weight,
                  eps=core.norm.variance_epsilon, groups=attn.num_key_value_groups, scaling=attn.scaling,
                  heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, head_dim=attn.head_dim)
+    w.hidden, w.intermediate = config.hidden_size, config.intermediate_size
     for i, layer in enumerate(core.layers):
         parts = {"in_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight}
         for name in PROJ:
@@ -239,8 +254,21 @@ def _step_module(w: _Weights) -> Any:
     ops = torch.ops.phi3_lora
     lora_index = {key: 2 * n for n, key in enumerate(w.lora)}  # (layer, name) -> its a_t's place in the inputs
 
-    def linear(self: Any, x: Any, i: int, name: str, lora_in: list[Any]) -> Any:
-        out = F.linear(x, getattr(self, f"l{i}_{name}"))
+    def products(self: Any, x: Any, i: int, names: tuple[str, ...]) -> list[Any]:
+        """The base products of layer i's `names` (siblings reading x): one product of their stacked weights, each
+        taking its columns, as `cpu_linear` runs them eagerly (the same sums: each column is its own dot product).
+        The stacking is constant-folded by freezing, then packed like any weight."""
+        weights = [getattr(self, f"l{i}_{name}") for name in names]
+        if len(weights) == 1 or not FUSE_SIBLINGS:
+            return [F.linear(x, weight) for weight in weights]
+        out, start, parts = F.linear(x, torch.cat(weights)), 0, []
+        for weight in weights:
+            parts.append(out[..., start:start + weight.shape[0]])
+            start += weight.shape[0]
+        return parts
+
+    def lora(out: Any, x: Any, i: int, name: str, lora_in: list[Any]) -> Any:
+        """`out` (layer i's `name` base product of x) with the tuned row's LoRA update, as RowRouting adds it."""
         plan = w.lora.get((i, name))
         if plan is None:
             return out
@@ -259,6 +287,15 @@ def _step_module(w: _Weights) -> Any:
             tuned = rest.reshape(-1, rest.shape[-1]) + update.to(out.dtype)
         return torch.cat([out[:1], tuned.view(rest.shape)])
 
+    def linear(self: Any, x: Any, i: int, names: tuple[str, ...], lora_in: list[Any]) -> list[Any]:
+        return [lora(out, x, i, name, lora_in) for out, name in zip(products(self, x, i, names), names)]
+
+    if w.width is not None:  # fused by inductor, in ATen's order
+        rms_norm = functools.partial(aten_order.rms_norm, width=w.width)
+        silu_mul = aten_order.silu_mul
+    else:  # eagerly, inside opaque ops
+        rms_norm, silu_mul = ops.rms_norm, ops.silu_mul
+
     def rotate_half(x: Any) -> Any:
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -269,18 +306,17 @@ def _step_module(w: _Weights) -> Any:
         h = F.embedding(ids, self.embed)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i in range(len(w.layers)):
-            x = ops.rms_norm(h, getattr(self, f"l{i}_in_norm"), w.eps)
-            q = linear(self, x, i, "q_proj", lora_in).view(rows, 1, -1, w.head_dim).transpose(1, 2)
-            k = linear(self, x, i, "k_proj", lora_in).view(rows, 1, -1, w.head_dim).transpose(1, 2)
-            v = linear(self, x, i, "v_proj", lora_in).view(rows, 1, -1, w.head_dim).transpose(1, 2)
+            x = rms_norm(h, getattr(self, f"l{i}_in_norm"), w.eps)
+            q, k, v = (t.reshape(rows, 1, -1, w.head_dim).transpose(1, 2)
+                       for t in linear(self, x, i, ("q_proj", "k_proj", "v_proj"), lora_in))
             q = (q * cos) + (rotate_half(q) * sin)
             k = (k * cos) + (rotate_half(k) * sin)
             a = ops.pair_attend(q, k, v, k_bufs[i], v_bufs[i], mask_buf, state, w.groups, w.scaling)
-            h = h + linear(self, a.reshape(rows, 1, -1).contiguous(), i, "o_proj", lora_in)
-            x = ops.rms_norm(h, getattr(self, f"l{i}_post_norm"), w.eps)
-            gate, up = linear(self, x, i, "gate_proj", lora_in), linear(self, x, i, "up_proj", lora_in)
-            h = h + linear(self, ops.silu_mul(gate, up), i, "down_proj", lora_in)
-        h = ops.rms_norm(h, self.final_norm, w.eps)
+            h = h + linear(self, a.reshape(rows, 1, -1).contiguous(), i, ("o_proj",), lora_in)[0]
+            x = rms_norm(h, getattr(self, f"l{i}_post_norm"), w.eps)
+            gate, up = linear(self, x, i, ("gate_proj", "up_proj"), lora_in)
+            h = h + linear(self, silu_mul(gate, up), i, ("down_proj",), lora_in)[0]
+        h = rms_norm(h, self.final_norm, w.eps)
         return F.linear(h[:, -1, :], self.head).float()
 
     # A class and code object of its own: dynamo keeps compiled code on the code object, so this step's compiled
@@ -360,6 +396,9 @@ class CompiledPair:
             pass
         started = time.perf_counter()
         try:
+            with _compiler_settings():  # float32: RMSNorm and SiLU fused in ATen's order, where that checks out here
+                if FUSED_NORMS and weights.embed.dtype == torch.float32:
+                    weights.width = aten_order.faithful(ROWS, weights.hidden, weights.intermediate, weights.eps)
             module = _step_module(weights)
             compiled = torch.compile(module, fullgraph=True, dynamic=False)
             with torch.inference_mode():
