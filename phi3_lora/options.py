@@ -75,8 +75,9 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 MIN_ACTIVATION_SHARE = 0.05
 # Compare's pair (base + tuned row) decoded on a CPU by a torch.compile'd step, compiled in the background and
 # served once ready (phi3_lora/speed/pair_graph.py: Llama-shaped models, the eager step's logits bit for bit). Off: on the
-# 2-core EPYC (float32) it measured no faster than the eager pair (62.2 vs 61.5 ms a step, docs/benchmarks.md,
-# "A faithful compiled pair step"). Env PHI3_LORA_COMPILED_PAIR=1 / 0 turns it on / off for a process.
+# 2-core EPYC (float32) it takes 0.73x of the eager pair step (68.1 vs 92.8 ms) since RMSNorm/SiLU fuse in ATen's
+# order, but compiles for ~10 minutes (docs/benchmarks.md, "The faithful compiled pair step with RMSNorm/SiLU
+# fused"). Env PHI3_LORA_COMPILED_PAIR=1 / 0 turns it on / off for a process.
 COMPILED_PAIR_CPU = False
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None

@@ -21,10 +21,11 @@ for bit, so Compare's answers stay the ones export and verify reproduce:
 
 Checked bit for bit in float32 (the embedded model, 3 prompts x 64 steps; tests/test_pair_graph.py on a tiny
 Llama); bf16 is not yet checked on hardware with native bf16. Only Llama-shaped models whose adapter `RowRouting`
-routes, two rows (one base, one tuned). Compilation takes ~70 s for the embedded model on a 2-core CPU, so it runs
-in a background thread (`CompiledPair.start`); eager steps serve until it is ready, and a failure is logged once
-and leaves eager in place. When a row's answer ends, the other row goes on eagerly from the same cache contents
-(`PairState.to_dynamic_cache`). Off by default (options.COMPILED_PAIR_CPU): on the 2-core EPYC it was not faster.
+routes, two rows (one base, one tuned). Compilation runs in a background thread (`CompiledPair.start`): eager
+steps serve until it is ready, and a failure is logged once and leaves eager in place. When a row's answer ends,
+the other row goes on eagerly from the same cache contents (`PairState.to_dynamic_cache`). On the 2-core EPYC
+(float32) the step took 0.73x of the eager pair step (68.1 vs 92.8 ms), but compiling the emulated sums took 603 s
+(81-92 s with opaque RMSNorm/SiLU), so it is still off by default (options.COMPILED_PAIR_CPU; docs/benchmarks.md).
 """
 
 from __future__ import annotations
