@@ -13,7 +13,7 @@ ATen's own `Vectorized<float>::exp`.
   SumKernel.cpp): vectors of `lanes` floats, read 4 at a time into 4 accumulators (`row_sum`'s ilp_factor),
   those summed in a cascade of up to 4 levels of `level_step` vectors (`multi_row_sum`), the 4 accumulators added
   in order, the scalar tail first and then each lane in order into a scalar; then `sum / n` (mean on the CPU is
-  sum then `div_`). `inner_sum` builds that expression tree from slices.
+  sum then `div_`). `inner_sum` builds that expression tree from slices, every chunk of the first level at once.
 - `silu(g) * up`: ATen's vectorised kernel is `g / (1 + exp(-g))`.
 
 `faithful` checks the emulation against ATen eagerly on random rows of the step's shapes, and that inductor
@@ -54,28 +54,31 @@ def _add(a: Any, b: Any) -> Any:
     return b if a is None else a if b is None else a + b
 
 
-def _multi_row_sum(get: Any, size: int, rows: int) -> list[Any]:
-    """ATen's `multi_row_sum` over `size` steps of `rows` accumulators (`get(i, k)`: step i's value for row k)."""
+def _chunked_sum(body: Any, size: int) -> Any:
+    """ATen's `multi_row_sum` of body [..., size, 4, lanes] over its size dim, the 4 x lanes accumulators as one
+    tensor: [..., 4, lanes] (None for size 0). Its first level sums `step` vectors into an accumulator that starts
+    at 0 each time, so every chunk of `step` is a plain left-to-right sum: all chunks are summed at once (step - 1
+    adds of [..., chunks, 4, lanes] slices, whatever the width: a small graph), then combined in ATen's cascade."""
     power = max(4, max(size - 1, 0).bit_length() // _LEVELS)  # CeilLog2(size) / num_levels, at least 4
     step, mask = 1 << power, (1 << power) - 1
-    acc: list[list[Any]] = [[None] * rows for _ in range(_LEVELS)]
-    i = 0
-    while i + step <= size:
-        for _ in range(step):
-            for k in range(rows):
-                acc[0][k] = _add(acc[0][k], get(i, k))
-            i += 1
-        for j in range(1, _LEVELS):
-            for k in range(rows):
-                acc[j][k], acc[j - 1][k] = _add(acc[j][k], acc[j - 1][k]), None
-            if i & (mask << (j * power)):
-                break
-    for i in range(i, size):
-        for k in range(rows):
-            acc[0][k] = _add(acc[0][k], get(i, k))
+    full = size // step
+    acc: list[Any] = [None] * _LEVELS
+    if full:
+        blocks = body[..., :full * step, :, :].reshape(*body.shape[:-3], full, step, *body.shape[-2:])
+        chunks = blocks[..., 0, :, :]
+        for j in range(1, step):
+            chunks = chunks + blocks[..., j, :, :]
+        for c in range(full):
+            acc[0] = chunks[..., c, :, :]  # level 0 starts again at 0 after every chunk
+            i = (c + 1) * step
+            for j in range(1, _LEVELS):
+                acc[j], acc[j - 1] = _add(acc[j], acc[j - 1]), None
+                if i & (mask << (j * power)):
+                    break
+    for i in range(full * step, size):
+        acc[0] = _add(acc[0], body[..., i, :, :])
     for j in range(1, _LEVELS):
-        for k in range(rows):
-            acc[0][k] = _add(acc[0][k], acc[j][k])
+        acc[0] = _add(acc[0], acc[j])
     return acc[0]
 
 
@@ -84,11 +87,12 @@ def inner_sum(x: Any, width: int) -> Any:
     [...]."""
     n = x.shape[-1]
     vectors = n // width
-    vec = lambda v: x[..., v * width:(v + 1) * width]  # noqa: E731
     size = vectors // _ILP
-    parts = _multi_row_sum(lambda i, k: vec(i * _ILP + k), size, _ILP)
+    body = x[..., :size * _ILP * width].reshape(*x.shape[:-1], size, _ILP, width)
+    summed = _chunked_sum(body, size) if size else None
+    parts = [None if summed is None else summed[..., k, :] for k in range(_ILP)]
     for v in range(size * _ILP, vectors):
-        parts[0] = _add(parts[0], vec(v))
+        parts[0] = _add(parts[0], x[..., v * width:(v + 1) * width])
     for k in range(1, _ILP):
         parts[0] = _add(parts[0], parts[k])
     total = None
