@@ -737,3 +737,35 @@ def test_a_signed_in_visitor_merges_into_one_folder_per_run(world: dict[str, Any
             refused = str(exc)
     assert "merge into the run's folder 'merged' only" in refused and "type merged" in refused, refused[:400]
     assert not (world["runs"] / RUN_ID / "copy-2").exists()
+
+
+def test_the_forms_names_stand_for_the_servers_files(tmp_path: Path) -> None:
+    """ui.names: the form names this session's upload 'upload:<file>', the sample by its checkout path and a default
+    model in a server folder by the folder's name; each comes back as the server's file, and nothing else does: a
+    name with a path in it, or another session's upload, stays what it is and is gated as such."""
+    from types import SimpleNamespace
+
+    from phi3_lora import uploads
+    from phi3_lora.access import Requester
+    from phi3_lora.ui import names
+    from phi3_lora.ui.guard import upload_dir
+
+    runs = tmp_path / "runs"
+    mine = uploads.copy_atomic(SAMPLE, uploads.session_dir(runs, "sess1") / "0123456789-mine.jsonl")
+    theirs = uploads.copy_atomic(SAMPLE, uploads.session_dir(runs, "sess2") / "9876543210-theirs.jsonl")
+    state = SimpleNamespace(options=SimpleNamespace(runs_dir=runs, sample_dataset=SAMPLE),
+                            default_name="tiny", default_path=str(tmp_path / "models" / "tiny"))
+    who = Requester(access.Level.ANONYMOUS, session="sess1")
+    for path, shown in ((mine, "upload:0123456789-mine.jsonl"), (SAMPLE, "data/sample_chat.jsonl")):
+        assert names.web_source(state, str(path)) == shown and str(tmp_path) not in shown
+        assert names.server_source(state, who, shown) == str(path)
+    assert names.web_source(state, "someone/chat-data") == "someone/chat-data"
+    def action(name: str) -> access.Action:
+        source = names.server_source(state, who, name)
+        return access.source_action(source, sample=SAMPLE, uploads=upload_dir(runs, who), is_hub_id=False)
+    assert action("upload:0123456789-mine.jsonl") is A.READ_UPLOAD and action("data/sample_chat.jsonl") is A.READ_SAMPLE
+    for name in ("upload:../sess2/9876543210-theirs.jsonl", "upload:/etc/passwd", "upload:.hidden", "upload:"):
+        assert names.server_source(state, who, name) == name and action(name) is A.READ_SERVER_PATH
+    assert not Path(names.server_source(state, who, "upload:" + theirs.name)).exists()  # only this session's
+    assert names.web_model(state, state.default_path) == "tiny" and names.server_model(state, "tiny") == state.default_path
+    assert names.server_model(state, "org/model") == "org/model" and names.web_model(state, "org/model") == "org/model"

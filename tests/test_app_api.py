@@ -32,7 +32,9 @@ def test_validate_upload(server) -> None:
     url, runs, tiny = server
     c = client(url)
     source = c.predict(handle_file(str(SAMPLE)), api_name="/upload_dataset")
-    assert Path(source).is_file() and ".uploads" in source  # kept next to the runs
+    # kept next to the runs, and named by the form as this session's upload: no folder of the server
+    assert source.startswith("upload:") and source.endswith("-sample_chat.jsonl") and "/" not in source
+    assert len(list((runs / ".uploads" / "sessions").glob(f"*/{source.split(':', 1)[1]}"))) == 1
     out = c.predict(source, "auto", NO_MAPPING, 0.1, str(tiny), 256, 42, api_name="/validate")
     summary, problems, preview, stats, _plot, _example, tokens, mapping = out
     assert "format messages" in summary and "48 usable of 48 rows" in summary and "5 eval" in summary

@@ -93,13 +93,15 @@ def test_upload_quota_and_uploads_deleted_when_the_session_ends(app, tmp_path: P
     first.write_text(line * 6000)   # ~560 KB
     second.write_text(line * 6001)
     c = _client(url)
-    kept = Path(c.predict(handle_file(str(first)), api_name="/upload_dataset"))
-    assert kept.is_file() and kept.is_relative_to(runs / ".uploads" / "sessions")
+    shown = c.predict(handle_file(str(first)), api_name="/upload_dataset")
+    assert shown.startswith("upload:")  # the form's name of it (ui.names): no folder of the server
+    (kept,) = (runs / ".uploads" / "sessions").glob(f"*/{shown.split(':', 1)[1]}")
     with pytest.raises(Exception, match="would pass the limit of 1 MiB per session"):
         c.predict(handle_file(str(second)), api_name="/upload_dataset")
     assert not [p for p in (runs / ".uploads").rglob("*") if p.is_file() and p.name.endswith(".tmp")]
     other = _client(url)  # another visitor has a quota (and a folder) of their own
-    assert Path(other.predict(handle_file(str(second)), api_name="/upload_dataset")).is_file()
+    other_shown = other.predict(handle_file(str(second)), api_name="/upload_dataset")
+    assert len(list((runs / ".uploads" / "sessions").glob(f"*/{other_shown.split(':', 1)[1]}"))) == 1
     c.close()  # the page closes: gradio runs the unload handler
     deadline = time.monotonic() + 60
     while kept.exists() and time.monotonic() < deadline:

@@ -219,7 +219,7 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     # The upload's × takes the file out of the source too.
     page.locator("#p3-upload input[type=file]").set_input_files(str(SAMPLE))
     page.get_by_text("sample_chat.jsonl: format messages").wait_for(timeout=60_000)
-    expect(source).to_have_value(re.compile(r"\.uploads/.*sample_chat\.jsonl$"))
+    expect(source).to_have_value(re.compile(r"^upload:[0-9a-f]{10}-sample_chat\.jsonl$"))  # no server folder
     page.locator("#p3-upload").get_by_label("Clear").click()
     expect(source).to_have_value("", timeout=30_000)
     page.get_by_text("No data yet").wait_for()

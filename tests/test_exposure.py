@@ -132,6 +132,61 @@ def test_a_merged_download_is_a_copy_in_gradios_cache(server) -> None:
     assert not list(exports_dir(runs, RUN_ID).glob("*merged*")), "the built zip stays on the disk"
 
 
+@pytest.mark.slow
+def test_no_answer_to_a_visitor_names_a_server_folder(tmp_path_factory: pytest.TempPathFactory,
+                                                       tiny_llama_dir: Path) -> None:
+    """An attacker's view of a shared app whose default model is a folder of the server: the page, the API page and
+    every answer of the dataset, settings and export flows, read as the bytes the server sends, name no folder of
+    the server (the runs folder, the model folder, the checkout, the home folder); the form's names (the upload, the
+    sample, the default model) still validate, estimate and export."""
+    import httpx
+    from gradio_client import Client
+
+    from helpers.apps import endpoint_args
+    from phi3_lora.ui import build_app, launch
+    from phi3_lora.ui.common import AppOptions
+
+    runs = tmp_path_factory.mktemp("visited") / "runs"
+    runs.mkdir()
+    make_adapter_run(runs, tiny_llama_dir)
+    demo = build_app(options=AppOptions(runs_dir=runs, default_model=str(tiny_llama_dir), shared=True))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    home = os.path.expanduser("~")
+    folders = {"runs folder": str(runs), "model folder": str(tiny_llama_dir), "checkout": str(ROOT),
+               "home folder": home + "/", "model folder's name as a path": f"/{tiny_llama_dir.name}"}
+    try:
+        base = url.rstrip("/")
+        api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+        said = {"page": httpx.get(base + "/config").text, "API page": httpx.get(base + "/gradio_api/info").text}
+        uploaded = httpx.post(base + "/gradio_api/upload", files={"files": ("mine.jsonl", SAMPLE.read_bytes())})
+        file = {"path": uploaded.json()[0], "meta": {"_type": "gradio.FileData"}, "orig_name": "mine.jsonl"}
+        session = "visitor1"
+        said["upload"], (source,) = raw_call(url, "upload_dataset", [file], session)
+        assert source.startswith("upload:") and source.endswith("-mine.jsonl"), source
+        said["validate upload"], out = raw_call(url, "validate_after_upload", endpoint_args(
+            api, "validate_after_upload", **{"Data source": source}), session)
+        assert "usable of" in out[0], out[0][:300]
+        said["sample"], (sample, _) = raw_call(url, "use_sample", [], session)
+        said["validate sample"], out = raw_call(url, "validate_sample", endpoint_args(
+            api, "validate_sample", **{"Data source": sample}), session)
+        assert "usable of" in out[0], out[0][:300]
+        for endpoint in ("show_config", "estimate", "model_layers"):
+            labels = {p.get("label") for p in api["named_endpoints"][f"/{endpoint}"]["parameters"]}
+            given = {"Data source": source} if "Data source" in labels else {}
+            said[endpoint], _ = raw_call(url, endpoint, endpoint_args(api, endpoint, **given), session)
+        assert "tiny_llama" in said["show_config"] and "Trainable parameters" in said["estimate"]
+        client = Client(url, verbose=False)  # an endpoint with a session state input: gradio_client fills it
+        said["time_estimate"] = json.dumps(client.predict(*endpoint_args(api, "time_estimate", **{
+            "Data source": sample}), api_name="/time_estimate"), default=str)
+        for endpoint in ("load_page", "list_runs"):
+            said[endpoint], _ = raw_call(url, endpoint, endpoint_args(api, endpoint), session)
+        said["export_zip"], _ = raw_call(url, "export_zip", [RUN_ID], session)
+        leaks = [(what, name) for what, text in said.items() for name, folder in folders.items() if folder in text]
+        assert not leaks, leaks
+    finally:
+        demo.close()
+
+
 def test_no_pickle_loading_remote_code_or_shell_in_our_code() -> None:
     banned = {r"\btorch\.load\(": "torch.load", r"\bpickle\.loads?\(": "pickle.load", r"\bdill\.": "dill",
               r"\bjoblib\.load\(": "joblib.load", r"trust_remote_code\s*=\s*True": "trust_remote_code enabled",

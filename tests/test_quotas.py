@@ -387,4 +387,5 @@ def test_a_signed_in_visitor_opening_session_after_session_cannot_block_another_
     assert "you have 800 KiB of uploads on this server, and the limit is 1 MiB" in answers[2], answers
     bobs = _signed_in(url, "bob").predict(handle_file(str(_upload(tmp_path, "his.jsonl", kib=400))),
                                           api_name="/upload_dataset")
-    assert Path(bobs).is_file()
+    assert bobs.startswith("upload:")  # the form's name of it (ui.names); the file is in bob's session folder
+    assert len(list((runs / ".uploads" / "sessions").glob(f"*/{bobs.split(':', 1)[1]}"))) == 1

@@ -9,11 +9,11 @@ from typing import Any
 import gradio as gr
 from starlette.middleware import Middleware
 
-from phi3_lora import access, models, uploads
+from phi3_lora import access, models, portable, uploads
 from phi3_lora.config import dump_yaml
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir
-from phi3_lora.ui import compare, dataset, drafts, export_tab, login, settings, strings, timing, train_tab
+from phi3_lora.ui import compare, dataset, drafts, export_tab, login, names, settings, strings, timing, train_tab
 from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
 from phi3_lora.ui.strings import t
 from phi3_lora.ui.guard import check_model, check_source, check_template, guarded, session_key
@@ -65,6 +65,8 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
     uploads.sweep(options.runs_dir)  # sessions that ended while the app was down
     state = AppState(options)
     state.default_name, state.default_reason = models.resolve_name(options.default_model)
+    if portable.is_local_model(state.default_name):  # the page names no folder of the server (ui.names)
+        state.default_path, state.default_name = state.default_name, portable.model_name(state.default_name)
     if options.default_model.strip().lower() != "auto":
         state.default_reason = "it was chosen with --model"
 
@@ -106,9 +108,9 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
             given = dict(zip(input_names, values, strict=True))
             table = given.pop("data.mapping")
             preset_name = given.pop("preset")
-            given["data.source"] = (given["data.source"] or "").strip()
+            given["data.source"] = names.server_source(state, who, given["data.source"])
             given["data.mapping"] = dataset.mapping_from_table(table)
-            check_model(state, who, given["model.name"])
+            given["model.name"] = check_model(state, who, given["model.name"])
             check_template(state, who, given["model.chat_template"])
             check_source(state, who, given["data.source"])
             info = models.model_info(given["model.name"])
@@ -118,6 +120,8 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         @guarded(state)
         def on_show_config(who: Requester, *values: Any) -> tuple[Any, Any]:
             config = build_config(who, *values)
+            if who.level is not access.Level.OWNER:  # the config as another machine would use it: no server folder
+                config = portable.portable_config(config, options.sample_dataset).config
             return (gr.update(value=dump_yaml(config), visible=True),
                     gr.update(value=settings.cli_text(config), visible=True))
 

@@ -63,7 +63,8 @@ class AppState:
     engines: dict[tuple[str, bool], Any] = field(default_factory=dict)
     engine_lock: threading.Lock = field(default_factory=threading.Lock)
     default_reason: str = ""
-    default_name: str = ""
+    default_name: str = ""   # the app's default model as the web names it (ui.names: a server folder by its name)
+    default_path: str = ""   # what default_name stands for when that differs: the folder of the server
     mode: access.ServerMode = access.UNLAUNCHED   # set by launch(): until then nobody is the owner
     starters: access.RunStarters = field(init=False)  # who started which run (from options.runs_dir)
 

@@ -17,11 +17,12 @@ import gradio as gr
 import pandas as pd
 
 from phi3_lora import config as cfgmod
-from phi3_lora import access, data, models, quotas, readers, uploads
+from phi3_lora import access, data, models, portable, quotas, readers, uploads
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.formats import COLUMNS, MESSAGE_KEYS
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui import names
 from phi3_lora.ui.guard import check, check_model, check_source, guarded
 from phi3_lora.ui.strings import field_help, t
 
@@ -298,8 +299,9 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
     @user_errors
     @guarded(state)
     def on_validate(who: Requester, *args: Any) -> tuple[Any, ...]:
-        check_source(state, who, args[0])
-        check_model(state, who, args[4])
+        source, model = names.server_source(state, who, args[0]), check_model(state, who, args[4])
+        check_source(state, who, source)
+        args = (source, *args[1:4], model, *args[5:])
         token = access.hub_token(who, None)
         try:
             return validate(*args, token=token)
@@ -320,18 +322,19 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
             raise UserError("This upload came without a browser session.", hint="Reload the page and try again.")
         uploads.sweep(state.options.runs_dir)
         options = state.options
-        return str(uploads.store(file, options.runs_dir, who.session, session_quota=options.upload_session_quota,
-                                 total_quota=options.upload_total_quota, holder=quotas.holder_of(who),
-                                 limits=options.limits))
+        stored = uploads.store(file, options.runs_dir, who.session, session_quota=options.upload_session_quota,
+                               total_quota=options.upload_total_quota, holder=quotas.holder_of(who),
+                               limits=options.limits)
+        return names.web_source(state, str(stored))  # the form names no folder of the server
 
     @user_errors
     def on_sample() -> tuple[str, pd.DataFrame]:
-        return str(state.options.sample_dataset), pd.DataFrame([["", ""]], columns=MAPPING_HEADERS)
+        return portable.SAMPLE_IN_CHECKOUT, pd.DataFrame([["", ""]], columns=MAPPING_HEADERS)
 
     @user_errors
     @guarded(state)
     def on_example(who: Requester, kept: dict[str, Any] | None, index: float, name: str, max_len: Any) -> str:
-        check_model(state, who, name)
+        name = check_model(state, who, name)
         rows = (kept or NO_ROWS).get("preview") or []
         if not rows:
             return ""
@@ -353,7 +356,7 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
     def on_clear_upload(source: str) -> tuple[Any, ...]:
         """The upload's × : a kept upload stops being the source (Start must not train on a file no longer shown);
         a Hub id or the sample chosen since stays."""
-        if uploads.UPLOADS not in Path(source or "").parts:
+        if not names.is_upload(source) and uploads.UPLOADS not in Path(source or "").parts:
             return (gr.skip(),) * 4
         return "", notice("info", NO_DATA), NO_ROWS, gr.update(value=None)
 

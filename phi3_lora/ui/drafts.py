@@ -22,6 +22,7 @@ from phi3_lora import jobs, models, quotas, runs, uploads
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
+from phi3_lora.ui import names
 from phi3_lora.ui.guard import check, check_model, guarded
 from phi3_lora.ui.strings import t
 
@@ -65,8 +66,9 @@ def build_loader() -> Loader:
     return Loader(run, load_run, yaml_file, note, box)
 
 
-def config_values(config: cfgmod.RunConfig, keys: list[str]) -> list[Any]:
-    """Widget updates for every setting and data field of `config` (target choices from its model)."""
+def config_values(config: cfgmod.RunConfig, keys: list[str], state: AppState, who: Requester) -> list[Any]:
+    """Widget updates for every setting and data field of `config` (target choices from its model), its model and
+    data source as the web form names them (ui.names)."""
     from phi3_lora.ui import dataset, settings
 
     try:
@@ -78,8 +80,9 @@ def config_values(config: cfgmod.RunConfig, keys: list[str]) -> list[Any]:
     vals: list[Any] = settings.values_from_config(config, keys, [t for t in targets if t != "embed_tokens"])
     vals[keys.index("lora.target_modules")] = gr.update(choices=targets, value=vals[keys.index("lora.target_modules")])
     vals[keys.index("lora.fused_slices")] = gr.update(value=config.lora.fused_slices if fused else [], visible=fused)
+    vals[keys.index("model.name")] = names.web_model(state, config.model.name)
     d = config.data
-    return vals + [config.preset or settings.NO_PRESET, d.source, d.format,
+    return vals + [config.preset or settings.NO_PRESET, names.web_source(state, d.source), d.format,
                    dataset.mapping_table(d.format if d.format != "auto" else "messages", [], d.mapping),
                    d.eval_fraction]
 
@@ -101,9 +104,10 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         saved = {"token": token, "settings": dict(zip(keys, settings_values)), "preset": preset_name,
                  "data": {"source": source, "format": fmt, "mapping": mapping_from_table(table),
                           "eval_fraction": fraction}}
-        if who.session and source and uploads.is_session_upload(runs_dir, who.session, source):
+        on_server = names.server_source(state, who, source)
+        if who.session and source and uploads.is_session_upload(runs_dir, who.session, on_server):
             try:  # the session's upload goes when the page closes: the draft keeps its own copy
-                saved["data"]["upload"] = uploads.keep_for_draft(source, runs_dir, token, quotas.holder_of(who),
+                saved["data"]["upload"] = uploads.keep_for_draft(on_server, runs_dir, token, quotas.holder_of(who),
                                                                  state.options.limits).name
             except UserError as exc:  # said when the draft is restored (this endpoint shows nothing)
                 saved["data"]["upload_refused"] = str(exc)
@@ -126,8 +130,9 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         source, note = data.get("source") or "", gr.skip()
         if data.get("upload") and who.session and str(saved.get("token", "")).isalnum():
             try:
-                source = str(uploads.restore_draft(runs_dir, saved["token"], data["upload"], who.session,
-                                                   quotas.holder_of(who), state.options.limits))
+                restored = uploads.restore_draft(runs_dir, saved["token"], data["upload"], who.session,
+                                                 quotas.holder_of(who), state.options.limits)
+                source = names.web_source(state, str(restored))  # the form names no folder of the server
             except UserError as exc:  # what happened to it (a copy that gave way to newer drafts), or a quota
                 source, note = "", notice("warn", str(exc))
             except (OSError, ValueError):
@@ -151,7 +156,7 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         check(state, who, Action.LOAD_RUN_SETTINGS, started_by=state.starters.get(run_id))
         run_config = runs.run_in(runs_dir, run_id).config
         config = cfgmod.load_yaml(run_config, shown_as=runs.shown_path(run_config))
-        return config_values(config, keys) + [notice("ok", f"Loaded the settings and data of {run_id}.")]
+        return config_values(config, keys, state, who) + [notice("ok", f"Loaded the settings and data of {run_id}.")]
 
     @user_errors
     @guarded(state)
@@ -159,8 +164,8 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
         if not path:
             return [gr.skip()] * (len(form) + 1)
         config = cfgmod.load_yaml(path, shown_as=Path(path).name)  # not the server folder gradio saved it in
-        check_model(state, who, config.model.name)  # config_values reads the model's layers
-        return config_values(config, keys) + [notice("ok", f"Loaded the settings of {Path(path).name}.")]
+        config = config.replace(model={"name": check_model(state, who, config.model.name)})  # its layers are read
+        return config_values(config, keys, state, who) + [notice("ok", f"Loaded the settings of {Path(path).name}.")]
 
     def on_open(current: str | None) -> Any:
         ids = [c[1] for c in _run_choices(runs_dir)]

@@ -190,24 +190,26 @@ def known_models(state: Any) -> set[str]:
     from phi3_lora import models
     from phi3_lora.embedded import EMBEDDED_NAME
 
-    names = {e.name for e in models.CATALOGUE} | {EMBEDDED_NAME, state.default_name,
+    names = {e.name for e in models.CATALOGUE} | {EMBEDDED_NAME, state.default_name, state.default_path,
                                                      state.options.default_model}
     return {n for n in names if n}
 
 
-def check_model(state: Any, who: Requester, name: str | None) -> None:
+def check_model(state: Any, who: Requester, name: str | None) -> str:
     """Gate a base model name from the web: catalogue names, the app's default and Hub ids for anybody; a
-    folder of the server only for the owner."""
+    folder of the server only for the owner. Returns what the name stands for here (ui.names.server_model)."""
     from phi3_lora.models import is_embedded
+    from phi3_lora.ui.names import server_model
 
-    name = (name or "").strip()
+    name = server_model(state, name)
     if not name or is_embedded(name):
-        return
+        return name
     try:
         is_path = Path(name).expanduser().exists()
     except (OSError, RuntimeError, ValueError):
         is_path = True
     check(state, who, access.model_action(name, known=known_models(state), is_path=is_path))
+    return name
 
 
 def check_template(state: Any, who: Requester, value: str | None) -> None:

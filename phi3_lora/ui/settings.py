@@ -15,10 +15,10 @@ from typing import Any
 import gradio as gr
 
 from phi3_lora import config as cfgmod
-from phi3_lora import estimate, models, options, targets, trackers
+from phi3_lora import estimate, models, options, portable, targets, trackers
 from phi3_lora.errors import UserError
 from phi3_lora.access import Requester
-from phi3_lora.ui import timing
+from phi3_lora.ui import names, timing
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check_model, guarded
 from phi3_lora.ui.strings import field_help, field_label, t
@@ -117,7 +117,7 @@ def _targets_value(value: Any, targets: list[str]) -> list[str]:
 def build(state: AppState) -> SettingsTab:
     d = initial_config(state)
     try:
-        info: models.ModelInfo | None = models.model_info(d.model.name)
+        info: models.ModelInfo | None = models.model_info(names.server_model(state, d.model.name))
     except UserError:
         info = None
     f: dict[str, gr.components.Component] = {}
@@ -281,7 +281,7 @@ def estimate_html(config: cfgmod.RunConfig, info: models.ModelInfo) -> str:
     else:
         notes = gpu.notes
     lines += [notice("warn", n) for n in notes]
-    lines.append(help_md(f"Layer sizes from {info.source} of {info.name}."))
+    lines.append(help_md(f"Layer sizes from {info.source} of {portable.model_name(info.name)}."))  # no server folder
     return "\n".join(lines)
 
 
@@ -301,14 +301,13 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     @user_errors
     @guarded(state)
     def on_model(who: Requester, name: str, current: list[str], chosen: list[str]) -> tuple[Any, Any, str]:
-        check_model(state, who, name)
-        info = models.model_info(name)
+        info = models.model_info(check_model(state, who, name))
         keep = [c for c in (current or []) if c in info.targets]
         return (gr.update(choices=info.targets, value=keep if keep and len(keep) < len(current or [1, 1])
                           else info.linear_names),
                 gr.update(visible=info.fused, value=(chosen or []) if info.fused else []),
                 f"Default here: **{state.default_name}**, because {state.default_reason}. "
-                f"Selected: **{info.name}** ({len(info.linear_names)} kinds of Linear layer: "
+                f"Selected: **{names.web_model(state, info.name)}** ({len(info.linear_names)} kinds of Linear layer: "
                 f"{', '.join(info.linear_names)}).")
 
     @user_errors
@@ -317,7 +316,7 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
         *vals, preset_name = values
         given = named(vals)
         try:
-            check_model(state, who, given["model.name"])
+            given["model.name"] = check_model(state, who, given["model.name"])
             info = models.model_info(given["model.name"])
             config = config_from_values(given, info.linear_names, preset_name)
         except UserError as exc:
@@ -330,7 +329,7 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
     @guarded(state)
     def on_preset(who: Requester, name: str, *values: Any) -> list[Any]:
         given = named(values)
-        check_model(state, who, given["model.name"])
+        given["model.name"] = check_model(state, who, given["model.name"])
         if name == NO_PRESET:
             return [gr.skip()] * len(keys) + [""]
         info = models.model_info(given["model.name"])
@@ -346,6 +345,7 @@ def wire(tab: SettingsTab, state: AppState, demo: gr.Blocks) -> None:
             notes.append(notice("info", "This preset uses QLoRA (4-bit). Without a GPU it still runs, "
                                         "but slower than 16-bit; untick QLoRA for speed on this machine."))
         vals = values_from_config(config, keys, info.linear_names)
+        vals[keys.index("model.name")] = names.web_model(state, config.model.name)
         vals[keys.index("lora.fused_slices")] = gr.update(value=vals[keys.index("lora.fused_slices")] if info.fused
                                                           else [], visible=info.fused)
         vals[keys.index("lora.target_modules")] = gr.update(choices=info.targets,

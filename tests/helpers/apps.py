@@ -118,15 +118,26 @@ def served_app(runs: Path, model: Path | str, **launch_options: Any) -> Iterator
 
 
 def raw_call(url: str, api_name: str, data: list[Any], session_hash: str = "rawcall1") -> tuple[str, list[Any]]:
-    """An endpoint called as a browser calls it, no client-side processing: (the answer's text exactly as the
-    server sent it, its decoded outputs). What a visitor's browser could read is all in that text."""
+    """An endpoint called as the page calls it (the queue), no client-side processing: (the answer's text exactly as
+    the server sent it, its decoded outputs). What a visitor's browser could read is all in that text."""
     import json
 
     import httpx
 
     base = url.rstrip("/")
-    event = httpx.post(f"{base}/gradio_api/call/{api_name.lstrip('/')}", timeout=60,
-                       json={"data": data, "session_hash": session_hash}).json()["event_id"]
-    text = httpx.get(f"{base}/gradio_api/call/{api_name.lstrip('/')}/{event}", timeout=600).text
-    last = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")][-1]
-    return text, json.loads(last) or []
+    config = httpx.get(f"{base}/config", timeout=60).json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name.lstrip("/"))
+    joined = httpx.post(f"{base}/gradio_api/queue/join", timeout=60, json={
+        "data": data, "fn_index": fn_index, "session_hash": session_hash, "event_data": None, "trigger_id": None})
+    event_id = joined.json()["event_id"]
+    lines = []
+    with httpx.stream("GET", f"{base}/gradio_api/queue/data", params={"session_hash": session_hash},
+                      timeout=600) as stream:
+        for line in stream.iter_lines():
+            lines.append(line)
+            message = json.loads(line[len("data: "):]) if line.startswith("data: ") else {}
+            if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                output = message.get("output") or {}
+                assert message.get("success"), output
+                return "\n".join(lines), output.get("data") or []
+    raise AssertionError(f"/{api_name} never completed:\n" + "\n".join(lines)[-2000:])
