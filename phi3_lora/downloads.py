@@ -80,7 +80,7 @@ def held(ledger: dict[str, dict], now: float) -> list[quotas.Held]:
 
 
 def _cache_bytes() -> int:
-    from phi3_lora.uploads import folder_bytes
+    from phi3_lora.quotas import folder_bytes
 
     return folder_bytes(cache_root()) if cache_root().is_dir() else 0
 

@@ -298,7 +298,7 @@ def _stop_reason(status: events.RunStatus, killed: bool, grace: float, step_s: f
 def delete_run(run_id: str, runs_dir: Path | None = None) -> int:
     """Delete a run's folder (checkpoints, adapter, merges) and its exports; returns the bytes freed. A running run is
     refused (stop it first). The folder is renamed out of the list first, so a half-deleted run never shows."""
-    from phi3_lora.uploads import folder_bytes
+    from phi3_lora.quotas import folder_bytes
 
     runs_dir = Path(runs_dir or runs.default_runs_dir())
     with runs.locked(runs_dir):

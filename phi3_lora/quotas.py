@@ -214,12 +214,23 @@ def runs_refusal(sizes: Mapping[str, int], share: int, what: str, adding: int = 
                           f"are {names}.")
 
 
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the plain files under `folder` (links not followed): what a room's holder keeps there."""
+    total = 0
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+        except OSError:  # deleted while we counted
+            pass
+    return total
+
+
 def run_bytes_of(runs_dir: Path, holder: str, starters: Mapping[str, str]) -> dict[str, int]:
     """What `holder` keeps in `runs_dir`: each run they started (`starters`: access.RunStarters.all()) by the bytes
     of its folder, less the export folders somebody else made in it, and each export folder they made in any run
     ('<run id>/<folder>')."""
     from phi3_lora.runs import run_dirs
-    from phi3_lora.uploads import folder_bytes
 
     out: dict[str, int] = {}
     for run in run_dirs(runs_dir):

@@ -45,17 +45,6 @@ def session_dir(runs_dir: Path, key: str) -> Path:
     return root(runs_dir) / SESSIONS / key
 
 
-def folder_bytes(folder: Path) -> int:
-    total = 0
-    for path in Path(folder).rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink():
-                total += path.stat().st_size
-        except OSError:  # deleted while we counted
-            pass
-    return total
-
-
 def _size(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
 
@@ -113,7 +102,7 @@ def store(src: str | Path, runs_dir: Path, key: str, *, session_quota: int = SES
     dest = folder / f"{_digest(src)}-{src.name}"
     if dest.exists():
         return dest
-    used = folder_bytes(folder) if folder.exists() else 0
+    used = quotas.folder_bytes(folder) if folder.exists() else 0
     if used + size > session_quota:
         raise UserError(f"This session has uploaded {_size(used)}; {src.name} ({_size(size)}) would pass the "
                         f"limit of {_size(session_quota)} per session.",
