@@ -330,3 +330,33 @@ def test_finnish_page(browser, app_url: str) -> None:
     open_app(page, app_url.rstrip("/") + "/?lang=fi", "Keskusteluaineistosi")
     expect(page.locator("#p3-language input")).to_have_value("Suomi", timeout=30_000)
     context.close()
+
+
+def test_delete_asks_before_a_run_goes(browser, app_url: str) -> None:
+    """Delete run asks in the browser first: declined, the run stays; accepted, it goes. Last in the file: it
+    deletes the run the walk-through trained."""
+    from playwright.sync_api import expect
+
+    from phi3_lora import runs
+
+    run_ids = [r.run_id for r in runs.run_dirs(RUNS["dir"])]
+    assert run_ids, "the walk-through above trains the run this test deletes"
+    run_id = run_ids[0]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_text("Your chat data").wait_for(timeout=RENDER_MS)
+    page.get_by_role("tab", name="3 · Train").click(timeout=120_000)
+    expect(page.locator("#p3-runs input")).to_have_value(re.compile(run_id), timeout=60_000)
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.get_by_role("button", name="Delete run").click()
+    deadline = time.time() + 30
+    while not asked and time.time() < deadline:
+        page.wait_for_timeout(250)
+    assert asked and run_id in asked[0] and "cannot be undone" in asked[0], asked
+    page.wait_for_timeout(5_000)  # a declined delete sends no run: nothing may go
+    assert (RUNS["dir"] / run_id).is_dir()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete run").click()
+    wait_until(lambda: not (RUNS["dir"] / run_id).exists(), timeout=120)
+    page.close()

@@ -365,6 +365,10 @@ def test_a_signed_in_visitor_past_their_runs_share_is_refused_with_what_to_delet
     assert "Your runs and exports take" not in theirs, theirs[:600]  # refused or not, never for alice's use
     assert "only for runs they started" in call(alice, "20260102-000000-bob", api_name="/delete_run")
     assert (runs / "20260102-000000-bob").is_dir()
+    from phi3_lora.ui.train_tab import DELETE_CANCELLED
+
+    call(alice, DELETE_CANCELLED, api_name="/delete_run")  # what the page sends when its confirmation is declined
+    assert (runs / "20260102-000000-alice").is_dir()
     call(alice, "20260102-000000-alice", api_name="/delete_run")
     assert not (runs / "20260102-000000-alice").exists()
     assert quotas.run_bytes_of(runs, "auth:alice", state_starters.all()) == {}
@@ -385,7 +389,8 @@ def test_a_signed_in_visitor_opening_session_after_session_cannot_block_another_
         except Exception as exc:
             answers.append(str(exc))
     assert "you have 800 KiB of uploads on this server, and the limit is 1 MiB" in answers[2], answers
-    bobs = _signed_in(url, "bob").predict(handle_file(str(_upload(tmp_path, "his.jsonl", kib=400))),
+    # a name of its own: an earlier test of this module's server uploaded "his.jsonl" (same bytes) into a session
+    bobs = _signed_in(url, "bob").predict(handle_file(str(_upload(tmp_path, "his-other.jsonl", kib=400))),
                                           api_name="/upload_dataset")
     assert bobs.startswith("upload:")  # the form's name of it (ui.names); the file is in bob's session folder
     assert len(list((runs / ".uploads" / "sessions").glob(f"*/{bobs.split(':', 1)[1]}"))) == 1

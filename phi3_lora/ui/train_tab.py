@@ -7,6 +7,7 @@ The run is a child process (phi3_lora.jobs); this tab only reads `runs/<id>/even
 from __future__ import annotations
 
 import html
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
 from phi3_lora.ui.guard import check, check_model_fits, check_runs_room, check_source, guarded
-from phi3_lora.ui.strings import t
+from phi3_lora.ui.strings import t, translations
 
 LOG_HIDDEN = ("(The log of a run is shown to whoever started it: it names this server's folders and files. The "
               "status, progress and loss curve above are the run's.)")
@@ -50,6 +51,21 @@ class TrainTab:
     # set by wire; app.py fills the page on load with them
     on_load: Callable[[Requester], list[Any]] | None = None
     outputs: list[Any] = field(default_factory=list)  # what on_load returns values for
+
+
+# What the Delete button sends when its confirmation is declined (never a run id: runs.valid_run_id refuses it).
+DELETE_CANCELLED = "(cancelled)"
+
+
+def delete_confirm_js() -> str:
+    """The browser asks before a run is deleted (its checkpoints, adapter and exports go for good), in the page's
+    language; declined, the button sends DELETE_CANCELLED instead of the run."""
+    texts = {lang: table["train.delete_confirm"] for lang, table in translations().items()
+             if "train.delete_confirm" in table}
+    return (f"(run) => {{ if (!run) return run; const texts = {json.dumps(texts)}; "
+            f"const lang = (document.documentElement.lang || navigator.language || 'en').slice(0, 2); "
+            f"const text = (texts[lang] || texts.en).replace('{{run}}', run); "
+            f"return window.confirm(text) ? run : {json.dumps(DELETE_CANCELLED)}; }}")
 
 
 def build(state: AppState) -> TrainTab:
@@ -339,6 +355,8 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
     @user_errors
     @guarded(state)
     def on_delete(who: Requester, run_id: str | None) -> list[Any]:
+        if run_id == DELETE_CANCELLED:  # the page's confirmation was declined: nothing happens
+            return [gr.skip()] * len(outputs)
         own_run(who, Action.DELETE, run_id)
         if not run_id:
             raise UserError("No run selected.", hint="Pick the run to delete from the list.")
@@ -365,7 +383,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
                     concurrency_limit=1)
     tab.stop.click(on_stop, tab.runs, outputs, api_name="stop_training", concurrency_id="jobs")
     tab.resume.click(on_resume, tab.runs, outputs, api_name="resume_training", concurrency_id="jobs")
-    tab.delete.click(on_delete, tab.runs, outputs, api_name="delete_run", concurrency_id="jobs")
+    tab.delete.click(on_delete, tab.runs, outputs, api_name="delete_run", concurrency_id="jobs", js=delete_confirm_js())
     @user_errors
     @guarded(state)
     def on_refresh(who: Requester, run_id: str | None) -> list[Any]:
