@@ -43,11 +43,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, raised as OSError by Python or as text by safetensors' Rust writer ("StorageFull")."""
+    """ENOSPC, raised as OSError by Python, as text by safetensors' Rust writer ("StorageFull"), or by torch.save's
+    zip writer, which loses the errno and reports the short write ("[enforce fail at inline_container.cc:...]
+    unexpected pos 64 vs 0": seen when a checkpoint's optimizer state met a full disk)."""
     for e in _causes(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(e).lower()
         if "no space left on device" in text or "storagefull" in text or "disk quota exceeded" in text:
+            return True
+        if "inline_container" in text and "unexpected pos" in text:
             return True
     return False

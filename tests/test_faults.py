@@ -236,3 +236,18 @@ def test_restarted_app_finds_the_running_run(tmp_path, tiny_llama_dir):
     finally:
         if pid_alive(pid):
             jobs.stop_run(run_id, runs, grace=5)
+
+
+def test_torch_saves_short_write_on_a_full_disk_reads_as_disk_full(tiny_disk, tmp_path):
+    """torch.save's zip writer loses ENOSPC and raises 'unexpected pos': a checkpoint's optimizer state meeting a
+    full disk must still read as disk full (then the run's reason says to free space and Resume)."""
+    import torch
+
+    from phi3_lora.errors import is_disk_full
+
+    runs = tiny_disk("8m")
+    fill(runs, leave=0)
+    with pytest.raises(Exception) as caught:
+        torch.save({"state": torch.zeros(2**20)}, runs / "optimizer.pt")
+    assert is_disk_full(caught.value), repr(caught.value)
+    assert not is_disk_full(RuntimeError("[enforce fail at inline_container.cc:300] . file not found"))
