@@ -40,7 +40,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from phi3_lora.speed import aten_order
+from phi3_lora.speed import aten_order, pair_ops
 
 log = logging.getLogger(__name__)
 
@@ -50,62 +50,7 @@ FUSE_SIBLINGS = True  # q/k/v and gate/up as one packed product each, as cpu_lin
 CPP_WRAPPER = False  # the compiled step's wrapper in C++ instead of Python (inductor's cpp_wrapper)
 FUSED_NORMS = True  # RMSNorm and SiLU * up fused by inductor in ATen's order (aten_order) where that is exact here
 
-_ops_defined = False
 _counter = itertools.count()
-
-
-def _define_ops() -> None:
-    """The eager-only pieces of the step as custom ops: inductor calls them, it does not look inside."""
-    global _ops_defined
-    if _ops_defined:
-        return
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    # (schemas written out: this module's `from __future__ import annotations` hides the types from infer_schema)
-    @torch.library.custom_op("phi3_lora::pair_attend", mutates_args=("k_buf", "v_buf"),
-                             schema="(Tensor q, Tensor k, Tensor v, Tensor(a!) k_buf, Tensor(b!) v_buf, "
-                                    "Tensor mask_buf, Tensor state, int groups, float scaling) -> Tensor")
-    def pair_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                    mask_buf: torch.Tensor, state: torch.Tensor, groups: int, scaling: float) -> torch.Tensor:
-        """Write this step's key/value at `state[0]`, then transformers' SDPA over the filled positions, with the
-        2-D padding mask as a 4-D one where `state[1]` says there is padding (else none: what eager passes)."""
-        pos, padded = state.tolist()
-        k_buf[:, :, pos] = k[:, :, 0]
-        v_buf[:, :, pos] = v[:, :, 0]
-        filled = pos + 1
-        mask = mask_buf[:, None, None, :filled] if padded else None
-        module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True)
-        out, _ = sdpa_attention_forward(module, q, k_buf[:, :, :filled], v_buf[:, :, :filled], mask, dropout=0.0,
-                                        scaling=scaling)
-        return out
-
-    @pair_attend.register_fake
-    def _(q, k, v, k_buf, v_buf, mask_buf, state, groups, scaling):
-        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
-
-    @torch.library.custom_op("phi3_lora::rms_norm", mutates_args=(),
-                             schema="(Tensor x, Tensor weight, float eps) -> Tensor")
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """LlamaRMSNorm.forward's ops, eagerly."""
-        h = x.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + eps)
-        return weight * h.to(x.dtype)
-
-    @rms_norm.register_fake
-    def _(x, weight, eps):
-        return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
-
-    @torch.library.custom_op("phi3_lora::silu_mul", mutates_args=(), schema="(Tensor gate, Tensor up) -> Tensor")
-    def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.silu(gate) * up
-
-    @silu_mul.register_fake
-    def _(gate, up):
-        return gate.new_empty(gate.shape)
-
-    _ops_defined = True
 
 
 def enabled() -> bool:
@@ -251,7 +196,7 @@ def _step_module(w: _Weights) -> Any:
     import torch
     import torch.nn.functional as F
 
-    _define_ops()
+    pair_ops.define()
     ops = torch.ops.phi3_lora
     lora_index = {key: 2 * n for n, key in enumerate(w.lora)}  # (layer, name) -> its a_t's place in the inputs
 
