@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pre = await_go(args.go_file, row.kind, Path(args.workdir))
         started = time.time()
-        timer = SettleTimer(args.steps, min_total=10, quiet=functools.partial(quiet, Path(args.workdir)))
+        timer = SettleTimer(args.steps, min_total=10, quiet=functools.partial(quiet, Path(args.workdir)),
+                            free=row.free, logged=row.logged)
         with tempfile.TemporaryDirectory() as tmp:
             trainer, opts = build(row, Path(args.workdir), timer.max_steps(), Path(tmp))
             result = finish(time_trainer(trainer, timer), row, opts, started)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -69,6 +70,8 @@ class Row:
     patch: dict[str, Any] = field(default_factory=dict)  # "module.attribute": value, set for this row only
     peer: dict[str, Any] = field(default_factory=dict)  # unsloth: checkpointing ("unsloth" | "none" | N layers
     # left un-checkpointed), model ("llama": the same weights with split q/k/v and gate/up, Unsloth's fast path)
+    free: bool = False  # timed free-running (bench/timing.py): no wait for the GPU at each step, loss read late
+    logged: bool = False  # free-running, but Trainer reads the loss every step (logging_steps 1, the app's default)
 
 
 _FULL, _MIX = "recipe QLoRA full rows", "recipe QLoRA mix packed"
@@ -204,10 +207,20 @@ EXPLORE = [
         peer={"checkpointing": 16, "model": "llama"}, recipe_ref=_FULL),
     Row("explore: unsloth QLoRA full, 20 layers not checkpointed", "unsloth", "full",
         peer={"checkpointing": 20, "model": "phi3"}, recipe_ref=_FULL),
+    # Free-running, but with Trainer's loss read at every step (logging_steps 1, the app's default): what that read
+    # costs a run, against the "free-running" rows (set "free").
+    *(Row(f"explore: engine QLoRA {data}, whole GPU, free-running, loss read every step", "engine", data, free=True,
+          logged=True, recipe_ref=ref) for data, ref in (("mix", _MIX), ("full", _FULL))),
     Row("explore: engine QLoRA full, 12 GiB", "engine", "full", budget_gb=12, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 16 GiB", "engine", "full", budget_gb=16, recipe_ref=_FULL),
 ]
-SETS = {"main": RECIPE + ENGINE + PEER + SIXTEEN, "ablations": ABLATIONS, "explore": EXPLORE}
+# The main rows timed free-running (bench/timing.py): the host may run ahead of the GPU as in a training run that
+# reads the loss every N steps, where the synchronised rows wait for the GPU at both ends of every step.
+FREE_SUFFIX = ", free-running"
+FREE = [dataclasses.replace(r, name=r.name + FREE_SUFFIX, free=True,
+                            recipe_ref=r.recipe_ref and r.recipe_ref + FREE_SUFFIX)
+        for r in RECIPE + ENGINE + PEER + SIXTEEN]
+SETS = {"main": RECIPE + ENGINE + PEER + SIXTEEN, "ablations": ABLATIONS, "explore": EXPLORE, "free": FREE}
 
 
 def all_rows() -> list[Row]:
@@ -514,7 +527,8 @@ def measure(row: Row, model_dir: Path, data: dict[str, Path], steps: int,
 
     _free()
     started = time.time()
-    timer = SettleTimer(steps, min_total=SAME_LOSS_STEP, quiet=functools.partial(quiet, model_dir.parent))
+    timer = SettleTimer(steps, min_total=SAME_LOSS_STEP, quiet=functools.partial(quiet, model_dir.parent),
+                        free=row.free, logged=row.logged)
     extra = (extra_patch or {}) if row.kind == "engine" else {}
     with tempfile.TemporaryDirectory() as tmp, patched({**row.patch, **extra}):
         build = run_recipe if row.kind == "recipe" else run_engine
@@ -1367,7 +1381,7 @@ def cpu_main(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="Measure the embedded model on this machine's CPU.")
     p.add_argument("--rows", nargs="*", help="Only rows whose name contains one of these words ('=NAME': that row).")
-    p.add_argument("--set", default=["main"], nargs="+", choices=("main", "ablations", "all", "explore"),
+    p.add_argument("--set", default=["main"], nargs="+", choices=("main", "ablations", "all", "explore", "free"),
                    help="main: recipe, engine, Unsloth and 16-bit rows at each memory budget; ablations: the "
                         "engine with one technique turned back; explore: tuning rows.")
     p.add_argument("--steps", type=int, default=6, help="Timed steps per row (after the warm-up settles).")

@@ -174,6 +174,37 @@ def test_cpu_recipe_row_trains_and_is_timed(tiny_phi3_dir, tmp_path):
     assert len(res["losses"]) == 2 and all(loss is not None and loss > 0 for loss in res["losses"])
 
 
+@pytest.mark.slow
+def test_free_running_timer_counts_the_same_steps_tokens_and_losses(tiny_phi3_dir, tmp_path):
+    """The free-running timer (no wait for the device at each step, losses from training_step, Trainer logging
+    only at the end) times the same steps as the synchronised one: the same tokens per step and the same loss at
+    every step of the same seeded run, each step's time read two steps late (so it asks to stop two steps late)."""
+    from phi3_lora.config import preset
+
+    lora = preset("quick-cpu").lora
+    data = bench.write_jsonl(bench.chat_rows("mix", 24), tmp_path / "rows.jsonl")
+    results, trainers = {}, {}
+    for free in (False, True):
+        torch.manual_seed(0)
+        timer = timing.SettleTimer(steps=2, min_warmup=1, max_warmup=1, free=free)
+        trainer = bench.cpu_recipe_trainer(str(tiny_phi3_dir), data, timer.max_steps(), tmp_path / f"o{free}", 2,
+                                           384, lora, dtype_name="float32")
+        results[free], trainers[free] = timing.time_trainer(trainer, timer), trainer
+    synced, free = results[False], results[True]
+    assert synced["timing"] == "synchronised" and free["timing"] == "free-running"
+    assert free["steps"] == synced["steps"] == 2 and free["warmup_steps"] == synced["warmup_steps"] == 1
+    tokens = free["tokens_per_step_list"]  # padded rows: counted from the attention mask, on the device
+    assert tokens == synced["tokens_per_step_list"] and min(tokens) > 0 and len(set(tokens)) > 1
+    ran = {k: t.state.global_step for k, t in trainers.items()}
+    assert ran[True] == ran[False] + timing.FREE_LAG
+    assert trainers[True].args.logging_steps > ran[True]  # no per-step log: Trainer read no loss on the way
+    timed = len(synced["losses"])
+    assert all(loss is not None for loss in free["losses"][:timed])
+    assert free["losses"][:timed] == pytest.approx(synced["losses"], rel=1e-5)
+    assert all(s > 0 for s in free["warmup_step_s"] + free["step_s"]) and free["tokens_per_s"] > 0
+    assert free["syncs_in_timed_steps"] is None  # counted on a GPU only
+
+
 def test_a_profile_lists_where_the_step_waits_for_the_gpu_by_call_site() -> None:
     from types import SimpleNamespace as E
 
