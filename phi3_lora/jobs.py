@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3_lora import events, runs
+from phi3_lora import events, runs, uploads
 from phi3_lora.config import RunConfig, load_yaml, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir
@@ -296,18 +296,31 @@ def _stop_reason(status: events.RunStatus, killed: bool, grace: float, step_s: f
 
 
 def delete_run(run_id: str, runs_dir: Path | None = None) -> int:
-    """Delete a run's folder (checkpoints, adapter, merges) and its exports; returns the bytes freed. A running run is
-    refused (stop it first). The folder is renamed out of the list first, so a half-deleted run never shows."""
+    """Delete a run's folder (checkpoints, adapter, merges) and its exports; returns the bytes freed. A run in use is
+    refused: training (stop it first), or a request that holds it (runs.hold_run: an export, an evaluation), whose
+    work would fail half-way. The folder is renamed out of the list first, so a half-deleted run never shows."""
     from phi3_lora.quotas import folder_bytes
 
     runs_dir = Path(runs_dir or runs.default_runs_dir())
     with runs.locked(runs_dir):
         run = runs.run_in(runs_dir, run_id)
         if run.process_alive() or events.run_status(run.path).active:
-            raise UserError(f"{run_id} is running.", hint="Stop it first, then delete it.")
+            raise UserError(f"{run_id} is training, so it cannot be deleted now.",
+                            hint="Wait until its training finishes, or press Stop, then delete it.")
+        busy = runs.holds_of(run)
+        if busy:
+            raise UserError(f"{run_id} is in use, so it cannot be deleted now: {' and '.join(dict.fromkeys(busy))} of "
+                            "it is running on this server.",
+                            hint="Wait until it finishes (an export or an evaluation cannot be stopped from the page), "
+                                 "then delete the run.")
         freed = folder_bytes(run.path)
+        kept = uploads.kept_copy(runs_dir, uploads.run_source(run.path))
         gone = runs_dir / f".deleting-{run_id}"
         os.replace(run.path, gone)
+        # the copy of an upload the run trained on goes with the last run that does (it counted for their starters)
+        if kept is not None:
+            size = kept.stat().st_size
+            freed += size if uploads.drop_kept_unless_used(runs_dir, kept) else 0
     shutil.rmtree(gone, ignore_errors=True)
     shutil.rmtree(runs.exports_dir(runs_dir, run_id), ignore_errors=True)
     return freed

@@ -9,7 +9,8 @@ ones do. The owner is never counted nor capped here: the owner decides for thems
     drafts     draft copies of uploads (uploads.keep_for_draft)   2 GiB    512 MiB       1 GiB
     downloads  Hub models, adapters and datasets a visitor's
                request downloads (downloads.check_room)           64 GiB   16 GiB        32 GiB
-    runs       a signed-in visitor's runs and merges (ui.guard)   -        50 GiB        - (cannot train)
+    runs       a signed-in visitor's runs, merges and the copies
+               of uploads kept for their runs (ui.guard)          -        50 GiB        - (cannot train)
 
 Identity: a signed-in visitor is their sign-in ('auth:alice', 'hf:bob'). Anonymous visitors are all one identity,
 ANONYMOUS: a gradio session hash is new with every reload (and a draft's token is whatever the browser sends), so a
@@ -210,8 +211,8 @@ def runs_refusal(sizes: Mapping[str, int], share: int, what: str, adding: int = 
     need = f" and this needs about {size_text(adding)} more" if adding else ""
     return UserError(f"Your runs and exports take {size_text(used)} of this server's disk{need}; each signed-in "
                      f"visitor may keep {size_text(share)}, so {what} is refused.",
-                     hint=f"Delete runs or merged copies you no longer need (Train tab, Delete run); your largest "
-                          f"are {names}.")
+                     hint=f"Delete runs or merged copies you no longer need (Train tab, Delete run; an upload kept "
+                          f"for runs goes with the last of them); your largest are {names}.")
 
 
 def folder_bytes(folder: Path) -> int:

@@ -14,6 +14,8 @@
     <runs>/<id>/adapter/             the final adapter, written atomically
     <runs>/<id>/eval/<time>.json     base-vs-tuned scores on the held-out rows (evaluate.py)
     <runs>/<id>/<name>/              merged exports made from the app
+    <runs>/<id>/.holds/<what>.<n>    one per request that uses the run (an export, an evaluation), locked while it
+                                     does: Delete run waits for none of them, it refuses (hold_run, holds_of)
 
 Nothing here trains or signals; jobs.py and train.py act, this module only names and reads.
 """
@@ -213,6 +215,7 @@ class RunDir:
     EVAL: ClassVar[str] = "eval"
     ADAPTER_CONFIG: ClassVar[str] = "adapter_config.json"  # peft's: marks a folder holding an adapter
     TRAINER_STATE: ClassVar[str] = "trainer_state.json"    # transformers': marks a complete checkpoint
+    HOLDS: ClassVar[str] = ".holds"                        # hold_run: who uses the run now
 
     def __init__(self, path: str | Path) -> None:
         object.__setattr__(self, "path", Path(path))
@@ -251,7 +254,7 @@ class RunDir:
 
         return frozenset({cls.CONFIG, cls.EVENTS, cls.LOG, cls.PROCESS, cls.RESOLVED, cls.EVAL_ROWS,
                           cls.CHECKPOINTS, cls.ADAPTER, cls.EVAL, f"{cls.EVENTS}.tmp", f"{cls.EVAL_ROWS}.tmp",
-                          TENSORBOARD_DIR, MLFLOW_DIR})
+                          cls.HOLDS, TENSORBOARD_DIR, MLFLOW_DIR})
 
     # checkpoints
     def checkpoint_dirs(self, complete: bool = True) -> list[tuple[int, Path]]:
@@ -361,6 +364,54 @@ def rotate_checkpoints(run: RunDir, keep: int | None, protect: str | Path | None
         if folder.resolve() != protected and remove_unless_pinned(folder):
             removed.append(folder)
     return removed
+
+
+# --- a run held while a request uses it (an export, an evaluation) ------------------------------------------------
+
+@contextmanager
+def hold_run(run: RunDir, what: str) -> Iterator[None]:
+    """Keep `run` from being deleted while a request uses it: `what` (e.g. "a merge") is what Delete run says is
+    running. One file per holder in the run's .holds/, locked (flock) until the `with` block ends or this process
+    dies, so a crashed holder never blocks a delete. Taken under the runs folder's lock, which delete_run holds while
+    it checks and moves the folder away: a run is either held or gone, never deleted under a holder."""
+    import secrets
+
+    with locked(run.path.parent):
+        if not run.exists():
+            raise UserError(f"Run {run.run_id} no longer exists (it was deleted).", hint="Pick another run.")
+        folder = run.path / RunDir.HOLDS
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{secrets.token_hex(6)}.{os.getpid()}"
+        fh = open(path, "w", encoding="utf-8")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(what)
+        fh.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fh.close()
+
+
+def holds_of(run: RunDir) -> list[str]:
+    """What the live holders of `run` are doing (hold_run); a hold whose process is gone is removed."""
+    found = []
+    try:
+        entries = sorted((run.path / RunDir.HOLDS).iterdir())
+    except OSError:
+        return []
+    for path in entries:
+        try:
+            with open(path, "r+", encoding="utf-8") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # held: a separate open file, so even a holder in this process counts
+                    found.append(fh.read().strip() or "a request")
+                    continue
+                path.unlink(missing_ok=True)  # its holder died without removing it
+        except OSError:  # released and removed while we looked
+            continue
+    return found
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,7 +3,9 @@
     runs/.uploads/sessions/<session key>/<digest>-<name>   this session's uploads; deleted when the session ends
                                                           (the page is closed) or after MAX_AGE_S
     runs/.uploads/kept/<digest>-<name>                    a copy taken when a run starts from an upload, so
-                                                          Resume can read it again after the session is gone
+                                                          Resume can read it again after the session is gone;
+                                                          it counts in the runs share of whoever started a run
+                                                          on it and goes with the last such run (kept_held)
 
 Every copy is written to a temporary name and renamed; a failed copy (a full disk included) removes its
 temporary file and says so plainly. No gradio here: phi3_lora.ui.dataset calls it.
@@ -120,11 +122,72 @@ def store(src: str | Path, runs_dir: Path, key: str, *, session_quota: int = SES
     return dest
 
 
+def kept_path(runs_dir: Path, upload: str | Path) -> Path:
+    """Where keep_for_run keeps a session upload: by its content-hash name, so runs on the same file share one copy."""
+    return root(runs_dir) / KEPT / Path(upload).name
+
+
 def keep_for_run(path: str | Path, runs_dir: Path) -> Path:
     """A lasting copy of a session upload for a run that trains on it (Resume reads the data again)."""
-    path = Path(path)
-    return copy_atomic(path, root(runs_dir) / KEPT / path.name) if not (root(runs_dir) / KEPT / path.name).exists() \
-        else root(runs_dir) / KEPT / path.name
+    dest = kept_path(runs_dir, path)
+    return dest if dest.exists() else copy_atomic(Path(path), dest)
+
+
+# --- kept copies: they last as long as a run trains on them, and count for whoever started that run ---------------
+
+def kept_copy(runs_dir: Path, source: object) -> Path | None:
+    """The kept copy a run's data source names (its config's data.source), or None (the sample, a Hub id, a file)."""
+    try:
+        path = Path(str(source))
+        return path if path.parent.resolve() == (root(runs_dir) / KEPT).resolve() and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_source(run_dir: Path) -> str | None:
+    """A run's data source as its config names it; None when the config cannot be read."""
+    from phi3_lora.config import load_yaml
+    from phi3_lora.runs import RunDir
+
+    try:
+        return load_yaml(RunDir(run_dir).config).data.source
+    except (UserError, OSError):
+        return None
+
+
+def kept_in_use(runs_dir: Path) -> dict[Path, list[str]]:
+    """Each kept copy a run trains on -> the ids of those runs."""
+    from phi3_lora.runs import run_dirs
+
+    out: dict[Path, list[str]] = {}
+    for run in run_dirs(runs_dir):
+        kept = kept_copy(runs_dir, run_source(run.path))
+        if kept is not None:
+            out.setdefault(kept.resolve(), []).append(run.run_id)
+    return out
+
+
+def kept_held(runs_dir: Path, starters: dict[str, str]) -> list[quotas.Held]:
+    """What kept copies count for whom: each copy once for each identity that started a run training on it
+    (`starters`: access.RunStarters.all()); the owner's runs count for nobody. The key is the copy's file name."""
+    held = []
+    for kept, run_ids in kept_in_use(runs_dir).items():
+        holders = {starters.get(r) for r in run_ids} - {None, quotas.OWNER}
+        try:
+            size, used_at = kept.stat().st_size, kept.stat().st_mtime
+        except OSError:  # removed while we looked
+            continue
+        held += [quotas.Held(kept.name, str(h), size, used_at) for h in sorted(holders)]
+    return held
+
+
+def drop_kept_unless_used(runs_dir: Path, kept: Path | None) -> bool:
+    """Remove a kept copy no run trains on any more (its last run was deleted, or its start was refused); True when
+    removed. A copy another run trains on stays."""
+    if kept is None or not kept.is_file() or kept.resolve() in kept_in_use(runs_dir):
+        return False
+    kept.unlink(missing_ok=True)
+    return True
 
 
 def drop_session(runs_dir: Path, key: str | None) -> None:

@@ -394,3 +394,88 @@ def test_a_signed_in_visitor_opening_session_after_session_cannot_block_another_
                                           api_name="/upload_dataset")
     assert bobs.startswith("upload:")  # the form's name of it (ui.names); the file is in bob's session folder
     assert len(list((runs / ".uploads" / "sessions").glob(f"*/{bobs.split(':', 1)[1]}"))) == 1
+
+
+# --- copies of uploads kept for runs -------------------------------------------------------------------------------
+
+def _run_on(runs: Path, run_id: str, source: Path, starter: str | None) -> None:
+    """A run folder whose config trains on `source`, started by `starter`."""
+    from phi3_lora.access import RunStarters
+    from phi3_lora.config import RunConfig, save_yaml
+    from phi3_lora.runs import RunDir
+
+    run = RunDir(runs / run_id)
+    run.path.mkdir(parents=True)
+    save_yaml(RunConfig().replace(data={"source": str(source)}), run.config)
+    RunStarters(runs).record(run_id, starter)
+
+
+def test_copies_of_uploads_kept_for_runs_count_for_who_started_them_and_go_with_the_last_run(tmp_path: Path) -> None:
+    """A run started from an upload keeps a copy of it (runs/.uploads/kept) for Resume. The copy counts for whoever
+    started a run on it, once however many of their runs train on it, never for the owner; deleting a run removes the
+    copy only once no run trains on it, and says so in the bytes freed."""
+    from phi3_lora import jobs
+    from phi3_lora.access import RunStarters
+
+    runs = tmp_path / "runs"
+    kept = uploads.root(runs) / uploads.KEPT
+    _sparse(kept, 5 * 2**20)
+    mine = (kept / "model.safetensors").rename(kept / "0123456789-mine.jsonl")
+    _sparse(kept, 7 * 2**20)
+    theirs = (kept / "model.safetensors").rename(kept / "abcdef0123-theirs.jsonl")
+    _run_on(runs, "20260104-000000-a1", mine, "auth:alice")
+    _run_on(runs, "20260104-000001-a2", mine, "auth:alice")
+    _run_on(runs, "20260104-000002-b", theirs, "auth:bob")
+    _run_on(runs, "20260104-000003-o", theirs, "owner")
+    starters = RunStarters(runs).all()
+    held = {(h.key, h.holder): h.size for h in uploads.kept_held(runs, starters)}
+    assert held == {(mine.name, "auth:alice"): 5 * 2**20, (theirs.name, "auth:bob"): 7 * 2**20}, held
+    jobs.delete_run("20260104-000000-a1", runs)
+    assert mine.is_file()  # alice's second run still trains on it
+    freed = jobs.delete_run("20260104-000001-a2", runs)
+    assert not mine.exists() and freed >= 5 * 2**20
+    jobs.delete_run("20260104-000002-b", runs)
+    assert theirs.is_file()  # the owner's run trains on it: it stays, counted for nobody
+    assert uploads.kept_held(runs, starters) == []
+
+
+def test_a_kept_upload_counts_in_the_runs_share_and_a_refused_start_keeps_no_copy(signed_in_app, tiny_llama_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """alice's run trains on a 70 MiB upload kept for it: her runs share (64 MiB) is full by that copy alone, so a
+    Resume is refused naming it. And a Start from a new upload that her share refuses leaves no copy of it behind:
+    each such refusal used to keep one for good, counted for nobody."""
+    from gradio_client import handle_file
+
+    from helpers.apps import SAMPLE, start_args
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora.access import RunStarters
+    from phi3_lora.config import load_yaml, save_yaml
+    from phi3_lora.runs import RunDir
+
+    url, runs, _ = signed_in_app
+    kept = uploads.root(runs) / uploads.KEPT
+    _sparse(kept, 70 * 2**20)
+    big = (kept / "model.safetensors").rename(kept / "feedc0ffee-big.jsonl")
+    run = RunDir(make_adapter_run(runs, tiny_llama_dir, "20260104-000000-alice-kept"))
+    save_yaml(load_yaml(run.config).replace(data={"source": str(big)}), run.config)
+    RunStarters(runs).record(run.run_id, "auth:alice")
+    alice = _signed_in(url, "alice")
+
+    def call(*args: Any, api_name: str) -> str:
+        try:
+            return str(alice.predict(*args, api_name=api_name))
+        except Exception as exc:  # the refusal (gr.Error)
+            return str(exc)
+
+    resumed = call(run.run_id, api_name="/resume_training")
+    assert f"so resuming {run.run_id} is refused" in resumed, resumed[:600]
+    assert "upload big.jsonl (kept for your runs) (70 MiB)" in resumed and "goes with the last of them" in resumed
+    before = set(kept.iterdir())
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(SAMPLE.read_text(encoding="utf-8").splitlines(keepends=True)[:5]), encoding="utf-8")
+    source = alice.predict(handle_file(str(small)), api_name="/upload_dataset")
+    started = call(*start_args(alice, **{"Data source": source}), api_name="/start_training")
+    assert "so starting a run is refused" in started, started[:600]
+    assert set(kept.iterdir()) == before  # no copy of small.jsonl kept for a run that never started
+    call(run.run_id, api_name="/delete_run")
+    assert not run.path.exists() and not big.exists()  # the copy went with the last run that trained on it

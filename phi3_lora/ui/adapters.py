@@ -4,7 +4,7 @@ per setting shared by every tab."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,7 +12,7 @@ import gradio as gr
 
 from phi3_lora import jobs, portable, spaces
 from phi3_lora.errors import UserError
-from phi3_lora.runs import CheckpointGone, RunDir, parse_checkpoint_step, pin_checkpoint
+from phi3_lora.runs import CheckpointGone, RunDir, find_run, hold_run, parse_checkpoint_step, pin_checkpoint
 from phi3_lora.ui.common import AppState
 
 
@@ -64,6 +64,15 @@ def hold_checkpoint(path: Path) -> Iterator[None]:
     except CheckpointGone:
         _gone_checkpoint(path)
         raise
+
+
+@contextmanager
+def hold_source(path: Path, what: str) -> Iterator[None]:
+    """While a request works on a run's adapter or checkpoint (`what`: "a merge", "an evaluation"): Delete run refuses
+    the run (runs.hold_run) and the running job's rotation leaves the checkpoint on disk (hold_checkpoint)."""
+    run = find_run(path)
+    with hold_run(run, what) if run is not None else nullcontext(), hold_checkpoint(path):
+        yield
 
 
 def is_hub_adapter(runs_dir: Path, value: str | None) -> bool:

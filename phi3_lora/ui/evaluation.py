@@ -17,7 +17,7 @@ import gradio as gr
 from phi3_lora import evaluate, scores
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
-from phi3_lora.ui.adapters import get_engine, resolve_source
+from phi3_lora.ui.adapters import get_engine, hold_source, resolve_source
 from phi3_lora.ui.common import AppState, help_md, notice, user_errors
 from phi3_lora.ui.guard import check, guarded, rows_refusal
 from phi3_lora.ui.strings import t
@@ -130,13 +130,14 @@ def wire(panel: EvalPanel, state: AppState, source: gr.Dropdown, max_new_tokens:
         check(state, who, Action.EVALUATE)
         path = resolve_source(runs_dir, value)
         run_dir = run_folder(path)
-        rows = evaluate.rows_from_run(run_dir)
-        engine = get_engine(state, path, progress)
-        progress(0.8, desc=f"Answering {len(rows)} held-out conversations with base and tuned…")
-        result = evaluate.evaluate(engine, rows, evaluate.EvalOptions(max_new_tokens=int(max_new),
-                                                                       max_seconds=APP_EVAL_SECONDS),
-                                   source=f"held-out rows of run {run_dir.name} ({evaluate.EVAL_ROWS})")
-        evaluate.save_result(result, run_dir)
+        with hold_source(path, "an evaluation"):  # its result is saved into the run: Delete run waits
+            rows = evaluate.rows_from_run(run_dir)
+            engine = get_engine(state, path, progress)
+            progress(0.8, desc=f"Answering {len(rows)} held-out conversations with base and tuned…")
+            result = evaluate.evaluate(engine, rows, evaluate.EvalOptions(max_new_tokens=int(max_new),
+                                                                           max_seconds=APP_EVAL_SECONDS),
+                                       source=f"held-out rows of run {run_dir.name} ({evaluate.EVAL_ROWS})")
+            evaluate.save_result(result, run_dir)
         return views(result, readable=rows_refusal(state, who, run_dir, shown_rows(result)) is None)
 
     @guarded(state)

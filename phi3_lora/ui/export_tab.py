@@ -18,7 +18,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir, exports_dir, find_run, shown_path
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
 from phi3_lora.ui.guard import check, check_runs_room, guarded, rows_refusal
-from phi3_lora.ui.adapters import adapter_choices, hold_checkpoint, resolve_source
+from phi3_lora.ui.adapters import adapter_choices, hold_source, resolve_source
 from phi3_lora.ui.strings import t
 
 MERGED_ZIP_LIMIT = 3 * 2**30  # above this a merged model is saved to disk only (a browser download would be huge)
@@ -196,9 +196,9 @@ def wire(tab: ExportTab, state: AppState) -> None:
         check(state, who, Action.EXPORT_ZIP)
         path = resolve_source(runs_dir, source)
         progress(0.2, desc="Zipping the adapter, then loading it in a fresh process to verify it…")
-        with hold_checkpoint(path):  # the running job does not rotate it away meanwhile
+        with hold_source(path, "an adapter zip"):  # not deleted nor rotated away meanwhile
             zipped = _export().adapter_zip(path, exports_dir(runs_dir, _run_dir(path).name))
-        return downloadable(tab.zip_file, zipped), verification_html(zipped, rows_refusal(state, who, path) is None)
+            return downloadable(tab.zip_file, zipped), verification_html(zipped, rows_refusal(state, who, path) is None)
 
     @user_errors
     @guarded(state)
@@ -209,9 +209,12 @@ def wire(tab: ExportTab, state: AppState) -> None:
         out = merge_destination(_run_dir(path), folder, any_name=who.level is access.Level.OWNER)
         check_runs_room(state, who, "a merge")
         progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
-        with hold_checkpoint(path):
+        with hold_source(path, "a merge"):  # until its download is zipped: Delete run waits
             merged = _export().merge_adapter(path, out, base=base or "auto")
-        state.starters.record(f"{_run_dir(path).name}/{merged.name}", who.identity)  # whose disk it counts on
+            state.starters.record(f"{_run_dir(path).name}/{merged.name}", who.identity)  # whose disk it counts on
+            return _merged_answer(who, path, merged, progress)
+
+    def _merged_answer(who: Requester, path: Path, merged: Path, progress: gr.Progress) -> tuple[str, Any]:
         size = _folder_size(merged)
         message = notice("ok", f"Merged model saved to {shown_path(merged)} ({size / 2**30:.2f} GiB, safetensors).") + \
             verification_html(merged, rows_refusal(state, who, path) is None)
@@ -238,7 +241,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
                                  "sign in with Hugging Face.")
         path = resolve_source(runs_dir, source)
         progress(0.1, desc="Pushing to the Hub…")
-        with hold_checkpoint(path):
+        with hold_source(path, "a push to the Hub"):
             url = _export().push_to_hub(path, repo_id, hub_token or None, merged=what == "merged",
                                         private=bool(private), use_saved_login=hub_token is None)
         return notice("ok", f"Pushed: {url}")
@@ -256,8 +259,12 @@ def wire(tab: ExportTab, state: AppState) -> None:
         out = merge_destination(_run_dir(path), f"gguf-{gguf_type}")
         check_runs_room(state, who, "a GGUF export")
         progress(0.1, desc="Merging, writing the GGUF and verifying it in a fresh process (this takes a while)…")
-        result = gguf_bundle.export_gguf(path, out, gguf_type, merge_base=base or "auto")
-        state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
+        with hold_source(path, "a GGUF export"):  # until its download is zipped: Delete run waits
+            result = gguf_bundle.export_gguf(path, out, gguf_type, merge_base=base or "auto")
+            state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
+            return _gguf_answer(path, out, result, progress)
+
+    def _gguf_answer(path: Path, out: Path, result: Any, progress: gr.Progress) -> tuple[str, Any]:
         report = gguf_report(result)
         if _folder_size(result.folder) > MERGED_ZIP_LIMIT:
             return report + help_md("Too large to download through the browser; copy the folder instead."), \

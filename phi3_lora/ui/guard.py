@@ -260,16 +260,23 @@ def _check_download(state: Any, who: Requester, repo_id: str, size: int | None, 
                          limits)
 
 
-def check_runs_room(state: Any, who: Requester, what: str, adding: int = 0) -> None:
-    """A signed-in visitor's runs and the exports they made stay within their share of the disk
-    (quotas.Limits.runs_share): `what` (start, resume, a merge, a GGUF) is refused past it, with what to delete.
-    Anonymous visitors cannot train nor merge; the owner is not counted."""
-    from phi3_lora import quotas
+def check_runs_room(state: Any, who: Requester, what: str, adding: int = 0, *, upload: Path | None = None) -> None:
+    """A signed-in visitor's runs, the exports they made and the copies of uploads kept for their runs
+    (uploads.kept_held) stay within their share of the disk (quotas.Limits.runs_share): `what` (start, resume, a
+    merge, a GGUF) of `adding` more bytes is refused past it, with what to delete. `upload`: the session upload a
+    start keeps a copy of (counted unless one of their runs keeps it already). Anonymous visitors cannot train nor
+    merge; the owner is not counted."""
+    from phi3_lora import quotas, uploads
 
     if who.level is not access.Level.SIGNED_IN or not who.identity:
         return
     limits = getattr(state.options, "limits", quotas.LIMITS)
-    sizes = quotas.run_bytes_of(state.options.runs_dir, who.identity, state.starters.all())
+    runs_dir, starters = state.options.runs_dir, state.starters.all()
+    sizes = quotas.run_bytes_of(runs_dir, who.identity, starters)
+    kept = [h for h in uploads.kept_held(runs_dir, starters) if h.holder == who.identity]
+    sizes.update({f"upload {h.key.split('-', 1)[-1]} (kept for your runs)": h.size for h in kept})
+    if upload is not None and uploads.kept_path(runs_dir, upload).name not in {h.key for h in kept}:
+        adding += Path(upload).stat().st_size
     refused = quotas.runs_refusal(sizes, limits.runs_share, what, adding)
     if refused is not None:
         raise refused

@@ -310,11 +310,21 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
             raise UserError("No dataset chosen.", hint="Go to the Dataset tab: upload a file or press "
                                                        "\"Use the sample dataset\".")
         check_model_fits(state, who, config.model.name)  # the run downloads it to this machine's disk
-        if check_source(state, who, config.data.source) is Action.READ_UPLOAD:  # outlives the session
-            config = config.replace(data={"source": str(uploads.keep_for_run(config.data.source, runs_dir))})
+        upload = Path(config.data.source) if check_source(state, who, config.data.source) is Action.READ_UPLOAD \
+            else None
         need = jobs.disk_needed(jobs.trainable_params_for(config), config.train.save_total_limit)
-        check_runs_room(state, who, "starting a run", need)
-        run_id = jobs.start_run(config, runs_dir, need_bytes=need)
+        check_runs_room(state, who, "starting a run", need, upload=upload)
+        kept = None
+        if upload is not None:  # outlives the session: a lasting copy, counted in the runs share (guard)
+            fresh = not uploads.kept_path(runs_dir, upload).exists()
+            kept = uploads.keep_for_run(upload, runs_dir)
+            config = config.replace(data={"source": str(kept)})
+        try:
+            run_id = jobs.start_run(config, runs_dir, need_bytes=need)
+        except BaseException:
+            if kept is not None and fresh:  # a refused start (busy, bad data, full disk) keeps no copy
+                uploads.drop_kept_unless_used(runs_dir, kept)
+            raise
         state.starters.record(run_id, who.identity)
         gr.Info(f"Started {run_id}.")
         return [runs_update(run_id)] + render(who, run_id, "")

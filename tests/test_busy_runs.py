@@ -1,0 +1,86 @@
+"""A run in use is not deleted under its user: Delete run refuses a run that trains, or that an export or an
+evaluation of it works on (runs.hold_run), and says what to wait for; the other job finishes. Through the real app's
+API on a real run folder, and through the real functions for a holder that died."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.apps import endpoint_args, served_app
+from helpers.run_folders import make_adapter_run
+from phi3_lora import jobs, runs
+from phi3_lora.errors import UserError
+from phi3_lora.runs import RunDir
+
+RUN_ID = "20260103-000000-busy"
+
+
+def _wait_until_processing(job: object, timeout: float = 300) -> None:
+    """Until the app works on the job (gradio's own status), and a moment more: the request has begun its work."""
+    from gradio_client.utils import Status
+
+    deadline = time.monotonic() + timeout
+    while job.status().code not in (Status.PROCESSING, Status.ITERATING, Status.FINISHED):
+        assert time.monotonic() < deadline, "the export never started"
+        time.sleep(0.05)
+    time.sleep(1.0)
+
+
+@pytest.mark.slow
+def test_deleting_a_run_while_its_merge_runs_is_refused_and_the_merge_finishes(tmp_path: Path,
+                                                                               tiny_llama_dir: Path) -> None:
+    """A merge of the run is under way (the Export tab); Delete run is pressed: it is refused with what is running and
+    what to do, the run stays, and the merge ends with its model saved. Once the merge is done the delete goes
+    through. Without the hold the folder was moved away under the merge, which then failed."""
+    from gradio_client import Client
+
+    runs_dir = tmp_path / "runs"
+    make_adapter_run(runs_dir, tiny_llama_dir, RUN_ID)
+    run = RunDir(runs_dir / RUN_ID)
+    with served_app(runs_dir, tiny_llama_dir) as (url, _):
+        c = Client(url, verbose=False)
+        job = c.submit(*endpoint_args(c, "export_merged", Adapter=RUN_ID), api_name="/export_merged")
+        _wait_until_processing(job)
+        try:
+            c.predict(RUN_ID, api_name="/delete_run")
+            refused = ""
+        except Exception as exc:  # the refusal (gr.Error)
+            refused = str(exc)
+        assert "is in use, so it cannot be deleted now: a merge of it is running" in refused, refused
+        assert "Wait until it finishes" in refused and "Traceback" not in refused
+        assert run.exists()
+        status, _ = job.result(timeout=600)
+        assert "Merged model saved" in str(status), status
+        assert (run.path / "merged" / "config.json").is_file()
+        assert runs.holds_of(run) == []
+        c.predict(RUN_ID, api_name="/delete_run")
+        assert not run.path.exists()
+
+
+def test_a_hold_of_a_process_that_died_does_not_block_a_delete(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """A process that held the run (an app that crashed mid-export) leaves its hold file behind: its lock went with
+    it, so Delete run is not blocked by it; while a holder lives, the library's delete refuses too."""
+    runs_dir = tmp_path / "runs"
+    run = RunDir(runs_dir / RUN_ID)
+    run.path.mkdir(parents=True)
+    run.config.write_text("{}\n")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom phi3_lora import runs\n"
+        f"with runs.hold_run(runs.RunDir({str(run.path)!r}), 'a GGUF export'):\n"
+        "    print('held', flush=True); time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="a GGUF export of it is running") as info:
+            jobs.delete_run(RUN_ID, runs_dir)
+        assert "Wait until it finishes" in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert list((run.path / RunDir.HOLDS).iterdir())  # left behind by the killed holder
+    jobs.delete_run(RUN_ID, runs_dir)
+    assert not run.path.exists()
