@@ -53,28 +53,18 @@ torch.cuda.is_available(), "transformers", transformers.__version__, "peft", pef
 # A small model of Phi-3's layout (fused qkv and gate_up, the real tokenizer and chat template), random weights:
 # the flow checks that every step works on the GPU, not what the model says.
 step model $PY - "$WORK/model" <<'PY'
+import os
 import sys
 from pathlib import Path
-import os
-import torch
-from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
-from bench.train_speed import ensure_tokenizer
+from bench.train_speed import ensure_tokenizer, make_phi3_mini
 tok_dir = Path(".whl/phi3_tokenizer") if Path(".whl/phi3_tokenizer/tokenizer_config.json").exists() else \
     ensure_tokenizer(Path("/tmp/phi3_lora_flow_tokenizer"))
-tok = AutoTokenizer.from_pretrained(tok_dir)
-end = tok.convert_tokens_to_ids("<|end|>")
 cpu = bool(os.environ.get("FLOW_CPU"))
-config = Phi3Config(vocab_size=32064, hidden_size=256 if cpu else 1024, intermediate_size=512 if cpu else 2816,
-                    num_hidden_layers=2 if cpu else 6, num_attention_heads=4 if cpu else 16,
-                    num_key_value_heads=4 if cpu else 16, max_position_embeddings=4096,
-                    original_max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                    eos_token_id=[tok.eos_token_id, end], pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-                    dtype="bfloat16")
-torch.manual_seed(0)
-model = Phi3ForCausalLM(config).to(torch.bfloat16)
-model.save_pretrained(sys.argv[1])
-tok.save_pretrained(sys.argv[1])
-print("saved", sys.argv[1], sum(p.numel() for p in model.parameters()), "parameters")
+shape = ({"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 4} if cpu else
+         {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6, "num_attention_heads": 16,
+          "num_key_value_heads": 16})
+print("saved", make_phi3_mini(Path(sys.argv[1]), tok_dir, shape, device="cpu"))
 PY
 MODEL=$WORK/model
 DATA=data/sample_chat.jsonl

@@ -346,8 +346,15 @@ def ensure_tokenizer(folder: Path, gguf: Path = TOKENIZER_GGUF) -> Path:
     return folder
 
 
-def make_phi3_mini(folder: Path, tokenizer_dir: Path) -> Path:
-    """Random-weight Phi-3-mini (3.8B) saved as safetensors, built on the GPU in bf16 (seconds, not minutes)."""
+PHI3_MINI = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 32}
+
+
+def make_phi3_mini(folder: Path, tokenizer_dir: Path, shape: dict[str, int] | None = None,
+                   device: str = "cuda") -> Path:
+    """A random-weight model of Phi-3's layout (fused qkv and gate_up, the real tokenizer and chat template),
+    saved as safetensors: Phi-3-mini's shape (3.8B; built on the GPU in bf16, seconds not minutes) unless `shape`
+    gives other Phi3Config sizes (bench/gpu_flow.sh's small models)."""
     import torch
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
@@ -355,18 +362,18 @@ def make_phi3_mini(folder: Path, tokenizer_dir: Path) -> Path:
         return folder
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     end = tok.convert_tokens_to_ids("<|end|>")
-    config = Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    config = Phi3Config(vocab_size=32064, **(shape or PHI3_MINI), max_position_embeddings=4096,
                         original_max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
                         eos_token_id=[tok.eos_token_id, end], pad_token_id=tok.pad_token_id,
                         tie_word_embeddings=False, dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Phi3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
