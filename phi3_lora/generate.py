@@ -109,6 +109,16 @@ class ChatEngine:
     def has_adapter(self) -> bool:
         return self.adapter_dir is not None
 
+    def watch_training(self, runs_dir: str | Path) -> None:
+        """Compare's compiled pair step starts compiling only while no run of `runs_dir` trains
+        (speed/background.py; without this, the default runs folder is the one watched)."""
+        self._compiled_pair.runs_dir = Path(runs_dir)
+
+    @property
+    def compiled_pair_phase(self) -> str | None:
+        """"ready", "compiling", "waiting", "failed" or None: Compare's compiled pair step (speed/pair_graph.py)."""
+        return self._compiled_pair.phase
+
     def set_adapter(self, adapter_dir: str | Path | None) -> None:
         """Attach (or swap, or with None remove) the tuned adapter; the base weights stay loaded."""
         from peft import PeftModel

@@ -36,13 +36,15 @@ def engine(tiny_llama_dir, tmp_path_factory) -> ChatEngine:
 
 
 @pytest.fixture(scope="module")
-def compiled(engine):
-    """The engine's pair step, compiled once for the module (a few seconds on the tiny model)."""
+def compiled(engine, tmp_path_factory):
+    """The engine's pair step, compiled once for the module (a few seconds on the tiny model), into an inductor
+    cache of the module's own."""
     import torch
 
     from phi3_lora.threads import THREADS_ENV
 
     mp = pytest.MonkeyPatch()
+    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor_cache")))
     mp.setenv(pair_graph.ENV, "1")
     # the compiled step holds for the thread count it compiled at (dynamo guards it); a loaded machine would give
     # the answers 1 thread (threads.generation_threads) and the step would hand over to eager on every answer
@@ -130,6 +132,134 @@ def test_padded_rows_and_a_row_that_ends_early_keep_the_eager_logits(engine, com
     _assert_same_steps(eager_steps, steps)
     assert rows == eager_rows
     assert steps[0].shape[0] == 2 and steps[-1].shape[0] == 1  # the tuned row ended; the base row went on
+
+
+def test_the_step_runs_only_at_the_thread_count_it_was_compiled_at(engine, compiled, monkeypatch):
+    """Dynamo guards the thread count: an answer given another count (a loaded machine gives answers 1 thread)
+    runs eagerly without compiling again or dropping the step, and the next answer at the step's count uses it."""
+    import os
+
+    from phi3_lora.threads import THREADS_ENV
+
+    if compiled.threads is None or compiled.threads < 2:
+        pytest.skip("one CPU thread here: there is no other thread count to answer at")
+    assert compiled.threads == int(os.environ[THREADS_ENV])
+    monkeypatch.setenv(pair_graph.ENV, "1")
+    served, other = compiled.served, compiled.other_threads
+    monkeypatch.setenv(THREADS_ENV, "1")
+    engine.answer_pairs([LONG], GenerationSettings(max_new_tokens=8))
+    assert compiled.served == served and compiled.other_threads > other  # its steps ran eagerly
+    assert compiled.ready and compiled.failed is None  # kept, not dropped as a guard miss would
+    monkeypatch.setenv(THREADS_ENV, str(compiled.threads))
+    engine.answer_pairs([LONG], GenerationSettings(max_new_tokens=8))
+    assert compiled.served == served + 1 and compiled.failed is None
+
+
+def _other_weights(model_dir: Path, out: Path) -> Path:
+    """The tiny Llama of `model_dir` with every weight moved: the same shapes, so the same compiled graph."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def test_a_cache_hit_in_another_process_serves_that_process_s_weights(engine, compiled, tiny_llama_dir, tmp_path):
+    """Inductor's FX graph cache (on disk; on by default) keys a frozen weight by its shape and dtype only and binds
+    the loading process's tensors. A process with a model of the same shape and other weights compiles from the
+    module's cache entry, and its compiled step gives its own eager logits, not the first model's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers.tiny_models import save_strong_adapter
+
+    other_dir = _other_weights(tiny_llama_dir, tmp_path / "other")
+    adapter = save_strong_adapter(other_dir, tmp_path / "other_adapter")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])}
+    done = subprocess.run([sys.executable, "-c", OTHER_PROCESS, str(other_dir), str(adapter), LONG[1]["content"]],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["cache_dir"] == os.environ["TORCHINDUCTOR_CACHE_DIR"]  # the module's own, written by `compiled`
+    assert out["hits"] >= 1 and out["served"] == 1, out
+    assert out["equal"], out  # the other model's compiled logits equal its own eager ones
+    record = _Logits()
+    engine.answer_pairs([[{"role": "user", "content": LONG[1]["content"]}]], GenerationSettings(max_new_tokens=4),
+                        [record])
+    assert record.steps[0][0, :8].tolist() != out["first"]  # and the two models' logits differ
+
+
+OTHER_PROCESS = """
+import json, os, sys
+import torch
+from torch._dynamo.utils import counters
+from phi3_lora.config import ModelSettings
+from phi3_lora.generate import ChatEngine, GenerationSettings
+from phi3_lora.speed import pair_graph
+model, adapter, prompt = sys.argv[1:4]
+engine = ChatEngine(model, adapter, model_settings=ModelSettings(name=model, dtype="float32", load_in_4bit=False))
+history = [{"role": "user", "content": prompt}]
+os.environ[pair_graph.ENV] = "1"
+engine.answer_pairs([history], GenerationSettings(max_new_tokens=2))
+assert engine._compiled_pair.wait(300), engine._compiled_pair.failed
+steps = {}
+for on in ("0", "1"):
+    os.environ[pair_graph.ENV] = on
+    seen = []
+    def keep(ids, scores, **kwargs):
+        seen.append(scores.clone())
+        return torch.zeros(ids.shape[0], dtype=torch.bool)
+    engine.answer_pairs([history], GenerationSettings(max_new_tokens=4), [keep])
+    steps[on] = seen
+print(json.dumps({"cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "served": engine._compiled_pair.served, "first": steps["0"][0][0, :8].tolist(),
+                  "equal": len(steps["0"]) == len(steps["1"]) and all(torch.equal(a, b) for a, b in zip(steps["0"], steps["1"]))}))
+"""
+
+
+def test_no_compile_starts_while_a_run_trains(engine, compiled, tmp_path, monkeypatch):
+    """A training run of the watched runs folder holds the compile back (it would take the cores of a 2-core
+    machine for minutes); once the run is gone, the next pair answer starts it, at nice 19."""
+    import os
+    import subprocess
+    import sys
+
+    from phi3_lora import runs
+    from phi3_lora.speed import background
+    from phi3_lora.threads import THREADS_ENV
+
+    monkeypatch.setenv(THREADS_ENV, str(compiled.threads or 1))  # the load of a shared test machine is not asked
+    monkeypatch.setenv(pair_graph.ENV, "1")
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runs.write_active(folder, "20260101-000000-training", runs.ProcessRecord.of(trainer.pid))
+        assert "20260101-000000-training" in (background.training_busy(folder) or "")
+        engine.watch_training(folder)
+        engine.set_adapter(engine.adapter_dir)  # a fresh step to compile
+        engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+        assert engine.compiled_pair_phase == "waiting" and compiled._thread is None
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert background.training_busy(folder) is None
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+    assert engine.compiled_pair_phase in ("compiling", "ready")
+    thread = compiled._thread
+    try:  # below everything else: a run that starts now gets the cores
+        assert thread is None or os.getpriority(os.PRIO_PROCESS, thread.native_id) == background.NICE
+    except ProcessLookupError:  # it ended in between
+        pass
+    assert compiled.wait(timeout=300), compiled.failed
 
 
 def test_off_means_eager_and_a_new_adapter_drops_the_step(engine, compiled, monkeypatch):

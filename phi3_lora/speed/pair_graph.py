@@ -40,7 +40,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from phi3_lora.speed import aten_order, pair_ops
+from phi3_lora.speed import aten_order, background, pair_ops
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,14 @@ def _step_module(w: _Weights) -> Any:
 
 class CompiledPair:
     """One engine's compiled pair step (its model, adapter and dtype): compiled in a background thread on first
-    use, served once ready; `clear()` when the adapter or the weights change."""
+    use while no training runs (`background`), served once ready; `clear()` when the adapter or the weights change.
 
-    def __init__(self) -> None:
+    The step runs only at the CPU thread count it was compiled at (`threads`): dynamo guards the count, and a miss
+    would compile again in the answering thread. An answer that gets another count (a loaded machine gives answers
+    1 thread, `threads.generation_threads`) runs eagerly and the step stays for the next answer."""
+
+    def __init__(self, runs_dir: Any = None) -> None:
+        self.runs_dir = runs_dir  # whose training runs hold the compile back (None: runs.default_runs_dir())
         self._lock = threading.Lock()
         self._step: Callable[..., Any] | None = None  # the compiled step, once it has run once
         self._weights: _Weights | None = None
@@ -293,6 +298,9 @@ class CompiledPair:
         self.failed: str | None = None
         self.compile_s: float | None = None
         self.served = 0  # answers that switched over to the compiled step (tests, the bench)
+        self.threads: int | None = None  # the CPU thread count the step was compiled at, and runs at
+        self.other_threads = 0  # pair steps that ran eagerly because their answer got another thread count
+        self.held_back: str | None = None  # why the compile has not started (a training run, a busy machine)
 
     def clear(self) -> None:
         with self._lock:
@@ -303,6 +311,18 @@ class CompiledPair:
     def ready(self) -> bool:
         return self._step is not None
 
+    @property
+    def phase(self) -> str | None:
+        """Where the compiled step stands, for Compare's status line: "ready", "compiling", "waiting" (held back by
+        a training run or a busy machine), "failed", or None (not asked for: off, or not a pair it serves)."""
+        if self._step is not None:
+            return "ready"
+        if self.failed is not None:
+            return "failed"
+        if self._thread is not None:
+            return "compiling"
+        return "waiting" if self.held_back is not None else None
+
     def start(self, model: Any, routing: Any, rows: int) -> bool:
         """Start compiling for this model and adapter if it may and has not started; True when a compiled step
         is ready to use. The caller holds the engine's lock (the weights are read here, not in the thread)."""
@@ -312,6 +332,9 @@ class CompiledPair:
             return False
         reason = supported(model, routing, rows)
         if reason is not None:
+            return False
+        self.held_back = background.training_busy(self.runs_dir)
+        if self.held_back is not None:  # asked again at the next pair answer
             return False
         weights = _weights(model, routing)
         with self._lock:
@@ -334,13 +357,21 @@ class CompiledPair:
 
         import torch
 
-        from phi3_lora.threads import release_thread_pool
+        from phi3_lora.threads import cpu_threads
 
-        try:  # below the answers' threads: the 2 cores go to Compare's eager steps first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        background.lower_priority()  # below the answers' threads and any training run: they get the cores first
         started = time.perf_counter()
+        # at the count answers get on a machine that is not oversubscribed (the guard holds the step to it);
+        # cpu_threads lets this thread's OpenMP pool go afterwards (it would slow the answering thread's)
+        with cpu_threads(torch.device("cpu"), steady=True):
+            threads = torch.get_num_threads()
+            self._build(weights, generation, threads, started)
+
+    def _build(self, weights: _Weights, generation: int, threads: int, started: float) -> None:
+        import time
+
+        import torch
+
         try:
             with _compiler_settings():  # float32: RMSNorm and SiLU fused in ATen's order, where that checks out here
                 if FUSED_NORMS and weights.embed.dtype == torch.float32:
@@ -358,12 +389,10 @@ class CompiledPair:
                 if generation == self._generation:
                     self.failed = f"{type(exc).__name__}: {exc}"
             return
-        finally:
-            release_thread_pool()  # this thread's OpenMP pool would slow the answering thread's (threads.py)
         with self._lock:
             if generation == self._generation:
                 self._step = functools.partial(compiled, lora_in=module.lora_inputs)
-                self.compile_s = time.perf_counter() - started
+                self.compile_s, self.threads = time.perf_counter() - started, threads
 
     def fail(self, exc: BaseException) -> None:
         """The compiled step raised while decoding (a guard that no longer holds: it would compile again, in the
@@ -375,9 +404,14 @@ class CompiledPair:
     def begin(self, cache: Any, mask: Any, max_new: int) -> "PairState | None":
         """The compiled decoding state for a pair whose prompt `cache` (a DynamicCache) holds, or None when the
         compiled step is not ready."""
+        import torch
+
         with self._lock:
             step, weights = self._step, self._weights
         if step is None or weights is None or not enabled():
+            return None
+        if torch.get_num_threads() != self.threads:  # the guard would miss: eager for this answer, the step stays
+            self.other_threads += 1
             return None
         state = PairState.empty(weights, capacity=mask.shape[1] + max_new + 1)
         state.load(cache)

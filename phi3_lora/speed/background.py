@@ -1,0 +1,72 @@
+"""When and how Compare's compiled pair step (pair_graph) compiles: only while no training runs, and below
+everything else in priority.
+
+A 2-core Space that trains must not train slower because Compare is preparing a faster step, and the compile is
+minutes of CPU on such a machine (docs/benchmarks.md, CPU, twelfth session), so:
+
+- it starts only when no training run of the app's runs folder is alive (`jobs.active_run`) and the machine is not
+  already oversubscribed (another trainer, another app: the load rule `threads.generation_threads` uses);
+- its thread, the C++ compiler processes it starts and inductor's compile threads run at nice 19, so a run that
+  starts while it compiles gets the cores.
+
+Inductor's on-disk FX graph cache (on by default, TORCHINDUCTOR_CACHE_DIR) does not make a restarted app's
+compile short: measured on the 2-core EPYC, 249 s with an empty cache, 263 s with a hit (dynamo's and AOT
+autograd's tracing and the freezing passes run again; AOT autograd's cache refuses frozen graphs). A hit is safe:
+inductor keys a frozen weight by shape and dtype only and binds the loading process's tensors
+(`CompiledFxGraphConstantsWithGm`), checked with two models of one shape in tests/test_pair_graph.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+NICE = 19
+
+
+def training_busy(runs_dir: Path | None) -> str | None:
+    """Why a compile should not start now (a run trains, or the machine is oversubscribed), or None."""
+    from phi3_lora import jobs, runs
+    from phi3_lora.threads import THREADS_ENV, generation_threads
+
+    folder = Path(runs_dir) if runs_dir is not None else runs.default_runs_dir()
+    try:
+        active = jobs.active_run(folder) if folder.is_dir() else None
+    except OSError:
+        active = None
+    if active is not None:
+        return f"training run {active} is going"
+    if os.environ.get(THREADS_ENV, "").strip().isdigit():  # a fixed thread count: answers get it at any load
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores > 1 and generation_threads(cores, load) < cores:  # answers would not get the step's thread count
+        return f"the machine is busy (1-minute load {load:.1f} on {cores} cores)"
+    return None
+
+
+def lower_priority() -> None:
+    """The calling thread, and inductor's compile threads that already exist, at nice 19. Threads and processes
+    started from a thread inherit its nice value (Linux: it is per thread), so the C++ compiler processes and any
+    compile thread inductor starts for this compile inherit it."""
+    tids = [threading.get_native_id()] + _inductor_pool_tids()
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, NICE)
+        except (AttributeError, OSError):
+            pass
+
+
+def _inductor_pool_tids() -> list[int]:
+    """Native ids of inductor's async-compile thread pool, where one was made (it compiles C++ kernels 2 at a
+    time on 2 cores: config.compile_threads)."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+    except ImportError:
+        return []
+    if AsyncCompile.pool.cache_info().currsize == 0:  # functools.lru_cache: no pool yet (ours will inherit)
+        return []
+    pool: Any = AsyncCompile.pool()
+    return [t.native_id for t in getattr(pool, "_threads", ()) if t.native_id is not None]
