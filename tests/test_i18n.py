@@ -134,3 +134,53 @@ def test_the_api_page_shows_english_labels(app: Any) -> None:
     labels = {p["label"] for e in info["named_endpoints"].values() for p in e["parameters"]}
     assert {"Learning rate", "Data source", "Base model", "Prompt"} <= labels
     assert not [label for label in labels if not isinstance(label, str) or "__i18n__" in label]
+
+
+def _rest_call(url: str, api_name: str, data: list[Any]) -> list[tuple[str, Any]]:
+    """An endpoint called as a REST client calls it (POST /gradio_api/call/<api>, then its event stream): the
+    (event, data) pairs the stream sent until it ended."""
+    import httpx
+
+    base = url.rstrip("/")
+    event_id = httpx.post(f"{base}/gradio_api/call/{api_name}", json={"data": data}, timeout=60).json()["event_id"]
+    events, event = [], None
+    try:
+        with httpx.stream("GET", f"{base}/gradio_api/call/{api_name}/{event_id}", timeout=600) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line[len("event: "):]
+                elif line.startswith("data: ") and event not in (None, "heartbeat"):
+                    events.append((event, json.loads(line[len("data: "):])))
+    except httpx.HTTPError as exc:  # the route dropped the answer mid-stream
+        events.append(("broken", str(exc)))
+    return events
+
+
+@pytest.mark.slow
+def test_a_rest_client_gets_the_answers_that_carry_translated_text(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The time estimate answers with the preset radio's translated info. gradio's REST route encodes answers with
+    the plain json module, which cannot encode I18nData: the answer was dropped (the stream broke off, 'I18nData is
+    not JSON serializable'). It carries the page's marker string now: the page translates it, a REST client gets it."""
+    from helpers.apps import endpoint_args, served_app
+
+    with served_app(tmp_path / "runs", tiny_llama_dir) as (url, _):
+        from gradio_client import Client
+
+        args = endpoint_args(Client(url, verbose=False), "time_estimate")
+        events = _rest_call(url, "time_estimate", args)
+        assert [e for e, _ in events] == ["complete"], events
+        html_out, preset = events[0][1]
+        assert "p3-note" in html_out and strings.keys_in(preset.get("info")) == {"timing.preset_info"}, preset
+
+
+def test_an_error_with_translated_text_reaches_a_rest_client_in_english() -> None:
+    """A gr.Error whose message or title is I18nData is dropped by the REST route likewise: the app's error handler
+    turns them into English text."""
+    import gradio as gr
+
+    from phi3_lora.ui.common import to_gr_error
+
+    error = to_gr_error(gr.Error(strings.t("train.no_run"), title=strings.t("app.language")), "test")
+    assert error.message == strings.translations()["en"]["train.no_run"]
+    assert error.title == strings.translations()["en"]["app.language"]
+    json.dumps([error.message, error.title])

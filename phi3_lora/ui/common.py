@@ -18,7 +18,7 @@ from phi3_lora import access, portable, quotas, uploads
 from phi3_lora.errors import UserError
 from phi3_lora.runs import default_runs_dir
 from phi3_lora.spaces import SpaceEnv, training_refusal
-from phi3_lora.ui.strings import MARKER, t
+from phi3_lora.ui.strings import MARKER, english, t
 
 log = logging.getLogger("phi3_lora.ui")
 
@@ -94,6 +94,8 @@ def to_gr_error(exc: BaseException, where: str) -> gr.Error:
     the page, only an id to quote (never the exception's text, which may name server paths)."""
     if isinstance(exc, gr.Error):
         exc.print_exception = False
+        # gradio's REST route drops an error whose message or title is I18nData (not JSON serializable): English
+        exc.message, exc.title = english(exc.message), english(exc.title)
         log.info("%s: %s", where, exc.message)
         return exc
     if isinstance(exc, UserError):

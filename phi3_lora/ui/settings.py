@@ -135,7 +135,7 @@ def build(state: AppState) -> SettingsTab:
                 add([x for x in basic if x[0] == "model" and x[1].name == "name"])
                 model_note = gr.Markdown(f"{t('settings.default_here')} **{state.default_name}**: {state.default_reason}.")
             preset = gr.Radio([(t("settings.custom"), NO_PRESET), *[(n, n) for n in cfgmod.PRESET_NAMES]],
-                              value=d.preset or NO_PRESET, label=t("settings.preset"), info=timing.PRESET_INFO)
+                              value=d.preset or NO_PRESET, label=t("settings.preset"), info=t("timing.preset_info"))
             preset_notes = gr.HTML()
         with gr.Column(scale=2):
             gr.Markdown(t("settings.memory"))

@@ -15,7 +15,10 @@ from phi3_lora.ui.common import AppState, notice, user_errors
 from phi3_lora.ui.guard import check, guarded
 from phi3_lora.ui.strings import t
 
-PRESET_INFO = t("timing.preset_info")
+# A handler's answer carries text to translate as the marker string (str of I18nData), never the I18nData itself:
+# gradio's REST route (/gradio_api/call/<api>) encodes answers with the plain json module and drops any answer holding
+# one ("I18nData is not JSON serializable"); the page translates the marker all the same.
+PRESET_INFO = str(t("timing.preset_info"))
 
 
 @dataclass(slots=True)
