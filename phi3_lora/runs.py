@@ -58,6 +58,37 @@ def exports_dir(runs_dir: str | Path, run_id: str) -> Path:
     return Path(runs_dir) / EXPORTS / run_id
 
 
+# What versions before runs/.exports wrote into <runs>-exports/<run id>/: adapter zips and merged / GGUF download zips,
+# a zip's <zip>.verification.json, and the temporary names of each (<zip>.tmp, .<zip>.tmp, .<run>-adapter.verify-N.zip,
+# .<zip>.verification.json.tmp). Nothing else: a folder holding anything more is not provably ours.
+_OLD_EXPORT_FILE = re.compile(r"^.+\.zip(\.tmp|\.verification\.json(\.tmp)?)?$")
+
+
+def old_exports_dir(runs_dir: str | Path) -> Path:
+    """The sibling folder earlier versions built downloads in (and served); no longer written nor served."""
+    return Path(runs_dir).parent / f"{Path(runs_dir).name}-exports"
+
+
+def remove_old_exports(runs_dir: str | Path) -> bool:
+    """Delete old_exports_dir once it holds only what earlier versions wrote there (a folder per run id, in it only
+    their zips and the zips' verification and temporary files; no links); True when it went. Anything else in it,
+    and the folder is left alone: the owner may have put it there."""
+    old = old_exports_dir(runs_dir)
+    try:
+        if old.is_symlink() or not old.is_dir():
+            return False
+        for run_folder in old.iterdir():
+            if run_folder.is_symlink() or not run_folder.is_dir() or not valid_run_id(run_folder.name):
+                return False
+            for entry in run_folder.iterdir():
+                if entry.is_symlink() or not entry.is_file() or not _OLD_EXPORT_FILE.match(entry.name):
+                    return False
+        shutil.rmtree(old)
+    except OSError:  # unreadable, or changed while we looked: keep it
+        return False
+    return True
+
+
 def valid_run_id(run_id: object) -> bool:
     """A plain folder name: letters, digits, '.', '_', '-', not hidden, no path separator (pure)."""
     return isinstance(run_id, str) and bool(_RUN_ID.match(run_id)) and ".." not in run_id

@@ -242,3 +242,53 @@ def test_scrub_paths_names_no_home_folder_nor_user(tmp_path):
     assert shown_path(home) == "~" and shown_path(Path(home) / "x.yaml") == "x.yaml"
     user = os.path.basename(home)
     assert user not in scrub_paths(f"{home} and {home}/ and ~{user}/")
+
+
+def _old_exports(runs: Path) -> Path:
+    """<runs>-exports as versions before runs/.exports left it: a folder per run with its download zips, a zip's
+    verification and the temporary names a crash left."""
+    from phi3_lora.runs import old_exports_dir
+
+    old = old_exports_dir(runs)
+    for run_id, names in {"20261128-171502-smollm2-135m-instruct": [
+            "20261128-171502-smollm2-135m-instruct-adapter.zip",
+            "20261128-171502-smollm2-135m-instruct-adapter.zip.verification.json",
+            ".20261128-171502-smollm2-135m-instruct-adapter.zip.verification.json.tmp",
+            "20261128-171502-smollm2-135m-instruct-adapter.zip.tmp", ".x-adapter.verify-4242.zip",
+            "merged-download.zip", "20261128-171502-smollm2-135m-instruct-merged.zip", ".gguf-f16-download.zip.tmp"],
+            "20261201-090000-phi-3-mini-4k-instruct": []}.items():
+        (old / run_id).mkdir(parents=True)
+        for name in names:
+            (old / run_id / name).write_bytes(b"PK")
+    return old
+
+
+def test_the_old_exports_folder_goes_at_startup_only_when_all_in_it_is_ours(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Earlier versions built downloads in <runs>-exports (served then, unused now): the app removes it when it starts,
+    once, but only when every entry is what they wrote there; a file, a folder or a link of anybody else keeps it."""
+    import shutil
+
+    from phi3_lora.runs import remove_old_exports
+    from phi3_lora.ui import build_app
+
+    runs = tmp_path / "runs"
+    old = _old_exports(runs)
+    build_app(runs, default_model=str(tiny_llama_dir))
+    assert not old.exists()
+    assert not remove_old_exports(runs)  # nothing left to do
+    for foreign in ("notes.txt", "model.safetensors", "sub/"):
+        old = _old_exports(runs)
+        target = old / "20261201-090000-phi-3-mini-4k-instruct" / foreign.rstrip("/")
+        target.mkdir() if foreign.endswith("/") else target.write_text("mine")
+        assert not remove_old_exports(runs) and target.exists(), foreign
+        shutil.rmtree(old)
+    old = _old_exports(runs)
+    (old / "not a run").mkdir()
+    assert not remove_old_exports(runs) and old.is_dir()
+    (old / "not a run").rmdir()
+    outside = tmp_path / "precious.zip"
+    outside.write_bytes(b"PK")
+    os.symlink(outside, old / "20261201-090000-phi-3-mini-4k-instruct" / "link.zip")
+    assert not remove_old_exports(runs) and outside.is_file()
+    (old / "20261201-090000-phi-3-mini-4k-instruct" / "link.zip").unlink()
+    assert remove_old_exports(runs) and not old.exists()

@@ -12,9 +12,9 @@ from starlette.middleware import Middleware
 from phi3_lora import access, models, portable, uploads
 from phi3_lora.config import dump_yaml
 from phi3_lora.access import Requester
-from phi3_lora.runs import default_runs_dir
+from phi3_lora.runs import default_runs_dir, old_exports_dir, remove_old_exports
 from phi3_lora.ui import compare, dataset, drafts, export_tab, login, names, settings, strings, timing, train_tab
-from phi3_lora.ui.common import CSS, AppOptions, AppState, notice, user_errors
+from phi3_lora.ui.common import CSS, AppOptions, AppState, log, notice, user_errors
 from phi3_lora.ui.strings import t
 from phi3_lora.ui.guard import check_model, check_source, check_template, guarded, session_key
 
@@ -63,6 +63,8 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
     options = options or AppOptions(runs_dir=Path(runs_dir or default_runs_dir()), default_model=default_model)
     options.runs_dir.mkdir(parents=True, exist_ok=True)
     uploads.sweep(options.runs_dir)  # sessions that ended while the app was down
+    if remove_old_exports(options.runs_dir):  # earlier versions' served downloads: gone once, only if all ours
+        log.info("removed %s, the downloads folder of earlier versions", old_exports_dir(options.runs_dir).name)
     state = AppState(options)
     state.default_name, state.default_reason = models.resolve_name(options.default_model)
     if portable.is_local_model(state.default_name):  # the page names no folder of the server (ui.names)
