@@ -13,6 +13,7 @@ import pytest
 
 from helpers.browser import open_app, screenshots_dir
 from phi3_lora import evaluate, scores
+from phi3_lora.ui import evaluation
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -69,6 +70,14 @@ def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:
     for row in newest["rows"]:
         expect(page.locator("#p3-eval-rows")).to_contain_text(row["reference"][:30], use_inner_text=True,
                                                               timeout=30_000)
+    # Every column keeps a readable width, an empty one too (a column of empty answers shrank to one letter).
+    widths = page.evaluate("""(names) => [...document.querySelectorAll('#p3-eval-rows th')]
+        .filter(th => names.includes(th.innerText.trim())).map(th => [th.innerText.trim(),
+                                                                      th.getBoundingClientRect().width])""",
+                           list(evaluate.ROW_HEADERS))
+    assert {name for name, _ in widths} == set(evaluate.ROW_HEADERS), widths
+    wanted = dict(zip(evaluate.ROW_HEADERS, evaluation.ROW_COLUMN_WIDTHS))
+    assert all(abs(width - float(wanted[name].removesuffix("px"))) <= 2 for name, width in widths), widths
     shot = screenshots_dir() / "evaluate.png"
     page.locator("#p3-evaluate").scroll_into_view_if_needed()
     page.screenshot(path=str(shot), full_page=True, timeout=120_000)  # a busy CI machine renders slowly

@@ -37,6 +37,12 @@ class EvalPanel:
     rows: gr.Dataframe
 
 
+# Fixed widths for the per-row table (evaluate.ROW_HEADERS): left to itself the table sized each column by its
+# content, so a column of empty answers (a model that stops at once) shrank to one letter and its header stood
+# on end, one letter a line.
+ROW_COLUMN_WIDTHS = ["50px", "200px", "200px", "200px", "200px", "95px", "95px", "95px", "85px", "85px"]
+
+
 def build() -> EvalPanel:
     with gr.Accordion(t("evaluate.title"), open=True):
         gr.HTML(help_md(t("evaluate.help")))
@@ -46,7 +52,7 @@ def build() -> EvalPanel:
                                label=t("evaluate.summary"), visible=False)
         chart = gr.Plot(label=t("evaluate.chart"), elem_id="p3-eval-chart", visible=False)
         rows = gr.Dataframe(headers=list(evaluate.ROW_HEADERS), interactive=False, elem_id="p3-eval-rows",
-                            label=t("evaluate.rows"), wrap=True,
+                            label=t("evaluate.rows"), wrap=True, column_widths=ROW_COLUMN_WIDTHS,
                             visible=False, max_height=480)
     return EvalPanel(run, status, summary, chart, rows)
 
