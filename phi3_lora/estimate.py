@@ -241,3 +241,22 @@ def describe(est: MemoryEstimate) -> str:
                f"({est.recomputed_layers} of {est.num_layers} layers recomputed by gradient checkpointing), ")
             + f"overhead {est.overhead_gib:.1f}"
             + (f", less {est.correction_gib:.1f} measured excess" if est.correction_gib else ""))
+
+
+# --- what an export takes on disk ------------------------------------------------------------------------------
+
+MERGED_BYTES_PER_WEIGHT = 2  # a merge is saved in 16-bit (export.merged_dtype: bfloat16, or float16)
+
+
+def export_bytes(shape: ModelShape, kind: str) -> int:
+    """Bytes of the weights of a merged model (`kind` 'merged': 16-bit safetensors) or of its GGUF (`kind` a GGUF
+    type: 'f16', or 'q8_0' where a matrix's rows split into blocks of 32, 34 bytes per block), from the shapes alone:
+    matrices as the type stores them, vectors (norms, biases) in float32 in a GGUF (gguf_export.storage_type)."""
+    from phi3_lora.gguf_export import storage_bytes, storage_type
+
+    embeddings = [(shape.vocab_size, shape.hidden_size)] * (1 if shape.tied_embeddings else 2)  # and the head
+    matrices = [(out, inp) for inp, out in shape.block_linear_shapes.values()] * shape.num_layers + embeddings
+    vectors = shape.other_params - sum(a * b for a, b in embeddings)  # norms and biases
+    if kind == "merged":
+        return MERGED_BYTES_PER_WEIGHT * (sum(a * b for a, b in matrices) + vectors)
+    return sum(storage_bytes(m, storage_type("", m, kind)) for m in matrices) + storage_bytes((vectors,), "F32")

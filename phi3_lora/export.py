@@ -351,6 +351,21 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
     return out_dir
 
 
+# Beside the weights: the tokenizer files (Phi-3's ~2 MB, Qwen2's ~11 MB), the card, a GGUF's vocabulary and Modelfile.
+EXPORT_EXTRA_BYTES = 16 * 2**20
+
+
+def expected_export_bytes(run_or_adapter: str | Path, gguf_type: str | None = None) -> int:
+    """Bytes the merge of this adapter (`gguf_type` None) or its GGUF will keep on disk, from the base model's config
+    alone (models.model_info: nothing loaded, nothing but a config downloaded): estimate.export_bytes plus the files
+    beside the weights. A GGUF export also holds a temporary 16-bit merge while it works, not counted here."""
+    from phi3_lora import estimate, models
+
+    ref = locate_adapter(run_or_adapter)
+    shape = estimate.model_shape(models.model_info(ref.model_name).config)
+    return estimate.export_bytes(shape, gguf_type or "merged") + EXPORT_EXTRA_BYTES
+
+
 def check_merge_destination(out_dir: Path) -> None:
     """A merged model may replace an earlier merged model, never a file or a folder a run or adapter owns."""
     out_dir = Path(out_dir)

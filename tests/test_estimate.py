@@ -151,3 +151,14 @@ def test_cudnn_attention_is_counted_and_the_plan_stays_in_budget() -> None:
     off = resolve_options(BENCH_CONFIG, "cuda", "bfloat16", liger_installed=True, varlen_available=True,
                           model_config=PHI3_MINI, gpu_memory_gb=139.0, cudnn_ok=False)
     assert not off.cudnn_attention
+
+
+def test_an_exports_size_is_what_the_published_files_of_phi3_mini_weigh() -> None:
+    """Phi-3-mini-4k-instruct from its config alone: its 16-bit safetensors weigh 7.64 GB on the Hub and its q8_0
+    GGUF 4.06 GB (microsoft/Phi-3-mini-4k-instruct-gguf); the estimate gives both within 0.5%."""
+    from phi3_lora import estimate, families
+
+    shape = estimate.model_shape(families.known_config("microsoft/Phi-3-mini-4k-instruct"))
+    assert abs(estimate.export_bytes(shape, "merged") / 7.642e9 - 1) < 0.005
+    assert abs(estimate.export_bytes(shape, "q8_0") / 4.061e9 - 1) < 0.005
+    assert estimate.export_bytes(shape, "f16") >= estimate.export_bytes(shape, "merged")  # norms kept in float32

@@ -479,3 +479,36 @@ def test_a_kept_upload_counts_in_the_runs_share_and_a_refused_start_keeps_no_cop
     assert set(kept.iterdir()) == before  # no copy of small.jsonl kept for a run that never started
     call(run.run_id, api_name="/delete_run")
     assert not run.path.exists() and not big.exists()  # the copy went with the last run that trained on it
+
+
+def test_a_merge_or_gguf_that_would_pass_the_runs_share_by_its_own_size_is_refused_before_it_starts(
+        signed_in_app, tiny_llama_dir: Path) -> None:
+    """alice keeps 50 MiB of her 64 MiB share; the merge of her run would add ~23 MiB (the base's weights in 16-bit,
+    from its config, plus its tokenizer files): refused before any work, with how much it needs and what to delete.
+    The check used to count only what she held, so one export could pass the share by its whole size. A GGUF export
+    likewise."""
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora.access import RunStarters
+
+    url, runs, _ = signed_in_app
+    run_dir = make_adapter_run(runs, tiny_llama_dir, "20260104-000000-alice-merge")
+    RunStarters(runs).record(run_dir.name, "auth:alice")
+    _sparse(run_dir / "checkpoints" / "checkpoint-9", 50 * 2**20)
+    alice = _signed_in(url, "alice")
+
+    def call(*args: Any, api_name: str) -> str:
+        try:
+            return str(alice.predict(*args, api_name=api_name))
+        except Exception as exc:  # the refusal (gr.Error)
+            return str(exc)
+
+    try:
+        merged = call(*endpoint_args(alice, "export_merged", Adapter=run_dir.name), api_name="/export_merged")
+        assert "and this needs about" in merged and "so a merge is refused" in merged, merged[:600]
+        assert "Delete run" in merged and "Traceback" not in merged
+        assert not (run_dir / "merged").exists() and not list(run_dir.glob(".merged*"))
+        gguf = call(*endpoint_args(alice, "export_gguf", Adapter=run_dir.name), api_name="/export_gguf")
+        assert "so a GGUF export is refused" in gguf, gguf[:600]
+        assert not list(run_dir.glob("*gguf*"))
+    finally:
+        call(run_dir.name, api_name="/delete_run")

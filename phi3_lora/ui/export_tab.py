@@ -200,6 +200,14 @@ def wire(tab: ExportTab, state: AppState) -> None:
             zipped = _export().adapter_zip(path, exports_dir(runs_dir, _run_dir(path).name))
             return downloadable(tab.zip_file, zipped), verification_html(zipped, rows_refusal(state, who, path) is None)
 
+    def _check_export_room(who: Requester, path: Path, out: Path, what: str, gguf_type: str | None) -> None:
+        """Before any work: what the visitor keeps plus what this export will keep (estimated from the base model's
+        config; it replaces `out`) stays within their runs share (guard.check_runs_room)."""
+        if who.level is access.Level.OWNER:
+            return
+        check_runs_room(state, who, what, _export().expected_export_bytes(path, gguf_type),
+                        replacing=f"{out.parent.name}/{out.name}")
+
     @user_errors
     @guarded(state)
     def on_merge(who: Requester, source: str | None, folder: str, base: str | None = "auto",
@@ -207,7 +215,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
         check(state, who, Action.MERGE)
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), folder, any_name=who.level is access.Level.OWNER)
-        check_runs_room(state, who, "a merge")
+        _check_export_room(who, path, out, "a merge", None)
         progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
         with hold_source(path, "a merge"):  # until its download is zipped: Delete run waits
             merged = _export().merge_adapter(path, out, base=base or "auto")
@@ -257,7 +265,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
             raise UserError(f"Unknown GGUF type {gguf_type!r}.", hint="Pick f16 or q8_0.")
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), f"gguf-{gguf_type}")
-        check_runs_room(state, who, "a GGUF export")
+        _check_export_room(who, path, out, "a GGUF export", gguf_type)
         progress(0.1, desc="Merging, writing the GGUF and verifying it in a fresh process (this takes a while)…")
         with hold_source(path, "a GGUF export"):  # until its download is zipped: Delete run waits
             result = gguf_bundle.export_gguf(path, out, gguf_type, merge_base=base or "auto")

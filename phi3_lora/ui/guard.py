@@ -260,12 +260,14 @@ def _check_download(state: Any, who: Requester, repo_id: str, size: int | None, 
                          limits)
 
 
-def check_runs_room(state: Any, who: Requester, what: str, adding: int = 0, *, upload: Path | None = None) -> None:
+def check_runs_room(state: Any, who: Requester, what: str, adding: int = 0, *, upload: Path | None = None,
+                    replacing: str | None = None) -> None:
     """A signed-in visitor's runs, the exports they made and the copies of uploads kept for their runs
     (uploads.kept_held) stay within their share of the disk (quotas.Limits.runs_share): `what` (start, resume, a
     merge, a GGUF) of `adding` more bytes is refused past it, with what to delete. `upload`: the session upload a
-    start keeps a copy of (counted unless one of their runs keeps it already). Anonymous visitors cannot train nor
-    merge; the owner is not counted."""
+    start keeps a copy of (counted unless one of their runs keeps it already). `replacing`: the export folder
+    ('<run id>/<folder>') the new one replaces, whose bytes count no more if they counted for the visitor. Anonymous
+    visitors cannot train nor merge; the owner is not counted."""
     from phi3_lora import quotas, uploads
 
     if who.level is not access.Level.SIGNED_IN or not who.identity:
@@ -277,6 +279,8 @@ def check_runs_room(state: Any, who: Requester, what: str, adding: int = 0, *, u
     sizes.update({f"upload {h.key.split('-', 1)[-1]} (kept for your runs)": h.size for h in kept})
     if upload is not None and uploads.kept_path(runs_dir, upload).name not in {h.key for h in kept}:
         adding += Path(upload).stat().st_size
+    if replacing is not None:
+        adding = max(0, adding - sizes.get(replacing, 0))
     refused = quotas.runs_refusal(sizes, limits.runs_share, what, adding)
     if refused is not None:
         raise refused
