@@ -17,6 +17,7 @@ ledger of who started which run (`RunStarters`).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import threading
@@ -204,6 +205,7 @@ class Requester:
     identity: str | None = None
     oauth_token: str | None = None   # the visitor's own Hub token from Sign in with Hugging Face
     session: str | None = None       # a key of this browser session (its upload folder), if any
+    client: str | None = None        # a key of the network the request came from (client_network), if known
 
     def __repr__(self) -> str:  # never print a token
         return f"Requester({self.level.value}, {self.identity})"
@@ -220,6 +222,41 @@ def requester(mode: ServerMode, username: str | None = None, oauth_user: str | N
     if mode.owner_at_the_machine:
         return Requester(Level.OWNER, "owner")
     return Requester(Level.ANONYMOUS)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An X-Forwarded-For entry or a peer as an address: '1.2.3.4', '1.2.3.4:5', '::1', '[::1]:5'; None otherwise."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
+def client_network(peer: str | None, forwarded_for: list[str], *, on_space: bool = False) -> str:
+    """Where a request came from, as far as this server can tell without believing the client: the connection's
+    address; when that is a proxy in front of this app (loopback: a share link's tunnel, a local reverse proxy; on a
+    Space also a private address: the Space's proxies), the address that proxy appended to X-Forwarded-For, and so
+    on leftwards while it is such a proxy. A client may put anything in the header, but only to the left of what the
+    proxies append, which this never reads (uvicorn reads it the same way for a loopback peer). An IPv6 address
+    counts as its /64: one subscriber's network, whose hosts may take any of its 2^64 addresses. Pure."""
+    hops = [e for header in forwarded_for for e in header.split(",") if e.strip()] + [peer or "unknown"]
+    for i in range(len(hops) - 1, -1, -1):
+        address = _address(hops[i])
+        proxy = address is not None and (address.is_loopback or (on_space and address.is_private))
+        if not proxy or i == 0:
+            break
+    if address is None:
+        return hops[i].strip()[:64] or "unknown"
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 # --- decisions ------------------------------------------------------------------------------------------

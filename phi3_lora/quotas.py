@@ -2,19 +2,25 @@
 
 Each room has a total for every visitor together, a fair share per visitor identity well below it, and one pool
 for all anonymous visitors together, also below the total, so signed-in visitors keep room whatever anonymous
-ones do. The owner is never counted nor capped here: the owner decides for themself.
+ones do; within the pool each anonymous client (network) gets a quarter, so one client cannot take it all. The owner
+is never counted nor capped here: the owner decides for themself.
 
-    room       what it holds (who counts it)                      total    per identity  anonymous pool
-    uploads    session uploads (uploads.store)                    4 GiB    1 GiB         2 GiB
-    drafts     draft copies of uploads (uploads.keep_for_draft)   2 GiB    512 MiB       1 GiB
+    room       what it holds (who counts it)                      total    per identity  anonymous pool (per client)
+    uploads    session uploads (uploads.store)                    4 GiB    1 GiB         2 GiB (512 MiB)
+    drafts     draft copies of uploads (uploads.keep_for_draft)   2 GiB    512 MiB       1 GiB (256 MiB)
     downloads  Hub models, adapters and datasets a visitor's
-               request downloads (downloads.check_room)           64 GiB   16 GiB        32 GiB
+               request downloads (downloads.check_room)           64 GiB   16 GiB        32 GiB (8 GiB)
     runs       a signed-in visitor's runs, merges and the copies
                of uploads kept for their runs (ui.guard)          -        50 GiB        - (cannot train)
 
-Identity: a signed-in visitor is their sign-in ('auth:alice', 'hf:bob'). Anonymous visitors are all one identity,
-ANONYMOUS: a gradio session hash is new with every reload (and a draft's token is whatever the browser sends), so a
-share per session or per browser would stop nobody; their pool is bounded instead, below the total.
+Identity: a signed-in visitor is their sign-in ('auth:alice', 'hf:bob'). An anonymous visitor is 'anonymous:<key>',
+the key of the network their requests come from (ui.guard.client_key, access.client_network: the address the proxies
+in front of the app saw, which a forged header cannot change; an IPv6 /64): a gradio session hash is new with every
+reload (and a draft's token is whatever the browser sends), so a share per session or per browser would stop nobody.
+A client with many addresses gets a quarter on each: the pool still bounds them all, below the total. The key is
+hashed with a secret of the app's process, so no address is written to disk; after a restart a client's earlier
+entries still count in the pool, not in its new share. Entries from before clients were told apart count as one
+client, ANONYMOUS.
 
 Rooms recover on their own: a room of copies (drafts, downloads) that a new one does not fit gives up its entries
 older than a bound, oldest first (`expiry_plan`); a draft is a temporary copy of an upload and a download a copy of
@@ -42,6 +48,7 @@ OWNER = "owner"           # what the owner's entries are marked with: never coun
 DRAFTS_TOTAL_BYTES = 2 * 2**30
 DRAFTS_SHARE_BYTES = 512 * 2**20
 DRAFTS_ANONYMOUS_BYTES = 1 * 2**30
+DRAFTS_ANONYMOUS_CLIENT_BYTES = DRAFTS_ANONYMOUS_BYTES // 4
 # A draft copy older than this gives way to a newer one that would not fit (a visitor's own older copies give way
 # to their newer one at any age). A day: a visitor who comes back the next morning usually finds theirs, and a
 # client that filled the anonymous pool blocks other anonymous drafts for a day at most.
@@ -51,12 +58,14 @@ DRAFT_EXPIRY_S = 24 * 3600
 # signed-in visitor's sessions together hold two full sessions, every anonymous one's together half the total.
 UPLOADS_SHARE_BYTES = 1 * 2**30
 UPLOADS_ANONYMOUS_BYTES = 2 * 2**30
+UPLOADS_ANONYMOUS_CLIENT_BYTES = UPLOADS_ANONYMOUS_BYTES // 4  # one full session (uploads.SESSION_QUOTA_BYTES)
 
 # Downloads: a 7-8B model in 16-bit is ~15 GiB, so a share holds one such base (or several small ones); the
 # anonymous pool leaves half of the total to signed-in visitors. The disk keeps its reserve whatever the room says.
 DOWNLOADS_TOTAL_BYTES = 64 * 2**30
 DOWNLOADS_SHARE_BYTES = 16 * 2**30
 DOWNLOADS_ANONYMOUS_BYTES = 32 * 2**30
+DOWNLOADS_ANONYMOUS_CLIENT_BYTES = DOWNLOADS_ANONYMOUS_BYTES // 4  # Phi-3-mini's 7.6 GiB fits
 DISK_RESERVE_BYTES = 10 * 2**30
 # A visitor's download that no request has used for this long gives way to a new one that would not fit the total.
 DOWNLOAD_EXPIRY_S = 7 * 24 * 3600
@@ -73,27 +82,31 @@ class Limits:
     drafts_total: int = DRAFTS_TOTAL_BYTES
     drafts_share: int = DRAFTS_SHARE_BYTES
     drafts_anonymous: int = DRAFTS_ANONYMOUS_BYTES
+    drafts_anonymous_client: int = DRAFTS_ANONYMOUS_CLIENT_BYTES
     draft_expiry_s: float = DRAFT_EXPIRY_S
     uploads_share: int = UPLOADS_SHARE_BYTES
     uploads_anonymous: int = UPLOADS_ANONYMOUS_BYTES
+    uploads_anonymous_client: int = UPLOADS_ANONYMOUS_CLIENT_BYTES
     downloads_total: int = DOWNLOADS_TOTAL_BYTES
     downloads_share: int = DOWNLOADS_SHARE_BYTES
     downloads_anonymous: int = DOWNLOADS_ANONYMOUS_BYTES
+    downloads_anonymous_client: int = DOWNLOADS_ANONYMOUS_CLIENT_BYTES
     disk_reserve: int = DISK_RESERVE_BYTES
     download_expiry_s: float = DOWNLOAD_EXPIRY_S
     runs_share: int = RUNS_SHARE_BYTES
 
     def drafts(self) -> Room:
         return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s,
-                    own_give_way=True)
+                    own_give_way=True, anonymous_client=self.drafts_anonymous_client)
 
     def uploads(self, total: int) -> Room:
         """Sessions' uploads: their total is AppOptions.upload_total_quota; they go when their session ends."""
-        return Room("uploads", total, self.uploads_share, self.uploads_anonymous, float("inf"))
+        return Room("uploads", total, self.uploads_share, self.uploads_anonymous, float("inf"),
+                    anonymous_client=self.uploads_anonymous_client)
 
     def downloads(self) -> Room:
         return Room("downloads", self.downloads_total, self.downloads_share, self.downloads_anonymous,
-                    self.download_expiry_s)
+                    self.download_expiry_s, anonymous_client=self.downloads_anonymous_client)
 
 
 LIMITS = Limits()
@@ -101,7 +114,8 @@ LIMITS = Limits()
 
 @dataclass(frozen=True)
 class Room:
-    """A room that visitors share: a total, a share per identity, a pool for the anonymous ones."""
+    """A room that visitors share: a total, a share per identity, a pool for the anonymous ones and a share of the
+    pool per anonymous client."""
 
     name: str
     total: int
@@ -111,9 +125,13 @@ class Room:
     # A signed-in holder's own entries give way to their newer one at any age (drafts: a browser's newest draft is
     # the one wanted); else only entries older than expiry_s go (downloads: an older one may be in use).
     own_give_way: bool = False
+    anonymous_client: int | None = None  # one anonymous client's share of the pool (None: the whole pool)
 
     def cap_of(self, holder: str) -> int:
-        return self.anonymous if holder == ANONYMOUS else self.share
+        """The holder's own limit: their share, or one anonymous client's share of the pool."""
+        if is_anonymous(holder):
+            return self.anonymous if self.anonymous_client is None else min(self.anonymous, self.anonymous_client)
+        return self.share
 
 
 @dataclass(frozen=True)
@@ -129,12 +147,21 @@ class Held:
 
 def holder_of(who: Requester) -> str | None:
     """The identity a request's use of the disk counts for: None for the owner (never counted), the sign-in for a
-    signed-in visitor, ANONYMOUS for every anonymous visitor together."""
+    signed-in visitor, 'anonymous:<client key>' for an anonymous one (ANONYMOUS when the client is not known)."""
     if who.level is Level.OWNER:
         return None
     if who.level is Level.SIGNED_IN and who.identity:
         return who.identity
-    return ANONYMOUS
+    return f"{ANONYMOUS}:{who.client}" if who.client else ANONYMOUS
+
+
+def is_anonymous(holder: str) -> bool:
+    """The holder is an anonymous client (counted in the anonymous pool)."""
+    return holder == ANONYMOUS or holder.startswith(f"{ANONYMOUS}:")
+
+
+def pool_used(used: Mapping[str, int]) -> int:
+    return sum(n for holder, n in used.items() if is_anonymous(holder))
 
 
 def usage(held: Iterable[Held]) -> dict[str, int]:
@@ -146,10 +173,13 @@ def usage(held: Iterable[Held]) -> dict[str, int]:
 
 
 def over(room: Room, used: Mapping[str, int], holder: str, size: int) -> str | None:
-    """Which limit `size` more bytes for `holder` would pass: 'share' (the holder's share, or the anonymous pool),
-    'total', or None when they fit."""
-    if used.get(holder, 0) + size > room.cap_of(holder):
+    """Which limit `size` more bytes for `holder` would pass: 'share' (the holder's share, or an anonymous client's
+    share of the pool), 'pool' (the anonymous pool), 'total', or None when they fit."""
+    if used.get(holder, 0) + size > room.cap_of(holder) and not (is_anonymous(holder) and
+                                                                room.cap_of(holder) >= room.anonymous):
         return "share"
+    if is_anonymous(holder) and pool_used(used) + size > room.anonymous:
+        return "pool"
     if sum(used.values()) + size > room.total:
         return "total"
     return None
@@ -163,9 +193,9 @@ def expiry_plan(room: Room, held: list[Held], holder: str, size: int, now: float
     left, gone = list(held), []
     while (limit := over(room, usage(left), holder, size)) is not None:
         def may_go(h: Held) -> bool:
-            if limit == "share" and h.holder != holder:
+            if (limit == "share" and h.holder != holder) or (limit == "pool" and not is_anonymous(h.holder)):
                 return False
-            mine = room.own_give_way and h.holder == holder and holder != ANONYMOUS
+            mine = room.own_give_way and h.holder == holder and not is_anonymous(holder)
             return mine or now - h.used_at > room.expiry_s
         candidates = sorted((h for h in left if may_go(h) and h.size > 0), key=lambda h: h.used_at)
         if not candidates:
@@ -183,17 +213,24 @@ def room_refusal(room: Room, used: Mapping[str, int], holder: str, size: int, wh
                  instead: str = "") -> UserError:
     """The message for `what` (`size` bytes) that does not fit `room` even after expiry: which limit, how full, and
     what to do (`instead`: what else the visitor can do here, said first)."""
-    mine = used.get(holder, 0)
-    if over(room, used, holder, size) == "share":
-        whose = "all anonymous visitors together have" if holder == ANONYMOUS else "you have"
-        message = (f"{what} ({size_text(size)}) does not fit: {whose} {size_text(mine)} of {room.name} on this "
+    mine, limit = used.get(holder, 0), over(room, used, holder, size)
+    if limit == "share" and is_anonymous(holder):
+        message = (f"{what} ({size_text(size)}) does not fit: visitors from your network address have "
+                   f"{size_text(mine)} of {room.name} on this server, and one address may keep "
+                   f"{size_text(room.cap_of(holder))} (anonymous visitors {size_text(room.anonymous)} in all).")
+    elif limit == "share":
+        message = (f"{what} ({size_text(size)}) does not fit: you have {size_text(mine)} of {room.name} on this "
                    f"server, and the limit is {size_text(room.cap_of(holder))}.")
+    elif limit == "pool":
+        message = (f"{what} ({size_text(size)}) does not fit: all anonymous visitors together have "
+                   f"{size_text(pool_used(used))} of {room.name} on this server, and the limit is "
+                   f"{size_text(room.anonymous)}.")
     else:
         message = (f"{what} ({size_text(size)}) does not fit: this server's room for {room.name} is full "
                    f"({size_text(sum(used.values()))} of {size_text(room.total)}).")
     aging = " (the oldest give way with time)" if room.expiry_s != float("inf") else ""
     later = f"try again later{aging}, or run phi3_lora on your own machine."
-    hint = f"Sign in to get a share of your own, {later}" if holder == ANONYMOUS else later[0].upper() + later[1:]
+    hint = f"Sign in to get a share of your own, {later}" if is_anonymous(holder) else later[0].upper() + later[1:]
     return UserError(message, hint=f"{instead} {hint}".strip())
 
 

@@ -769,3 +769,16 @@ def test_the_forms_names_stand_for_the_servers_files(tmp_path: Path) -> None:
     assert not Path(names.server_source(state, who, "upload:" + theirs.name)).exists()  # only this session's
     assert names.web_model(state, state.default_path) == "tiny" and names.server_model(state, "tiny") == state.default_path
     assert names.server_model(state, "org/model") == "org/model" and names.web_model(state, "org/model") == "org/model"
+
+
+def test_the_client_network_is_what_the_proxies_saw_not_what_the_client_wrote() -> None:
+    """Anonymous visitors' shares are per client network (quotas.holder_of): the connection's address, or through a
+    proxy in front of the app the address it appended to X-Forwarded-For. Entries a client writes itself come before
+    the proxy's and are never read; on a Space its private proxies are skipped; an IPv6 client counts as its /64."""
+    net = access.client_network
+    assert net("203.0.113.7", ["1.1.1.1"]) == "203.0.113.7"  # no proxy in front: the header is the client's word
+    assert net("127.0.0.1", ["6.6.6.6, 203.0.113.7"]) == "203.0.113.7"  # a share link's tunnel appended the last
+    assert net("10.16.3.80", ["6.6.6.6, 93.184.216.34, 10.0.0.2"], on_space=True) == "93.184.216.34"
+    assert net("10.16.3.80", ["198.51.100.9"]) == "10.16.3.80"  # private peers are proxies on a Space only
+    assert net("127.0.0.1", ["[2001:db8:0:1::2]:443"]) == net("2001:db8:0:1::1", []) == "2001:db8:0:1::/64"
+    assert net("::ffff:192.0.2.1", []) == "192.0.2.1" and net(None, []) == "unknown"

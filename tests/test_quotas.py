@@ -161,8 +161,8 @@ def _cached(key: str, size: int = 10) -> None:
 def test_one_visitors_downloads_stay_in_their_share_and_the_owner_is_never_counted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each model, adapter or dataset a visitor makes this machine download counts for them: alice is refused past her
-    16 GiB share, bob still downloads his; anonymous visitors together stop at their 32 GiB pool; the owner is not
-    checked. A repo already cached costs nobody more."""
+    16 GiB share, bob still downloads his; an anonymous client stops at its quarter of the anonymous pool, anonymous
+    visitors together at the 32 GiB pool; the owner is not checked. A repo already cached costs nobody more."""
     import huggingface_hub.constants
 
     from phi3_lora import downloads
@@ -178,12 +178,15 @@ def test_one_visitors_downloads_stay_in_their_share_and_the_owner_is_never_count
     check("auth:alice", "model:big/one", 15 * GiB)  # the same repo again (its download under way): no new cost
     _cached("dataset:someone/chat")
     check("auth:alice", "dataset:someone/chat", 2 * GiB)  # bob's download, cached now: alice uses it for nothing
-    for i in range(3):
-        check(ANONYMOUS, f"model:anon/m{i}", 10 * GiB)
-    with pytest.raises(UserError, match="all anonymous visitors together have 30.0 GiB.*Sign in"):
-        check(ANONYMOUS, "model:anon/m3", 10 * GiB)
+    for i in range(4):  # four anonymous clients, each at its quarter of the pool
+        check(f"{ANONYMOUS}:c{i}", f"model:anon/m{i}", 8 * GiB)
+    with pytest.raises(UserError, match="visitors from your network address have 8.0 GiB of downloads.*may keep "
+                                        "8.0 GiB.*Sign in"):
+        check(f"{ANONYMOUS}:c0", "model:anon/more", 1 * GiB)
+    with pytest.raises(UserError, match="all anonymous visitors together have 32.0 GiB.*Sign in"):
+        check(f"{ANONYMOUS}:c4", "model:anon/m4", 1 * GiB)
     check(None, "model:owner/huge", 500 * GiB)  # the owner: never refused, never counted
-    check("auth:carol", "model:carol/m", 15 * GiB)  # 15 + 2 + 30 + 15 = 62 of the 64 GiB
+    check("auth:carol", "model:carol/m", 15 * GiB)  # 15 + 2 + 32 + 15 = the 64 GiB
     with pytest.raises(UserError, match="room for downloads is full"):
         check("auth:dave", "model:dave/m", 4 * GiB)
 
@@ -512,3 +515,42 @@ def test_a_merge_or_gguf_that_would_pass_the_runs_share_by_its_own_size_is_refus
         assert not list(run_dir.glob("*gguf*"))
     finally:
         call(run_dir.name, api_name="/delete_run")
+
+
+# --- anonymous clients: each a share of the anonymous pool ----------------------------------------------------------
+
+def test_one_anonymous_client_takes_a_share_of_the_pool_not_all_of_it(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Through a share link every visitor is anonymous, and the tunnel appends each one's address to
+    X-Forwarded-For. One client uploading again and again (a new session each time) used to fill the whole anonymous
+    pool of uploads, refusing every other anonymous visitor; it stops at its quarter, with a message that says so,
+    while another client's upload is taken. Writing other addresses into the header does not help: the tunnel's own
+    entry, the last one, is what counts; nor do other addresses of the same IPv6 /64."""
+    from gradio_client import Client, handle_file
+
+    from phi3_lora.ui import AppOptions, build_app, launch
+
+    limits = Limits(uploads_anonymous=200 * KB, uploads_anonymous_client=50 * KB)
+    options = AppOptions(runs_dir=tmp_path / "runs", default_model=str(tiny_llama_dir), shared=True, limits=limits)
+    demo = build_app(options=options)
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+
+    def upload(forwarded_for: str, name: str) -> str:
+        """A new session (client) of a visitor behind the tunnel, uploading 40 KiB."""
+        c = Client(url, verbose=False, headers={"X-Forwarded-For": forwarded_for})
+        try:
+            return str(c.predict(handle_file(str(_upload(tmp_path, name))), api_name="/upload_dataset"))
+        except Exception as exc:  # the refusal (gr.Error)
+            return str(exc)
+
+    try:
+        assert upload("203.0.113.7", "a1.jsonl").startswith("upload:")
+        second = upload("203.0.113.7", "a2.jsonl")
+        assert "visitors from your network address have 40 KiB of uploads on this server" in second, second[:600]
+        assert "one address may keep 50 KiB" in second and "Sign in" in second and "Traceback" not in second
+        forged = [upload(f"198.18.0.{i}, 203.0.113.7", f"f{i}.jsonl") for i in range(3)]
+        assert all("visitors from your network address have 40 KiB" in f for f in forged), forged
+        assert upload("198.51.100.9", "b1.jsonl").startswith("upload:")  # another client still uploads
+        assert upload("2001:db8:0:1::1", "v1.jsonl").startswith("upload:")
+        assert "visitors from your network address" in upload("2001:db8:0:1::2", "v2.jsonl")
+    finally:
+        demo.close()

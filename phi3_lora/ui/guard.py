@@ -14,6 +14,7 @@ import functools
 import hashlib
 import inspect
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -48,15 +49,35 @@ def session_key(request: Any) -> str | None:
     return hashlib.sha256(f"phi3_lora:{session_hash}".encode()).hexdigest()[:20]
 
 
+# Client keys are hashed with a secret of this process: the ledgers on disk (quotas' holders) name no visitor's address.
+_CLIENT_SECRET = secrets.token_bytes(16)
+
+
+def client_key(request: Any, mode: access.ServerMode) -> str | None:
+    """A key of the network this request came from (access.client_network), for the share of the anonymous pools
+    each anonymous client gets (quotas.holder_of); None without a request."""
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    if not isinstance(scope, dict):
+        return None
+    peer = (scope.get("client") or (None, 0))[0]
+    forwarded = [v.decode("latin-1") for k, v in scope.get("headers") or [] if k == b"x-forwarded-for"]
+    network = access.client_network(peer, forwarded, on_space=mode.on_space)
+    return hashlib.sha256(_CLIENT_SECRET + network.encode("utf-8", "replace")).hexdigest()[:16]
+
+
 def requester_of(state: Any, request: Any) -> Requester:
-    """The policy's view of a request: level, identity and the visitor's own Hub token (if signed in)."""
+    """The policy's view of a request: level, identity, the visitor's own Hub token (if signed in), the browser
+    session and the client's network (client_key)."""
     mode: access.ServerMode = getattr(state, "mode", access.UNLAUNCHED)
     username = getattr(request, "username", None) if request is not None else None
     info = _oauth_info(request) if (request is not None and mode.oauth) else None
     profile = (info or {}).get("userinfo") or {}
     who = access.requester(mode, username=username, oauth_user=profile.get("preferred_username"),
                            oauth_token=(info or {}).get("access_token"))
-    return Requester(who.level, who.identity, who.oauth_token, session_key(request) if request is not None else None)
+    if request is None:
+        return who
+    return Requester(who.level, who.identity, who.oauth_token, session_key(request), client_key(request, mode))
 
 
 def check(state: Any, who: Requester, action: Action, *, started_by: str | None = None) -> None:
