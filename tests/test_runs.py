@@ -263,7 +263,8 @@ def _old_exports(runs: Path) -> Path:
     return old
 
 
-def test_the_old_exports_folder_goes_at_startup_only_when_all_in_it_is_ours(tmp_path: Path, tiny_llama_dir: Path) -> None:
+def test_the_old_exports_folder_goes_at_startup_only_when_all_in_it_is_ours(tmp_path: Path,
+                                                                              tiny_llama_dir: Path) -> None:
     """Earlier versions built downloads in <runs>-exports (served then, unused now): the app removes it when it starts,
     once, but only when every entry is what they wrote there; a file, a folder or a link of anybody else keeps it."""
     import shutil

@@ -249,7 +249,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
                                  "sign in with Hugging Face.")
         path = resolve_source(runs_dir, source)
         progress(0.1, desc="Pushing to the Hub…")
-        with hold_source(path, "a push to the Hub"):
+        with hold_source(path, "a Hub push"):
             url = _export().push_to_hub(path, repo_id, hub_token or None, merged=what == "merged",
                                         private=bool(private), use_saved_login=hub_token is None)
         return notice("ok", f"Pushed: {url}")
