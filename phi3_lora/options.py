@@ -73,11 +73,12 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 # 6.53 GiB (its estimate 7.63), where 29 checkpointed compiled layers gave 16,746 at 7.03; the 8 GiB plan keeps
 # 0.09 (not measured). Below this share every layer is checkpointed (15,823 tok/s at 5.1 GiB).
 MIN_ACTIVATION_SHARE = 0.05
-# Compare's pair (base + tuned row) decoded on a CPU by a torch.compile'd step, compiled in the background and
-# served once ready (phi3_lora/speed/pair_graph.py: Llama-shaped models, the eager step's logits bit for bit). Off: on the
-# 2-core EPYC (float32) it takes 0.73x of the eager pair step (68.1 vs 92.8 ms) since RMSNorm/SiLU fuse in ATen's
-# order, but compiles for ~10 minutes (docs/benchmarks.md, "The faithful compiled pair step with RMSNorm/SiLU
-# fused"). Env PHI3_LORA_COMPILED_PAIR=1 / 0 turns it on / off for a process.
+# Compare's pair (base + tuned row) decoded on a CPU by a torch.compile'd step, compiled in the background while no
+# training runs and served once ready (phi3_lora/speed/pair_graph.py, background.py: Llama-shaped models, the eager
+# step's logits bit for bit). Off: on the 2-core EPYC (float32) it takes 0.74-0.81x of the eager pair step, but each
+# start of the app compiles again for 249-263 s (inductor's on-disk cache hit saves nothing measurable there), and
+# eager answers during the compile are not yet measured (docs/benchmarks.md, CPU, twelfth session).
+# Env PHI3_LORA_COMPILED_PAIR=1 / 0 turns it on / off for a process.
 COMPILED_PAIR_CPU = False
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None

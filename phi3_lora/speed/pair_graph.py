@@ -23,9 +23,10 @@ Checked bit for bit in float32 (the embedded model, 3 prompts x 64 steps; tests/
 Llama); bf16 is not yet checked on hardware with native bf16. Only Llama-shaped models whose adapter `RowRouting`
 routes, two rows (one base, one tuned). Compilation runs in a background thread (`CompiledPair.start`): eager
 steps serve until it is ready, and a failure is logged once and leaves eager in place. When a row's answer ends,
-the other row goes on eagerly from the same cache contents (`PairState.to_dynamic_cache`). On the 2-core EPYC
-(float32) the step took 0.73x of the eager pair step (68.1 vs 92.8 ms), but compiling the emulated sums took 603 s
-(81-92 s with opaque RMSNorm/SiLU), so it is still off by default (options.COMPILED_PAIR_CPU; docs/benchmarks.md).
+the other row goes on eagerly from the same cache contents (`PairState.to_dynamic_cache`). It compiles only while
+no training runs, at nice 19 (`background`), and runs only at the thread count it compiled at. On the 2-core EPYC
+(float32) the step takes 0.74-0.81x of the eager pair step, but each process compiles for 249-263 s, a warm inductor
+cache or not, so it is still off by default (options.COMPILED_PAIR_CPU; docs/benchmarks.md, twelfth session).
 """
 
 from __future__ import annotations
