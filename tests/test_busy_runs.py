@@ -20,15 +20,18 @@ from phi3_lora.runs import RunDir
 RUN_ID = "20260103-000000-busy"
 
 
-def _wait_until_processing(job: object, timeout: float = 300) -> None:
-    """Until the app works on the job (gradio's own status), and a moment more: the request has begun its work."""
+def _wait_until_working(job: object, run: RunDir, timeout: float = 300) -> None:
+    """Until the app works on the job (gradio's own status) and, on a busy machine, until the request has got as far
+    as holding its run (a file in the run's .holds; at most 20 s more, so that a build without holds is tested too)."""
     from gradio_client.utils import Status
 
     deadline = time.monotonic() + timeout
-    while job.status().code not in (Status.PROCESSING, Status.ITERATING, Status.FINISHED):
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.ITERATING, Status.FINISHED):
         assert time.monotonic() < deadline, "the export never started"
         time.sleep(0.05)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20
+    while not list((run.path / ".holds").glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -45,7 +48,8 @@ def test_deleting_a_run_while_its_merge_runs_is_refused_and_the_merge_finishes(t
     with served_app(runs_dir, tiny_llama_dir) as (url, _):
         c = Client(url, verbose=False)
         job = c.submit(*endpoint_args(c, "export_merged", Adapter=RUN_ID), api_name="/export_merged")
-        _wait_until_processing(job)
+        _wait_until_working(job, run)
+        assert not job.done(), "the merge ended before the delete could be tried"
         try:
             c.predict(RUN_ID, api_name="/delete_run")
             refused = ""
