@@ -109,10 +109,12 @@ class ChatEngine:
     def has_adapter(self) -> bool:
         return self.adapter_dir is not None
 
-    def watch_training(self, runs_dir: str | Path) -> None:
-        """Compare's compiled pair step starts compiling only while no run of `runs_dir` trains
-        (speed/background.py; without this, the default runs folder is the one watched)."""
+    def serve_compare(self, runs_dir: str | Path) -> None:
+        """This engine answers the app's Compare: by default (options.COMPILED_PAIR_CPU, float32 on a CPU) its pair
+        step compiles in the background, only while no run of `runs_dir` trains (speed/pair_graph.py, background.py).
+        Other engines (CLI, evaluation) compile it only with PHI3_LORA_COMPILED_PAIR=1."""
         self._compiled_pair.runs_dir = Path(runs_dir)
+        self._compiled_pair.by_default = True
 
     @property
     def compiled_pair_phase(self) -> str | None:
@@ -325,7 +327,7 @@ class ChatEngine:
             routed = bool(layers) and adapter_names == sorted(adapter_names, key=lambda name: name != BASE)
             routing = merging.RowRouting(layers, families.sibling_layers(self.model)) if routed else None
             pair = None
-            if routing is not None and pair_graph.enabled():  # off by default (options.COMPILED_PAIR_CPU)
+            if routing is not None and pair_graph.enabled():  # options.COMPILED_PAIR_CPU, env PHI3_LORA_COMPILED_PAIR
                 routing.first_tuned = adapter_names.count(BASE)
                 self._compiled_pair.start(self.model, routing, len(adapter_names))
                 pair = self._compiled_pair

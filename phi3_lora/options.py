@@ -75,11 +75,12 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 MIN_ACTIVATION_SHARE = 0.05
 # Compare's pair (base + tuned row) decoded on a CPU by a torch.compile'd step, compiled in the background while no
 # training runs and served once ready (phi3_lora/speed/pair_graph.py, background.py: Llama-shaped models, the eager
-# step's logits bit for bit). Off: on the 2-core EPYC (float32) it takes 0.74-0.81x of the eager pair step, but each
-# start of the app compiles again for 249-263 s (inductor's on-disk cache hit saves nothing measurable there), and
-# eager answers during the compile are not yet measured (docs/benchmarks.md, CPU, twelfth session).
-# Env PHI3_LORA_COMPILED_PAIR=1 / 0 turns it on / off for a process.
-COMPILED_PAIR_CPU = False
+# step's logits bit for bit). On by default for the app's Compare engines in float32 (pair_graph.asked): on the 2-core
+# EPYC the step takes 0.74-0.81x of the eager pair step; each start of the app compiles for 177-269 s of one core at
+# nice 19 (+1.1 GB of memory), eager answers meanwhile unchanged (110.5 vs 113.4 ms a pair step), a training run
+# beside it not slower (docs/benchmarks.md, CPU, twelfth session). Env PHI3_LORA_COMPILED_PAIR=1 / 0: on for every
+# engine / off, for a process.
+COMPILED_PAIR_CPU = True
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None
 # SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py), and full-length

@@ -13,6 +13,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # torch's OpenMP threads that spin while waiting stall every kernel of a process whose partner thread is
 # descheduled (phi3_lora.threads). Passive waiting keeps the thread counts and lets the other process run.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Compare's compiled pair step (on by default in the app) compiles for minutes on 2 cores: off for the suite, except
+# in the tests that test it (they set PHI3_LORA_COMPILED_PAIR=1 themselves)
+os.environ.setdefault("PHI3_LORA_COMPILED_PAIR", "0")
 
 import subprocess
 from pathlib import Path

@@ -171,9 +171,10 @@ def _other_weights(model_dir: Path, out: Path) -> Path:
 
 
 def test_a_cache_hit_in_another_process_serves_that_process_s_weights(engine, compiled, tiny_llama_dir, tmp_path):
-    """Inductor's FX graph cache (on disk; on by default) keys a frozen weight by its shape and dtype only and binds
-    the loading process's tensors. A process with a model of the same shape and other weights compiles from the
-    module's cache entry, and its compiled step gives its own eager logits, not the first model's."""
+    """Inductor's on-disk caches (on by default) are shared by every process of the machine: a process with a model
+    of the same shape and other weights compiles with the module's cache (the C++ kernels, keyed by their source;
+    the RMSNorm/SiLU check's graph; the step's own graph bypasses the FX graph cache: 'mkldnn tensors
+    unpickleable'), and its compiled step gives its own eager logits, not the first model's."""
     import json
     import os
     import subprocess
@@ -189,7 +190,7 @@ def test_a_cache_hit_in_another_process_serves_that_process_s_weights(engine, co
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["cache_dir"] == os.environ["TORCHINDUCTOR_CACHE_DIR"]  # the module's own, written by `compiled`
-    assert out["hits"] >= 1 and out["served"] == 1, out
+    assert out["hits"] >= 1 and out["served"] == 1, out  # the module's cache was read; the step served
     assert out["equal"], out  # the other model's compiled logits equal its own eager ones
     record = _Logits()
     engine.answer_pairs([[{"role": "user", "content": LONG[1]["content"]}]], GenerationSettings(max_new_tokens=4),
@@ -244,7 +245,7 @@ def test_no_compile_starts_while_a_run_trains(engine, compiled, tmp_path, monkey
     try:
         runs.write_active(folder, "20260101-000000-training", runs.ProcessRecord.of(trainer.pid))
         assert "20260101-000000-training" in (background.training_busy(folder) or "")
-        engine.watch_training(folder)
+        engine.serve_compare(folder)
         engine.set_adapter(engine.adapter_dir)  # a fresh step to compile
         engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
         assert engine.compiled_pair_phase == "waiting" and compiled._thread is None
@@ -260,6 +261,34 @@ def test_no_compile_starts_while_a_run_trains(engine, compiled, tmp_path, monkey
     except ProcessLookupError:  # it ended in between
         pass
     assert compiled.wait(timeout=300), compiled.failed
+
+
+def test_by_default_only_compare_engines_compile(engine, compiled, tmp_path, monkeypatch):
+    """PHI3_LORA_COMPILED_PAIR unset, options.COMPILED_PAIR_CPU on: an engine that does not serve the app's Compare
+    (the CLI, an evaluation: gone before a compile pays back) never starts one; a Compare engine asks to (held back
+    here by a training run, so nothing compiles)."""
+    import subprocess
+    import sys
+
+    from phi3_lora import options, runs
+
+    monkeypatch.delenv(pair_graph.ENV, raising=False)
+    monkeypatch.setattr(options, "COMPILED_PAIR_CPU", True)
+    engine.set_adapter(engine.adapter_dir)  # a fresh step
+    compiled.by_default = False
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+    assert engine.compiled_pair_phase is None and compiled._thread is None and compiled.held_back is None
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runs.write_active(folder, "20260101-000000-training", runs.ProcessRecord.of(trainer.pid))
+        engine.serve_compare(folder)
+        engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+        assert engine.compiled_pair_phase == "waiting" and compiled._thread is None
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 def test_off_means_eager_and_a_new_adapter_drops_the_step(engine, compiled, monkeypatch):

@@ -9,11 +9,11 @@ minutes of CPU on such a machine (docs/benchmarks.md, CPU, twelfth session), so:
 - its thread, the C++ compiler processes it starts and inductor's compile threads run at nice 19, so a run that
   starts while it compiles gets the cores.
 
-Inductor's on-disk FX graph cache (on by default, TORCHINDUCTOR_CACHE_DIR) does not make a restarted app's
-compile short: measured on the 2-core EPYC, 249 s with an empty cache, 263 s with a hit (dynamo's and AOT
-autograd's tracing and the freezing passes run again; AOT autograd's cache refuses frozen graphs). A hit is safe:
-inductor keys a frozen weight by shape and dtype only and binds the loading process's tensors
-(`CompiledFxGraphConstantsWithGm`), checked with two models of one shape in tests/test_pair_graph.py.
+Inductor's on-disk caches (TORCHINDUCTOR_CACHE_DIR) do not make a restarted app's compile short: the step's
+graph bypasses the FX graph cache ('mkldnn tensors unpickleable': its packed oneDNN weights) and AOT autograd's
+cache refuses frozen graphs, so only the C++ compiler's work is reused (67 s of a cold 225 s on the 2-core EPYC;
+docs/benchmarks.md, CPU, twelfth session). Nothing of the weights is reused: a process with another model of the
+same shape gives its own eager logits (tests/test_pair_graph.py).
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ routes, two rows (one base, one tuned). Compilation runs in a background thread 
 steps serve until it is ready, and a failure is logged once and leaves eager in place. When a row's answer ends,
 the other row goes on eagerly from the same cache contents (`PairState.to_dynamic_cache`). It compiles only while
 no training runs, at nice 19 (`background`), and runs only at the thread count it compiled at. On the 2-core EPYC
-(float32) the step takes 0.74-0.81x of the eager pair step, but each process compiles for 249-263 s, a warm inductor
-cache or not, so it is still off by default (options.COMPILED_PAIR_CPU; docs/benchmarks.md, twelfth session).
+(float32) the step takes 0.74-0.81x of the eager pair step and each process compiles for 177-269 s; on by default
+for the app's Compare in float32 (`asked`, options.COMPILED_PAIR_CPU; docs/benchmarks.md, twelfth session).
 """
 
 from __future__ import annotations
@@ -59,6 +59,19 @@ def enabled() -> bool:
 
     value = os.environ.get(ENV, "").strip()
     return value == "1" if value in ("0", "1") else bool(options.COMPILED_PAIR_CPU)
+
+
+def asked(model: Any, by_default: bool) -> bool:
+    """Whether this engine's pair step is to compile: always with PHI3_LORA_COMPILED_PAIR=1; by default
+    (options.COMPILED_PAIR_CPU) only for the app's Compare engines (`by_default`: a one-shot CLI or an evaluation
+    would pay the compile and leave before it pays back) and in float32, where the step is checked bit for bit
+    (bf16 is not yet checked on hardware with native bf16)."""
+    import torch
+
+    if os.environ.get(ENV, "").strip() == "1":
+        return True
+    core = _core(model)
+    return enabled() and by_default and core is not None and core.embed_tokens.weight.dtype == torch.float32
 
 
 def supported(model: Any, routing: Any, rows: int) -> str | None:
@@ -291,6 +304,7 @@ class CompiledPair:
 
     def __init__(self, runs_dir: Any = None) -> None:
         self.runs_dir = runs_dir  # whose training runs hold the compile back (None: runs.default_runs_dir())
+        self.by_default = False  # an engine of the app's Compare: compiled by default (`asked`)
         self._lock = threading.Lock()
         self._step: Callable[..., Any] | None = None  # the compiled step, once it has run once
         self._weights: _Weights | None = None
@@ -332,7 +346,7 @@ class CompiledPair:
         if self._thread is not None or self.failed is not None or not enabled():
             return False
         reason = supported(model, routing, rows)
-        if reason is not None:
+        if reason is not None or not asked(model, self.by_default):
             return False
         self.held_back = background.training_busy(self.runs_dir)
         if self.held_back is not None:  # asked again at the next pair answer

@@ -104,7 +104,7 @@ def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None)
             if progress is not None:
                 progress(0.1, desc=f"Loading {portable.model_name(ref.model_name)} (first use only)…")
             engine = ChatEngine(ref.model_name, None, model_settings=settings)
-            engine.watch_training(state.options.runs_dir)  # no background compile while a run trains
+            engine.serve_compare(state.options.runs_dir)  # its compiled pair step: in the background, never while a run trains
             state.engines[key] = engine
         if engine.adapter_dir is None or Path(engine.adapter_dir).resolve() != Path(ref.adapter_dir).resolve():
             if progress is not None:
