@@ -263,6 +263,24 @@ def test_no_compile_starts_while_a_run_trains(engine, compiled, tmp_path, monkey
     assert compiled.wait(timeout=300), compiled.failed
 
 
+def test_a_new_adapter_waits_for_the_old_compile_to_end(engine, compiled, monkeypatch):
+    """An adapter attached while its predecessor's step compiles: the old compile runs on (a thread cannot be
+    stopped), and the new one starts only after it, never two compiles (and their memory) at once."""
+    monkeypatch.setenv(pair_graph.ENV, "1")
+    engine.set_adapter(engine.adapter_dir)
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+    old = compiled._thread
+    assert old is not None and old.is_alive()
+    engine.set_adapter(engine.adapter_dir)
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+    if old.is_alive():  # (the tiny model's compile takes seconds; it may just have ended)
+        assert compiled._thread is None and compiled.phase == "waiting"
+    old.join(300)
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+    assert compiled._thread is not None and compiled._thread is not old
+    assert compiled.wait(timeout=300), compiled.failed
+
+
 def test_by_default_only_compare_engines_compile(engine, compiled, tmp_path, monkeypatch):
     """PHI3_LORA_COMPILED_PAIR unset, options.COMPILED_PAIR_CPU on: an engine that does not serve the app's Compare
     (the CLI, an evaluation: gone before a compile pays back) never starts one; a Compare engine asks to (held back

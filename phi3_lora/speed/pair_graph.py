@@ -309,6 +309,7 @@ class CompiledPair:
         self._step: Callable[..., Any] | None = None  # the compiled step, once it has run once
         self._weights: _Weights | None = None
         self._thread: threading.Thread | None = None
+        self._previous: threading.Thread | None = None  # the compile of an adapter that clear() dropped
         self._generation = 0  # bumped by clear(): a compile of an older adapter is thrown away
         self.failed: str | None = None
         self.compile_s: float | None = None
@@ -320,6 +321,7 @@ class CompiledPair:
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
+            self._previous = self._thread  # a compile of the old adapter runs on to its end (a thread cannot stop)
             self._step, self._weights, self._thread, self.failed, self.compile_s = None, None, None, None, None
 
     @property
@@ -347,6 +349,10 @@ class CompiledPair:
             return False
         reason = supported(model, routing, rows)
         if reason is not None or not asked(model, self.by_default):
+            return False
+        previous = self._previous
+        if previous is not None and previous.is_alive():  # one compile at a time: two would double its memory
+            self.held_back = "the previous adapter's compile is still ending"
             return False
         self.held_back = background.training_busy(self.runs_dir)
         if self.held_back is not None:  # asked again at the next pair answer

@@ -135,7 +135,7 @@ PAIR_STEP_NOTES = {  # Compare's compiled pair step on a CPU (phi3_lora/speed/pa
                  "2-core CPU, after each start of the app). Until then answers come at the usual speed; afterwards "
                  "greedy answers (temperature 0) come ~1.3x faster, exactly the same answers.",
     "waiting": " Compare will prepare a faster way to answer (about 5 minutes in the background) once no training run "
-               "is going, so that it never slows a run down.",
+               "(or earlier preparation) is going, so that it never slows a run down.",
     "ready": " Compare's faster step is prepared: greedy answers (temperature 0) come ~1.3x faster, the same answers.",
 }
 
