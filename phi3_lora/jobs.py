@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi3_lora import events, runs, uploads
+from phi3_lora import events, holds, runs, uploads
 from phi3_lora.config import RunConfig, load_yaml, save_yaml
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir
@@ -297,7 +297,7 @@ def _stop_reason(status: events.RunStatus, killed: bool, grace: float, step_s: f
 
 def delete_run(run_id: str, runs_dir: Path | None = None) -> int:
     """Delete a run's folder (checkpoints, adapter, merges) and its exports; returns the bytes freed. A run in use is
-    refused: training (stop it first), or a request that holds it (runs.hold_run: an export, an evaluation), whose
+    refused: training (stop it first), or a request that holds it (holds.hold_run: an export, an evaluation), whose
     work would fail half-way. The folder is renamed out of the list first, so a half-deleted run never shows."""
     from phi3_lora.quotas import folder_bytes
 
@@ -307,7 +307,7 @@ def delete_run(run_id: str, runs_dir: Path | None = None) -> int:
         if run.process_alive() or events.run_status(run.path).active:
             raise UserError(f"{run_id} is training, so it cannot be deleted now.",
                             hint="Wait until its training finishes, or press Stop, then delete it.")
-        busy = runs.holds_of(run)
+        busy = holds.holds_of(run)
         if busy:
             raise UserError(f"{run_id} is in use, so it cannot be deleted now: {' and '.join(dict.fromkeys(busy))} of "
                             "it is running on this server.",

@@ -15,7 +15,7 @@
     <runs>/<id>/eval/<time>.json     base-vs-tuned scores on the held-out rows (evaluate.py)
     <runs>/<id>/<name>/              merged exports made from the app
     <runs>/<id>/.holds/<what>.<n>    one per request that uses the run (an export, an evaluation), locked while it
-                                     does: Delete run waits for none of them, it refuses (hold_run, holds_of)
+                                     does: Delete run waits for none of them, it refuses (holds.py)
 
 Nothing here trains or signals; jobs.py and train.py act, this module only names and reads.
 """
@@ -246,7 +246,7 @@ class RunDir:
     EVAL: ClassVar[str] = "eval"
     ADAPTER_CONFIG: ClassVar[str] = "adapter_config.json"  # peft's: marks a folder holding an adapter
     TRAINER_STATE: ClassVar[str] = "trainer_state.json"    # transformers': marks a complete checkpoint
-    HOLDS: ClassVar[str] = ".holds"                        # hold_run: who uses the run now
+    HOLDS: ClassVar[str] = ".holds"                        # holds.hold_run: who uses the run now
 
     def __init__(self, path: str | Path) -> None:
         object.__setattr__(self, "path", Path(path))
@@ -336,113 +336,6 @@ class RunDir:
         except (OSError, ValueError, AttributeError):
             return None
         return model if isinstance(model, str) and model else None
-
-
-# --- checkpoints held while a request reads them (Compare, Export) ---------------------------------------------
-
-PIN = ".pin"  # inside a checkpoint folder: readers hold a shared flock on it, rotation an exclusive one
-
-
-class CheckpointGone(Exception):
-    """The checkpoint was rotated away (or never completed) before it could be pinned."""
-
-
-@contextmanager
-def pin_checkpoint(folder: str | Path) -> Iterator[Path]:
-    """Keep a checkpoint folder on disk while a request uses it: the running job's rotation skips it until the
-    `with` block ends (or this process dies: the lock goes with it). Raises CheckpointGone if it is gone."""
-    folder = Path(folder)
-    try:
-        fh = open(folder / PIN, "a+")
-    except OSError:
-        raise CheckpointGone(str(folder)) from None
-    with fh:
-        fcntl.flock(fh, fcntl.LOCK_SH)
-        if not (folder / RunDir.ADAPTER_CONFIG).exists():  # removed while we waited for the lock
-            raise CheckpointGone(str(folder))
-        yield folder
-
-
-def remove_unless_pinned(folder: Path) -> bool:
-    """Delete a checkpoint folder unless a request holds it; True when removed."""
-    try:
-        fh = open(folder / PIN, "a+")
-    except OSError:
-        shutil.rmtree(folder, ignore_errors=True)
-        return not folder.exists()
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        shutil.rmtree(folder, ignore_errors=True)  # under the lock: no reader can pin it half-deleted
-    return not folder.exists()
-
-
-def rotate_checkpoints(run: RunDir, keep: int | None, protect: str | Path | None = None) -> list[Path]:
-    """Keep the newest `keep` checkpoints (and `protect`, the best one); older ones are removed unless pinned
-    (a pinned one goes at a later rotation). Returns what was removed. (transformers' rotate_checkpoints, plus pins.)"""
-    if not keep or keep <= 0:
-        return []
-    try:
-        found = sorted((step, p) for p in run.checkpoints.iterdir()
-                       if (step := parse_checkpoint_step(p.name)) is not None and p.is_dir())
-    except OSError:
-        return []
-    protected = Path(protect).resolve() if protect else None
-    removed = []
-    for _, folder in found[:-keep]:
-        if folder.resolve() != protected and remove_unless_pinned(folder):
-            removed.append(folder)
-    return removed
-
-
-# --- a run held while a request uses it (an export, an evaluation) ------------------------------------------------
-
-@contextmanager
-def hold_run(run: RunDir, what: str) -> Iterator[None]:
-    """Keep `run` from being deleted while a request uses it: `what` (e.g. "a merge") is what Delete run says is
-    running. One file per holder in the run's .holds/, locked (flock) until the `with` block ends or this process
-    dies, so a crashed holder never blocks a delete. Taken under the runs folder's lock, which delete_run holds while
-    it checks and moves the folder away: a run is either held or gone, never deleted under a holder."""
-    import secrets
-
-    with locked(run.path.parent):
-        if not run.exists():
-            raise UserError(f"Run {run.run_id} no longer exists (it was deleted).", hint="Pick another run.")
-        folder = run.path / RunDir.HOLDS
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{secrets.token_hex(6)}.{os.getpid()}"
-        fh = open(path, "w", encoding="utf-8")
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(what)
-        fh.flush()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        fh.close()
-
-
-def holds_of(run: RunDir) -> list[str]:
-    """What the live holders of `run` are doing (hold_run); a hold whose process is gone is removed."""
-    found = []
-    try:
-        entries = sorted((run.path / RunDir.HOLDS).iterdir())
-    except OSError:
-        return []
-    for path in entries:
-        try:
-            with open(path, "r+", encoding="utf-8") as fh:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # held: a separate open file, so even a holder in this process counts
-                    found.append(fh.read().strip() or "a request")
-                    continue
-                path.unlink(missing_ok=True)  # its holder died without removing it
-        except OSError:  # released and removed while we looked
-            continue
-    return found
 
 
 @functools.lru_cache(maxsize=1)

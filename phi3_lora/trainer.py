@@ -17,7 +17,7 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from phi3_lora import events, runs
+from phi3_lora import events, holds, runs
 from phi3_lora.runs import RunDir
 from phi3_lora.speed.deferred_metrics import DeferredMetrics
 
@@ -53,8 +53,8 @@ class AtomicCheckpointTrainer(DeferredMetrics, SFTTrainer):
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
             os.replace(os.path.join(staging_root, name), final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            # Checkpoints a Compare or Export request holds (runs.pin_checkpoint) are skipped until released.
-            runs.rotate_checkpoints(RunDir(Path(final_root).parent), self.args.save_total_limit,
+            # Checkpoints a Compare or Export request holds (holds.pin_checkpoint) are skipped until released.
+            holds.rotate_checkpoints(RunDir(Path(final_root).parent), self.args.save_total_limit,
                                     protect=self.state.best_model_checkpoint)
         for callback in self.callback_handler.callbacks:  # the checkpoint event records it: Stop's grace uses it
             if isinstance(callback, EventsCallback):

@@ -1,5 +1,5 @@
 """A run in use is not deleted under its user: Delete run refuses a run that trains, or that an export or an
-evaluation of it works on (runs.hold_run), and says what to wait for; the other job finishes. Through the real app's
+evaluation of it works on (holds.hold_run), and says what to wait for; the other job finishes. Through the real app's
 API on a real run folder, and through the real functions for a holder that died."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from helpers.apps import endpoint_args, served_app
 from helpers.run_folders import make_adapter_run
-from phi3_lora import jobs, runs
+from phi3_lora import holds, jobs, runs
 from phi3_lora.errors import UserError
 from phi3_lora.runs import RunDir
 
@@ -61,7 +61,7 @@ def test_deleting_a_run_while_its_merge_runs_is_refused_and_the_merge_finishes(t
         status, _ = job.result(timeout=600)
         assert "Merged model saved" in str(status), status
         assert (run.path / "merged" / "config.json").is_file()
-        assert runs.holds_of(run) == []
+        assert holds.holds_of(run) == []
         c.predict(RUN_ID, api_name="/delete_run")
         assert not run.path.exists()
 
@@ -74,8 +74,8 @@ def test_a_hold_of_a_process_that_died_does_not_block_a_delete(tmp_path: Path, t
     run.path.mkdir(parents=True)
     run.config.write_text("{}\n")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom phi3_lora import runs\n"
-        f"with runs.hold_run(runs.RunDir({str(run.path)!r}), 'a GGUF export'):\n"
+        "import sys, time\nfrom phi3_lora import holds, runs\n"
+        f"with holds.hold_run(runs.RunDir({str(run.path)!r}), 'a GGUF export'):\n"
         "    print('held', flush=True); time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -168,7 +168,7 @@ def test_stop_never_signals_a_reused_pid_nor_this_process(tmp_path):
 # --- a checkpoint in use is not rotated away (issue 13 item 8, Compare) ---------------------------------------
 
 def test_rotation_skips_a_pinned_checkpoint_until_it_is_released(tmp_path):
-    from phi3_lora.runs import CheckpointGone, pin_checkpoint, rotate_checkpoints
+    from phi3_lora.holds import CheckpointGone, pin_checkpoint, rotate_checkpoints
 
     run = make_run(tmp_path)
     for step in (1, 2, 3):

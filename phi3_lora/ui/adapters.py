@@ -12,7 +12,8 @@ import gradio as gr
 
 from phi3_lora import jobs, portable, spaces
 from phi3_lora.errors import UserError
-from phi3_lora.runs import CheckpointGone, RunDir, find_run, hold_run, parse_checkpoint_step, pin_checkpoint
+from phi3_lora.holds import CheckpointGone, hold_run, pin_checkpoint
+from phi3_lora.runs import RunDir, find_run, parse_checkpoint_step
 from phi3_lora.ui.common import AppState
 
 
@@ -54,7 +55,7 @@ def _gone_checkpoint(path: Path) -> None:
 
 @contextmanager
 def hold_checkpoint(path: Path) -> Iterator[None]:
-    """While a request uses a checkpoint, the running job's rotation leaves it on disk (runs.pin_checkpoint)."""
+    """While a request uses a checkpoint, the running job's rotation leaves it on disk (holds.pin_checkpoint)."""
     if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
         yield
         return
@@ -69,7 +70,7 @@ def hold_checkpoint(path: Path) -> Iterator[None]:
 @contextmanager
 def hold_source(path: Path, what: str) -> Iterator[None]:
     """While a request works on a run's adapter or checkpoint (`what`: "a merge", "an evaluation"): Delete run refuses
-    the run (runs.hold_run) and the running job's rotation leaves the checkpoint on disk (hold_checkpoint)."""
+    the run (holds.hold_run) and the running job's rotation leaves the checkpoint on disk (hold_checkpoint)."""
     run = find_run(path)
     with hold_run(run, what) if run is not None else nullcontext(), hold_checkpoint(path):
         yield
