@@ -386,9 +386,12 @@ def test_a_signed_in_visitor_opening_session_after_session_cannot_block_another_
     url, runs, _ = signed_in_app
     data = handle_file(str(_upload(tmp_path, "big.jsonl", kib=400)))
     answers = []
-    for _ in range(4):
+    # Every session stays open (its client kept): a client let go ends its session, whose uploads then go (the app's
+    # unload), so on a slow machine alice's first upload could be gone before her third and the third was taken.
+    sessions = [_signed_in(url, "alice") for _ in range(4)]
+    for session in sessions:
         try:
-            answers.append(str(_signed_in(url, "alice").predict(data, api_name="/upload_dataset")))
+            answers.append(str(session.predict(data, api_name="/upload_dataset")))
         except Exception as exc:
             answers.append(str(exc))
     assert "you have 800 KiB of uploads on this server, and the limit is 1 MiB" in answers[2], answers
@@ -534,9 +537,12 @@ def test_one_anonymous_client_takes_a_share_of_the_pool_not_all_of_it(tmp_path: 
     demo = build_app(options=options)
     _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
 
+    clients: list[Any] = []  # kept, so every session stays open: a client let go ends its session and its uploads
+
     def upload(forwarded_for: str, name: str) -> str:
         """A new session (client) of a visitor behind the tunnel, uploading 40 KiB."""
         c = Client(url, verbose=False, headers={"X-Forwarded-For": forwarded_for})
+        clients.append(c)
         try:
             return str(c.predict(handle_file(str(_upload(tmp_path, name))), api_name="/upload_dataset"))
         except Exception as exc:  # the refusal (gr.Error)
