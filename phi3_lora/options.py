@@ -75,12 +75,13 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 MIN_ACTIVATION_SHARE = 0.05
 # Compare's pair (base + tuned row) decoded on a CPU by a torch.compile'd step, compiled in the background while no
 # training runs and served once ready (phi3_lora/speed/pair_graph.py, background.py: Llama-shaped models, the eager
-# step's logits bit for bit). On by default for the app's Compare engines in float32 (pair_graph.asked): on the 2-core
-# EPYC the step takes 0.74-0.81x of the eager pair step; each start of the app compiles for 177-269 s of one core at
-# nice 19 (+1.1 GB of memory), eager answers meanwhile unchanged (110.5 vs 113.4 ms a pair step), a training run
-# beside it not slower (docs/benchmarks.md, CPU, twelfth session). Env PHI3_LORA_COMPILED_PAIR=1 / 0: on for every
-# engine / off, for a process.
-COMPILED_PAIR_CPU = True
+# step's logits bit for bit). Off: on the 2-core EPYC the step takes 0.74-0.81x of the eager pair step, but while the
+# compile runs (177-269 s of one core after each start of the app) Compare's eager answers crawl: in the real app a
+# 64-token greedy pair answer took 10.1 s before the compile and 130 s during it, cut short at the 120 s limit (the
+# compile thread's Python holds the GIL the answering thread needs between its ~3,900 small ops a step; nice 19 does
+# not share the GIL). docs/benchmarks.md, CPU, twelfth session. Only the app's Compare engines in float32 would
+# compile by default (pair_graph.asked). Env PHI3_LORA_COMPILED_PAIR=1 / 0: on for every engine / off, for a process.
+COMPILED_PAIR_CPU = False
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None
 # SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py), and full-length

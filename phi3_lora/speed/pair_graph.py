@@ -25,8 +25,9 @@ routes, two rows (one base, one tuned). Compilation runs in a background thread 
 steps serve until it is ready, and a failure is logged once and leaves eager in place. When a row's answer ends,
 the other row goes on eagerly from the same cache contents (`PairState.to_dynamic_cache`). It compiles only while
 no training runs, at nice 19 (`background`), and runs only at the thread count it compiled at. On the 2-core EPYC
-(float32) the step takes 0.74-0.81x of the eager pair step and each process compiles for 177-269 s; on by default
-for the app's Compare in float32 (`asked`, options.COMPILED_PAIR_CPU; docs/benchmarks.md, twelfth session).
+(float32) the step takes 0.74-0.81x of the eager pair step and each process compiles for 177-269 s, during which
+the app's eager answers slowed ~13x (the compile's Python holds the GIL), so it is off by default
+(`asked`, options.COMPILED_PAIR_CPU; docs/benchmarks.md, twelfth session).
 """
 
 from __future__ import annotations
