@@ -6,6 +6,7 @@ functions on real folders, and through the real app's API where an endpoint is i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
@@ -241,6 +242,14 @@ def signed_in_app(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
     demo.close()
 
 
+def _answer(c: Any, *args: Any, api_name: str) -> str:
+    """What an endpoint answers `c`, as text: its result, or the refusal (a gr.Error reaches the client as an error)."""
+    try:
+        return str(c.predict(*args, api_name=api_name))
+    except Exception as exc:  # the refusal
+        return str(exc)
+
+
 def _signed_in(url: str, user: str) -> Any:
     from gradio_client import Client
 
@@ -282,10 +291,7 @@ def test_a_visitors_hub_datasets_count_in_their_share_and_not_in_anothers(signed
     alice, bob = _signed_in(url, "alice"), _signed_in(url, "bob")
 
     def validate(c: Any, dataset: str) -> str:
-        try:
-            return str(c.predict(*endpoint_args(c, "validate", **{"Data source": dataset}), api_name="/validate"))
-        except Exception as exc:  # a refusal (gr.Error)
-            return str(exc)
+        return _answer(c, *endpoint_args(c, "validate", **{"Data source": dataset}), api_name="/validate")
 
     try:
         first = validate(alice, "someone/chat-a")  # counted (the zeros it downloads are no parquet: no rows)
@@ -353,26 +359,20 @@ def test_a_signed_in_visitor_past_their_runs_share_is_refused_with_what_to_delet
     state_starters.record("20260102-000000-bob", "auth:bob")
     alice, bob = _signed_in(url, "alice"), _signed_in(url, "bob")
 
-    def call(c: Any, *args: Any, api_name: str) -> str:
-        try:
-            return str(c.predict(*args, api_name=api_name))
-        except Exception as exc:
-            return str(exc)
-
-    started = call(alice, *start_args(alice, **{"Data source": str(SAMPLE)}), api_name="/start_training")
+    started = _answer(alice, *start_args(alice, **{"Data source": str(SAMPLE)}), api_name="/start_training")
     assert "Your runs and exports take" in started and "so starting a run is refused" in started, started[:600]
     assert "Delete run" in started and "20260102-000000-alice" in started
-    resumed = call(alice, "20260102-000000-alice", api_name="/resume_training")
+    resumed = _answer(alice, "20260102-000000-alice", api_name="/resume_training")
     assert "so resuming 20260102-000000-alice is refused" in resumed, resumed[:600]
-    theirs = call(bob, "20260102-000000-bob", api_name="/resume_training")
+    theirs = _answer(bob, "20260102-000000-bob", api_name="/resume_training")
     assert "Your runs and exports take" not in theirs, theirs[:600]  # refused or not, never for alice's use
-    assert "only for runs they started" in call(alice, "20260102-000000-bob", api_name="/delete_run")
+    assert "only for runs they started" in _answer(alice, "20260102-000000-bob", api_name="/delete_run")
     assert (runs / "20260102-000000-bob").is_dir()
     from phi3_lora.ui.train_tab import DELETE_CANCELLED
 
-    call(alice, DELETE_CANCELLED, api_name="/delete_run")  # what the page sends when its confirmation is declined
+    _answer(alice, DELETE_CANCELLED, api_name="/delete_run")  # what the page sends when its confirmation is declined
     assert (runs / "20260102-000000-alice").is_dir()
-    call(alice, "20260102-000000-alice", api_name="/delete_run")
+    _answer(alice, "20260102-000000-alice", api_name="/delete_run")
     assert not (runs / "20260102-000000-alice").exists()
     assert quotas.run_bytes_of(runs, "auth:alice", state_starters.all()) == {}
 
@@ -390,10 +390,7 @@ def test_a_signed_in_visitor_opening_session_after_session_cannot_block_another_
     # unload), so on a slow machine alice's first upload could be gone before her third and the third was taken.
     sessions = [_signed_in(url, "alice") for _ in range(4)]
     for session in sessions:
-        try:
-            answers.append(str(session.predict(data, api_name="/upload_dataset")))
-        except Exception as exc:
-            answers.append(str(exc))
+        answers.append(_answer(session, data, api_name="/upload_dataset"))
     assert "you have 800 KiB of uploads on this server, and the limit is 1 MiB" in answers[2], answers
     # a name of its own: an earlier test of this module's server uploaded "his.jsonl" (same bytes) into a session
     bobs = _signed_in(url, "bob").predict(handle_file(str(_upload(tmp_path, "his-other.jsonl", kib=400))),
@@ -466,12 +463,7 @@ def test_a_kept_upload_counts_in_the_runs_share_and_a_refused_start_keeps_no_cop
     save_yaml(load_yaml(run.config).replace(data={"source": str(big)}), run.config)
     RunStarters(runs).record(run.run_id, "auth:alice")
     alice = _signed_in(url, "alice")
-
-    def call(*args: Any, api_name: str) -> str:
-        try:
-            return str(alice.predict(*args, api_name=api_name))
-        except Exception as exc:  # the refusal (gr.Error)
-            return str(exc)
+    call = functools.partial(_answer, alice)
 
     resumed = call(run.run_id, api_name="/resume_training")
     assert f"so resuming {run.run_id} is refused" in resumed, resumed[:600]
@@ -501,12 +493,7 @@ def test_a_merge_or_gguf_that_would_pass_the_runs_share_by_its_own_size_is_refus
     RunStarters(runs).record(run_dir.name, "auth:alice")
     _sparse(run_dir / "checkpoints" / "checkpoint-9", 50 * 2**20)
     alice = _signed_in(url, "alice")
-
-    def call(*args: Any, api_name: str) -> str:
-        try:
-            return str(alice.predict(*args, api_name=api_name))
-        except Exception as exc:  # the refusal (gr.Error)
-            return str(exc)
+    call = functools.partial(_answer, alice)
 
     try:
         merged = call(*endpoint_args(alice, "export_merged", Adapter=run_dir.name), api_name="/export_merged")
@@ -543,10 +530,7 @@ def test_one_anonymous_client_takes_a_share_of_the_pool_not_all_of_it(tmp_path: 
         """A new session (client) of a visitor behind the tunnel, uploading 40 KiB."""
         c = Client(url, verbose=False, headers={"X-Forwarded-For": forwarded_for})
         clients.append(c)
-        try:
-            return str(c.predict(handle_file(str(_upload(tmp_path, name))), api_name="/upload_dataset"))
-        except Exception as exc:  # the refusal (gr.Error)
-            return str(exc)
+        return _answer(c, handle_file(str(_upload(tmp_path, name))), api_name="/upload_dataset")
 
     try:
         assert upload("203.0.113.7", "a1.jsonl").startswith("upload:")
