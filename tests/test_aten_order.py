@@ -39,10 +39,10 @@ def test_another_order_is_caught():
 @pytest.mark.parametrize("hidden, intermediate", [(64, 128), (576, 1536)])  # the tiny Llama; the embedded SmolLM2
 def test_compiled_rms_norm_and_silu_equal_aten(hidden, intermediate):
     """Compiled by inductor (as pair_graph compiles the step), both equal ATen's kernels on this machine."""
-    from phi3_lora.speed import pair_graph
+    from phi3_lora.speed import pair_step
 
     if aten_order.lanes() is None:
         pytest.skip("inductor does not vectorise with ATen's width here")
     aten_order.faithful.cache_clear()
-    with pair_graph._compiler_settings():
+    with pair_step.compiler_settings():
         assert aten_order.faithful(2, hidden, intermediate, 1e-5) == aten_order.lanes()
