@@ -107,6 +107,7 @@ _COMPILE = "phi3_lora.options.COMPILE_LAYERS"
 _CUDNN, _DEQ = "phi3_lora.options.CUDNN_ATTENTION", "phi3_lora.options.DEQUANTIZE_FROZEN"
 _ACT = "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
 _DEFERRED = "phi3_lora.options.DEFERRED_METRICS"
+_LAGGED = "phi3_lora.options.LAGGED_LOGS"
 _WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.options.SKIP_MASK_PROBE": False,
           "phi3_lora.options.HOST_LABEL_POSITIONS": False}
 # Tried while tuning torch.compile, the memory budget's plans and the peer's set-up. The compiled
@@ -207,10 +208,14 @@ EXPLORE = [
         peer={"checkpointing": 16, "model": "llama"}, recipe_ref=_FULL),
     Row("explore: unsloth QLoRA full, 20 layers not checkpointed", "unsloth", "full",
         peer={"checkpointing": 20, "model": "phi3"}, recipe_ref=_FULL),
-    # Free-running, but with Trainer's loss read at every step (logging_steps 1, the app's default): what that read
-    # costs a run, against the "free-running" rows (set "free").
+    # Free-running, but Trainer logs every step (logging_steps 1, the app's default): what the app's logging costs a
+    # run, against the "free-running" rows (set "free"): each log read one log later (speed/lagged_logs.py, the
+    # app's default on a GPU), and read at once (the stock Trainer: one wait for the GPU per step).
     *(Row(f"explore: engine QLoRA {data}, whole GPU, free-running, loss read every step", "engine", data, free=True,
           logged=True, recipe_ref=ref) for data, ref in (("mix", _MIX), ("full", _FULL))),
+    *(Row(f"explore: engine QLoRA {data}, whole GPU, free-running, loss read every step at once", "engine", data,
+          free=True, logged=True, patch={_LAGGED: False}, recipe_ref=ref)
+      for data, ref in (("mix", _MIX), ("full", _FULL))),
     Row("explore: engine QLoRA full, 12 GiB", "engine", "full", budget_gb=12, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 16 GiB", "engine", "full", budget_gb=16, recipe_ref=_FULL),
 ]

@@ -52,6 +52,9 @@ class ResolvedOptions:
     # trl's step metrics and the token counts stay on the device until a log reads them (speed/deferred_metrics.py;
     # DEFERRED_METRICS), and a NaN loss is logged as NaN instead of being filtered (the filter reads the loss).
     deferred_metrics: bool = False
+    # Each log's numbers read one log later, when the GPU has finished them (speed/lagged_logs.py; LAGGED_LOGS):
+    # a log no longer waits for the GPU to drain its queue. CUDA only: on the CPU there is no queue to wait for.
+    lagged_logs: bool = False
     # The loss head's labelled positions found on the host by the collator (speed/label_positions.py;
     # HOST_LABEL_POSITIONS): trl picks them on the GPU with boolean indexing, two waits for the GPU per step.
     host_label_positions: bool = False
@@ -96,6 +99,11 @@ DEQUANTIZE_FROZEN = True
 # trl's entropy / token accuracy / token counts and Trainer's tokens seen read at each log, not in every step
 # (speed/deferred_metrics.py, issue 19): H200, a step showed 14 cudaStreamSynchronize, 302 ms of kernels in 354 ms.
 DEFERRED_METRICS = True
+# The app logs every step (the live curve): each log read the loss, grad norm and metrics at once, one wait for the
+# GPU per step. Read one log later instead (speed/lagged_logs.py); the numbers and steps logged are the same.
+# The sixth session's profile had the GPU idle ~20 ms of a ~297 ms whole-GPU step; the bench's free-running rows
+# against their "loss read every step" twin price it (not yet measured on a GPU: no device since it was built).
+LAGGED_LOGS = True
 # Batches copied to the GPU without the host waiting for each copy (accelerate's `non_blocking`, from the pinned
 # memory the data loader fills on CUDA): a blocking copy of each batch tensor (input ids, labels, position ids,
 # sequence boundaries) waits for the GPU to finish the work queued before it, and the GPU then waits for the next
@@ -184,6 +192,7 @@ def resolve_options(config: RunConfig, device: str, dtype_name: str, liger_insta
                            compile_layers=compiled, activation_budget=activation if compiled else None,
                            compact_loss=device == "cpu", cudnn_attention=cudnn,
                            dequantized_layers=dequantized, deferred_metrics=DEFERRED_METRICS and deferred_ok,
+                           lagged_logs=on_cuda and LAGGED_LOGS and DEFERRED_METRICS and deferred_ok,
                            host_label_positions=on_cuda and HOST_LABEL_POSITIONS)
 
 

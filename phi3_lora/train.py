@@ -229,6 +229,7 @@ def build(config: RunConfig, output_dir: Path) -> Built:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         callbacks=callbacks)
     trainer.deferred_metrics = opts.deferred_metrics
+    trainer.lagged_logs = opts.lagged_logs
     if opts.host_label_positions:  # what the run reports is what it took (trl's path where the copy cannot mirror)
         opts.host_label_positions = label_positions.install(trainer)
     if args.disable_tqdm:  # EventsCallback writes readable log lines; transformers' printer would repeat them as dicts

@@ -1,5 +1,5 @@
-"""trl's SFTTrainer with three additions: atomic checkpoints, an events diary, and step metrics read from the
-GPU only when they are logged (speed/deferred_metrics.py).
+"""trl's SFTTrainer with four additions: atomic checkpoints, an events diary, step metrics read from the GPU only
+when they are logged (speed/deferred_metrics.py), and on a GPU each log read one log later (speed/lagged_logs.py).
 
 transformers writes `checkpoint-N/` in place, file by file, so a kill during a save leaves a
 folder that looks like a checkpoint but is not one. We save into `checkpoints/.staging/` and
@@ -20,9 +20,10 @@ from trl import SFTTrainer
 from phi3_lora import events, holds, runs
 from phi3_lora.runs import RunDir
 from phi3_lora.speed.deferred_metrics import DeferredMetrics
+from phi3_lora.speed.lagged_logs import LaggedLogs
 
 
-class AtomicCheckpointTrainer(DeferredMetrics, SFTTrainer):
+class AtomicCheckpointTrainer(LaggedLogs, DeferredMetrics, SFTTrainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         # Several ranks: only rank 0 (should_save) makes, renames and removes the staging folder; the others write
         # only their rng_state_<rank>.pth into it. Barriers keep a late rank from deleting rank 0's half-written
