@@ -30,11 +30,36 @@ def test_the_upload_shows_its_own_name_and_its_x_clears_the_source(server) -> No
     c = client(url)
     source = c.predict(handle_file(str(SAMPLE)), api_name="/upload_dataset")
     summary = c.predict(source, "auto", NO_MAPPING, 0.1, str(tiny), 256, 42, api_name="/validate")[0]
-    assert Path(source).name != "sample_chat.jsonl" and "sample_chat.jsonl: format messages" in summary
+    assert Path(source).name != "sample_chat.jsonl" and ">sample_chat.jsonl: format messages" in summary
     cleared, note, _preview = c.predict(source, api_name="/clear_upload")
     assert cleared == "" and "No data yet" in note
     # A source chosen after the upload (the sample, a Hub id) is not the upload's to clear.
     assert c.predict(str(SAMPLE), api_name="/clear_upload")[0] == {"__type__": "update"}  # left as it is
+
+
+def test_an_uploads_problems_name_the_users_file_not_its_stored_copy(server, tmp_path) -> None:
+    """The stored copy is <hash>-name; what the user reads (summary, toast, problems table) names their file."""
+    from gradio_client import handle_file
+
+    url, _, tiny = server
+    c = client(url)
+    wrong = tmp_path / "questions.csv"
+    wrong.write_text("question,answer\nWhat?,That.\nWho?,Them.\n")
+    source = c.predict(handle_file(str(wrong)), api_name="/upload_dataset")
+    stored = source.removeprefix("upload:")
+    assert stored != "questions.csv"
+    summary = c.predict(source, "auto", NO_MAPPING, 0.1, str(tiny), 256, 42, api_name="/validate")[0]
+    assert "questions.csv: Could not tell the data format" in summary and stored not in summary
+    # A file with one bad row: the problems table and the warnings name it as the user did.
+    bad = tmp_path / "chats.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi %d"}, {"role": "assistant", "content": "hello"}]}'
+    bad.write_text("\n".join([good % i for i in range(4)] + ['{"messages": []}']) + "\n")
+    source = c.predict(handle_file(str(bad)), api_name="/upload_dataset")
+    summary, problems = c.predict(source, "auto", NO_MAPPING, 0.1, str(tiny), 256, 42, api_name="/validate")[:2]
+    stored = source.removeprefix("upload:")
+    rows = val(problems)["data"]
+    assert ">chats.jsonl: format messages" in summary and stored not in summary
+    assert rows and all(row[0] == "chats.jsonl" and stored not in row[3] for row in rows), rows
 
 
 def test_an_edit_turns_the_preset_radio_to_custom(server) -> None:

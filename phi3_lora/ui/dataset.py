@@ -142,6 +142,15 @@ def display_name(source: str) -> str:
     return path.name if path.exists() else source
 
 
+def user_names(source: str) -> Callable[[str], str]:
+    """What turns the readers' texts about an upload (they name the stored file, <hash>-name) into texts that
+    name the file the user uploaded; any other source's texts stay as they are."""
+    stored, own = Path(source).name, display_name(source)
+    if stored == own:
+        return lambda text: text
+    return lambda text: text.replace(stored, own)
+
+
 def _short(text: str, n: int = 140) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -216,18 +225,22 @@ def validate(source: str, fmt: str, table: Any, eval_fraction: float, model_name
                                                    "Hub dataset id and press Validate.")
     mapping = mapping_from_table(table)
     settings = cfgmod.DataSettings(source=source, format=fmt, mapping=mapping, eval_fraction=float(eval_fraction))
+    named = user_names(source)
     try:
-        loaded = data.load_data(settings, token=token)
+        try:
+            loaded = data.load_data(settings, token=token)
+        except UserError as exc:
+            raise UserError(named(exc.message), hint=named(exc.hint) if exc.hint else None) from None
         count = len(loaded.rows)
         columns = loaded.columns
         max_length = int(max_length or cfgmod.TrainSettings.max_length)
         n_train, n_eval = split_sizes(count, settings.eval_fraction, int(seed or 0))
-        parts = [notice("ok", f"{display_name(loaded.source)}: format {loaded.format} "
+        parts = [notice("ok", f"{named(loaded.source)}: format {loaded.format} "
                               f"({'detected' if fmt == 'auto' else 'as chosen'}), {count:,} usable of "
                               f"{loaded.total_rows:,} rows → {n_train:,} train / {n_eval:,} eval.")]
-        parts += [notice("warn", w) for w in loaded.warnings]
+        parts += [notice("warn", named(w)) for w in loaded.warnings]
         shown = loaded.problems[:MAX_PROBLEMS_SHOWN]
-        problems = pd.DataFrame([[display_name(p.source), p.location, p.field, p.message] for p in shown],
+        problems = pd.DataFrame([[named(p.source), p.location, p.field, named(p.message)] for p in shown],
                                 columns=PROBLEM_HEADERS)
         if len(loaded.problems) > len(shown):
             parts.append(notice("warn", f"The first {len(shown):,} of {len(loaded.problems):,} problems are listed."))
