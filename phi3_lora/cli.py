@@ -12,6 +12,7 @@ import dataclasses
 import shutil
 import sys
 import textwrap
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
@@ -42,18 +43,9 @@ def config_from_args(args: argparse.Namespace) -> cfgmod.RunConfig:
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
-            overrides.setdefault(section, {})[name] = _parse_value(value)
+            hint = typing.get_type_hints(cfgmod.SECTIONS[section])[name]
+            overrides.setdefault(section, {})[name] = cfgmod.parse_text(value, hint)
     return config.replace(**overrides) if overrides else config
-
-
-def _parse_value(text: str) -> Any:
-    """YAML scalars and lists on the command line: `--lora.target_modules [q_proj,v_proj]`."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 # --- commands ------------------------------------------------------------------------------------

@@ -50,3 +50,28 @@ def test_help_lists_every_command_and_config_flag():
     train = subprocess.run([sys.executable, "-m", "phi3_lora", "train", "--help"], capture_output=True, text=True,
                            cwd=ROOT)
     assert "--lora.fused_slices" in train.stdout and "--train.memory_budget_gb" in train.stdout
+
+
+def test_the_flags_the_app_shows_reproduce_its_run_config(tmp_path, capsys):
+    """Settings' "Equivalent CLI" flags, pasted into a shell, give the YAML the app writes: YAML would read the
+    embedded model's name as a mapping ('embedded: ...') and a file named 2024 as a number."""
+    import shlex
+
+    from phi3_lora import config as cfgmod
+    from phi3_lora.ui.settings import cli_text
+
+    config = cfgmod.preset("quick-cpu").replace(
+        model={"name": "embedded: SmolLM2-135M-Instruct"}, data={"source": str(tmp_path / "2024")},
+        train={"max_steps": 40, "save_steps": 5}, lora={"target_modules": ["q_proj", "v_proj"]})
+    command = cli_text(config).split("# the same run as flags\n", 1)[1].replace("\\\n", " ")
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "phi3_lora"] and "embedded: SmolLM2-135M-Instruct" in argv
+    assert cli.main([*argv[3:], "--print-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    expected = yaml.safe_load(cfgmod.dump_yaml(config))
+    shown.pop("preset", None), expected.pop("preset", None)  # the flags name no preset; every value is the same
+    assert shown == expected
+    # A YAML string too stays text where the field takes text, and null still empties a field that may be empty.
+    assert cli.main(["train", "--data.source", "2024", "--train.eval_steps", "null", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["source"] == "2024" and cfg["train"]["eval_steps"] is None

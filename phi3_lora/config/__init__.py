@@ -11,7 +11,7 @@
 Import from here (`from phi3_lora import config`; `config.RunConfig`): these names are the package's interface.
 """
 
-from phi3_lora.config.fields import coerce_value, field_bounds
+from phi3_lora.config.fields import coerce_value, field_bounds, parse_text
 from phi3_lora.config.files import dump_yaml, load_yaml, save_yaml
 from phi3_lora.config.presets import PRESET_NAMES, PRESETS, preset, preset_warnings
 from phi3_lora.config.recipe import Hardware, from_recipe, recipe_dtype
@@ -20,5 +20,5 @@ from phi3_lora.config.schema import (DATA_FORMATS, SECTIONS, BoolOrAuto, DataSet
 
 __all__ = ["BoolOrAuto", "DATA_FORMATS", "DataSettings", "Hardware", "LoraSettings", "ModelSettings", "PRESETS",
            "PRESET_NAMES", "RunConfig", "SECTIONS", "TrainSettings", "coerce_value", "dump_yaml", "field_bounds",
-           "from_dict", "from_recipe", "help_text", "load_yaml", "preset", "preset_warnings", "recipe_dtype",
+           "from_dict", "from_recipe", "help_text", "load_yaml", "parse_text", "preset", "preset_warnings", "recipe_dtype",
            "save_yaml"]

@@ -149,6 +149,21 @@ def coerce_value(value: Any, tp: Any) -> Any:
 
 
 
+def parse_text(text: str, tp: Any) -> Any:
+    """A value written as text (a CLI flag) as field type `tp`: read as YAML (lists, numbers, booleans, null),
+    except where YAML makes of it something the field does not take and the text itself fits: a model named
+    'embedded: SmolLM2-135M-Instruct' is not a mapping, a file named 2024 not a number."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if not _matches_type(coerce_value(value, tp), tp) and _matches_type(text, tp):
+        return text
+    return value
+
+
 def coerce_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """YAML, CLI and form values arrive as strings or floats; turn each into its field's type (from the
     resolved annotations, typing.get_type_hints). What cannot be turned is left for check_fields to refuse."""
