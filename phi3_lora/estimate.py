@@ -260,3 +260,11 @@ def export_bytes(shape: ModelShape, kind: str) -> int:
     if kind == "merged":
         return MERGED_BYTES_PER_WEIGHT * (sum(a * b for a, b in matrices) + vectors)
     return sum(storage_bytes(m, storage_type("", m, kind)) for m in matrices) + storage_bytes((vectors,), "F32")
+
+
+def export_peak_bytes(shape: ModelShape, kind: str) -> int:
+    """Bytes of weights an export holds on disk at its peak: a merge (`kind` 'merged') its 16-bit weights; a GGUF
+    export its temporary 16-bit merge, which the GGUF is written from and verified against, and the GGUF together
+    (the merge goes when the GGUF is verified)."""
+    merged = export_bytes(shape, "merged")
+    return merged if kind == "merged" else merged + export_bytes(shape, kind)

@@ -356,23 +356,27 @@ EXPORT_EXTRA_BYTES = 16 * 2**20
 
 
 def expected_export_bytes(run_or_adapter: str | Path, gguf_type: str | None = None) -> int:
-    """Bytes the merge of this adapter (`gguf_type` None) or its GGUF will keep on disk, from the base model's config
-    alone (models.model_info: nothing loaded, nothing but a config downloaded): estimate.export_bytes plus the files
-    beside the weights. A GGUF export also holds a temporary 16-bit merge while it works, not counted here."""
+    """Bytes the merge of this adapter (`gguf_type` None) or its GGUF export holds on disk at its peak, from the base
+    model's config alone (models.model_info: nothing loaded, nothing but a config downloaded):
+    estimate.export_peak_bytes plus the files beside the weights. A GGUF export's peak is its temporary 16-bit merge
+    (with its tokenizer files) and the GGUF together: both lie in the export folder until the GGUF is verified."""
     from phi3_lora import estimate, models
 
     ref = locate_adapter(run_or_adapter)
     shape = estimate.model_shape(models.model_info(ref.model_name).config)
-    return estimate.export_bytes(shape, gguf_type or "merged") + EXPORT_EXTRA_BYTES
+    folders = 1 if gguf_type is None else 2  # a GGUF export: the temporary merge's files and the GGUF's
+    return estimate.export_peak_bytes(shape, gguf_type or "merged") + folders * EXPORT_EXTRA_BYTES
 
 
 def check_merge_destination(out_dir: Path) -> None:
     """A merged model may replace an earlier merged model, never a file or a folder a run or adapter owns."""
     out_dir = Path(out_dir)
     run = find_run(out_dir.parent)
+    inside = Path(os.path.relpath(out_dir, run.path)).parts if run is not None else ()
     owned = (RunDir(out_dir).exists() or (out_dir / RunDir.ADAPTER_CONFIG).exists()
-             or (run is not None and out_dir.parent == run.path and out_dir.name in RunDir.reserved_names())
-             or (run is not None and out_dir.parent != run.path))  # inside a run's adapter/ or checkpoints/
+             # the run's own files and folders, or inside them (adapter/, checkpoints/); inside an export folder is
+             # fine (a GGUF export's temporary merge)
+             or (run is not None and (not inside or inside[0] in RunDir.reserved_names() or inside[0] == "..")))
     if owned or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"Cannot save a merged model as {out_dir}: that name belongs to "
                         f"{'an existing file' if out_dir.is_file() else 'a run or an adapter'}.",

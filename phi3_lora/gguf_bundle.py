@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,16 +139,41 @@ def export_gguf(run_or_adapter: str | Path, out: str | Path, gguf_type: str = "f
     temporary = None
     if merged is None:
         gguf_export.check_architecture(_base_config(ref.model_name))  # refuse before the slow merge
-        temporary = folder.parent / f".{folder.name}.merged-tmp-{os.getpid()}"
-        # Not verified on its own: the GGUF is checked against exactly this folder below.
-        merged = export.merge_adapter(run_or_adapter, temporary, base=merge_base, verify=False)
+        # Inside the export folder: whoever the export counts for (quotas.run_bytes_of) holds its peak, the merge
+        # and the GGUF together (export.expected_export_bytes), and one removed folder takes both.
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        temporary = folder / f"{MERGE_TEMPORARY}{os.getpid()}"
     try:
+        if temporary is not None:  # not verified on its own: the GGUF is checked against exactly this folder below
+            merged = export.merge_adapter(run_or_adapter, temporary, base=merge_base, verify=False)
         return bundle_from_merged(merged, folder, gguf_type, name=name, prompts=prompts,
                                   prompt_source=source, pre=embedded_pre(ref.model_name), verify=verify,
                                   file_name=file_name)
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+            if created and not any(folder.iterdir()):  # a failed first export leaves no empty folder behind
+                folder.rmdir()
+
+
+MERGE_TEMPORARY = ".merged-tmp-"  # + the pid of the export: the temporary 16-bit merge inside the export folder
+_TEMPORARY = re.compile(r"^\..*tmp-(\d+)")  # ours, and merge_adapter's and write_gguf's temporary names in it
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove what a killed export left in its export folder (a temporary merge, a half-written GGUF): the temporary
+    names whose process is gone. A live export's (a CLI beside the app) stays."""
+    from phi3_lora.runs import pid_alive
+
+    removed = []
+    for path in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        match = _TEMPORARY.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _base_config(model_name: str) -> dict[str, Any]:

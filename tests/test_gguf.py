@@ -236,3 +236,27 @@ def test_a_reader_that_tokenizes_otherwise_is_named_with_what_to_do():
     assert not wrong_weights.passed and not wrong_weights.weights_match and wrong_weights.reader_hint() == ""
     same_tokens = judge({"rows": [dict(row, same_prompt_tokens=True, same_answer=True, token_example={})]}, "f16", "1")
     assert same_tokens.passed and same_tokens.reader_hint() == "" and "GGUF reader" not in same_tokens.summary()
+
+
+def test_what_a_killed_export_left_in_its_folder_is_removed_and_a_live_ones_kept(tmp_path):
+    """A killed export (an app that crashed, a CLI killed with SIGKILL) leaves its temporary merge and half-written
+    GGUF in the export folder, where they would count on somebody's share and go into its download for good: the
+    next export into the folder removes what a dead process left, never a live export's files nor the user's own."""
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as dead:
+        dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder = tmp_path / "gguf-f16"
+        for name in (f".merged-tmp-{dead.pid}", f"..merged-tmp-{dead.pid}.tmp-{dead.pid}", f".merged-tmp-{live.pid}"):
+            (folder / name).mkdir(parents=True)
+            (folder / name / "model.safetensors").write_bytes(b"x")
+        (folder / f".run-f16.gguf.tmp-{dead.pid}").write_bytes(b"x")
+        (folder / "run-f16.gguf").write_bytes(b"x")
+        (folder / ".notes").write_text("mine")
+        removed = gguf_bundle.remove_stale_temporaries(folder)
+        assert sorted(p.name for p in removed) == sorted([f".merged-tmp-{dead.pid}", f"..merged-tmp-{dead.pid}.tmp-"
+                                                          f"{dead.pid}", f".run-f16.gguf.tmp-{dead.pid}"])
+        assert sorted(p.name for p in folder.iterdir()) == [".merged-tmp-" + str(live.pid), ".notes", "run-f16.gguf"]
+    finally:
+        live.kill()
+        live.wait()

@@ -507,6 +507,35 @@ def test_a_merge_or_gguf_that_would_pass_the_runs_share_by_its_own_size_is_refus
         call(run_dir.name, api_name="/delete_run")
 
 
+def test_a_gguf_export_is_checked_against_its_peak_the_temporary_merge_and_the_gguf_together(
+        signed_in_app, tiny_llama_dir: Path) -> None:
+    """A GGUF export writes a 16-bit merge, then the GGUF from it, and keeps both until the GGUF is verified. alice has
+    room for the GGUF alone but not for both: refused before any work, with the peak it needs. The check used to count
+    the GGUF alone, so an export could hold about twice what its check allowed."""
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora import estimate, export, models
+    from phi3_lora.access import RunStarters
+
+    url, runs, options = signed_in_app
+    run_dir = make_adapter_run(runs, tiny_llama_dir, "20260104-000000-alice-gguf-peak")
+    RunStarters(runs).record(run_dir.name, "auth:alice")
+    shape = estimate.model_shape(models.model_info(str(tiny_llama_dir)).config)
+    gguf_alone = estimate.export_bytes(shape, "f16") + export.EXPORT_EXTRA_BYTES
+    peak = export.expected_export_bytes(run_dir, "f16")
+    held = sum(quotas.run_bytes_of(runs, "auth:alice", RunStarters(runs).all()).values())
+    _sparse(run_dir / "checkpoints" / "checkpoint-9", options.limits.runs_share - held - gguf_alone - 2**20)
+    alice = _signed_in(url, "alice")
+    call = functools.partial(_answer, alice)
+
+    try:
+        gguf = call(*endpoint_args(alice, "export_gguf", Adapter=run_dir.name), api_name="/export_gguf")
+        assert "so a GGUF export is refused" in gguf and f"needs about {quotas.size_text(peak)} more" in gguf, gguf[:600]
+        assert not list(run_dir.glob("*gguf*")) and not list(run_dir.glob("*tmp*"))
+        assert peak >= gguf_alone + estimate.export_bytes(shape, "merged") + 2**20  # what was refused: the merge too
+    finally:
+        call(run_dir.name, api_name="/delete_run")
+
+
 # --- anonymous clients: each a share of the anonymous pool ----------------------------------------------------------
 
 def test_one_anonymous_client_takes_a_share_of_the_pool_not_all_of_it(tmp_path: Path, tiny_llama_dir: Path) -> None:

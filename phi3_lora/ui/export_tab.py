@@ -267,9 +267,10 @@ def wire(tab: ExportTab, state: AppState) -> None:
         out = merge_destination(_run_dir(path), f"gguf-{gguf_type}")
         _check_export_room(who, path, out, "a GGUF export", gguf_type)
         progress(0.1, desc="Merging, writing the GGUF and verifying it in a fresh process (this takes a while)…")
+        # whose disk the export folder counts on, from the start: its temporary merge lies in it while it works
+        state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
         with hold_source(path, "a GGUF export"):  # until its download is zipped: Delete run waits
             result = gguf_bundle.export_gguf(path, out, gguf_type, merge_base=base or "auto")
-            state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
             return _gguf_answer(path, out, result, progress)
 
     def _gguf_answer(path: Path, out: Path, result: Any, progress: gr.Progress) -> tuple[str, Any]:
