@@ -13,9 +13,10 @@ import shutil
 import sys
 import textwrap
 import typing
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from phi3_lora import config as cfgmod
 from phi3_lora.errors import UserError
@@ -330,6 +331,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While a command works on a run (export, evaluate), a SIGTERM (kill, a stopped service) interrupts it like
+    Ctrl-C, so its `finally` blocks run: temporary merges are removed and holds released instead of left behind."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (a test calling main from a thread): nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _load_extra_commands() -> None:

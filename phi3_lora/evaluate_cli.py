@@ -10,6 +10,15 @@ from phi3_lora.config import TrainSettings
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from phi3_lora import holds
+    from phi3_lora.cli import sigterm_interrupts
+
+    # the app's Delete run refuses the run until this ends (its result is saved into the run), as for the app's own
+    with sigterm_interrupts(), holds.hold_adapter(args.adapter, "a command-line evaluation"):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from phi3_lora import evaluate as ev
     from phi3_lora.cli import _engine
     from phi3_lora.errors import UserError

@@ -15,11 +15,20 @@ def _verified(path: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from phi3_lora import export
+    from phi3_lora import holds
+    from phi3_lora.cli import sigterm_interrupts
 
     if not (args.zip or args.merge or args.push or args.gguf):
         print("nothing to do: pass --zip DIR, --merge DIR, --gguf OUT and/or --push REPO_ID")
         return 2
+    # the app's Delete run refuses the run until this ends, as it does for the app's own exports
+    with sigterm_interrupts(), holds.hold_adapter(args.adapter, "a command-line export"):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from phi3_lora import export
+
     verify = not args.no_verify
     if args.zip:
         path = export.adapter_zip(args.adapter, args.zip, verify=verify)

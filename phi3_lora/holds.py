@@ -11,12 +11,12 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 from phi3_lora.errors import UserError
-from phi3_lora.runs import RunDir, locked, parse_checkpoint_step
+from phi3_lora.runs import RunDir, find_run, locked, parse_checkpoint_step
 
 
 # --- checkpoints held while a request reads them (Compare, Export) -------------------------------------------------
@@ -124,3 +124,43 @@ def holds_of(run: RunDir) -> list[str]:
         except OSError:  # released and removed while we looked
             continue
     return found
+
+
+# --- both, for whoever works on an adapter: the app's requests and the CLI's export and evaluate ------------------
+
+def gone_checkpoint(path: Path) -> None:
+    """A checkpoint the running job rotated away: say so and name the newest one (raises if `path` was one)."""
+    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
+        return
+    run = RunDir(path.parent.parent)
+    newer = [p for _, p in run.checkpoint_dirs(complete=False)]
+    newest = f"; the newest now is {run.run_id} · {newer[-1].name}" if newer else ""
+    raise UserError(f"{run.run_id} · {path.name} is gone: the running job keeps only its newest checkpoints and "
+                    f"removed it{newest}.", hint="Pick that one (↻ Refresh list), or the run's final adapter.")
+
+
+@contextmanager
+def hold_checkpoint(path: Path) -> Iterator[None]:
+    """While something uses a checkpoint, the running job's rotation leaves it on disk (pin_checkpoint); any other
+    adapter folder needs nothing."""
+    path = Path(path)
+    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
+        yield
+        return
+    try:
+        with pin_checkpoint(path):
+            yield
+    except CheckpointGone:
+        gone_checkpoint(path)
+        raise
+
+
+@contextmanager
+def hold_adapter(path: str | Path, what: str) -> Iterator[None]:
+    """While something works on a run's adapter or checkpoint (`what`: "a merge", "an evaluation from the command
+    line"): Delete run refuses the run (hold_run) and the running job's rotation leaves the checkpoint on disk
+    (hold_checkpoint). An adapter folder outside any run needs no hold."""
+    path = Path(path).resolve()
+    run = find_run(path)
+    with hold_run(run, what) if run is not None else nullcontext(), hold_checkpoint(path):
+        yield

@@ -4,6 +4,7 @@ API on a real run folder, and through the real functions for a holder that died.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -88,3 +89,74 @@ def test_a_hold_of_a_process_that_died_does_not_block_a_delete(tmp_path: Path, t
     assert list((run.path / RunDir.HOLDS).iterdir())  # left behind by the killed holder
     jobs.delete_run(RUN_ID, runs_dir)
     assert not run.path.exists()
+
+
+def _cli(*args: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:  # a file, not a pipe that could fill up
+        return subprocess.Popen([sys.executable, "-m", "phi3_lora", *args], stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for(what: str, found, proc: subprocess.Popen, log: Path, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while not (hit := found()):
+        assert proc.poll() is None, f"the CLI ended before {what}: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.02)
+    return hit
+
+
+@pytest.mark.slow
+def test_the_cli_export_holds_its_run_and_a_stopped_gguf_export_leaves_no_temporary_merge(
+        tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """`python -m phi3_lora export --gguf` on a run: the app's Delete run (jobs.delete_run) is refused while it works,
+    as for the app's own exports (it was not held, so the run could be deleted under it); its temporary 16-bit merge
+    lies inside the export folder (where the share of whoever made that folder is measured; it used to lie beside it,
+    in the run), and a SIGTERM (kill) removes it (it used to stay for good) and releases the hold."""
+    runs_dir = tmp_path / "runs"
+    make_adapter_run(runs_dir, tiny_llama_dir, RUN_ID)
+    run, out, log = RunDir(runs_dir / RUN_ID), runs_dir / RUN_ID / "gguf-f16", tmp_path / "cli.log"
+    cli = _cli("export", "--adapter", str(run.path), "--gguf", str(out), log=log)
+    try:
+        _wait_for("a hold of the run", lambda: holds.holds_of(run), cli, log)
+        with pytest.raises(UserError, match="a command-line export of it is running") as info:
+            jobs.delete_run(RUN_ID, runs_dir)
+        assert "Wait until it finishes" in str(info.value) and run.exists()
+        # the GGUF is written from the merge and verified against it (a fresh process): the merge stays meanwhile
+        merge = _wait_for("the temporary merge in the export folder",
+                          lambda: [p for p in out.glob(".merged-tmp-*") if (p / "config.json").exists()], cli, log)
+        assert not [p.name for p in run.path.iterdir() if "tmp" in p.name]
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=120) == 130, log.read_text()[-2000:]
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert not merge[0].exists() and not out.exists()  # the folder it made for the export goes too: nothing in it
+    assert "Traceback" not in log.read_text()
+    assert holds.holds_of(run) == []
+    jobs.delete_run(RUN_ID, runs_dir)
+    assert not run.path.exists()
+
+
+@pytest.mark.slow
+def test_the_cli_evaluation_holds_its_run_until_it_is_saved(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """`python -m phi3_lora evaluate` on a run saves its result into the run: Delete run is refused until it ends (it
+    was not held, so the run could be deleted under it), and the result is saved."""
+    from helpers.training import write_rows
+
+    runs_dir = tmp_path / "runs"
+    make_adapter_run(runs_dir, tiny_llama_dir, RUN_ID)
+    run, log = RunDir(runs_dir / RUN_ID), tmp_path / "cli.log"
+    rows = write_rows(tmp_path / "rows.jsonl", n=4)
+    cli = _cli("evaluate", "--adapter", str(run.path), "--data", str(rows), "--max-new-tokens", "4", log=log)
+    try:
+        _wait_for("a hold of the run", lambda: holds.holds_of(run), cli, log)
+        with pytest.raises(UserError, match="a command-line evaluation of it is running"):
+            jobs.delete_run(RUN_ID, runs_dir)
+        assert cli.wait(timeout=600) == 0, log.read_text()[-2000:]
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert list((run.path / "eval").glob("*.json")) and holds.holds_of(run) == []
+    jobs.delete_run(RUN_ID, runs_dir)

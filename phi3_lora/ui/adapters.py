@@ -4,16 +4,16 @@ per setting shared by every tab."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gradio as gr
 
 from phi3_lora import jobs, portable, spaces
 from phi3_lora.errors import UserError
-from phi3_lora.holds import CheckpointGone, hold_run, pin_checkpoint
-from phi3_lora.runs import RunDir, find_run, parse_checkpoint_step
+from phi3_lora.holds import gone_checkpoint as _gone_checkpoint
+from phi3_lora.holds import hold_adapter as hold_source, hold_checkpoint  # noqa: F401 (the tabs' names for them)
+from phi3_lora.runs import RunDir
 from phi3_lora.ui.common import AppState
 
 
@@ -40,40 +40,6 @@ def resolve_source(runs_dir: Path, value: str | None) -> Path:
             _gone_checkpoint(path)
         raise UserError(f"{value} is not a run or checkpoint of this app.", hint="Refresh the list and pick again.")
     return path
-
-
-def _gone_checkpoint(path: Path) -> None:
-    """A checkpoint the running job rotated away: say so and name the newest one (raises if `path` was one)."""
-    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
-        return
-    run = RunDir(path.parent.parent)
-    newer = [p for _, p in run.checkpoint_dirs(complete=False)]
-    newest = f"; the newest now is {run.run_id} · {newer[-1].name}" if newer else ""
-    raise UserError(f"{run.run_id} · {path.name} is gone: the running job keeps only its newest checkpoints and "
-                    f"removed it{newest}.", hint="Pick that one (↻ Refresh list), or the run's final adapter.")
-
-
-@contextmanager
-def hold_checkpoint(path: Path) -> Iterator[None]:
-    """While a request uses a checkpoint, the running job's rotation leaves it on disk (holds.pin_checkpoint)."""
-    if parse_checkpoint_step(path.name) is None or path.parent.name != RunDir.CHECKPOINTS:
-        yield
-        return
-    try:
-        with pin_checkpoint(path):
-            yield
-    except CheckpointGone:
-        _gone_checkpoint(path)
-        raise
-
-
-@contextmanager
-def hold_source(path: Path, what: str) -> Iterator[None]:
-    """While a request works on a run's adapter or checkpoint (`what`: "a merge", "an evaluation"): Delete run refuses
-    the run (holds.hold_run) and the running job's rotation leaves the checkpoint on disk (hold_checkpoint)."""
-    run = find_run(path)
-    with hold_run(run, what) if run is not None else nullcontext(), hold_checkpoint(path):
-        yield
 
 
 def is_hub_adapter(runs_dir: Path, value: str | None) -> bool:
