@@ -9,6 +9,7 @@ machine (not of phi3_lora) an exception is, so training and exports can say so i
 from __future__ import annotations
 
 import errno
+import importlib
 
 
 class UserError(Exception):
@@ -55,3 +56,16 @@ def is_disk_full(exc: BaseException) -> bool:
         if "inline_container" in text and "unexpected pos" in text:
             return True
     return False
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a call to the Hugging Face Hub raises when the network, the repo or the login fails: OSError and
+    ValueError, and the HTTP errors of the client huggingface_hub uses: httpx, or httpx2 (huggingface_hub 2.x),
+    whose errors are not httpx's, so catching httpx.HTTPError alone let an offline machine's ConnectError through."""
+    kinds: list[type[BaseException]] = [OSError, ValueError]
+    for client in ("httpx", "httpx2"):
+        try:
+            kinds.append(importlib.import_module(client).HTTPError)
+        except ImportError:
+            continue
+    return tuple(kinds)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from phi3_lora import archive, portable
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
-from phi3_lora.errors import UserError, is_disk_full
+from phi3_lora.errors import UserError, hub_errors, is_disk_full
 from phi3_lora.adapter_folder import AdapterRef, locate_adapter
 from phi3_lora.runs import RunDir, adapter_config_file, find_run, scrub_paths
 
@@ -451,11 +451,10 @@ def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, mer
 @contextmanager
 def _hub_errors() -> Iterator[None]:
     """Network, auth and offline errors of a Hub call as one actionable message."""
-    import httpx
 
     try:
         yield
-    except (OSError, ValueError, httpx.HTTPError) as exc:
+    except hub_errors() as exc:
         raise UserError(f"Could not push to the Hub ({type(exc).__name__}: {str(exc)[:200]}).",
                         hint="Check the network, that the token has write access, and the repo id. "
                              "The adapter is safe on disk; download the zip instead.") from None

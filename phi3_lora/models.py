@@ -26,7 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 from phi3_lora import families, template_bounds
 from phi3_lora.config import Hardware, ModelSettings
 from phi3_lora.embedded import EMBEDDED_NAME, embedded_model_dir, is_embedded
-from phi3_lora.errors import UserError
+from phi3_lora.errors import UserError, hub_errors
 from phi3_lora.families import PHI3_MINI, ModelFamily
 from phi3_lora.targets import linear_module_names
 
@@ -201,12 +201,11 @@ def hub_repo_bytes(repo_id: str, token: str | bool | None = None, repo_type: str
 def _hub_file_sizes(repo_id: str, token: str | bool | None, repo_type: str = "model") -> dict[str, int] | None:
     """Each file of a Hub repo and its bytes, from the Hub's file list (nothing downloaded); None when it cannot be
     listed."""
-    import httpx
     from huggingface_hub import HfApi
 
     try:
         files = HfApi().repo_info(repo_id, repo_type=repo_type, files_metadata=True, token=token).siblings or []
-    except (OSError, ValueError, httpx.HTTPError):
+    except hub_errors():
         return None
     return {f.rfilename: f.size or 0 for f in files}
 

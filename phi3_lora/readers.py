@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phi3_lora.errors import UserError
+from phi3_lora.errors import UserError, hub_errors
 from phi3_lora.formats import describe
 
 MAX_FILE_BYTES = 512 * 2**20
@@ -373,7 +373,6 @@ def _expanded_bytes(array: Any) -> int:
 def _check_hub_dataset(dataset_id: str, token: str | bool | None) -> str | None:
     """The commit to load, once the dataset's file list shows at most MAX_FILE_BYTES of files (what any data file may
     hold: the rows are read into memory); nothing is downloaded before. None offline: only the local cache is read."""
-    import httpx
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -384,7 +383,7 @@ def _check_hub_dataset(dataset_id: str, token: str | bool | None) -> str | None:
     except RepositoryNotFoundError:
         raise UserError(f"The Hub has no dataset {dataset_id} (or it is private or gated).",
                         hint="Check the id, log in with a token that can read it, or upload a file.") from None
-    except (OSError, ValueError, httpx.HTTPError) as exc:
+    except hub_errors() as exc:
         raise UserError(f"Could not read the file list of the dataset {dataset_id} from the Hub "
                         f"({type(exc).__name__}).", hint="Check the id and that this machine can reach the Hub, or "
                                                          "upload the data as a file instead.") from None

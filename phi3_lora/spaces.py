@@ -249,16 +249,15 @@ def download_adapter(repo_id: str, token: str | bool | None = None) -> Path:
     Only safetensors weights and text files are fetched; never pickles; and only once the repo's file list shows an
     adapter no larger than MAX_ADAPTER_BYTES. `token`: None = the machine's login, False = no token at all (a web
     visitor without a token of their own)."""
-    import httpx
     from huggingface_hub import snapshot_download
 
-    from phi3_lora.errors import UserError
+    from phi3_lora.errors import UserError, hub_errors
 
     try:
         revision = _check_published_adapter(repo_id, token)
         folder = Path(snapshot_download(repo_id, repo_type="model", token=token, revision=revision,
                                         allow_patterns=ADAPTER_FILES))
-    except (OSError, ValueError, httpx.HTTPError) as exc:  # offline, missing or gated repo: one actionable message
+    except hub_errors() as exc:  # offline, missing or gated repo: one actionable message
         raise UserError(f"Could not download the adapter {repo_id} from the Hub ({type(exc).__name__}).",
                         hint="Check the repo id (owner/name of a model repo with adapter_config.json), that it is "
                              "public or that you are signed in, and that this machine can reach the Hub.") from None

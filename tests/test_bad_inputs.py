@@ -289,6 +289,35 @@ def test_hub_id_offline_says_unreachable_and_to_upload_a_file():
     assert "Hub is unreachable" in message and "someone/some-chats" in message and "Upload" in message
 
 
+def _unreachable_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """huggingface_hub in this process, not told it is offline, talks to a port where nothing listens (what a
+    machine without internet meets: the connection fails), with an empty cache."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_a_hub_dataset_or_adapter_without_a_connection_is_a_message_not_a_traceback(monkeypatch, tmp_path):
+    """huggingface_hub 2.x raises httpx2's errors, which are not httpx's: a machine without internet (and without
+    HF_HUB_OFFLINE) got 'Something went wrong on the server (ConnectError)' for a Hub dataset id."""
+    from phi3_lora import spaces
+
+    _unreachable_hub(monkeypatch, tmp_path)
+    message = str(pytest.raises(UserError, load_data, DataSettings(source="someone/some-chats")).value)
+    assert "someone/some-chats" in message and "reach the Hub" in message and "upload" in message
+    message = str(pytest.raises(UserError, spaces.download_adapter, "someone/an-adapter", token=False).value)
+    assert "someone/an-adapter" in message and "reach the Hub" in message
+
+
 # --- whole-dataset outcomes -----------------------------------------------------------------------
 
 def test_duplicates_are_dropped_with_a_count(tmp_path):
