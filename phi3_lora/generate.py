@@ -10,6 +10,7 @@ inside peft's `disable_adapter()`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,8 @@ class ChatEngine:
                                                        is_trainable=False)
             self.model.eval()
             self.adapter_dir = adapter_dir
+            self._compiled_pair.source = {"model": self.model_name, "settings": dataclasses.asdict(self.settings),
+                                          "adapter": str(adapter_dir)}  # what its compiler process loads
             now = _bias_snapshot(self.model)
             self._tuned_biases = {k: v for k, v in now.items()
                                   if k in self._pristine and not _same(v, self._pristine[k])}

@@ -6,14 +6,13 @@ minutes of CPU on such a machine (docs/benchmarks.md, CPU, twelfth session), so:
 
 - it starts only when no training run of the app's runs folder is alive (`jobs.active_run`) and the machine is not
   already oversubscribed (another trainer, another app: the load rule `threads.generation_threads` uses);
-- its thread, the C++ compiler processes it starts and inductor's compile threads run at nice 19, so a run that
-  starts while it compiles gets the cores.
+- the thread that waits for it and the compiler process it starts (`pair_artifact`, which also lowers itself) run
+  at nice 19, so a run that starts while it compiles gets the cores.
 
-Inductor's on-disk caches (TORCHINDUCTOR_CACHE_DIR) do not make a restarted app's compile short: the step's
-graph bypasses the FX graph cache ('mkldnn tensors unpickleable': its packed oneDNN weights) and AOT autograd's
-cache refuses frozen graphs, so only the C++ compiler's work is reused (67 s of a cold 225 s on the 2-core EPYC;
-docs/benchmarks.md, CPU, twelfth session). Nothing of the weights is reused: a process with another model of the
-same shape gives its own eager logits (tests/test_pair_graph.py).
+The compile runs in its own process, so its Python does not hold the app's GIL (compiled in the app's own thread,
+the app's eager answers were ~13x slower meanwhile), and its package is kept in the phi3_lora cache, so a restarted
+app loads it in seconds (docs/benchmarks.md, CPU, 2026-12-05). Nothing of the weights is shared between models:
+the package's key is the base weights' content (tests/test_pair_graph.py).
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ def training_busy(runs_dir: Path | None) -> str | None:
 
 def lower_priority() -> None:
     """The calling thread, and inductor's compile threads that already exist, at nice 19. Threads and processes
-    started from a thread inherit its nice value (Linux: it is per thread), so the C++ compiler processes and any
-    compile thread inductor starts for this compile inherit it."""
+    started from a thread inherit its nice value (Linux: it is per thread), so the compiler process inherits it."""
     tids = [threading.get_native_id()] + _inductor_pool_tids()
     for tid in tids:
         try:

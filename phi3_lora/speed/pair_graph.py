@@ -21,31 +21,31 @@ for bit, so Compare's answers stay the ones export and verify reproduce:
 
 Checked bit for bit in float32 (the embedded model, 3 prompts x 64 steps; tests/test_pair_graph.py on a tiny
 Llama); bf16 is not yet checked on hardware with native bf16. Only Llama-shaped models whose adapter `RowRouting`
-routes, two rows (one base, one tuned). Compilation runs in a background thread (`CompiledPair.start`): eager
-steps serve until it is ready, and a failure is logged once and leaves eager in place. When a row's answer ends,
-the other row goes on eagerly from the same cache contents (`PairState.to_dynamic_cache`). It compiles only while
-no training runs, at nice 19 (`background`), and runs only at the thread count it compiled at. On the 2-core EPYC
-(float32) the step takes 0.74-0.81x of the eager pair step and each process compiles for 177-269 s, during which
-the app's eager answers slowed ~13x (the compile's Python holds the GIL), so it is off by default
-(`asked`, options.COMPILED_PAIR_CPU; docs/benchmarks.md, twelfth session).
+routes, two rows (one base, one tuned). The step is an AOTInductor package (`pair_artifact`): compiled in a child
+process at nice 19 and only loaded here (`CompiledPair.start` waits for it in a background thread, which holds
+the GIL only for the load's second or two), cached on disk per base weights, LoRA structure, thread count and
+torch, so a restarted app loads it instead of compiling. Eager steps serve until it is ready, and a failure is
+logged once and leaves eager in place. When a row's answer ends, the other row goes on eagerly from the same cache
+contents (`PairState.to_dynamic_cache`). It compiles only while no training runs (`background`), and runs only at
+the thread count it was compiled at. On the 2-core EPYC (float32) the step takes 0.74-0.81x of the eager pair
+step (docs/benchmarks.md, twelfth session) and a package compiles in 3-5 minutes; `asked`,
+options.COMPILED_PAIR_CPU say when it is on.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from phi3_lora.speed import aten_order, background, pair_step
+from phi3_lora.speed import background, pair_artifact, pair_step
 
 log = logging.getLogger(__name__)
 
 ENV = "PHI3_LORA_COMPILED_PAIR"  # "1" / "0": compile Compare's pair step or not (default: options.COMPILED_PAIR_CPU)
 ROWS = 2  # one base row, one tuned row
-FUSED_NORMS = True  # RMSNorm and SiLU * up fused by inductor in ATen's order (aten_order) where that is exact here
 
 
 def enabled() -> bool:
@@ -93,12 +93,13 @@ def supported(model: Any, routing: Any, rows: int) -> str | None:
 
 
 class CompiledPair:
-    """One engine's compiled pair step (its model, adapter and dtype): compiled in a background thread on first
-    use while no training runs (`background`), served once ready; `clear()` when the adapter or the weights change.
+    """One engine's compiled pair step (its model, adapter and dtype): loaded from the package cache, or compiled
+    in a child process first (`pair_artifact`), by a background thread on first use while no training runs
+    (`background`); served once ready; `clear()` when the adapter or the weights change.
 
-    The step runs only at the CPU thread count it was compiled at (`threads`): dynamo guards the count, and a miss
-    would compile again in the answering thread. An answer that gets another count (a loaded machine gives answers
-    1 thread, `threads.generation_threads`) runs eagerly and the step stays for the next answer."""
+    The step runs only at the CPU thread count it was compiled at (`threads`: inductor writes it into the package's
+    OpenMP loops). An answer that gets another count (a loaded machine gives answers 1 thread,
+    `threads.generation_threads`) runs eagerly and the step stays for the next answer."""
 
     def __init__(self, runs_dir: Any = None) -> None:
         self.runs_dir = runs_dir  # whose training runs hold the compile back (None: runs.default_runs_dir())
@@ -115,12 +116,16 @@ class CompiledPair:
         self.threads: int | None = None  # the CPU thread count the step was compiled at, and runs at
         self.other_threads = 0  # pair steps that ran eagerly because their answer got another thread count
         self.held_back: str | None = None  # why the compile has not started (a training run, a busy machine)
+        self.source: dict[str, Any] | None = None  # how a child process loads this engine's model and adapter
+        self.built: bool | None = None  # whether the step's package was compiled (False: loaded from the cache)
+        self.package: Any = None  # the loaded package's path
 
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
             self._previous = self._thread  # a compile of the old adapter runs on to its end (a thread cannot stop)
             self._step, self._weights, self._thread, self.failed, self.compile_s = None, None, None, None, None
+            self.built, self.package, self.source = None, None, None
 
     @property
     def ready(self) -> bool:
@@ -165,7 +170,7 @@ class CompiledPair:
         return False
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the background compile ends (tests, the bench); True when the step is ready."""
+        """Block until the background compile or load ends (tests, the bench); True when the step is ready."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
@@ -180,42 +185,39 @@ class CompiledPair:
 
         background.lower_priority()  # below the answers' threads and any training run: they get the cores first
         started = time.perf_counter()
-        # at the count answers get on a machine that is not oversubscribed (the guard holds the step to it);
-        # cpu_threads lets this thread's OpenMP pool go afterwards (it would slow the answering thread's)
+        # at the count answers get on a machine that is not oversubscribed (inductor bakes it into the package)
         with cpu_threads(torch.device("cpu"), steady=True):
             threads = torch.get_num_threads()
-            self._build(weights, generation, threads, started)
+        self._build(weights, generation, threads, started)
 
     def _build(self, weights: pair_step.Weights, generation: int, threads: int, started: float) -> None:
+        """The package for these weights, LoRA structure and thread count: from the cache, else compiled in a
+        child process (`pair_artifact`); then loaded here (seconds)."""
         import time
 
-        import torch
-
         try:
-            with pair_step.compiler_settings():  # float32: RMSNorm, SiLU in ATen's order where exact
-                if FUSED_NORMS and weights.embed.dtype == torch.float32:
-                    weights.width = aten_order.faithful(ROWS, weights.hidden, weights.intermediate, weights.eps)
-            module = pair_step.step_module(weights)
-            compiled = torch.compile(module, fullgraph=True, dynamic=False)
-            with torch.inference_mode():
-                state = PairState.empty(weights, capacity=37)  # an odd size: dynamo must not tie it to a model dim
-                state.mark_dynamic()
-                with pair_step.compiler_settings():
-                    compiled(*state.example_inputs(), module.lora_inputs)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager step in place
+            key = pair_artifact.key(weights, threads)
+            package = pair_artifact.find(key)
+            self.built = package is None
+            if package is None:
+                if self.source is None:
+                    raise RuntimeError("the engine did not say which model and adapter it holds")
+                package = pair_artifact.compile_in_child({**self.source, "threads": threads}, key)
+            loaded = pair_artifact.load(package)
+        except Exception as exc:  # noqa: BLE001 - any compiler or loader failure leaves the eager step in place
             log.warning("Compare's compiled pair step is off for this adapter (eager steps go on): %s", exc)
             with self._lock:
                 if generation == self._generation:
                     self.failed = f"{type(exc).__name__}: {exc}"
             return
+        lora = [t for plan in weights.lora.values() for t in (plan.a_t, plan.b_t)]
         with self._lock:
             if generation == self._generation:
-                self._step = functools.partial(compiled, lora_in=module.lora_inputs)
-                self.compile_s, self.threads = time.perf_counter() - started, threads
+                self._step = lambda *inputs: loaded(*inputs, lora)
+                self.compile_s, self.threads, self.package = time.perf_counter() - started, threads, package
 
     def fail(self, exc: BaseException) -> None:
-        """The compiled step raised while decoding (a guard that no longer holds: it would compile again, in the
-        answering thread): off for this adapter, logged once; the caller goes on eagerly."""
+        """The compiled step raised while decoding: off for this adapter, logged once; the caller goes on eagerly."""
         log.warning("Compare's compiled pair step is off for this adapter (eager steps go on): %s", exc)
         with self._lock:
             self._step, self.failed = None, f"{type(exc).__name__}: {exc}"
@@ -229,10 +231,13 @@ class CompiledPair:
             step, weights = self._step, self._weights
         if step is None or weights is None or not enabled():
             return None
-        if torch.get_num_threads() != self.threads:  # the guard would miss: eager for this answer, the step stays
+        capacity = mask.shape[1] + max_new + 1
+        if torch.get_num_threads() != self.threads:  # the package runs its loops at its own count: eager this time
             self.other_threads += 1
             return None
-        state = PairState.empty(weights, capacity=mask.shape[1] + max_new + 1)
+        if capacity > pair_artifact.CAPACITY_MAX:
+            return None
+        state = PairState.empty(weights, capacity=capacity)
         state.load(cache)
         self.served += 1
         state.step_fn, state.rotary = step, weights.rotary
@@ -262,14 +267,6 @@ class PairState:
                                                                          for _ in w.layers],
                    torch.ones(ROWS, capacity, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
 
-    def mark_dynamic(self) -> None:
-        """The buffers' length is not part of the compiled step."""
-        import torch
-
-        for t in (*self.k, *self.v):
-            torch._dynamo.mark_dynamic(t, 2)
-        torch._dynamo.mark_dynamic(self.mask, 1)
-
     def example_inputs(self) -> tuple[Any, ...]:
         import torch
 
@@ -295,8 +292,7 @@ class PairState:
         self.state[0], self.state[1] = filled - 1, int(not bool(mask.all()))
         import torch
 
-        with torch.compiler.set_stance("fail_on_recompile"):  # a guard miss raises: never a compile here
-            logits = self.step_fn(ids, cos, sin, self.k, self.v, self.mask, self.state)
+        logits = self.step_fn(ids, cos, sin, self.k, self.v, self.mask, self.state)
         self.filled = filled
         return logits
 

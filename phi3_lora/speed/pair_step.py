@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from phi3_lora.speed import aten_order, pair_ops
 
 FUSE_SIBLINGS = True  # q/k/v and gate/up as one packed product each, as cpu_linear runs them (the same sums)
+FUSED_NORMS = True  # RMSNorm and SiLU * up fused by inductor in ATen's order (aten_order) where that is exact here
 CPP_WRAPPER = False  # the compiled step's wrapper in C++ instead of Python (inductor's cpp_wrapper)
 
 _counter = itertools.count()
