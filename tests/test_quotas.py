@@ -536,6 +536,60 @@ def test_a_gguf_export_is_checked_against_its_peak_the_temporary_merge_and_the_g
         call(run_dir.name, api_name="/delete_run")
 
 
+def test_a_merged_push_is_checked_against_the_runs_share_like_a_merge(signed_in_app, tiny_llama_dir: Path) -> None:
+    """Push merged merges into the run's 'merged' folder, which stays on this disk: alice, without room for the merge,
+    is refused before any work (it skipped the check, and the folder counted for whoever started the run)."""
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora.access import RunStarters
+
+    url, runs, _ = signed_in_app
+    run_dir = make_adapter_run(runs, tiny_llama_dir, "20260104-000000-alice-push")
+    RunStarters(runs).record(run_dir.name, "auth:alice")
+    _sparse(run_dir / "checkpoints" / "checkpoint-9", 50 * 2**20)
+    alice = _signed_in(url, "alice")
+    call = functools.partial(_answer, alice)
+    try:
+        pushed = call(*endpoint_args(alice, "push_to_hub", Adapter=run_dir.name, **{
+            "Repo id": "alice/merged", "Push": "merged", "Hugging Face token": "hf_alices_own"}), api_name="/push_to_hub")
+        assert "so a merged push is refused" in pushed and "Delete run" in pushed, pushed[:600]
+        assert not (run_dir / "merged").exists() and not list(run_dir.glob(".merged*"))
+    finally:
+        call(run_dir.name, api_name="/delete_run")
+
+
+@pytest.mark.slow
+def test_a_push_waits_for_the_one_model_slot(signed_in_app, tiny_llama_dir: Path) -> None:
+    """A push verifies an adapter zip (the base model loaded here and in a fresh process) or merges: it takes the one
+    slot that merges, exports, evaluations and Compare share, so a visitor's pushes never load models beside them. It
+    ran beside them (up to the default two at once, each a model in memory)."""
+    from gradio_client.utils import Status
+
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora.access import RunStarters
+
+    url, runs, _ = signed_in_app
+    run_dir = make_adapter_run(runs, tiny_llama_dir, "20260104-000000-bob-slot")
+    RunStarters(runs).record(run_dir.name, "auth:bob")
+    bob, alice = _signed_in(url, "bob"), _signed_in(url, "alice")
+    try:
+        merge = bob.submit(*endpoint_args(bob, "export_merged", Adapter=run_dir.name), api_name="/export_merged")
+        deadline = time.monotonic() + 300
+        while merge.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.FINISHED):
+            assert time.monotonic() < deadline, "the merge never started"
+            time.sleep(0.05)
+        push = alice.submit(*endpoint_args(alice, "push_to_hub", Adapter="no-such-run", **{
+            "Repo id": "alice/x", "Hugging Face token": "hf_alices_own"}), api_name="/push_to_hub")
+        time.sleep(3)
+        waiting, merging = not push.done(), not merge.done()
+        assert merging, "the merge ended before the push could be seen waiting"
+        assert waiting and push.status().code not in (Status.PROCESSING, Status.PROGRESS), push.status()
+        merge.result(timeout=600)
+        with pytest.raises(Exception, match="not a run or checkpoint"):
+            push.result(timeout=120)
+    finally:
+        _answer(bob, run_dir.name, api_name="/delete_run")
+
+
 # --- anonymous clients: each a share of the anonymous pool ----------------------------------------------------------
 
 def test_one_anonymous_client_takes_a_share_of_the_pool_not_all_of_it(tmp_path: Path, tiny_llama_dir: Path) -> None:

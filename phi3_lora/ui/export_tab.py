@@ -248,6 +248,10 @@ def wire(tab: ExportTab, state: AppState) -> None:
                             hint="Paste it in the token box (it is used for this push only, never stored), or "
                                  "sign in with Hugging Face.")
         path = resolve_source(runs_dir, source)
+        if what == "merged":  # merged into the run's one 'merged' folder, which stays: counted like a merge
+            out = merge_destination(_run_dir(path), VISITOR_MERGE_FOLDER)
+            _check_export_room(who, path, out, "a merged push", None)
+            state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
         progress(0.1, desc="Pushing to the Hub…")
         with hold_source(path, "a Hub push"):
             url = _export().push_to_hub(path, repo_id, hub_token or None, merged=what == "merged",
@@ -294,8 +298,9 @@ def wire(tab: ExportTab, state: AppState) -> None:
                          concurrency_id="generate", concurrency_limit=1)
     tab.merge_button.click(on_merge, [tab.source, tab.merge_dir, tab.merge_base], [tab.merge_status, tab.merge_file],
                            api_name="export_merged", concurrency_id="generate", concurrency_limit=1)
+    # A push verifies an adapter zip (the base loaded here and in a fresh process) or merges: model-heavy like the rest
     tab.push_button.click(on_push, [tab.source, tab.repo_id, tab.token, tab.what, tab.private], tab.push_status,
-                          api_name="push_to_hub")
+                          api_name="push_to_hub", concurrency_id="generate", concurrency_limit=1)
     tab.gguf_button.click(on_gguf, [tab.source, tab.gguf_type, tab.merge_base], [tab.gguf_status, tab.gguf_file],
                           api_name="export_gguf", concurrency_id="generate", concurrency_limit=1)
     tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_export_adapters")
