@@ -782,3 +782,34 @@ def test_the_client_network_is_what_the_proxies_saw_not_what_the_client_wrote() 
     assert net("10.16.3.80", ["198.51.100.9"]) == "10.16.3.80"  # private peers are proxies on a Space only
     assert net("127.0.0.1", ["[2001:db8:0:1::2]:443"]) == net("2001:db8:0:1::1", []) == "2001:db8:0:1::/64"
     assert net("::ffff:192.0.2.1", []) == "192.0.2.1" and net(None, []) == "unknown"
+
+
+def _alias_bomb(path: Path, levels: int = 9) -> Path:
+    """A 1 KB run.yaml whose model name is nine levels of nine aliases: 9**9 (387 million) values once written out."""
+    parts, previous = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'], "a0"
+    for level in range(1, levels):
+        parts.append(f"&a{level} [{', '.join([f'*{previous}'] * 9)}]")
+        previous = f"a{level}"
+    path.write_text(f"model:\n  name: [{', '.join(parts)}]\n")
+    return path
+
+
+def test_a_run_yaml_of_nested_aliases_is_refused_at_once(world: dict[str, Any], tmp_path: Path) -> None:
+    """An anonymous visitor loads a 1 KB run.yaml whose aliases stand for 387 million values (a 'billion laughs'):
+    refused in a moment with what to do. It held a CPU for good (the check and the message quoting the wrong value
+    walked every value) and took the memory with it."""
+    from gradio_client import Client, handle_file
+
+    bomb = _alias_bomb(tmp_path / "run.yaml")
+    assert bomb.stat().st_size < 1024
+    with serve(world, shared=True) as (url, _):
+        client = Client(url, verbose=False)
+        job = client.submit(*endpoint_args(client, "load_yaml_settings", **{"…or a run.yaml": handle_file(str(bomb))}),
+                            api_name="/load_yaml_settings")
+        started = time.monotonic()
+        try:
+            answer = json.dumps(job.result(timeout=60), default=str)
+        except Exception as exc:  # the refusal (a gr.Error)
+            answer = str(exc)
+        assert time.monotonic() - started < 30, answer[:300]
+    assert "too large to be a run config once its aliases" in answer and "Traceback" not in answer, answer[:600]

@@ -30,20 +30,44 @@ def dump_yaml(config: RunConfig) -> str:
 
 MAX_CONFIG_BYTES = 1 << 20  # a full config is ~6 KB
 MAX_CONFIG_DEPTH = 16       # sections, then a list or mapping value, with room to spare
+# What the config holds with every alias (*name) written out, in characters: the file's own limit. A 1 KB file of
+# nested aliases stands for billions of values; building them is cheap (aliases share one object), but every walk
+# over them (a check, the message that quotes a wrong value) runs for hours and takes the memory with it.
+MAX_CONFIG_EXPANDED = MAX_CONFIG_BYTES
 
 
-def _check_depth(text: str) -> None:
-    """Refuse deeply nested YAML from its event stream (libyaml's when installed: milliseconds), before building
-    it: composing thousands of levels takes seconds in PyYAML and then overflows the recursion limit."""
+class _TooLarge(Exception):
+    pass
+
+
+def _check_shape(text: str) -> None:
+    """Refuse deeply nested YAML (RecursionError) and YAML whose aliases expand past MAX_CONFIG_EXPANDED (_TooLarge),
+    from its event stream (libyaml's when installed: milliseconds), before building it: composing thousands of levels
+    takes seconds in PyYAML and then overflows the recursion limit."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    depth = 0
+    depth, size = 0, 0
+    anchored: dict[str, int] = {}   # anchor -> the expanded size of its node
+    started: list[tuple[str | None, int]] = []  # open collections: (anchor, size when it started)
     for event in yaml.parse(text, Loader=loader):
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+        if isinstance(event, yaml.AliasEvent):
+            size += anchored.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            size += len(event.value) + 1
+            if event.anchor:
+                anchored[event.anchor] = len(event.value) + 1
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_CONFIG_DEPTH:
                 raise RecursionError
+            started.append((event.anchor, size))
+            size += 1
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
+            anchor, before = started.pop()
+            if anchor:
+                anchored[anchor] = size - before
+        if size > MAX_CONFIG_EXPANDED:
+            raise _TooLarge
 
 
 def load_yaml(path: str | Path, shown_as: str | None = None) -> RunConfig:
@@ -58,7 +82,7 @@ def load_yaml(path: str | Path, shown_as: str | None = None) -> RunConfig:
         raise UserError(f"{name} is too large to be a run config ({path.stat().st_size:,} bytes).")
     try:
         text = path.read_text(encoding="utf-8")
-        _check_depth(text)
+        _check_shape(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{name} is not valid YAML: {exc}") from None
@@ -66,6 +90,10 @@ def load_yaml(path: str | Path, shown_as: str | None = None) -> RunConfig:
         raise UserError(f"{name} is not UTF-8 text (byte {exc.start}): it may have been cut short.") from None
     except RecursionError:
         raise UserError(f"{name} nests too deeply to be a run config.") from None
+    except _TooLarge:
+        raise UserError(f"{name} is too large to be a run config once its aliases (*name) are written out.",
+                        hint="Write each value once, without repeating aliases of aliases; a full config is ~6 KB.") \
+            from None
     if data is not None and not isinstance(data, dict):
         raise UserError(f"{name} must hold a mapping with model/lora/train/data sections.")
     try:
