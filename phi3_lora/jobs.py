@@ -148,10 +148,11 @@ def _size(n: int) -> str:
 
 
 def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: int | None = None,
-              check_data: bool = True) -> str:
+              check_data: bool = True, time_limit_s: float | None = None) -> str:
     """Validate, then launch a run in the background; returns its id. Busy machine or full disk -> UserError.
 
-    need_bytes: free disk space required; None estimates it from the model and LoRA settings (`disk_needed`)."""
+    need_bytes: free disk space required; None estimates it from the model and LoRA settings (`disk_needed`).
+    time_limit_s: the process saves and stops after this long (a visitor's run: quotas.Limits.run_seconds)."""
     runs_dir = Path(runs_dir or runs.default_runs_dir())
     from phi3_lora import trackers
 
@@ -170,7 +171,7 @@ def start_run(config: RunConfig, runs_dir: Path | None = None, *, need_bytes: in
         run = RunDir(runs_dir / run_id)
         run.path.mkdir(parents=True)
         save_yaml(config, run.config)
-        _spawn(runs_dir, run_id, resume=False, num_processes=num_processes(config))
+        _spawn(runs_dir, run_id, resume=False, num_processes=num_processes(config), time_limit_s=time_limit_s)
     return run_id
 
 
@@ -182,7 +183,7 @@ def _check_free(runs_dir: Path, need_bytes: int) -> None:
     check_disk(runs_dir, need_bytes)
 
 
-def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
+def resume_run(run_id: str, runs_dir: Path | None = None, *, time_limit_s: float | None = None) -> str:
     runs_dir = Path(runs_dir or runs.default_runs_dir())
     run_dir = runs.run_in(runs_dir, run_id).path
     status = events.run_status(run_dir)
@@ -197,7 +198,7 @@ def resume_run(run_id: str, runs_dir: Path | None = None) -> str:
         _check_free(runs_dir, need_bytes)
         from_step, _ = resume_point(run_id, runs_dir)  # what the training process will find, said up front
         events.append_event(run_dir, "resume", step=status.step, max_steps=status.max_steps, from_step=from_step)
-        _spawn(runs_dir, run_id, resume=True, num_processes=num_processes(config))
+        _spawn(runs_dir, run_id, resume=True, num_processes=num_processes(config), time_limit_s=time_limit_s)
     return run_id
 
 
@@ -214,12 +215,16 @@ def num_processes(config: RunConfig) -> int:
         return 1
 
 
-def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int) -> subprocess.Popen:
+def _spawn(runs_dir: Path, run_id: str, resume: bool, num_processes: int,
+           time_limit_s: float | None = None) -> subprocess.Popen:
     run = RunDir(runs_dir / run_id)
     cmd = train_command(run.config, run.path, resume, num_processes,
                         launch_mixed_precision() if num_processes > 1 else "no")
     token = runs.new_token()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PHI3_LORA_JOB": run_id, runs.TOKEN_ENV: token}
+    env.pop(runs.TIME_LIMIT_ENV, None)
+    if time_limit_s is not None:
+        env[runs.TIME_LIMIT_ENV] = repr(float(time_limit_s))
     log = open(run.log, "ab")
     log.write(f"$ {' '.join(cmd)}\n".encode())
     log.flush()

@@ -13,6 +13,8 @@ is never counted nor capped here: the owner decides for themself.
     runs       a signed-in visitor's runs, merges and the copies
                of uploads kept for their runs (ui.guard)          -        50 GiB        - (cannot train)
 
+A visitor's run also has a time: it saves and stops after RUN_SECONDS (4 h) of each start or resume.
+
 Identity: a signed-in visitor is their sign-in ('auth:alice', 'hf:bob'). An anonymous visitor is 'anonymous:<key>',
 the key of the network their requests come from (ui.guard.client_key, access.client_network: the address the proxies
 in front of the app saw, which a forged header cannot change; an IPv6 /64): a gradio session hash is new with every
@@ -73,6 +75,10 @@ DOWNLOAD_EXPIRY_S = 7 * 24 * 3600
 # Runs: a Phi-3-mini run keeps a few checkpoints of ~0.4 GiB and a merge of 7.6 GiB; 50 GiB holds a handful of
 # merged runs, a quarter of a 200 GiB Space disk.
 RUNS_SHARE_BYTES = 50 * 2**30
+# A visitor's run (a start or a resume: training and the scoring of its answers) saves and stops after this long: the
+# machine trains one run at a time, and a run of a million steps would keep every other visitor out for good. A
+# Phi-3-mini QLoRA run on a few thousand rows takes well under an hour on a Space's GPU; Resume goes on.
+RUN_SECONDS = 4 * 3600
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class Limits:
     disk_reserve: int = DISK_RESERVE_BYTES
     download_expiry_s: float = DOWNLOAD_EXPIRY_S
     runs_share: int = RUNS_SHARE_BYTES
+    run_seconds: float = RUN_SECONDS
 
     def drafts(self) -> Room:
         return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s,

@@ -42,6 +42,8 @@ ACTIVE = ".active.json"
 LOCK = ".lock"
 EXPORTS = ".exports"
 TOKEN_ENV = "PHI3_LORA_RUN_TOKEN"  # set in the training process's environment: proves a pid is this run's
+# set by jobs for a visitor's run (quotas.Limits.run_seconds): the training process saves and stops after this long
+TIME_LIMIT_ENV = "PHI3_LORA_TIME_LIMIT_S"
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

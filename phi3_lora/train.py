@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,32 @@ def lora_config(config: RunConfig, target_modules: list[str]) -> Any:
 
 # --- the run -------------------------------------------------------------------------------------
 
-_stop_flag = {"requested": False, "in_loop": False}
+_stop_flag: dict[str, Any] = {"requested": False, "in_loop": False}
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     _stop_flag["requested"] = True
     if not _stop_flag["in_loop"]:
         raise StopRequested()
+
+
+def _arm_time_limit(seconds: str | None) -> None:
+    """A visitor's run (jobs: runs.TIME_LIMIT_ENV) stops as Stop stops it, saving a checkpoint, once its time is up:
+    one visitor cannot hold the one job slot of the machine for good with a run of a million steps (Resume goes on)."""
+    if not seconds:
+        return
+
+    limit = float(seconds)
+    shown = f"{limit / 3600:g} h" if limit >= 3600 else f"{limit / 60:g} min" if limit >= 60 else f"{limit:g} s"
+
+    def stop() -> None:
+        _stop_flag["reason"] = (f"stopped at this server's time limit for a visitor's run ({shown}); press Resume "
+                                "to continue from its last checkpoint")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Timer(limit, stop)
+    timer.daemon = True
+    timer.start()
 
 
 def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[str] = ()) -> TrainResult:
@@ -76,6 +96,7 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
     if not os.environ.get("PHI3_LORA_JOB") and is_main_process():  # a foreground CLI run; jobs records its own
         run.write_process(runs.ProcessRecord.of(os.getpid()))
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _arm_time_limit(os.environ.get(runs.TIME_LIMIT_ENV))
     if is_main_process():
         record_warnings(run_dir, notes)
     if not os.isatty(2):
@@ -86,7 +107,8 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
             return _run(config, run_dir, resume)
     except StopRequested:
         if is_main_process():
-            events.append_event(run_dir, "end", status="stopped", reason="stopped before training began")
+            events.append_event(run_dir, "end", status="stopped",
+                                reason=_stop_flag.get("reason") or "stopped before training began")
         return TrainResult("stopped", 0, None, None, None, 0.0)
     except UserError as exc:
         events.append_event(run_dir, "error", reason=f"failed: {exc}")
@@ -299,7 +321,8 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
     if main:
         events.append_event(run_dir, "end", status=status, step=steps, loss=final_loss,
                         eval_loss=eval_loss, adapter=str(adapter_dir) if adapter_dir else None,
-                        seconds=round(time.time() - started, 1))
+                        seconds=round(time.time() - started, 1),
+                        **({"reason": _stop_flag["reason"]} if stopped and _stop_flag.get("reason") else {}))
         try:  # the next run's time estimate starts from this run's measured step time
             steptime.record_run(config, run_dir)
         except OSError:

@@ -590,6 +590,43 @@ def test_a_push_waits_for_the_one_model_slot(signed_in_app, tiny_llama_dir: Path
         _answer(bob, run_dir.name, api_name="/delete_run")
 
 
+@pytest.mark.slow
+def test_a_visitors_run_saves_and_stops_at_the_time_limit(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The machine trains one run at a time: alice's run of a million steps saves and stops once its time is up
+    (Limits.run_seconds, 30 s here), saying why and that Resume goes on, so the job slot is free again. It trained
+    until somebody stopped it, keeping every other visitor out meanwhile."""
+    from helpers.apps import ENDLESS_STEPS, SAMPLE, start_args
+    from phi3_lora import events, jobs
+    from phi3_lora.runs import RunDir
+    from phi3_lora.ui import AppOptions, build_app, launch
+
+    runs = tmp_path / "runs"
+    demo = build_app(options=AppOptions(runs_dir=runs, default_model=str(tiny_llama_dir),
+                                        limits=Limits(run_seconds=30)))
+    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True, auth=USERS)
+    run_id = None
+    try:
+        alice = _signed_in(url, "alice")
+        _answer(alice, *start_args(alice, **{"Data source": str(SAMPLE), "Max steps": ENDLESS_STEPS}),
+                api_name="/start_training")
+        run_id = jobs.active_run(runs)
+        assert run_id, "the run did not start"
+        run, deadline = RunDir(runs / run_id), time.monotonic() + 400
+        while (status := events.run_status(run.path)).state in ("queued", "starting", "running", "stopping"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status.state == "stopped" and "time limit for a visitor's run" in status.reason, status
+        assert "(30 s); press Resume" in status.reason and run.last_checkpoint() is not None
+        assert 0 < status.step < ENDLESS_STEPS
+        while jobs.active_run(runs) is not None:  # the slot is free again once the process has exited
+            assert time.monotonic() < deadline, "the run's process did not end"
+            time.sleep(0.2)
+    finally:
+        if run_id and jobs.active_run(runs):
+            jobs.stop_run(run_id, runs, grace=5)
+        demo.close()
+
+
 # --- anonymous clients: each a share of the anonymous pool ----------------------------------------------------------
 
 def test_one_anonymous_client_takes_a_share_of_the_pool_not_all_of_it(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -281,6 +281,15 @@ def _check_download(state: Any, who: Requester, repo_id: str, size: int | None, 
                          limits)
 
 
+def run_time_limit(state: Any, who: Requester) -> float | None:
+    """How long a run this request starts or resumes may train (quotas.Limits.run_seconds): None for the owner."""
+    from phi3_lora import quotas
+
+    if who.level is access.Level.OWNER:
+        return None
+    return getattr(state.options, "limits", quotas.LIMITS).run_seconds
+
+
 def check_runs_room(state: Any, who: Requester, what: str, adding: int = 0, *, upload: Path | None = None,
                     replacing: str | None = None) -> None:
     """A signed-in visitor's runs, the exports they made and the copies of uploads kept for their runs

@@ -20,7 +20,7 @@ from phi3_lora.errors import UserError
 from phi3_lora.access import Action, Level, Requester
 from phi3_lora.spaces import LOGIN_MESSAGE
 from phi3_lora.ui.common import AppState, help_md, notice, run_picker, user_errors
-from phi3_lora.ui.guard import check, check_model_fits, check_runs_room, check_source, guarded
+from phi3_lora.ui.guard import check, check_model_fits, check_runs_room, check_source, guarded, run_time_limit
 from phi3_lora.ui.strings import t, translations
 
 LOG_HIDDEN = ("(The log of a run is shown to whoever started it: it names this server's folders and files. The "
@@ -320,7 +320,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
             kept = uploads.keep_for_run(upload, runs_dir)
             config = config.replace(data={"source": str(kept)})
         try:
-            run_id = jobs.start_run(config, runs_dir, need_bytes=need)
+            run_id = jobs.start_run(config, runs_dir, need_bytes=need, time_limit_s=run_time_limit(state, who))
         except BaseException:
             if kept is not None and fresh:  # a refused start (busy, bad data, full disk) keeps no copy
                 uploads.drop_kept_unless_used(runs_dir, kept)
@@ -356,7 +356,7 @@ def wire(tab: TrainTab, state: AppState, config_inputs: list[gr.components.Compo
         runs.run_in(runs_dir, run_id)
         check_runs_room(state, who, f"resuming {run_id}")
         from_step, checkpoint = jobs.resume_point(run_id, runs_dir)
-        jobs.resume_run(run_id, runs_dir)
+        jobs.resume_run(run_id, runs_dir, time_limit_s=run_time_limit(state, who))
         time.sleep(0.2)
         gr.Info(f"Resumed {run_id} from step {from_step} ({checkpoint.name})." if checkpoint else
                 f"Resumed {run_id} from step 0: it never saved a checkpoint, so training starts again.")
