@@ -176,6 +176,24 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+def sweep_stale_temporaries(runs_dir: Path) -> list[Path]:
+    """What killed GGUF exports left in the export folders of `runs_dir`'s runs (an app that was stopped or crashed
+    mid-export: its temporary merge, a whole 16-bit model): removed at the app's start, not only when somebody exports
+    into that folder again."""
+    from phi3_lora.runs import run_dirs
+
+    removed = []
+    for run in run_dirs(runs_dir):
+        try:
+            folders = [p for p in run.path.iterdir() if p.is_dir() and not p.is_symlink()]
+        except OSError:
+            continue
+        for folder in folders:
+            if any(folder.glob(f"{MERGE_TEMPORARY}*")) or any(folder.glob(f".{MERGE_TEMPORARY}*")):
+                removed += remove_stale_temporaries(folder)
+    return removed
+
+
 def _base_config(model_name: str) -> dict[str, Any]:
     from transformers import AutoConfig
 

@@ -260,3 +260,23 @@ def test_what_a_killed_export_left_in_its_folder_is_removed_and_a_live_ones_kept
     finally:
         live.kill()
         live.wait()
+
+
+def test_the_app_removes_at_its_start_what_a_killed_gguf_export_left(tmp_path, tiny_llama_dir):
+    """An app stopped or crashed mid-export leaves a whole temporary 16-bit merge in the run's export folder, counted
+    on the exporter's share and zipped into that folder's next download: the app removes it when it starts (it stayed
+    until somebody exported into the same folder again); a GGUF and the run's own files stay."""
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora.ui import build_app
+
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as dead:
+        dead.wait()
+    run = make_adapter_run(tmp_path / "runs", tiny_llama_dir)
+    left = run / "gguf-f16" / f".merged-tmp-{dead.pid}"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"x" * 1024)
+    (run / "gguf-f16" / "run-f16.gguf").write_bytes(b"x")
+    before = sorted(p.relative_to(run) for p in run.rglob("*") if "merged-tmp" not in str(p))
+    build_app(tmp_path / "runs", default_model=str(tiny_llama_dir))
+    assert not left.exists()
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 from starlette.middleware import Middleware
 
-from phi3_lora import access, models, portable, uploads
+from phi3_lora import access, gguf_bundle, models, portable, uploads
 from phi3_lora.config import dump_yaml
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir, old_exports_dir, remove_old_exports
@@ -63,6 +63,7 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
     options = options or AppOptions(runs_dir=Path(runs_dir or default_runs_dir()), default_model=default_model)
     options.runs_dir.mkdir(parents=True, exist_ok=True)
     uploads.sweep(options.runs_dir)  # sessions that ended while the app was down
+    gguf_bundle.sweep_stale_temporaries(options.runs_dir)  # GGUF exports cut short while the app was down
     if remove_old_exports(options.runs_dir):  # earlier versions' served downloads: gone once, only if all ours
         log.info("removed %s, the downloads folder of earlier versions", old_exports_dir(options.runs_dir).name)
     state = AppState(options)
