@@ -262,6 +262,37 @@ def test_reload_keeps_the_draft_and_load_settings_fills_the_form(browser, app_ur
     context.close()
 
 
+def test_loaded_settings_show_the_dataset_they_name(browser, app_url: str, tmp_path: Path) -> None:
+    """A run.yaml (or a past run) names its dataset: once loaded, the Dataset tab validates and previews that one. It
+    kept showing the dataset validated before (its rows, its counts) beside the new source, or "No data yet"."""
+    from playwright.sync_api import expect
+
+    from phi3_lora import config as cfgmod
+
+    other = tmp_path / "three_chats.jsonl"
+    other.write_text("".join('{"messages": [{"role": "user", "content": "zebra %d"}, {"role": "assistant", '
+                             '"content": "stripes"}]}\n' % i for i in range(3)))
+    run_yaml = tmp_path / "run.yaml"
+    cfgmod.save_yaml(cfgmod.RunConfig().replace(data={"source": str(SAMPLE)}, train={"max_steps": 9},
+                                                model={"load_in_4bit": False}), run_yaml)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    open_app(page, app_url)
+    page.locator("#p3-upload input[type=file]").set_input_files(str(other))
+    page.get_by_text("3 usable of 3 rows").wait_for(timeout=60_000)
+    page.get_by_role("tab", name="2 · Model & LoRA").click(timeout=120_000)
+    page.get_by_text("Load settings from a past run or a YAML file").click()
+    page.locator("#p3-load-yaml input[type=file]").set_input_files(str(run_yaml))
+    page.get_by_text("Loaded the settings of run.yaml.").wait_for(timeout=60_000)
+    expect(page.get_by_label("Max steps", exact=True)).to_have_value("9", timeout=30_000)
+    page.get_by_role("tab", name="1 · Dataset").click()
+    expect(page.locator("#cfg-data-source").locator("textarea, input").first).to_have_value(
+        re.compile(r"sample_chat\.jsonl$"))
+    page.get_by_text("48 usable of 48 rows").wait_for(timeout=60_000)  # the loaded dataset, validated
+    expect(page.get_by_text("zebra 0")).to_have_count(0)  # no row of the dataset validated before
+    context.close()
+
+
 def write_past_run(runs: Path) -> str:
     from phi3_lora import config as cfgmod
     from phi3_lora import events

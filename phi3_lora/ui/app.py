@@ -133,15 +133,17 @@ def build_app(runs_dir: str | Path | None = None, default_model: str = "auto",
         train_tab.wire(tr, state, config_inputs, build_config)
         timing.wire(st.timing, state, config_inputs, build_config, ds.rows, st.preset,
                     [w.change for w in setting_widgets] + [ds.eval_fraction.change, demo.load])
-        restored = drafts.wire(loader, state, keys, setting_widgets, [ds.source, ds.format, ds.mapping, ds.eval_fraction],
-                               st.preset, ds.summary, demo)
-        # A restored dataset is validated again so its preview, stats and rows come back too (not a client's call).
-        def validate_restored(request: gr.Request, *values: Any) -> Any:
+        filled = drafts.wire(loader, state, keys, setting_widgets, [ds.source, ds.format, ds.mapping, ds.eval_fraction],
+                             st.preset, ds.summary, demo)
+        # A dataset a draft, a past run or a run.yaml puts in the form is validated, so the preview, stats and rows
+        # are of that dataset (not the one validated before, nor "No data yet"); not a client's call.
+        def validate_filled(request: gr.Request, *values: Any) -> Any:
             if not (values[0] or "").strip():
                 return [gr.skip()] * len(ds.validate_io[1])
             return ds.on_validate(request, *values)
 
-        restored.then(validate_restored, ds.validate_io[0], ds.validate_io[1], api_visibility="private")
+        for event in filled:
+            event.success(validate_filled, ds.validate_io[0], ds.validate_io[1], api_visibility="private")
         compare.wire(cp, state)
         export_tab.wire(ex, state)
         compare_page.select(cp.on_refresh, cp.source, cp.source, api_name="open_compare")

@@ -88,8 +88,9 @@ def config_values(config: cfgmod.RunConfig, keys: list[str], state: AppState, wh
 
 
 def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], data_widgets: list[Any],
-         preset: gr.Radio, summary: gr.HTML, demo: gr.Blocks) -> Any:
-    """Returns the draft (gr.BrowserState); the caller validates the restored dataset after load."""
+         preset: gr.Radio, summary: gr.HTML, demo: gr.Blocks) -> list[Any]:
+    """Returns the events that fill the form's dataset (the draft's restore on page load, Load this run's settings,
+    a run.yaml's upload); the caller validates the dataset after each, so the preview is of that dataset."""
     runs_dir = state.options.runs_dir
     draft = gr.BrowserState({}, storage_key=STORAGE_KEY, secret=browser_secret(runs_dir))
     form = widgets + [preset] + data_widgets
@@ -175,9 +176,10 @@ def wire(loader: Loader, state: AppState, keys: list[str], widgets: list[Any], d
           show_progress="hidden", trigger_mode="always_last")
     restored = demo.load(on_restore, draft, form + [summary], api_name="restore_draft")
     loader.box.expand(on_open, loader.run, loader.run, api_name="load_settings_runs")
-    loader.load_run.click(on_load_run, loader.run, form + [loader.note], api_name="load_run_settings")
-    loader.yaml_file.upload(on_load_yaml, loader.yaml_file, form + [loader.note], api_name="load_yaml_settings")
-    return restored
+    run_loaded = loader.load_run.click(on_load_run, loader.run, form + [loader.note], api_name="load_run_settings")
+    yaml_loaded = loader.yaml_file.upload(on_load_yaml, loader.yaml_file, form + [loader.note],
+                                          api_name="load_yaml_settings")
+    return [restored, run_loaded, yaml_loaded]
 
 
 def _run_choices(runs_dir: Path) -> list[tuple[str, str]]:
