@@ -62,6 +62,22 @@ def test_an_uploads_problems_name_the_users_file_not_its_stored_copy(server, tmp
     assert rows and all(row[0] == "chats.jsonl" and stored not in row[3] for row in rows), rows
 
 
+def test_each_download_is_named_by_its_run(server) -> None:
+    """The adapter, merged and GGUF downloads of a run carry its id: the GGUF's was gguf-f16-download.zip for every
+    run, so a second run's download landed as 'gguf-f16-download (1).zip'."""
+    from helpers.run_folders import make_adapter_run
+
+    url, runs, tiny = server
+    run_id = "20260102-000000-named-downloads"
+    make_adapter_run(runs, tiny, run_id)
+    c = client(url)
+    zipped = c.predict(run_id, api_name="/export_zip")[0]
+    merged = val(c.predict(*endpoint_args(c, "export_merged", Adapter=run_id), api_name="/export_merged")[1])
+    gguf = val(c.predict(*endpoint_args(c, "export_gguf", Adapter=run_id, Type="f16"), api_name="/export_gguf")[1])
+    names = [Path(f).name for f in (zipped, merged, gguf)]
+    assert names == [f"{run_id}-adapter.zip", f"{run_id}-merged.zip", f"{run_id}-gguf-f16.zip"], names
+
+
 def test_an_edit_turns_the_preset_radio_to_custom(server) -> None:
     url, _, _ = server
     c = client(url)

@@ -283,8 +283,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return report + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.9, desc="Zipping for download…")
-        run_name = _run_dir(path).name
-        archive = download_zip(tab.gguf_file, exports_dir(runs_dir, run_name) / f"{out.name}-download.zip", out)
+        run_name = _run_dir(path).name  # named by run, like the adapter and merged zips: two runs' GGUFs stay apart
+        archive = download_zip(tab.gguf_file, exports_dir(runs_dir, run_name) / f"{run_name}-{out.name}.zip", out)
         return report, gr.update(value=archive, visible=True)
 
     @user_errors
