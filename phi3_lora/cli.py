@@ -118,6 +118,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"started {run_id} in the background; follow it with: python -m phi3_lora runs --watch {run_id}")
         return 0
     run_dir = Path(args.run_dir) if args.run_dir else _runs_dir(args) / jobs.new_run_id(config)
+    active = jobs.active_run(run_dir.parent)
+    if active and active != run_dir.name:  # the app's (or --background's) run; not this process's own job
+        raise UserError(f"A training run is already going in {run_dir.parent}: {active}.",
+                        hint=f"One run trains at a time: wait for it to finish, or stop it (python -m phi3_lora "
+                             f"stop {active} --runs-dir {run_dir.parent}).")
     from phi3_lora.models import resolve_name
 
     name, reason = resolve_name(config.model.name)

@@ -32,6 +32,15 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_phi3_dir):
     # One run per machine: a second Start is refused with what is running.
     with pytest.raises(UserError, match=f"already going.*{run_id}"):
         jobs.start_run(cfg, runs)
+    # ... and so is the CLI's foreground train in the same runs folder (it trained beside the app's run)
+    from phi3_lora import config as cfgmod
+
+    cfgmod.save_yaml(cfg, tmp_path / "run.yaml")
+    cli = subprocess.run([sys.executable, "-m", "phi3_lora", "train", "--config", str(tmp_path / "run.yaml"),
+                          "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"already going in {runs}: {run_id}" in cli.stderr, cli.stderr[-800:]
+    assert "Traceback" not in cli.stderr and f"phi3_lora stop {run_id}" in cli.stderr
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == [run_id]  # no second run folder
 
     pid = RunDir(runs / run_id).read_process().pid
     t0 = time.time()
