@@ -31,8 +31,11 @@ def test_the_upload_shows_its_own_name_and_its_x_clears_the_source(server) -> No
     source = c.predict(handle_file(str(SAMPLE)), api_name="/upload_dataset")
     summary = c.predict(source, "auto", NO_MAPPING, 0.1, str(tiny), 256, 42, api_name="/validate")[0]
     assert Path(source).name != "sample_chat.jsonl" and ">sample_chat.jsonl: format messages" in summary
-    cleared, note, _preview = c.predict(source, api_name="/clear_upload")
+    cleared, note, preview, problems, stats, histogram, tokens = c.predict(source, api_name="/clear_upload")
     assert cleared == "" and "No data yet" in note
+    # Nothing of the file stays on show: its rows, problems, token stats, histogram and trained tokens.
+    assert not val(preview)["data"] and not (val(problems) or {}).get("data") and problems.get("visible") is False
+    assert stats == "" and histogram is None and tokens == ""
     # A source chosen after the upload (the sample, a Hub id) is not the upload's to clear.
     assert c.predict(str(SAMPLE), api_name="/clear_upload")[0] == {"__type__": "update"}  # left as it is
 

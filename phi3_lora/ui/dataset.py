@@ -370,11 +370,13 @@ def wire(tab: DatasetTab, state: AppState, model_name: gr.Dropdown, max_length: 
         """The upload's × : a kept upload stops being the source (Start must not train on a file no longer shown);
         a Hub id or the sample chosen since stays."""
         if not names.is_upload(source) and uploads.UPLOADS not in Path(source or "").parts:
-            return (gr.skip(),) * 4
-        return "", notice("info", NO_DATA), NO_ROWS, gr.update(value=None)
+            return (gr.skip(),) * 8
+        # everything shown of the file goes with it: its problems, token stats, histogram and trained tokens too
+        return ("", notice("info", NO_DATA), NO_ROWS, gr.update(value=None), gr.update(value=None, visible=False),
+                "", None, "")
 
-    tab.upload.clear(on_clear_upload, tab.source, [tab.source, tab.summary, tab.rows, tab.preview],
-                     api_name="clear_upload")
+    tab.upload.clear(on_clear_upload, tab.source, [tab.source, tab.summary, tab.rows, tab.preview, tab.problems,
+                                                   tab.stats, tab.histogram, tab.tokens], api_name="clear_upload")
     tab.upload.upload(on_upload, tab.upload, tab.source, api_name="upload_dataset").success(
         on_validate, inputs, outputs, api_name="validate_after_upload")
     tab.sample.click(on_sample, None, [tab.source, tab.mapping], api_name="use_sample").success(
