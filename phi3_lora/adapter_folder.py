@@ -1,12 +1,18 @@
 """An adapter folder: where it is (a run, a checkpoint or a bare adapter), which base model and settings it belongs
-to, the chat template its training used, and that its weights load without unpickling anything."""
+to, the chat template its training used, that its weights load without unpickling anything, and writing a run's
+adapter folder whole or not at all."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phi3_lora.config import save_yaml
 from phi3_lora.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,3 +96,45 @@ def locate_adapter(path: str | Path) -> AdapterRef:
         return AdapterRef(adapter, cfg.model.name, cfg.model.load_in_4bit, cfg.model)
     base = json.loads((adapter / RunDir.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or "auto"
     return AdapterRef(adapter, base, False)
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None (pure): run_summary.json travels with the adapter (Hub,
+    bundles), and strict JSON readers (browsers, other languages) refuse Python's NaN. A NaN loss is logged as NaN
+    since the step no longer filters it (speed/deferred_metrics.py)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def save_adapter_atomic(model: Any, tokenizer: Any, config: Any, summary: dict[str, Any], dest: Path) -> Path:
+    """adapter/ with safetensors weights, config, tokenizer + chat template and the run summary; all or nothing."""
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+    _portable_base_name(tmp / "adapter_config.json", config.model.name)
+    tokenizer.save_pretrained(tmp)
+    save_yaml(config, tmp / "config.yaml")
+    (tmp / "run_summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False),
+                                          encoding="utf-8")
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _portable_base_name(adapter_config: Path, model_name: str) -> None:
+    """base_model_name_or_path = the embedded model's Hub id instead of this machine's cache folder."""
+    from phi3_lora.embedded import HUB_ID, is_embedded
+
+    if not is_embedded(model_name):
+        return
+    cfg = json.loads(adapter_config.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = HUB_ID
+    adapter_config.write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")

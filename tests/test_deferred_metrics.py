@@ -222,7 +222,7 @@ def test_a_nan_loss_in_the_run_summary_is_strict_json_null():
     """run_summary.json travels with the adapter (Hub, bundles): strict JSON, a NaN or infinite figure as null."""
     import json
 
-    from phi3_lora.train import strict_json
+    from phi3_lora.adapter_folder import strict_json
 
     summary = {"final_loss": float("nan"), "eval": {"loss": float("inf"), "steps": 3}, "losses": [1.5, float("-inf")]}
     text = json.dumps(strict_json(summary), allow_nan=False)  # raises on any non-finite float left
