@@ -38,6 +38,7 @@ FORMAT = 1  # bump when what a package holds changes
 PACKAGE, META, LOG = "step.pt2", "meta.json", "compile.log"
 CAPACITY_MAX = 1 << 16  # the longest buffers (prompt + answer + 1) the package's dynamic dim accepts
 CHILD_TIMEOUT_S = 3 * 3600
+PARENT_ENV = "PHI3_LORA_PAIR_COMPILER_PARENT"  # the app's pid, given to its compiler process (it ends with the app)
 _CODE = ("pair_step.py", "pair_ops.py", "aten_order.py", "pair_artifact.py", "pair_compiler.py")
 
 
@@ -151,7 +152,8 @@ def compile_in_child(spec: dict[str, Any], k: str, timeout: float = CHILD_TIMEOU
         with open(tmp / LOG, "w") as out:
             done = subprocess.run([sys.executable, "-m", "phi3_lora.speed.pair_compiler", json.dumps(spec), k,
                                    str(tmp)], stdout=out, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, "PYTHONPATH": _pythonpath()})
+                                  env={**os.environ, "PYTHONPATH": _pythonpath(),
+                                       PARENT_ENV: str(os.getpid())})
         if done.returncode != 0:
             tail = (tmp / LOG).read_text(errors="replace").strip().splitlines()[-3:]
             raise RuntimeError(f"its compiler process ended with code {done.returncode}: {' | '.join(tail)}")

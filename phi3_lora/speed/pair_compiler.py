@@ -58,7 +58,24 @@ def build(spec: dict[str, Any], k: str, out: Path) -> None:
     print(json.dumps(meta), flush=True)
 
 
+def _die_with_the_app() -> None:
+    """End this process when the app that started it ends (Linux: PR_SET_PDEATHSIG), instead of compiling on as an
+    orphan whose package nobody would put in place (the app renames it)."""
+    from phi3_lora.speed import pair_artifact
+
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != int(os.environ.get(pair_artifact.PARENT_ENV, os.getppid())):  # the app ended before prctl
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
+    _die_with_the_app()
     os.umask(0o077)
     try:
         os.setpriority(os.PRIO_PROCESS, 0, 19)

@@ -130,10 +130,11 @@ def eval_example(runs_dir: Path, value: str | None, index: int | None = None) ->
     return user, answer, i
 
 
-PAIR_STEP_NOTES = {  # Compare's compiled pair step on a CPU (phi3_lora/speed/pair_graph.py, background.py)
-    "compiling": " Compare is preparing a faster way to answer, in the background (about 5 minutes of one core on a "
-                 "2-core CPU, after each start of the app). Until then answers come at the usual speed; afterwards "
-                 "greedy answers (temperature 0) come ~1.3x faster, exactly the same answers.",
+PAIR_STEP_NOTES = {  # Compare's compiled pair step on a CPU (phi3_lora/speed/pair_graph.py, pair_artifact.py)
+    "compiling": " Compare is preparing a faster way to answer, in a separate background process (about 5 minutes "
+                 "on a 2-core CPU, once for this model: a restart of the app reuses it). Until then answers come at "
+                 "the usual speed; afterwards greedy answers (temperature 0) come ~1.3x faster, exactly the same "
+                 "answers.",
     "waiting": " Compare will prepare a faster way to answer (about 5 minutes in the background) once no training run "
                "(or earlier preparation) is going, so that it never slows a run down.",
     "ready": " Compare's faster step is prepared: greedy answers (temperature 0) come ~1.3x faster, the same answers.",
