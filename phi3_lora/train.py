@@ -96,6 +96,8 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
         save_yaml(config, run.config)
     if not os.environ.get("PHI3_LORA_JOB") and is_main_process():  # a foreground CLI run; jobs records its own
         run.write_process(runs.ProcessRecord.of(os.getpid()))
+    _stop_flag.clear()  # a process may train more than once (the library, tests): each run starts unstopped
+    _stop_flag.update(requested=False, in_loop=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
     _arm_time_limit(os.environ.get(runs.TIME_LIMIT_ENV))
     if is_main_process():
@@ -107,10 +109,11 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
         with trackers.environment_set(config.train.report_to, run_dir):
             return _run(config, run_dir, resume)
     except StopRequested:
+        trained = _stop_flag.get("trained_to")
         if is_main_process():
             events.append_event(run_dir, "end", status="stopped",
-                                reason=_stop_flag.get("reason") or "stopped before training began")
-        return TrainResult("stopped", 0, None, None, None, 0.0)
+                                reason=_stop_flag.get("reason") or stopped_reason(trained))
+        return TrainResult("stopped", trained or 0, None, None, None, 0.0)
     except UserError as exc:
         events.append_event(run_dir, "error", reason=f"failed: {exc}")
         raise
@@ -123,6 +126,15 @@ def run(config: RunConfig, run_dir: Path, resume: bool = False, notes: Sequence[
             raise UserError(events.OOM_REASON) from exc
         _record_error(run_dir, f"failed: {type(exc).__name__}: {str(exc)[:500]}")
         raise
+
+
+def stopped_reason(trained_to: int | None) -> str:
+    """Why a run stopped by a SIGTERM outside the training loop ended (pure): before the loop, or after its last
+    step, before its adapter was written (the final checkpoint is there: Resume writes the adapter from it)."""
+    if trained_to is None:
+        return "stopped before training began"
+    return (f"stopped after its last step ({trained_to}), before it finished; press Resume to finish it from the "
+            "last checkpoint")
 
 
 def record_warnings(run_dir: Path, notes: Sequence[str]) -> None:
@@ -287,9 +299,18 @@ def _run(config: RunConfig, run_dir: Path, resume: bool) -> TrainResult:
 
     _stop_flag["in_loop"] = True
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if checkpoint is not None and trained_out(checkpoint, config.train.max_steps):
+            # Stopped after its last step: Trainer would train one step past max_steps before it checks. The final
+            # checkpoint's adapter and state are the trained run; what follows (eval, adapter, scores) runs as usual.
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(checkpoint))
+            trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         _stop_flag["in_loop"] = False
+    _stop_flag["trained_to"] = trainer.state.global_step  # a SIGTERM from here on stops a trained run
     stopped = _stop_flag["requested"]
 
     eval_loss = None
@@ -378,6 +399,17 @@ def final_train_loss(log_history: list[dict[str, Any]]) -> float | None:
     last = next((h["loss"] for h in reversed(log_history) if "loss" in h), None)
     return last if last is not None else next((h["train_loss"] for h in reversed(log_history) if "train_loss" in h),
                                               None)
+
+
+def trained_out(checkpoint: Path, max_steps: int) -> bool:
+    """The checkpoint is at the run's last step: `max_steps` where set (> 0), else the one its trainer_state.json
+    was trained towards (a run of epochs)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        last = max_steps if max_steps > 0 else int(state["max_steps"])
+        return int(state["global_step"]) >= last > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def checkpoint_step(checkpoint: Path | None) -> int | None:

@@ -84,3 +84,34 @@ def test_bad_data_fails_the_run_with_the_data_message(tmp_path, tiny_phi3_dir):
     with pytest.raises(UserError):
         train.run(tiny_config(tiny_phi3_dir, data), tmp_path / "run")
     assert events.run_status(tmp_path / "run").state == "failed"
+
+
+@pytest.mark.slow
+def test_a_stop_after_the_last_step_says_so_and_resume_finishes(tmp_path, tiny_phi3_dir, monkeypatch):
+    # Stop lands after the training loop (final checkpoint saved) but before the adapter is written: the run said
+    # "stopped before training began". Resume in the same process must then finish it (the stop is per run).
+    cfg = tiny_config(tiny_phi3_dir, write_rows(tmp_path / "d.jsonl"))
+    save = train.save_adapter_atomic
+
+    def stopped_while_saving(*args, **kwargs):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)  # as the app's Stop does; the handler raises at the next bytecode
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_adapter_atomic", stopped_while_saving)
+    result = train.run(cfg, tmp_path / "run")
+    assert result.status == "stopped" and result.steps == 6
+    end = [e for e in events.read_events(tmp_path / "run") if e["type"] == "end"][-1]
+    assert "after its last step (6)" in end["reason"] and "press Resume" in end["reason"], end
+    run = RunDir(tmp_path / "run")
+    assert not run.adapter.exists() and run.last_checkpoint().name == "checkpoint-6"
+
+    monkeypatch.setattr(train, "save_adapter_atomic", save)
+    resumed = train.run(cfg, tmp_path / "run", resume=True)
+    assert resumed.status == "finished" and resumed.steps == 6  # not a 7th step past max_steps
+    final = load_file(run.adapter / "adapter_model.safetensors")
+    trained = load_file(run.last_checkpoint() / "adapter_model.safetensors")
+    assert final.keys() == trained.keys() and all(bool((final[k] == trained[k]).all()) for k in final)
+    assert events.run_status(tmp_path / "run").state == "finished"
