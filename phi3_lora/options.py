@@ -76,14 +76,15 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 # 6.53 GiB (its estimate 7.63), where 29 checkpointed compiled layers gave 16,746 at 7.03; the 8 GiB plan keeps
 # 0.09 (not measured). Below this share every layer is checkpointed (15,823 tok/s at 5.1 GiB).
 MIN_ACTIVATION_SHARE = 0.05
-# Compare's pair (base + tuned row) decoded on a CPU by a torch.compile'd step, compiled in the background while no
-# training runs and served once ready (phi3_lora/speed/pair_graph.py, background.py: Llama-shaped models, the eager
-# step's logits bit for bit). Off: on the 2-core EPYC the step takes 0.74-0.81x of the eager pair step, but while the
-# compile runs (177-269 s of one core after each start of the app) Compare's eager answers crawl: in the real app a
-# 64-token greedy pair answer took 10.1 s before the compile and 130 s during it, cut short at the 120 s limit (the
-# compile thread's Python holds the GIL the answering thread needs between its ~3,900 small ops a step; nice 19 does
-# not share the GIL). docs/benchmarks.md, CPU, twelfth session. Only the app's Compare engines in float32 would
-# compile by default (pair_graph.asked). Env PHI3_LORA_COMPILED_PAIR=1 / 0: on for every engine / off, for a process.
+# Compare's pair (base + tuned row) decoded on a CPU by a compiled step, compiled while no training runs in a child
+# process at nice 19 as an AOTInductor package that the app loads, cached per base weights and LoRA structure
+# (phi3_lora/speed/pair_graph.py, pair_artifact.py: Llama-shaped models, the eager step's logits bit for bit). On the
+# 2-core EPYC the step takes ~0.64-0.81x of the eager pair step; compiled in the app's own thread it slowed the
+# app's answers ~13x for minutes (twelfth session), out of process they stayed at 4.0-4.8 s against 3.8-8.4 s off,
+# and a restart loads the package (docs/benchmarks.md, CPU, 2026-12-05). Still off: that was one clean 4-minute
+# window of a compile, and no full compile inside an app run nor the test suite with it on was measured. Only the
+# app's Compare engines in float32 would compile by default (pair_graph.asked). Env PHI3_LORA_COMPILED_PAIR=1 / 0:
+# on for every engine / off, for a process.
 COMPILED_PAIR_CPU = False
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None
