@@ -81,7 +81,7 @@ def add_lora(model: Any, peft_config: Any) -> Any:
     from peft import get_peft_model
 
     from phi3_lora.config import RunConfig
-    from phi3_lora.train import lora_config, ready_for_lora
+    from phi3_lora.lora_attach import lora_config, ready_for_lora
 
     lora = _lora_settings(peft_config)
     plan = ready_for_lora(model, lora)

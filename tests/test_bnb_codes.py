@@ -133,7 +133,7 @@ def test_training_after_an_evaluation_keeps_the_gradients_and_a_checkpoint_keeps
     that never evaluated, and saving the adapter leaves the 4-bit base as it was."""
     from peft import get_peft_model_state_dict
 
-    from phi3_lora import options, train
+    from phi3_lora import lora_attach, options
     from phi3_lora.config import RunConfig
 
     config = RunConfig().replace(model={"name": str(tiny_phi3_dir), "load_in_4bit": True, "dtype": "float32",
@@ -144,7 +144,7 @@ def test_training_after_an_evaluation_keeps_the_gradients_and_a_checkpoint_keeps
 
     def attached() -> torch.nn.Module:
         torch.manual_seed(0)
-        model = train.attach_lora(models.load_model(config.model, device="cpu"), config, opts)
+        model = lora_attach.attach_lora(models.load_model(config.model, device="cpu"), config, opts)
         return strong_lora_b(model)
 
     def step(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 
 from helpers.tiny_models import strong_lora_b
 from helpers.training import losses_of_run, varied_rows
-from phi3_lora import options, train
+from phi3_lora import lora_attach, options
 from phi3_lora.config import ModelSettings, RunConfig
 from phi3_lora.speed import lean_lora, layers
 
@@ -103,7 +103,7 @@ def test_attach_lora_installs_it_unless_turned_off(tiny_phi3_dir):
                                      train={"lean_lora": setting})
         opts = options.resolve_options(config, "cpu", "bfloat16", liger_installed=False)
         assert opts.lean_lora is (setting == "auto")
-        model = train.attach_lora(load_model(config.model), config, opts)
+        model = lora_attach.attach_lora(load_model(config.model), config, opts)
         assert len([m for m in model.modules() if hasattr(m, lean_lora._ORIGINAL)]) == expected
 
 
@@ -303,6 +303,6 @@ def test_attach_lora_passes_the_dropout_choice_to_every_layer(tiny_phi3_dir):
     assert opts.save_dropout_memory and not opts.compile_layers
     for save in (True, False):
         opts.save_dropout_memory = save
-        model = train.attach_lora(load_model(config.model), config, opts)
+        model = lora_attach.attach_lora(load_model(config.model), config, opts)
         flags = [getattr(m, lean_lora._SAVE_DROPOUT_MEMORY) for m in model.modules() if hasattr(m, lean_lora._ORIGINAL)]
         assert flags == [save] * 8

@@ -14,7 +14,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
-from phi3_lora import fused, options, train
+from phi3_lora import fused, lora_attach, options
 from phi3_lora.config import LoraSettings, ModelSettings, RunConfig
 from phi3_lora.guide import add_lora
 from phi3_lora.models import load_model
@@ -67,8 +67,8 @@ def test_a_training_run_with_an_untested_peft_takes_peft_forward_and_warns_once(
     assert opts.lean_lora
     try:
         with pytest.warns(RuntimeWarning) as caught:
-            first = train.attach_lora(load_model(config.model, device="cpu"), config, opts)
-            second = train.attach_lora(load_model(config.model, device="cpu"), config, opts)
+            first = lora_attach.attach_lora(load_model(config.model, device="cpu"), config, opts)
+            second = lora_attach.attach_lora(load_model(config.model, device="cpu"), config, opts)
     finally:
         versions.untested.cache_clear()
     speed_warnings = [w for w in caught if "stock path" in str(w.message)]
