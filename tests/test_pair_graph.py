@@ -352,3 +352,18 @@ def test_off_means_eager_and_a_new_adapter_drops_the_step(engine, compiled, monk
     adapter = engine.adapter_dir
     engine.set_adapter(adapter)  # the compiled step froze the old adapter's weights: it goes with them
     assert not compiled.ready and compiled.failed is None
+
+
+def test_the_cache_keeps_only_the_most_recently_used_packages(tmp_path):
+    import os
+
+    from phi3_lora.speed import pair_artifact
+
+    for i, name in enumerate(("a", "b", "c", "d")):  # d was used last, a first
+        (tmp_path / name).mkdir()
+        (tmp_path / name / pair_artifact.META).write_text("{}")
+        os.utime(tmp_path / name / pair_artifact.META, (1000 + i, 1000 + i))
+    os.utime(tmp_path / "a" / pair_artifact.META, (2000, 2000))  # a loaded again (find touches it): newest
+    (tmp_path / ".partial-x").mkdir()  # a compile in progress is not a package
+    assert pair_artifact.prune(tmp_path, 2) == ["c", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial-x", "a", "d"]

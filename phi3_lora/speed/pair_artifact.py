@@ -38,6 +38,7 @@ FORMAT = 1  # bump when what a package holds changes
 PACKAGE, META, LOG = "step.pt2", "meta.json", "compile.log"
 CAPACITY_MAX = 1 << 16  # the longest buffers (prompt + answer + 1) the package's dynamic dim accepts
 CHILD_TIMEOUT_S = 3 * 3600
+KEEP = 3  # packages kept (~660 MB each for the embedded model): the most recently used; each rank/targets/model is one
 PARENT_ENV = "PHI3_LORA_PAIR_COMPILER_PARENT"  # the app's pid, given to its compiler process (it ends with the app)
 _CODE = ("pair_step.py", "pair_ops.py", "aten_order.py", "pair_artifact.py", "pair_compiler.py")
 
@@ -107,6 +108,7 @@ def find(k: str) -> Path | None:
         package = where / PACKAGE
         if _ours(base) and _ours(where) and _ours(package) and meta.get("key") == k \
                 and package.stat().st_size == meta.get("size") and sha256(package) == meta.get("sha256"):
+            os.utime(where / META)  # last used: prune keeps the most recently used packages
             return package
         why = "not ours, or its checksum differs"
     except (OSError, ValueError) as exc:
@@ -115,6 +117,23 @@ def find(k: str) -> Path | None:
                 where, why)
     remove(where)
     return None
+
+
+def prune(base: Path, keep: int) -> list[str]:
+    """Remove all but the `keep` most recently used packages in `base` (by their meta.json's time: written when
+    compiled, touched at each load); the names removed. A process that loaded a removed package keeps running it
+    (the loader unpacks it elsewhere first); a later start compiles it again."""
+    def used(p: Path) -> float:
+        try:
+            return (p / META).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    packages = sorted((p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")), key=used,
+                      reverse=True)
+    for old in packages[keep:]:
+        remove(old)
+    return [p.name for p in packages[keep:]]
 
 
 def remove(path: Path) -> None:
@@ -163,6 +182,7 @@ def compile_in_child(spec: dict[str, Any], k: str, timeout: float = CHILD_TIMEOU
         except OSError:  # another process put it there first
             if find(k) is None:
                 raise
+        prune(base, KEEP)
         return final / PACKAGE
     finally:
         remove(tmp)
