@@ -212,3 +212,30 @@ def test_a_checkpoint_compare_holds_survives_the_running_jobs_rotation(tmp_path,
             resolve_source(runs, value)
     finally:
         jobs.stop_run(run_id, runs, grace=10)
+
+
+def test_the_apps_start_is_refused_while_the_cli_trains_in_its_runs_folder(tmp_path, tiny_phi3_dir):
+    # The CLI's foreground train refused beside the app's run, but the app's Start did not know of a CLI run: the
+    # CLI now records itself as the runs folder's active run, under the lock Start takes.
+    from phi3_lora import config as cfgmod
+
+    runs = tmp_path / "runs"
+    cfg = slow_config(tiny_phi3_dir, tmp_path, max_steps=400, save_steps=1000)
+    cfgmod.save_yaml(cfg, tmp_path / "run.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "PHI3_LORA_JOB"}
+    cli = subprocess.Popen([sys.executable, "-m", "phi3_lora", "train", "--config", str(tmp_path / "run.yaml"),
+                            "--runs-dir", str(runs)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=env)
+    try:
+        wait_until(lambda: jobs.active_run(runs) is not None, timeout=180)
+        run_id = jobs.active_run(runs)
+        wait_until(lambda: events.run_status(runs / run_id).step >= 1, timeout=180)
+        with pytest.raises(UserError, match=f"already going.*{run_id}"):
+            jobs.start_run(cfg, runs)
+        assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == [run_id]
+        jobs.stop_run(run_id, runs)  # the app's Stop reaches the CLI's run (its process record)
+        assert cli.wait(timeout=120) == 0, cli.stderr.read()[-800:]
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert events.run_status(runs / run_id).state == "stopped" and jobs.active_run(runs) is None
