@@ -102,8 +102,8 @@ DEQUANTIZE_FROZEN = True
 DEFERRED_METRICS = True
 # The app logs every step (the live curve): each log read the loss, grad norm and metrics at once, one wait for the
 # GPU per step. Read one log later instead (speed/lagged_logs.py); the numbers and steps logged are the same.
-# The sixth session's profile had the GPU idle ~20 ms of a ~297 ms whole-GPU step; the bench's free-running rows
-# against their "loss read every step" twin price it (not yet measured on a GPU: no device since it was built).
+# H200, 2026-12-05 (docs/benchmarks.md, eleventh device session), whole-GPU chat mix, same packs: the read at once
+# cost a step 6% against a run that logs only at its end; lagged, 0.998x of it (1.050x the read at once).
 LAGGED_LOGS = True
 # Batches copied to the GPU without the host waiting for each copy (accelerate's `non_blocking`, from the pinned
 # memory the data loader fills on CUDA): a blocking copy of each batch tensor (input ids, labels, position ids,
