@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers.training import write_rows
+from helpers.training import assert_same_logs, write_rows
 from phi3_lora import events, options, train
 from phi3_lora.config import RunConfig
 from phi3_lora.runs import RunDir
@@ -97,16 +97,8 @@ def _train(cfg: RunConfig, out: Path, deferred: bool, monkeypatch: pytest.Monkey
     return built.trainer, census.calls
 
 
-def _logged(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in entry.items() if k in LOGGED or k == "step"} for entry in history]
-
-
 def _assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(_logged(a), _logged(b)):
-        assert x.keys() == y.keys(), (x, y)
-        for key in x:
-            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (key, x, y)
+    assert_same_logs(a, b, LOGGED)
 
 
 def _state(out: Path, step: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers.training import write_rows
+from helpers.training import assert_same_logs, write_rows
 from phi3_lora import events, options, train
 from phi3_lora.config import RunConfig
 from phi3_lora.runs import RunDir
@@ -67,16 +67,8 @@ def _train(cfg: RunConfig, out: Path, lagged: bool) -> tuple[Any, list[tuple[str
     return built.trainer, order.seen
 
 
-def _history(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in e.items() if k in LOGGED} for e in entries]
-
-
 def _assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(_history(a), _history(b)):
-        assert x.keys() == y.keys(), (x, y)
-        for key in x:
-            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (key, x, y)
+    assert_same_logs(a, b, LOGGED)
 
 
 @pytest.mark.slow

@@ -309,6 +309,16 @@ def test_a_visitors_hub_datasets_count_in_their_share_and_not_in_anothers(signed
 
 # --- runs: a signed-in visitor's run folders ---------------------------------------------------------------------
 
+def _alices_run(runs: Path, model_dir: Path, run_id: str) -> Path:
+    """A finished adapter run in `runs` that the signed-in alice started (it counts on her runs share)."""
+    from helpers.run_folders import make_adapter_run
+    from phi3_lora.access import RunStarters
+
+    run_dir = make_adapter_run(runs, model_dir, run_id)
+    RunStarters(runs).record(run_dir.name, "auth:alice")
+    return run_dir
+
+
 def _sparse(folder: Path, size: int) -> None:
     """A file of `size` bytes that takes no room on this machine's disk (what quotas count is the size)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -485,12 +495,8 @@ def test_a_merge_or_gguf_that_would_pass_the_runs_share_by_its_own_size_is_refus
     from its config, plus its tokenizer files): refused before any work, with how much it needs and what to delete.
     The check used to count only what she held, so one export could pass the share by its whole size. A GGUF export
     likewise."""
-    from helpers.run_folders import make_adapter_run
-    from phi3_lora.access import RunStarters
-
     url, runs, _ = signed_in_app
-    run_dir = make_adapter_run(runs, tiny_llama_dir, "20260104-000000-alice-merge")
-    RunStarters(runs).record(run_dir.name, "auth:alice")
+    run_dir = _alices_run(runs, tiny_llama_dir, "20260104-000000-alice-merge")
     _sparse(run_dir / "checkpoints" / "checkpoint-9", 50 * 2**20)
     alice = _signed_in(url, "alice")
     call = functools.partial(_answer, alice)
@@ -512,13 +518,11 @@ def test_a_gguf_export_is_checked_against_its_peak_the_temporary_merge_and_the_g
     """A GGUF export writes a 16-bit merge, then the GGUF from it, and keeps both until the GGUF is verified. alice has
     room for the GGUF alone but not for both: refused before any work, with the peak it needs. The check used to count
     the GGUF alone, so an export could hold about twice what its check allowed."""
-    from helpers.run_folders import make_adapter_run
     from phi3_lora import estimate, export, models
     from phi3_lora.access import RunStarters
 
     url, runs, options = signed_in_app
-    run_dir = make_adapter_run(runs, tiny_llama_dir, "20260104-000000-alice-gguf-peak")
-    RunStarters(runs).record(run_dir.name, "auth:alice")
+    run_dir = _alices_run(runs, tiny_llama_dir, "20260104-000000-alice-gguf-peak")
     shape = estimate.model_shape(models.model_info(str(tiny_llama_dir)).config)
     gguf_alone = estimate.export_bytes(shape, "f16") + export.EXPORT_EXTRA_BYTES
     peak = export.expected_export_bytes(run_dir, "f16")
@@ -539,12 +543,8 @@ def test_a_gguf_export_is_checked_against_its_peak_the_temporary_merge_and_the_g
 def test_a_merged_push_is_checked_against_the_runs_share_like_a_merge(signed_in_app, tiny_llama_dir: Path) -> None:
     """Push merged merges into the run's 'merged' folder, which stays on this disk: alice, without room for the merge,
     is refused before any work (it skipped the check, and the folder counted for whoever started the run)."""
-    from helpers.run_folders import make_adapter_run
-    from phi3_lora.access import RunStarters
-
     url, runs, _ = signed_in_app
-    run_dir = make_adapter_run(runs, tiny_llama_dir, "20260104-000000-alice-push")
-    RunStarters(runs).record(run_dir.name, "auth:alice")
+    run_dir = _alices_run(runs, tiny_llama_dir, "20260104-000000-alice-push")
     _sparse(run_dir / "checkpoints" / "checkpoint-9", 50 * 2**20)
     alice = _signed_in(url, "alice")
     call = functools.partial(_answer, alice)

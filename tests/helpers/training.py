@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, Collection
 
 from phi3_lora import events, train
 from phi3_lora.config import RunConfig
@@ -95,3 +96,17 @@ def loss_and_grads(trainer, batch) -> tuple:
     loss = trainer.compute_loss(model, dict(batch))
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_logs(a: list[dict[str, Any]], b: list[dict[str, Any]], keys: Collection[str]) -> None:
+    """Two trainers' log histories hold the same entries: the same `keys` (and "step") in each, equal values."""
+    import pytest
+
+    def kept(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in entry.items() if k in keys or k == "step"} for entry in history]
+
+    assert len(a) == len(b)
+    for x, y in zip(kept(a), kept(b)):
+        assert x.keys() == y.keys(), (x, y)
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (key, x, y)
