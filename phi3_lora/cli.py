@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import sys
 import textwrap
 import typing
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -119,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"started {run_id} in the background; follow it with: python -m phi3_lora runs --watch {run_id}")
         return 0
     run_dir = Path(args.run_dir) if args.run_dir else _runs_dir(args) / jobs.new_run_id(config)
-    _claim_runs_dir(run_dir, registers=run_dir.parent.resolve() == _runs_dir(args).resolve())
+    jobs.claim_foreground(run_dir, registers=run_dir.parent.resolve() == _runs_dir(args).resolve())
     from phi3_lora.models import resolve_name
 
     name, reason = resolve_name(config.model.name)
@@ -131,24 +130,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{result.status} after {result.steps} steps in {result.seconds:.0f} s; final loss "
           f"{_fmt(result.final_loss)}, eval loss {_fmt(result.eval_loss)}; adapter: {result.adapter_dir or '-'}")
     return 0
-
-
-def _claim_runs_dir(run_dir: Path, registers: bool) -> None:
-    """One run trains at a time in a runs folder: refuse while another trains there (the app's Start or
-    --background), and, training in the runs folder the app reads (`registers`), record this process as its active
-    run, checked and written under the lock the app's Start takes, so the app refuses a second run meanwhile. A
-    run's own job process (PHI3_LORA_JOB) is the run jobs recorded: never refused, never re-recorded."""
-    from phi3_lora import jobs, runs
-
-    runs_dir, job = run_dir.parent, os.environ.get("PHI3_LORA_JOB")
-    with runs.locked(runs_dir) if registers else nullcontext():  # no lock file in a folder the app never reads
-        active = jobs.active_run(runs_dir)
-        if active and active != run_dir.name:
-            raise UserError(f"A training run is already going in {runs_dir}: {active}.",
-                            hint=f"One run trains at a time: wait for it to finish, or stop it (python -m phi3_lora "
-                                 f"stop {active} --runs-dir {runs_dir}).")
-        if registers and not job:
-            runs.write_active(runs_dir, run_dir.name, runs.ProcessRecord.of(os.getpid()))
 
 
 def _fmt(x: float | None) -> str:

@@ -10,6 +10,7 @@ child's environment) and its train.log (the child's stdout + stderr).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -43,6 +44,23 @@ def active_run(runs_dir: Path) -> str | None:
     """The run id whose process is alive and provably its own, or None (a stale record is ignored)."""
     found = runs.read_active(runs_dir)
     return found[0] if found and found[1].is_ours_and_alive() else None
+
+
+def claim_foreground(run_dir: Path, registers: bool) -> None:
+    """One run trains at a time in a runs folder: refuse while another trains there (the app's Start or
+    --background), and, training in the runs folder the app reads (`registers`), record this process as its active
+    run, checked and written under the lock the app's Start takes, so the app refuses a second run meanwhile. A
+    run's own job process (PHI3_LORA_JOB) is the run jobs recorded: never refused, never re-recorded."""
+    runs_dir, job = run_dir.parent, os.environ.get("PHI3_LORA_JOB")
+    # No lock file in a folder the app never reads (a --run-dir elsewhere).
+    with runs.locked(runs_dir) if registers else contextlib.nullcontext():
+        active = active_run(runs_dir)
+        if active and active != run_dir.name:
+            raise UserError(f"A training run is already going in {runs_dir}: {active}.",
+                            hint=f"One run trains at a time: wait for it to finish, or stop it (python -m phi3_lora "
+                                 f"stop {active} --runs-dir {runs_dir}).")
+        if registers and not job:
+            runs.write_active(runs_dir, run_dir.name, runs.ProcessRecord.of(os.getpid()))
 
 
 ENDED = ("finished", "stopped", "failed")
