@@ -33,8 +33,10 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
     `max_time` ends all rows after that many seconds, as transformers' MaxTimeCriteria does. `on_step` gets the
     tokens so far of all rows after each step (streaming). `router` (`merging.RowRouting`, installed by the
     caller) replaces peft's routing by adapter_names, which must then list every BASE row before the others.
-    `pair` (`speed.pair_graph.CompiledPair`): while both rows of a one-prompt pair are live, steps run compiled once it is
-    ready (checked every step, so an answer switches over mid-way); the last row goes on eagerly."""
+    `pair` (`speed.pair_graph.CompiledPair`): a one-prompt pair's steps run compiled once it is ready (checked every
+    step, so an answer switches over mid-way), to the end of the longer answer: a row that ends stays in the
+    compiled batch, frozen (its later tokens ignored), since the package only runs the pair; eagerly, finished
+    rows leave the batch."""
     import torch
     from transformers import DynamicCache
 
@@ -52,6 +54,7 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
         router.first_tuned = adapter_names.count(BASE)
     names = _names_for(model, adapter_names) if router is None else None
     fast = None  # speed.pair_graph.PairState while the compiled pair step decodes
+    frozen = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)  # ended, kept in the compiled batch
     for step in range(max_new_tokens):
         if pair is not None and fast is None and step > 0:
             fast = pair.begin(cache, mask, max_new_tokens - step)
@@ -74,20 +77,22 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
             ended |= criterion(seq, logits).to(ended.device)
         if max_time is not None and time.monotonic() - started > max_time:
             ended[:] = True
-        for row, token, done in zip(live, nxt.tolist(), ended.tolist()):
-            if not (done and token in stop_ids):  # a stop token ends the answer and is not part of it
+        for row, token, done, gone in zip(live, nxt.tolist(), ended.tolist(), frozen.tolist()):
+            if not gone and not (done and token in stop_ids):  # a stop token ends the answer, not part of it
                 out[row].append(token)
         if on_step is not None:
             on_step(out)
+        ended |= frozen
         if bool(ended.all()):
             break
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         step_pos = step_pos[:, -1:] + 1
-        if bool(ended.any()):  # drop the finished rows from everything the next step reads
-            if fast is not None:  # the last row goes on eagerly, from the same keys and values
-                fast.to_dynamic_cache(cache)
-            fast = pair = None
+        if fast is not None:  # the package runs the pair only: an ended row rides along, its output frozen
+            frozen = ended
+        elif bool(ended.any()):  # drop the finished rows from everything the next step reads
+            pair = None  # (a compiled step that failed mid-answer left its frozen rows here too)
             keep = (~ended).nonzero().squeeze(-1)
+            frozen = frozen[keep]
             cache.batch_select_indices(keep)
             kept = keep.tolist()
             live = [live[i] for i in kept]

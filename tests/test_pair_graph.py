@@ -121,24 +121,38 @@ def test_rms_norm_and_silu_are_fused_where_atens_order_checks_out(compiled):
     assert meta["width"] == aten_order.lanes()
 
 
-def test_padded_rows_and_a_row_that_ends_early_keep_the_eager_logits(engine, compiled, monkeypatch):
-    """Base and tuned histories of different lengths (left padding: attention gets a mask) and the tuned row
-    ending at step 6, after which the base row goes on eagerly from the compiled step's keys and values."""
+@pytest.mark.parametrize("end_row", [1, 0])
+def test_the_package_serves_the_longer_answer_to_its_end(engine, compiled, monkeypatch, end_row):
+    """Base and tuned histories of different lengths (left padding: attention gets a mask), one row ending at step
+    5 (the tuned row, as its answers usually end first, or the base row): the other row's answer is token for token
+    the eager one (where the ended row leaves the batch), and every step after the prompt ran in the package, the
+    ended row riding along frozen (the other row fell back to eager alone before)."""
+    import torch
+
     from phi3_lora.decoding import BASE
     from phi3_lora.merging import TUNED
 
     def run():
-        record = _Logits(end_after=6)
+        record = _Logits(end_after=5, end_row=end_row)
         rows = engine.answer_batch([SHORT, LONG], True, GenerationSettings(max_new_tokens=14), [record],
                                    adapter_names=[BASE, TUNED])
         return rows, record.steps
 
-    served = compiled.served
+    served, steps_run = compiled.served, compiled.steps
     (eager_rows, eager_steps), (rows, steps) = _both(engine, monkeypatch, run)
     assert compiled.served == served + 1, compiled.failed
-    _assert_same_steps(eager_steps, steps)
-    assert rows == eager_rows
-    assert steps[0].shape[0] == 2 and steps[-1].shape[0] == 1  # the tuned row ended; the base row went on
+    assert rows == eager_rows  # and token for token: the live row's logits below are equal, so its argmaxes
+    assert eager_steps[-1].shape[0] == 1 and steps[-1].shape[0] == 2  # eagerly it left the batch; here it stayed
+    live = 1 - end_row
+    assert len(steps) == len(eager_steps) == 14
+    _assert_same_steps(eager_steps[:5], steps[:5])
+    # after that the live row's logits come from a 2-row product where eager's came from a 1-row one (oneDNN sums
+    # those in another order: ~2e-7 apart here); its tokens, the argmaxes, are the same at every step
+    for step, (a, b) in enumerate(zip(eager_steps[5:], steps[5:]), start=5):
+        assert torch.allclose(a[0], b[live], rtol=0, atol=1e-5), f"step {step}: {(a[0] - b[live]).abs().max()}"
+        assert a[0].argmax() == b[live].argmax(), f"step {step}: another token"
+    assert compiled.steps - steps_run == 13  # all but the prompt's step, to the end of the longer answer
+    assert not torch.equal(steps[4][0], steps[4][1])
 
 
 def test_the_step_runs_only_at_the_thread_count_it_was_compiled_at(engine, compiled, monkeypatch):

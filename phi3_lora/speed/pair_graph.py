@@ -25,8 +25,9 @@ routes, two rows (one base, one tuned). The step is an AOTInductor package (`pai
 process at nice 19 and only loaded here (`CompiledPair.start` waits for it in a background thread, which holds
 the GIL only for the load's second or two), cached on disk per base weights, LoRA structure, thread count and
 torch, so a restarted app loads it instead of compiling. Eager steps serve until it is ready, and a failure is
-logged once and leaves eager in place. When a row's answer ends, the other row goes on eagerly from the same cache
-contents (`PairState.to_dynamic_cache`). It compiles only while no training runs (`background`), and runs only at
+logged once and leaves eager in place. When a row's answer ends it stays in the compiled batch, frozen (its
+tokens ignored), so the step serves the longer answer to its end (`decoding.greedy_decode`); if the step fails,
+the rows go on eagerly from the same cache contents (`PairState.to_dynamic_cache`). It compiles only while no training runs (`background`), and runs only at
 the thread count it was compiled at. On the 2-core EPYC (float32) the step takes 0.74-0.81x of the eager pair
 step (docs/benchmarks.md, twelfth session) and a package compiles in 3-5 minutes; `asked`,
 options.COMPILED_PAIR_CPU say when it is on.
@@ -113,6 +114,7 @@ class CompiledPair:
         self.failed: str | None = None
         self.compile_s: float | None = None
         self.served = 0  # answers that switched over to the compiled step (tests, the bench)
+        self.steps = 0  # pair steps the compiled step ran (tests, the bench)
         self.threads: int | None = None  # the CPU thread count the step was compiled at, and runs at
         self.other_threads = 0  # pair steps that ran eagerly because their answer got another thread count
         self.held_back: str | None = None  # why the compile has not started (a training run, a busy machine)
@@ -240,7 +242,13 @@ class CompiledPair:
         state = PairState.empty(weights, capacity=capacity)
         state.load(cache)
         self.served += 1
-        state.step_fn, state.rotary = step, weights.rotary
+
+        def counted(*inputs: Any) -> Any:
+            logits = step(*inputs)
+            self.steps += 1
+            return logits
+
+        state.step_fn, state.rotary = counted, weights.rotary
         return state
 
 
