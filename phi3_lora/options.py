@@ -123,6 +123,12 @@ SKIP_MASK_PROBE = True
 # (issue 19's eighth session) it is right but slower, 1.75-1.84 ms a layer against flash's 1.26-1.55 on the chat
 # mix, 26,374 against 27,095 tok/s in training; kept for GPUs and cuDNN versions where that may turn.
 CUDNN_RAGGED = False
+# LoRA dropout's mask in compiled layers on CUDA drawn by one Triton kernel, four values per Philox call
+# (speed/dropout_mask.py), not Inductor's one call per element fused into the kernel that makes the layer input.
+# Off until measured on a GPU (issue 19, twelfth device session). DROPOUT_MASK_ON_CPU: the op's CPU kernel in
+# compiled layers on a CPU (tests: the compiled path without a GPU).
+DROPOUT_MASK_KERNEL = False
+DROPOUT_MASK_ON_CPU = False
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from phi3_lora.speed import forward_swap, versions
+from phi3_lora.speed import dropout_mask, forward_swap, versions
 
 _ORIGINAL = "_peft_forward"
 _SAVE_DROPOUT_MEMORY = "_phi3_save_dropout_memory"
@@ -163,11 +163,14 @@ def _lora_a(self: Any, name: str, x: torch.Tensor) -> torch.Tensor:
     Plain `lora_A(dropout(x))` instead where `DropoutLoraA`'s memory saving is switched off for this layer
     (`install(..., save_dropout_memory=False)`: a memory budget with room to spare, where the kept mask costs
     less time than regenerating it) and inside torch.compile, which cannot trace the RNG state's save and
-    restore (each would break the graph) and keeps or regenerates dropout's mask its own way."""
+    restore (each would break the graph) and keeps or regenerates dropout's mask its own way (there, where
+    `dropout_mask.applies`, the mask is drawn by its kernel, four values per random-number call)."""
     a, drop = self.lora_A[name], self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     plain = type(a) is nn.Linear and a.bias is None and not _hooked(a) and not _hooked(drop)
     # the RNG state saved and restored is the CUDA or CPU generator's: other devices keep nn.Dropout
+    if _compiling() and p > 0 and not _hooked(drop) and dropout_mask.applies(x, p):
+        return a(dropout_mask.dropout(x, p))
     if not (plain and 0.0 <= p < 1.0 and x.device.type in ("cuda", "cpu")) or _compiling() or (
             p > 0 and not getattr(self, _SAVE_DROPOUT_MEMORY, True)):
         return a(drop(x))

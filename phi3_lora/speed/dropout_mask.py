@@ -1,0 +1,117 @@
+"""LoRA dropout's keep mask drawn four values per random-number call, for compiled decoder layers on CUDA.
+
+Under torch.compile, `nn.Dropout` becomes Inductor's `rand(...) > p`, fused into the kernel that makes the layer
+input (RMSNorm's, SwiGLU's, the attention output's): every element runs its own Philox-4x32-10 call (ten rounds
+of 32-bit multiplies) and keeps one of its four outputs. LoRA dropout draws one value for every input value of
+every adapted layer: for Phi-3-mini, 17,408 per token and layer, 4.6 billion in a step of 8,192 tokens, so the
+fused kernels become compute-bound on integer work (issue 19's profiles: the kernels that carry dropout took ~41
+of a ~290 ms whole-GPU step; the same kernels without it move far less).
+
+Here one Triton kernel draws the mask with `tl.randint4x`: each Philox call gives four independent 32-bit values,
+for four elements (a quarter of the calls), and an element is kept when its value is at least round(p * 2**32):
+Bernoulli(1 - p) to within 2**-32, where Inductor's float compare is exact to about 2**-24. The compiler then
+fuses `x * mask * 1/(1-p)` into the same kernels as before and keeps or remakes the mask for the backward pass
+from the op's seed (the op is deterministic given the seed; the seed itself is drawn by `torch.randint`, a random
+op the partitioner always keeps). So the function is nn.Dropout's: same scale, same dtype, an independent mask per
+call, the backward's mask the forward's (tests/test_dropout_mask.py; on the GPU `bench/dropout_mask_check.py`).
+
+Off unless `options.DROPOUT_MASK_KERNEL` (measured first: docs/benchmarks.md). The op also has a CPU kernel
+(torch's generator, seeded from the op's seed) so the compiled path is tested on machines without a GPU;
+`options.DROPOUT_MASK_ON_CPU` lets a CPU run take it (tests only: on a CPU the fused draw is not the cost).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from phi3_lora import options
+
+_OP = "phi3_lora::dropout_keep_mask"
+_BLOCK = 1024
+
+
+def threshold(p: float) -> int:
+    """The 32-bit value below which an element is dropped: P(drop) = threshold / 2**32, within 2**-32 of p."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return min(int(round(p * 2.0**32)), 2**32 - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def keep_mask_kernel(seed_ptr, out_ptr, numel, quarter, drop_below, BLOCK: tl.constexpr):  # noqa: ANN001
+        # Group g of four elements gets one Philox call: its four outputs go to elements g, g + quarter,
+        # g + 2 quarter and g + 3 quarter, so each store is contiguous. Which value serves which element does
+        # not matter: every output of every call is an independent uniform 32-bit value.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        seed = tl.load(seed_ptr)
+        r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        inside = offs < quarter
+        tl.store(out_ptr + offs, r0 >= drop_below, mask=inside & (offs < numel))
+        tl.store(out_ptr + quarter + offs, r1 >= drop_below, mask=inside & (quarter + offs < numel))
+        tl.store(out_ptr + 2 * quarter + offs, r2 >= drop_below, mask=inside & (2 * quarter + offs < numel))
+        tl.store(out_ptr + 3 * quarter + offs, r3 >= drop_below, mask=inside & (3 * quarter + offs < numel))
+
+    return keep_mask_kernel
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def keep_mask(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+    """A bool mask of `shape`, True where kept (probability 1 - p), drawn from the 64-bit `seed` (a 1-element
+    int64 tensor on the mask's device): the same seed gives the same mask."""
+    out = torch.empty(shape, dtype=torch.bool, device=seed.device)
+    numel = out.numel()
+    if numel == 0:
+        return out
+    if seed.device.type == "cuda":
+        quarter = (numel + 3) // 4
+        grid = ((quarter + _BLOCK - 1) // _BLOCK,)
+        with torch.cuda.device(seed.device):
+            _triton_kernel()[grid](seed, out, numel, quarter, threshold(p), BLOCK=_BLOCK)
+        return out
+    generator = torch.Generator(device=seed.device.type)
+    generator.manual_seed(int(seed.reshape(-1)[0].item()) & (2**63 - 1))
+    values = torch.randint(0, 2**32, shape, generator=generator, dtype=torch.int64, device=seed.device)
+    return torch.ge(values, threshold(p), out=out)
+
+
+@keep_mask.register_fake
+def _keep_mask_fake(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+    return seed.new_empty(shape, dtype=torch.bool)
+
+
+def new_seed(device: torch.device) -> torch.Tensor:
+    """A fresh seed from torch's generator for `device` (inside a compiled graph, Inductor's own draw)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def applies(x: torch.Tensor, p: float) -> bool:
+    """Whether dropout of `x` with probability `p` draws its mask here (compiled layers; see the module doc)."""
+    if not (options.DROPOUT_MASK_KERNEL and 0.0 < p < 1.0 and x.is_floating_point()):
+        return False
+    if x.device.type == "cuda":
+        return triton_ok()
+    return x.device.type == "cpu" and options.DROPOUT_MASK_ON_CPU
+
+
+@functools.lru_cache(maxsize=1)
+def triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language as tl
+    except ImportError:
+        return False
+    return hasattr(tl, "randint4x")
+
+
+def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """nn.Dropout's training forward, `x * mask / (1 - p)` in x's dtype, with the mask from `keep_mask`."""
+    mask = keep_mask(new_seed(x.device) if seed is None else seed, list(x.shape), p)
+    return x * mask * (1.0 / (1.0 - p))
