@@ -108,6 +108,7 @@ _CUDNN, _DEQ = "phi3_lora.options.CUDNN_ATTENTION", "phi3_lora.options.DEQUANTIZ
 _ACT = "phi3_lora.options.COMPILED_ACTIVATION_BUDGET"
 _DEFERRED = "phi3_lora.options.DEFERRED_METRICS"
 _LAGGED = "phi3_lora.options.LAGGED_LOGS"
+FREE_SUFFIX = ", free-running"
 _WAITS = {"phi3_lora.options.NON_BLOCKING_INPUTS": False, "phi3_lora.options.SKIP_MASK_PROBE": False,
           "phi3_lora.options.HOST_LABEL_POSITIONS": False}
 # Tried while tuning torch.compile, the memory budget's plans and the peer's set-up. The compiled
@@ -216,12 +217,20 @@ EXPLORE = [
     *(Row(f"explore: engine QLoRA {data}, whole GPU, free-running, loss read every step at once", "engine", data,
           free=True, logged=True, patch={_LAGGED: False}, recipe_ref=ref)
       for data, ref in (("mix", _MIX), ("full", _FULL))),
+    # LoRA dropout's mask drawn by its own kernel, four values per Philox call (speed/dropout_mask.py), against
+    # Inductor's draw fused into the layer-input kernels (one Philox call per element); and with no LoRA dropout at
+    # all, the most any cheaper draw can give (a different training: for scale only).
+    *(Row(f"explore: engine QLoRA {data}, {label}, free-running, dropout mask op", "engine", data, budget_gb=budget,
+          free=True, patch={"phi3_lora.options.DROPOUT_MASK_KERNEL": True}, recipe_ref=ref + FREE_SUFFIX)
+      for budget, label in BUDGETS for data, ref in (("full", _FULL), ("mix", _MIX))),
+    *(Row(f"explore: engine QLoRA {data}, whole GPU, free-running, no LoRA dropout", "engine", data, free=True,
+          overrides={"lora": {"lora_dropout": 0.0}}, recipe_ref=ref + FREE_SUFFIX)
+      for data, ref in (("full", _FULL), ("mix", _MIX))),
     Row("explore: engine QLoRA full, 12 GiB", "engine", "full", budget_gb=12, recipe_ref=_FULL),
     Row("explore: engine QLoRA full, 16 GiB", "engine", "full", budget_gb=16, recipe_ref=_FULL),
 ]
 # The main rows timed free-running (bench/timing.py): the host may run ahead of the GPU as in a training run that
 # reads the loss every N steps, where the synchronised rows wait for the GPU at both ends of every step.
-FREE_SUFFIX = ", free-running"
 FREE = [dataclasses.replace(r, name=r.name + FREE_SUFFIX, free=True,
                             recipe_ref=r.recipe_ref and r.recipe_ref + FREE_SUFFIX)
         for r in RECIPE + ENGINE + PEER + SIXTEEN]
