@@ -310,6 +310,29 @@ def test_no_compile_starts_while_a_run_trains(engine, compiled, tmp_path, monkey
     assert compiled.wait(timeout=300), compiled.failed
 
 
+def test_no_compile_starts_without_the_memory_for_its_compiler(engine, compiled, monkeypatch):
+    """The compiler process loads a second copy of the model and peaks at several times the step's weights: where
+    the available memory (this machine's, read as the check reads it) is short of that, the compile is held back
+    and says why; once it is not, the next pair answer starts it (here: loads the package already there)."""
+    from phi3_lora.speed import background
+    from phi3_lora.threads import THREADS_ENV
+
+    monkeypatch.setenv(THREADS_ENV, str(compiled.threads or 1))  # the load of a shared test machine is not asked
+    monkeypatch.setenv(pair_graph.ENV, "1")
+    assert background.available_memory() > 0
+    monkeypatch.setattr(background, "MEMORY_FACTOR", 10**12)  # a step whose compiler would need petabytes
+    engine.set_adapter(engine.adapter_dir)  # a fresh step to compile
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+    assert engine.compiled_pair_phase == "waiting" and compiled._thread is None
+    assert "memory available" in compiled.held_back
+    monkeypatch.undo()
+    monkeypatch.setenv(THREADS_ENV, str(compiled.threads or 1))
+    monkeypatch.setenv(pair_graph.ENV, "1")
+    engine.answer_pairs([SHORT], GenerationSettings(max_new_tokens=2))
+    assert engine.compiled_pair_phase in ("compiling", "ready")
+    assert compiled.wait(timeout=300), compiled.failed
+
+
 def test_a_new_adapter_waits_for_the_old_compile_to_end(engine, compiled, tmp_path, monkeypatch):
     """An adapter attached while its predecessor's step compiles (an empty package cache: a compiler process
     runs): the old compile runs on to its end, and the new adapter's starts only after it, never two compiles

@@ -4,8 +4,10 @@ everything else in priority.
 A 2-core Space that trains must not train slower because Compare is preparing a faster step, and the compile is
 minutes of CPU on such a machine (docs/benchmarks.md, CPU, twelfth session), so:
 
-- it starts only when no training run of the app's runs folder is alive (`jobs.active_run`) and the machine is not
-  already oversubscribed (another trainer, another app: the load rule `threads.generation_threads` uses);
+- it starts only when no training run of the app's runs folder is alive (`jobs.active_run`), the machine is not
+  already oversubscribed (another trainer, another app: the load rule `threads.generation_threads` uses), and
+  the memory available holds the compiler process (`memory_short`: it loads a second copy of the model and
+  peaks at ~7x the step's weights);
 - the thread that waits for it and the compiler process it starts (`pair_artifact`, which also lowers itself) run
   at nice 19, so a run that starts while it compiles gets the cores.
 
@@ -23,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 NICE = 19
+# The compiler process's peak resident memory over the bytes of the weights the step reads: 3,855 MiB for the
+# embedded model's 538 MB (7.2x; docs/benchmarks.md, CPU, 2026-12-05, whole answers), and the app grows by ~2.3x
+# those bytes once it loads the package. A machine that cannot hold that waits (the next pair answer asks again)
+# instead of swapping, or the kernel's OOM killer picking the app.
+MEMORY_FACTOR = 8
 
 
 def training_busy(runs_dir: Path | None) -> str | None:
@@ -44,6 +51,35 @@ def training_busy(runs_dir: Path | None) -> str | None:
     if cores > 1 and generation_threads(cores, load) < cores:  # answers would not get the step's thread count
         return f"the machine is busy (1-minute load {load:.1f} on {cores} cores)"
     return None
+
+
+def memory_short(weight_bytes: int) -> str | None:
+    """Why a compile for a step reading `weight_bytes` of weights should not start for lack of memory, or None
+    (also when the available memory cannot be read)."""
+    available = available_memory()
+    need = MEMORY_FACTOR * weight_bytes
+    if available is None or available >= need:
+        return None
+    return f"the memory available ({available / 2**30:.1f} GiB) is short of its ~{need / 2**30:.1f} GiB"
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take: the kernel's MemAvailable, within the cgroup's limit where one is set
+    (a container's MemAvailable is its host's)."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def lower_priority() -> None:

@@ -159,10 +159,10 @@ class CompiledPair:
         if previous is not None and previous.is_alive():  # one compile at a time: two would double its memory
             self.held_back = "the previous adapter's compile is still ending"
             return False
-        self.held_back = background.training_busy(self.runs_dir)
+        weights = pair_step.weights(model, routing)
+        self.held_back = background.training_busy(self.runs_dir) or background.memory_short(_weight_bytes(weights))
         if self.held_back is not None:  # asked again at the next pair answer
             return False
-        weights = pair_step.weights(model, routing)
         with self._lock:
             self._weights = weights
             generation = self._generation
@@ -250,6 +250,13 @@ class CompiledPair:
 
         state.step_fn, state.rotary = counted, weights.rotary
         return state
+
+
+def _weight_bytes(w: pair_step.Weights) -> int:
+    """The bytes of the base weights the step reads (its constants once compiled); a tied head counted once."""
+    tensors = [w.embed, w.head, w.final_norm, *(t for parts in w.layers for t in parts.values())]
+    unique = {t.data_ptr(): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 @dataclass

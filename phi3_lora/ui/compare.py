@@ -136,7 +136,8 @@ PAIR_STEP_NOTES = {  # Compare's compiled pair step on a CPU (phi3_lora/speed/pa
                  "the usual speed; afterwards greedy answers (temperature 0) come ~1.3x faster, exactly the same "
                  "answers.",
     "waiting": " Compare will prepare a faster way to answer (about 5 minutes in the background) once no training run "
-               "(or earlier preparation) is going, so that it never slows a run down.",
+               "(or earlier preparation) is going and the machine has the memory for it, so that it never slows a "
+               "run down.",
     "ready": " Compare's faster step is prepared: greedy answers (temperature 0) come ~1.3x faster, the same answers.",
 }
 
