@@ -98,6 +98,23 @@ def rows_from_file(path: str | Path) -> tuple[list[dict[str, Any]], list[Skipped
     return loaded.rows, skipped
 
 
+class Unanswerable(ValueError):
+    """A row with no prompt to answer or no reference to score against; the message says which."""
+
+
+def row_prompt(messages: list[dict[str, Any]]) -> tuple[Messages, str]:
+    """A row's prompt and its reference: every turn before the last assistant turn (its system prompt and earlier
+    turns included, as training rendered them) and that turn's text. What scoring and Compare's held-out example
+    both answer (pure)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise Unanswerable("has no assistant turn, so there is no reference answer to score against.")
+    history = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+    if not any(m["role"] == "user" for m in history):
+        raise Unanswerable("has no user turn before its last assistant turn: nothing to answer.")
+    return history, messages[last]["content"]
+
+
 def prepare(rows: list[dict[str, Any]], tokenizer: Any, context: int, max_new_tokens: int) -> tuple[list[Item], list[Skipped]]:
     """Split each row into history + reference and tokenize it; rows without a reference or too long are skipped."""
     from phi3_lora.data import encode_conversations
@@ -109,18 +126,15 @@ def prepare(rows: list[dict[str, Any]], tokenizer: Any, context: int, max_new_to
         if not isinstance(messages, list) or not messages:
             skipped.append(Skipped(where, "has no messages."))
             continue
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            skipped.append(Skipped(where, "has no assistant turn, so there is no reference answer to score against."))
+        try:
+            history, reference = row_prompt(messages)
+        except Unanswerable as exc:
+            skipped.append(Skipped(where, str(exc)))
             continue
-        history = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
-        if not any(m["role"] == "user" for m in history):
-            skipped.append(Skipped(where, "has no user turn before its last assistant turn: nothing to answer."))
-            continue
-        item = Item(number, history, messages[last]["content"])
+        item = Item(number, history, reference)
         prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=True)
         item.prompt_tokens = len(prompt["input_ids"])
-        full = encode_conversations(tokenizer, [history + [messages[last]]])[0]
+        full = encode_conversations(tokenizer, [history + [{"role": "assistant", "content": reference}]])[0]
         item.ids = full["input_ids"]
         mask = full.get("assistant_masks") or [1] * len(item.ids)
         item.labels = [t if i >= item.prompt_tokens and mask[i] else -100 for i, t in enumerate(item.ids)]

@@ -119,10 +119,12 @@ def test_train_refuse_second_reattach_compare_export(server) -> None:
     assert base_chat[0]["role"] == "user" and base != tuned, (base, tuned)
     assert "done" in status
 
-    prompt, reference = c.predict(run_id, api_name="/heldout_example")
+    prompt, reference, system, base_chat, tuned_chat, _ = c.predict(run_id, api_name="/heldout_example")
     assert prompt and "Reference answer" in val(reference)
-    # The reference stays for its own prompt and goes for any other (the session remembers which was held out).
-    assert c.predict(prompt, run_id, 0.0, 0.9, 8, 0, [], [], api_name="/compare")[4] == {"__type__": "update"}
+    # The reference stays for its own context (the row's system prompt and earlier turns, as the example filled them
+    # in) and goes for any other (the session remembers which was held out).
+    assert c.predict(prompt, run_id, 0.0, 0.9, 8, 0, base_chat, tuned_chat, system,
+                     api_name="/compare")[4] == {"__type__": "update"}
     hidden = c.predict("Something else?", run_id, 0.0, 0.9, 8, 0, [], [], api_name="/compare")[4]
     assert hidden.get("visible") is False
 

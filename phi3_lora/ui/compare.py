@@ -46,7 +46,8 @@ class CompareTab:
     clear: gr.Button
     reference: gr.Markdown
     status: gr.HTML
-    held_out: gr.State   # the held-out prompt whose reference answer is shown ("" when none)
+    system: gr.Textbox   # the system prompt both sides get first, with every message ("": none)
+    held_out: gr.State   # the whole context (system, earlier turns, prompt) the shown reference answers; None: none
     scoring: evaluation.EvalPanel
     # set by wire; app.py lists the adapters with it on page load and when the tab opens
     on_refresh: Callable[[str | None], Any] | None = None
@@ -64,6 +65,8 @@ def build(state: AppState) -> CompareTab:
                                        info=t("compare.max_new_tokens_info"))
             seed = gr.Number(SAMPLING.seed, precision=0, label=t("compare.seed"), info=t("compare.seed_info"))
     status = gr.HTML(elem_id="p3-compare-status")
+    system = gr.Textbox("", label=t("compare.system"), info=t("compare.system_info"), lines=1, max_lines=4,
+                        elem_id="p3-system")
     with gr.Row(equal_height=True):
         base_chat = gr.Chatbot(label=t("compare.base"), height=520, elem_id="p3-base-chat",
                                placeholder=t("compare.base_placeholder"))
@@ -80,12 +83,13 @@ def build(state: AppState) -> CompareTab:
     gr.HTML(help_md(t("compare.example_help")))
     scoring = evaluation.build()
     return CompareTab(source, refresh, temperature, top_p, max_new_tokens, seed, base_chat, tuned_chat, prompt,
-                      send, example, clear, reference, status, gr.State(""), scoring)
+                      send, example, clear, reference, status, system, gr.State(None), scoring)
 
 
 def check_size(prompt: str, base: list[dict[str, str]], tuned: list[dict[str, str]], max_prompt: int,
                max_chat: int) -> None:
-    """A prompt and a conversation a visitor may send: bounded in bytes before anything is tokenised."""
+    """A prompt and a conversation (its system prompt included) a visitor may send: bounded in bytes before
+    anything is tokenised."""
     size = len(prompt.encode("utf-8", "replace"))
     if size > max_prompt:
         raise UserError(f"The prompt is {size:,} bytes; the limit is {max_prompt:,}.",
@@ -110,12 +114,48 @@ def check_context(engine: Any, base: list[dict[str, str]], tuned: list[dict[str,
 
 
 def _history(chat: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """A chat pane's turns as messages; the system prompt is not among them (it has its own box)."""
     return [{"role": m["role"], "content": message_text(m.get("content"))} for m in chat or []
-            if m.get("role") in ("user", "assistant", "system")]
+            if m.get("role") in ("user", "assistant")]
 
 
-def eval_example(runs_dir: Path, value: str | None, index: int | None = None) -> tuple[str, str, int]:
-    """(prompt, reference answer, index) from the run's held-out rows."""
+def with_system(system: str | None, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What a side's model answers: the system prompt first (when there is one), then the turns."""
+    return ([{"role": "system", "content": system}] if (system or "").strip() else []) + turns
+
+
+def _same_context(sent: list[dict[str, str]], held: list[dict[str, str]]) -> bool:
+    """`sent` is the held-out context as shown, up to whitespace a text box may add or the send trims."""
+    return len(sent) == len(held) and all(a["role"] == b["role"] and a["content"].strip() == b["content"].strip()
+                                          for a, b in zip(sent, held))
+
+
+@dataclass(frozen=True, slots=True)
+class HeldOut:
+    """A held-out row as Compare shows it: `context` (evaluate.row_prompt: what scoring answers) split into the
+    system prompt, the turns before the last user turn, and that turn; `reference` answers exactly `context`."""
+
+    row: int                            # 0-based, in eval_rows.jsonl
+    context: list[dict[str, str]]
+    reference: str
+
+    @property
+    def system(self) -> str:
+        return self.context[0]["content"] if self.context[0]["role"] == "system" else ""
+
+    @property
+    def earlier(self) -> list[dict[str, str]]:
+        return self.context[1 if self.system else 0:-1]
+
+    @property
+    def prompt(self) -> str:
+        return self.context[-1]["content"]
+
+
+def eval_example(runs_dir: Path, value: str | None, index: int | None = None) -> HeldOut:
+    """One of the run's held-out rows (at random, or at `index`), split as scoring splits it."""
+    from phi3_lora.evaluate import Unanswerable, row_prompt
+
     run = find_run(resolve_source(runs_dir, value))
     file = run.eval_rows if run else None
     rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()] \
@@ -125,9 +165,14 @@ def eval_example(runs_dir: Path, value: str | None, index: int | None = None) ->
                                                                 "next run.")
     i = random.randrange(len(rows)) if index is None else index % len(rows)
     msgs = rows[i]["messages"] if isinstance(rows[i], dict) and "messages" in rows[i] else rows[i]
-    user = next((m["content"] for m in msgs if m["role"] == "user"), "")
-    answer = next((m["content"] for m in msgs if m["role"] == "assistant"), "")
-    return user, answer, i
+    try:
+        context, reference = row_prompt(msgs)
+    except Unanswerable as exc:
+        raise UserError(f"Held-out row {i + 1} {exc}", hint="Press \"Held-out example\" again for another row.")
+    if context[-1]["role"] != "user":
+        raise UserError(f"Held-out row {i + 1} does not end on a user turn before its reference answer.",
+                        hint="Press \"Held-out example\" again for another row.")
+    return HeldOut(i, context, reference)
 
 
 PAIR_STEP_NOTES = {  # Compare's compiled pair step on a CPU (phi3_lora/speed/pair_graph.py, pair_artifact.py)
@@ -160,16 +205,16 @@ def wire(tab: CompareTab, state: AppState) -> None:
     @user_errors
     @guarded(state)
     def on_send(who: Requester, prompt: str, source: str | None, temperature: float, top_p: float, max_new: float,
-                seed: Any, base_chat: list | None, tuned_chat: list | None, held_out: str = "",
-                progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
+                seed: Any, base_chat: list | None, tuned_chat: list | None, held_out: list | None = None,
+                system: str = "", progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Any, ...]]:
         hub = is_hub_adapter(runs_dir, source)
         check(state, who, Action.COMPARE_HUB if hub else Action.COMPARE)
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("The prompt is empty.", hint="Type a question, or press \"Held-out example\".")
         options = state.options
-        check_size(prompt, _history(base_chat), _history(tuned_chat), options.max_prompt_bytes,
-                   options.max_chat_bytes)
+        check_size(prompt, with_system(system, _history(base_chat)), with_system(system, _history(tuned_chat)),
+                   options.max_prompt_bytes, options.max_chat_bytes)
         settings = GenerationSettings(temperature=float(temperature), top_p=float(top_p),
                                       max_new_tokens=int(max_new), seed=int(seed or 0),
                                       max_time=options.max_generation_s)
@@ -182,12 +227,19 @@ def wire(tab: CompareTab, state: AppState) -> None:
             base = locate_adapter(path).model_name
             check_model(state, who, base)
             check_model_fits(state, who, base)
-        base_hist = _history(base_chat) + [{"role": "user", "content": prompt}]
-        tuned_hist = _history(tuned_chat) + [{"role": "user", "content": prompt}]
-        shown_base = base_hist + [{"role": "assistant", "content": ""}]
-        shown_tuned = tuned_hist + [{"role": "assistant", "content": ""}]
-        # The reference answer belongs to the held-out prompt only; another prompt hides it.
-        reference = gr.skip() if prompt == (held_out or "").strip() else gr.update(visible=False)
+        shown_base = _history(base_chat) + [{"role": "user", "content": prompt}]
+        shown_tuned = _history(tuned_chat) + [{"role": "user", "content": prompt}]
+        base_hist, tuned_hist = with_system(system, shown_base), with_system(system, shown_tuned)
+        # The reference answers the held-out context only: both sides get exactly that context (as scoring
+        # renders it, whitespace included), and any other conversation hides the reference.
+        held = held_out if isinstance(held_out, list) and held_out else None
+        if held and _same_context(base_hist, held) and _same_context(tuned_hist, held):
+            base_hist = tuned_hist = [dict(m) for m in held]
+            reference = gr.skip()
+        else:
+            reference = gr.update(visible=False)
+        shown_base, shown_tuned = shown_base + [{"role": "assistant", "content": ""}], \
+            shown_tuned + [{"role": "assistant", "content": ""}]
         with hold_checkpoint(path):  # until this request ends, the running job does not rotate it away
             yield shown_base, shown_tuned, "", notice("info", "Loading the model (first use only)…"), reference
             engine = get_engine(state, path, progress)
@@ -206,22 +258,32 @@ def wire(tab: CompareTab, state: AppState) -> None:
 
     @user_errors
     @guarded(state)
-    def on_example(who: Requester, source: str | None) -> tuple[str, Any, str]:
+    def on_example(who: Requester, source: str | None) -> tuple[Any, ...]:
+        """A fresh conversation on both sides: the row's system prompt in its box, its earlier turns in both
+        chats, its last user turn in the prompt box, and the reference that answers exactly that context."""
         why = rows_refusal(state, who, resolve_source(runs_dir, source))
         if why:  # the held-out rows are the data of whoever trained on them
             raise UserError(why, hint="Type a prompt of your own instead: the answers and scores stay visible.")
-        user, answer, i = eval_example(runs_dir, source)
-        return user, gr.update(value=f"**Reference answer** (held-out row {i + 1}):\n\n{answer}", visible=True), user
+        held = eval_example(runs_dir, source)
+        parts = (["its system prompt (in the box above)"] if held.system else []) + \
+            ([f"its {len(held.earlier)} earlier turns"] if held.earlier else [])
+        told = (f"Held-out row {held.row + 1}: a fresh conversation with " + " and ".join(parts) + ", as in training. "
+                if parts else f"Held-out row {held.row + 1}: a fresh conversation. ") + "Press Send."
+        reference = gr.update(value=f"**Reference answer** (held-out row {held.row + 1}):\n\n{held.reference}",
+                              visible=True)
+        return (held.prompt, reference, held.system, list(held.earlier), list(held.earlier), notice("info", told),
+                held.context)
 
     inputs = [tab.prompt, tab.source, tab.temperature, tab.top_p, tab.max_new_tokens, tab.seed, tab.base_chat,
-              tab.tuned_chat, tab.held_out]
+              tab.tuned_chat, tab.held_out, tab.system]
     outputs = [tab.base_chat, tab.tuned_chat, tab.prompt, tab.status, tab.reference]
     # On ZeroGPU the GPU exists only inside a spaces.GPU call; elsewhere this returns on_send unchanged.
     send = spaces.gpu(on_send, state.options.space_env)
     gr.on([tab.send.click, tab.prompt.submit], send, inputs, outputs, api_name="compare",
           concurrency_id="generate", concurrency_limit=1)
-    tab.example.click(on_example, tab.source, [tab.prompt, tab.reference, tab.held_out], api_name="heldout_example")
-    tab.clear.click(lambda: ([], [], gr.update(visible=False), "", ""), None,
+    tab.example.click(on_example, tab.source, [tab.prompt, tab.reference, tab.system, tab.base_chat, tab.tuned_chat,
+                                               tab.status, tab.held_out], api_name="heldout_example")
+    tab.clear.click(lambda: ([], [], gr.update(visible=False), "", None), None,
                     [tab.base_chat, tab.tuned_chat, tab.reference, tab.status, tab.held_out], api_name="clear_chats")
     tab.refresh.click(on_refresh, tab.source, tab.source, api_name="list_adapters")
     evaluation.wire(tab.scoring, state, tab.source, tab.max_new_tokens)
