@@ -33,8 +33,11 @@ def write_zip(dest: str | Path, entries: Iterable[tuple[str, Content]]) -> Path:
     return dest
 
 
-def folder_entries(folder: str | Path, *, leave_out: frozenset[str] = frozenset()) -> list[tuple[str, Content]]:
-    """Every file under `folder`, named '<folder name>/<its path inside>' (sorted), except those named in `leave_out`."""
+def folder_entries(folder: str | Path, *, leave_out: frozenset[str] = frozenset(),
+                   top: str | None = None) -> list[tuple[str, Content]]:
+    """Every file under `folder`, named '<top>/<its path inside>' (sorted; `top` defaults to the folder's name), except
+    those named in `leave_out`."""
     folder = Path(folder)
-    return [(path.relative_to(folder.parent).as_posix(), path) for path in sorted(folder.rglob("*"))
+    top = top or folder.name
+    return [(f"{top}/{path.relative_to(folder).as_posix()}", path) for path in sorted(folder.rglob("*"))
             if path.is_file() and path.name not in leave_out]

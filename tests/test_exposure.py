@@ -126,7 +126,8 @@ def test_a_merged_download_is_a_copy_in_gradios_cache(server) -> None:
     status, body = get(url, urlparse(download["url"]).path)
     assert status == 200
     names = zipfile.ZipFile(io.BytesIO(body)).namelist()
-    assert f"merged/{RunDir.ADAPTER_CONFIG}" not in names and "merged/config.json" in names, names
+    top = f"{RUN_ID}-merged"  # the one folder inside: named by the run (export_tab.download_name)
+    assert f"{top}/{RunDir.ADAPTER_CONFIG}" not in names and f"{top}/config.json" in names, names
     assert not any(n.endswith("verification.json") for n in names), names
     assert (runs / RUN_ID / "merged" / "verification.json").exists()
     assert not list(exports_dir(runs, RUN_ID).glob("*merged*")), "the built zip stays on the disk"

@@ -81,6 +81,28 @@ def test_each_download_is_named_by_its_run(server) -> None:
     assert names == [f"{run_id}-adapter.zip", f"{run_id}-merged.zip", f"{run_id}-gguf-f16.zip"], names
 
 
+def test_two_runs_merged_downloads_unpack_side_by_side(server) -> None:
+    """Every run's merged-model zip unpacked to merged/: a second run's, extracted beside the first's, went into
+    (and over) the same folder. Each now unpacks to one folder named by its run, like its zip."""
+    import zipfile
+
+    from helpers.run_folders import make_adapter_run
+
+    url, runs, tiny = server
+    c = client(url)
+    tops = {}
+    for run_id in ("20260103-000000-first-merge", "20260103-000001-second-merge"):
+        make_adapter_run(runs, tiny, run_id)
+        merged = val(c.predict(*endpoint_args(c, "export_merged", Adapter=run_id), api_name="/export_merged")[1])
+        with zipfile.ZipFile(merged) as zf:
+            names = zf.namelist()
+        assert any(n.endswith("/model.safetensors") for n in names), names
+        tops[run_id] = {n.split("/", 1)[0] for n in names}
+    first, second = tops.values()
+    assert first != second, tops
+    assert tops == {run_id: {f"{run_id}-merged"} for run_id in tops}, tops
+
+
 def test_an_edit_turns_the_preset_radio_to_custom(server) -> None:
     url, _, _ = server
     c = client(url)

@@ -171,14 +171,26 @@ def verification_html(export_path: Path, readable: bool = True) -> str:
     return notice("ok" if result.ok else "warn", result.line()) + "".join(notice("info", d) for d in differences)
 
 
-def download_zip(component: gr.File, dest: Path, folder: Path) -> str:
-    """A web download of an exported folder, without its verification.json (that quotes the run's held-out prompts;
-    its README carries the verification without them): zipped to `dest`, handed to gradio, then removed (the folder
-    itself stays; a second copy of a merged model would only fill the disk)."""
+def download_name(source: Path, folder: Path) -> str:
+    """What the download of an export folder of a run is called: '<run id>-<folder>' (<run>-merged, <run>-gguf-f16),
+    like the adapter zip's <run>-adapter.zip. Two runs' downloads do not replace each other in a browser's folder."""
+    return f"{_run_dir(source).name}-{folder.name}"
+
+
+def download_zip(component: gr.File, runs_dir: Path, source: Path, folder: Path, *, named_top: bool) -> str:
+    """A web download of `folder`, an export of the run that holds `source`, without its verification.json (that
+    quotes the run's held-out prompts; its README carries the verification without them): zipped under the run's
+    exports folder, handed to gradio, then removed (the folder itself stays; a second copy of a merged model would
+    only fill the disk). `named_top`: the zip unpacks to a folder of the download's name (two runs' merged models
+    side by side, as the adapter zip's <run>/), else to the folder's own name (a GGUF README's commands `cd` into
+    it)."""
     from phi3_lora.archive import folder_entries, write_zip
 
+    name = download_name(source, folder)
+    dest = exports_dir(runs_dir, _run_dir(source).name) / f"{name}.zip"
+    entries = folder_entries(folder, top=name if named_top else None, leave_out=frozenset({"verification.json"}))
     try:
-        return downloadable(component, write_zip(dest, folder_entries(folder, leave_out=frozenset({"verification.json"}))))
+        return downloadable(component, write_zip(dest, entries))
     finally:
         dest.unlink(missing_ok=True)
 
@@ -230,9 +242,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return message + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.8, desc="Zipping for download…")
-        run_name = _run_dir(path).name  # named by run, like the adapter zip (<run>-adapter.zip)
-        archive = download_zip(tab.merge_file, exports_dir(runs_dir, run_name) / f"{run_name}-{merged.name}.zip",
-                               merged)
+        archive = download_zip(tab.merge_file, runs_dir, path, merged, named_top=True)
         return message, gr.update(value=archive, visible=True)
 
     @user_errors
@@ -283,8 +293,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return report + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.9, desc="Zipping for download…")
-        run_name = _run_dir(path).name  # named by run, like the adapter and merged zips: two runs' GGUFs stay apart
-        archive = download_zip(tab.gguf_file, exports_dir(runs_dir, run_name) / f"{run_name}-{out.name}.zip", out)
+        archive = download_zip(tab.gguf_file, runs_dir, path, out, named_top=False)
         return report, gr.update(value=archive, visible=True)
 
     @user_errors
