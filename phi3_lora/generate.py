@@ -101,7 +101,7 @@ class ChatEngine:
         self._tuned_biases: dict[str, Any] = {}  # biases the current adapter trained (bias all / lora_only)
         self._merged = merging.MergedWeights()  # the tuned side's merged weights, made on first use per adapter
         self._packed = cpu_linear.PackedLinears()  # CPU float32: weights packed for oneDNN, made on first use
-        self._compiled_pair = pair_graph.CompiledPair()  # CPU: Compare's pair step compiled in the background (off by default)
+        self._compiled_pair = pair_graph.CompiledPair()  # CPU: Compare's compiled pair step (options.COMPILED_PAIR_CPU)
         if adapter_dir:
             self.set_adapter(adapter_dir)
         release_thread_pool()  # loading ran parallel ops here; generation may stream from another thread

@@ -78,14 +78,16 @@ COMPILED_ACTIVATION_BUDGET: float | None = None
 MIN_ACTIVATION_SHARE = 0.05
 # Compare's pair (base + tuned row) decoded on a CPU by a compiled step, compiled while no training runs in a child
 # process at nice 19 as an AOTInductor package that the app loads, cached per base weights and LoRA structure
-# (phi3_lora/speed/pair_graph.py, pair_artifact.py: Llama-shaped models, the eager step's logits bit for bit). On the
-# 2-core EPYC the step takes ~0.64-0.81x of the eager pair step; compiled in the app's own thread it slowed the
-# app's answers ~13x for minutes (twelfth session), out of process they stayed at 4.0-4.8 s against 3.8-8.4 s off,
-# and a restart loads the package (docs/benchmarks.md, CPU, 2026-12-05). Still off: that was one clean 4-minute
-# window of a compile, and no full compile inside an app run nor the test suite with it on was measured. Only the
-# app's Compare engines in float32 would compile by default (pair_graph.asked). Env PHI3_LORA_COMPILED_PAIR=1 / 0:
-# on for every engine / off, for a process.
-COMPILED_PAIR_CPU = False
+# (phi3_lora/speed/pair_graph.py, pair_artifact.py: Llama-shaped models, the eager step's logits bit for bit). On by
+# default since 2026-12-05 (docs/benchmarks.md, CPU, "whole answers"; embedded model, 2-core EPYC, 128-token greedy
+# answers, 5 prompts x 3, under an exclusive lock): the package serves the longer answer to its end, 25.4 tokens/s
+# per side against eager's 18.3 (medians; 1.36x in wall time), the same answers. A first start compiles for ~6
+# minutes of nice-19 CPU while the app answers (its answers meanwhile 15.2 against 16.6 tokens/s, medians) and
+# needs memory for it (the compiler peaked at 3.9 GB, 7.2x the weights: `background.memory_short` waits below
+# 8x); the app holds ~1.2 GB more once the package is loaded; a restart loads it in ~4 s. Only the app's Compare
+# engines in float32 compile by default (pair_graph.asked); the test suite keeps it off (tests/conftest.py sets
+# PHI3_LORA_COMPILED_PAIR=0). Env PHI3_LORA_COMPILED_PAIR=1 / 0: on for every engine / off, for a process.
+COMPILED_PAIR_CPU = True
 # torch.compile's mode for the decoder layers (None: the default; "reduce-overhead": CUDA graphs). Bench only.
 COMPILE_MODE: str | None = None
 # SDPA's kernel order with cuDNN's fused attention first on Hopper GPUs (speed/sdpa_backend.py), and full-length
