@@ -19,7 +19,7 @@ from phi3_lora import archive, portable
 from phi3_lora.config import RunConfig, dump_yaml, load_yaml
 from phi3_lora.errors import UserError, hub_errors, is_disk_full
 from phi3_lora.adapter_folder import AdapterRef, locate_adapter
-from phi3_lora.runs import RunDir, adapter_config_file, find_run, scrub_paths
+from phi3_lora.runs import RunDir, adapter_config_file, find_run, scrub_paths, temporary_of
 
 # Files of an adapter folder that belong in a bundle (weights are safetensors only).
 BUNDLE_SUFFIXES = (".safetensors", ".json", ".jinja", ".yaml", ".model", ".txt", ".md")
@@ -323,7 +323,7 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path, dtype: str = 
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(ref.adapter_dir))
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp = temporary_of(out_dir)  # counts for whoever out_dir counts for (quotas.run_bytes_of) while it is written
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with torch.no_grad():
@@ -413,6 +413,11 @@ def resolve_token(token: str | None, use_saved_login: bool = True) -> str:
     return token
 
 
+# What a push leaves in the run (or `work_dir`): the adapter's verified zip and its contents, or the merged model.
+PUSH_FOLDER = "push"
+MERGED_FOLDER = "merged"
+
+
 def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, merged: bool = False,
                 private: bool = True, work_dir: str | Path | None = None, use_saved_login: bool = True) -> str:
     """Upload the adapter (or a merged model) to a Hub model repo; returns its URL. `use_saved_login=False`:
@@ -433,9 +438,9 @@ def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, mer
     run = find_run(ref.adapter_dir)
     work = Path(work_dir or (run.path if run else ref.adapter_dir.parent))
     if merged:
-        folder = merge_adapter(run_or_adapter, work / "merged")
+        folder = merge_adapter(run_or_adapter, work / MERGED_FOLDER)
     else:  # the verified zip's contents: portable adapter_config.json, card with the verification line
-        bundle = adapter_zip(run_or_adapter, work / "push")
+        bundle = adapter_zip(run_or_adapter, work / PUSH_FOLDER)
         folder = bundle.parent / bundle.stem
         shutil.rmtree(folder, ignore_errors=True)
         with zipfile.ZipFile(bundle) as zf:

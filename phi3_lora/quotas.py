@@ -274,15 +274,17 @@ def folder_bytes(folder: Path) -> int:
 def run_bytes_of(runs_dir: Path, holder: str, starters: Mapping[str, str]) -> dict[str, int]:
     """What `holder` keeps in `runs_dir`: each run they started (`starters`: access.RunStarters.all()) by the bytes
     of its folder, less the export folders somebody else made in it, and each export folder they made in any run
-    ('<run id>/<folder>')."""
-    from phi3_lora.runs import run_dirs
+    ('<run id>/<folder>'), with its temporary beside it while an export writes it (runs.temporary_of: a merge's
+    16-bit copy before it is renamed into place)."""
+    from phi3_lora.runs import run_dirs, temporaries_of
 
     out: dict[str, int] = {}
     for run in run_dirs(runs_dir):
         others = 0
         for name in [k.split("/", 1)[1] for k in starters if k.startswith(f"{run.run_id}/")]:
             folder = run.path / name
-            size = folder_bytes(folder) if folder.is_dir() else 0
+            size = (folder_bytes(folder) if folder.is_dir() else 0) + sum(
+                folder_bytes(t) for t in temporaries_of(folder) if t.is_dir() and not t.is_symlink())
             if starters.get(f"{run.run_id}/{name}") == holder:
                 out[f"{run.run_id}/{name}"] = size
             else:

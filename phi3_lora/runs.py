@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import glob
 import json
 import os
 import re
@@ -206,8 +207,20 @@ def new_token() -> str:
     return os.urandom(12).hex()
 
 
+def temporary_of(path: str | Path) -> Path:
+    """Where this process writes `path` before renaming it into place: '.<name>.tmp-<pid>' beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def temporaries_of(path: str | Path) -> list[Path]:
+    """Every process's temporary of `path` (temporary_of) that exists: whoever `path` counts for holds them too."""
+    path = Path(path)
+    return [p for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if p.name[len(path.name) + 6:].isdigit()]
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_of(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

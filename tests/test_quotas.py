@@ -557,6 +557,114 @@ def test_a_merged_push_is_checked_against_the_runs_share_like_a_merge(signed_in_
         call(run_dir.name, api_name="/delete_run")
 
 
+def test_an_exports_temporary_counts_for_who_made_the_export(tmp_path: Path) -> None:
+    """While a merge writes it, the 16-bit copy lies beside its folder ('.merged.tmp-<pid>', runs.temporary_of): it
+    counts for whoever the merged folder counts for, bob, not for alice who started the run; a temporary of nothing
+    recorded stays hers."""
+    from phi3_lora.access import RunStarters
+    from phi3_lora.runs import RunDir
+
+    runs = tmp_path / "runs"
+    run = runs / "20260101-000000-a"
+    run.mkdir(parents=True)
+    (run / RunDir.CONFIG).write_text("{}\n")
+    _sparse(run / "checkpoints" / "checkpoint-1", 3 * 2**20)
+    _sparse(run / ".merged.tmp-4242", 10 * 2**20)  # the merge under way: its folder does not exist yet
+    _sparse(run / ".other.tmp-4242", 2**20)
+    RunStarters(runs).record(run.name, "auth:alice")
+    RunStarters(runs).record(f"{run.name}/merged", "auth:bob")
+    starters = RunStarters(runs).all()
+    assert quotas.run_bytes_of(runs, "auth:bob", starters) == {f"{run.name}/merged": 10 * 2**20}
+    alice = quotas.run_bytes_of(runs, "auth:alice", starters)[run.name]
+    assert 4 * 2**20 < alice < 5 * 2**20, alice
+
+
+class _PushHub:
+    """A Hub that creates any repo and then knows none (the upload fails): what a push writes on this disk stays."""
+
+    def __init__(self) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler
+
+        from helpers.local_http import LocalServer
+
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                if int(self.headers.get("Content-Length") or 0):
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                if self.command == "POST" and self.path.startswith("/api/repos/create"):
+                    status, body = 200, json.dumps({"url": f"{hub.url}/bob/pushed", "name": "bob/pushed"}).encode()
+                else:
+                    status, body = 404, b'{"error": "Repository not found"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if status == 404:
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_HEAD = do_PUT = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._served = LocalServer(Handler)
+        self.url = self._served.url
+
+    def close(self) -> None:
+        self._served.close()
+
+
+@pytest.mark.slow
+def test_a_plain_push_and_a_merge_count_for_who_made_them_while_and_after_they_work(
+        signed_in_app, tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bob pushes alice's adapter (its verified zip stays in <run>/push/) and merges her run (the 16-bit copy lies in
+    <run>/.merged.tmp-<pid> until it is verified): both counted for alice, whose run it is, not for bob. Now each
+    counts for bob, the merge's temporary from its start, as a GGUF export's temporary merge already did."""
+    from gradio_client.utils import Status
+
+    from phi3_lora.access import RunStarters
+    from phi3_lora.quotas import folder_bytes
+
+    url, runs, _ = signed_in_app
+    run_dir = _alices_run(runs, tiny_llama_dir, "20260104-000000-alice-lent")
+    bob = _signed_in(url, "bob")
+    hub = online(_PushHub(), tmp_path, monkeypatch)
+    try:
+        pushed = _answer(bob, *endpoint_args(bob, "push_to_hub", Adapter=run_dir.name, **{
+            "Repo id": "bob/pushed", "Hugging Face token": "hf_bobs_own"}), api_name="/push_to_hub")
+        assert "Could not push to the Hub" in pushed, pushed[:600]
+        assert list((run_dir / "push").glob("*-adapter.zip")), "the push's verified zip stays in the run"
+        held = quotas.run_bytes_of(runs, "auth:bob", RunStarters(runs).all())
+        assert held[f"{run_dir.name}/push"] == folder_bytes(run_dir / "push") > 0, held
+
+        merge = bob.submit(*endpoint_args(bob, "export_merged", Adapter=run_dir.name), api_name="/export_merged")
+        seen = None
+        while seen is None and not merge.done():
+            temporary = next((t for t in run_dir.glob(".merged.tmp-*") if (t / "config.json").exists()), None)
+            if temporary is not None:
+                starters = RunStarters(runs).all()
+                size = folder_bytes(temporary)
+                bobs = quotas.run_bytes_of(runs, "auth:bob", starters)
+                alices = quotas.run_bytes_of(runs, "auth:alice", starters)
+                if temporary.exists():  # not renamed into place meanwhile: one consistent look
+                    seen = size, bobs, alices
+            time.sleep(0.05)
+        merge.result(timeout=600)
+        assert merge.status().code == Status.FINISHED
+        assert seen is not None, "the merge's temporary was never seen"
+        size, bobs, alices = seen
+        assert size > 0 and bobs.get(f"{run_dir.name}/merged", 0) >= size, (size, bobs)
+        assert alices[run_dir.name] <= folder_bytes(run_dir) - size, (size, alices)
+    finally:
+        hub.close()
+        _answer(_signed_in(url, "alice"), run_dir.name, api_name="/delete_run")
+
+
 @pytest.mark.slow
 def test_a_push_waits_for_the_one_model_slot(signed_in_app, tiny_llama_dir: Path) -> None:
     """A push verifies an adapter zip (the base model loaded here and in a fresh process) or merges: it takes the one

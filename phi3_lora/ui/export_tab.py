@@ -139,7 +139,7 @@ def _run_dir(path: Path) -> Path:
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-VISITOR_MERGE_FOLDER = "merged"
+VISITOR_MERGE_FOLDER = "merged"  # export.MERGED_FOLDER: where a merged push merges
 
 
 def merge_destination(run_dir: Path, name: str | None, *, any_name: bool = True) -> Path:
@@ -229,9 +229,10 @@ def wire(tab: ExportTab, state: AppState) -> None:
         out = merge_destination(_run_dir(path), folder, any_name=who.level is access.Level.OWNER)
         _check_export_room(who, path, out, "a merge", None)
         progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
+        # whose disk the merged folder counts on, from the start: its temporary lies beside it while it works
+        state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
         with hold_source(path, "a merge"):  # until its download is zipped: Delete run waits
             merged = _export().merge_adapter(path, out, base=base or "auto")
-            state.starters.record(f"{_run_dir(path).name}/{merged.name}", who.identity)  # whose disk it counts on
             return _merged_answer(who, path, merged, progress)
 
     def _merged_answer(who: Requester, path: Path, merged: Path, progress: gr.Progress) -> tuple[str, Any]:
@@ -262,6 +263,8 @@ def wire(tab: ExportTab, state: AppState) -> None:
             out = merge_destination(_run_dir(path), VISITOR_MERGE_FOLDER)
             _check_export_room(who, path, out, "a merged push", None)
             state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
+        else:  # the verified adapter zip and its contents stay in the run's push folder: they count for the pusher
+            state.starters.record(f"{_run_dir(path).name}/{_export().PUSH_FOLDER}", who.identity)
         progress(0.1, desc="Pushing to the Hub…")
         with hold_source(path, "a Hub push"):
             url = _export().push_to_hub(path, repo_id, hub_token or None, merged=what == "merged",
