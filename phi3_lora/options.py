@@ -81,10 +81,11 @@ MIN_ACTIVATION_SHARE = 0.05
 # (phi3_lora/speed/pair_graph.py, pair_artifact.py: Llama-shaped models, the eager step's logits bit for bit). On by
 # default since 2026-12-05 (docs/benchmarks.md, CPU, "whole answers"; embedded model, 2-core EPYC, 128-token greedy
 # answers, 5 prompts x 3, under an exclusive lock): the package serves the longer answer to its end, 25.4 tokens/s
-# per side against eager's 18.3 (medians; 1.36x in wall time), the same answers. A first start compiles for ~6
-# minutes of nice-19 CPU while the app answers (its answers meanwhile 15.2 against 16.6 tokens/s, medians) and
-# needs memory for it (the compiler peaked at 3.9 GB, 7.2x the weights: `background.memory_short` waits below
-# 8x); the app holds ~1.2 GB more once the package is loaded; a restart loads it in ~4 s. Only the app's Compare
+# per side against eager's 18.3 (medians; 1.36x in wall time), the same answers; through the app's streaming 21.5
+# against 18.0 (1.19x). A first start compiles for ~6 minutes of nice-19 CPU while the app answers (its answers
+# meanwhile 15.2 against 16.6 tokens/s, medians) and needs memory for it (the compiler peaked at 3.9 GB, 7.2x the
+# weights: `background.memory_short` waits below 8x); the app holds ~1.2 GB more once the package is loaded; a
+# restart loads it in ~4 s. Only the app's Compare
 # engines in float32 compile by default (pair_graph.asked); the test suite keeps it off (tests/conftest.py sets
 # PHI3_LORA_COMPILED_PAIR=0). Env PHI3_LORA_COMPILED_PAIR=1 / 0: on for every engine / off, for a process.
 COMPILED_PAIR_CPU = True
