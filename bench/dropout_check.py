@@ -92,7 +92,10 @@ def compiled_layer_masks(device: str, kernel: bool, budget: float, p: float = 0.
             graphs.append(gm)
             return torch._dynamo.backends.registry.lookup_backend("inductor")(gm, example_inputs)
 
-        compiled = torch.compile(model, backend=recording, dynamic=False)
+        lora = model.base_model.model.proj  # compiled on its own, as compile_layers compiles decoder layers
+        dropout_mask.install(model, [lora])
+        lora.compile(backend=recording, dynamic=False)
+        compiled = model
         torch.manual_seed(0)
         x = torch.randn(4, tokens, WIDTH).to(torch.bfloat16).float()  # exact in bf16: out is 2x or 0 exactly
         x[x == 0] = 1.0
@@ -113,11 +116,60 @@ def compiled_layer_masks(device: str, kernel: bool, budget: float, p: float = 0.
     }
 
 
+def saved_bytes_per_token(budget: float, kernel: bool, save_draws: bool, tokens: int = 512) -> float:
+    """Bytes a compiled tiny Phi-3 decoder layer (LoRA r16 all-linear, dropout 0.05) keeps for its backward pass
+    per token, with the partitioner keeping `budget` of its activations: what the memory budget's plans pay."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    saved = options.DROPOUT_MASK_KERNEL, options.DROPOUT_MASK_ON_CPU
+    options.DROPOUT_MASK_KERNEL, options.DROPOUT_MASK_ON_CPU = kernel, True
+    sizes: list[int] = []
+    try:
+        with functorch_config.patch(activation_memory_budget=budget), \
+                inductor_config.patch(joint_custom_post_pass=None):
+            if save_draws:
+                seeded_recompute.install()
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            config = Phi3Config(hidden_size=256, intermediate_size=640, num_hidden_layers=1, num_attention_heads=8,
+                                num_key_value_heads=8, vocab_size=512, max_position_embeddings=1024, pad_token_id=0)
+            model = get_peft_model(Phi3ForCausalLM(config).to(torch.bfloat16),
+                                   LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
+            lean_lora.install(model)
+            model.train()
+            dropout_mask.install(model, [m for m in model.modules()
+                                         if isinstance(m, lean_lora.lora_linear_classes())])
+            layer = model.base_model.model.model.layers[0]
+            layer.compile()
+            x = torch.randn(1, tokens, 256, dtype=torch.bfloat16, requires_grad=True)
+            positions = torch.arange(tokens)[None]
+            rope = model.base_model.model.model.rotary_emb(x, positions)
+            for hook in model._forward_pre_hooks.values():  # the model's forward would run it: a new seed
+                hook(model, ())
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                sizes.append(t.numel() * t.element_size())
+                return t
+
+            with torch.autocast(x.device.type, dtype=torch.bfloat16), \
+                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = layer(x, position_embeddings=rope, attention_mask=None, position_ids=positions)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    finally:
+        options.DROPOUT_MASK_KERNEL, options.DROPOUT_MASK_ON_CPU = saved
+        torch._dynamo.reset()
+    return sum(sizes) / tokens
+
+
 def mask_stats(device: str, p: float = 0.05, side: int = 8192) -> dict[str, Any]:
     """The op's mask alone: keep rate per quarter of the output (each quarter is one of Philox's four outputs),
     neighbours' joint keep rate against (1 - p)^2, and determinism by seed."""
-    seed = torch.tensor([1234], device=device)
-    mask = dropout_mask.keep_mask(seed, [side, side], p)
+    seed, key = torch.tensor([1234], device=device), torch.tensor([99], device=device)
+    mask = dropout_mask.keep_mask(seed, key, [side, side], p)
     flat = mask.reshape(-1).float()
     quarters = [float(q.mean()) for q in flat.chunk(4)]
     pairs = float((flat[:-1] * flat[1:]).mean())
@@ -125,20 +177,22 @@ def mask_stats(device: str, p: float = 0.05, side: int = 8192) -> dict[str, Any]
     return {"p": p, "keep_rate": float(flat.mean()), "want": 1 - p, "sigma": (p * (1 - p) / flat.numel()) ** 0.5,
             "quarters": quarters, "neighbours_both_kept": pairs, "same_call_both_kept": strided,
             "want_both": (1 - p) ** 2,
-            "same_seed_same_mask": bool(torch.equal(mask, dropout_mask.keep_mask(seed.clone(), [side, side], p))),
-            "other_seed_differs": not bool(torch.equal(mask, dropout_mask.keep_mask(seed + 1, [side, side], p)))}
+            "same_seed_same_mask": bool(torch.equal(mask, dropout_mask.keep_mask(seed.clone(), key, [side, side], p))),
+            "other_seed_differs": not bool(torch.equal(mask, dropout_mask.keep_mask(seed + 1, key, [side, side], p))),
+            "other_key_differs": not bool(torch.equal(mask, dropout_mask.keep_mask(seed, key + 1, [side, side], p)))}
 
 
 def time_dropouts(device: str = "cuda", side: int = 8192, p: float = 0.05, repeats: int = 20) -> dict[str, float]:
     """ms for `x * mask / (1 - p)` of a side x side bf16 input with its mask written (what a compiled layer
     keeps), compiled: Inductor's own dropout against the op's mask."""
     x = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    seed, key = torch.tensor([5], device=device), torch.tensor([7], device=device)
 
     def inductor_dropout(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.aten.native_dropout(t, p, True)
 
     def op_dropout(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = dropout_mask.keep_mask(dropout_mask.new_seed(t.device), list(t.shape), p)
+        mask = dropout_mask.keep_mask(seed, key, list(t.shape), p)
         return t * mask * (1.0 / (1.0 - p)), mask
 
     out: dict[str, float] = {}

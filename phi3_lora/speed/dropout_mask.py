@@ -26,10 +26,12 @@ import functools
 from typing import Any
 
 import torch
+from torch import nn
 
 from phi3_lora import options
 
 _OP = "phi3_lora::dropout_keep_mask"
+_STEP, _KEY = "_phi3_dropout_seed", "_phi3_dropout_key"  # non-persistent buffers of each LoRA layer
 _BLOCK = 1024
 
 
@@ -46,12 +48,12 @@ def _triton_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def keep_mask_kernel(seed_ptr, out_ptr, numel, quarter, drop_below, BLOCK: tl.constexpr):  # noqa: ANN001
+    def keep_mask_kernel(seed_ptr, key_ptr, out_ptr, numel, quarter, drop_below, BLOCK: tl.constexpr):  # noqa: ANN001
         # Group g of four elements gets one Philox call: its four outputs go to elements g, g + quarter,
         # g + 2 quarter and g + 3 quarter, so each store is contiguous. Which value serves which element does
         # not matter: every output of every call is an independent uniform 32-bit value.
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr) ^ tl.load(key_ptr)
         r0, r1, r2, r3 = tl.randint4x(seed, offs)
         inside = offs < quarter
         tl.store(out_ptr + offs, r0 >= drop_below, mask=inside & (offs < numel))
@@ -63,9 +65,9 @@ def _triton_kernel() -> Any:
 
 
 @torch.library.custom_op(_OP, mutates_args=())
-def keep_mask(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
-    """A bool mask of `shape`, True where kept (probability 1 - p), drawn from the 64-bit `seed` (a 1-element
-    int64 tensor on the mask's device): the same seed gives the same mask."""
+def keep_mask(seed: torch.Tensor, key: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+    """A bool mask of `shape`, True where kept (probability 1 - p), drawn from the 64-bit `seed` xor `key`
+    (1-element int64 tensors on the mask's device): the same seed and key give the same mask."""
     out = torch.empty(shape, dtype=torch.bool, device=seed.device)
     numel = out.numel()
     if numel == 0:
@@ -74,16 +76,16 @@ def keep_mask(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
         quarter = (numel + 3) // 4
         grid = ((quarter + _BLOCK - 1) // _BLOCK,)
         with torch.cuda.device(seed.device):
-            _triton_kernel()[grid](seed, out, numel, quarter, threshold(p), BLOCK=_BLOCK)
+            _triton_kernel()[grid](seed, key, out, numel, quarter, threshold(p), BLOCK=_BLOCK)
         return out
     generator = torch.Generator(device=seed.device.type)
-    generator.manual_seed(int(seed.reshape(-1)[0].item()) & (2**63 - 1))
+    generator.manual_seed(int((seed.reshape(-1)[0] ^ key.reshape(-1)[0]).item()) & (2**63 - 1))
     values = torch.randint(0, 2**32, shape, generator=generator, dtype=torch.int64, device=seed.device)
     return torch.ge(values, threshold(p), out=out)
 
 
 @keep_mask.register_fake
-def _keep_mask_fake(seed: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
+def _keep_mask_fake(seed: torch.Tensor, key: torch.Tensor, shape: list[int], p: float) -> torch.Tensor:
     return seed.new_empty(shape, dtype=torch.bool)
 
 
@@ -111,7 +113,32 @@ def triton_ok() -> bool:
     return hasattr(tl, "randint4x")
 
 
-def dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torch.Tensor:
-    """nn.Dropout's training forward, `x * mask / (1 - p)` in x's dtype, with the mask from `keep_mask`."""
-    mask = keep_mask(new_seed(x.device) if seed is None else seed, list(x.shape), p)
-    return x * mask * (1.0 / (1.0 - p))
+def dropout(x: torch.Tensor, p: float, module: nn.Module | None = None) -> torch.Tensor:
+    """nn.Dropout's training forward, `x * mask / (1 - p)` in x's dtype, with the mask from `keep_mask`: keyed by
+    `module`'s key and its model's seed of this forward where `install` gave it them (no random op in the graph),
+    else by a seed drawn here (a random op, which `seeded_recompute` keeps for the backward pass)."""
+    seed, key = (getattr(module, _STEP, None), getattr(module, _KEY, None)) if module is not None else (None, None)
+    if seed is None or key is None or seed.device != x.device:
+        seed, key = new_seed(x.device), torch.zeros(1, dtype=torch.int64, device=x.device)
+    return x * keep_mask(seed, key, list(x.shape), p) * (1.0 / (1.0 - p))
+
+
+def install(model: nn.Module, modules: list[nn.Module]) -> int:
+    """Give each of `modules` (LoRA layers whose dropout this op draws) its own random key, and all of them one
+    seed that `model` redraws at the start of each forward pass: each layer's mask is then a pure function of
+    tensors the compiled graph reads, so wherever the mask is remade in the backward pass (the partitioner under
+    an activation budget, activation checkpointing) it is the forward's mask, and the compiler is free to remake
+    it instead of keeping it. Call once the model is on its device (the seed is one tensor, shared)."""
+    if not modules:
+        return 0
+    device = next(iter(modules[0].parameters())).device
+    step = torch.zeros(1, dtype=torch.int64, device=device)
+    for module in modules:
+        module.register_buffer(_STEP, step, persistent=False)
+        module.register_buffer(_KEY, torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device), persistent=False)
+
+    def redraw(_module: nn.Module, _args: Any) -> None:
+        step.copy_(new_seed(step.device))
+
+    model.register_forward_pre_hook(redraw)
+    return len(modules)

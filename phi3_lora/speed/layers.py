@@ -72,13 +72,14 @@ def compile_layers(model: Any, *, activation_budget: float | None = None, **comp
     `activation_budget`: the share of a layer's activations it may keep (it recomputes the cheapest ops first)."""
     import torch
 
-    from phi3_lora.speed import seeded_recompute
+    from phi3_lora.speed import dropout_mask, lean_lora, seeded_recompute
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     torch._functorch.config.activation_memory_budget = 1.0 if activation_budget is None else activation_budget
     seeded_recompute.install()  # below 1, the partitioner would otherwise redraw dropout's mask in the backward
+    dropout_mask.install(model, [m for m in model.modules() if isinstance(m, lean_lora.lora_linear_classes())])
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**compile_kwargs)

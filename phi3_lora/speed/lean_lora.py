@@ -170,7 +170,7 @@ def _lora_a(self: Any, name: str, x: torch.Tensor) -> torch.Tensor:
     plain = type(a) is nn.Linear and a.bias is None and not _hooked(a) and not _hooked(drop)
     # the RNG state saved and restored is the CUDA or CPU generator's: other devices keep nn.Dropout
     if _compiling() and p > 0 and not _hooked(drop) and dropout_mask.applies(x, p):
-        return a(dropout_mask.dropout(x, p))
+        return a(dropout_mask.dropout(x, p, self))
     if not (plain and 0.0 <= p < 1.0 and x.device.type in ("cuda", "cpu")) or _compiling() or (
             p > 0 and not getattr(self, _SAVE_DROPOUT_MEMORY, True)):
         return a(drop(x))
