@@ -93,7 +93,7 @@ def compiled_layer_masks(device: str, kernel: bool, budget: float, p: float = 0.
             return torch._dynamo.backends.registry.lookup_backend("inductor")(gm, example_inputs)
 
         lora = model.base_model.model.proj  # compiled on its own, as compile_layers compiles decoder layers
-        dropout_mask.install(model, [lora])
+        dropout_mask.install(model, [lora])  # only where the op is taken (kernel on)
         lora.compile(backend=recording, dynamic=False)
         compiled = model
         torch.manual_seed(0)

@@ -132,10 +132,15 @@ def install(model: nn.Module, modules: list[nn.Module]) -> int:
     if not modules:
         return 0
     device = next(iter(modules[0].parameters())).device
+    if not (options.DROPOUT_MASK_KERNEL and (device.type == "cuda" and triton_ok() or
+                                              device.type == "cpu" and options.DROPOUT_MASK_ON_CPU)):
+        return 0  # the op is not taken: no hook drawing from torch's generators
     step = torch.zeros(1, dtype=torch.int64, device=device)
+    keys = torch.Generator().manual_seed(torch.initial_seed())  # distinct keys, the global stream untouched
     for module in modules:
         module.register_buffer(_STEP, step, persistent=False)
-        module.register_buffer(_KEY, torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device), persistent=False)
+        module.register_buffer(_KEY, torch.randint(0, 2**62, (1,), generator=keys, dtype=torch.int64).to(device),
+                               persistent=False)
 
     def redraw(_module: nn.Module, _args: Any) -> None:
         step.copy_(new_seed(step.device))
