@@ -27,8 +27,9 @@ the GIL only for the load's second or two), cached on disk per base weights, LoR
 torch, so a restarted app loads it instead of compiling. Eager steps serve until it is ready, and a failure is
 logged once and leaves eager in place. When a row's answer ends it stays in the compiled batch, frozen (its
 tokens ignored), so the step serves the longer answer to its end (`decoding.greedy_decode`); if the step fails,
-the rows go on eagerly from the same cache contents (`PairState.to_dynamic_cache`). It compiles only while no training runs (`background`), and runs only at
-the thread count it was compiled at. On the 2-core EPYC (float32) the step takes 0.74-0.81x of the eager pair
+the rows go on eagerly from the same cache contents (`PairState.to_dynamic_cache`). It compiles only while no
+training runs and the memory holds its compiler (`background`), and runs only at the thread count it was compiled
+at. On the 2-core EPYC (float32) the step takes 0.74-0.81x of the eager pair
 step (docs/benchmarks.md, twelfth session) and a package compiles in 3-5 minutes; `asked`,
 options.COMPILED_PAIR_CPU say when it is on.
 """
@@ -166,7 +167,8 @@ class CompiledPair:
         with self._lock:
             self._weights = weights
             generation = self._generation
-            self._thread = threading.Thread(target=self._compile, args=(weights, generation), daemon=True,
+            # its own adapter's source: a clear() and set_adapter while it hashes would hand it None or the next one's
+            self._thread = threading.Thread(target=self._compile, args=(weights, generation, self.source), daemon=True,
                                             name="phi3-lora-compile-pair")
             self._thread.start()
         return False
@@ -178,7 +180,7 @@ class CompiledPair:
             thread.join(timeout)
         return self.ready
 
-    def _compile(self, weights: pair_step.Weights, generation: int) -> None:
+    def _compile(self, weights: pair_step.Weights, generation: int, source: dict[str, Any] | None) -> None:
         import time
 
         import torch
@@ -190,9 +192,10 @@ class CompiledPair:
         # at the count answers get on a machine that is not oversubscribed (inductor bakes it into the package)
         with cpu_threads(torch.device("cpu"), steady=True):
             threads = torch.get_num_threads()
-        self._build(weights, generation, threads, started)
+        self._build(weights, generation, source, threads, started)
 
-    def _build(self, weights: pair_step.Weights, generation: int, threads: int, started: float) -> None:
+    def _build(self, weights: pair_step.Weights, generation: int, source: dict[str, Any] | None, threads: int,
+               started: float) -> None:
         """The package for these weights, LoRA structure and thread count: from the cache, else compiled in a
         child process (`pair_artifact`); then loaded here (seconds)."""
         import time
@@ -202,9 +205,9 @@ class CompiledPair:
             package = pair_artifact.find(key)
             self.built = package is None
             if package is None:
-                if self.source is None:
+                if source is None:
                     raise RuntimeError("the engine did not say which model and adapter it holds")
-                package = pair_artifact.compile_in_child({**self.source, "threads": threads}, key)
+                package = pair_artifact.compile_in_child({**source, "threads": threads}, key)
             loaded = pair_artifact.load(package)
         except Exception as exc:  # noqa: BLE001 - any compiler or loader failure leaves the eager step in place
             log.warning("Compare's compiled pair step is off for this adapter (eager steps go on): %s", exc)
