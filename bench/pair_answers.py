@@ -12,7 +12,8 @@ rate each side's text grows at while both stream. Prints one JSON line per answe
 
 `compile`: an empty package cache (--cache, a fresh folder); a greedy answer at a time is timed with the compile
 off (no package: eager), then one answer starts the compile in a child process and answers go on, --pause
-seconds apart, while it compiles (back to back, the nice-19 compiler got ~3% of a core and made no progress); the app's and the child's resident memory (RSS) are sampled every half second throughout.
+seconds apart, while it compiles (back to back, the nice-19 compiler got ~3% of a core and made no progress);
+the app's and the child's resident memory (RSS) are sampled every half second throughout.
 `answers`: the package is loaded from --cache (compiled by the `compile` phase), then each prompt is answered
 --repeats times per mode, eager and package interleaved, greedy and with the app's sampling sliders moved
 (temperature 0.7, top-p 0.9, seed 0: `generate`'s path, which the package does not serve), and the answers of both
