@@ -2,8 +2,7 @@
 # Session 21, second call: the corrected saved draws (attention not marked) and the op keyed per layer.
 # The first call (FIRST=1) runs `python -m bench.dropout_check`, then starts the detached bench; later calls collect it.
 ROWS=('=engine QLoRA full, 8 GiB, free-running' '=explore: engine QLoRA full, 8 GiB, free-running, dropout mask op'
- '=engine QLoRA full, 24 GiB, free-running' '=explore: engine QLoRA full, 24 GiB, free-running, dropout mask op'
- '=engine QLoRA full, whole GPU, free-running' '=explore: engine QLoRA full, whole GPU, free-running, dropout mask op')
+ '=engine QLoRA full, 24 GiB, free-running' '=explore: engine QLoRA full, 24 GiB, free-running, dropout mask op')
 if [ -n "${FIRST:-}" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/proj/*.whl > /dev/null 2>&1
     (cd .whl/proj && md5sum -- *.whl | md5sum) > /tmp/site/.wheels
@@ -11,5 +10,5 @@ if [ -n "${FIRST:-}" ]; then
         2> "$OUT/dropout_check.err"
     echo "check rc=$?"; tail -c 2500 "$OUT/dropout_check.json"; grep -E "Error|error" "$OUT/dropout_check.err" | tail -5
 fi
-CALL_LIMIT=${CALL_LIMIT:-590} DETACH=560 bash bench/device_call.sh --set free explore --repeats 2 --no-check \
+CALL_LIMIT=${CALL_LIMIT:-590} DETACH=400 bash bench/device_call.sh --set free explore --repeats 2 --no-check \
     --row-timeout 200 --rows "${ROWS[@]}"
