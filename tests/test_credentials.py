@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import pytest
 from helpers.apps import app_process as launched_app
 from helpers.apps import endpoint_args
-from helpers.local_http import LocalServer
+from helpers.local_http import NOT_FOUND, LocalServer, read_body, send_json
 from helpers.run_folders import RUN_ID, make_adapter_run
 
 pytestmark = pytest.mark.slow
@@ -43,18 +43,9 @@ class FakeHub:
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                read_body(self)
                 seen.append((self.command, self.path, self.headers.get("Authorization") or ""))
-                body = b'{"error": "Repository not found"}'
-                self.send_response(404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("X-Error-Code", "RepoNotFound")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+                send_json(self, 404, NOT_FOUND)
 
             do_GET = do_POST = do_HEAD = do_PUT = _answer
 

@@ -586,26 +586,17 @@ class _PushHub:
         import json
         from http.server import BaseHTTPRequestHandler
 
-        from helpers.local_http import LocalServer
+        from helpers.local_http import NOT_FOUND, LocalServer, read_body, send_json
 
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
-                if int(self.headers.get("Content-Length") or 0):
-                    self.rfile.read(int(self.headers["Content-Length"]))
+                read_body(self)
                 if self.command == "POST" and self.path.startswith("/api/repos/create"):
-                    status, body = 200, json.dumps({"url": f"{hub.url}/bob/pushed", "name": "bob/pushed"}).encode()
+                    send_json(self, 200, json.dumps({"url": f"{hub.url}/bob/pushed", "name": "bob/pushed"}).encode())
                 else:
-                    status, body = 404, b'{"error": "Repository not found"}'
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                if status == 404:
-                    self.send_header("X-Error-Code", "RepoNotFound")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+                    send_json(self, 404, NOT_FOUND)
 
             do_GET = do_POST = do_HEAD = do_PUT = _answer
 

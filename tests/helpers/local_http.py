@@ -6,6 +6,26 @@ from __future__ import annotations
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+NOT_FOUND = b'{"error": "Repository not found"}'
+
+
+def read_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The request's body, read so the client is not left sending it."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    """A JSON answer as the Hub gives it: a 404 carries the Hub's RepoNotFound error code; HEAD gets no body."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    if status == 404:
+        handler.send_header("X-Error-Code", "RepoNotFound")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(body)
+
 
 class LocalServer:
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
