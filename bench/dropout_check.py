@@ -50,8 +50,9 @@ def identity_lora(p: float, device: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def compiled_setup(kernel: bool, budget: float) -> Iterator[None]:
-    """Options and compiler config as `layers.compile_layers` sets them, restored afterwards."""
+def compiled_setup(kernel: bool, budget: float, save_draws: bool = True) -> Iterator[None]:
+    """Options and compiler config as `layers.compile_layers` sets them (`save_draws`: its saved-draws pass),
+    restored afterwards."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
@@ -60,7 +61,8 @@ def compiled_setup(kernel: bool, budget: float) -> Iterator[None]:
     try:
         with functorch_config.patch(activation_memory_budget=budget), \
                 inductor_config.patch(joint_custom_post_pass=None):
-            seeded_recompute.install()
+            if save_draws:
+                seeded_recompute.install()
             torch._dynamo.reset()
             yield
     finally:
@@ -122,46 +124,32 @@ def saved_bytes_per_token(budget: float, kernel: bool, save_draws: bool, tokens:
     from peft import LoraConfig, get_peft_model
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    saved = options.DROPOUT_MASK_KERNEL, options.DROPOUT_MASK_ON_CPU
-    options.DROPOUT_MASK_KERNEL, options.DROPOUT_MASK_ON_CPU = kernel, True
     sizes: list[int] = []
-    try:
-        with functorch_config.patch(activation_memory_budget=budget), \
-                inductor_config.patch(joint_custom_post_pass=None):
-            if save_draws:
-                seeded_recompute.install()
-            torch._dynamo.reset()
-            torch.manual_seed(0)
-            config = Phi3Config(hidden_size=256, intermediate_size=640, num_hidden_layers=1, num_attention_heads=8,
-                                num_key_value_heads=8, vocab_size=512, max_position_embeddings=1024, pad_token_id=0)
-            model = get_peft_model(Phi3ForCausalLM(config).to(torch.bfloat16),
-                                   LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
-            lean_lora.install(model)
-            model.train()
-            dropout_mask.install(model, [m for m in model.modules()
-                                         if isinstance(m, lean_lora.lora_linear_classes())])
-            layer = model.base_model.model.model.layers[0]
-            layer.compile()
-            x = torch.randn(1, tokens, 256, dtype=torch.bfloat16, requires_grad=True)
-            positions = torch.arange(tokens)[None]
-            rope = model.base_model.model.model.rotary_emb(x, positions)
-            for hook in model._forward_pre_hooks.values():  # the model's forward would run it: a new seed
-                hook(model, ())
+    with compiled_setup(kernel, budget, save_draws):
+        torch.manual_seed(0)
+        config = Phi3Config(hidden_size=256, intermediate_size=640, num_hidden_layers=1, num_attention_heads=8,
+                            num_key_value_heads=8, vocab_size=512, max_position_embeddings=1024, pad_token_id=0)
+        model = get_peft_model(Phi3ForCausalLM(config).to(torch.bfloat16),
+                               LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
+        lean_lora.install(model)
+        model.train()
+        dropout_mask.install(model, [m for m in model.modules() if isinstance(m, lean_lora.lora_linear_classes())])
+        layer = model.base_model.model.model.layers[0]
+        layer.compile()
+        x = torch.randn(1, tokens, 256, dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(tokens)[None]
+        rope = model.base_model.model.model.rotary_emb(x, positions)
+        for hook in model._forward_pre_hooks.values():  # the model's forward would run it: a new seed
+            hook(model, ())
 
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                sizes.append(t.numel() * t.element_size())
-                return t
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel() * t.element_size())
+            return t
 
-            with torch.autocast(x.device.type, dtype=torch.bfloat16), \
-                    torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = layer(x, position_embeddings=rope, attention_mask=None, position_ids=positions)
-            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
-    finally:
-        options.DROPOUT_MASK_KERNEL, options.DROPOUT_MASK_ON_CPU = saved
-        torch._dynamo.reset()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(x, position_embeddings=rope, attention_mask=None, position_ids=positions)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
     return sum(sizes) / tokens
 
 
