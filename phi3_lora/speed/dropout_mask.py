@@ -96,11 +96,17 @@ def new_seed(device: torch.device) -> torch.Tensor:
 
 def applies(x: torch.Tensor, p: float) -> bool:
     """Whether dropout of `x` with probability `p` draws its mask here (compiled layers; see the module doc)."""
-    if not (options.DROPOUT_MASK_KERNEL and 0.0 < p < 1.0 and x.is_floating_point()):
+    return 0.0 < p < 1.0 and x.is_floating_point() and taken_on(x.device)
+
+
+def taken_on(device: torch.device) -> bool:
+    """Whether the op draws dropout masks on `device`: asked for, and a kernel for it (Triton on CUDA; the CPU
+    kernel only where `options.DROPOUT_MASK_ON_CPU` says so)."""
+    if not options.DROPOUT_MASK_KERNEL:
         return False
-    if x.device.type == "cuda":
+    if device.type == "cuda":
         return triton_ok()
-    return x.device.type == "cpu" and options.DROPOUT_MASK_ON_CPU
+    return device.type == "cpu" and options.DROPOUT_MASK_ON_CPU
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,8 +138,7 @@ def install(model: nn.Module, modules: list[nn.Module]) -> int:
     if not modules:
         return 0
     device = next(iter(modules[0].parameters())).device
-    if not (options.DROPOUT_MASK_KERNEL and (device.type == "cuda" and triton_ok() or
-                                              device.type == "cpu" and options.DROPOUT_MASK_ON_CPU)):
+    if not taken_on(device):
         return 0  # the op is not taken: no hook drawing from torch's generators
     step = torch.zeros(1, dtype=torch.int64, device=device)
     keys = torch.Generator().manual_seed(torch.initial_seed())  # distinct keys, the global stream untouched
