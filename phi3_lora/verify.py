@@ -108,7 +108,8 @@ class Verification:
 # --- the reference -------------------------------------------------------------------------------
 
 def held_out_prompts(adapter_dir: Path, limit: int = MAX_PROMPTS) -> tuple[list[Messages], str]:
-    """The run's held-out conversations up to their first assistant turn; fixed probes when it has none."""
+    """The run's held-out prompts as scoring builds them (`evaluate.row_prompt`); fixed probes when it has none."""
+    from phi3_lora.evaluate import Unanswerable, row_prompt
     from phi3_lora.runs import find_run
 
     run = find_run(Path(adapter_dir))
@@ -118,10 +119,10 @@ def held_out_prompts(adapter_dir: Path, limit: int = MAX_PROMPTS) -> tuple[list[
             if not line.strip():
                 continue
             row = json.loads(line)
-            messages = row["messages"] if isinstance(row, dict) else row
-            first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-            if first and messages[first - 1]["role"] == "user":
-                prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[:first]])
+            try:  # the same prompt scoring and Compare's held-out example answer
+                prompts.append(row_prompt(row["messages"] if isinstance(row, dict) else row)[0])
+            except Unanswerable:
+                continue
             if len(prompts) >= limit:
                 break
     if prompts:

@@ -175,3 +175,25 @@ def test_write_zip_is_all_or_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.parent.iterdir()) == ["m.zip"]
     with zipfile.ZipFile(dest) as zf:
         assert "merged/c.md" in zf.namelist()
+
+
+def test_export_verification_answers_the_prompts_scoring_answers(tmp_path):
+    """verify.held_out_prompts takes each held-out row's prompt from evaluate.row_prompt: the system prompt and
+    every turn before the last answer, as scoring and Compare's held-out example use (it once cut at the first
+    answer, so a multi-turn row was verified on a different prompt than it was scored on)."""
+    from phi3_lora import verify
+    from phi3_lora.evaluate import row_prompt
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.config.write_text("{}", encoding="utf-8")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of France?"},
+                          {"role": "assistant", "content": "Paris."}]},
+            {"messages": [{"role": "user", "content": "no answer here"}]},
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    run.eval_rows.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    prompts, source = verify.held_out_prompts(run.path / "adapter")
+    assert source == "held-out"
+    assert prompts == [row_prompt(rows[0]["messages"])[0], row_prompt(rows[2]["messages"])[0]]
+    assert prompts[0][-1] == {"role": "user", "content": "Capital of France?"} and len(prompts[0]) == 4
