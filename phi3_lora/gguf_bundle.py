@@ -62,7 +62,7 @@ def readme(export_name: str, gguf_name: str, commands: dict[str, str], check: Gg
     runs = "\n".join(f"# {what}\n{cmd}" for what, cmd in commands.items())
     verdict = check.summary() if check else "Not verified."
     return (f"# {export_name} as GGUF\n\n`{gguf_name}` was written by phi3_lora from the merged model "
-            f"(base + LoRA).\n\n## Run it\n\n```bash\n{runs}\n```\n\n## Verification\n\n{verdict}\n")
+            f"(base + LoRA).\n\n## Run it\n\nIn this folder:\n\n```bash\n{runs}\n```\n\n## Verification\n\n{verdict}\n")
 
 
 def bundle_from_merged(merged_dir: Path, out_dir: Path, gguf_type: str = "f16", *, name: str,
@@ -91,9 +91,9 @@ def bundle_from_merged(merged_dir: Path, out_dir: Path, gguf_type: str = "f16", 
     check = verify_gguf(gguf_path, merged_dir, prompts, gguf_type, prompt_source) if verify else None
     if check:
         _write_text(out_dir / "verification.json", json.dumps(check.to_json(), indent=2))
-    # The README travels with the folder (a download, a copy): its commands start from the folder's name, not the
-    # server's absolute path.
-    portable = ollama.run_commands(Path(out_dir.name) / gguf_path.name, ollama.ollama_name(name))
+    # The README travels with the folder (a download unpacks it under the run's name, a copy): its commands run
+    # in the folder that holds it, never from the server's absolute path or this folder's name here.
+    portable = ollama.run_commands(Path(gguf_path.name), ollama.ollama_name(name))
     _write_text(out_dir / "README.md", readme(name, gguf_path.name, portable, check))
     return GgufExport(out_dir, gguf_path, gguf_path.stat().st_size, modelfile, commands, check)
 

@@ -132,13 +132,15 @@ def modelfile(gguf_name: str, pieces: TemplatePieces, stops: list[str], *, tempe
 
 
 def run_commands(gguf_path: Path, ollama_name: str, *, temperature: float = 0.7, top_p: float = 0.9) -> dict[str, str]:
-    """The exact commands to chat with the file in llama.cpp and Ollama (run in the export folder)."""
+    """The exact commands to chat with the file in llama.cpp and Ollama. They `cd` into its folder first, unless
+    `gguf_path` is a bare file name: then they run in the folder that holds it, whatever it is called (a README
+    inside a download that unpacks under the run's name)."""
     name = shlex.quote(gguf_path.name)
-    folder = shlex.quote(str(gguf_path.parent))
+    cd = "" if gguf_path.parent == Path(".") else f"cd {shlex.quote(str(gguf_path.parent))} && "
     return {
-        "llama.cpp chat": f"cd {folder} && llama-cli -m {name} -cnv --temp {temperature} --top-p {top_p}",
-        "llama.cpp server": f"cd {folder} && llama-server -m {name} --jinja --port 8080   # then open http://127.0.0.1:8080",
-        "Ollama": f"cd {folder} && ollama create {ollama_name} -f Modelfile && ollama run {ollama_name}",
+        "llama.cpp chat": f"{cd}llama-cli -m {name} -cnv --temp {temperature} --top-p {top_p}",
+        "llama.cpp server": f"{cd}llama-server -m {name} --jinja --port 8080   # then open http://127.0.0.1:8080",
+        "Ollama": f"{cd}ollama create {ollama_name} -f Modelfile && ollama run {ollama_name}",
     }
 
 

@@ -540,7 +540,7 @@ def test_a_visitor_sees_scores_but_not_the_text_of_the_owners_rows(
 
 def test_paths_shown_on_a_page_are_relative_to_the_run(tmp_path: Path) -> None:
     """What an export or a run's settings tell a signed-in visitor names the run and the file inside it (the path
-    owner is runs.shown_path), never the runs folder of the server; the GGUF's README starts from its folder name."""
+    owner is runs.shown_path), never the runs folder of the server; the GGUF's README runs in the folder holding it."""
     from phi3_lora import gguf_bundle, ollama
     from phi3_lora.runs import shown_path
 
@@ -552,9 +552,10 @@ def test_paths_shown_on_a_page_are_relative_to_the_run(tmp_path: Path) -> None:
     assert shown_path(run.path / "gguf-f16" / "m.gguf") == "20260101-000000-x/gguf-f16/m.gguf"
     assert shown_path(run.config) == "20260101-000000-x/config.yaml"
     assert shown_path(tmp_path / "elsewhere" / "upload.yaml") == "upload.yaml"
-    commands = ollama.run_commands(Path("gguf-f16") / "m.gguf", "m")
+    commands = ollama.run_commands(Path("m.gguf"), "m")
     readme = gguf_bundle.readme("x", "m.gguf", commands, None)
-    assert "cd gguf-f16 &&" in readme and str(tmp_path) not in readme
+    assert "\nllama-cli -m m.gguf " in readme and "cd " not in readme and str(tmp_path) not in readme
+    assert ollama.run_commands(run.path / "gguf-f16" / "m.gguf", "m")["Ollama"].startswith(f"cd {run.path}/gguf-f16 && ")
 
 
 def test_readme_sharing_table_is_the_policy() -> None:

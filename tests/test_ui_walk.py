@@ -81,9 +81,10 @@ def test_each_download_is_named_by_its_run(server) -> None:
     assert names == [f"{run_id}-adapter.zip", f"{run_id}-merged.zip", f"{run_id}-gguf-f16.zip"], names
 
 
-def test_two_runs_merged_downloads_unpack_side_by_side(server) -> None:
-    """Every run's merged-model zip unpacked to merged/: a second run's, extracted beside the first's, went into
-    (and over) the same folder. Each now unpacks to one folder named by its run, like its zip."""
+def test_two_runs_merged_and_gguf_downloads_unpack_side_by_side(server) -> None:
+    """Every run's merged-model zip unpacked to merged/ (and every GGUF zip to gguf-f16/): a second run's, extracted
+    beside the first's, went into (and over) the same folder. Each now unpacks to one folder named by its run, like
+    its zip, and the GGUF's README runs its commands in that folder, whatever it is called."""
     import zipfile
 
     from helpers.run_folders import make_adapter_run
@@ -101,6 +102,13 @@ def test_two_runs_merged_downloads_unpack_side_by_side(server) -> None:
     first, second = tops.values()
     assert first != second, tops
     assert tops == {run_id: {f"{run_id}-merged"} for run_id in tops}, tops
+    run_id = next(iter(tops))
+    gguf = val(c.predict(*endpoint_args(c, "export_gguf", Adapter=run_id, Type="f16"), api_name="/export_gguf")[1])
+    with zipfile.ZipFile(gguf) as zf:
+        names = zf.namelist()
+        readme = zf.read(f"{run_id}-gguf-f16/README.md").decode()
+    assert {n.split("/", 1)[0] for n in names} == {f"{run_id}-gguf-f16"}, names
+    assert "Modelfile" in {n.split("/", 1)[1] for n in names} and "cd " not in readme, (names, readme)
 
 
 def test_an_edit_turns_the_preset_radio_to_custom(server) -> None:

@@ -177,18 +177,18 @@ def download_name(source: Path, folder: Path) -> str:
     return f"{_run_dir(source).name}-{folder.name}"
 
 
-def download_zip(component: gr.File, runs_dir: Path, source: Path, folder: Path, *, named_top: bool) -> str:
+def download_zip(component: gr.File, runs_dir: Path, source: Path, folder: Path) -> str:
     """A web download of `folder`, an export of the run that holds `source`, without its verification.json (that
     quotes the run's held-out prompts; its README carries the verification without them): zipped under the run's
     exports folder, handed to gradio, then removed (the folder itself stays; a second copy of a merged model would
-    only fill the disk). `named_top`: the zip unpacks to a folder of the download's name (two runs' merged models
-    side by side, as the adapter zip's <run>/), else to the folder's own name (a GGUF README's commands `cd` into
-    it)."""
+    only fill the disk). It unpacks to one folder of the download's name, '<run>-merged/' or '<run>-gguf-f16/', so
+    two runs' exports unpack side by side, as the adapter zip's <run>/ (a GGUF README's commands run in whatever
+    folder holds it)."""
     from phi3_lora.archive import folder_entries, write_zip
 
     name = download_name(source, folder)
     dest = exports_dir(runs_dir, _run_dir(source).name) / f"{name}.zip"
-    entries = folder_entries(folder, top=name if named_top else None, leave_out=frozenset({"verification.json"}))
+    entries = folder_entries(folder, top=name, leave_out=frozenset({"verification.json"}))
     try:
         return downloadable(component, write_zip(dest, entries))
     finally:
@@ -243,7 +243,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return message + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.8, desc="Zipping for download…")
-        archive = download_zip(tab.merge_file, runs_dir, path, merged, named_top=True)
+        archive = download_zip(tab.merge_file, runs_dir, path, merged)
         return message, gr.update(value=archive, visible=True)
 
     @user_errors
@@ -296,7 +296,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
             return report + help_md("Too large to download through the browser; copy the folder instead."), \
                 gr.update(visible=False)
         progress(0.9, desc="Zipping for download…")
-        archive = download_zip(tab.gguf_file, runs_dir, path, out, named_top=False)
+        archive = download_zip(tab.gguf_file, runs_dir, path, out)
         return report, gr.update(value=archive, visible=True)
 
     @user_errors
