@@ -418,6 +418,14 @@ PUSH_FOLDER = "push"
 MERGED_FOLDER = "merged"
 
 
+def expected_push_bytes(run_or_adapter: str | Path) -> int:
+    """Bytes a plain push keeps in the run's PUSH_FOLDER: the verified adapter zip and the folder it unpacks to,
+    each about the adapter folder (weights, config, tokenizer, template; a card), plus EXPORT_EXTRA_BYTES."""
+    from phi3_lora.quotas import folder_bytes
+
+    return 2 * folder_bytes(locate_adapter(run_or_adapter).adapter_dir) + EXPORT_EXTRA_BYTES
+
+
 def push_to_hub(run_or_adapter: str | Path, repo_id: str, token: str | None, merged: bool = False,
                 private: bool = True, work_dir: str | Path | None = None, use_saved_login: bool = True) -> str:
     """Upload the adapter (or a merged model) to a Hub model repo; returns its URL. `use_saved_login=False`:

@@ -557,6 +557,27 @@ def test_a_merged_push_is_checked_against_the_runs_share_like_a_merge(signed_in_
         call(run_dir.name, api_name="/delete_run")
 
 
+def test_a_plain_push_is_checked_against_the_runs_share_before_it_starts(signed_in_app, tiny_llama_dir: Path) -> None:
+    """A plain push keeps its verified adapter zip and the folder it unpacks to in <run>/push/, counted for the pusher:
+    alice, 8 MiB short of her share, is refused before the zip is built (it was counted only after it was written)."""
+    from phi3_lora.export import expected_push_bytes
+    from phi3_lora.quotas import folder_bytes
+
+    url, runs, _ = signed_in_app
+    run_dir = _alices_run(runs, tiny_llama_dir, "20260104-000001-alice-plain-push")
+    _sparse(run_dir / "checkpoints" / "checkpoint-9", SERVED.runs_share - folder_bytes(run_dir) - 8 * 2**20)
+    assert expected_push_bytes(run_dir) > 8 * 2**20
+    alice = _signed_in(url, "alice")
+    call = functools.partial(_answer, alice)
+    try:
+        pushed = call(*endpoint_args(alice, "push_to_hub", Adapter=run_dir.name, **{
+            "Repo id": "alice/adapter", "Hugging Face token": "hf_alices_own"}), api_name="/push_to_hub")
+        assert "so a push is refused" in pushed and "Delete run" in pushed, pushed[:600]
+        assert not (run_dir / "push").exists()
+    finally:
+        call(run_dir.name, api_name="/delete_run")
+
+
 def test_an_exports_temporary_counts_for_who_made_the_export(tmp_path: Path) -> None:
     """While a merge writes it, the 16-bit copy lies beside its folder ('.merged.tmp-<pid>', runs.temporary_of): it
     counts for whoever the merged folder counts for, bob, not for alice who started the run; a temporary of nothing

@@ -212,13 +212,16 @@ def wire(tab: ExportTab, state: AppState) -> None:
             zipped = _export().adapter_zip(path, exports_dir(runs_dir, _run_dir(path).name))
             return downloadable(tab.zip_file, zipped), verification_html(zipped, rows_refusal(state, who, path) is None)
 
-    def _check_export_room(who: Requester, path: Path, out: Path, what: str, gguf_type: str | None) -> None:
-        """Before any work: what the visitor keeps plus what this export will keep (estimated from the base model's
-        config; it replaces `out`) stays within their runs share (guard.check_runs_room)."""
+    def _check_export_room(who: Requester, path: Path, out: Path, what: str, gguf_type: str | None = None, *,
+                           push: bool = False) -> None:
+        """Before any work: what the visitor keeps plus what this export will keep (a merge or GGUF estimated from
+        the base model's config; a plain push from the adapter's files; it replaces `out`) stays within their runs
+        share (guard.check_runs_room)."""
         if who.level is access.Level.OWNER:
             return
-        check_runs_room(state, who, what, _export().expected_export_bytes(path, gguf_type),
-                        replacing=f"{out.parent.name}/{out.name}")
+        export = _export()
+        adding = export.expected_push_bytes(path) if push else export.expected_export_bytes(path, gguf_type)
+        check_runs_room(state, who, what, adding, replacing=f"{out.parent.name}/{out.name}")
 
     @user_errors
     @guarded(state)
@@ -227,7 +230,7 @@ def wire(tab: ExportTab, state: AppState) -> None:
         check(state, who, Action.MERGE)
         path = resolve_source(runs_dir, source)
         out = merge_destination(_run_dir(path), folder, any_name=who.level is access.Level.OWNER)
-        _check_export_room(who, path, out, "a merge", None)
+        _check_export_room(who, path, out, "a merge")
         progress(0.1, desc="Loading the base and merging, then verifying in a fresh process (this takes a while)…")
         # whose disk the merged folder counts on, from the start: its temporary lies beside it while it works
         state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
@@ -261,10 +264,12 @@ def wire(tab: ExportTab, state: AppState) -> None:
         path = resolve_source(runs_dir, source)
         if what == "merged":  # merged into the run's one 'merged' folder, which stays: counted like a merge
             out = merge_destination(_run_dir(path), VISITOR_MERGE_FOLDER)
-            _check_export_room(who, path, out, "a merged push", None)
+            _check_export_room(who, path, out, "a merged push")
             state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
         else:  # the verified adapter zip and its contents stay in the run's push folder: they count for the pusher
-            state.starters.record(f"{_run_dir(path).name}/{_export().PUSH_FOLDER}", who.identity)
+            out = _run_dir(path) / _export().PUSH_FOLDER
+            _check_export_room(who, path, out, "a push", push=True)
+            state.starters.record(f"{_run_dir(path).name}/{out.name}", who.identity)
         progress(0.1, desc="Pushing to the Hub…")
         with hold_source(path, "a Hub push"):
             url = _export().push_to_hub(path, repo_id, hub_token or None, merged=what == "merged",
