@@ -43,7 +43,7 @@ def build(row: Any, work: Path, steps: int, out_dir: Path) -> tuple[Any, dict[st
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from bench.train_speed import LEARNING_RATE
+    from bench.row_sets import LEARNING_RATE
 
     llama = row.peer.get("model", "llama") == "llama"
     model_dir = work / ("llama-mini-random" if llama else "phi3-mini-random")
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.prestart import await_go, quiet
     from bench.timing import SettleTimer, time_trainer
-    from bench.train_speed import all_rows, finish, named, step_profiler
+    from bench.row_sets import all_rows, named
+    from bench.train_speed import finish, step_profiler
 
     row = next(r for r in all_rows() if named(r, args.row))
     if args.profile:  # the same trainer as a timed run, one step under torch.profiler (bench/train_speed.py)

@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-from bench import paired, prestart, timing
+from bench import paired, prestart, row_sets, schedule, timing
 from bench import train_speed as bench
 
 
 def test_main_set_has_engine_unsloth_and_recipe_at_every_budget():
-    rows = bench.ordered_rows(None, "main")
+    rows = row_sets.ordered_rows(None, "main")
     assert len({r.name for r in rows}) == len(rows)
-    for budget, _ in bench.BUDGETS:
+    for budget, _ in row_sets.BUDGETS:
         for data in ("full", "mix"):
             kinds = {r.kind for r in rows if r.budget_gb == budget and r.data == data and r.four_bit}
             assert {"engine", "unsloth"} <= kinds, (budget, data)
@@ -29,36 +29,36 @@ def test_main_set_has_engine_unsloth_and_recipe_at_every_budget():
 
 
 def test_repeats_alternate_the_order_and_exact_names_keep_theirs():
-    rows = bench.ordered_rows(None, "main")
-    assert bench.run_order(rows, 0) == rows and bench.run_order(rows, 1) == rows[::-1]
+    rows = row_sets.ordered_rows(None, "main")
+    assert row_sets.run_order(rows, 0) == rows and row_sets.run_order(rows, 1) == rows[::-1]
     names = ["=unsloth QLoRA full, 8 GiB", "=recipe QLoRA full rows"]
-    assert [r.name for r in bench.ordered_rows(names, ["all", "explore"])] == [n[1:] for n in names]
-    picked = [r.name for r in bench.ordered_rows(["compiled"], ["all", "explore"])]
+    assert [r.name for r in row_sets.ordered_rows(names, ["all", "explore"])] == [n[1:] for n in names]
+    picked = [r.name for r in row_sets.ordered_rows(["compiled"], ["all", "explore"])]
     assert picked and all("compiled" in n for n in picked)
 
 
 def test_a_series_of_calls_goes_on_where_the_last_stopped_and_packs_what_fits(tmp_path):
-    rows = bench.ordered_rows(["=recipe QLoRA full rows", "=engine QLoRA full, 8 GiB", "=engine LoRA-16 full, 24 GiB",
-                               "=unsloth QLoRA full, 8 GiB"], "main")
+    rows = row_sets.ordered_rows(["=recipe QLoRA full rows", "=engine QLoRA full, 8 GiB",
+                                  "=engine LoRA-16 full, 24 GiB", "=unsloth QLoRA full, 8 GiB"], "main")
     earlier = {"runs": [
         {"name": rows[0].name, "repeat": 0, "tokens_per_s": 1.0, "process_s": 40.0},
         {"name": rows[1].name, "repeat": 0, "error": "row process exited 1", "process_s": 5.0},
         {"name": rows[3].name, "repeat": 0, "tokens_per_s": 1.0, "process_s": 100.0}]}
     (tmp_path / "call-1.json").write_text(json.dumps(earlier))
     (tmp_path / "notes.txt").write_text("not a result")
-    done, history = bench.done_runs([str(tmp_path), str(tmp_path / "missing")])
+    done, history = schedule.done_runs([str(tmp_path), str(tmp_path / "missing")])
     assert done == {(rows[0].name, 0), (rows[3].name, 0)}  # the failed run is run again
-    pending = bench.pending_runs(rows, 0, 2, done, last=["LoRA-16"])
+    pending = schedule.pending_runs(rows, 0, 2, done, last=["LoRA-16"])
     assert [(r.name, rep) for r, rep in pending] == [
         (rows[1].name, 0), (rows[3].name, 1), (rows[1].name, 1), (rows[0].name, 1),  # repeat 1 reversed
         (rows[2].name, 0), (rows[2].name, 1)]  # the 16-bit row after every other run
     # 60 s left: Unsloth (100 s here before, +10%) is passed over for the recipe (40 s, +10%); a row never run
     # here counts as FIRST_RUN_S for its kind
     later = [run for run in pending if run[0].kind != "engine"]
-    assert bench.next_run(later, history, 60.0)[0].kind == "recipe"
-    assert bench.next_run(later, history, 30.0) is None
-    assert bench.next_run(pending, history, bench.FIRST_RUN_S["engine"]) == pending[0]
-    assert bench.next_run(pending, history, None) == pending[0]
+    assert schedule.next_run(later, history, 60.0)[0].kind == "recipe"
+    assert schedule.next_run(later, history, 30.0) is None
+    assert schedule.next_run(pending, history, schedule.FIRST_RUN_S["engine"]) == pending[0]
+    assert schedule.next_run(pending, history, None) == pending[0]
 
 
 def test_a_row_patch_is_set_for_the_row_and_put_back():
@@ -271,7 +271,7 @@ def test_a_prestarted_row_process_imports_then_waits_for_its_go(tmp_path, monkey
     """A real row process (engine kind): it imports, says so, and does not begin the row until the go file; its
     result says when its imports ran and when it began (here the row fails: the workdir has no model)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    row = bench.ordered_rows(["=engine QLoRA full, 8 GiB"], "main")[0]
+    row = row_sets.ordered_rows(["=engine QLoRA full, 8 GiB"], "main")[0]
     args = argparse.Namespace(steps=2, peer_path="", row_timeout=300)
     rp = bench.spawn(row, args, tmp_path, prestart=True)
     try:
@@ -298,7 +298,7 @@ def test_a_prestarted_row_process_imports_then_waits_for_its_go(tmp_path, monkey
 def test_engine_patch_pairs_and_explore_rows_for_the_ragged_kernel():
     assert bench.engine_patch(["phi3_lora.options.CUDNN_RAGGED=true", "x.Y=0.5", "x.Z=fast"]) == {
         "phi3_lora.options.CUDNN_RAGGED": True, "x.Y": 0.5, "x.Z": "fast"}
-    rows = bench.ordered_rows(["ragged cuDNN frontend"], "explore")
+    rows = row_sets.ordered_rows(["ragged cuDNN frontend"], "explore")
     assert sorted(r.budget_gb or 0 for r in rows) == [0, 8, 24]
     assert all(r.patch == {"phi3_lora.options.CUDNN_RAGGED": True} and r.data == "mix" for r in rows)
 
@@ -368,10 +368,10 @@ class _FakeProcess:
 
 
 def _series(rows_s: dict[str, float], history_s: dict[str, float], deadline: float | None, prestart: bool = True):
-    """Run bench.run_series over rows named in `rows_s` (each taking that many seconds), with earlier runs'
+    """Run schedule.run_series over rows named in `rows_s` (each taking that many seconds), with earlier runs'
     process times `history_s` (what `expected_s` sizes them by), against a fake clock and a deadline."""
     clock, log, results = _Clock(), [], []
-    rows = {r.name: r for r in bench.all_rows()}
+    rows = {r.name: r for r in row_sets.all_rows()}
     pending = [(rows[name], 0) for name in rows_s]
     history = [{"name": name, "process_s": s} for name, s in history_s.items()]
 
@@ -383,7 +383,7 @@ def _series(rows_s: dict[str, float], history_s: dict[str, float], deadline: flo
         return {"name": proc.row.name, "process_s": spent, "timed_window": window,
                 "import_window": [window[0] - 30, window[0] - 10]}
 
-    bench.run_series(pending, history, results, lambda row, pre: _FakeProcess(row, pre, log), finish,
+    schedule.run_series(pending, history, results, lambda row, pre: _FakeProcess(row, pre, log), finish,
                      prestart=prestart, row_timeout=200,
                      seconds_left=lambda: None if deadline is None else deadline - clock.now,
                      stopped=lambda: False, on_result=lambda r: log.append(("result", r["name"])))
