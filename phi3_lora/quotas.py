@@ -12,6 +12,11 @@ is never counted nor capped here: the owner decides for themself.
                request downloads (downloads.check_room)           64 GiB   16 GiB        32 GiB (8 GiB)
     runs       a signed-in visitor's runs, merges and the copies
                of uploads kept for their runs (ui.guard)          -        50 GiB        - (cannot train)
+    received   files sent to gradio's upload route, which keeps
+               them in its cache for up to UPLOAD_CACHE_S
+               (ui.bodies)                                        4 GiB    1 GiB         2 GiB (512 MiB)
+
+Every other request's body (an event's inputs) is at most REQUEST_BYTES: the server holds a body in memory whole.
 
 A visitor's run also has a time: it saves and stops after RUN_SECONDS (4 h) of each start or resume.
 
@@ -80,6 +85,19 @@ RUNS_SHARE_BYTES = 50 * 2**30
 # Phi-3-mini QLoRA run on a few thousand rows takes well under an hour on a Space's GPU; Resume goes on.
 RUN_SECONDS = 4 * 3600
 
+# Requests. gradio reads an event's inputs into memory whole and keeps them while the event waits in the queue (a
+# 300 MB body raised the app's memory by 0.9 GB): an event's inputs are a form's values, a Compare conversation of
+# 64 KiB a side at most (AppOptions.max_chat_bytes), so 4 MiB is far above any the page sends.
+REQUEST_BYTES = 4 * 2**20
+# Files go through gradio's upload route (one request may carry a thousand files of AppOptions.max_file_size each),
+# into gradio's cache, where they stay until its sweep (ui.app's delete_cache: every 30 min, older than an hour): what
+# a visitor sent within that time counts in the 'received' room, which has the numbers of session uploads.
+UPLOAD_CACHE_S = 5400
+# gradio's queue (AppOptions.queue_max_size events of everybody) per sender, waiting or running at once: half of it, so
+# no one sender fills it. Not less: a page restoring a draft sends half a dozen at once (estimates, layers, curves),
+# more on a busy machine where each waits longer, and visitors behind one network address share a sender's half.
+EVENTS_SHARE = 0.5
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -101,6 +119,9 @@ class Limits:
     download_expiry_s: float = DOWNLOAD_EXPIRY_S
     runs_share: int = RUNS_SHARE_BYTES
     run_seconds: float = RUN_SECONDS
+    request_bytes: int = REQUEST_BYTES
+    upload_cache_s: float = UPLOAD_CACHE_S
+    events_share: float = EVENTS_SHARE
 
     def drafts(self) -> Room:
         return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s,
@@ -109,6 +130,12 @@ class Limits:
     def uploads(self, total: int) -> Room:
         """Sessions' uploads: their total is AppOptions.upload_total_quota; they go when their session ends."""
         return Room("uploads", total, self.uploads_share, self.uploads_anonymous, float("inf"),
+                    anonymous_client=self.uploads_anonymous_client)
+
+    def received(self, total: int) -> Room:
+        """Files in gradio's upload cache: the numbers of session uploads (`total`: AppOptions.upload_total_quota);
+        an entry goes when the cache's sweep removes its file (upload_cache_s)."""
+        return Room("files sent", total, self.uploads_share, self.uploads_anonymous, float("inf"),
                     anonymous_client=self.uploads_anonymous_client)
 
     def downloads(self) -> Room:

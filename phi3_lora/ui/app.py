@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio import utils as gr_utils
 from starlette.middleware import Middleware
 
 from phi3_lora import access, gguf_bundle, models, portable, uploads
 from phi3_lora.config import dump_yaml
 from phi3_lora.access import Requester
 from phi3_lora.runs import default_runs_dir, old_exports_dir, remove_old_exports
-from phi3_lora.ui import compare, dataset, drafts, export_tab, login, names, settings, strings, timing, train_tab
+from phi3_lora.ui import (bodies, compare, dataset, drafts, export_tab, login, names, settings, strings, timing,
+                          train_tab)
 from phi3_lora.ui.common import CSS, AppOptions, AppState, log, notice, user_errors
 from phi3_lora.ui.strings import t
 from phi3_lora.ui.guard import check_model, check_source, check_template, guarded, session_key
@@ -187,17 +189,20 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
     mode = access.ServerMode(host=host, shared=share or options.shared, auth=bool(credentials),
                              on_space=options.space_env.on_space, oauth=options.login_required,
                              demo=options.demo_mode)
-    if state is not None:
-        state.mode = mode
+    if state is None:  # a Blocks not made by build_app: the body limit still needs the server mode
+        state = AppState(options)
+    state.mode = mode
     if not mode.owner_at_the_machine:
         hide_server_token()
     demo.queue(default_concurrency_limit=options.concurrency_limit, max_size=options.queue_max_size)
+    limit = [Middleware(bodies.BodyLimit, state=state,
+                        max_file_size=gr_utils._parse_file_size(options.max_file_size))]
     # Served files: Gradio's own upload/cache folders only (downloads are handed over as copies in its cache:
     # export_tab.downloadable). The runs folder (configs, events, checkpoints, uploads, zips and their verification,
     # .active.json) is blocked outright; the blocklist wins over everything.
     return demo.launch(server_name=host, server_port=port, share=share, quiet=quiet,
                        auth=login.throttled_login(credentials) if credentials else None,
-                       app_kwargs={"middleware": [Middleware(login.ClientAddress)]},
+                       app_kwargs={"middleware": [Middleware(login.ClientAddress), *limit]},
                        prevent_thread_lock=prevent_thread_lock, max_file_size=options.max_file_size,
                        blocked_paths=[str(options.runs_dir)], theme=THEME, css=CSS,
                        show_error=False, footer_links=["api", "settings"], head=PAGE_HEAD,

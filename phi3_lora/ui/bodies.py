@@ -1,0 +1,205 @@
+"""How much a web request may send: an ASGI middleware in front of gradio's routes (ui.app.launch installs it).
+
+gradio bounds one uploaded file (max_file_size) and nothing else: its upload route takes a thousand files per request
+into its cache, as often as it is asked, and an event's inputs are read into memory whole, however large. Here every
+request that is not the owner's is bounded before gradio reads it (quotas.Limits): an upload by one file of
+max_file_size and by the sender's room for files in gradio's cache ('received': what they sent within
+upload_cache_s), any other body by request_bytes. A refusal is a 413 whose text says what to do.
+
+gradio's queue holds queue_max_size events of everybody together, each up to minutes long (a Compare answer pair:
+120 s): one client that joined that many kept every other visitor out ("Queue is full"). Each sender (quotas.holder_of)
+has at most half of the queue waiting or running (quotas.Limits.events_share); past it a join is refused as the queue
+refuses one when full (503), with what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from types import SimpleNamespace
+from typing import Any
+
+from phi3_lora import access, quotas
+from phi3_lora.errors import UserError
+
+# A multipart request carries its file and a few headers and boundaries around it.
+MULTIPART_OVERHEAD = 64 * 2**10
+
+
+class Received:
+    """What each holder (quotas.holder_of) sent to the upload route and gradio's cache still keeps: a ledger in
+    memory, since the cache is this process's and is emptied with it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: deque[quotas.Held] = deque()
+
+    def admit(self, room: quotas.Room, holder: str, size: int, now: float, keep_s: float) -> UserError | None:
+        """Count `size` bytes for `holder` and return None, or the refusal when they do not fit `room` (entries older
+        than `keep_s` have left gradio's cache and count no more)."""
+        with self._lock:
+            while self._entries and now - self._entries[0].used_at > keep_s:
+                self._entries.popleft()
+            used = quotas.usage(self._entries)
+            if quotas.over(room, used, holder, size):
+                return quotas.room_refusal(room, used, holder, size, "This upload",
+                                           instead="Files sent here are deleted within 90 minutes.")
+            self._entries.append(quotas.Held("upload", holder, size, now))
+            return None
+
+
+def is_upload(scope: dict[str, Any]) -> bool:
+    """gradio's file upload route (under any root path)."""
+    return scope.get("method") == "POST" and scope.get("path", "").rstrip("/").endswith("/upload")
+
+
+def is_join(scope: dict[str, Any]) -> bool:
+    """A request that puts an event in gradio's queue: the page's join or the REST API's call."""
+    path = scope.get("path", "")
+    return scope.get("method") == "POST" and (path.rstrip("/").endswith("/queue/join") or "/call/" in path)
+
+
+def _declared_length(scope: dict[str, Any]) -> int | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def web_requester(state: Any, scope: dict[str, Any]) -> access.Requester:
+    """The policy's view of a raw request (before gradio made a gr.Request of it): the --auth user its cookie names
+    (gradio's own token table), the Sign in with Hugging Face session, the client's network."""
+    from starlette.requests import HTTPConnection
+
+    from phi3_lora.ui.guard import requester_of
+
+    app, username = scope.get("app"), None
+    if getattr(app, "tokens", None) is not None:
+        cookies = HTTPConnection(scope).cookies
+        cookie_id = getattr(app, "cookie_id", "")
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        username = app.tokens.get(token) if token else None
+    return requester_of(state, SimpleNamespace(username=username, scope=scope, session_hash=None))
+
+
+def _too_large(size: int | None, limit: int, upload: bool) -> UserError:
+    """The refusal of a body over `limit` (`size`: its length, None when it came without one and was cut off)."""
+    what = "An upload" if upload else "A request"
+    how = ("Send one file at a time, each within the upload limit." if upload else
+           "Files go through an upload button; shorten what you typed or send it in parts.")
+    of = f"of {quotas.size_text(size)}" if size is not None else "that goes on"
+    return UserError(f"{what} {of} is over this app's size limit ({quotas.size_text(limit)}).", hint=how)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse (413) a request body over its bound before the app reads it; a body without a length
+    is counted as it arrives and cut off at the bound."""
+
+    def __init__(self, app: Any, state: Any, max_file_size: int | None) -> None:
+        self.app, self.state = app, state
+        self.max_file_size = max_file_size
+        self.received = Received()
+        self.joining: dict[str, int] = {}  # holder -> joins on their way into the queue (one event loop: no lock)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        who = web_requester(self.state, scope)
+        if who.level is access.Level.OWNER:
+            await self.app(scope, receive, send)
+            return
+        limits: quotas.Limits = getattr(self.state.options, "limits", quotas.LIMITS)
+        upload = is_upload(scope)
+        limit = (self.max_file_size or limits.request_bytes) + MULTIPART_OVERHEAD if upload else limits.request_bytes
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(send, _too_large(declared, limit, upload))
+            return
+        if is_join(scope):
+            # Joins sent at once are counted from when they pass here until gradio has queued them (or not).
+            holder = quotas.holder_of(who) or quotas.OWNER
+            refused = self._events_refusal(scope, holder, limits)
+            if refused is not None:
+                await _refuse(send, refused, status=503)
+                return
+            self.joining[holder] = self.joining.get(holder, 0) + 1
+            try:
+                await self._bounded(scope, receive, send, limit, upload)
+            finally:
+                self.joining[holder] -= 1
+            return
+        if upload and declared is not None:
+            room = limits.received(self.state.options.upload_total_quota)
+            refused = self.received.admit(room, quotas.holder_of(who) or quotas.ANONYMOUS, declared, time.time(),
+                                          limits.upload_cache_s)
+            if refused is not None:
+                await _refuse(send, refused)
+                return
+        await self._bounded(scope, receive, send, limit, upload)
+
+    def _events_refusal(self, scope: dict[str, Any], holder: str, limits: quotas.Limits) -> UserError | None:
+        """None while `holder` has fewer events in gradio's queue (waiting or running, or being queued now) than their
+        share of it."""
+        app = scope.get("app")
+        queue = getattr(getattr(app, "get_blocks", lambda: None)(), "_queue", None)
+        events = list(getattr(queue, "event_ids_to_events", {}).values())
+        share = max(1, int((getattr(queue, "max_size", None) or 32) * limits.events_share))
+        mine = self.joining.get(holder, 0)
+        for event in events:
+            request = getattr(event, "request", None)
+            event_scope = getattr(request, "scope", None)
+            if isinstance(event_scope, dict) and (quotas.holder_of(web_requester(self.state, event_scope))
+                                                  or quotas.OWNER) == holder:
+                mine += 1
+        if mine < share:
+            return None
+        return UserError(f"You have {mine} requests waiting or running on this server; one visitor may have {share} "
+                         f"at once, so others get their turn.",
+                         hint="Wait for an answer to finish (or close other tabs of this app), then try again.")
+
+    async def _bounded(self, scope: dict[str, Any], receive: Any, send: Any, limit: int, upload: bool) -> None:
+        """Pass the request on, counting its body: past `limit` the app is told the client left, and its answer is
+        replaced by the refusal."""
+        seen, cut = 0, False
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen, cut
+            if cut:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    cut = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        refused = False
+
+        async def replaced(message: dict[str, Any]) -> None:
+            nonlocal refused
+            if not cut:
+                await send(message)
+            elif not refused:
+                refused = True
+                await _refuse(send, _too_large(None, limit, upload))
+
+        await self.app(scope, counted, replaced)
+
+
+async def _refuse(send: Any, error: UserError, status: int = 413) -> None:
+    """The refusal as gradio answers a refused join (JSON 'detail', which the page shows), else as plain text."""
+    if status == 503:
+        body, kind = json.dumps({"detail": str(error)}).encode("utf-8"), b"application/json"
+    else:
+        body, kind = str(error).encode("utf-8"), b"text/plain; charset=utf-8"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", kind),
+                            (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
