@@ -41,5 +41,5 @@ slim(glob.glob(".whl/proj/bitsandbytes-*.whl")[0],
      lambda n: bool(re.search(r"libbitsandbytes_(cuda1[0-2]\d|rocm)", n)))
 slim(glob.glob(".whl/uns/unsloth-2026*.whl")[0], lambda n: n.startswith("studio/"))
 PY
-python3 -c "from pathlib import Path; from bench.train_speed import ensure_tokenizer; ensure_tokenizer(Path('.whl/phi3_tokenizer'))"
+python3 -c "from pathlib import Path; from bench.model_folders import ensure_tokenizer; ensure_tokenizer(Path('.whl/phi3_tokenizer'))"
 du -sh .whl/proj .whl/uns .whl/flow .whl/phi3_tokenizer

@@ -56,7 +56,7 @@ step model $PY - "$WORK/model" <<'PY'
 import os
 import sys
 from pathlib import Path
-from bench.train_speed import ensure_tokenizer, make_phi3_mini
+from bench.model_folders import ensure_tokenizer, make_phi3_mini
 tok_dir = Path(".whl/phi3_tokenizer") if Path(".whl/phi3_tokenizer/tokenizer_config.json").exists() else \
     ensure_tokenizer(Path("/tmp/phi3_lora_flow_tokenizer"))
 cpu = bool(os.environ.get("FLOW_CPU"))

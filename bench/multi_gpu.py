@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from bench.train_speed import chat_rows, make_phi3_mini, versions, write_jsonl
+    from bench.chat_mix import chat_rows, write_jsonl
+    from bench.machine import versions
+    from bench.model_folders import make_phi3_mini
 
     out_dir, work = Path(args.out), Path(args.workdir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,6 @@ import functools
 import gc
 import json
 import os
-import platform
-import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,161 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.prestart import await_go, quiet
-from bench import chat_mix
 from bench.paired import paired_table
+from bench.chat_mix import bench_data
+from bench.machine import host_link, versions
+from bench.model_folders import ensure_tokenizer, make_llama_copy, make_phi3_mini
 from bench.row_sets import LEARNING_RATE, Row, all_rows, named, ordered_rows
 from bench.schedule import done_runs, pending_runs, run_series
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN = 16.2e9
 PEAK_FLOPS = 790e12
-GIB = 2**30
 SAME_LOSS_STEP, SAME_LOSS_TOLERANCE = 10, 0.01
-TOKENIZER_GGUF = ROOT / "tests" / "assets" / "ggml-vocab-phi-3.gguf"
-WORDS = ("the model learns a short answer from each turn of the chat while the adapter trains only a few "
-         "matrices and the frozen weights stay in four bits on the card so memory is small").split()
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-def chat_rows(kind: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Conversations whose Phi-3 token counts follow the wanted distribution (about 1.3 tokens a word)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        tokens = 3200 if kind == "full" else chat_mix.token_count(rng)
-        words = max(4, int(tokens / 1.3))
-        user, answer = max(2, words * 3 // 10), max(2, words - words * 3 // 10)
-        rows.append({"messages": [
-            {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(user))},
-            {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(answer))}]})
-    return rows
-
-
-def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def bench_data(work: Path) -> dict[str, Path]:
-    """Enough rows for the longest warm-up plus the timed steps (4 rows of 2048 tokens a step)."""
-    return {"full": write_jsonl(chat_rows("full", 128), work / "full.jsonl"),
-            "mix": write_jsonl(chat_rows("mix", 1024), work / "mix.jsonl")}
-
-
-# --- the model ----------------------------------------------------------------------------------
-
-def ensure_tokenizer(folder: Path, gguf: Path = TOKENIZER_GGUF) -> Path:
-    """The Phi-3 tokenizer as a transformers folder, made once from the GGUF vocabulary in tests/assets (transformers
-    derives the BPE merges from the vocabulary: 40-50 s of every device call until `carry_wheels.sh` made the folder
-    here and carried it). A folder that exists but does not load with this transformers is made again."""
-    from transformers import AutoTokenizer
-
-    if (folder / "tokenizer_config.json").exists():
-        try:
-            AutoTokenizer.from_pretrained(folder)
-            return folder
-        except Exception as exc:  # noqa: BLE001 - a folder from another transformers version: rebuild it
-            print(f"{folder} does not load ({type(exc).__name__}: {exc}); making it again", flush=True)
-            shutil.rmtree(folder, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    tok.save_pretrained(tmp)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
-    return folder
-
-
-PHI3_MINI = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 32}
-
-
-def make_phi3_mini(folder: Path, tokenizer_dir: Path, shape: dict[str, int] | None = None,
-                   device: str = "cuda") -> Path:
-    """A random-weight model of Phi-3's layout (fused qkv and gate_up, the real tokenizer and chat template),
-    saved as safetensors: Phi-3-mini's shape (3.8B; built on the GPU in bf16, seconds not minutes) unless `shape`
-    gives other Phi3Config sizes (bench/gpu_flow.sh's small models)."""
-    import torch
-    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
-
-    if (folder / "config.json").exists():
-        return folder
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    end = tok.convert_tokens_to_ids("<|end|>")
-    config = Phi3Config(vocab_size=32064, **(shape or PHI3_MINI), max_position_embeddings=4096,
-                        original_max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                        eos_token_id=[tok.eos_token_id, end], pad_token_id=tok.pad_token_id,
-                        tie_word_embeddings=False, dtype="bfloat16")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Phi3ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return folder
-
-
-def make_llama_copy(phi3_dir: Path, folder: Path) -> Path:
-    """The same weights as a Llama-layout model (q/k/v and gate/up split out of Phi-3's fused layers; Phi-3
-    is a Llama with fused projections): the layout Unsloth's own Phi-3 uploads use and its fast path needs."""
-    if (folder / "config.json").exists():
-        return folder
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
-
-    src = AutoConfig.from_pretrained(phi3_dir)
-    cfg = LlamaConfig(vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,
-                      num_hidden_layers=src.num_hidden_layers, num_attention_heads=src.num_attention_heads,
-                      num_key_value_heads=src.num_key_value_heads, max_position_embeddings=src.max_position_embeddings,
-                      rms_norm_eps=src.rms_norm_eps, rope_theta=getattr(src, "rope_theta", 10000.0),
-                      bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
-                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
-                      dtype="bfloat16")
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(phi3_dir.glob("*.safetensors")):
-        state.update(load_file(f))
-    out: dict[str, torch.Tensor] = {}
-    q = src.num_attention_heads * (src.hidden_size // src.num_attention_heads)
-    kv = src.num_key_value_heads * (src.hidden_size // src.num_attention_heads)
-    for name, w in state.items():
-        if name.endswith("qkv_proj.weight"):
-            base = name[: -len("qkv_proj.weight")]
-            out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = (
-                t.contiguous() for t in w.split([q, kv, kv]))
-        elif name.endswith("gate_up_proj.weight"):
-            base = name[: -len("gate_up_proj.weight")]
-            gate, up = w.chunk(2, dim=0)  # Phi3MLP: gate, up = gate_up_proj(x).chunk(2)
-            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate.contiguous(), up.contiguous()
-        else:
-            out[name] = w
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(folder)
-    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
-    AutoTokenizer.from_pretrained(phi3_dir).save_pretrained(folder)
-    return folder
-
-
-def host_link(gib: float = 1.0) -> dict[str, float]:
-    """Pinned host <-> GPU copy rates (GB/s), which decide how many layers' activations host memory can take."""
-    import torch
-
-    n = int(gib * GIB)
-    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    out = {}
-    for label, dst, src in (("d2h_gb_s", host, dev), ("h2d_gb_s", dev, host)):
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        out[label] = 3 * n / (time.perf_counter() - t0) / 1e9
-    del dev, host
-    return out
 
 
 # --- running one row ------------------------------------------------------------------------------
@@ -1030,23 +883,6 @@ def cpu_generation(new_tokens: int = 64, repeats: int = 3) -> list[dict[str, Any
     del engine
     _free()
     return out
-
-
-# --- the report -----------------------------------------------------------------------------------
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    import torch
-
-    v = {"python": platform.python_version()}
-    for p in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel"):
-        try:
-            v[p] = md.version(p)
-        except md.PackageNotFoundError:
-            v[p] = "-"
-    v["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return v
 
 
 def cpu_main(args: argparse.Namespace) -> int:

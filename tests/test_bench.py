@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bench import paired, prestart, row_sets, schedule, timing
+from bench import chat_mix, model_folders, paired, prestart, row_sets, schedule, timing
 from bench import train_speed as bench
 
 
@@ -121,18 +121,18 @@ def test_same_loss_check_and_repeats():
 
 @pytest.mark.slow
 def test_fresh_checkout_builds_the_tokenizer_from_the_gguf(tmp_path):
-    folder = bench.ensure_tokenizer(tmp_path / "phi3_tokenizer")
+    folder = model_folders.ensure_tokenizer(tmp_path / "phi3_tokenizer")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     assert len(tok) >= 32000 and tok.convert_tokens_to_ids("<|end|>") != tok.unk_token_id
-    assert bench.ensure_tokenizer(folder) == folder  # built once
+    assert model_folders.ensure_tokenizer(folder) == folder  # built once
 
 
 def test_llama_copy_is_the_same_function(tiny_phi3_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    llama_dir = bench.make_llama_copy(tiny_phi3_dir, tmp_path / "llama")
+    llama_dir = model_folders.make_llama_copy(tiny_phi3_dir, tmp_path / "llama")
     assert json.loads((llama_dir / "config.json").read_text())["model_type"] == "llama"
     phi3 = AutoModelForCausalLM.from_pretrained(tiny_phi3_dir, dtype=torch.float32).eval()
     llama = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
@@ -166,7 +166,7 @@ def test_cpu_recipe_row_trains_and_is_timed(tiny_phi3_dir, tmp_path):
     from phi3_lora.config import preset
 
     lora = preset("quick-cpu").lora
-    data = bench.write_jsonl(bench.chat_rows("mix", 16), tmp_path / "rows.jsonl")
+    data = chat_mix.write_jsonl(chat_mix.chat_rows("mix", 16), tmp_path / "rows.jsonl")
     timer = timing.SettleTimer(steps=1, min_warmup=1, max_warmup=1)
     trainer = bench.cpu_recipe_trainer(str(tiny_phi3_dir), data, timer.max_steps(), tmp_path / "out", 2, 64, lora)
     res = timing.time_trainer(trainer, timer)
@@ -182,7 +182,7 @@ def test_free_running_timer_counts_the_same_steps_tokens_and_losses(tiny_phi3_di
     from phi3_lora.config import preset
 
     lora = preset("quick-cpu").lora
-    data = bench.write_jsonl(bench.chat_rows("mix", 24), tmp_path / "rows.jsonl")
+    data = chat_mix.write_jsonl(chat_mix.chat_rows("mix", 24), tmp_path / "rows.jsonl")
     results, trainers = {}, {}
     for free in (False, True):
         torch.manual_seed(0)
