@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from bench import chat_mix, model_folders, paired, prestart, row_sets, schedule, timing
+from bench import chat_mix, model_folders, paired, prestart, report, row_sets, schedule, timing
 from bench import train_speed as bench
 
 
@@ -105,18 +105,18 @@ def test_timer_that_never_settles_says_so():
 
 def test_same_loss_check_and_repeats():
     ref = {"losses": [10.0] * 9 + [8.00]}
-    assert bench.same_loss({"losses": [10.0] * 9 + [8.05]}, ref)[2]
-    assert not bench.same_loss({"losses": [10.0] * 9 + [8.2]}, ref)[2]
-    assert bench.same_loss({"losses": [10.0] * 5}, ref) is None
+    assert report.same_loss({"losses": [10.0] * 9 + [8.05]}, ref)[2]
+    assert not report.same_loss({"losses": [10.0] * 9 + [8.2]}, ref)[2]
+    assert report.same_loss({"losses": [10.0] * 5}, ref) is None
     runs = [{"name": "a", "steps": 5, "tokens_per_s": t, "peak_gib": p} for t, p in ((100, 5.0), (120, 5.5), (90, 5.2))]
-    (agg,) = bench.aggregate(runs)
+    (agg,) = report.aggregate(runs)
     assert agg["tokens_per_s"] == 100 and agg["repeats_tok_s"] == [90, 100, 120] and agg["peak_gib"] == 5.5
-    table = bench.table([dict(agg, name="a", data="full", kind="engine", mfu=0.1, tokens_per_step=8192,
+    table = report.table([dict(agg, name="a", data="full", kind="engine", mfu=0.1, tokens_per_step=8192,
                               step_tok_s_min=80, step_tok_s_max=130, warmup_steps=4, settled=True)])
     assert "90 / 100 / 120" in table
-    merged = bench.aggregate(runs + [{"name": "b", "steps": 5, "tokens_per_s": 50, "peak_gib": 4.0}])
-    assert bench.repeats_phrase(merged).startswith("1-3 runs per row")
-    assert bench.repeats_phrase([agg]).startswith("3 runs per row")
+    merged = report.aggregate(runs + [{"name": "b", "steps": 5, "tokens_per_s": 50, "peak_gib": 4.0}])
+    assert report.repeats_phrase(merged).startswith("1-3 runs per row")
+    assert report.repeats_phrase([agg]).startswith("3 runs per row")
 
 
 @pytest.mark.slow
