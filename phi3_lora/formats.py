@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -143,14 +144,28 @@ def describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def parse_json(text: str, *, one_line: bool = False) -> tuple[Any, str | None]:
+    """(value, None) or (None, why it does not parse), for JSON a user gave. Deep nesting and an integer longer than
+    Python converts (sys.get_int_max_str_digits: json raises a plain ValueError) are parse failures with a reason, not
+    crashes. `one_line`: place a syntax error by its character in the line."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"{exc.msg} at " + (f"character {exc.colno}" if one_line else
+                                          f"line {exc.lineno}, column {exc.colno}")
+    except RecursionError:
+        return None, "it is nested too deeply (thousands of levels of [ or {)"
+    except ValueError:
+        return None, f"it holds a number of more than {sys.get_int_max_str_digits():,} digits"
+
+
 def _as_list(value: Any, field: str) -> list[Any]:
     """A list field; CSV cells and some exports hold it as a JSON string, so decode that."""
     if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise RowError(field, f"is text that looks like a JSON list but does not parse ({exc}). "
-                                  "Fix the JSON in this cell.") from None
+        value, why = parse_json(value)
+        if why is not None:
+            raise RowError(field, f"is text that looks like a JSON list but does not parse ({why}). "
+                                  "Fix the JSON in this cell.")
     if value is None:
         raise RowError(field, "is missing or null. Give a list of messages.")
     if not isinstance(value, (list, tuple)):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phi3_lora.errors import UserError, hub_errors
-from phi3_lora.formats import describe
+from phi3_lora.formats import describe, parse_json
 
 MAX_FILE_BYTES = 512 * 2**20
 # A JSONL line longer than this is refused unparsed: it cannot be one trainable conversation
@@ -154,16 +153,6 @@ def _decode(name: str, raw: bytes, *, keep_errors: bool) -> str | None:
                         ) from None
 
 
-def _parse_json(text: str) -> tuple[Any, str | None]:
-    """(value, None) or (None, why it does not parse). Deep nesting is a parse failure, not a crash."""
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as exc:
-        return None, f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
-    except RecursionError:
-        return None, "it is nested too deeply (thousands of levels of [ or {)"
-
-
 def _jsonl_line(name: str, number: int, line: str) -> tuple[str, Any] | Problem | None:
     where = f"line {number}"
     if not line.strip():
@@ -171,12 +160,9 @@ def _jsonl_line(name: str, number: int, line: str) -> tuple[str, Any] | Problem 
     if len(line) > MAX_LINE_BYTES:
         return Problem(name, where, "(row)", f"is {len(line) / 2**20:.0f} MB long, too long to be one "
                                              "conversation. Split it into shorter rows.")
-    try:
-        return where, json.loads(line)
-    except json.JSONDecodeError as exc:
-        why = f"{exc.msg} at character {exc.colno}"
-    except RecursionError:
-        why = "it is nested too deeply (thousands of levels of [ or {)"
+    value, why = parse_json(line, one_line=True)
+    if why is None:
+        return where, value
     return Problem(name, where, "(row)", f"is not valid JSON ({why}). Fix or delete this line "
                                          "(each line must be one JSON object).")
 
@@ -218,18 +204,18 @@ def _read_json_or_jsonl(name: str, text: str, kind: str) -> RawRecords:
     first = next(line for line in lines if line.strip())
     if kind == "jsonl":
         # A JSON array, or one pretty-printed object (its first line alone does not parse).
-        pretty = stripped.startswith("{") and len(first) < MAX_LINE_BYTES and _parse_json(first)[1] is not None
+        pretty = stripped.startswith("{") and len(first) < MAX_LINE_BYTES and parse_json(first)[1] is not None
         if stripped.startswith("[") or pretty:
-            value, error = _parse_json(text)
+            value, error = parse_json(text)
             if error is None:
                 out = _rows_from_json(name, value)
                 out.warnings.append(f"{name} holds one JSON document, not one object per line; read it as JSON.")
                 return out
         return _read_jsonl_lines(name, lines)
-    value, error = _parse_json(text)
+    value, error = parse_json(text)
     if error is None:
         return _rows_from_json(name, value)
-    if stripped.startswith("{") and isinstance(_parse_json(first)[0], dict):
+    if stripped.startswith("{") and isinstance(parse_json(first)[0], dict):
         out = _read_jsonl_lines(name, lines)
         out.warnings.append(f"{name} holds one JSON object per line (JSON Lines); read it as JSONL. "
                             "Name it .jsonl to silence this warning.")

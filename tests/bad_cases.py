@@ -76,6 +76,16 @@ def _deep(d: Path) -> Path:
     return d / "deep.jsonl"
 
 
+# A number longer than Python converts to an int (sys.get_int_max_str_digits, 4300): json.loads raises a plain
+# ValueError, not a JSONDecodeError ('Something went wrong on the server' before it was a parse failure).
+LONG_NUMBER = "9" * 5000
+
+
+def _long_number_line(d: Path) -> Path:
+    (d / "digits.jsonl").write_text(json.dumps(GOOD) + "\n" + '{"messages": [], "n": ' + LONG_NUMBER + "}\n")
+    return d / "digits.jsonl"
+
+
 def _huge_line(d: Path) -> Path:
     path = d / "huge.jsonl"
     with open(path, "w") as f:
@@ -141,6 +151,10 @@ CASES: list[Case] = [
     Case("empty_content", _bad_row({"messages": [USER, {"role": "assistant", "content": ""}]}), "problem",
          ("is empty", "Write the text"), "line 2", "messages[1].content"),
     Case("nested_10000_levels", _deep, "problem", ("nested too deeply",), "line 2", "(row)"),
+    Case("number_of_5000_digits", _long_number_line, "problem", ("not valid JSON", "more than 4,300 digits"),
+         "line 2", "(row)"),
+    Case("json_file_number_of_5000_digits", _bytes("digits.json", f'[{{"n": {LONG_NUMBER}}}]'.encode()), "refused",
+         ("digits.json", "not valid JSON", "more than 4,300 digits")),
     Case("single_line_50_mb", _huge_line, "problem", ("MB long", "Split it"), "line 2", "(row)", tags=("big",)),
     Case("csv_newlines_in_quoted_fields",
          lambda d: write_csv(d / "multi.csv", [["prompt", "completion"], ["line one\nline two", "ok\nfine"],
