@@ -253,7 +253,7 @@ def compiled_pair(engine: Any, tokens: int, repeats: int = 4) -> dict[str, Any]:
 def report(model_dir: str, tokens: int, compiled: bool, pair: bool = False) -> dict[str, Any]:
     import torch
 
-    from bench.train_speed import save_random_adapter
+    from bench.generation import save_random_adapter
     from phi3_lora.generate import ChatEngine
 
     with tempfile.TemporaryDirectory() as tmp:

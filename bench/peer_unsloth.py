@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.prestart import await_go, quiet
     from bench.timing import SettleTimer, time_trainer
     from bench.row_sets import all_rows, named
-    from bench.train_speed import finish, step_profiler
+    from bench.row_process import finish
+    from bench.step_profile import step_profiler
 
     row = next(r for r in all_rows() if named(r, args.row))
     if args.profile:  # the same trainer as a timed run, one step under torch.profiler (bench/train_speed.py)

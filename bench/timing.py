@@ -19,6 +19,7 @@ Two ways to time a step (`SettleTimer(free=...)`):
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 import warnings
@@ -37,6 +38,16 @@ def sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def release_memory() -> None:
+    """Between rows: collect the garbage, give the GPU's cached blocks back and reset its peak statistics."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 class SettleTimer:

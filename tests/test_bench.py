@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from bench import chat_mix, model_folders, paired, prestart, report, row_sets, schedule, timing
-from bench import train_speed as bench
+from bench import (chat_mix, model_folders, paired, prestart, report, row_process, row_sets, row_trainers, schedule,
+                   step_profile, timing)
 
 
 def test_main_set_has_engine_unsloth_and_recipe_at_every_budget():
@@ -64,7 +64,7 @@ def test_a_series_of_calls_goes_on_where_the_last_stopped_and_packs_what_fits(tm
 def test_a_row_patch_is_set_for_the_row_and_put_back():
     from phi3_lora import options
 
-    with bench.patched({"phi3_lora.options.COMPILE_MODE": "reduce-overhead"}):
+    with row_trainers.patched({"phi3_lora.options.COMPILE_MODE": "reduce-overhead"}):
         assert options.COMPILE_MODE == "reduce-overhead"
     assert options.COMPILE_MODE is None
 
@@ -156,7 +156,7 @@ def test_kernel_groups():
         "_swiglu_forward_kernel": "liger/triton",
         "something_else": "other",
     }
-    assert {k: bench.kernel_group(k) for k in cases} == cases
+    assert {k: step_profile.kernel_group(k) for k in cases} == cases
 
 
 @pytest.mark.slow
@@ -168,7 +168,8 @@ def test_cpu_recipe_row_trains_and_is_timed(tiny_phi3_dir, tmp_path):
     lora = preset("quick-cpu").lora
     data = chat_mix.write_jsonl(chat_mix.chat_rows("mix", 16), tmp_path / "rows.jsonl")
     timer = timing.SettleTimer(steps=1, min_warmup=1, max_warmup=1)
-    trainer = bench.cpu_recipe_trainer(str(tiny_phi3_dir), data, timer.max_steps(), tmp_path / "out", 2, 64, lora)
+    trainer = row_trainers.cpu_recipe_trainer(str(tiny_phi3_dir), data, timer.max_steps(), tmp_path / "out", 2, 64,
+                                              lora)
     res = timing.time_trainer(trainer, timer)
     assert res["steps"] == 1 and res["tokens_per_s"] > 0 and res["tokens_per_step"] > 0
     assert len(res["losses"]) == 2 and all(loss is not None and loss > 0 for loss in res["losses"])
@@ -187,7 +188,7 @@ def test_free_running_timer_counts_the_same_steps_tokens_and_losses(tiny_phi3_di
     for free in (False, True):
         torch.manual_seed(0)
         timer = timing.SettleTimer(steps=2, min_warmup=1, max_warmup=1, free=free)
-        trainer = bench.cpu_recipe_trainer(str(tiny_phi3_dir), data, timer.max_steps(), tmp_path / f"o{free}", 2,
+        trainer = row_trainers.cpu_recipe_trainer(str(tiny_phi3_dir), data, timer.max_steps(), tmp_path / f"o{free}", 2,
                                            384, lora, dtype_name="float32")
         results[free], trainers[free] = timing.time_trainer(trainer, timer), trainer
     synced, free = results[False], results[True]
@@ -208,7 +209,7 @@ def test_free_running_timer_counts_the_same_steps_tokens_and_losses(tiny_phi3_di
 def test_a_profile_lists_where_the_step_waits_for_the_gpu_by_call_site() -> None:
     from types import SimpleNamespace as E
 
-    from bench.train_speed import host_call_sites
+    from bench.step_profile import host_call_sites
 
     item = ["/site/liger_kernel/ops/fused_linear_cross_entropy.py(132): forward",
             "/site/torch/autograd/function.py(575): apply", "/app/phi3_lora/train.py(10): step"]
@@ -273,7 +274,7 @@ def test_a_prestarted_row_process_imports_then_waits_for_its_go(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     row = row_sets.ordered_rows(["=engine QLoRA full, 8 GiB"], "main")[0]
     args = argparse.Namespace(steps=2, peer_path="", row_timeout=300)
-    rp = bench.spawn(row, args, tmp_path, prestart=True)
+    rp = row_process.spawn(row, args, tmp_path, prestart=True)
     try:
         deadline = time.time() + 240
         while prestart.quiet(tmp_path):  # not yet marked importing
@@ -289,14 +290,14 @@ def test_a_prestarted_row_process_imports_then_waits_for_its_go(tmp_path, monkey
         rp.kill()
         raise
     rp.go()
-    result = bench.collect(rp, 240)
+    result = row_process.collect(rp, 240)
     began, ready = result["import_window"]
     assert began < ready <= rp.go_at <= result["go_at"]
     assert "error" in result and result["process_s"] < time.time() - ready
 
 
 def test_engine_patch_pairs_and_explore_rows_for_the_ragged_kernel():
-    assert bench.engine_patch(["phi3_lora.options.CUDNN_RAGGED=true", "x.Y=0.5", "x.Z=fast"]) == {
+    assert row_trainers.engine_patch(["phi3_lora.options.CUDNN_RAGGED=true", "x.Y=0.5", "x.Z=fast"]) == {
         "phi3_lora.options.CUDNN_RAGGED": True, "x.Y": 0.5, "x.Z": "fast"}
     rows = row_sets.ordered_rows(["ragged cuDNN frontend"], "explore")
     assert sorted(r.budget_gb or 0 for r in rows) == [0, 8, 24]

@@ -42,7 +42,7 @@ def test_the_report_puts_the_measured_steps_against_the_ceiling(tiny_llama_dir, 
 def test_the_compiled_pair_step_is_timed_and_checked_against_eager_and_generate(tiny_llama_dir, tmp_path):
     import torch._inductor.config as inductor
 
-    from bench.train_speed import save_random_adapter
+    from bench.generation import save_random_adapter
 
     from safetensors.torch import load_file, save_file
 
