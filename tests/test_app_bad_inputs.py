@@ -110,3 +110,19 @@ def test_file_over_the_upload_limit_is_refused_by_size(server, client, tmp_path)
     nothing_trained(runs)
     assert not list((runs / ".uploads").glob("*big.jsonl")) if (runs / ".uploads").exists() else True
     assert client.predict(api_name="/load_page") is not None
+
+
+def test_an_adapter_the_page_never_sends_gets_the_lists_message(server, client) -> None:
+    """The Adapter box's value as a client may send it: a number, a name longer than any folder's, a NUL. Each got
+    'Something went wrong on the server' (TypeError, OSError 'File name too long', ValueError 'embedded null byte'),
+    the scores panel an unhandled error; each is now the list's own message."""
+    for value in (12, "x" * 5000, "run\x00id"):
+        for endpoint, args in (("export_zip", [value]), ("heldout_example", [value]),
+                               ("compare", ["hi", value, 0.7, 0.9, 8, 0, [], [], ""])):
+            with pytest.raises(Exception) as refused:
+                client.predict(*args, api_name=f"/{endpoint}")
+            said = str(refused.value)
+            assert "is not a run or checkpoint of this app" in said and "Refresh the list" in said, (endpoint, said)
+            assert len(said) < 400, said  # a long name is shortened, not echoed whole
+        assert val(client.predict(value, api_name="/eval_results")[0]) == "", value
+    nothing_trained(server[1])

@@ -31,20 +31,46 @@ def adapter_choices(runs_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
+# A run id and '/checkpoint-N' are far shorter; a Hub id is at most 96 characters.
+MAX_VALUE_CHARS = 256
+
+
+def _not_ours(value: object) -> UserError:
+    shown = value[:80] + "…" if isinstance(value, str) and len(value) > 80 else value
+    return UserError(f"{shown} is not a run or checkpoint of this app.", hint="Refresh the list and pick again.")
+
+
+def _plain(value: object) -> str:
+    """The adapter value a request sent, when it can name one at all: text the list could offer (a run id, '<run
+    id>/checkpoint-N' or a Hub id), not another type, a NUL or a name longer than any folder's (the page never sends
+    those; a client that does gets the list's message, not 'Something went wrong')."""
+    if not isinstance(value, str) or "\x00" in value or len(value) > MAX_VALUE_CHARS:
+        raise _not_ours(value if isinstance(value, str) else type(value).__name__)
+    return value
+
+
 def resolve_source(runs_dir: Path, value: str | None) -> Path:
     if not value:
         raise UserError("No adapter chosen.", hint="Pick a finished run or a checkpoint (train one in the Train tab).")
-    path = (runs_dir / value).resolve()
-    if runs_dir.resolve() not in path.parents or not path.exists():
+    value = _plain(value)
+    try:
+        path = (runs_dir / value).resolve()
+        exists = path.exists()
+    except (OSError, RuntimeError):  # a name the file system refuses, a symlink loop
+        raise _not_ours(value) from None
+    if runs_dir.resolve() not in path.parents or not exists:
         if runs_dir.resolve() in path.parents:
             _gone_checkpoint(path)
-        raise UserError(f"{value} is not a run or checkpoint of this app.", hint="Refresh the list and pick again.")
+        raise _not_ours(value)
     return path
 
 
 def is_hub_adapter(runs_dir: Path, value: str | None) -> bool:
-    value = (value or "").strip()
-    return bool(value) and not (runs_dir / value).exists() and spaces.is_hub_repo_id(value)
+    value = (value or "").strip() if isinstance(value, str) else ""
+    try:
+        return bool(value) and not (runs_dir / _plain(value)).exists() and spaces.is_hub_repo_id(value)
+    except (OSError, RuntimeError, UserError):
+        return False
 
 
 def resolve_adapter(runs_dir: Path, value: str | None, token: str | bool | None = None) -> Path:
