@@ -1,5 +1,5 @@
-"""What a stranger may send the app (phi3_lora.ui.bodies): through the real server of a share link, raw HTTP as any
-client could send it. gradio bounds one uploaded file and nothing else."""
+"""What a stranger may send the app (phi3_lora.ui.bodies) and make it hold: through the real server of a share link,
+raw HTTP as any client could send it. gradio bounds one uploaded file and nothing else."""
 
 from __future__ import annotations
 
@@ -20,22 +20,31 @@ LIMITS: dict[str, Any] = {"uploads_share": 4 * MiB, "uploads_anonymous": 3 * MiB
                           "request_bytes": 1 * MiB}
 
 
+QWEN_RUN = "20260101-000001-qwen"
+
+
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_qwen2_dir: Path) -> Iterator[Any]:
     from phi3_lora import quotas
     from phi3_lora.ui import AppOptions, build_app, launch
 
     runs = tmp_path_factory.mktemp("bodies") / "runs"
-    make_adapter_run(runs, tiny_llama_dir)  # a finished run for Compare (no training)
+    make_adapter_run(runs, tiny_llama_dir)  # finished runs for Compare (no training), on two base models
+    make_adapter_run(runs, tiny_qwen2_dir, QWEN_RUN)
     # A queue of 4 events: each sender may have 2 in it at once.
     demo = build_app(options=AppOptions(runs_dir=runs, default_model=str(tiny_llama_dir), shared=True,
                                         max_file_size="1mb", upload_total_quota=8 * MiB, queue_max_size=4,
                                         limits=quotas.Limits(**LIMITS)))
     _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        yield url.rstrip("/")
+        yield url.rstrip("/"), demo
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def shared(served: Any) -> str:
+    return served[0]
 
 
 def _join(base: str, content: Any) -> httpx.Response:
@@ -90,6 +99,20 @@ def test_files_sent_to_the_upload_route_count_for_their_sender(shared: str) -> N
     assert "deleted within 90 minutes" in third.text, third.text
     other = _upload(shared, [("theirs.jsonl", os.urandom(900 * 2**10))], "203.0.113.9")
     assert other.status_code == 200, other.text[:300]
+
+
+def test_the_app_holds_one_base_model_at_a_time(served: Any) -> None:
+    """Compare kept an engine per base model and setting for good: a visitor whose adapters name one base after
+    another (each checked to fit the memory alone) made the app hold them all until it was killed for memory. Moving
+    to another base drops the one before."""
+    from gradio_client import Client
+
+    url, demo = served
+    client = Client(url, verbose=False)
+    for run_id, model in ((RUN_ID, "tiny_llama"), (QWEN_RUN, "tiny_qwen2"), (RUN_ID, "tiny_llama")):
+        client.predict("What is LoRA?", run_id, 0.7, 0.9, 8, 0, [], [], "", api_name="/compare")
+        held = [key[0] for key in demo.phi3_state.engines]
+        assert len(held) == 1 and model in held[0], (run_id, held)
 
 
 def test_one_client_cannot_fill_the_queue(shared: str) -> None:

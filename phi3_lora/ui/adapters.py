@@ -4,6 +4,7 @@ per setting shared by every tab."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,12 @@ def get_engine(state: AppState, path: Path, progress: gr.Progress | None = None)
     with state.engine_lock:
         engine = state.engines.get(key)
         if engine is None:
+            # One base model in memory at a time: a visitor's check (guard.check_model_fits) is for one model, and
+            # engines kept per base and setting (Hub adapters naming one base after another, runs trained with
+            # another dtype) added up until the app was killed for memory. The events that use an engine (Compare,
+            # scoring) run one at a time (concurrency_id "generate"), so the one dropped here is idle.
+            state.engines.clear()
+            gc.collect()
             if progress is not None:
                 progress(0.1, desc=f"Loading {portable.model_name(ref.model_name)} (first use only)…")
             engine = ChatEngine(ref.model_name, None, model_settings=settings)
