@@ -1,5 +1,5 @@
 """The bench's chat-length mix: how many Phi-3 tokens one conversation has (lognormal, median 300, mean ~430,
-24-2,000 tokens). The training rows (chat_rows below) and the attention bench's packs
+24-2,000 tokens). The training rows (`chat_rows`, here) and the attention bench's packs
 (attn_kernels.mix_lengths) both draw from it, so the attention bench times the packs the training rows make."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ so the two curves differ only by numerics (bf16, reduction order across ranks). 
 events.jsonl: `tokens_seen` is transformers' num_input_tokens_seen, gathered (summed) over ranks each step.
 While a run trains, nvidia-smi is sampled to show which process holds which GPU.
 
-The model is bench/train_speed.py's random-weight Phi-3-mini shape (hidden 3072, 32 layers, vocab 32064) with
+The model is bench/model_folders.py's random-weight Phi-3-mini shape (hidden 3072, 32 layers, vocab 32064) with
 the real Phi-3 tokenizer, QLoRA NF4, max length 2048, packed chat-length mix, no memory budget (whole GPU).
 """
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.step_profile import step_profiler
 
     row = next(r for r in all_rows() if named(r, args.row))
-    if args.profile:  # the same trainer as a timed run, one step under torch.profiler (bench/train_speed.py)
+    if args.profile:  # the same trainer as a timed run, one step under torch.profiler (bench/step_profile.py)
         callback, summary = step_profiler(args.profile_step)
         with tempfile.TemporaryDirectory() as tmp:
             trainer, _ = build(row, Path(args.workdir), args.profile_step + 1, Path(tmp))
