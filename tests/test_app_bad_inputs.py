@@ -125,4 +125,8 @@ def test_an_adapter_the_page_never_sends_gets_the_lists_message(server, client) 
             assert "is not a run or checkpoint of this app" in said and "Refresh the list" in said, (endpoint, said)
             assert len(said) < 400, said  # a long name is shortened, not echoed whole
         assert val(client.predict(value, api_name="/eval_results")[0]) == "", value
+    # A seed past what torch takes (2**64) was 'Something went wrong' (ValueError); the box now has the training
+    # seed's range, which gradio checks before the handler runs.
+    with pytest.raises(Exception, match="greater than maximum value 4294967295"):
+        client.predict("hi", "no-such-run", 0.7, 0.9, 8, 2**70, [], [], "", api_name="/compare")
     nothing_trained(server[1])

@@ -63,7 +63,8 @@ def build(state: AppState) -> CompareTab:
             top_p = gr.Slider(0.05, 1, value=SAMPLING.top_p, step=0.05, label=t("compare.top_p"), info=t("compare.top_p_info"))
             max_new_tokens = gr.Slider(8, 1024, value=SAMPLING.max_new_tokens, step=8, label=t("compare.max_new_tokens"),
                                        info=t("compare.max_new_tokens_info"))
-            seed = gr.Number(SAMPLING.seed, precision=0, label=t("compare.seed"), info=t("compare.seed_info"))
+            seed = gr.Number(SAMPLING.seed, precision=0, minimum=0, maximum=2**32 - 1,  # the training seed's range
+                             label=t("compare.seed"), info=t("compare.seed_info"))
     status = gr.HTML(elem_id="p3-compare-status")
     system = gr.Textbox("", label=t("compare.system"), info=t("compare.system_info"), lines=1, max_lines=4,
                         elem_id="p3-system")
