@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -128,7 +128,8 @@ def can_decode(settings_kwargs: dict[str, Any]) -> bool:
 
 
 class PairStreamer:
-    """A transformers streamer for a batch: decodes each row's new tokens and queues the texts."""
+    """A transformers streamer for a batch: queues each row's new token ids (without its stop token) after every
+    step; `updates` turns the queue into the texts a reader is shown."""
 
     def __init__(self, tokenizer: Any, rows: int, stop_ids: list[int]) -> None:
         self.tokenizer, self.rows, self.stop_ids = tokenizer, rows, set(stop_ids)
@@ -148,10 +149,42 @@ class PairStreamer:
                 self.done[row] = True
             else:
                 self.tokens[row].append(token)
-        self.queue.put(self.texts())
+        self.put_tokens(self.tokens)
+
+    def put_tokens(self, rows: Tokens) -> None:
+        """Every row's answer ids so far (copied: the decoder goes on appending to its lists)."""
+        self.queue.put([list(row) for row in rows])
 
     def end(self) -> None:
         self.queue.put(None)
 
-    def texts(self) -> list[str]:
-        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
+    def texts(self, rows: Tokens) -> list[str]:
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+    def updates(self, every: float = 0.0) -> Iterator[tuple[list[str], bool]]:
+        """(texts, final) until the decoder ends: each step's texts, or with `every` > 0 at most one update per
+        `every` seconds, the latest step's (the first step's at once, so the answer starts showing as it starts),
+        each decoded only when it is shown. The last one (final=True) always carries the whole answers, and comes
+        once the decoder has ended. A reader that pays per update (the app: the whole chats diffed, serialised and
+        sent to the browser, in threads that take the GIL and a core from the decoder) pays it ~1/`every` times a
+        second instead of once per token."""
+        latest: Tokens | None = None  # not yet shown
+        shown_at: float | None = None
+        texts = [""] * self.rows
+        while True:
+            wait = None if latest is None or shown_at is None else max(0.0, shown_at + every - time.monotonic())
+            try:
+                item = self.queue.get(timeout=wait)
+            except queue.Empty:  # `every` has passed since the last update: show the latest step
+                shown_at = time.monotonic()
+                texts, latest = self.texts(latest), None
+                yield texts, False
+                continue
+            if item is None:
+                break
+            latest = item
+            if shown_at is None or time.monotonic() - shown_at >= every:
+                shown_at = time.monotonic()
+                texts, latest = self.texts(item), None
+                yield texts, False
+        yield (self.texts(latest) if latest is not None else texts), True

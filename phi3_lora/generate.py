@@ -255,30 +255,34 @@ class ChatEngine:
         cfg = getattr(self.model, "peft_config", {}).get(TUNED)
         return cfg is not None and not getattr(cfg, "use_dora", False) and not self._tuned_biases
 
-    def stream_pair(self, base_history: Messages, tuned_history: Messages,
-                    settings: GenerationSettings) -> Iterator[tuple[str, str]]:
-        """Yield (base_text, tuned_text) as both grow. Each history ends with the new user turn."""
+    def stream_pair(self, base_history: Messages, tuned_history: Messages, settings: GenerationSettings,
+                    every: float = 0.0) -> Iterator[tuple[str, str]]:
+        """Yield (base_text, tuned_text) as both grow, after every step or, with `every` > 0, at most once per
+        `every` seconds (the first step at once; the last yield always the whole answers). Each history ends with
+        the new user turn."""
         if not self.has_adapter:
-            for text in self.stream(base_history, adapter=False, settings=settings):
+            for text in self.stream(base_history, adapter=False, settings=settings, every=every):
                 yield text, ""
             return
         if not self._can_mix():
             base_text = ""
-            for base_text in self.stream(base_history, adapter=False, settings=settings):
+            for base_text in self.stream(base_history, adapter=False, settings=settings, every=every):
                 yield base_text, ""
-            for tuned_text in self.stream(tuned_history, adapter=True, settings=settings):
+            for tuned_text in self.stream(tuned_history, adapter=True, settings=settings, every=every):
                 yield base_text, tuned_text
             return
-        for texts in self._generate([base_history, tuned_history], settings, adapter_names=[BASE, TUNED]):
+        for texts in self._generate([base_history, tuned_history], settings, adapter_names=[BASE, TUNED],
+                                    every=every):
             yield texts[0], texts[1]
 
-    def stream(self, history: Messages, adapter: bool, settings: GenerationSettings) -> Iterator[str]:
-        """Yield the growing answer for one history, with the adapter on or off."""
+    def stream(self, history: Messages, adapter: bool, settings: GenerationSettings,
+               every: float = 0.0) -> Iterator[str]:
+        """Yield the growing answer for one history, with the adapter on or off (`every`: as in stream_pair)."""
         if adapter and not self.has_adapter:
             raise UserError("No adapter is loaded: pick a finished run first.")
         # One row needs no mixed-adapter batch: peft's per-row adapter routing measured ~1.7x slower per token
         # than the plain adapter (bench/train_speed.py); the base side runs inside disable_adapter().
-        for texts in self._generate([history], settings, adapter_names=None, disable=not adapter):
+        for texts in self._generate([history], settings, adapter_names=None, disable=not adapter, every=every):
             yield texts[0]
 
     def answer(self, history: Messages, adapter: bool, settings: GenerationSettings) -> str:
@@ -381,22 +385,22 @@ class ChatEngine:
         return list(zip(base, tuned))
 
     def _generate(self, histories: list[Messages], settings: GenerationSettings,
-                  adapter_names: list[str] | None, disable: bool = False) -> Iterator[list[str]]:
+                  adapter_names: list[str] | None, disable: bool = False, every: float = 0.0) -> Iterator[list[str]]:
+        """Each row's growing answer, once per step or, with `every` > 0, at most once per `every` seconds
+        (`decoding.PairStreamer.updates`); the last texts yielded are the whole answers."""
         import torch
 
         inputs = self._inputs(histories)
         streamer = decoding.PairStreamer(self.tokenizer, len(histories), self.stop_ids)
         errors: list[BaseException] = []
 
-        def on_step(rows: list[list[int]]) -> None:
-            streamer.queue.put([self.tokenizer.decode(t, skip_special_tokens=True) for t in rows])
-
         def work() -> None:
             try:
                 with self._lock, torch.inference_mode(), cpu_threads(inputs["input_ids"].device):
                     on = not (disable and adapter_names is None)
                     with self._side(on, on and self._merge_for(len(histories), adapter_names)):
-                        self._new_tokens(inputs, settings, None, adapter_names, on_step=on_step, streamer=streamer)
+                        self._new_tokens(inputs, settings, None, adapter_names, on_step=streamer.put_tokens,
+                                         streamer=streamer)
             except BaseException as exc:  # surfaced in the caller's thread below
                 errors.append(exc)
             finally:
@@ -405,14 +409,16 @@ class ChatEngine:
         release_thread_pool()  # this thread's OpenMP pool would slow the worker's down (threads.release_thread_pool)
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        last = [""] * len(histories)
-        while (item := streamer.queue.get()) is not None:
-            last = item
-            yield item
-        thread.join()
-        if errors:
-            raise errors[0]
-        yield last
+        shown: list[str] | None = None
+        for texts, final in streamer.updates(every):
+            if final:
+                thread.join()
+                if errors:
+                    raise errors[0]
+                if texts == shown:  # already shown whole
+                    return
+            shown = texts
+            yield texts
 
 
 def _canonical(name: str) -> str:

@@ -28,6 +28,10 @@ from phi3_lora.ui.guard import check, check_adapter_room, check_model, check_mod
 from phi3_lora.ui.strings import t
 
 SAMPLING = GenerationSettings()  # the defaults both sides start from (generate.py owns them)
+# Both chats go to the browser at most once per this many seconds while they grow (the first token at once, the
+# whole answers last): every update costs the app a diff of both chats, their JSON and an event on the stream, in
+# threads that take the GIL and a core from the decoder (docs/benchmarks.md, CPU, "Compare's updates").
+STREAM_EVERY_S = 0.08
 
 
 @dataclass(slots=True)
@@ -247,7 +251,8 @@ def wire(tab: CompareTab, state: AppState) -> None:
             check_context(engine, base_hist, tuned_hist, settings.max_new_tokens)
             label = f"{portable.model_name(engine.model_name)} + {source}"  # a local base: its folder's name
             started = time.monotonic()
-            for base_text, tuned_text in engine.stream_pair(base_hist, tuned_hist, settings):
+            answers = engine.stream_pair(base_hist, tuned_hist, settings, every=STREAM_EVERY_S)
+            for base_text, tuned_text in answers:
                 shown_base[-1]["content"], shown_tuned[-1]["content"] = base_text, tuned_text
                 yield shown_base, shown_tuned, gr.skip(), notice("info", f"Generating with {label}…"), reference
         took = time.monotonic() - started
