@@ -48,6 +48,14 @@ def is_cached(key: str) -> bool:
     return (cache_folder(key) / "snapshots").is_dir()
 
 
+def holds_all(key: str, size: int) -> bool:
+    """The cache holds the repo's `size` bytes (from its file list) already, not just some of its files: naming a
+    Hub model in Settings or the Dataset tab reads its config.json and tokenizer, which makes the repo 'cached'."""
+    from phi3_lora.quotas import folder_bytes
+
+    return is_cached(key) and folder_bytes(cache_folder(key)) >= size
+
+
 def _read(runs_dir: Path) -> dict[str, dict]:
     try:
         data = json.loads((Path(runs_dir) / LEDGER).read_text(encoding="utf-8"))
@@ -103,8 +111,10 @@ def check_room(runs_dir: Path, holder: str | None, key: str, size: int | None,
     with _lock:
         ledger = _read(runs_dir)
         room, entries = limits.downloads(), held(ledger, now)
-        if is_cached(key) or key in {h.key for h in entries}:
-            # downloaded before (or under way): a later use costs no more disk, and keeps it from giving way
+        if key in {h.key for h in entries} or holds_all(key, size):
+            # downloaded before (or under way): a later use costs no more disk, and keeps it from giving way. A repo
+            # of which only the config or tokenizer is here (an estimate read them) still downloads its weights: it
+            # counted for nobody when that was enough to pass as downloaded.
             if key in ledger:
                 ledger[key]["used_at"] = now
                 _write(runs_dir, ledger)

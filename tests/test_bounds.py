@@ -347,6 +347,35 @@ def test_visitors_downloads_together_stay_within_their_room(app, tmp_path: Path,
     assert not [r for r in hub.seen if "someone/mid/resolve/" in r], hub.seen
 
 
+def test_a_base_whose_config_settings_read_still_counts_its_download(app, tmp_path: Path, tiny_llama_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Naming a Hub model in Settings reads its config.json (the layers box), which puts the repo in the Hub cache: a
+    Compare on an adapter of that base then passed as 'already downloaded' and fetched its weights counted for nobody,
+    past the visitors' room. A repo counts until the cache holds what its file list says."""
+    import dataclasses
+    import json
+
+    from phi3_lora import quotas
+
+    url, _ = app
+    config = {"base_model_name_or_path": "someone/wide", "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2,
+              "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+    wide = {"config.json": (tiny_llama_dir / "config.json").read_bytes(), "model.safetensors": 3 * 2**30}
+    hub = online(FakeModelHub({"someone/wide-adapter": {"adapter_config.json": json.dumps(config).encode(),
+                                                        "adapter_model.safetensors": b""},
+                               "someone/wide": wide}), tmp_path, monkeypatch)
+    try:
+        c = _client(url)
+        c.predict(*endpoint_args(c, "model_layers", **{"Base model": "someone/wide"}), api_name="/model_layers")
+        assert (tmp_path / "hub" / "models--someone--wide" / "snapshots").is_dir()  # its config.json is cached
+        monkeypatch.setattr(APP_OPTIONS[0], "limits", dataclasses.replace(quotas.LIMITS, downloads_anonymous=2**30))
+        base, _ = _compare(c, "hi", Adapter="someone/wide-adapter")
+    finally:
+        hub.close()
+    assert "Downloading someone/wide (3.0 GiB) does not fit" in base, base[:500]
+    assert not [r for r in hub.seen if "someone/wide/resolve/main/model" in r], hub.seen
+
+
 HEAVY_TEMPLATES = {
     "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
     "a huge repeat": "{{ 'x' * 10**9 }}",
