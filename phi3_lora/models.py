@@ -219,6 +219,37 @@ def check_visitor_model(name: str, token: str | bool | None = None) -> tuple[str
     return resolve_name(name)[0], size
 
 
+# What reading a Hub model's settings fetches into the app's own process (AutoConfig, AutoTokenizer: the layers box,
+# the estimate, the dataset's token counts): its top-level config and tokenizer files. Real ones take tens of MB at most
+# (Gemma 3's tokenizer.json is 33 MB); a repo whose "tokenizer" is gigabytes fills the disk and, parsed, the memory.
+MAX_SETTINGS_FILES_BYTES = 64 * 2**20
+_SETTINGS_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
+_settings_checked: dict[str, float] = {}  # repo id -> when its file list last passed (a Hub call per estimate is slow)
+SETTINGS_CHECK_S = 600.0
+
+
+def check_visitor_settings_files(name: str, token: str | bool | None = None) -> None:
+    """A Hub model a web visitor names is read for its settings in the app's own process: refuse one whose config
+    and tokenizer files are too large to be those, from its file list, before any of them downloads."""
+    import time
+
+    import huggingface_hub.constants as hc
+
+    name = resolve_name(name)[0]
+    if (is_embedded(name) or hc.HF_HUB_OFFLINE or not _HUB_ID.match(name) or Path(name).expanduser().exists()
+            or time.monotonic() - _settings_checked.get(name, -SETTINGS_CHECK_S) < SETTINGS_CHECK_S):
+        return
+    sizes = _hub_file_sizes(name, token)
+    if sizes is None:  # not listed: loading says what is wrong
+        return
+    read = sum(n for f, n in sizes.items() if "/" not in f and f.lower().endswith(_SETTINGS_FILES))
+    if read > MAX_SETTINGS_FILES_BYTES:
+        raise UserError(f"{name} is not read here: its config and tokenizer files take {read / 2**20:,.0f} MiB, and a "
+                        f"model's take at most {MAX_SETTINGS_FILES_BYTES // 2**20} MiB.",
+                        hint="Check the model id, or pick a model from the list.")
+    _settings_checked[name] = time.monotonic()
+
+
 @contextmanager
 def _loading(name: str, path: str) -> Iterator[None]:
     """Turn 'not on disk and not reachable' into a UserError instead of a traceback."""

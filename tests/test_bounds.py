@@ -492,3 +492,22 @@ def test_a_hub_dataset_is_checked_before_anything_downloads(files: dict[str, int
         hub.close()
     assert not [r for r in hub.seen if "/resolve/" in r], hub.seen
     assert not [p for p in tmp_path.rglob("*.parquet")]
+
+
+def test_a_hub_model_whose_tokenizer_is_gigabytes_is_not_read(app, tmp_path: Path, tiny_llama_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any visitor may name a Hub model in Settings, and the app reads its config and tokenizer in its own process
+    (the layers box, the estimate, the dataset's token counts): a repo whose 'tokenizer' is gigabytes filled the disk
+    and, parsed, the memory. Those files are checked from the file list before any downloads."""
+    fat = {"config.json": (tiny_llama_dir / "config.json").read_bytes(), "tokenizer.json": 3 * 2**30}
+    hub = online(FakeModelHub({"someone/fat-tokenizer": fat}), tmp_path, monkeypatch)
+    try:
+        c = _client(url := app[0])
+        with pytest.raises(Exception) as refused:
+            c.predict(*endpoint_args(c, "model_layers", **{"Base model": "someone/fat-tokenizer"}),
+                      api_name="/model_layers")
+    finally:
+        hub.close()
+    said = str(refused.value)
+    assert "someone/fat-tokenizer is not read here" in said and "3,072 MiB" in said and "64 MiB" in said, said
+    assert not [r for r in hub.seen if "/resolve/" in r], (url, hub.seen)

@@ -229,7 +229,12 @@ def check_model(state: Any, who: Requester, name: str | None) -> str:
         is_path = Path(name).expanduser().exists()
     except (OSError, RuntimeError, ValueError):
         is_path = True
-    check(state, who, access.model_action(name, known=known_models(state), is_path=is_path))
+    known = known_models(state)
+    check(state, who, access.model_action(name, known=known, is_path=is_path))
+    if who.level is not access.Level.OWNER and name not in known and not is_path:  # reading it downloads its files
+        from phi3_lora.models import check_visitor_settings_files
+
+        check_visitor_settings_files(name, access.hub_token(who, None))
     return name
 
 
