@@ -99,6 +99,13 @@ def test_files_sent_to_the_upload_route_count_for_their_sender(shared: str) -> N
     assert "deleted within 90 minutes" in third.text, third.text
     other = _upload(shared, [("theirs.jsonl", os.urandom(900 * 2**10))], "203.0.113.9")
     assert other.status_code == 200, other.text[:300]
+    # An upload that does not say its length would not be counted: refused (a browser's always says it).
+    boundary = "p3boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"sly.jsonl\"\r\n\r\n"
+            ).encode() + os.urandom(900 * 2**10) + f"\r\n--{boundary}--\r\n".encode()
+    sly = httpx.post(f"{shared}/gradio_api/upload", content=iter([body]), timeout=60, headers={
+        "x-forwarded-for": "198.51.100.7", "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert sly.status_code == 411 and "must say its length" in sly.text, (sly.status_code, sly.text[:300])
 
 
 def test_the_app_holds_one_base_model_at_a_time(served: Any) -> None:

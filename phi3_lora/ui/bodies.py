@@ -134,7 +134,12 @@ class BodyLimit:
             finally:
                 self.joining[holder] -= 1
             return
-        if upload and declared is not None:
+        if upload and declared is None:  # counted by what it says it sends: a browser's upload always says it
+            await _refuse(send, UserError("An upload must say its length (Content-Length).",
+                                          hint="Upload the file with the page's upload button or gradio_client."),
+                          status=411)
+            return
+        if upload:
             room = limits.received(self.state.options.upload_total_quota)
             refused = self.received.admit(room, quotas.holder_of(who) or quotas.ANONYMOUS, declared, time.time(),
                                           limits.upload_cache_s)
@@ -194,7 +199,8 @@ class BodyLimit:
 
 
 async def _refuse(send: Any, error: UserError, status: int = 413) -> None:
-    """The refusal as gradio answers a refused join (JSON 'detail', which the page shows), else as plain text."""
+    """The refusal as gradio answers a refused join (JSON 'detail', which the page shows), else as plain text (413:
+    too large, 411: an upload that does not say its length)."""
     if status == 503:
         body, kind = json.dumps({"detail": str(error)}).encode("utf-8"), b"application/json"
     else:
