@@ -135,3 +135,16 @@ def test_one_client_cannot_fill_the_queue(shared: str) -> None:
     assert "2 requests waiting or running" in said and "one visitor may have 2" in said and "Wait" in said, said
     other = _event(shared, "use_sample", [], "calm1", "203.0.113.20")
     assert other.status_code == 200 and "event_id" in other.json(), other.text[:300]
+
+
+def test_queued_events_are_not_callable_around_the_queue(shared: str) -> None:
+    """Off Spaces gradio also serves every queued event at gradio_api/run/<name>, which ran it at once: around the
+    queue, its concurrency limits (one job, one generation at a time) and each sender's share of it. Only the queue
+    takes them; an unqueued one (the Train tab's poll) still answers there."""
+    around = httpx.post(f"{shared}/gradio_api/run/use_sample", json={"data": []}, timeout=60)
+    assert around.status_code == 404 and "join the queue" in around.text, (around.status_code, around.text[:300])
+    config = httpx.get(f"{shared}/config", timeout=60).json()
+    poll = next(d for d in config["dependencies"] if d.get("api_name") == "poll_run")
+    assert poll.get("queue") is False
+    answer = httpx.post(f"{shared}/gradio_api/run/poll_run", json={"data": [RUN_ID, None]}, timeout=60)  # run, state
+    assert answer.status_code == 200 and RUN_ID in answer.text, answer.text[:300]

@@ -194,7 +194,11 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860,
     state.mode = mode
     if not mode.owner_at_the_machine:
         hide_server_token()
-    demo.queue(default_concurrency_limit=options.concurrency_limit, max_size=options.queue_max_size)
+    # api_open=False: an event of the queue is not also callable at gradio_api/run/<name> (open by default off
+    # Spaces), which skipped the queue and with it every concurrency limit (one job, one generation at a time) and
+    # ui.bodies' share of it per sender. Unqueued events (the page's polls) stay callable there.
+    demo.queue(default_concurrency_limit=options.concurrency_limit, max_size=options.queue_max_size,
+               api_open=False)
     limit = [Middleware(bodies.BodyLimit, state=state,
                         max_file_size=gr_utils._parse_file_size(options.max_file_size))]
     # Served files: Gradio's own upload/cache folders only (downloads are handed over as copies in its cache:
