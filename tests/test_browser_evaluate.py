@@ -16,6 +16,7 @@ from phi3_lora import evaluate, scores
 from phi3_lora.ui import evaluation
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+EVAL_MAX_NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,22 @@ def walk_the_scoring_panel(browser: Any, app_url: str, run_dir: Path) -> Path:
     shows_table(page, saved)
 
     before = len(evaluate.load_results(run_dir))
+    # Evaluate answers with the tab's "Max new tokens": 32, not the default 128. The 135M model's base answers run to
+    # the limit, so the default made this click most of the file's time; the panel under test shows whatever the
+    # saved result holds, at any length. The accordion is closed again, so the screenshot stays as it was.
+    generation = page.get_by_text("Generation settings (shared by both sides)", exact=True)
+    generation.click()
+    max_new = page.get_by_label("number input for Max new tokens")
+    max_new.fill(str(EVAL_MAX_NEW_TOKENS))
+    max_new.press("Tab")
+    expect(page.get_by_label("range slider for Max new tokens")).to_have_value(str(EVAL_MAX_NEW_TOKENS))
+    generation.click()
     page.get_by_role("button", name="Evaluate on held-out rows").click()
     expect(page.locator("#p3-eval-status")).not_to_contain_text(Path(saved["file"]).name, timeout=600_000)
     results = evaluate.load_results(run_dir)
     assert len(results) == before + 1
     newest = results[-1]
+    assert newest["settings"]["max_new_tokens"] == EVAL_MAX_NEW_TOKENS  # the tab's setting, as the panel sent it
     expect(page.locator("#p3-eval-status")).to_contain_text(Path(newest["file"]).name)
     shows_table(page, newest)
     for row in newest["rows"]:
