@@ -91,17 +91,21 @@ def train_hooks(monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 SAMPLE_CHAT = Path(__file__).resolve().parent.parent / "data" / "sample_chat.jsonl"
+EMBEDDED_EVAL_TOKENS = 32  # embedded_sample_run's answer length in its end-of-run scoring
 
 
 @pytest.fixture(scope="session")
 def embedded_sample_run(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Path:
     """One short LoRA run of the embedded SmolLM2 on data/sample_chat.jsonl (quick-cpu, 16 steps, 10% held out),
     shared by the slow tests that need a really tuned model; it scores its held-out answers when it ends
-    (train.eval_answers), so runs/<id>/eval/ holds one result. Lives in its own runs folder."""
+    (train.eval_answers), so runs/<id>/eval/ holds one result. Lives in its own runs folder. The scoring answers
+    are EMBEDDED_EVAL_TOKENS long, not 128: the tuned answers end by ~10 tokens, the base's ran on to 128 (most of
+    the scoring's time), and the tuned lead stays wide (rougeL 62 vs 10 at 32 tokens, 62 vs 6 at 128)."""
     from phi3_lora import config, train
 
     cfg = config.preset("quick-cpu").replace(data={"source": str(SAMPLE_CHAT), "eval_fraction": 0.1},
-                                             train={"max_steps": 16, "save_steps": 100})
+                                             train={"max_steps": 16, "save_steps": 100,
+                                                    "eval_answers_max_new_tokens": EMBEDDED_EVAL_TOKENS})
     run_dir = tmp_path_factory.mktemp("embedded_runs") / "20260101-000000-sample"
     result = train.run(cfg, run_dir)
     assert result.status == "finished" and result.eval_loss is not None

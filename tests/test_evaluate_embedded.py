@@ -26,7 +26,10 @@ def test_the_tuned_model_answers_the_held_out_rows_better(embedded_sample_run):
 
 
 def test_cli_and_model_card_show_the_saved_numbers(embedded_sample_run, tmp_path, capsys):
-    assert cli.main(["evaluate", "--adapter", str(embedded_sample_run), "--rows", "0"]) == 0
+    from conftest import EMBEDDED_EVAL_TOKENS
+
+    assert cli.main(["evaluate", "--adapter", str(embedded_sample_run), "--rows", "0",
+                     "--max-new-tokens", str(EMBEDDED_EVAL_TOKENS)]) == 0
     out = capsys.readouterr().out
     saved = Path(out.strip().splitlines()[-1].removeprefix("saved: "))
     result = json.loads(saved.read_text())
