@@ -24,7 +24,7 @@ Tokens = list[list[int]]
 def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: list[int], max_new_tokens: int, *,
                   adapter_names: list[str] | None = None, stopping_criteria: list[Any] | None = None,
                   max_time: float | None = None, on_step: Callable[[Tokens], None] | None = None,
-                  router: Any = None, pair: Any = None) -> Tokens:
+                  router: Any = None, pair: Any = None, sampler: "Sampler | None" = None) -> Tokens:
     """The greedy answer's new token ids for every row (without its stop token), rows dropped as they end.
 
     `adapter_names` (peft's mixed batches): one adapter name per row, pruned with the rows; once every live row
@@ -36,7 +36,8 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
     `pair` (`speed.pair_graph.CompiledPair`): a one-prompt pair's steps run compiled once it is ready (checked every
     step, so an answer switches over mid-way), to the end of the longer answer: a row that ends stays in the
     compiled batch, frozen (its later tokens ignored), since the package only runs the pair; eagerly, finished
-    rows leave the batch."""
+    rows leave the batch. `sampler`: sampled answers, as `generate` samples them (`Sampler`): no row leaves the
+    batch, eagerly either, since generate keeps every row and draws for all of them at each step."""
     import torch
     from transformers import DynamicCache
 
@@ -70,7 +71,7 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
             extra = {"adapter_names": names} if names is not None else {}
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
                            use_cache=True, logits_to_keep=1, **extra).logits[:, -1, :].float()
-        nxt = logits.argmax(-1)
+        nxt = logits.argmax(-1) if sampler is None else sampler(seq, logits, frozen)
         seq = torch.cat([seq, nxt[:, None]], dim=-1)
         ended = torch.isin(nxt, stop)
         for criterion in stopping_criteria or ():
@@ -87,8 +88,8 @@ def greedy_decode(model: Any, input_ids: Any, attention_mask: Any, stop_ids: lis
             break
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         step_pos = step_pos[:, -1:] + 1
-        if fast is not None:  # the package runs the pair only: an ended row rides along, its output frozen
-            frozen = ended
+        if fast is not None or sampler is not None:  # the package runs the pair only (and generate keeps every
+            frozen = ended                             # row): an ended row rides along, its output frozen
         elif bool(ended.any()):  # drop the finished rows from everything the next step reads
             pair = None  # (a compiled step that failed mid-answer left its frozen rows here too)
             keep = (~ended).nonzero().squeeze(-1)
@@ -120,6 +121,33 @@ def _names_for(model: Any, adapter_names: list[str] | None) -> list[str] | None:
     if len(uniform) == 1 and uniform != {BASE} and list(uniform) == active:
         return None
     return adapter_names
+
+
+class Sampler:
+    """`generate`'s multinomial sampling (transformers' _sample) for `greedy_decode`: the logits processors generate
+    builds for these generate kwargs (temperature, the model's top-k, top-p), softmax, one multinomial draw for every
+    row of the batch at each step, a finished row's token replaced by the pad token. With the same logits and the
+    same seed (torch.manual_seed before the prompt) that is generate's answer token for token."""
+
+    def __init__(self, model: Any, gen_kwargs: dict[str, Any], input_ids: Any, pad_token_id: int) -> None:
+        from transformers import LogitsProcessorList
+
+        config, model_kwargs = model._prepare_generation_config(None, **gen_kwargs)
+        self.processors = model._get_logits_processor(
+            generation_config=config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+            logits_processor=LogitsProcessorList(), device=input_ids.device, model_kwargs=model_kwargs)
+        self.pad = pad_token_id
+
+    def __call__(self, seq: Any, logits: Any, finished: Any) -> Any:
+        import torch
+
+        probs = torch.nn.functional.softmax(self.processors(seq, logits), dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1).masked_fill(finished, self.pad)
+
+
+def can_sample(settings_kwargs: dict[str, Any]) -> bool:
+    """Whether `greedy_decode` with a `Sampler` samples as `generate` would with these kwargs: no penalty."""
+    return bool(settings_kwargs.get("do_sample")) and settings_kwargs.get("repetition_penalty", 1.0) == 1.0
 
 
 def can_decode(settings_kwargs: dict[str, Any]) -> bool:

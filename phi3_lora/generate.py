@@ -329,7 +329,8 @@ class ChatEngine:
         from transformers import StoppingCriteriaList
 
         gen = settings.generate_kwargs()
-        if decoding.can_decode(gen):
+        greedy = decoding.can_decode(gen)
+        if greedy or decoding.can_sample(gen):
             layers = merging.plain_lora_layers(self.model) if adapter_names is not None else []
             routed = bool(layers) and adapter_names == sorted(adapter_names, key=lambda name: name != BASE)
             routing = merging.RowRouting(layers, families.sibling_layers(self.model)) if routed else None
@@ -338,11 +339,18 @@ class ChatEngine:
                 routing.first_tuned = adapter_names.count(BASE)
                 self._compiled_pair.start(self.model, routing, len(adapter_names))
                 pair = self._compiled_pair
-            with routing.applied() if routing else contextlib.nullcontext():
-                return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"],
-                                              self.stop_ids, settings.max_new_tokens, adapter_names=adapter_names,
-                                              stopping_criteria=stopping_criteria, max_time=settings.max_time,
-                                              on_step=on_step, router=routing, pair=pair)
+            sampler = None
+            if not greedy and pair is not None:  # sampled: generate's draws, from the compiled step once it is ready
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+                sampler = decoding.Sampler(self.model, {**gen, "eos_token_id": self.stop_ids, "pad_token_id": pad},
+                                           inputs["input_ids"], pad)
+                torch.manual_seed(settings.seed)
+            if greedy or sampler is not None:
+                with routing.applied() if routing else contextlib.nullcontext():
+                    return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"],
+                                                  self.stop_ids, settings.max_new_tokens, adapter_names=adapter_names,
+                                                  stopping_criteria=stopping_criteria, max_time=settings.max_time,
+                                                  on_step=on_step, router=routing, pair=pair, sampler=sampler)
         kwargs = dict(**inputs, **gen, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
         if stopping_criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)

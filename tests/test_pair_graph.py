@@ -155,6 +155,39 @@ def test_the_package_serves_the_longer_answer_to_its_end(engine, compiled, monke
     assert not torch.equal(steps[4][0], steps[4][1])
 
 
+class _EndRow:
+    """A StoppingCriteria that ends row `row` after `after` steps (generate hands it no logits when sampling)."""
+
+    def __init__(self, after: int, row: int) -> None:
+        self.after, self.row, self.calls = after, row, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.calls += 1
+        ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        ended[self.row] = self.calls == self.after
+        return ended
+
+
+@pytest.mark.parametrize("end_row", [None, 1])
+def test_sampled_answers_run_in_the_package_with_generates_draws(engine, compiled, monkeypatch, end_row):
+    """Sampled answers (temperature > 0) come from the package too, drawn as generate draws them: with the same seed
+    the answers are generate's (the feature off) token for token, every step after the prompt ran in the package,
+    also where one row ends first (generate keeps it in its batch, padded, as the package keeps it frozen), and
+    another seed gives other answers."""
+    def run(seed):
+        stop = [_EndRow(5, end_row)] if end_row is not None else None
+        settings = GenerationSettings(temperature=0.9, top_p=0.9, seed=seed, max_new_tokens=14)
+        return engine.answer_pairs([LONG], settings, stop)
+
+    steps_run = compiled.steps
+    eager, fast = _both(engine, monkeypatch, lambda: run(0))
+    assert compiled.steps - steps_run == 13, compiled.failed  # all but the prompt's step
+    assert fast == eager
+    assert fast != run(1)
+
+
 def test_the_step_runs_only_at_the_thread_count_it_was_compiled_at(engine, compiled, monkeypatch):
     """The package runs its loops at the thread count it was compiled at: an answer given another count (a loaded
     machine gives answers 1 thread) runs eagerly without dropping the step, and the next answer at the step's count
