@@ -335,7 +335,8 @@ class ChatEngine:
             routed = bool(layers) and adapter_names == sorted(adapter_names, key=lambda name: name != BASE)
             routing = merging.RowRouting(layers, families.sibling_layers(self.model)) if routed else None
             pair = None
-            if routing is not None and pair_graph.enabled():  # options.COMPILED_PAIR_CPU, env PHI3_LORA_COMPILED_PAIR
+            one_pair = adapter_names is not None and len(adapter_names) == pair_graph.ROWS  # the package's batch
+            if routing is not None and one_pair and pair_graph.enabled():  # options.COMPILED_PAIR_CPU, env ..._PAIR
                 routing.first_tuned = adapter_names.count(BASE)
                 self._compiled_pair.start(self.model, routing, len(adapter_names))
                 pair = self._compiled_pair

@@ -188,6 +188,16 @@ def test_sampled_answers_run_in_the_package_with_generates_draws(engine, compile
     assert fast != run(1)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_several_prompts_at_once_run_eagerly_once_the_package_is_ready(engine, compiled, monkeypatch, temperature):
+    """A batch of more than one pair (scoring answers several held-out rows at once) is not the package's 2-row
+    batch: it runs eagerly, with the eager answers, instead of copying 4 rows of keys into the package's 2."""
+    settings = GenerationSettings(temperature=temperature, max_new_tokens=6)
+    served = compiled.served
+    eager, fast = _both(engine, monkeypatch, lambda: engine.answer_pairs([SHORT, LONG], settings))
+    assert fast == eager and compiled.served == served and compiled.failed is None
+
+
 def test_the_step_runs_only_at_the_thread_count_it_was_compiled_at(engine, compiled, monkeypatch):
     """The package runs its loops at the thread count it was compiled at: an answer given another count (a loaded
     machine gives answers 1 thread) runs eagerly without dropping the step, and the next answer at the step's count
