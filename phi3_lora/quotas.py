@@ -121,6 +121,11 @@ class Limits:
     run_seconds: float = RUN_SECONDS
     request_bytes: int = REQUEST_BYTES
     upload_cache_s: float = UPLOAD_CACHE_S
+    # files sent to gradio's upload route ('received'): the numbers of session uploads, set apart from them
+    received_total: int = 4 * 2**30
+    received_share: int = UPLOADS_SHARE_BYTES
+    received_anonymous: int = UPLOADS_ANONYMOUS_BYTES
+    received_anonymous_client: int = UPLOADS_ANONYMOUS_CLIENT_BYTES
     events_share: float = EVENTS_SHARE
 
     def drafts(self) -> Room:
@@ -132,11 +137,10 @@ class Limits:
         return Room("uploads", total, self.uploads_share, self.uploads_anonymous, float("inf"),
                     anonymous_client=self.uploads_anonymous_client)
 
-    def received(self, total: int) -> Room:
-        """Files in gradio's upload cache: the numbers of session uploads (`total`: AppOptions.upload_total_quota);
-        an entry goes when the cache's sweep removes its file (upload_cache_s)."""
-        return Room("files sent", total, self.uploads_share, self.uploads_anonymous, float("inf"),
-                    anonymous_client=self.uploads_anonymous_client)
+    def received(self) -> Room:
+        """Files in gradio's upload cache; an entry goes when the cache's sweep removes its file (upload_cache_s)."""
+        return Room("files sent", self.received_total, self.received_share, self.received_anonymous, float("inf"),
+                    anonymous_client=self.received_anonymous_client)
 
     def downloads(self) -> Room:
         return Room("downloads", self.downloads_total, self.downloads_share, self.downloads_anonymous,

@@ -16,8 +16,8 @@ from helpers.run_folders import RUN_ID, make_adapter_run
 
 MiB = 2**20
 # Small limits, so the test sends little: a file of 1 MB at most, 2 MiB of files per client in gradio's cache.
-LIMITS: dict[str, Any] = {"uploads_share": 4 * MiB, "uploads_anonymous": 3 * MiB, "uploads_anonymous_client": 2 * MiB,
-                          "request_bytes": 1 * MiB}
+LIMITS: dict[str, Any] = {"received_total": 8 * MiB, "received_share": 4 * MiB, "received_anonymous": 3 * MiB,
+                          "received_anonymous_client": 2 * MiB, "request_bytes": 1 * MiB}
 
 
 QWEN_RUN = "20260101-000001-qwen"
@@ -33,7 +33,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_
     make_adapter_run(runs, tiny_qwen2_dir, QWEN_RUN)
     # A queue of 4 events: each sender may have 2 in it at once.
     demo = build_app(options=AppOptions(runs_dir=runs, default_model=str(tiny_llama_dir), shared=True,
-                                        max_file_size="1mb", upload_total_quota=8 * MiB, queue_max_size=4,
+                                        max_file_size="1mb", queue_max_size=4,
                                         limits=quotas.Limits(**LIMITS)))
     _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:

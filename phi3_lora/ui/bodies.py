@@ -140,7 +140,7 @@ class BodyLimit:
                           status=411)
             return
         if upload:
-            room = limits.received(self.state.options.upload_total_quota)
+            room = limits.received()
             refused = self.received.admit(room, quotas.holder_of(who) or quotas.ANONYMOUS, declared, time.time(),
                                           limits.upload_cache_s)
             if refused is not None:
