@@ -183,12 +183,12 @@ def eval_example(runs_dir: Path, value: str | None, index: int | None = None) ->
 PAIR_STEP_NOTES = {  # Compare's compiled pair step on a CPU (phi3_lora/speed/pair_graph.py, pair_artifact.py)
     "compiling": " Compare is preparing a faster way to answer, in a separate background process (about 5 minutes "
                  "on a 2-core CPU, once for this model: a restart of the app reuses it). Until then answers come at "
-                 "the usual speed; afterwards greedy answers (temperature 0) come ~1.3x faster, the same answers (sums "
+                 "the usual speed; afterwards answers come faster (greedy ones ~1.3x), greedy or sampled, the same answers (sums "
                  "run in another order, so a near-tie between two words can rarely go the other way).",
     "waiting": " Compare will prepare a faster way to answer (about 5 minutes in the background) once no training run "
                "(or earlier preparation) is going and the machine has the memory for it, so that it never slows a "
                "run down.",
-    "ready": " Compare's faster step is prepared: greedy answers (temperature 0) come ~1.3x faster, the same answers.",
+    "ready": " Compare's faster step is prepared: answers come faster (greedy ones ~1.3x), the same answers.",
 }
 
 
