@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--label", default="")
+    parser.add_argument("--prompt", type=int, default=None, help="only this one of the 5 prompts (0-4)")
     args = parser.parse_args()
     import httpx
     from transformers import AutoTokenizer
@@ -93,6 +94,8 @@ def main() -> None:
     rows, answers = [], {}
     for repeat in range(args.repeats):
         for i, history in enumerate(PROMPTS):
+            if args.prompt is not None and i != args.prompt:
+                continue
             r = call(args.url, fn_index, data(history))
             tokens = max(min(len(tokenizer(t, add_special_tokens=False)["input_ids"]), args.max_new)
                          for t in (r["base"], r["tuned"]))
