@@ -318,8 +318,9 @@ class ChatEngine:
     def _new_tokens(self, inputs: dict[str, Any], settings: GenerationSettings, stopping_criteria: list[Any] | None,
                     adapter_names: list[str] | None, on_step: Any = None, streamer: Any = None) -> list[list[int]]:
         """Each row's answer ids (without its stop token) from the model in its current state: greedy through
-        `decoding.greedy_decode` (finished rows leave the batch), sampling through `generate`; on a CPU in
-        float32 from oneDNN-packed weights (`cpu_linear`)."""
+        `decoding.greedy_decode` (finished rows leave the batch), sampling through `generate`, or, for a one-prompt
+        pair on the compiled pair step, through `greedy_decode` with generate's own draws (`decoding.Sampler`); on a
+        CPU in float32 from oneDNN-packed weights (`cpu_linear`)."""
         with self._packed.applied(self.model):
             return self._decode(inputs, settings, stopping_criteria, adapter_names, on_step, streamer)
 
