@@ -19,41 +19,48 @@ import json
 import statistics
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from bench.pair_answers import PROMPTS
 
 
-def call(url: str, fn_index: int, data: list[Any]) -> dict[str, Any]:
-    """One queued call, timed message by message: wall, first visible token, messages, final outputs."""
+def queue_outputs(url: str, fn_index: int, data: list[Any]) -> Iterator[tuple[bool, list[Any]]]:
+    """One queued call exactly as the page makes it (POST queue/join, then the queue/data event stream): (False,
+    the outputs with this update's diffs applied) per streamed update, then (True, the final outputs)."""
     import httpx
     from gradio_client.utils import apply_diff
 
     base, session = url.rstrip("/"), uuid.uuid4().hex[:10]
-    started = time.monotonic()
     httpx.post(f"{base}/gradio_api/queue/join", timeout=60,
                json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
                      "trigger_id": None}).raise_for_status()
     state: list[Any] | None = None
-    first = None
-    messages = 0
     with httpx.stream("GET", f"{base}/gradio_api/queue/data", params={"session_hash": session}, timeout=600) as s:
         for line in s.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            msg = json.loads(line[6:])
-            kind = msg.get("msg")
-            if kind == "process_generating":
-                messages += 1
+            msg = json.loads(line[6:]) if line.startswith("data: ") else {}
+            if msg.get("msg") == "process_generating":
                 out = msg["output"]["data"]
                 state = out if state is None else [apply_diff(old, d) for old, d in zip(state, out)]
-                if first is None and any(_answer(chat) for chat in state[:2]):
-                    first = time.monotonic() - started
-            elif kind == "process_completed":
+                yield False, state
+            elif msg.get("msg") == "process_completed":
                 assert msg.get("success"), msg
-                final = msg["output"]["data"]
-                return {"wall": time.monotonic() - started, "first": first, "messages": messages,
-                        "base": _answer(final[0]), "tuned": _answer(final[1]), "status": str(final[3])}
+                yield True, msg["output"]["data"]
+                return
+    raise RuntimeError("the call never completed")
+
+
+def call(url: str, fn_index: int, data: list[Any]) -> dict[str, Any]:
+    """One queued call, timed message by message: wall, first visible token, messages, final outputs."""
+    started = time.monotonic()
+    first = None
+    messages = 0
+    for final, outputs in queue_outputs(url, fn_index, data):
+        if final:
+            return {"wall": time.monotonic() - started, "first": first, "messages": messages,
+                    "base": _answer(outputs[0]), "tuned": _answer(outputs[1]), "status": str(outputs[3])}
+        messages += 1
+        if first is None and any(_answer(chat) for chat in outputs[:2]):
+            first = time.monotonic() - started
     raise RuntimeError("the call never completed")
 
 

@@ -8,7 +8,6 @@ ChatEngine of the same model and adapter.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,31 +44,21 @@ def _shown(text: str) -> str:
 
 
 def compare_stream(url: str, temperature: float) -> dict[str, Any]:
-    """One Compare answer through the queue as the page gets it: each streamed update's answers (the diffs applied)
-    and the final outputs, with the call's wall seconds."""
+    """One Compare answer through the queue as the page gets it (bench.app_stream.queue_outputs): each streamed
+    update's answers and the final outputs, with the call's wall seconds."""
     import httpx
-    from gradio_client.utils import apply_diff
 
-    base, session = url.rstrip("/"), f"stream{time.monotonic_ns()}"
-    config = httpx.get(f"{base}/config", timeout=60).json()
+    from bench.app_stream import queue_outputs
+
+    config = httpx.get(f"{url.rstrip('/')}/config", timeout=60).json()
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "compare")
     data = [PROMPT, RUN_ID, temperature, 0.9, TOKENS, 0, [], [], None, ""]
     started = time.monotonic()
-    httpx.post(f"{base}/gradio_api/queue/join", timeout=60, json={
-        "data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
     updates: list[tuple[str, str]] = []
-    state: list[Any] | None = None
-    with httpx.stream("GET", f"{base}/gradio_api/queue/data", params={"session_hash": session}, timeout=600) as s:
-        for line in s.iter_lines():
-            message = json.loads(line[6:]) if line.startswith("data: ") else {}
-            if message.get("msg") == "process_generating":
-                out = message["output"]["data"]
-                state = out if state is None else [apply_diff(old, d) for old, d in zip(state, out)]
-                updates.append(_answers(state))
-            elif message.get("msg") == "process_completed":
-                assert message.get("success"), message
-                final = message["output"]["data"]
-                return {"updates": updates, "final": final, "wall": time.monotonic() - started}
+    for final, outputs in queue_outputs(url, fn_index, data):
+        if final:
+            return {"updates": updates, "final": outputs, "wall": time.monotonic() - started}
+        updates.append(_answers(outputs))
     raise AssertionError("the compare call never completed")
 
 
