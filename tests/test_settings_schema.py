@@ -12,6 +12,7 @@ import gradio as gr
 import pytest
 
 from phi3_lora import config as cfgmod
+from phi3_lora.config.fields import setting as setting
 from phi3_lora.errors import UserError
 from phi3_lora.ui import build_app, launch
 from phi3_lora.ui.settings import DATASET_TAB, config_from_values, elem_id, values_from_config
@@ -63,7 +64,7 @@ def test_widget_ranges_are_the_check_ranges(app: gr.Blocks) -> None:
     widgets = {**_tab(app, "settings"), **_tab(app, "dataset")}
     checked = 0
     for section, f in FIELDS:
-        low, high = cfgmod.field_bounds(f)
+        low, high = cfgmod.field_bounds(cfgmod.SECTIONS[section], f.name)
         w = widgets[elem_id(section, f.name)]
         if not hasattr(w, "minimum"):
             continue
@@ -73,10 +74,12 @@ def test_widget_ranges_are_the_check_ranges(app: gr.Blocks) -> None:
         optional = type(None) in typing.get_args(tp)
         assert (w.minimum, w.maximum) == ((None, None) if optional else (low, high)), (section, f.name)
         checked += low is not None or high is not None
-        # the config's check enforces exactly these numbers: the bound itself passes unless it is exclusive,
-        # and one step past it fails
-        step = 1 if int in (typing.get_args(tp) or (tp,)) else 1e-6
-        for bound, outside, inclusive in ((low, -step, "ge" in f.metadata), (high, step, "le" in f.metadata)):
+        # the config's check enforces exactly these numbers: the bound itself passes unless it is a float's
+        # exclusive bound (a whole number's is the next whole number inside), and one step past it fails
+        whole = int in (typing.get_args(tp) or (tp,))
+        step = 1 if whole else 1e-6
+        for bound, outside, inclusive in ((low, -step, whole or "ge" in f.metadata),
+                                          (high, step, whole or "le" in f.metadata)):
             if bound is None:
                 continue
             extra = {"max_steps": 5} if (section, f.name) == ("train", "num_train_epochs") else {}
@@ -85,6 +88,34 @@ def test_widget_ranges_are_the_check_ranges(app: gr.Blocks) -> None:
             if inclusive and not (section == "train" and f.name == "max_steps"):  # -1 alone trains zero steps
                 cfgmod.from_dict({section: {f.name: bound, **extra}})
     assert checked >= 15  # r, dropout, lr, steps, batch sizes, lengths, warmup, budget, eval split, rows ...
+
+
+def test_seed_boxes_allow_every_seed_the_check_takes(app: gr.Blocks) -> None:
+    """TrainSettings.seed is lt=2**32: Settings' Seed box and Compare's both stop at 2**32 - 1, and the
+    config takes that seed (the box let 2**32 through, which the check then refused)."""
+    settings = _tab(app, "settings")[elem_id("train", "seed")]
+    compare = _tab(app, "compare")["p3-compare-seed"]
+    for box in (settings, compare):
+        assert (box.minimum, box.maximum) == (0, 2**32 - 1), box
+    assert cfgmod.from_dict({"train": {"seed": 2**32 - 1}}).train.seed == 2**32 - 1
+
+
+@dataclasses.dataclass
+class _Bounded:
+    whole_open: int = setting(5, "", gt=0, lt=10)
+    whole_closed: int | None = setting(None, "", ge=-3, le=3)
+    real_open: float = setting(0.5, "", gt=0, lt=1)
+    real_closed: float = setting(0.5, "", ge=0.25, le=0.75)
+    free: int = setting(0, "")
+
+
+def test_field_bounds_turns_a_whole_numbers_exclusive_bound_inclusive() -> None:
+    assert cfgmod.field_bounds(_Bounded, "whole_open") == (1, 9)
+    assert cfgmod.field_bounds(_Bounded, "whole_closed") == (-3, 3)
+    assert cfgmod.field_bounds(_Bounded, "real_open") == (0, 1)  # a widget's bounds are inclusive; the check refuses
+    assert cfgmod.field_bounds(_Bounded, "real_closed") == (0.25, 0.75)
+    assert cfgmod.field_bounds(_Bounded, "free") == (None, None)
+    assert cfgmod.field_bounds(cfgmod.TrainSettings, "seed") == (0, 2**32 - 1)
 
 
 def test_widget_values_round_trip_through_the_schema(tiny_phi3_dir: Path) -> None:

@@ -103,11 +103,21 @@ def _check_choice(f: Any, value: Any, where: str) -> None:
         raise UserError(f"{where} must be {words}; got {value!r}.")
 
 
-def field_bounds(f: Any) -> tuple[float | None, float | None]:
-    """(lowest, highest) a numeric field allows, from the same metadata check_fields enforces (either end may
-    be exclusive: gt/lt); None where unbounded. The Settings widgets take their ranges from here."""
+def field_bounds(cls: type, name: str) -> tuple[float | None, float | None]:
+    """(lowest, highest) value field `name` of settings section `cls` allows, both inclusive, from the same
+    metadata check_fields enforces; None where unbounded. The widgets (Settings, Dataset, Compare's seed) take
+    their ranges from here. For a whole-number field an exclusive bound is the next whole number inside it
+    (lt=2**32 allows at most 2**32 - 1; gt=0 at least 1). A float's exclusive bound (gt/lt) is returned as the
+    bound itself, since a widget's minimum and maximum are inclusive and no float "just inside" is worth
+    showing: the widget lets the bound through and check_fields refuses it with its message."""
+    f = next(x for x in fields(cls) if x.name == name)
+    tp = typing.get_type_hints(cls)[name]
+    numbers = {a for a in (typing.get_args(tp) or (tp,)) if a in (int, float)}
+    step = 1 if numbers == {int} else 0
     m = f.metadata
-    return m.get("ge", m.get("gt")), m.get("le", m.get("lt"))
+    low = m["ge"] if "ge" in m else m["gt"] + step if "gt" in m else None
+    high = m["le"] if "le" in m else m["lt"] - step if "lt" in m else None
+    return low, high
 
 
 _EMPTY = ("", "none", "null")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from phi3_lora import access, portable, spaces
+from phi3_lora import config as cfgmod
 from phi3_lora.access import Action, Requester
 from phi3_lora.errors import UserError
 from phi3_lora.generate import GenerationSettings
@@ -67,8 +68,9 @@ def build(state: AppState) -> CompareTab:
             top_p = gr.Slider(0.05, 1, value=SAMPLING.top_p, step=0.05, label=t("compare.top_p"), info=t("compare.top_p_info"))
             max_new_tokens = gr.Slider(8, 1024, value=SAMPLING.max_new_tokens, step=8, label=t("compare.max_new_tokens"),
                                        info=t("compare.max_new_tokens_info"))
-            seed = gr.Number(SAMPLING.seed, precision=0, minimum=0, maximum=2**32 - 1,  # the training seed's range
-                             label=t("compare.seed"), info=t("compare.seed_info"))
+            low, high = cfgmod.field_bounds(cfgmod.TrainSettings, "seed")  # the training seed's range
+            seed = gr.Number(SAMPLING.seed, precision=0, minimum=low, maximum=high,
+                             label=t("compare.seed"), info=t("compare.seed_info"), elem_id="p3-compare-seed")
     status = gr.HTML(elem_id="p3-compare-status")
     system = gr.Textbox("", label=t("compare.system"), info=t("compare.system_info"), lines=1, max_lines=4,
                         elem_id="p3-system")

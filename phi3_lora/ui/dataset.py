@@ -8,7 +8,7 @@ import html
 import random
 import re
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -85,7 +85,7 @@ def build(state: AppState) -> DatasetTab:
                                    static_columns=[0], max_height=220, elem_id="p3-mapping",
                                    elem_classes=["cfg-data-mapping"])
             gr.HTML(help_md(t("data.mapping_help")))
-            low, high = cfgmod.field_bounds(next(f for f in fields(cfgmod.DataSettings) if f.name == "eval_fraction"))
+            low, high = cfgmod.field_bounds(cfgmod.DataSettings, "eval_fraction")
             eval_fraction = gr.Slider(low, high, value=0.1, step=0.01, label=t("data.eval_split"), elem_id="cfg-data-eval_fraction",
                                       info=field_help("data", "eval_fraction"))
     summary = gr.HTML(notice("info", t("data.no_data")))

@@ -74,7 +74,7 @@ def widget(section: str, f: Any, tp: Any, value: Any, info: models.ModelInfo | N
     m = f.metadata
     common = dict(label=field_label(section, f.name), info=field_help(section, f.name), elem_id=elem_id(section, f.name))
     kind = m.get("widget")
-    lo, hi = cfgmod.field_bounds(f)
+    lo, hi = cfgmod.field_bounds(cfgmod.SECTIONS[section], f.name)
     if kind == "model":
         choices = [(e.label + (f"  ({t('settings.needs_gpu')})" if e.needs_gpu else ""), e.name) for e in models.CATALOGUE]
         return gr.Dropdown(choices, value=state.default_name, allow_custom_value=True, **{
