@@ -331,6 +331,9 @@ class ChatEngine:
 
         gen = settings.generate_kwargs()
         greedy = decoding.can_decode(gen)
+        # generate would pad with its first eos token where the tokenizer has no pad token; both ways say so here
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        torch.manual_seed(settings.seed)  # before the prompt, as generate's draws expect: both ways draw the same
         if greedy or decoding.can_sample(gen):
             layers = merging.plain_lora_layers(self.model) if adapter_names is not None else []
             routed = bool(layers) and adapter_names == sorted(adapter_names, key=lambda name: name != BASE)
@@ -343,24 +346,21 @@ class ChatEngine:
                 pair = self._compiled_pair
             sampler = None
             if not greedy and pair is not None:  # sampled: generate's draws, from the compiled step once it is ready
-                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
                 sampler = decoding.Sampler(self.model, {**gen, "eos_token_id": self.stop_ids, "pad_token_id": pad},
                                            inputs["input_ids"], pad)
-                torch.manual_seed(settings.seed)
             if greedy or sampler is not None:
                 with routing.applied() if routing else contextlib.nullcontext():
                     return decoding.greedy_decode(self.model, inputs["input_ids"], inputs["attention_mask"],
                                                   self.stop_ids, settings.max_new_tokens, adapter_names=adapter_names,
                                                   stopping_criteria=stopping_criteria, max_time=settings.max_time,
                                                   on_step=on_step, router=routing, pair=pair, sampler=sampler)
-        kwargs = dict(**inputs, **gen, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(**inputs, **gen, eos_token_id=self.stop_ids, pad_token_id=pad)
         if stopping_criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList(stopping_criteria)
         if adapter_names is not None:
             kwargs["adapter_names"] = adapter_names
         if streamer is not None:
             kwargs["streamer"] = streamer
-        torch.manual_seed(settings.seed)
         out = self.model.generate(**kwargs)
         stop = set(self.stop_ids)
         rows = []
