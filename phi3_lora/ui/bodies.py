@@ -110,8 +110,8 @@ class BodyLimit:
         if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        who = web_requester(self.state, scope)
-        if who.level is access.Level.OWNER:
+        holder = quotas.holder_of(web_requester(self.state, scope))
+        if holder is None:  # the owner: never bounded
             await self.app(scope, receive, send)
             return
         limits: quotas.Limits = getattr(self.state.options, "limits", quotas.LIMITS)
@@ -123,7 +123,6 @@ class BodyLimit:
             return
         if is_join(scope):
             # Joins sent at once are counted from when they pass here until gradio has queued them (or not).
-            holder = quotas.holder_of(who) or quotas.OWNER
             refused = self._events_refusal(scope, holder, limits)
             if refused is not None:
                 await _refuse(send, refused, status=503)
@@ -141,8 +140,7 @@ class BodyLimit:
             return
         if upload:
             room = limits.received()
-            refused = self.received.admit(room, quotas.holder_of(who) or quotas.ANONYMOUS, declared, time.time(),
-                                          limits.upload_cache_s)
+            refused = self.received.admit(room, holder, declared, time.time(), limits.upload_cache_s)
             if refused is not None:
                 await _refuse(send, refused)
                 return
