@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,15 +209,19 @@ def new_token() -> str:
 
 
 def temporary_of(path: str | Path) -> Path:
-    """Where this process writes `path` before renaming it into place: '.<name>.tmp-<pid>' beside it."""
+    """Where this thread of this process writes `path` before renaming it into place: '.<name>.tmp-<pid>-<thread>'
+    beside it. The app's events run in threads, so two writers of one path at once (two visitors' sessions keeping
+    the same upload) each get their own temporary, never one half-written by the other."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def temporaries_of(path: str | Path) -> list[Path]:
-    """Every process's temporary of `path` (temporary_of) that exists: whoever `path` counts for holds them too."""
+    """Every writer's temporary of `path` (temporary_of; '-<pid>' alone from before threads had their own) that
+    exists: whoever `path` counts for holds them too."""
     path = Path(path)
-    return [p for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if p.name[len(path.name) + 6:].isdigit()]
+    return [p for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*")
+            if all(part.isdigit() for part in p.name[len(path.name) + 6:].split("-", 1))]
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from phi3_lora import quotas
 from phi3_lora.errors import UserError
+from phi3_lora.runs import temporary_of
 
 UPLOADS = ".uploads"
 SESSIONS = "sessions"
@@ -52,10 +53,11 @@ def _size(n: int) -> str:
 
 
 def copy_atomic(src: Path, dest: Path) -> Path:
-    """Copy src to dest through a temporary file; on any failure the temporary file is removed, and a full disk
+    """Copy src to dest through a temporary file of this writer's own (runs.temporary_of: copies to one place at
+    once each replace dest with a whole copy); on any failure the temporary file is removed, and a full disk
     becomes a UserError that says so."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp = temporary_of(dest)
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)

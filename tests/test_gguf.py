@@ -247,15 +247,16 @@ def test_what_a_killed_export_left_in_its_folder_is_removed_and_a_live_ones_kept
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         folder = tmp_path / "gguf-f16"
-        for name in (f".merged-tmp-{dead.pid}", f"..merged-tmp-{dead.pid}.tmp-{dead.pid}", f".merged-tmp-{live.pid}"):
+        merging = f"..merged-tmp-{dead.pid}.tmp-{dead.pid}-139871"  # merge_adapter's: runs.temporary_of, pid and thread
+        for name in (f".merged-tmp-{dead.pid}", merging, f".merged-tmp-{live.pid}"):
             (folder / name).mkdir(parents=True)
             (folder / name / "model.safetensors").write_bytes(b"x")
         (folder / f".run-f16.gguf.tmp-{dead.pid}").write_bytes(b"x")
         (folder / "run-f16.gguf").write_bytes(b"x")
         (folder / ".notes").write_text("mine")
         removed = gguf_bundle.remove_stale_temporaries(folder)
-        assert sorted(p.name for p in removed) == sorted([f".merged-tmp-{dead.pid}", f"..merged-tmp-{dead.pid}.tmp-"
-                                                          f"{dead.pid}", f".run-f16.gguf.tmp-{dead.pid}"])
+        assert sorted(p.name for p in removed) == sorted([f".merged-tmp-{dead.pid}", merging,
+                                                          f".run-f16.gguf.tmp-{dead.pid}"])
         assert sorted(p.name for p in folder.iterdir()) == [".merged-tmp-" + str(live.pid), ".notes", "run-f16.gguf"]
     finally:
         live.kill()

@@ -579,18 +579,17 @@ def test_a_plain_push_is_checked_against_the_runs_share_before_it_starts(signed_
 
 
 def test_an_exports_temporary_counts_for_who_made_the_export(tmp_path: Path) -> None:
-    """While a merge writes it, the 16-bit copy lies beside its folder ('.merged.tmp-<pid>', runs.temporary_of): it
-    counts for whoever the merged folder counts for, bob, not for alice who started the run; a temporary of nothing
-    recorded stays hers."""
+    """While a merge writes it, the 16-bit copy lies beside its folder (runs.temporary_of): it counts for whoever the
+    merged folder counts for, bob, not for alice who started the run; a temporary of nothing recorded stays hers."""
     from phi3_lora.access import RunStarters
-    from phi3_lora.runs import RunDir
+    from phi3_lora.runs import RunDir, temporary_of
 
     runs = tmp_path / "runs"
     run = runs / "20260101-000000-a"
     run.mkdir(parents=True)
     (run / RunDir.CONFIG).write_text("{}\n")
     _sparse(run / "checkpoints" / "checkpoint-1", 3 * 2**20)
-    _sparse(run / ".merged.tmp-4242", 10 * 2**20)  # the merge under way: its folder does not exist yet
+    _sparse(temporary_of(run / "merged"), 10 * 2**20)  # the merge under way: its folder does not exist yet
     _sparse(run / ".other.tmp-4242", 2**20)
     RunStarters(runs).record(run.name, "auth:alice")
     RunStarters(runs).record(f"{run.name}/merged", "auth:bob")
