@@ -17,6 +17,7 @@ is never counted nor capped here: the owner decides for themself.
                (ui.bodies)                                        4 GiB    1 GiB         2 GiB (512 MiB)
 
 Every other request's body (an event's inputs) is at most REQUEST_BYTES: the server holds a body in memory whole.
+Unqueued events, which no queue bounds, are paced per sender: CALLS_PER_S, waiting at most CALLS_WAIT_S (ui.bodies).
 
 A visitor's run also has a time: it saves and stops after RUN_SECONDS (4 h) of each start or resume.
 
@@ -97,6 +98,16 @@ UPLOAD_CACHE_S = 5400
 # no one sender fills it. Not less: a page restoring a draft sends half a dozen at once (estimates, layers, curves),
 # more on a busy machine where each waits longer, and visitors behind one network address share a sender's half.
 EVENTS_SHARE = 0.5
+# Unqueued events (the Train tab's poll, the draft's save) are plain HTTP posts to gradio_api/run/<name>, answered at
+# once: no queue bounds them, and one poll of a finished run took 140 ms of a loaded 2-core machine, so one client
+# calling it in a loop kept a core busy. Each sender (holder_of) may make CALLS_PER_S of them a second, CALLS_BURST at
+# once; a call past that waits its turn, up to CALLS_WAIT_S, and is refused (429) beyond it. A page has at most a poll
+# (one a second, AppOptions.poll_seconds) and a draft save (one at a time, trigger_mode='always_last', however fast a
+# slider is dragged) on their way, so it waits at most a fraction of a second, never refused, with a few tabs open
+# too; a client calling in a loop is held to CALLS_PER_S. Visitors behind one network address share a sender's rate.
+CALLS_PER_S = 4.0
+CALLS_BURST = 8
+CALLS_WAIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,9 @@ class Limits:
     received_anonymous: int = UPLOADS_ANONYMOUS_BYTES
     received_anonymous_client: int = UPLOADS_ANONYMOUS_CLIENT_BYTES
     events_share: float = EVENTS_SHARE
+    calls_per_s: float = CALLS_PER_S
+    calls_burst: int = CALLS_BURST
+    calls_wait_s: float = CALLS_WAIT_S
 
     def drafts(self) -> Room:
         return Room("drafts", self.drafts_total, self.drafts_share, self.drafts_anonymous, self.draft_expiry_s,

@@ -10,10 +10,17 @@ gradio's queue holds queue_max_size events of everybody together, each up to min
 120 s): one client that joined that many kept every other visitor out ("Queue is full"). Each sender (quotas.holder_of)
 has at most half of the queue waiting or running (quotas.Limits.events_share); past it a join is refused as the queue
 refuses one when full (503), with what to do.
+
+An unqueued event (the Train tab's poll, the draft's save) is a plain HTTP post to gradio_api/run/<name> (or
+api/<name>), answered at once: no queue bounds how often a client calls it. Each sender has a rate of them
+(quotas.Limits.calls_*, a token bucket): a call past it waits its turn, up to calls_wait_s, so the page's own calls
+(one poll a second, one draft save at a time) are slowed at most, never refused; past that wait it is refused (429)
+with what to do. The policy of who may call what (access.py) is not asked: this is how often, not whether.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -48,6 +55,43 @@ class Received:
                                            instead="Files sent here are deleted within 90 minutes.")
             self._entries.append(quotas.Held("upload", holder, size, now))
             return None
+
+
+class CallRate:
+    """Each holder's unqueued calls (is_direct_call) as a token bucket: `calls_burst` at once, refilled at
+    `calls_per_s`. In memory: a rate, not a record. One event loop touches it (no await inside), so no lock."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # holder -> (tokens, when counted); below 0: calls waiting
+
+    def wait_for(self, holder: str, now: float, limits: quotas.Limits) -> float | None:
+        """Seconds this call waits for its turn (0: none), counting it; None, not counted, when that would be over
+        `limits.calls_wait_s`."""
+        rate, burst = limits.calls_per_s, float(limits.calls_burst)
+        if len(self._buckets) > 4096:  # forget the holders whose bucket has filled up again
+            self._buckets = {h: (t, at) for h, (t, at) in self._buckets.items() if t + (now - at) * rate < burst}
+        tokens, at = self._buckets.get(holder, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate) - 1
+        wait = max(0.0, -tokens / rate)
+        if wait > limits.calls_wait_s:
+            self._buckets[holder] = (tokens + 1, now)
+            return None
+        self._buckets[holder] = (tokens, now)
+        return wait
+
+
+def is_direct_call(scope: dict[str, Any]) -> bool:
+    """An event called at once, outside the queue: gradio's gradio_api/run/<name> and gradio_api/api/<name> (the
+    page's unqueued events; queued ones are refused there, api_open=False)."""
+    parts = scope.get("path", "").rstrip("/").split("/")
+    return (scope.get("method") == "POST" and len(parts) >= 3 and parts[-3] == "gradio_api"
+            and parts[-2] in ("run", "api"))
+
+
+def _rate_refusal(limits: quotas.Limits) -> UserError:
+    return UserError(f"Too many requests from you at once: this app answers {limits.calls_per_s:g} a second from "
+                     f"one visitor (a page makes about one).",
+                     hint="Wait a few seconds, then try again; close other tabs of this app that you do not use.")
 
 
 def is_upload(scope: dict[str, Any]) -> bool:
@@ -105,6 +149,7 @@ class BodyLimit:
         self.max_file_size = max_file_size
         self.received = Received()
         self.joining: dict[str, int] = {}  # holder -> joins on their way into the queue (one event loop: no lock)
+        self.calls = CallRate()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -121,6 +166,13 @@ class BodyLimit:
         if declared is not None and declared > limit:
             await _refuse(send, _too_large(declared, limit, upload))
             return
+        if is_direct_call(scope):
+            wait = self.calls.wait_for(holder, time.monotonic(), limits)
+            if wait is None:
+                await _refuse(send, _rate_refusal(limits), status=429)
+                return
+            if wait:
+                await asyncio.sleep(wait)
         if is_join(scope):
             # Joins sent at once are counted from when they pass here until gradio has queued them (or not).
             refused = self._events_refusal(scope, holder, limits)
@@ -197,10 +249,12 @@ class BodyLimit:
 
 
 async def _refuse(send: Any, error: UserError, status: int = 413) -> None:
-    """The refusal as gradio answers a refused join (JSON 'detail', which the page shows), else as plain text (413:
-    too large, 411: an upload that does not say its length)."""
-    if status == 503:
-        body, kind = json.dumps({"detail": str(error)}).encode("utf-8"), b"application/json"
+    """The refusal as gradio answers a refused join (JSON 'detail', which the page shows) or a failed direct call
+    (429: JSON 'error', which the page shows), else as plain text (413: too large, 411: an upload that does not say
+    its length)."""
+    if status in (503, 429):
+        key = "detail" if status == 503 else "error"
+        body, kind = json.dumps({key: str(error)}).encode("utf-8"), b"application/json"
     else:
         body, kind = str(error).encode("utf-8"), b"text/plain; charset=utf-8"
     await send({"type": "http.response.start", "status": status,
