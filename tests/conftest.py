@@ -132,10 +132,11 @@ SHARED_UNITS = {name: "embedded_sample_run" for name in
 # By each unit's summed test time in a whole-suite run (--junitxml, 2026-12-05): every unit over ~60 s is placed, so
 # no long one (test_pair_graph's two compiles were unlisted and ran near the end) can start last.
 COSTLIEST_FIRST = ("test_browser.py", "embedded_sample_run", "test_gguf.py", "test_pair_graph.py", "test_jobs.py",
-                   "test_faithful_export.py", "test_bounds.py", "test_spaces.py", "test_busy_runs.py", "test_faults.py",
-                   "test_access.py", "test_credentials.py", "test_app_api.py", "test_quotas.py", "test_ui_walk.py",
-                   "test_faithful.py", "test_export.py", "test_app_bad_inputs.py", "test_login.py", "test_lean_lora.py",
-                   "test_deferred_metrics.py", "test_exposure.py", "test_cpu_ceiling.py", "test_multi_gpu.py")
+                   "test_faithful_export.py", "test_bounds.py", "test_spaces.py", "test_busy_runs.py",
+                   "test_faults.py", "test_access.py", "test_credentials.py", "test_app_api.py", "test_quotas.py",
+                   "test_ui_walk.py", "test_faithful.py", "test_export.py", "test_app_bad_inputs.py", "test_login.py",
+                   "test_call_rate.py", "test_lean_lora.py", "test_deferred_metrics.py", "test_exposure.py",
+                   "test_cpu_ceiling.py", "test_multi_gpu.py")
 
 
 def work_unit(nodeid: str) -> str:
