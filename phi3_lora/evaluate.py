@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Callable, Iterator
 from phi3_lora import scores
 from phi3_lora.config import TrainSettings
 from phi3_lora.errors import UserError
-from phi3_lora.runs import RunDir, find_run
+from phi3_lora.runs import RunDir, find_run, write_atomic
 
 EVAL_DIR = RunDir.EVAL
 EVAL_ROWS = RunDir.EVAL_ROWS
@@ -336,9 +335,7 @@ def save_result(result: dict[str, Any], folder: Path) -> Path:
     while path.exists():
         n += 1
         path = out / f"{stamp}-{n}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False, allow_nan=True))
     result["file"] = str(path)
     return path
 

@@ -224,10 +224,19 @@ def temporaries_of(path: str | Path) -> list[Path]:
             if all(part.isdigit() for part in p.name[len(path.name) + 6:].split("-", 1))]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: str | Path, text: str) -> Path:
+    """`path` holding `text` (UTF-8), written to this writer's own temporary (temporary_of) and renamed into place:
+    readers see the old file or the new one, and writers of one path at once each replace it with a whole text
+    instead of sharing one temporary name. A failed write leaves no temporary behind."""
+    path = Path(path)
     tmp = temporary_of(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 # --- one run folder ---------------------------------------------------------------------------------
@@ -333,7 +342,7 @@ class RunDir:
 
     # the process
     def write_process(self, record: ProcessRecord) -> None:
-        _write_atomic(self.process_file, record.to_json())
+        write_atomic(self.process_file, record.to_json())
 
     def read_process(self) -> ProcessRecord | None:
         try:
@@ -348,7 +357,7 @@ class RunDir:
 
     # what the run resolved
     def write_resolved(self, model: str, reason: str) -> None:
-        _write_atomic(self.resolved, json.dumps({"model": model, "reason": reason}))
+        write_atomic(self.resolved, json.dumps({"model": model, "reason": reason}))
 
     def resolved_model(self) -> str | None:
         try:
@@ -452,7 +461,7 @@ def run_dirs(runs_dir: str | Path) -> list[RunDir]:
 # --- the active run of a runs folder ----------------------------------------------------------------
 
 def write_active(runs_dir: str | Path, run_id: str, record: ProcessRecord) -> None:
-    _write_atomic(Path(runs_dir) / ACTIVE, json.dumps({"run_id": run_id, "process": json.loads(record.to_json())}))
+    write_atomic(Path(runs_dir) / ACTIVE, json.dumps({"run_id": run_id, "process": json.loads(record.to_json())}))
 
 
 def read_active(runs_dir: str | Path) -> tuple[str, ProcessRecord] | None:

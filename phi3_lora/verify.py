@@ -27,7 +27,7 @@ from typing import Any
 
 from phi3_lora.errors import UserError
 from phi3_lora import portable
-from phi3_lora.runs import scrub_paths
+from phi3_lora.runs import scrub_paths, write_atomic
 
 Messages = list[dict[str, str]]
 TOLERANCE = 0.99  # teacher-forced argmax agreement that still counts as verified when some answers differ
@@ -262,11 +262,8 @@ def sidecar(export_path: str | Path) -> Path:
 
 
 def save(result: Verification, export_path: str | Path) -> Path:
-    path = sidecar(export_path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """The sidecar holding `result`, written whole: two visitors exporting one zip at once each save theirs."""
+    return write_atomic(sidecar(export_path), json.dumps(result.to_dict(), indent=2))
 
 
 def load(export_path: str | Path) -> Verification | None:
