@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import os
 import threading
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from phi3_lora.runs import write_atomic
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -405,12 +406,7 @@ class RunStarters:
         with self._lock:
             data = self._read()
             data[run_id] = identity
-            tmp = self.path.with_name(f"{self.FILE}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-                os.replace(tmp, self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomic(self.path, json.dumps(data, indent=1))  # a CLI process may write it beside the app
 
 
 # --- the README table -----------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ quotas.DOWNLOAD_EXPIRY_S give way, oldest first (a copy of what the Hub keeps: a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from phi3_lora import quotas
 from phi3_lora.errors import UserError
+from phi3_lora.runs import write_atomic
 
 LEDGER = ".downloads.json"
 # A new entry counts this long even before its repo shows in the cache: its download may still be under way.
@@ -65,13 +65,7 @@ def _read(runs_dir: Path) -> dict[str, dict]:
 
 
 def _write(runs_dir: Path, data: dict[str, dict]) -> None:
-    path = Path(runs_dir) / LEDGER
-    tmp = path.with_name(f"{LEDGER}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(Path(runs_dir) / LEDGER, json.dumps(data, indent=1))
 
 
 def held(ledger: dict[str, dict], now: float) -> list[quotas.Held]:

@@ -25,7 +25,7 @@ from typing import Any
 from phi3_lora import events
 from phi3_lora.config import RunConfig, save_yaml
 from phi3_lora.errors import UserError
-from phi3_lora.runs import scrub_paths
+from phi3_lora.runs import scrub_paths, write_atomic
 
 CACHE = ".step_times.json"
 TIMED_STEPS = 3          # after one warm-up step (allocations, kernel choice, first-batch tokenisation)
@@ -86,9 +86,7 @@ def record(runs_dir: Path, config: RunConfig, seconds_per_step: float, how: str)
     value = StepTime(seconds_per_step / config.train.gradient_accumulation_steps, time.time(), how)
     table = _read(runs_dir)
     table[step_key(config)] = asdict(value)
-    tmp = runs_dir / f"{CACHE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(table, indent=1), encoding="utf-8")
-    os.replace(tmp, runs_dir / CACHE)
+    write_atomic(runs_dir / CACHE, json.dumps(table, indent=1))
     return value
 
 
