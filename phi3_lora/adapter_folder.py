@@ -113,7 +113,9 @@ def strict_json(value: Any) -> Any:
 
 def save_adapter_atomic(model: Any, tokenizer: Any, config: Any, summary: dict[str, Any], dest: Path) -> Path:
     """adapter/ with safetensors weights, config, tokenizer + chat template and the run summary; all or nothing."""
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    from phi3_lora.runs import temporary_of
+
+    tmp = temporary_of(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
     _portable_base_name(tmp / "adapter_config.json", config.model.name)

@@ -172,7 +172,9 @@ def adapter_zip(run_or_adapter: str | Path, out_dir: str | Path, *, verify: bool
     if result is not None:  # this adapter was verified since it last changed: minutes of a full model load spared
         _write_zip(dest, ref, run_name, model_card(ref, summary, config, result))
         return dest
-    staged = out_dir / f".{run_name}-adapter.verify-{os.getpid()}.zip"
+    # This writer's own (runs.temporary_of: per process and thread, never one removed under it); '.zip'
+    # last, as the verifying process opens an adapter zip by its suffix.
+    staged = Path(f"{temporary_of(dest)}.zip")
     try:
         _write_zip(staged, ref, run_name, model_card(ref, summary, config))
         result = verify_adapter_export(staged, "adapter", ref, engine)

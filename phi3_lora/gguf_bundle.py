@@ -21,6 +21,7 @@ from typing import Any
 from phi3_lora import gguf_export, ollama
 from phi3_lora.errors import UserError
 from phi3_lora.gguf_verify import GgufCheck, verify_gguf
+from phi3_lora.runs import write_atomic
 
 GGUF_TYPES = gguf_export.GGUF_TYPES
 DEFAULT_CONTEXT = 4096  # Ollama's num_ctx default written to the Modelfile (capped by the model's context)
@@ -39,12 +40,6 @@ class GgufExport:
         lines = [f"GGUF: {self.gguf} ({self.size_bytes / 2**20:.1f} MiB)", f"Modelfile: {self.modelfile}"]
         lines.append(self.check.summary() if self.check else "not verified (--no-verify)")
         return "\n".join(lines)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _template(tokenizer: Any) -> str | None:
@@ -85,16 +80,16 @@ def bundle_from_merged(merged_dir: Path, out_dir: Path, gguf_type: str = "f16", 
         tuple(tokenizer.all_special_tokens))
     context = json.loads((merged_dir / "config.json").read_text())["max_position_embeddings"]
     modelfile = out_dir / "Modelfile"
-    _write_text(modelfile, ollama.modelfile(gguf_path.name, pieces, stop_strings(tokenizer, template),
+    write_atomic(modelfile, ollama.modelfile(gguf_path.name, pieces, stop_strings(tokenizer, template),
                                             num_ctx=min(int(context), DEFAULT_CONTEXT)))
     commands = ollama.run_commands(gguf_path, ollama.ollama_name(name))
     check = verify_gguf(gguf_path, merged_dir, prompts, gguf_type, prompt_source) if verify else None
     if check:
-        _write_text(out_dir / "verification.json", json.dumps(check.to_json(), indent=2))
+        write_atomic(out_dir / "verification.json", json.dumps(check.to_json(), indent=2))
     # The README travels with the folder (a download unpacks it under the run's name, a copy): its commands run
     # in the folder that holds it, never from the server's absolute path or this folder's name here.
     portable = ollama.run_commands(Path(gguf_path.name), ollama.ollama_name(name))
-    _write_text(out_dir / "README.md", readme(name, gguf_path.name, portable, check))
+    write_atomic(out_dir / "README.md", readme(name, gguf_path.name, portable, check))
     return GgufExport(out_dir, gguf_path, gguf_path.stat().st_size, modelfile, commands, check)
 
 

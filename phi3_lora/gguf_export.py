@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from phi3_lora.errors import UserError
+from phi3_lora.runs import temporary_of
 
 GGUF_TYPES = ("f16", "q8_0")
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM (Llama, SmolLM2, TinyLlama, ...)",
@@ -349,7 +350,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, gguf_type: str = "f1
     planned = plan_tensors(model_dir, config, gguf_type)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    tmp = temporary_of(out_path)  # gguf_bundle.remove_stale_temporaries knows it by its pid once that process is gone
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         writer.add_type("model")

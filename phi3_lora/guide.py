@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3_lora.errors import UserError
-from phi3_lora.runs import default_runs_dir
+from phi3_lora.runs import default_runs_dir, temporary_of
 
 log = logging.getLogger(__name__)
 CONFIG_KEY = "peft_config"  # safetensors metadata key holding the LoraConfig as JSON
@@ -105,9 +105,13 @@ def save_lora_state_dict(model: Any, path: str | Path) -> Path:
     cfg = model.peft_config[model.active_adapter].to_dict()
     meta = {CONFIG_KEY: json.dumps(cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)),
             "format": "pt"}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tmp = temporary_of(path)
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -1,8 +1,10 @@
-"""Files the app's threads write at the same moment, each through runs.write_atomic's own temporary: gradio runs
-events in threads, so two visitors exporting one run's adapter zip save its verification beside it at once, and two
-evaluations of one run in the same second write the same eval/<timestamp>.json. Before, those shared one temporary
-name (<file>.tmp): one writer renamed the other's half-written file into place, or found its temporary gone
-(FileNotFoundError, a traceback in the visitor's page). Real threads, real files, the real functions."""
+"""Files two writers may save at the same moment, each through runs.write_atomic's own temporary: an adapter zip's
+verification.json and a run's eval/<timestamp>.json are written by the app and by a CLI beside it (export, evaluate),
+and by a library caller's threads. The app's queue runs one zip export or evaluation at a time ("generate"), so
+within one app the writers are the app and another process. Before, both used one temporary name with no pid
+(<file>.tmp): one writer renamed the other's half-written file into place, or found its temporary gone
+(FileNotFoundError). Threads stand in for the writers here (a thread is the narrowest case: same pid): real files,
+the real functions."""
 
 from __future__ import annotations
 
