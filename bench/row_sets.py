@@ -173,11 +173,12 @@ EXPLORE = [
     *(Row(f"explore: engine QLoRA {data}, whole GPU, free-running, loss read every step at once", "engine", data,
           free=True, logged=True, patch={_LAGGED: False}, recipe_ref=ref)
       for data, ref in (("mix", _MIX), ("full", _FULL))),
-    # LoRA dropout's mask drawn by its own kernel, four values per Philox call (speed/dropout_mask.py), against
-    # Inductor's draw fused into the layer-input kernels (one Philox call per element); and with no LoRA dropout at
-    # all, the most any cheaper draw can give (a different training: for scale only).
-    *(Row(f"explore: engine QLoRA {data}, {label}, free-running, dropout mask op", "engine", data, budget_gb=budget,
-          free=True, patch={"phi3_lora.options.DROPOUT_MASK_KERNEL": True}, recipe_ref=ref + FREE_SUFFIX)
+    # Inductor's draw of LoRA dropout's mask fused into the layer-input kernels (one Philox call per element),
+    # against the default: its own kernel, four values per Philox call (speed/dropout_mask.py); and with no LoRA
+    # dropout at all, the most any cheaper draw can give (a different training: for scale only).
+    *(Row(f"explore: engine QLoRA {data}, {label}, free-running, Inductor's dropout draw", "engine", data,
+          budget_gb=budget, free=True, patch={"phi3_lora.options.DROPOUT_MASK_KERNEL": False},
+          recipe_ref=ref + FREE_SUFFIX)
       for budget, label in BUDGETS for data, ref in (("full", _FULL), ("mix", _MIX))),
     *(Row(f"explore: engine QLoRA {data}, whole GPU, free-running, no LoRA dropout", "engine", data, free=True,
           overrides={"lora": {"lora_dropout": 0.0}}, recipe_ref=ref + FREE_SUFFIX)

@@ -128,9 +128,12 @@ SKIP_MASK_PROBE = True
 CUDNN_RAGGED = False
 # LoRA dropout's mask in compiled layers on CUDA drawn by one Triton kernel, four values per Philox call
 # (speed/dropout_mask.py), not Inductor's one call per element fused into the kernel that makes the layer input.
-# Off until measured on a GPU (issue 19, twelfth device session). DROPOUT_MASK_ON_CPU: the op's CPU kernel in
-# compiled layers on a CPU (tests: the compiled path without a GPU).
-DROPOUT_MASK_KERNEL = False
+# On: measured on an H200 (issue 19, fourteenth session, against the stock row on the same machine): 8 GiB
+# 19,637 -> 20,468 / 20,315 tok/s and 6.53 -> 6.28 GiB, 24 GiB 24,760 -> 25,747, whole GPU 27,645 -> 28,173 /
+# 28,076 (full rows), 27,867 -> 28,806 (chat mix); the same step-10 losses; `bench.dropout_check` there: keep rate,
+# independence, the backward's mask the forward's at shares 0.1 and 1. Only where Triton runs (CUDA);
+# DROPOUT_MASK_ON_CPU: the op's CPU kernel in compiled layers on a CPU (tests: the compiled path without a GPU).
+DROPOUT_MASK_KERNEL = True
 DROPOUT_MASK_ON_CPU = False
 COMPILED_LIGER = {"rope": False, "rms_norm": False, "swiglu": False}
 PACKED_ATTENTION = ("sdpa_varlen", "flash_attention_2", "flash_attention_3", "flex_attention")

@@ -11,11 +11,13 @@ Here one Triton kernel draws the mask with `tl.randint4x`: each Philox call give
 for four elements (a quarter of the calls), and an element is kept when its value is at least round(p * 2**32):
 Bernoulli(1 - p) to within 2**-32, where Inductor's float compare is exact to about 2**-24. The compiler then
 fuses `x * mask * 1/(1-p)` into the same kernels as before and keeps or remakes the mask for the backward pass
-from the op's seed (the op is deterministic given the seed; the seed itself is drawn by `torch.randint`, a random
-op the partitioner always keeps). So the function is nn.Dropout's: same scale, same dtype, an independent mask per
-call, the backward's mask the forward's (tests/test_dropout_mask.py; on the GPU `bench/dropout_mask_check.py`).
+from the op's inputs (the op is deterministic given them: each LoRA layer's own key, and one seed its model
+redraws before each forward, buffers the graph reads, so no random op is in it). So the function is nn.Dropout's:
+same scale, same dtype, an independent mask per call, the backward's mask the forward's (tests/test_dropout_mask.py;
+on the GPU `python -m bench.dropout_check`).
 
-Off unless `options.DROPOUT_MASK_KERNEL` (measured first: docs/benchmarks.md). The op also has a CPU kernel
+On CUDA with Triton by default (`options.DROPOUT_MASK_KERNEL`; measured on an H200: +4% at the 8 and 24 GiB
+plans, +2-3% on the whole GPU, and less memory, docs/benchmarks.md). The op also has a CPU kernel
 (torch's generator, seeded from the op's seed) so the compiled path is tested on machines without a GPU;
 `options.DROPOUT_MASK_ON_CPU` lets a CPU run take it (tests only: on a CPU the fused draw is not the cost).
 """
