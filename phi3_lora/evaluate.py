@@ -330,12 +330,20 @@ def save_result(result: dict[str, Any], folder: Path) -> Path:
     out = eval_dir(folder)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / f"{stamp}.json"
+    text = json.dumps(result, indent=1, ensure_ascii=False, allow_nan=True)
     n = 1
-    while path.exists():
-        n += 1
-        path = out / f"{stamp}-{n}.json"
-    write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False, allow_nan=True))
+    while True:  # claim the name first (exclusive create): two evaluations in one second (the app and a CLI beside
+        path = out / (f"{stamp}.json" if n == 1 else f"{stamp}-{n}.json")  # it) each keep their own file
+        try:
+            path.open("x").close()
+            break
+        except FileExistsError:
+            n += 1
+    try:  # load_results skips the claimed, still empty file as one being written
+        write_atomic(path, text)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     result["file"] = str(path)
     return path
 

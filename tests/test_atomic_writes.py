@@ -56,14 +56,15 @@ def test_verifications_of_one_export_saved_at_once_leave_one_whole_sidecar_and_n
         assert sorted(p.name for p in tmp_path.iterdir()) == [zip_path.name, verify.sidecar(zip_path).name]
 
 
-def test_evaluations_saved_in_one_second_each_leave_a_whole_result_and_no_temporary(tmp_path: Path) -> None:
+def test_evaluations_saved_in_one_second_each_keep_their_own_whole_result_and_no_temporary(tmp_path: Path) -> None:
     rows = [{"prompt": "p" * 40, "answer": "a" * 40, "n": n} for n in range(1000)]
     for round_ in range(ROUNDS // 5):
         folder = tmp_path / f"run-{round_}"
         results = [{"writer": i, "rows": rows} for i in range(WRITERS)]
         paths = _at_once(lambda i: evaluate.save_result(results[i], folder))
         wholes = [json.dumps({k: v for k, v in r.items() if k != "file"}) for r in results]
-        for path in set(paths):
+        assert len(set(paths)) == WRITERS, paths  # each evaluation keeps a file of its own: none replaced another
+        for i, path in enumerate(paths):
             got = json.loads(path.read_text(encoding="utf-8"))
-            assert json.dumps(got) in wholes, sorted(got)
+            assert json.dumps(got) == wholes[i], sorted(got)
         assert all(p.suffix == ".json" for p in evaluate.eval_dir(folder).iterdir())  # no temporary left behind
