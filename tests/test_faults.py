@@ -188,7 +188,10 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_disk, tiny_p
     run_dir = runs / run_id
     wait_until(lambda: RunDir(run_dir).last_checkpoint(), timeout=180)
     filler = fill(runs, leave=256 * 2**10)  # room for a few events, not for the next checkpoint's tokenizer files
-    # The newest complete checkpoint once the disk is full (the run keeps saving every 3 steps while it fills).
+    # The newest complete checkpoint once the disk is full (the run keeps saving every 3 steps while it fills). A save
+    # under way while the disk filled may have written most of its files already and still complete: taken once that
+    # save is over (its staging folder gone: renamed into place or removed), or the run has ended.
+    wait_until(lambda: not RunDir(run_dir).staging.exists() or not events.run_status(run_dir).active, timeout=120)
     good = RunDir(run_dir).last_checkpoint()
     before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
     st = wait_until(lambda: not (s := events.run_status(run_dir)).active and s, timeout=120)
